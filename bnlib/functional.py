@@ -1,0 +1,150 @@
+# GENERATED FILE: do not edit.
+# bnlib.functional is generated from chapters/02_forward.ipynb by tools/export.py.
+# Edit the notebook, then run `python tools/export.py`.
+
+__all__ = ['SUPPORTED_DTYPES', 'get_array_module', 'BNCache', 'batch_norm_forward', 'batch_norm_inference', 'update_running_stats']
+
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from bnlib.stats import accumulation_dtype, channel_shape, reduction_axes
+
+SUPPORTED_DTYPES = ("float16", "float32", "float64")
+
+
+def get_array_module(x):
+    """The array library of x: CuPy for CuPy arrays (imported only when one is seen), else NumPy."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+class BNCache(NamedTuple):
+    """What batch_norm_forward keeps for batch_norm_backward (no copy of x_hat is kept).
+
+    x:       (N, C, *spatial) the input itself, not a copy
+    mean:    (C,) batch mean                    var: (C,) biased batch variance
+    inv_std: (C,) 1 / sqrt(var + eps)           gamma: (C,) scale, or None for gamma = 1
+    eps:     the epsilon used
+    """
+    x: object
+    mean: object
+    var: object
+    inv_std: object
+    gamma: object
+    eps: float
+
+
+def _check_input(x, name: str = "x") -> int:
+    """Validate an (N, C, *spatial) floating-point array; return C."""
+    if not (hasattr(x, "ndim") and hasattr(x, "dtype") and hasattr(x, "shape")):
+        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have shape (N, C) or (N, C, *spatial), "
+                         f"got shape {tuple(x.shape)} with {x.ndim} dimension(s)")
+    if x.dtype.name not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype float16, float32 or float64, got {x.dtype}")
+    return x.shape[1]
+
+
+def _check_channel_vector(v, name: str, num_channels: int, x_shape, finite: bool = False):
+    """Validate a per-channel parameter or statistic: None, or a float array of shape (C,)."""
+    if v is None:
+        return
+    if not (hasattr(v, "shape") and hasattr(v, "dtype")):
+        raise TypeError(f"{name} must be a NumPy or CuPy array of shape ({num_channels},) or None, "
+                        f"got {type(v).__name__}")
+    if tuple(v.shape) != (num_channels,):
+        raise ValueError(f"{name} must have shape (C,) = ({num_channels},) for x of shape {tuple(x_shape)}, "
+                         f"got shape {tuple(v.shape)}")
+    if v.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating-point dtype, got {v.dtype}")
+    if finite and not bool(get_array_module(v).isfinite(v).all()):
+        raise ValueError(f"{name} contains NaN or inf; running statistics must be finite")
+
+
+def _check_eps(eps):
+    if not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
+    """Training-mode batch norm: normalize x with its own per-channel batch statistics.
+
+    Inputs:  x (N, C, *spatial) float16/32/64; gamma, beta (C,) or None (= 1 and 0); eps >= 0
+    Returns: y with x's shape and dtype, and a BNCache for batch_norm_backward.
+    y = gamma * (x - mean) / sqrt(var + eps) + beta, mean and biased var over all axes but 1.
+    """
+    num_channels = _check_input(x)
+    _check_channel_vector(gamma, "gamma", num_channels, x.shape)
+    _check_channel_vector(beta, "beta", num_channels, x.shape)
+    _check_eps(eps)
+    count = x.size // num_channels if num_channels else 0
+    if count < 2:
+        raise ValueError(f"batch norm in training mode needs more than 1 value per channel, "
+                         f"got x of shape {tuple(x.shape)} ({count} value(s) per channel)")
+    xp = get_array_module(x)
+    acc = accumulation_dtype(x.dtype)
+    axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
+    mean = x.mean(axis=axes, dtype=acc)                      # (C,)
+    centered = x - mean.reshape(shape)                       # (N, C, *spatial), in acc dtype
+    var = (centered * centered).mean(axis=axes, dtype=acc)   # (C,) biased, two-pass
+    inv_std = 1.0 / xp.sqrt(var + acc.type(eps))             # (C,)
+    scale = inv_std if gamma is None else gamma.astype(acc) * inv_std
+    centered *= scale.reshape(shape)
+    if beta is not None:
+        centered += beta.astype(acc).reshape(shape)
+    y = centered.astype(x.dtype, copy=False)
+    return y, BNCache(x, mean, var, inv_std, gamma, float(eps))
+
+
+def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, eps: float = 1e-5):
+    """Inference-mode batch norm (Algorithm 2): a fixed per-channel affine map.
+
+    Inputs:  x (N, C, *spatial); running_mean, running_var (C,), finite, var >= 0;
+             gamma, beta (C,) or None.  Returns y with x's shape and dtype:
+    y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
+    """
+    num_channels = _check_input(x)
+    _check_channel_vector(running_mean, "running_mean", num_channels, x.shape, finite=True)
+    _check_channel_vector(running_var, "running_var", num_channels, x.shape, finite=True)
+    _check_channel_vector(gamma, "gamma", num_channels, x.shape)
+    _check_channel_vector(beta, "beta", num_channels, x.shape)
+    _check_eps(eps)
+    xp = get_array_module(x)
+    if bool((running_var < 0).any()):
+        raise ValueError("running_var must be >= 0 everywhere, got a negative entry")
+    acc = accumulation_dtype(x.dtype)
+    shape = channel_shape(x.ndim, num_channels)
+    scale = 1.0 / xp.sqrt(running_var.astype(acc) + acc.type(eps))
+    if gamma is not None:
+        scale = scale * gamma.astype(acc)
+    shift = -running_mean.astype(acc) * scale
+    if beta is not None:
+        shift = shift + beta.astype(acc)
+    y = x * scale.reshape(shape) + shift.reshape(shape)
+    return y.astype(x.dtype, copy=False)
+
+
+def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1, num_batches_tracked=1):
+    """New (running_mean, running_var) after one training batch, with PyTorch's conventions.
+
+    running = (1 - m) * running + m * batch, with the unbiased batch variance, where
+    m = momentum, or 1 / num_batches_tracked when momentum is None (a cumulative average;
+    num_batches_tracked counts the batches seen including this one). Nothing is changed in place.
+    """
+    if momentum is None:
+        if not (isinstance(num_batches_tracked, numbers.Integral) and num_batches_tracked >= 1):
+            raise ValueError(f"num_batches_tracked must be an integer >= 1 with momentum=None, got {num_batches_tracked!r}")
+        momentum = 1.0 / num_batches_tracked
+    elif not (isinstance(momentum, numbers.Real) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
+    count = cache.x.size // cache.x.shape[1]
+    unbiased_var = cache.var * (count / (count - 1))
+    dtype = running_mean.dtype
+    new_mean = ((1 - momentum) * running_mean + momentum * cache.mean).astype(dtype, copy=False)
+    new_var = ((1 - momentum) * running_var + momentum * unbiased_var).astype(dtype, copy=False)
+    return new_mean, new_var

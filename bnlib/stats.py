@@ -1,0 +1,91 @@
+# GENERATED FILE: do not edit.
+# bnlib.stats is generated from chapters/02_forward.ipynb by tools/export.py.
+# Edit the notebook, then run `python tools/export.py`.
+
+__all__ = ['reduction_axes', 'channel_shape', 'accumulation_dtype', 'Moments', 'moments', 'merge_moments', 'welford']
+
+import numpy as np
+
+
+def reduction_axes(ndim: int) -> tuple[int, ...]:
+    """Axes batch norm reduces over for an input of `ndim` dimensions: all but the channel axis 1.
+
+    (N, C) -> (0,);  (N, C, L) -> (0, 2);  (N, C, H, W) -> (0, 2, 3);  (N, C, D, H, W) -> (0, 2, 3, 4)
+    """
+    if ndim < 2:
+        raise ValueError(f"batch norm needs an input of shape (N, C) or (N, C, *spatial), got {ndim} dimension(s)")
+    return (0,) + tuple(range(2, ndim))
+
+
+def channel_shape(ndim: int, num_channels: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector (C,) against an (N, C, *spatial) input."""
+    return (1, num_channels) + (1,) * (ndim - 2)
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """The dtype sums are carried in: float32 for float16 data, the data's own dtype otherwise."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+from typing import NamedTuple
+
+
+class Moments(NamedTuple):
+    """Per-channel moments of a set of values: how many, their mean, and M2 = sum of squared deviations.
+
+    count: int (values per channel);  mean, m2: arrays of shape (C,)
+    """
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @property
+    def var(self):
+        """Biased variance M2 / count: what batch norm normalizes with."""
+        return self.m2 / self.count
+
+    @property
+    def unbiased_var(self):
+        """Unbiased variance M2 / (count - 1): what the running variance is updated with."""
+        if self.count < 2:
+            raise ValueError(f"the unbiased variance needs at least 2 values per channel, got {self.count}")
+        return self.m2 / (self.count - 1)
+
+
+def moments(x) -> Moments:
+    """Two-pass per-channel moments of x, shape (N, C, *spatial), accumulated in float32 or wider."""
+    axes = reduction_axes(x.ndim)
+    acc = accumulation_dtype(x.dtype)
+    mean = x.mean(axis=axes, dtype=acc)
+    centered = x - mean.reshape(channel_shape(x.ndim, x.shape[1]))
+    m2 = (centered * centered).sum(axis=axes, dtype=acc)
+    return Moments(x.size // x.shape[1], mean, m2)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """Chan, Golub & LeVeque's merge of the moments of two disjoint sets of values."""
+    if a.count == 0:
+        return b
+    if b.count == 0:
+        return a
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.count / n)
+    m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / n)
+    return Moments(n, mean, m2)
+
+
+def welford(x, chunk_size: int = 1) -> Moments:
+    """Stream x through Welford's update, `chunk_size` examples (rows of axis 0) at a time.
+
+    With chunk_size=1 and an (N, C) input this is Welford's one-value-at-a-time algorithm;
+    larger chunks merge two-pass partial moments with Chan's formula. Slow (a Python loop):
+    for teaching and for checking the fast paths.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    total = Moments(0, None, None)
+    for start in range(0, x.shape[0], chunk_size):
+        total = merge_moments(total, moments(x[start:start + chunk_size]))
+    return total

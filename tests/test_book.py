@@ -1,0 +1,167 @@
+"""The book as a reader gets it: it builds without warnings, and in a real browser its math is
+typeset from the local MathJax, its figures load and each chapter links to its notebook on Colab."""
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CHAPTERS, ROOT, code_cells
+
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+REPO_URL = CONFIG["repository"]["url"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def test_book_builds_without_warnings(built_book):
+    html, log = built_book
+    assert "WARNING" not in log, log
+    for page in ["intro.html", *(f"chapters/{nb.stem}.html" for nb in CHAPTERS)]:
+        assert (html / page).is_file(), f"{page} was not built"
+    # MathJax is served from the build itself, not from a CDN
+    assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    for nb in CHAPTERS:
+        text = (html / "chapters" / f"{nb.stem}.html").read_text(encoding="utf-8")
+        assert "cdn.jsdelivr.net/npm/mathjax" not in text
+
+
+def test_every_chapter_is_in_the_toc():
+    toc = (ROOT / "_toc.yml").read_text(encoding="utf-8")
+    for nb in CHAPTERS:
+        assert f"chapters/{nb.stem}" in toc, f"{nb.name} is missing from _toc.yml"
+
+
+def test_first_cell_makes_bnlib_importable_with_the_configured_url():
+    """Every chapter starts with the same setup cell, and it names the repository of _config.yml."""
+    first_cells = {nb.name: "".join(code_cells(nb)[0]["source"]) for nb in CHAPTERS}
+    reference = next(iter(first_cells.values()))
+    assert f'REPO_URL = "{REPO_URL}"' in reference
+    for name, source in first_cells.items():
+        assert source == reference, f"{name}: the first code cell differs from the other chapters'"
+        assert "import bnlib" in source
+
+
+def test_notebooks_are_stored_after_one_clean_run():
+    for nb in CHAPTERS:
+        counts = [c["execution_count"] for c in code_cells(nb)]
+        assert counts == list(range(1, len(counts) + 1)), f"{nb.name}: execution counts {counts}"
+        for cell in code_cells(nb):
+            for out in cell["outputs"]:
+                assert out["output_type"] != "error", f"{nb.name}: a stored error output"
+                text = "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
+                assert not re.search(r"(/root/|/tmp/|/home/\w+/|/work/)", text), f"{nb.name}: a local path in an output"
+
+
+def test_every_chapter_ends_with_exercises_and_solutions():
+    for nb in CHAPTERS:
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        markdown = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+        tail = markdown[markdown.rfind("## Exercises"):]
+        assert "## Exercises" in markdown, f"{nb.name} has no Exercises section"
+        assert 2 <= tail.count("**") // 2 <= 4, f"{nb.name}: expected 2-4 exercises"
+        assert tail.count(":::{dropdown} Solution") == tail.count("**") // 2, f"{nb.name}: an exercise lacks a solution"
+
+
+# ----------------------------------------------------------------------------- the browser test
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM and CHROMEDRIVER):
+        message = "Chromium and chromedriver are needed for the browser test (Debian: apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,2000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_script_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server(built_book):
+    """Serve the built HTML on localhost, as a reader's browser would get it."""
+    html, _ = built_book
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(html))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def _open_typeset(browser, url):
+    browser.get(url)
+    # wait until MathJax has finished typesetting (its startup promise resolves)
+    state = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const started = Date.now();
+        (function wait() {   // the MathJax script loads asynchronously: wait for it (at most 30 s)
+            if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+                MathJax.startup.promise.then(() => done("ok"), (e) => done("error: " + e));
+            } else if (Date.now() - started > 30000) {
+                done("no MathJax after 30 s");
+            } else {
+                setTimeout(wait, 50);
+            }
+        })();
+    """)
+    return state
+
+
+PAGES = ["intro.html"] + [f"chapters/{nb.stem}.html" for nb in CHAPTERS]
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("page", PAGES)
+def test_page_in_browser(browser, server, page, built_book):
+    state = _open_typeset(browser, f"{server}/{page}")
+    assert state == "ok", f"{page}: MathJax did not load or failed ({state})"
+    typeset = browser.execute_script("return document.querySelectorAll('mjx-container').length")
+    errors = browser.execute_script("return document.querySelectorAll('mjx-merror').length")
+    assert typeset > 0, f"{page}: no typeset math"
+    assert errors == 0, f"{page}: {errors} MathJax errors"
+    # no raw TeX delimiters left in the prose (code cells may contain anything)
+    prose = browser.execute_script("""
+        const main = document.querySelector('main') || document.body;
+        const copy = main.cloneNode(true);
+        copy.querySelectorAll('pre, code, script, style, mjx-container').forEach(e => e.remove());
+        return copy.innerText;
+    """)
+    for raw in ["$$", "\\(", "\\[", "\\begin{", "\\frac", "\\sigma"]:
+        assert raw not in prose, f"{page}: raw TeX {raw!r} left in the page"
+    # every image loaded (lazy ones are made eager, then awaited, so the check does not race the page)
+    images = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const imgs = Array.from(document.images);
+        imgs.forEach(i => { i.loading = 'eager'; });
+        Promise.all(imgs.map(i => i.complete ? Promise.resolve() : new Promise(r => { i.onload = r; i.onerror = r; })))
+            .then(() => done(imgs.map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0])));
+    """)
+    broken = [src for src, ok in images if not ok]
+    assert not broken, f"{page}: images that did not load: {broken}"
+    if page.startswith("chapters/"):
+        assert any("_images/" in src for src, _ in images), f"{page}: no figure"
+        owner_repo = REPO_URL.removeprefix("https://github.com/")
+        colab = f"https://colab.research.google.com/github/{owner_repo}/blob/main/{page[:-5]}.ipynb"
+        links = browser.execute_script("return Array.from(document.links).map(a => a.href)")
+        assert colab in links, f"{page}: no Colab link to {colab}"
+    shots = os.environ.get("BNBOOK_SCREENSHOTS")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(Path(shots) / (page.replace("/", "_") + ".png")))

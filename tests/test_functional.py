@@ -1,0 +1,156 @@
+"""bnlib.stats and bnlib.functional (chapter 02) against a float64 reference and PyTorch."""
+import numpy as np
+import pytest
+import torch
+
+from bnlib import functional as F
+from bnlib import stats
+from reference import bn_forward_ref, random_input
+
+SEEDS = range(30)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_forward_matches_reference_and_torch(seed, dtype):
+    rng = np.random.default_rng(seed)
+    x = random_input(rng, dtype)
+    C = x.shape[1]
+    gamma, beta = rng.normal(size=C).astype(dtype), rng.normal(size=C).astype(dtype)
+    eps = float(10 ** rng.uniform(-6, -1))
+    y, cache = F.batch_norm_forward(x, gamma, beta, eps=eps)
+    ref, mu, var = bn_forward_ref(x, gamma, beta, eps)
+    tol = 1e-10 if dtype == np.float64 else 2e-4
+    assert y.dtype == dtype and y.shape == x.shape
+    np.testing.assert_allclose(y, ref, atol=tol, rtol=tol)
+    np.testing.assert_allclose(cache.mean, mu, rtol=1e-5, atol=1e-5 * np.abs(mu).max())
+    np.testing.assert_allclose(cache.var, var, rtol=1e-4)
+    np.testing.assert_allclose(cache.inv_std, 1 / np.sqrt(var + eps), rtol=1e-4)
+    assert cache.x is x
+    yt = torch.nn.functional.batch_norm(torch.from_numpy(x), None, None, torch.from_numpy(gamma),
+                                        torch.from_numpy(beta), training=True, eps=eps)
+    np.testing.assert_allclose(y, yt.numpy(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_running_stats_and_inference_match_torch_over_steps(seed):
+    rng = np.random.default_rng(100 + seed)
+    x0 = random_input(rng)
+    C = x0.shape[1]
+    momentum = [0.1, 0.3, None][seed % 3]
+    gamma, beta = rng.normal(size=C), rng.normal(size=C)
+    rm, rv = np.zeros(C), np.ones(C)
+    trm, trv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    for step in range(1, 6):
+        xb = rng.normal(loc=1.0, scale=2.0, size=x0.shape)
+        _, cache = F.batch_norm_forward(xb, gamma, beta)
+        rm, rv = F.update_running_stats(rm, rv, cache, momentum=momentum, num_batches_tracked=step)
+        torch_momentum = 1.0 / step if momentum is None else momentum
+        torch.nn.functional.batch_norm(torch.from_numpy(xb), trm, trv, training=True, momentum=torch_momentum)
+    np.testing.assert_allclose(rm, trm.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(rv, trv.numpy(), rtol=1e-12)
+    y = F.batch_norm_inference(x0, rm, rv, gamma, beta, eps=1e-3)
+    yt = torch.nn.functional.batch_norm(torch.from_numpy(x0), trm, trv, torch.from_numpy(gamma),
+                                        torch.from_numpy(beta), training=False, eps=1e-3)
+    np.testing.assert_allclose(y, yt.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_float16_accumulates_in_float32():
+    rng = np.random.default_rng(0)
+    x = (100 + rng.normal(size=(256, 3, 4, 4))).astype(np.float16)
+    y, cache = F.batch_norm_forward(x)
+    assert y.dtype == np.float16 and cache.mean.dtype == np.float32
+    ref, _, _ = bn_forward_ref(x, None, None, 1e-5)
+    assert np.abs(y.astype(np.float64) - ref).max() < 4e-3
+    y_inf = F.batch_norm_inference(x, cache.mean, cache.var)
+    assert y_inf.dtype == np.float16
+
+
+def test_noncontiguous_and_fortran_inputs():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(6, 8, 5, 7))
+    for x in (base[:, ::2], np.asfortranarray(base), base.transpose(0, 1, 3, 2)):
+        y, _ = F.batch_norm_forward(x)
+        np.testing.assert_allclose(y, bn_forward_ref(x, None, None, 1e-5)[0], atol=1e-12)
+
+
+def test_float32_large_offset_variance_is_accurate():
+    """E[x^2]-E[x]^2 would be useless here; the two-pass variance is not."""
+    x = (1e4 + np.random.default_rng(2).normal(size=(4096, 2))).astype(np.float32)
+    _, cache = F.batch_norm_forward(x)
+    ref = x.astype(np.float64).var(axis=0)
+    np.testing.assert_allclose(cache.var, ref, rtol=1e-4)
+
+
+def test_stats_welford_and_chan_agree_with_two_pass():
+    rng = np.random.default_rng(3)
+    x = rng.normal(loc=5.0, size=(37, 3, 2))
+    whole = stats.moments(x)
+    for chunk in (1, 4, 36, 100):
+        streamed = stats.welford(x, chunk_size=chunk)
+        assert streamed.count == whole.count == 74
+        np.testing.assert_allclose(streamed.mean, whole.mean, rtol=1e-12)
+        np.testing.assert_allclose(streamed.m2, whole.m2, rtol=1e-10)
+    np.testing.assert_allclose(whole.unbiased_var, x.transpose(1, 0, 2).reshape(3, -1).var(axis=1, ddof=1))
+    with pytest.raises(ValueError, match="chunk_size"):
+        stats.welford(x, chunk_size=0)
+    assert stats.reduction_axes(2) == (0,) and stats.reduction_axes(5) == (0, 2, 3, 4)
+
+
+# --------------------------------------------------------------------------- bad input
+
+X = np.ones((4, 3, 2, 2))
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: F.batch_norm_forward(np.ones(5)), ValueError, ["x", "(5,)", "(N, C)"]),
+    (lambda: F.batch_norm_forward(np.float64(1.0)), ValueError, ["x", "()"]),
+    (lambda: F.batch_norm_forward(X, np.ones(4), None), ValueError, ["gamma", "(3,)", "(4,)"]),
+    (lambda: F.batch_norm_forward(X, None, np.ones((3, 1))), ValueError, ["beta", "(3,)", "(3, 1)"]),
+    (lambda: F.batch_norm_forward(np.ones((4, 3), dtype=np.int32)), TypeError, ["x", "int32", "float32"]),
+    (lambda: F.batch_norm_forward(np.ones((4, 3), dtype=complex)), TypeError, ["x", "complex128"]),
+    (lambda: F.batch_norm_forward(np.ones((4, 3), dtype=bool)), TypeError, ["x", "bool"]),
+    (lambda: F.batch_norm_forward(X, np.ones(3, dtype=np.int64)), TypeError, ["gamma", "int64"]),
+    (lambda: F.batch_norm_forward(np.ones((1, 3))), ValueError, ["more than 1 value per channel", "(1, 3)"]),
+    (lambda: F.batch_norm_forward(np.ones((1, 3, 1, 1))), ValueError, ["more than 1 value per channel"]),
+    (lambda: F.batch_norm_forward([[1.0, 2.0]]), TypeError, ["x", "list"]),
+    (lambda: F.batch_norm_forward(X, eps=-1.0), ValueError, ["eps"]),
+    (lambda: F.batch_norm_forward(X, eps=float("nan")), ValueError, ["eps"]),
+    (lambda: F.batch_norm_inference(X, np.zeros(2), np.ones(3)), ValueError, ["running_mean", "(3,)", "(2,)"]),
+    (lambda: F.batch_norm_inference(X, np.zeros(3), np.ones(4)), ValueError, ["running_var", "(3,)", "(4,)"]),
+    (lambda: F.batch_norm_inference(X, np.array([0, np.nan, 0]), np.ones(3)), ValueError, ["running_mean", "NaN"]),
+    (lambda: F.batch_norm_inference(X, np.zeros(3), np.array([1, np.inf, 1])), ValueError, ["running_var", "inf"]),
+    (lambda: F.batch_norm_inference(X, np.zeros(3), np.array([1, -1.0, 1])), ValueError, ["running_var", "negative"]),
+    (lambda: F.batch_norm_inference(np.ones(3), np.zeros(3), np.ones(3)), ValueError, ["x", "(3,)"]),
+    (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=1.5), ValueError, ["momentum", "1.5"]),
+    (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=None,
+                                    num_batches_tracked=0), ValueError, ["num_batches_tracked"]),
+])
+def test_bad_input_names_what_was_wrong(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in message: {info.value}"
+
+
+def test_failing_and_successful_calls_change_no_state():
+    rm, rv = np.zeros(3), np.array([1.0, np.nan, 1.0])
+    rm0, rv0 = rm.copy(), rv.copy()
+    with pytest.raises(ValueError):
+        F.batch_norm_inference(X, rm, rv)
+    np.testing.assert_array_equal(rm, rm0)
+    np.testing.assert_array_equal(rv, rv0)
+    x = np.random.default_rng(4).normal(size=(5, 3))
+    x0, g = x.copy(), np.ones(3)
+    y, cache = F.batch_norm_forward(x, g, np.zeros(3))
+    rm, rv = np.zeros(3), np.ones(3)
+    F.update_running_stats(rm, rv, cache)
+    F.batch_norm_inference(x, rm, rv, g)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+
+
+def test_inference_accepts_a_batch_of_one_and_zero_eps():
+    y = F.batch_norm_inference(np.array([[2.0, 4.0]]), np.array([1.0, 2.0]), np.array([4.0, 1.0]), eps=0.0)
+    np.testing.assert_allclose(y, [[0.5, 2.0]])
