@@ -1,8 +1,8 @@
 # GENERATED FILE: do not edit.
-# bnlib.functional is generated from chapters/02_forward.ipynb by tools/export.py.
+# bnlib.functional is generated from chapters/02_forward.ipynb, chapters/03_backward.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['SUPPORTED_DTYPES', 'get_array_module', 'BNCache', 'batch_norm_forward', 'batch_norm_inference', 'update_running_stats']
+__all__ = ['SUPPORTED_DTYPES', 'get_array_module', 'BNCache', 'batch_norm_forward', 'batch_norm_inference', 'update_running_stats', 'batch_norm_backward']
 
 import numbers
 from typing import NamedTuple
@@ -148,3 +148,36 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
     new_mean = ((1 - momentum) * running_mean + momentum * cache.mean).astype(dtype, copy=False)
     new_var = ((1 - momentum) * running_var + momentum * unbiased_var).astype(dtype, copy=False)
     return new_mean, new_var
+
+
+def batch_norm_backward(dy, cache: BNCache):
+    """Gradients of training-mode batch norm, equations (eq-dgamma-dbeta) and (eq-dx).
+
+    Inputs:  dy (N, C, *spatial), the gradient of the loss with respect to y, same shape and
+             dtype as the forward input; cache, the BNCache that batch_norm_forward returned.
+    Returns: dx (N, C, *spatial) in x's dtype; dgamma, dbeta (C,) (in gamma's dtype, or the
+             accumulation dtype when gamma is None).
+    dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over all axes but 1.
+    """
+    if not isinstance(cache, BNCache):
+        raise TypeError(f"cache must be the BNCache returned by batch_norm_forward, got {type(cache).__name__}")
+    x = cache.x
+    _check_input(dy, "dy")
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy must have the shape of the forward input {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have the dtype of the forward input ({x.dtype}), got {dy.dtype}")
+    num_channels = x.shape[1]
+    count = x.size // num_channels
+    acc = accumulation_dtype(x.dtype)
+    axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
+    x_hat = (x - cache.mean.reshape(shape)) * cache.inv_std.reshape(shape)   # recomputed, (N, C, *spatial)
+    dbeta = dy.sum(axis=axes, dtype=acc)                                     # (C,)  sum of g
+    dgamma = (dy * x_hat).sum(axis=axes, dtype=acc)                         # (C,)  sum of g * x_hat
+    scale = cache.inv_std if cache.gamma is None else cache.gamma.astype(acc) * cache.inv_std
+    x_hat *= (dgamma / count).reshape(shape)                                 # reuse the buffer
+    dx = dy - x_hat
+    dx -= (dbeta / count).reshape(shape)
+    dx *= scale.reshape(shape)
+    param_dtype = acc if cache.gamma is None else cache.gamma.dtype
+    return dx.astype(x.dtype, copy=False), dgamma.astype(param_dtype), dbeta.astype(param_dtype)

@@ -1,0 +1,50 @@
+# GENERATED FILE: do not edit.
+# bnlib.gradcheck is generated from chapters/03_backward.ipynb by tools/export.py.
+# Edit the notebook, then run `python tools/export.py`.
+
+__all__ = ['numerical_gradient', 'relative_error']
+
+import numpy as np
+
+
+def _as_float64_array(a, name: str):
+    if not (hasattr(a, "dtype") and hasattr(a, "shape")):
+        raise TypeError(f"{name} must be a NumPy array, got {type(a).__name__}")
+    if a.dtype != np.float64:
+        raise TypeError(f"{name} must be float64 for a meaningful finite-difference check, got {a.dtype}")
+    return a
+
+
+def numerical_gradient(f, x, dy, h: float = 1e-5):
+    """Central-difference gradient of L(x) = sum(f(x) * dy) with respect to x, in float64.
+
+    f:  a function of one array, returning an array of dy's shape
+    x:  float64 array (not modified: f sees a perturbed copy);  dy: float64 array, the upstream gradient
+    h:  the step, > 0. Costs 2 * x.size calls of f: meant for small checks.
+    Returns an array of x's shape.
+    """
+    _as_float64_array(x, "x")
+    _as_float64_array(dy, "dy")
+    if not (h > 0 and np.isfinite(h)):
+        raise ValueError(f"h must be a finite number > 0, got {h!r}")
+    x = np.array(x, dtype=np.float64, copy=True)   # f sees this copy; the caller's x never changes
+    flat = x.reshape(-1)
+    grad = np.empty(flat.size)
+    for k in range(flat.size):
+        original = flat[k]
+        flat[k] = original + h
+        plus = float(np.sum(f(x) * dy))
+        flat[k] = original - h
+        minus = float(np.sum(f(x) * dy))
+        flat[k] = original
+        grad[k] = (plus - minus) / (2 * h)
+    return grad.reshape(x.shape)
+
+
+def relative_error(a, b) -> float:
+    """max |a - b| / max(max |a|, max |b|): 0 for equal arrays, about 1 for unrelated ones."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare arrays of shapes {a.shape} and {b.shape}")
+    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0))
+    return 0.0 if scale == 0.0 else float(np.abs(a - b).max() / scale)
