@@ -1,8 +1,8 @@
 # GENERATED FILE: do not edit.
-# bnlib.functional is generated from chapters/02_forward.ipynb, chapters/03_backward.ipynb by tools/export.py.
+# bnlib.functional is generated from chapters/02_forward.ipynb, chapters/03_backward.ipynb, chapters/04_numpy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['SUPPORTED_DTYPES', 'get_array_module', 'BNCache', 'batch_norm_forward', 'batch_norm_inference', 'update_running_stats', 'batch_norm_backward']
+__all__ = ['SUPPORTED_DTYPES', 'get_array_module', 'BNCache', 'batch_norm_forward', 'batch_norm_inference', 'update_running_stats', 'batch_norm_backward', 'portable_batch_norm_forward', 'portable_batch_norm_backward']
 
 import numbers
 from typing import NamedTuple
@@ -71,13 +71,8 @@ def _check_eps(eps):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
-def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
-    """Training-mode batch norm: normalize x with its own per-channel batch statistics.
-
-    Inputs:  x (N, C, *spatial) float16/32/64; gamma, beta (C,) or None (= 1 and 0); eps >= 0
-    Returns: y with x's shape and dtype, and a BNCache for batch_norm_backward.
-    y = gamma * (x - mean) / sqrt(var + eps) + beta, mean and biased var over all axes but 1.
-    """
+def _check_forward_args(x, gamma, beta, eps) -> int:
+    """Validate the arguments of a training-mode forward pass; return C."""
     num_channels = _check_input(x)
     _check_channel_vector(gamma, "gamma", num_channels, x.shape)
     _check_channel_vector(beta, "beta", num_channels, x.shape)
@@ -86,11 +81,22 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
     if count < 2:
         raise ValueError(f"batch norm in training mode needs more than 1 value per channel, "
                          f"got x of shape {tuple(x.shape)} ({count} value(s) per channel)")
+    return num_channels
+
+
+def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
+    """Training-mode batch norm: normalize x with its own per-channel batch statistics.
+
+    Inputs:  x (N, C, *spatial) float16/32/64; gamma, beta (C,) or None (= 1 and 0); eps >= 0
+    Returns: y with x's shape and dtype, and a BNCache for batch_norm_backward.
+    y = gamma * (x - mean) / sqrt(var + eps) + beta, mean and biased var over all axes but 1.
+    """
+    num_channels = _check_forward_args(x, gamma, beta, eps)
     xp = get_array_module(x)
     acc = accumulation_dtype(x.dtype)
     axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
-    mean = x.mean(axis=axes, dtype=acc)                      # (C,)
-    centered = x - mean.reshape(shape)                       # (N, C, *spatial), in acc dtype
+    mean = x.mean(axis=axes, dtype=np.float64).astype(acc)   # (C,) summed in float64: a long float32
+    centered = x - mean.reshape(shape)                       #   sum of large values drifts; (N, C, *spatial)
     var = (centered * centered).mean(axis=axes, dtype=acc)   # (C,) biased, two-pass
     inv_std = 1.0 / xp.sqrt(var + acc.type(eps))             # (C,)
     scale = inv_std if gamma is None else gamma.astype(acc) * inv_std
@@ -150,6 +156,17 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
     return new_mean, new_var
 
 
+def _check_backward_args(dy, cache):
+    """Validate dy against the cache of the forward pass it belongs to."""
+    if not isinstance(cache, BNCache):
+        raise TypeError(f"cache must be the BNCache returned by batch_norm_forward, got {type(cache).__name__}")
+    _check_input(dy, "dy")
+    if tuple(dy.shape) != tuple(cache.x.shape):
+        raise ValueError(f"dy must have the shape of the forward input {tuple(cache.x.shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != cache.x.dtype:
+        raise TypeError(f"dy must have the dtype of the forward input ({cache.x.dtype}), got {dy.dtype}")
+
+
 def batch_norm_backward(dy, cache: BNCache):
     """Gradients of training-mode batch norm, equations (eq-dgamma-dbeta) and (eq-dx).
 
@@ -159,14 +176,8 @@ def batch_norm_backward(dy, cache: BNCache):
              accumulation dtype when gamma is None).
     dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over all axes but 1.
     """
-    if not isinstance(cache, BNCache):
-        raise TypeError(f"cache must be the BNCache returned by batch_norm_forward, got {type(cache).__name__}")
+    _check_backward_args(dy, cache)
     x = cache.x
-    _check_input(dy, "dy")
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"dy must have the shape of the forward input {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have the dtype of the forward input ({x.dtype}), got {dy.dtype}")
     num_channels = x.shape[1]
     count = x.size // num_channels
     acc = accumulation_dtype(x.dtype)
@@ -181,3 +192,40 @@ def batch_norm_backward(dy, cache: BNCache):
     dx *= scale.reshape(shape)
     param_dtype = acc if cache.gamma is None else cache.gamma.dtype
     return dx.astype(x.dtype, copy=False), dgamma.astype(param_dtype), dbeta.astype(param_dtype)
+
+
+from bnlib import cpu
+
+portable_batch_norm_forward = batch_norm_forward       # chapters 02-03: any array library, float16 too
+portable_batch_norm_backward = batch_norm_backward
+
+
+def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
+    """Training-mode batch norm: normalize x with its own per-channel batch statistics.
+
+    Inputs:  x (N, C, *spatial) float16/32/64; gamma, beta (C,) or None (= 1 and 0); eps >= 0
+    Returns: y with x's shape and dtype, and a BNCache for batch_norm_backward.
+    NumPy float32/float64 input runs on bnlib.cpu's fast path (chapter 04); anything else on
+    portable_batch_norm_forward (chapter 02).
+    """
+    if not cpu.supports(x):
+        return portable_batch_norm_forward(x, gamma, beta, eps)
+    _check_forward_args(x, gamma, beta, eps)
+    y, _, mean, var, inv_std = cpu.forward(x, gamma, beta, eps)
+    stats = (a.astype(x.dtype) for a in (mean, var, inv_std))
+    return y, BNCache(x, *stats, gamma, float(eps))
+
+
+def batch_norm_backward(dy, cache: BNCache):
+    """Gradients of training-mode batch norm: dx (x's dtype), dgamma, dbeta (C,).
+
+    dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over all axes but 1.
+    NumPy float32/float64 runs on bnlib.cpu's fast path; anything else on portable_batch_norm_backward.
+    """
+    _check_backward_args(dy, cache)
+    if not cpu.supports(cache.x):
+        return portable_batch_norm_backward(dy, cache)
+    dx, dgamma, dbeta = cpu.backward(dy, cpu.as_ncl(cache.x), cache.mean.astype(np.float64),
+                                     cache.inv_std.astype(np.float64), cache.gamma)
+    param_dtype = cache.x.dtype if cache.gamma is None else cache.gamma.dtype
+    return dx, dgamma.astype(param_dtype), dbeta.astype(param_dtype)

@@ -25,3 +25,18 @@ def built_book(tmp_path_factory):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"jupyter-book build failed:\n{log[-5000:]}"
     return out / "_build" / "html", log
+
+
+@pytest.fixture
+def cpu_backend(request):
+    """Run a test once per CPU path of bnlib.functional (numba, numpy, portable), restoring the default."""
+    from bnlib import cpu
+    previous = cpu.set_backend(request.param)
+    yield request.param
+    cpu.set_backend(previous)
+
+
+def pytest_generate_tests(metafunc):
+    if "cpu_backend" in metafunc.fixturenames:
+        from bnlib import cpu
+        metafunc.parametrize("cpu_backend", cpu.available_backends(), indirect=True)

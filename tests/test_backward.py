@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("cpu_backend")   # every test runs on each CPU path
+
 from bnlib import functional as F
 from bnlib.gradcheck import numerical_gradient, relative_error
 from reference import random_input

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("cpu_backend")   # every test runs on each CPU path
+
 from bnlib import functional as F
 from bnlib import stats
 from reference import bn_forward_ref, random_input

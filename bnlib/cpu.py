@@ -1,0 +1,327 @@
+# GENERATED FILE: do not edit.
+# bnlib.cpu is generated from chapters/04_numpy.ipynb by tools/export.py.
+# Edit the notebook, then run `python tools/export.py`.
+
+__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward']
+
+import numpy as np
+
+try:                                   # numba is optional: without it the plain NumPy path runs
+    import numba
+    from numba import njit, prange
+except ImportError:                    # pragma: no cover - exercised where numba is absent
+    numba = None
+
+FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+PARALLEL_MIN_SIZE = 1 << 16            # below this many elements, threads cost more than they save
+_backend = "numba" if numba is not None else "numpy"
+
+
+def available_backends() -> tuple[str, ...]:
+    """'numba' (when installed), 'numpy' (the fast plain-NumPy path), 'portable' (chapters 02-03)."""
+    return ("numba", "numpy", "portable") if numba is not None else ("numpy", "portable")
+
+
+def get_backend() -> str:
+    """The CPU path bnlib.functional uses for NumPy float32/float64 input."""
+    return _backend
+
+
+def set_backend(name: str) -> str:
+    """Choose the CPU path: 'numba', 'numpy', or 'portable' (no fast path); returns the previous one."""
+    global _backend
+    if name not in available_backends():
+        raise ValueError(f"backend must be one of {available_backends()}, got {name!r}")
+    previous, _backend = _backend, name
+    return previous
+
+
+def supports(x) -> bool:
+    """True for the inputs the fast CPU paths handle: NumPy float32/float64 arrays of 2+ dimensions."""
+    return _backend != "portable" and isinstance(x, np.ndarray) and x.dtype in FAST_DTYPES and x.ndim >= 2
+
+
+def as_ncl(a):
+    """(N, C, *spatial) -> a C-contiguous (N, C, L) view (a copy only for non-contiguous input)."""
+    return np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
+
+
+def _channel_sums(a3):
+    """Per-channel sum of an (N, C, L) array through BLAS matrix-vector products."""
+    n, c, l = a3.shape
+    if l == 1:
+        return np.ones(n, dtype=a3.dtype) @ a3.reshape(n, c)
+    return np.matmul(a3, np.ones(l, dtype=a3.dtype)).sum(axis=0, dtype=np.float64)
+
+
+def _channel_dots(a3, b3):
+    """Per-channel sum of a * b over N and L, without a temporary."""
+    n, c, l = a3.shape
+    if l == 1:
+        return np.einsum("nc,nc->c", a3.reshape(n, c), b3.reshape(n, c))
+    return np.einsum("ncl,ncl->c", a3, b3)
+
+
+def _layout(a3):
+    """Views for elementwise work: (N, C) when L == 1 (so NumPy's inner loops run along C),
+    else (N, C, L); and a function that shapes a (C,) vector to broadcast against them."""
+    n, c, l = a3.shape
+    if l == 1:
+        return (lambda a: a.reshape(n, c)), (lambda v: v)
+    return (lambda a: a), (lambda v: v[:, None])
+
+
+def numpy_forward(x3, gamma, beta, eps, y3):
+    """Training forward on (N, C, L) in plain NumPy, writing y3; returns mean, var, inv_std (float64, (C,)).
+
+    The shifted-data algorithm: centre on one sample per channel (K), so the sums are of small
+    numbers and sum(d^2)/m - mean(d)^2 stays accurate in float32; then scale and shift in place.
+    Passes over memory: d = x - K (into y), sum d (BLAS), sum d^2, y *= scale, y += shift.
+    """
+    n, c, l = x3.shape
+    count = n * l
+    view, col = _layout(x3)
+    x_, y_ = view(x3), view(y3)
+    k = x3[0, :, 0].copy()                                       # K: (C,) one sample per channel
+    np.subtract(x_, col(k), out=y_)                              # d = x - K, in the output buffer
+    mean_d = _channel_sums(y3).astype(np.float64) / count
+    var = np.maximum(_channel_dots(y3, y3).astype(np.float64) / count - mean_d * mean_d, 0.0)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    scale = inv_std if gamma is None else gamma * inv_std
+    offset = -mean_d * scale + (0.0 if beta is None else beta)
+    y_ *= col(scale.astype(x3.dtype))
+    y_ += col(offset.astype(x3.dtype))
+    return k.astype(np.float64) + mean_d, var, inv_std
+
+
+def numpy_backward(dy3, x3, mean, inv_std, gamma, dx3):
+    """Training backward on (N, C, L) in plain NumPy, writing dx3; returns dgamma, dbeta (float64, (C,)).
+
+    dx = a*dy + b*(x - mean) + c per channel, with a = gamma/sigma, b = -a*dgamma/(m*sigma),
+    c = -a*dbeta/m, computed in the dx buffer without another tensor-sized temporary.
+    """
+    n, c, l = x3.shape
+    count = n * l
+    view, col = _layout(x3)
+    x_, dy_, dx_ = view(x3), view(dy3), view(dx3)
+    np.subtract(x_, col(mean.astype(x3.dtype)), out=dx_)        # x - mean, in the dx buffer
+    dbeta = _channel_sums(dy3).astype(np.float64)
+    dgamma = _channel_dots(dy3, dx3).astype(np.float64) * inv_std
+    a = inv_std if gamma is None else gamma * inv_std
+    b = -a * inv_std * dgamma / count
+    cc = -a * dbeta / count
+    # dx = a * ((x - mean) * b/a + dy + c/a); channels with a == 0 (gamma == 0) get dx = 0
+    safe = a != 0
+    b_over_a = np.divide(b, a, out=np.zeros_like(b), where=safe)
+    c_over_a = np.divide(cc, a, out=np.zeros_like(cc), where=safe)
+    dx_ *= col(b_over_a.astype(x3.dtype))
+    dx_ += dy_
+    dx_ += col(c_over_a.astype(x3.dtype))
+    dx_ *= col(a.astype(x3.dtype))
+    return dgamma, dbeta
+
+
+def _kernels(parallel: bool):
+    """Compile the four CPU kernels, either multi-threaded (prange) or serial; returns them in a dict."""
+    loop = prange if parallel else range
+    jit = njit(parallel=parallel, cache=True, nogil=True, fastmath=False)
+
+    @jit
+    def stats_ncl(x, mean, var):                   # x (N, C, L), L > 1: threads over channels
+        n, c, l = x.shape
+        for j in loop(c):
+            k = x[0, j, 0]
+            s = 0.0
+            ss = 0.0
+            for i in range(n):
+                for t in range(l):
+                    d = x[i, j, t] - k               # shifted data, accumulated in float64
+                    s += d
+                    ss += d * d
+            md = s / (n * l)
+            mean[j] = k + md
+            var[j] = max(ss / (n * l) - md * md, 0.0)
+
+    @jit
+    def stats_nc(x, blocks, mean, var):           # x (N, C): threads over blocks of rows
+        n, c = x.shape
+        s = np.zeros((blocks, c))
+        ss = np.zeros((blocks, c))
+        rows = (n + blocks - 1) // blocks
+        x0 = x[0]
+        for b in loop(blocks):
+            sb, ssb = s[b], ss[b]
+            for i in range(b * rows, min(n, (b + 1) * rows)):
+                xi = x[i]
+                for j in range(c):
+                    d = xi[j] - x0[j]
+                    sb[j] += d
+                    ssb[j] += d * d
+        for j in range(c):                          # merge the blocks (scalar loops: an array
+            st = 0.0                                # expression here would launch threads per j)
+            sst = 0.0
+            for b in range(blocks):
+                st += s[b, j]
+                sst += ss[b, j]
+            md = st / n
+            mean[j] = x0[j] + md
+            var[j] = max(sst / n - md * md, 0.0)
+
+    @jit
+    def affine(x, mean, a, b, y):                  # y = a * (x - mean) + b per channel; (N, C, L)
+        n, c, l = x.shape                          # (centring first keeps float32 accurate
+        for i in loop(n):                          #  when the mean is large)
+            for j in range(c):
+                xij, yij, mj, aj, bj = x[i, j], y[i, j], mean[j], a[j], b[j]
+                for t in range(l):
+                    yij[t] = aj * (xij[t] - mj) + bj
+
+    @jit
+    def affine_nc(x, mean, a, b, y):               # the same for (N, C): vectorized along C
+        n, c = x.shape
+        for i in loop(n):
+            xi, yi = x[i], y[i]
+            for j in range(c):
+                yi[j] = a[j] * (xi[j] - mean[j]) + b[j]
+
+    @jit
+    def backward_sums_ncl(dy, x, mean, sum_dy, sum_dy_xc):
+        n, c, l = x.shape
+        for j in loop(c):
+            mu = mean[j]
+            s = 0.0
+            sx = 0.0
+            for i in range(n):
+                for t in range(l):
+                    g = dy[i, j, t]
+                    s += g
+                    sx += g * (x[i, j, t] - mu)
+            sum_dy[j] = s
+            sum_dy_xc[j] = sx
+
+    @jit
+    def backward_sums_nc(dy, x, mean, blocks, sum_dy, sum_dy_xc):
+        n, c = x.shape
+        s = np.zeros((blocks, c))
+        sx = np.zeros((blocks, c))
+        rows = (n + blocks - 1) // blocks
+        for b in loop(blocks):
+            sb, sxb = s[b], sx[b]
+            for i in range(b * rows, min(n, (b + 1) * rows)):
+                dyi, xi = dy[i], x[i]
+                for j in range(c):
+                    g = dyi[j]
+                    sb[j] += g
+                    sxb[j] += g * (xi[j] - mean[j])
+        for j in range(c):
+            st = 0.0
+            sxt = 0.0
+            for b in range(blocks):
+                st += s[b, j]
+                sxt += sx[b, j]
+            sum_dy[j] = st
+            sum_dy_xc[j] = sxt
+
+    @jit
+    def backward_dx(dy, x, mean, a, b, cc, dx):    # dx = a*dy + b*(x - mean) + c per channel
+        n, c, l = x.shape
+        for i in loop(n):
+            for j in range(c):
+                dyij, xij, dxij = dy[i, j], x[i, j], dx[i, j]
+                mj, aj, bj, cj = mean[j], a[j], b[j], cc[j]
+                for t in range(l):
+                    dxij[t] = aj * dyij[t] + bj * (xij[t] - mj) + cj
+
+    @jit
+    def backward_dx_nc(dy, x, mean, a, b, cc, dx):
+        n, c = x.shape
+        for i in loop(n):
+            dyi, xi, dxi = dy[i], x[i], dx[i]
+            for j in range(c):
+                dxi[j] = a[j] * dyi[j] + b[j] * (xi[j] - mean[j]) + cc[j]
+
+    return dict(stats_ncl=stats_ncl, stats_nc=stats_nc, affine=affine, affine_nc=affine_nc,
+                backward_sums_ncl=backward_sums_ncl, backward_sums_nc=backward_sums_nc,
+                backward_dx=backward_dx, backward_dx_nc=backward_dx_nc)
+
+
+if numba is not None:
+    PARALLEL_KERNELS, SERIAL_KERNELS = _kernels(parallel=True), _kernels(parallel=False)
+
+
+def _pick(x3):
+    return PARALLEL_KERNELS if x3.size >= PARALLEL_MIN_SIZE else SERIAL_KERNELS
+
+
+def numba_forward(x3, gamma, beta, eps, y3):
+    """Training forward on (N, C, L) with the numba kernels, writing y3; returns mean, var, inv_std.
+
+    Two passes over memory: one read for the statistics, one read + one write for y.
+    """
+    k = _pick(x3)
+    n, c, l = x3.shape
+    mean, var = np.empty(c), np.empty(c)
+    if l == 1:
+        k["stats_nc"](x3.reshape(n, c), min(n, 4 * numba.get_num_threads()), mean, var)
+    else:
+        k["stats_ncl"](x3, mean, var)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    scale = inv_std if gamma is None else gamma * inv_std
+    offset = np.zeros(c) if beta is None else beta
+    args = (mean.astype(x3.dtype), scale.astype(x3.dtype), offset.astype(x3.dtype))
+    if l == 1:
+        k["affine_nc"](x3.reshape(n, c), *args, y3.reshape(n, c))
+    else:
+        k["affine"](x3, *args, y3)
+    return mean, var, inv_std
+
+
+def numba_backward(dy3, x3, mean, inv_std, gamma, dx3):
+    """Training backward on (N, C, L) with the numba kernels, writing dx3; returns dgamma, dbeta.
+
+    Two passes: one reading x and dy for the two per-channel sums, one reading both and writing dx.
+    """
+    k = _pick(x3)
+    n, c, l = x3.shape
+    count = n * l
+    sum_dy, sum_dy_xc = np.empty(c), np.empty(c)
+    mean_x = mean.astype(x3.dtype)
+    if l == 1:
+        k["backward_sums_nc"](dy3.reshape(n, c), x3.reshape(n, c), mean_x, min(n, 4 * numba.get_num_threads()),
+                              sum_dy, sum_dy_xc)
+    else:
+        k["backward_sums_ncl"](dy3, x3, mean_x, sum_dy, sum_dy_xc)
+    dgamma = sum_dy_xc * inv_std
+    a = inv_std if gamma is None else gamma * inv_std
+    b = -a * inv_std * dgamma / count
+    cc = -a * sum_dy / count
+    coefficients = (mean_x, a.astype(x3.dtype), b.astype(x3.dtype), cc.astype(x3.dtype))
+    if l == 1:
+        k["backward_dx_nc"](dy3.reshape(n, c), x3.reshape(n, c), *coefficients, dx3.reshape(n, c))
+    else:
+        k["backward_dx"](dy3, x3, *coefficients, dx3)
+    return dgamma, sum_dy
+
+
+def forward(x, gamma, beta, eps):
+    """Training forward for NumPy float32/float64 x (validated by the caller) on the chosen backend.
+
+    Returns y (x's shape and dtype), x3 (contiguous (N, C, L) view of x), mean, var, inv_std (float64).
+    """
+    x3 = as_ncl(x)
+    y = np.empty(x.shape, dtype=x.dtype)
+    g = None if gamma is None else gamma.astype(np.float64)
+    b = None if beta is None else beta.astype(np.float64)
+    run = numba_forward if _backend == "numba" else numpy_forward
+    mean, var, inv_std = run(x3, g, b, float(eps), y.reshape(x3.shape))
+    return y, x3, mean, var, inv_std
+
+
+def backward(dy, x3, mean, inv_std, gamma):
+    """Training backward for the output of forward(); returns dx (dy's shape), dgamma, dbeta (float64)."""
+    dy3 = as_ncl(dy)
+    dx = np.empty(dy.shape, dtype=dy.dtype)
+    g = None if gamma is None else gamma.astype(np.float64)
+    run = numba_backward if _backend == "numba" else numpy_backward
+    dgamma, dbeta = run(dy3, x3, mean, inv_std, g, dx.reshape(x3.shape))
+    return dx, dgamma, dbeta

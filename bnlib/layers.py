@@ -1,0 +1,190 @@
+# GENERATED FILE: do not edit.
+# bnlib.layers is generated from chapters/04_numpy.ipynb by tools/export.py.
+# Edit the notebook, then run `python tools/export.py`.
+
+__all__ = ['BatchNorm']
+
+import numbers
+
+import numpy as np
+
+from bnlib import functional as F
+from bnlib.stats import channel_shape, reduction_axes
+
+
+def _to_numpy(value):
+    """A state-dict value as a NumPy array: NumPy arrays, numbers, and torch tensors (via .numpy())."""
+    if hasattr(value, "detach"):                       # a torch.Tensor from a torch checkpoint
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class BatchNorm:
+    """Batch normalization layer for NumPy arrays, with PyTorch's conventions.
+
+    y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, statistics per channel (axis 1) over
+    every other axis: batch statistics in training, running statistics in evaluation.
+
+    Args:
+        num_features: C, the number of channels of the (N, C, *spatial) input
+        eps: added to the variance inside the square root (default 1e-5)
+        momentum: running = (1 - momentum) * running + momentum * batch (default 0.1);
+            None for a cumulative average over all batches seen
+        affine: learn a per-channel scale `weight` and shift `bias` (default True)
+        track_running_stats: keep running_mean / running_var / num_batches_tracked (default True);
+            if False, batch statistics are used in evaluation too
+        dtype: dtype of parameters and running statistics (default float32, as in torch)
+
+    Shape: input (N, C) or (N, C, *spatial); output the same. Gradients of the last backward()
+    are in grad_weight and grad_bias. A call that raises changes no state.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 dtype=np.float32):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        if momentum is not None and not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
+            raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
+        if np.dtype(dtype).name not in ("float32", "float64"):
+            raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+        self.num_features, self.eps, self.momentum = int(num_features), float(eps), momentum
+        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        self.dtype = np.dtype(dtype)
+        c = self.num_features
+        self.weight = np.ones(c, self.dtype) if affine else None
+        self.bias = np.zeros(c, self.dtype) if affine else None
+        self.grad_weight = np.zeros(c, self.dtype) if affine else None
+        self.grad_bias = np.zeros(c, self.dtype) if affine else None
+        if track_running_stats:
+            self.running_mean = np.zeros(c, self.dtype)
+            self.running_var = np.ones(c, self.dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.training = True
+        self._cache = None
+
+    # ---------------------------------------------------------------- modes
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def _check_channels(self, x):
+        if not hasattr(x, "ndim") or x.ndim < 2:
+            shape = getattr(x, "shape", None)
+            raise ValueError(f"expected input of shape (N, {self.num_features}) or (N, {self.num_features}, *spatial), "
+                             f"got {'shape ' + str(tuple(shape)) if shape is not None else type(x).__name__}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} channels (num_features) in axis 1, "
+                             f"got input of shape {tuple(x.shape)} with {x.shape[1]}")
+
+    # ---------------------------------------------------------------- forward / backward
+    def forward(self, x):
+        """Normalize x; in training mode also update the running statistics."""
+        self._check_channels(x)
+        if not self._uses_batch_stats():
+            y = F.batch_norm_inference(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+            self._cache = ("eval", x)
+            return y
+        y, cache = F.batch_norm_forward(x, self.weight, self.bias, self.eps)
+        if self.training and self.track_running_stats:
+            steps = self.num_batches_tracked + 1
+            mean, var = F.update_running_stats(self.running_mean, self.running_var, cache,
+                                               self.momentum, num_batches_tracked=steps)
+            self.running_mean[...], self.running_var[...] = mean, var     # commit only after everything worked
+            self.num_batches_tracked = steps
+        self._cache = ("train", cache)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Gradient with respect to the last forward's input; stores grad_weight and grad_bias."""
+        if self._cache is None:
+            raise ValueError("backward() needs a forward() first: no cached input")
+        kind, saved = self._cache
+        if kind == "train":
+            dx, dgamma, dbeta = F.batch_norm_backward(dy, saved)
+        else:
+            dx, dgamma, dbeta = self._inference_backward(dy, saved)
+        if self.affine:
+            self.grad_weight[...], self.grad_bias[...] = dgamma, dbeta
+        return dx
+
+    def _inference_backward(self, dy, x):
+        """Gradients of the fixed affine map of evaluation mode (chapter 03, exercise 1)."""
+        if not (hasattr(dy, "shape") and tuple(dy.shape) == tuple(x.shape)):
+            raise ValueError(f"dy must have the shape of the forward input {tuple(x.shape)}, "
+                             f"got {tuple(getattr(dy, 'shape', ())) or type(dy).__name__}")
+        if dy.dtype != x.dtype:
+            raise TypeError(f"dy must have the dtype of the forward input ({x.dtype}), got {dy.dtype}")
+        shape, axes = channel_shape(x.ndim, self.num_features), reduction_axes(x.ndim)
+        inv_std = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        x_hat = (x - self.running_mean.reshape(shape)) * inv_std.reshape(shape)
+        scale = inv_std if self.weight is None else inv_std * self.weight
+        dx = (dy * scale.reshape(shape)).astype(x.dtype, copy=False)
+        return dx, (dy * x_hat).sum(axis=axes), dy.sum(axis=axes, dtype=np.float64)
+
+    # ---------------------------------------------------------------- state
+    def _state_keys(self):
+        keys = ["weight", "bias"] if self.affine else []
+        if self.track_running_stats:
+            keys += ["running_mean", "running_var", "num_batches_tracked"]
+        return keys
+
+    def state_dict(self):
+        """Copies of the parameters and buffers, under torch.nn.BatchNorm*d's key names."""
+        state = {}
+        for key in self._state_keys():
+            value = getattr(self, key)
+            state[key] = np.array(value, dtype=np.int64) if key == "num_batches_tracked" else value.copy()
+        return state
+
+    def load_state_dict(self, state, strict: bool = True):
+        """Load a state dict (NumPy arrays or torch tensors, e.g. from torch.nn.BatchNorm2d).
+
+        Every key, shape and dtype is checked before anything is assigned: a load that raises
+        changes nothing. strict=False ignores missing and unexpected keys (shapes still checked).
+        """
+        if not hasattr(state, "keys"):
+            raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
+        expected = self._state_keys()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if strict and (missing or unexpected):
+            raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected} "
+                             f"(expected exactly {expected})")
+        staged = {}
+        for key in expected:
+            if key not in state:
+                continue
+            value = _to_numpy(state[key])
+            if key == "num_batches_tracked":
+                if value.shape != () or value.dtype.kind not in "iu" or value < 0:
+                    raise ValueError(f"num_batches_tracked must be a non-negative integer scalar, "
+                                     f"got shape {value.shape}, dtype {value.dtype}")
+                staged[key] = int(value)
+                continue
+            if value.shape != (self.num_features,):
+                raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
+            if value.dtype.kind != "f":
+                raise TypeError(f"{key} must be floating point, got {value.dtype}")
+            staged[key] = value.astype(self.dtype)
+        for key, value in staged.items():
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                getattr(self, key)[...] = value
+        return self
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats})")

@@ -1,0 +1,69 @@
+"""bnlib.cpu backend switching and bnlib.bench (chapter 04); no timings are asserted."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bnlib import bench, cpu
+from conftest import ROOT
+
+
+def test_backend_switch():
+    assert "numpy" in cpu.available_backends() and "portable" in cpu.available_backends()
+    previous = cpu.set_backend("portable")
+    try:
+        assert not cpu.supports(np.ones((2, 2), np.float32))
+    finally:
+        cpu.set_backend(previous)
+    assert cpu.supports(np.ones((2, 2), np.float32)) and not cpu.supports(np.ones((2, 2), np.float16))
+    with pytest.raises(ValueError, match="backend"):
+        cpu.set_backend("fortran")
+    assert cpu.get_backend() == previous
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (70_000, 1), (300, 300), (2, 1, 70_000), (5, 3, 1, 1), (40, 3, 50, 50)])
+def test_fast_paths_on_edge_shapes(shape, cpu_backend):
+    """Tiny and large (threaded) sizes, C = 1, L = 1, against the float64 reference."""
+    from bnlib import functional as F
+    from reference import bn_forward_ref
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=shape) + 1e3).astype(np.float32)
+    y, cache = F.batch_norm_forward(x)
+    # float32 data at an offset of 1e3 carry about 6e-5 of rounding each; normalized, that grows by 1/sigma
+    np.testing.assert_allclose(y, bn_forward_ref(x, None, None, 1e-5)[0], atol=2e-6 * 1e3 * float(cache.inv_std.max()))
+    dx, _, _ = F.batch_norm_backward(np.ones_like(x), cache)
+    # all-ones dy: the true dx is zero; float32 leaves a residue of order eps32 * offset / sigma
+    assert np.abs(dx).max() < 1e-6 * 1e3 * float(cache.inv_std.max())
+
+
+def test_bench_runs_and_reports_ratios():
+    rows = bench.bench_cpu(shapes=[(8, 4, 3, 3), (32, 8)], repeats=2, progress=False)
+    impls = {r["impl"] for r in rows}
+    assert impls == {"torch"} | {f"bnlib[{b}]" for b in cpu.available_backends()}
+    for r in rows:
+        assert r["forward_ms"] > 0 and r["step_ms"] > 0
+        if r["impl"] == "torch":
+            assert r["step_ratio"] == 1.0
+        else:
+            assert r["extra_tensors"] >= 0
+    table = bench.format_table(rows)
+    assert "fwd/torch" in table and "(32, 8)" in table
+
+
+def test_bench_command_line_writes_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "CPU_SHAPES", [(16, 4, 2, 2)])
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(bench, "bench_cpu", lambda **kw: [
+        {"shape": [16, 4, 2, 2], "impl": "torch", "threads": 1, "forward_ms": 1.0, "step_ms": 2.0,
+         "forward_ratio": 1.0, "step_ratio": 1.0}])
+    assert bench.main(["--cpu", "--repeats", "1", "--json", str(out), "--no-progress"]) == 0
+    data = json.loads(out.read_text())
+    assert data["results"][0]["impl"] == "torch" and "numpy" in data["environment"]
+
+
+def test_python_dash_m_bench_help():
+    proc = subprocess.run([sys.executable, "-m", "bnlib.bench", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and "--cpu" in proc.stdout

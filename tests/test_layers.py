@@ -1,0 +1,153 @@
+"""bnlib.layers.BatchNorm (chapter 04) against torch.nn.BatchNorm1d/2d/3d over random settings."""
+import numpy as np
+import pytest
+import torch
+
+from bnlib.layers import BatchNorm
+
+pytestmark = pytest.mark.usefixtures("cpu_backend")
+
+TORCH_BN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_layer_matches_torch_over_steps(seed):
+    rng = np.random.default_rng(seed)
+    ndim = int(rng.integers(2, 6))
+    C = int(rng.integers(1, 6))
+    shape = (int(rng.integers(2, 7)), C) + tuple(int(rng.integers(1, 5)) for _ in range(ndim - 2))
+    momentum = [0.1, None, float(rng.uniform(0, 1))][seed % 3]
+    eps = float(10 ** rng.uniform(-6, -2))
+    affine, track = bool(seed % 4 != 1), bool(seed % 5 != 2)
+    dtype = [np.float64, np.float32][seed % 2]
+    ours = BatchNorm(C, eps=eps, momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
+    theirs = TORCH_BN[ndim](C, eps=eps, momentum=momentum, affine=affine, track_running_stats=track)
+    if dtype == np.float64:
+        theirs = theirs.double()
+    if affine:
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            theirs.bias.normal_()
+        ours.load_state_dict(theirs.state_dict())
+    tol = 1e-10 if dtype == np.float64 else 3e-4
+    for step in range(5):
+        if step == 4:
+            ours.eval(), theirs.eval()
+        x = rng.normal(loc=2.0, scale=3.0, size=shape).astype(dtype)
+        dy = rng.normal(size=shape).astype(dtype)
+        xt = torch.tensor(x, requires_grad=True)
+        yt = theirs(xt)
+        yt.backward(torch.from_numpy(dy))
+        y, dx = ours(x), ours.backward(dy)
+        assert y.dtype == dtype and dx.dtype == dtype
+        np.testing.assert_allclose(y, yt.detach().numpy(), atol=tol, rtol=tol)
+        scale = float(np.abs(dy).max() * (np.abs(ours.weight).max() if affine else 1.0) / np.sqrt(eps) * 0 + 1)
+        np.testing.assert_allclose(dx, xt.grad.numpy(), atol=tol * 10 * scale, rtol=tol)
+        if affine:
+            np.testing.assert_allclose(ours.grad_weight, theirs.weight.grad.numpy(), atol=tol * 10, rtol=tol)
+            np.testing.assert_allclose(ours.grad_bias, theirs.bias.grad.numpy(), atol=tol * 10, rtol=tol)
+            theirs.weight.grad = theirs.bias.grad = None
+        if track:
+            np.testing.assert_allclose(ours.running_mean, theirs.running_mean.numpy(), atol=tol, rtol=tol)
+            np.testing.assert_allclose(ours.running_var, theirs.running_var.numpy(), atol=tol, rtol=tol)
+            assert ours.num_batches_tracked == int(theirs.num_batches_tracked)
+
+
+def test_state_dict_round_trip_with_torch():
+    theirs = torch.nn.BatchNorm2d(4)
+    theirs(torch.randn(8, 4, 3, 3))
+    ours = BatchNorm(4).load_state_dict(theirs.state_dict())
+    state = ours.state_dict()
+    assert list(state) == list(theirs.state_dict())
+    back = torch.nn.BatchNorm2d(4)
+    back.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+    assert list(BatchNorm(4, affine=False).state_dict()) == list(torch.nn.BatchNorm2d(4, affine=False).state_dict())
+    assert list(BatchNorm(4, track_running_stats=False).state_dict()) == ["weight", "bias"]
+    state["running_mean"][:] = 99            # state_dict returns copies
+    assert ours.running_mean[0] != 99
+
+
+def snapshot(layer):
+    return {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
+
+
+def assert_unchanged(layer, before):
+    after = snapshot(layer)
+    assert before.keys() == after.keys()
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda l: l.forward(np.ones((4, 5), np.float32)), ValueError, ["3 channels", "(4, 5)"]),
+    (lambda l: l.forward(np.ones((1, 3), np.float32)), ValueError, ["more than 1 value per channel"]),
+    (lambda l: l.forward(np.ones(3, np.float32)), ValueError, ["(3,)"]),
+    (lambda l: l.forward(np.ones((4, 3), np.int32)), TypeError, ["int32"]),
+    (lambda l: l.forward(np.ones((4, 3), np.complex64)), TypeError, ["complex64"]),
+    (lambda l: l.forward([[1.0, 2.0, 3.0]]), ValueError, ["list"]),
+    (lambda l: l.backward(np.ones((8, 2), np.float32)), ValueError, ["dy", "(8, 3)"]),
+    (lambda l: l.backward(np.ones((8, 3), np.float64)), TypeError, ["dy", "float32"]),
+    (lambda l: l.load_state_dict({"weight": np.ones(3)}), ValueError, ["missing", "bias"]),
+    (lambda l: l.load_state_dict({**snapshot(l), "extra": np.ones(3)}), ValueError, ["unexpected", "extra"]),
+    (lambda l: l.load_state_dict({**snapshot(l), "running_var": np.ones(4)}), ValueError, ["running_var", "(3,)", "(4,)"]),
+    (lambda l: l.load_state_dict({**snapshot(l), "weight": np.ones(3, np.int64)}), TypeError, ["weight", "int64"]),
+    (lambda l: l.load_state_dict({**snapshot(l), "num_batches_tracked": np.ones(2, np.int64)}), ValueError,
+     ["num_batches_tracked"]),
+    (lambda l: l.load_state_dict([1, 2]), TypeError, ["mapping"]),
+])
+def test_failing_calls_raise_clearly_and_change_nothing(call, error, words):
+    layer = BatchNorm(3)
+    layer.forward(np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32))
+    layer.momentum = 0.5
+    before = snapshot(layer)
+    with pytest.raises(error) as info:
+        call(layer)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+    assert_unchanged(layer, before)
+
+
+def test_partial_load_with_bad_value_changes_nothing():
+    layer = BatchNorm(3)
+    before = snapshot(layer)
+    bad = {"weight": np.full(3, 7.0), "bias": np.full(3, 7.0), "running_mean": np.full(3, 7.0),
+           "running_var": np.ones(5), "num_batches_tracked": np.array(3)}
+    with pytest.raises(ValueError):
+        layer.load_state_dict(bad)
+    assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(num_features=0), ["num_features"]), (dict(num_features=2.5), ["num_features"]),
+    (dict(num_features=3, eps=-1), ["eps"]), (dict(num_features=3, momentum=1.5), ["momentum"]),
+    (dict(num_features=3, dtype=np.int32), ["dtype"]),
+])
+def test_constructor_checks(kwargs, words):
+    with pytest.raises((ValueError, TypeError)) as info:
+        BatchNorm(**kwargs)
+    assert all(w in str(info.value) for w in words)
+
+
+def test_float16_noncontiguous_and_fortran_inputs():
+    rng = np.random.default_rng(3)
+    layer = BatchNorm(6, dtype=np.float32)
+    base = rng.normal(size=(10, 12, 4, 3))
+    ref = torch.nn.functional.batch_norm(torch.from_numpy(base[:, ::2]), None, None, training=True).numpy()
+    for x in (base[:, ::2].astype(np.float32), np.asfortranarray(base[:, ::2]).astype(np.float32)):
+        np.testing.assert_allclose(layer.forward(x), ref, atol=2e-5)
+    y16 = layer.forward(base[:, ::2].astype(np.float16))
+    assert y16.dtype == np.float16
+    np.testing.assert_allclose(y16.astype(np.float64), ref, atol=5e-3)
+
+
+def test_backward_before_forward_and_eval_backward():
+    layer = BatchNorm(2, dtype=np.float64)
+    with pytest.raises(ValueError, match="forward"):
+        layer.backward(np.ones((3, 2)))
+    layer.eval()
+    x, dy = np.random.default_rng(1).normal(size=(3, 2)), np.ones((3, 2))
+    layer.forward(x)
+    np.testing.assert_allclose(layer.backward(dy), dy / np.sqrt(1 + 1e-5))
+    np.testing.assert_allclose(layer.grad_bias, [3.0, 3.0])
