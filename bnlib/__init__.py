@@ -14,7 +14,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("stats", "functional", "gradcheck", "layers", "bench", "cuda", "nn", "data",
+_SUBMODULES = ("stats", "functional", "gradcheck", "layers", "cpu", "bench", "cuda", "nn", "data",
                "experiments", "variants")
 __all__ = list(_SUBMODULES)
 

@@ -2,7 +2,7 @@
 # bnlib.bench is generated from chapters/04_numpy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['CPU_SHAPES', 'peak_extra_memory', 'bench_cpu', 'format_table', 'environment', 'main']
+__all__ = ['CPU_SHAPES', 'SETTLE_S', 'peak_extra_memory', 'bench_cpu', 'format_table', 'environment', 'main']
 
 import argparse
 import datetime
@@ -30,7 +30,17 @@ def _progress(iterable, enabled, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+SETTLE_S = 0.003
+
+
 def _seconds(fn):
+    """Wall time of one call of fn, taken in steady state: fn first runs back to back for SETTLE_S,
+    so that its own thread pool is awake and the previous implementation's pool (torch's and
+    numba's OpenMP threads both spin for a while after their work) has gone idle, as it would be
+    in a training loop that calls the same layer over and over."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < SETTLE_S:
+        fn()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

@@ -79,8 +79,8 @@ def _check_forward_args(x, gamma, beta, eps) -> int:
     _check_eps(eps)
     count = x.size // num_channels if num_channels else 0
     if count < 2:
-        raise ValueError(f"batch norm in training mode needs more than 1 value per channel, "
-                         f"got x of shape {tuple(x.shape)} ({count} value(s) per channel)")
+        raise ValueError(f"batch norm with batch statistics (training mode) needs more than 1 value per "
+                         f"channel, got x of shape {tuple(x.shape)} ({count} value(s) per channel)")
     return num_channels
 
 
