@@ -7,6 +7,7 @@ __all__ = ['CPU_SHAPES', 'SETTLE_S', 'peak_extra_memory', 'bench_cpu', 'format_t
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -144,7 +145,7 @@ def environment() -> dict:
     import torch
     info = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__, "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
     if cpu.numba is not None:
         info["numba"] = cpu.numba.__version__
     try:
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnlib.bench",
                                      description="bnlib batch norm against PyTorch's kernels, as ratios.")
     parser.add_argument("--cpu", action="store_true", help="NumPy/numba paths vs torch on the CPU (the default)")
+    parser.add_argument("--gpu", action="store_true", help="CuPy kernels vs torch on the GPU (chapter 05)")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per case (default 15)")
     parser.add_argument("--threads", type=int, default=None, help="threads for torch and numba (default: torch's)")
     parser.add_argument("--json", metavar="PATH", help="also write the results and the environment as JSON")
@@ -166,11 +168,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    rows = bench_cpu(repeats=args.repeats, threads=args.threads, progress=not args.no_progress)
-    print(format_table(rows))
+    if args.gpu:
+        from bnlib import cuda                      # chapter 05; needs CuPy and a CUDA device
+        if not cuda.available():
+            print("--gpu: no CUDA device visible to CuPy (is CuPy installed and a GPU present?)", file=sys.stderr)
+            return 2
+        rows = cuda.bench_gpu(repeats=args.repeats, progress=not args.no_progress)
+        env, table = cuda.gpu_environment(), cuda.format_gpu_table(rows)
+    else:
+        rows = bench_cpu(repeats=args.repeats, threads=args.threads, progress=not args.no_progress)
+        env, table = environment(), format_table(rows)
+    print(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "results": rows}, f, indent=1)
+            json.dump({"environment": env, "results": rows}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

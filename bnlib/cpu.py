@@ -86,6 +86,12 @@ def numpy_forward(x3, gamma, beta, eps, y3):
     np.subtract(x_, col(k), out=y_)                              # d = x - K, in the output buffer
     mean_d = _channel_sums(y3).astype(np.float64) / count
     var = np.maximum(_channel_dots(y3, y3).astype(np.float64) / count - mean_d * mean_d, 0.0)
+    if np.any(mean_d * mean_d > 16 * var):                       # K over 4 sigma from the mean: float32
+                                                                 # sums would lose digits to cancellation
+        y_ -= col(mean_d.astype(x3.dtype))                       # re-centre on the mean found so far
+        k = k.astype(np.float64) + mean_d
+        mean_d = _channel_sums(y3).astype(np.float64) / count
+        var = np.maximum(_channel_dots(y3, y3).astype(np.float64) / count - mean_d * mean_d, 0.0)
     inv_std = 1.0 / np.sqrt(var + eps)
     scale = inv_std if gamma is None else gamma * inv_std
     offset = -mean_d * scale + (0.0 if beta is None else beta)
@@ -127,10 +133,10 @@ def _kernels(parallel: bool):
     jit = njit(parallel=parallel, cache=True, nogil=True, fastmath=False)
 
     @jit
-    def stats_ncl(x, mean, var):                   # x (N, C, L), L > 1: threads over channels
+    def stats_ncl(x, shift, mean, var):            # x (N, C, L), L > 1: threads over channels
         n, c, l = x.shape
         for j in loop(c):
-            k = x[0, j, 0]
+            k = shift[j]
             s = 0.0
             ss = 0.0
             for i in range(n):
@@ -143,12 +149,12 @@ def _kernels(parallel: bool):
             var[j] = max(ss / (n * l) - md * md, 0.0)
 
     @jit
-    def stats_nc(x, blocks, mean, var):           # x (N, C): threads over blocks of rows
+    def stats_nc(x, shift, blocks, mean, var):    # x (N, C): threads over blocks of rows
         n, c = x.shape
         s = np.zeros((blocks, c))
         ss = np.zeros((blocks, c))
         rows = (n + blocks - 1) // blocks
-        x0 = x[0]
+        x0 = shift
         for b in loop(blocks):
             sb, ssb = s[b], ss[b]
             for i in range(b * rows, min(n, (b + 1) * rows)):
@@ -261,10 +267,15 @@ def numba_forward(x3, gamma, beta, eps, y3):
     k = _pick(x3)
     n, c, l = x3.shape
     mean, var = np.empty(c), np.empty(c)
-    if l == 1:
-        k["stats_nc"](x3.reshape(n, c), min(n, 4 * numba.get_num_threads()), mean, var)
-    else:
-        k["stats_ncl"](x3, mean, var)
+    shift = x3[0, :, 0].astype(np.float64)          # K: the first value of each channel
+    for _ in range(2):                               # a second pass only if K was far from the mean
+        if l == 1:
+            k["stats_nc"](x3.reshape(n, c), shift.astype(x3.dtype), min(n, 4 * numba.get_num_threads()), mean, var)
+        else:
+            k["stats_ncl"](x3, shift.astype(x3.dtype), mean, var)
+        if not np.any((mean - shift) ** 2 > 1e4 * var):   # float64 sums: harmless below 100 sigma
+            break
+        shift = mean.copy()
     inv_std = 1.0 / np.sqrt(var + eps)
     scale = inv_std if gamma is None else gamma * inv_std
     offset = np.zeros(c) if beta is None else beta

@@ -1,5 +1,5 @@
 # GENERATED FILE: do not edit.
-# bnlib.functional is generated from chapters/02_forward.ipynb, chapters/03_backward.ipynb, chapters/04_numpy.ipynb by tools/export.py.
+# bnlib.functional is generated from chapters/02_forward.ipynb, chapters/03_backward.ipynb, chapters/04_numpy.ipynb, chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
 __all__ = ['SUPPORTED_DTYPES', 'get_array_module', 'BNCache', 'batch_norm_forward', 'batch_norm_inference', 'update_running_stats', 'batch_norm_backward', 'portable_batch_norm_forward', 'portable_batch_norm_backward']
@@ -79,8 +79,8 @@ def _check_forward_args(x, gamma, beta, eps) -> int:
     _check_eps(eps)
     count = x.size // num_channels if num_channels else 0
     if count < 2:
-        raise ValueError(f"batch norm with batch statistics (training mode) needs more than 1 value per "
-                         f"channel, got x of shape {tuple(x.shape)} ({count} value(s) per channel)")
+        raise ValueError(f"batch norm with batch statistics (training mode, or no running statistics) needs "
+                         f"more than 1 value per channel, got x of shape {tuple(x.shape)} ({count} value(s) per channel)")
     return num_channels
 
 
@@ -228,4 +228,38 @@ def batch_norm_backward(dy, cache: BNCache):
     dx, dgamma, dbeta = cpu.backward(dy, cpu.as_ncl(cache.x), cache.mean.astype(np.float64),
                                      cache.inv_std.astype(np.float64), cache.gamma)
     param_dtype = cache.x.dtype if cache.gamma is None else cache.gamma.dtype
+    return dx, dgamma.astype(param_dtype), dbeta.astype(param_dtype)
+
+
+from bnlib import cuda
+
+_cpu_or_portable_forward = batch_norm_forward       # chapter 04's dispatch (NumPy fast paths, portable)
+_cpu_or_portable_backward = batch_norm_backward
+
+
+def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
+    """Training-mode batch norm: normalize x with its own per-channel batch statistics.
+
+    Inputs:  x (N, C, *spatial) float16/32/64; gamma, beta (C,) or None (= 1 and 0); eps >= 0
+    Returns: y with x's shape and dtype, and a BNCache for batch_norm_backward.
+    CuPy input runs bnlib.cuda's fused kernels (chapter 05), NumPy float32/float64 input
+    bnlib.cpu's fast path (chapter 04), anything else portable_batch_norm_forward (chapter 02).
+    """
+    if not cuda.supports(x):
+        return _cpu_or_portable_forward(x, gamma, beta, eps)
+    _check_forward_args(x, gamma, beta, eps)
+    y, mean, var, inv_std = cuda.forward(x, gamma, beta, eps)
+    return y, BNCache(x, mean, var, inv_std, gamma, float(eps))
+
+
+def batch_norm_backward(dy, cache: BNCache):
+    """Gradients of training-mode batch norm: dx (x's dtype and layout), dgamma, dbeta (C,).
+
+    dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over all axes but 1.
+    """
+    _check_backward_args(dy, cache)
+    if not cuda.supports(cache.x):
+        return _cpu_or_portable_backward(dy, cache)
+    dx, dgamma, dbeta = cuda.backward(dy, cache.x, cache.mean, cache.inv_std, cache.gamma)
+    param_dtype = dgamma.dtype if cache.gamma is None else cache.gamma.dtype
     return dx, dgamma.astype(param_dtype), dbeta.astype(param_dtype)

@@ -4,6 +4,7 @@
 
 __all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'convert_batchnorm', 'fold_batch_norm', 'SyncBatchNormFunction', 'SyncBatchNorm']
 
+import contextlib
 import copy
 import numbers
 
@@ -31,6 +32,18 @@ def _as_tensor(a):
     return torch.from_dlpack(a)
 
 
+@contextlib.contextmanager
+def _on_tensor_stream(t):
+    """Run CuPy work on the CUDA device and current stream of tensor t, so that it is ordered with
+    PyTorch's kernels on that stream; a no-op for CPU tensors."""
+    if not t.is_cuda:
+        yield
+        return
+    import cupy
+    with cupy.cuda.Device(t.device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream):
+        yield
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm as an autograd Function around bnlib.functional.
 
@@ -40,8 +53,10 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, stats=None):
+        ctx.save_for_backward(x, weight)        # lets autograd detect in-place changes before backward
         arrays = [None if t is None else _as_array(t) for t in (x, weight, bias)]
-        y, cache = F.batch_norm_forward(*arrays, eps=eps)
+        with _on_tensor_stream(x):
+            y, cache = F.batch_norm_forward(*arrays, eps=eps)
         ctx.cache = cache
         ctx.param_grads = (weight is not None, bias is not None)
         if stats is not None:
@@ -49,8 +64,11 @@ class BatchNormFunction(torch.autograd.Function):
         return _as_tensor(y)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        dx, dgamma, dbeta = F.batch_norm_backward(_as_array(dy.contiguous()), ctx.cache)
+        ctx.saved_tensors                       # raises if x or weight was modified in place
+        with _on_tensor_stream(dy):
+            dx, dgamma, dbeta = F.batch_norm_backward(_as_array(dy.contiguous()), ctx.cache)
         need_w, need_b = ctx.param_grads
         return (_as_tensor(dx), _as_tensor(dgamma) if need_w else None,
                 _as_tensor(dbeta) if need_b else None, None, None)
@@ -66,7 +84,8 @@ class BatchNormInferenceFunction(torch.autograd.Function):
         ba = None if bias is None else _as_array(bias)
         ctx.save_for_backward(x, running_mean, running_var, weight)
         ctx.eps, ctx.has_bias = eps, bias is not None
-        return _as_tensor(F.batch_norm_inference(xa, rm, rv, wa, ba, eps))
+        with _on_tensor_stream(x):
+            return _as_tensor(F.batch_norm_inference(xa, rm, rv, wa, ba, eps))
 
     @staticmethod
     def backward(ctx, dy):
@@ -139,6 +158,8 @@ class _BatchNorm(torch.nn.Module):
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in (torch.float16, torch.float32, torch.float64):
+            raise TypeError(f"{type(self).__name__} supports float16, float32 and float64 input, got {x.dtype}")
         self._check_input_dim(x)
         if x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) expected {self.num_features} channels "
@@ -374,8 +395,9 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, x):
         self._check_input(x)
-        batch_stats = self.training or not self.track_running_stats
-        synced = batch_stats and dist.is_available() and dist.is_initialized() and \
+        # as torch: statistics are synchronized in training only (an evaluating process must
+        # not wait for the others); evaluation without running statistics uses the local batch
+        synced = self.training and dist.is_available() and dist.is_initialized() and \
             dist.get_world_size(self.process_group) > 1
         if not synced:
             return super().forward(x)

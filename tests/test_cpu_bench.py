@@ -67,3 +67,16 @@ def test_python_dash_m_bench_help():
     proc = subprocess.run([sys.executable, "-m", "bnlib.bench", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and "--cpu" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_outlier_first_value_does_not_spoil_the_variance(dtype, cpu_backend):
+    """The shifted-data variance starts from each channel's first value; a far outlier there must
+    trigger the re-centring pass instead of cancelling digits away."""
+    from bnlib import functional as F
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(256, 8, 16, 16)).astype(dtype)
+    x[0, :, 0, 0] += 300.0
+    _, cache = F.batch_norm_forward(x)
+    ref = x.astype(np.float64).var(axis=(0, 2, 3))
+    np.testing.assert_allclose(cache.var, ref, rtol=1e-5 if dtype == np.float32 else 1e-12)

@@ -245,3 +245,24 @@ def test_cuda_tensors_match_torch():
     ours, theirs = bnn.BatchNorm2d(4).cuda(), torch.nn.BatchNorm2d(4).cuda()
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_in_place_change_of_the_input_is_detected_like_torch():
+    x = torch.randn(8, 3, requires_grad=True)
+    for layer in (torch.nn.BatchNorm1d(3), bnn.BatchNorm1d(3)):
+        h = x * 1.0
+        y = layer(h)
+        h.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+def test_bfloat16_is_refused_clearly():
+    with pytest.raises(TypeError, match="bfloat16"):
+        bnn.BatchNorm1d(3).to(torch.bfloat16)(torch.randn(4, 3, dtype=torch.bfloat16))
+
+
+def test_sync_batchnorm_in_eval_without_running_stats_uses_the_local_batch():
+    x = torch.randn(5, 3)
+    layer = bnn.SyncBatchNorm(3, track_running_stats=False).eval()
+    torch.testing.assert_close(layer(x), torch.nn.BatchNorm1d(3, track_running_stats=False).eval()(x))
