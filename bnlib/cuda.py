@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_SOURCE', 'available', 'supports', 'module', 'kernel', 'accumulation_dtype', 'is_channels_last', 'as_layout', 'forward', 'backward', 'GPU_SHAPES', 'GPU_CONFIGS', 'copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'gpu_environment']
+__all__ = ['KERNEL_SOURCE', 'available', 'cupy_stream', 'supports', 'module', 'kernel', 'accumulation_dtype', 'is_channels_last', 'as_layout', 'forward', 'backward', 'GPU_SHAPES', 'GPU_CONFIGS', 'copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'gpu_environment']
 
 import math
 import pathlib
@@ -245,6 +245,16 @@ def available() -> bool:
         return False
 
 
+def cupy_stream(torch_stream):
+    """A CuPy stream object for a torch.cuda.Stream: the same CUDA stream, so that CuPy kernels
+    are ordered with PyTorch's. Use it as a context manager (`with cupy_stream(s): ...`)."""
+    import cupy
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)    # CuPy >= 14
+    if from_external is not None:
+        return from_external(torch_stream)
+    return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device.index)
+
+
 def supports(x) -> bool:
     """The inputs the fused kernels handle: CuPy arrays of float16/32/64 with 2+ dimensions."""
     return type(x).__module__.split(".")[0] == "cupy" and x.dtype.name in _TYPES and x.ndim >= 2
@@ -421,7 +431,11 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     """
     import cupy
     import torch
+    with cupy_stream(torch.cuda.current_stream()):    # CuPy kernels and events on torch's stream
+        return _bench_gpu(cupy, torch, shapes, configs, repeats, rotate, progress)
 
+
+def _bench_gpu(cupy, torch, shapes, configs, repeats, rotate, progress):
     from bnlib import functional as F
     bandwidth = copy_bandwidth()
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
@@ -448,7 +462,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
         dys = [torch.randn(shape, device="cuda", dtype=tdtype).contiguous(memory_format=fmt) for _ in range(rotate)]
         w = torch.rand(c, device="cuda") + 0.5
         b = torch.randn(c, device="cuda")
-        xs_req = [x.clone().requires_grad_() for x in xs]
+        xs_req = [x.detach().requires_grad_() for x in xs]      # same storage: same cache state as bnlib's
         cx = [cupy.from_dlpack(x) for x in xs]
         cdy = [cupy.from_dlpack(d) for d in dys]
         cw, cb = cupy.from_dlpack(w), cupy.from_dlpack(b)
@@ -475,10 +489,10 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             for i in range(rotate):
                 fwd(i), step(i)
         for r in range(repeats):
-            i = r % rotate
+            i, j = r % rotate, (r + rotate // 2) % rotate     # the step runs on other data than the forward
             for name, (fwd, step) in impls.items():
                 times[name][0].append(timed(lambda: fwd(i)))
-                times[name][1].append(timed(lambda: step(i)))
+                times[name][1].append(timed(lambda: step(j)))
         floor = 8 * xs[0].numel() * xs[0].element_size() / bandwidth
         base = [float(np.median(t)) for t in times["torch"]]
         for name, (tf, ts) in times.items():

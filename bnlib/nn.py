@@ -40,7 +40,9 @@ def _on_tensor_stream(t):
         yield
         return
     import cupy
-    with cupy.cuda.Device(t.device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream):
+
+    from bnlib import cuda
+    with cupy.cuda.Device(t.device.index), cuda.cupy_stream(torch.cuda.current_stream(t.device)):
         yield
 
 
@@ -68,7 +70,8 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         ctx.saved_tensors                       # raises if x or weight was modified in place
         with _on_tensor_stream(dy):
-            dx, dgamma, dbeta = F.batch_norm_backward(_as_array(dy.contiguous()), ctx.cache)
+            # CuPy kernels take dy in any layout; the CPU path wants NumPy-friendly contiguous memory
+            dx, dgamma, dbeta = F.batch_norm_backward(_as_array(dy if dy.is_cuda else dy.contiguous()), ctx.cache)
         need_w, need_b = ctx.param_grads
         return (_as_tensor(dx), _as_tensor(dgamma) if need_w else None,
                 _as_tensor(dbeta) if need_b else None, None, None)

@@ -1,6 +1,7 @@
 """bnlib.cuda (chapter 05). The kernel source is compile-checked wherever nvcc exists; everything
 that runs kernels needs CuPy and a CUDA device and skips cleanly without them (tools/gpu_check.sh
 runs this file on a GPU machine)."""
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,10 @@ from bnlib import cuda
 from bnlib import functional as F
 from conftest import ROOT
 
+# tools/gpu_check.sh sets BNLIB_REQUIRE_GPU=1: there, a missing or broken CuPy must fail, not skip
+REQUIRE_GPU = os.environ.get("BNLIB_REQUIRE_GPU") == "1"
+if REQUIRE_GPU and not cuda.available():
+    raise RuntimeError("BNLIB_REQUIRE_GPU=1 but CuPy sees no CUDA device (is CuPy installed and working?)")
 needs_gpu = pytest.mark.skipif(not cuda.available(), reason="needs CuPy and a CUDA device (tools/gpu_check.sh)")
 
 

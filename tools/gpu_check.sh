@@ -11,8 +11,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 BNLIB_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# 0. preflight: CuPy sees the GPU and NVRTC compiles the kernels (CuPy needs the CUDA headers:
+#    cuda-pathfinder + nvidia-cuda-runtime, or CUDA_PATH); stop here with the reason otherwise
+python3 -c "import cupy, torch; from bnlib import cuda; assert cuda.available(), 'no GPU for CuPy'; cuda.module(); print('CuPy', cupy.__version__, 'torch', torch.__version__, 'kernels compiled')" \
+    2>&1 | tee "$OUT/preflight.log" || { echo "preflight failed: see preflight.log"; exit 1; }
 status=0
 # 1. kernels against the float64 reference, and the GPU unit tests (bnlib.cuda and bnlib.nn on CUDA tensors)
 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py tests/test_nn.py -k "cuda or kernels or offset or bench_gpu" \
