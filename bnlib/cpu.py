@@ -320,7 +320,7 @@ def numba_forward(x3, gamma, beta, eps, y3):
     g = _ones(c) if gamma is None else gamma
     b = _zeros(c) if beta is None else beta
     shift = x3[0, :, 0].astype(np.float64)          # K: the first value of each channel
-    for attempt in range(2):                         # a second pass only if K was far from the mean
+    for _ in range(2):                               # a second pass only if K was far from the mean
         if l == 1:
             k["stats_nc"](x3.reshape(n, c), shift.astype(x3.dtype), blocks, mean, var)
         else:

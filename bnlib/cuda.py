@@ -5,11 +5,8 @@
 __all__ = ['KERNEL_SOURCE', 'available', 'cupy_stream', 'supports', 'module', 'kernel', 'accumulation_dtype', 'is_channels_last', 'as_layout', 'forward', 'backward', 'GPU_SHAPES', 'GPU_CONFIGS', 'copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'gpu_environment']
 
 import math
-import pathlib
 
 import numpy as np
-
-from bnlib.stats import reduction_axes
 
 KERNEL_SOURCE = r"""
 // Batch-norm kernels for bnlib.cuda. T is the storage type (__half, float, double); A the
