@@ -421,8 +421,9 @@ def copy_bandwidth(nbytes=1 << 30, repeats=10):
 def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, progress=True):
     """bnlib's CuPy kernels vs torch.nn.functional.batch_norm on the same GPU, in one process.
 
-    CUDA events on the default stream, warm-up, interleaved repeats, medians; `rotate` different
-    inputs per case, used in turn, so that no timing runs on data still in L2. Each row also gives
+    CUDA events on torch's current stream, warm-up, interleaved repeats, medians; `rotate` different
+    inputs per case, used in turn, and a 256 MB write between timed calls (untimed) that evicts the
+    L2 cache, so that no timing runs on data a previous call left in L2. Each row also gives
     the 8-pass DRAM floor of a training step (8 x tensor bytes / copy bandwidth) and the fraction of
     it reached (floor / measured time).
     """
@@ -436,8 +437,10 @@ def _bench_gpu(cupy, torch, shapes, configs, repeats, rotate, progress):
     from bnlib import functional as F
     bandwidth = copy_bandwidth()
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    flush = cupy.empty(256 << 20, dtype=cupy.uint8)   # larger than any L2 (50-60 MB on H100/H200)
 
     def timed(fn):
+        flush.fill(1)                                  # untimed: evicts what the last call cached
         start.record()
         fn()
         stop.record()
