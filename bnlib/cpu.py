@@ -82,22 +82,21 @@ def numpy_forward(x3, gamma, beta, eps, y3):
     count = n * l
     view, col = _layout(x3)
     x_, y_ = view(x3), view(y3)
-    k = x3[0, :, 0].copy()                                       # K: (C,) one sample per channel
-    np.subtract(x_, col(k), out=y_)                              # d = x - K, in the output buffer
-    mean_d = _channel_sums(y3).astype(np.float64) / count
-    var = np.maximum(_channel_dots(y3, y3).astype(np.float64) / count - mean_d * mean_d, 0.0)
-    if np.any(mean_d * mean_d > 16 * var):                       # K over 4 sigma from the mean: float32
-                                                                 # sums would lose digits to cancellation
-        y_ -= col(mean_d.astype(x3.dtype))                       # re-centre on the mean found so far
-        k = k.astype(np.float64) + mean_d
+    k = x3[0, :, 0].astype(np.float64)                           # K: (C,) one sample per channel
+    np.subtract(x_, col(x3[0, :, 0]), out=y_)                    # d = x - K, in the output buffer
+    for _ in range(2):                                           # a second pass only if K was far away
         mean_d = _channel_sums(y3).astype(np.float64) / count
         var = np.maximum(_channel_dots(y3, y3).astype(np.float64) / count - mean_d * mean_d, 0.0)
+        if not np.any(mean_d * mean_d > 16 * var):               # K within 4 sigma: float32 sums are fine
+            break
+        y_ -= col(mean_d.astype(x3.dtype))                       # else re-centre on the mean found so far
+        k = k + mean_d
     inv_std = 1.0 / np.sqrt(var + eps)
     scale = inv_std if gamma is None else gamma * inv_std
     offset = -mean_d * scale + (0.0 if beta is None else beta)
     y_ *= col(scale.astype(x3.dtype))
     y_ += col(offset.astype(x3.dtype))
-    return k.astype(np.float64) + mean_d, var, inv_std
+    return k + mean_d, var, inv_std
 
 
 def numpy_backward(dy3, x3, mean, inv_std, gamma, dx3):
@@ -128,12 +127,13 @@ def numpy_backward(dy3, x3, mean, inv_std, gamma, dx3):
 
 
 def _kernels(parallel: bool):
-    """Compile the four CPU kernels, either multi-threaded (prange) or serial; returns them in a dict."""
+    """Compile the CPU kernels (statistics, normalize, backward sums, backward dx; each for (N, C, L)
+    and (N, C)), either multi-threaded (prange) or serial; returns them in a dict."""
     loop = prange if parallel else range
     jit = njit(parallel=parallel, cache=True, nogil=True, fastmath=False)
     # The reductions may be reassociated: LLVM then keeps several partial sums in SIMD lanes and adds
     # them at the end. The order of the additions changes, not their float64 precision; without it,
-    # strict left-to-right summation cannot be vectorized and the sums run 3-7 times slower.
+    # strict left-to-right summation cannot be vectorized (chapter 04 measures the difference).
     jit_sum = njit(parallel=parallel, cache=True, nogil=True, fastmath={"reassoc"})
 
     @jit_sum
@@ -158,13 +158,12 @@ def _kernels(parallel: bool):
         s = np.zeros((blocks, c))
         ss = np.zeros((blocks, c))
         rows = (n + blocks - 1) // blocks
-        x0 = shift
         for b in loop(blocks):
             sb, ssb = s[b], ss[b]
             for i in range(b * rows, min(n, (b + 1) * rows)):
                 xi = x[i]
                 for j in range(c):
-                    d = xi[j] - x0[j]
+                    d = xi[j] - shift[j]
                     sb[j] += d
                     ssb[j] += d * d
         for j in range(c):                          # merge the blocks (scalar loops: an array
@@ -174,7 +173,7 @@ def _kernels(parallel: bool):
                 st += s[b, j]
                 sst += ss[b, j]
             md = st / n
-            mean[j] = x0[j] + md
+            mean[j] = shift[j] + md
             var[j] = max(sst / n - md * md, 0.0)
 
     @jit
@@ -292,19 +291,10 @@ if numba is not None:
             b_x[j] = -a * inv_std[j] * dgamma[j] / count
             c_x[j] = -a * sum_dy[j] / count
 
-_ONES, _ZEROS = {}, {}
 
-
-def _ones(c):
-    if c not in _ONES:
-        _ONES[c] = np.ones(c)
-    return _ONES[c]
-
-
-def _zeros(c):
-    if c not in _ZEROS:
-        _ZEROS[c] = np.zeros(c)
-    return _ZEROS[c]
+def _row_blocks(n):
+    """Blocks of rows for the (N, C) kernels: a few per thread, never more than there are rows."""
+    return min(n, 4 * numba.get_num_threads())
 
 
 def numba_forward(x3, gamma, beta, eps, y3):
@@ -314,15 +304,14 @@ def numba_forward(x3, gamma, beta, eps, y3):
     """
     k = _pick(x3)
     n, c, l = x3.shape
-    blocks = min(n, 4 * numba.get_num_threads())
     mean, var, inv_std = np.empty(c), np.empty(c), np.empty(c)
     mean_x, scale_x, beta_x = (np.empty(c, x3.dtype) for _ in range(3))
-    g = _ones(c) if gamma is None else gamma
-    b = _zeros(c) if beta is None else beta
+    g = np.ones(c) if gamma is None else gamma
+    b = np.zeros(c) if beta is None else beta
     shift = x3[0, :, 0].astype(np.float64)          # K: the first value of each channel
     for _ in range(2):                               # a second pass only if K was far from the mean
         if l == 1:
-            k["stats_nc"](x3.reshape(n, c), shift.astype(x3.dtype), blocks, mean, var)
+            k["stats_nc"](x3.reshape(n, c), shift.astype(x3.dtype), _row_blocks(n), mean, var)
         else:
             k["stats_ncl"](x3, shift.astype(x3.dtype), mean, var)
         far = _forward_coefficients(mean, var, shift, g, b, float(eps), mean_x, scale_x, beta_x, inv_std)
@@ -347,11 +336,10 @@ def numba_backward(dy3, x3, mean, inv_std, gamma, dx3):
     mean_x, a_x, b_x, c_x = (np.empty(c, x3.dtype) for _ in range(4))
     mean_x[:] = mean
     if l == 1:
-        k["backward_sums_nc"](dy3.reshape(n, c), x3.reshape(n, c), mean_x, min(n, 4 * numba.get_num_threads()),
-                              sum_dy, sum_dy_xc)
+        k["backward_sums_nc"](dy3.reshape(n, c), x3.reshape(n, c), mean_x, _row_blocks(n), sum_dy, sum_dy_xc)
     else:
         k["backward_sums_ncl"](dy3, x3, mean_x, sum_dy, sum_dy_xc)
-    g = _ones(c) if gamma is None else gamma
+    g = np.ones(c) if gamma is None else gamma
     _backward_coefficients(mean, inv_std, g, sum_dy, sum_dy_xc, float(n * l), mean_x, a_x, b_x, c_x, dgamma)
     if l == 1:
         k["backward_dx_nc"](dy3.reshape(n, c), x3.reshape(n, c), mean_x, a_x, b_x, c_x, dx3.reshape(n, c))
