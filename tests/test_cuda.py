@@ -21,7 +21,7 @@ needs_gpu = pytest.mark.skipif(not cuda.available(), reason="needs CuPy and a CU
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
 def test_kernel_source_compiles_for_every_dtype(tmp_path, arch):
     src = tmp_path / "bn.cu"
     src.write_text(cuda.KERNEL_SOURCE)

@@ -4,13 +4,15 @@
 # their dependencies), for Python 3.12 on x86-64. They land in .whl/ (keep it out of git:
 # `echo /.whl/ >> .git/info/exclude`) and travel with the device tool's `carry: [".whl"]`.
 # pytest and its own plugins are left out so that the image's pytest is the one that runs.
-# cuda-pathfinder lets CuPy 14 find the CUDA headers that NVRTC needs for cuda_fp16.h.
+# The versions are pinned to requirements.txt's; packages the image already has (pytest and its
+# plugins, packaging, psutil, pygments, attrs, dateutil, typing-extensions, CuPy's cuda-pathfinder)
+# are removed so that the image's own copies are the ones that run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir .whl
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl nbval ipykernel cuda-pathfinder
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl nbval==0.11.0 ipykernel==7.4.0
 rm -f .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl .whl/packaging-*.whl .whl/coverage-*.whl \
-    .whl/psutil-*.whl
+    .whl/psutil-*.whl .whl/pygments-*.whl .whl/attrs-*.whl .whl/python_dateutil-*.whl .whl/typing_extensions-*.whl
 du -sh .whl
