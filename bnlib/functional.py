@@ -95,14 +95,20 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
     xp = get_array_module(x)
     acc = accumulation_dtype(x.dtype)
     axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
-    mean = x.mean(axis=axes, dtype=np.float64).astype(acc)   # (C,) summed in float64: a long float32
-    centered = x - mean.reshape(shape)                       #   sum of large values drifts; (N, C, *spatial)
-    var = (centered * centered).mean(axis=axes, dtype=acc)   # (C,) biased, two-pass
+    mean64 = x.mean(axis=axes, dtype=np.float64)             # (C,) summed in float64: a float32 running sum drifts
+    mean = mean64.astype(acc)                                # (C,) rounded to the accumulation dtype ...
+    residual = mean64 - mean                                 # (C,) ... which loses this much (tiny, float64)
+    centered = x - mean.reshape(shape)                       # (N, C, *spatial), exact for values near the mean
+    # biased two-pass variance about the exact mean: mean((c - r)^2) = mean(c^2) - r^2, since mean(c) = r
+    var64 = (centered * centered).mean(axis=axes, dtype=np.float64) - residual * residual
+    var = xp.maximum(var64, 0).astype(acc)                   # (C,)
     inv_std = 1.0 / xp.sqrt(var + acc.type(eps))             # (C,)
     scale = inv_std if gamma is None else gamma.astype(acc) * inv_std
-    centered *= scale.reshape(shape)
+    shift = (-residual * scale).astype(acc)                  # (C,) centre on the exact mean, not the rounded one
     if beta is not None:
-        centered += beta.astype(acc).reshape(shape)
+        shift += beta.astype(acc)
+    centered *= scale.reshape(shape)
+    centered += shift.reshape(shape)
     y = centered.astype(x.dtype, copy=False)
     return y, BNCache(x, mean, var, inv_std, gamma, float(eps))
 
