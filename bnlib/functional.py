@@ -180,7 +180,7 @@ def batch_norm_backward(dy, cache: BNCache):
              dtype as the forward input; cache, the BNCache that batch_norm_forward returned.
     Returns: dx (N, C, *spatial) in x's dtype; dgamma, dbeta (C,) (in gamma's dtype, or the
              accumulation dtype when gamma is None).
-    dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over all axes but 1.
+    dx = gamma / s * (dy - mean(dy) - x_hat * mean(dy * x_hat)), s = sqrt(var + eps), means over all axes but 1.
     """
     _check_backward_args(dy, cache)
     x = cache.x
