@@ -188,13 +188,18 @@ def batch_norm_backward(dy, cache: BNCache):
     count = x.size // num_channels
     acc = accumulation_dtype(x.dtype)
     axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
-    x_hat = (x - cache.mean.reshape(shape)) * cache.inv_std.reshape(shape)   # recomputed, (N, C, *spatial)
-    dbeta = dy.sum(axis=axes, dtype=acc)                                     # (C,)  sum of g
-    dgamma = (dy * x_hat).sum(axis=axes, dtype=acc)                         # (C,)  sum of g * x_hat
+    centered = x - cache.mean.reshape(shape)                                 # (N, C, *spatial)
+    # cache.mean is rounded to acc; the residual it lost shifts every x_hat of a channel by the same
+    # delta = mean(x - cache.mean) / s, which the sums below take back out (0 to round-off in float64)
+    delta = centered.mean(axis=axes, dtype=np.float64) * cache.inv_std        # (C,)
+    x_hat = centered * cache.inv_std.reshape(shape)                           # recomputed, still off by delta
+    dbeta = dy.sum(axis=axes, dtype=np.float64)                              # (C,)  sum of g
+    dgamma = (dy * x_hat).sum(axis=axes, dtype=np.float64) - delta * dbeta   # (C,)  sum of g * (x_hat - delta)
     scale = cache.inv_std if cache.gamma is None else cache.gamma.astype(acc) * cache.inv_std
-    x_hat *= (dgamma / count).reshape(shape)                                 # reuse the buffer
+    k = dgamma / count                                                       # (C,)
+    x_hat *= k.astype(acc).reshape(shape)                                    # reuse the buffer
     dx = dy - x_hat
-    dx -= (dbeta / count).reshape(shape)
+    dx -= (dbeta / count - delta * k).astype(acc).reshape(shape)
     dx *= scale.reshape(shape)
     param_dtype = acc if cache.gamma is None else cache.gamma.dtype
     return dx.astype(x.dtype, copy=False), dgamma.astype(param_dtype), dbeta.astype(param_dtype)
