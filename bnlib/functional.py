@@ -188,18 +188,18 @@ def batch_norm_backward(dy, cache: BNCache):
     count = x.size // num_channels
     acc = accumulation_dtype(x.dtype)
     axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
-    centered = x - cache.mean.reshape(shape)                                 # (N, C, *spatial)
-    # cache.mean is rounded to acc; the residual it lost shifts every x_hat of a channel by the same
-    # delta = mean(x - cache.mean) / s, which the sums below take back out (0 to round-off in float64)
-    delta = centered.mean(axis=axes, dtype=np.float64) * cache.inv_std        # (C,)
-    x_hat = centered * cache.inv_std.reshape(shape)                           # recomputed, still off by delta
-    dbeta = dy.sum(axis=axes, dtype=np.float64)                              # (C,)  sum of g
-    dgamma = (dy * x_hat).sum(axis=axes, dtype=np.float64) - delta * dbeta   # (C,)  sum of g * (x_hat - delta)
+    x_hat = x - cache.mean.reshape(shape)                                    # (N, C, *spatial)
+    # below float64, cache.mean is the float64 mean rounded to acc, and every x_hat of a channel is off by
+    # the same delta = mean(x - cache.mean) / s, which the sums below take back out (negligible in float64)
+    delta = 0.0 if acc == np.float64 else x_hat.mean(axis=axes, dtype=acc) * cache.inv_std   # (C,)
+    x_hat *= cache.inv_std.reshape(shape)                                    # recomputed in place
+    dbeta = dy.sum(axis=axes, dtype=acc)                                     # (C,)  sum of g
+    dgamma = (dy * x_hat).sum(axis=axes, dtype=acc) - delta * dbeta          # (C,)  sum of g * (x_hat - delta)
     scale = cache.inv_std if cache.gamma is None else cache.gamma.astype(acc) * cache.inv_std
     k = dgamma / count                                                       # (C,)
-    x_hat *= k.astype(acc).reshape(shape)                                    # reuse the buffer
+    x_hat *= k.reshape(shape)                                                # reuse the buffer
     dx = dy - x_hat
-    dx -= (dbeta / count - delta * k).astype(acc).reshape(shape)
+    dx -= (dbeta / count - delta * k).reshape(shape)
     dx *= scale.reshape(shape)
     param_dtype = acc if cache.gamma is None else cache.gamma.dtype
     return dx.astype(x.dtype, copy=False), dgamma.astype(param_dtype), dbeta.astype(param_dtype)
