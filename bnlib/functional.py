@@ -95,14 +95,20 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
     xp = get_array_module(x)
     acc = accumulation_dtype(x.dtype)
     axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
-    mean = x.mean(axis=axes, dtype=np.float64).astype(acc)   # (C,) summed in float64: a long float32
-    centered = x - mean.reshape(shape)                       #   sum of large values drifts; (N, C, *spatial)
-    var = (centered * centered).mean(axis=axes, dtype=acc)   # (C,) biased, two-pass
+    mean64 = x.mean(axis=axes, dtype=np.float64)             # (C,) summed in float64: a float32 running sum drifts
+    mean = mean64.astype(acc)                                # (C,) rounded to the accumulation dtype ...
+    residual = mean64 - mean                                 # (C,) ... which loses this much (tiny, float64)
+    centered = x - mean.reshape(shape)                       # (N, C, *spatial), exact for values near the mean
+    # biased two-pass variance about the exact mean: mean((c - r)^2) = mean(c^2) - r^2, since mean(c) = r
+    var64 = (centered * centered).mean(axis=axes, dtype=np.float64) - residual * residual
+    var = xp.maximum(var64, 0).astype(acc)                   # (C,)
     inv_std = 1.0 / xp.sqrt(var + acc.type(eps))             # (C,)
     scale = inv_std if gamma is None else gamma.astype(acc) * inv_std
-    centered *= scale.reshape(shape)
+    shift = (-residual * scale).astype(acc)                  # (C,) centre on the exact mean, not the rounded one
     if beta is not None:
-        centered += beta.astype(acc).reshape(shape)
+        shift += beta.astype(acc)
+    centered *= scale.reshape(shape)
+    centered += shift.reshape(shape)
     y = centered.astype(x.dtype, copy=False)
     return y, BNCache(x, mean, var, inv_std, gamma, float(eps))
 
@@ -174,7 +180,7 @@ def batch_norm_backward(dy, cache: BNCache):
              dtype as the forward input; cache, the BNCache that batch_norm_forward returned.
     Returns: dx (N, C, *spatial) in x's dtype; dgamma, dbeta (C,) (in gamma's dtype, or the
              accumulation dtype when gamma is None).
-    dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over all axes but 1.
+    dx = gamma / s * (dy - mean(dy) - x_hat * mean(dy * x_hat)), s = sqrt(var + eps), means over all axes but 1.
     """
     _check_backward_args(dy, cache)
     x = cache.x
@@ -182,13 +188,18 @@ def batch_norm_backward(dy, cache: BNCache):
     count = x.size // num_channels
     acc = accumulation_dtype(x.dtype)
     axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
-    x_hat = (x - cache.mean.reshape(shape)) * cache.inv_std.reshape(shape)   # recomputed, (N, C, *spatial)
+    x_hat = x - cache.mean.reshape(shape)                                    # (N, C, *spatial)
+    # below float64, cache.mean is the float64 mean rounded to acc, and every x_hat of a channel is off by
+    # the same delta = mean(x - cache.mean) / s, which the sums below take back out (negligible in float64)
+    delta = 0.0 if acc == np.float64 else x_hat.mean(axis=axes, dtype=acc) * cache.inv_std   # (C,)
+    x_hat *= cache.inv_std.reshape(shape)                                    # recomputed in place
     dbeta = dy.sum(axis=axes, dtype=acc)                                     # (C,)  sum of g
-    dgamma = (dy * x_hat).sum(axis=axes, dtype=acc)                         # (C,)  sum of g * x_hat
+    dgamma = (dy * x_hat).sum(axis=axes, dtype=acc) - delta * dbeta          # (C,)  sum of g * (x_hat - delta)
     scale = cache.inv_std if cache.gamma is None else cache.gamma.astype(acc) * cache.inv_std
-    x_hat *= (dgamma / count).reshape(shape)                                 # reuse the buffer
+    k = dgamma / count                                                       # (C,)
+    x_hat *= k.reshape(shape)                                                # reuse the buffer
     dx = dy - x_hat
-    dx -= (dbeta / count).reshape(shape)
+    dx -= (dbeta / count - delta * k).reshape(shape)
     dx *= scale.reshape(shape)
     param_dtype = acc if cache.gamma is None else cache.gamma.dtype
     return dx.astype(x.dtype, copy=False), dgamma.astype(param_dtype), dbeta.astype(param_dtype)

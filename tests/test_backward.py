@@ -97,3 +97,18 @@ def test_backward_bad_input(call, error, words):
     with pytest.raises(error) as info:
         call(cache)
     assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_portable_backward_is_accurate_at_a_large_offset():
+    """Mean 1e4, std 0.1 in float32: x_hat recomputed from the float32-rounded mean is off by ~5e-3 unless corrected."""
+    for shape in [(4096, 2), (16, 2, 8, 8)]:
+        rng = np.random.default_rng(8)
+        x = (1e4 + 0.1 * rng.normal(size=shape)).astype(np.float32)
+        dy = rng.normal(size=shape).astype(np.float32)
+        gamma, beta = np.array([1.5, -0.5], np.float32), np.array([0.2, 0.1], np.float32)
+        _, cache = F.portable_batch_norm_forward(x, gamma, beta)
+        dx, dgamma, dbeta = F.portable_batch_norm_backward(dy, cache)
+        ref = torch_grads(x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64), dy.astype(np.float64), 1e-5)
+        assert dx.dtype == dgamma.dtype == dbeta.dtype == np.float32
+        for got, want in zip((dx, dgamma, dbeta), ref):
+            assert relative_error(got, want) < 1e-5

@@ -84,6 +84,19 @@ def test_float32_large_offset_variance_is_accurate():
     np.testing.assert_allclose(cache.var, ref, rtol=1e-4)
 
 
+def test_portable_forward_output_is_accurate_at_a_large_offset():
+    """Mean 1e4, std 0.1 in float32: centring on the mean rounded to float32 alone would be off by ~5e-3."""
+    for shape in [(4096, 2), (16, 3, 8, 8)]:
+        x = (1e4 + 0.1 * np.random.default_rng(4).normal(size=shape)).astype(np.float32)
+        gamma, beta = np.array([1.5, -0.5, 2.0][:shape[1]], np.float32), np.array([0.3, 0.0, -1.0][:shape[1]], np.float32)
+        ref, mu, var = bn_forward_ref(x, gamma, beta, 1e-5)
+        y, cache = F.portable_batch_norm_forward(x, gamma, beta)
+        assert y.dtype == np.float32
+        assert np.abs(y - ref).max() < 1e-5
+        np.testing.assert_allclose(cache.var, var, rtol=1e-6)
+        np.testing.assert_allclose(cache.mean, mu, rtol=1e-7)
+
+
 def test_stats_welford_and_chan_agree_with_two_pass():
     rng = np.random.default_rng(3)
     x = rng.normal(loc=5.0, size=(37, 3, 2))
