@@ -692,7 +692,8 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     """The walk for a C-contiguous (rows, channels, length) tensor: NCHW is (N, C, H*W), channels-last
     memory is (N*H*W, C, 1), a 2-D input (N, C, 1). Large planes (length * itemsize >= 4 KB, length a
     multiple of the vector) are walked plane by plane; everything else as columns of (rows, C*length),
-    folded so that a row holds at least TX vectors. Grids aim at 2 x SMs x 8 blocks."""
+    folded so that a row holds at least TX vectors. Grids aim at 2 x SMs x 8 blocks (fewer only
+    when a cols walk has less than one row per thread)."""
     n, c, l = rows, channels, length
     vfull = _VEC[dtype_name] if aligned else 1
     target = 16 * sm_count
@@ -716,7 +717,7 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     total = n * w
     rfull, rows_f = total // wf, _cdiv(total, wf)
     gx = _cdiv(wf // v, TX)
-    b = max(1, min(_cdiv(target, gx), _cdiv(rows_f, 2 * TY), 65535))
+    b = max(1, min(_cdiv(target, gx), _cdiv(rows_f, TY), 65535))
     p = b * wf
     return Plan("cols", v, (gx, b, 1), (TX, TY, 1), (np.int64(total), np.int64(rfull), np.int32(wf)),
                 (np.int32(w), np.int32(l)), p,

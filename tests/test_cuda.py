@@ -143,9 +143,9 @@ def test_grids_fill_the_card_on_the_benchmark_shapes():
         for dtype in ("float32", "float16", "bfloat16"):
             for rows, length in ((n, l), (n * l, 1)):          # NCHW and channels-last
                 pl = cuda.plan(rows, c, length, dtype, True, 132)
-                if pl.walk == "cols":                 # enough blocks, or already 2 rows per thread
+                if pl.walk == "cols":                 # enough blocks, or already one row per thread
                     total, _, wf = (int(a) for a in pl.walk_args)
-                    assert math.prod(pl.grid) >= 2 * 132 * 8 or pl.grid[1] == math.ceil(total / wf / (2 * cuda.TY))
+                    assert math.prod(pl.grid) >= 2 * 132 * 8 or pl.grid[1] == math.ceil(total / wf / cuda.TY)
                 else:
                     assert math.prod(pl.grid) >= 2 * 132 * 8
                 assert pl.vec == cuda._VEC[dtype]
