@@ -231,7 +231,7 @@ def _compiled_batch_norm(torch):
 
 
 def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, progress=True, compile=False,
-              compile_budget_s=100.0):
+              compile_budget_s=60.0):
     """bnlib.cuda's kernels (forward_torch, backward_torch) against torch.nn.functional.batch_norm
     (eager, and with compile=True also torch.compile'd) on the same GPU, in one process.
 

@@ -289,11 +289,12 @@ __device__ __forceinline__ long long partial_index(long long i, int c, long long
 }
 
 // Forward, finalize: block c merges channel c's Q partials in a fixed order (deterministic), and
-// writes stats[c] = mean, stats[C + c] = biased variance, stats[2C + c] = 1 / sqrt(var + eps).
+// writes mean[c], the biased variance var[c] and inv_std[c] = 1 / sqrt(var + eps).
 template <typename A>
 __global__ void __launch_bounds__(128)
 bn_stats_finalize(const A* __restrict__ part, long long P, long long Q, long long GL, long long L, long long Wf,
-                  long long W, int C, A eps, A* __restrict__ stats) {
+                  long long W, int C, A eps, A* __restrict__ mean, A* __restrict__ var,
+                  A* __restrict__ inv_std) {
     const int c = blockIdx.x;
     A n = A(0), m = A(0), q = A(0);
     for (long long i = threadIdx.x; i < Q; i += blockDim.x) {
@@ -301,11 +302,11 @@ bn_stats_finalize(const A* __restrict__ part, long long P, long long Q, long lon
         chan_merge(n, m, q, part[j], part[P + j], part[2 * P + j]);
     }
     block_merge(n, m, q);
-    if (threadIdx.x == 0) {
-        const A var = n > A(0) ? q / n : A(0);
-        stats[c] = m;
-        stats[C + c] = var;
-        stats[2 * C + c] = A(1) / sqrt(var + eps);
+    if (threadIdx.x == 0 && c < C) {
+        const A v = n > A(0) ? q / n : A(0);
+        mean[c] = m;
+        var[c] = v;
+        inv_std[c] = A(1) / sqrt(v + eps);
     }
 }
 """
@@ -829,15 +830,14 @@ def _ptr(p):
     return np.uint64(p or 0)
 
 
-def _run_forward(dev, pl, dtype_name, x, y, stats, weight, bias, eps, ws):
-    """Training forward, 3 launches: partial moments, finalize (mean, var, inv_std into stats, a
-    (3, C) array), normalize. All arguments are device addresses (weight, bias may be 0)."""
+def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, eps, ws):
+    """Training forward, 3 launches: partial moments, finalize (writes mean, var, inv_std), normalize.
+    All arguments after dtype_name are device addresses (weight, bias may be 0)."""
     _launch(dev, _kernel_name("stats", pl, dtype_name), pl.grid, pl.block,
             (_ptr(x),) + pl.walk_args + (_ptr(ws), np.int64(pl.partials)))
     _launch(dev, f"bn_stats_finalize<{_acc_name(dtype_name)}>", (pl.channels,), (FINALIZE_THREADS,),
-            (_ptr(ws),) + pl.finalize_args + (_acc_scalar(dtype_name, eps), _ptr(stats)))
-    _run_apply(dev, pl, dtype_name, x, y, stats, stats + 2 * pl.channels * _acc_size(dtype_name), weight, bias, eps,
-               from_var=False)
+            (_ptr(ws),) + pl.finalize_args + (_acc_scalar(dtype_name, eps), _ptr(mean), _ptr(var), _ptr(inv_std)))
+    _run_apply(dev, pl, dtype_name, x, y, mean, inv_std, weight, bias, eps, from_var=False)
 
 
 def _acc_size(dtype_name):
@@ -851,16 +851,16 @@ def _run_apply(dev, pl, dtype_name, x, y, mean, stat, weight, bias, eps, from_va
             (_ptr(mean), _ptr(stat), _ptr(weight), _ptr(bias), _acc_scalar(dtype_name, eps), np.int32(from_var)))
 
 
-def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, grads, ws):
-    """Training backward, 3 launches: partial sums, finalize (dweight, dbias into grads, a (2, C)
-    array, and the dx coefficients into the workspace), dx."""
+def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, dweight, dbias, ws):
+    """Training backward, 3 launches: partial sums, finalize (writes dweight, dbias, and the dx
+    coefficients into the workspace), dx. All arguments after dtype_name are device addresses."""
     acc = _acc_size(dtype_name)
     coef = ws + 3 * pl.partials * acc
     _launch(dev, _kernel_name("backward_reduce", pl, dtype_name), pl.grid, pl.block,
             (_ptr(dy), _ptr(x)) + pl.walk_args + pl.geometry + (_ptr(mean), _ptr(ws), np.int64(pl.partials)))
     _launch(dev, f"bn_backward_finalize<{_acc_name(dtype_name)}>", (pl.channels,), (FINALIZE_THREADS,),
             (_ptr(ws),) + pl.finalize_args + (_ptr(inv_std), _ptr(weight), _acc_scalar(dtype_name, pl.count),
-                                              _ptr(grads), _ptr(grads + pl.channels * acc), _ptr(coef)))
+                                              _ptr(dweight), _ptr(dbias), _ptr(coef)))
     channels = (np.int32(pl.channels),) if pl.walk == "cols" else ()
     _launch(dev, _kernel_name("backward_dx", pl, dtype_name), pl.grid, pl.block,
             (_ptr(dy), _ptr(x), _ptr(dx)) + pl.walk_args + pl.geometry + channels + (_ptr(mean), _ptr(coef)))
@@ -939,14 +939,14 @@ def forward_torch(x, weight=None, bias=None, eps: float = 1e-5):
     weight = _torch_vector(weight, "weight", c, acc, x.device)
     bias = _torch_vector(bias, "bias", c, acc, x.device)
     y = torch.empty_like(x)
-    stats = torch.empty((3, c), dtype=acc, device=x.device)
-    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev))
+    mean, var, inv_std = (torch.empty(c, dtype=acc, device=x.device) for _ in range(3))   # separate tensors:
+    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev))           # no shared version counter
     ws = _torch_workspace(dev, stream, pl, x.device)
     with _on_stream(dev, stream):
-        _run_forward(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), stats.data_ptr(),
-                     weight.data_ptr() if weight is not None else 0, bias.data_ptr() if bias is not None else 0,
-                     eps, ws)
-    return y, stats[0], stats[1], stats[2]
+        _run_forward(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                     inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0,
+                     bias.data_ptr() if bias is not None else 0, eps, ws)
+    return y, mean, var, inv_std
 
 
 def backward_torch(dy, x, mean, inv_std, weight=None):
@@ -968,13 +968,14 @@ def backward_torch(dy, x, mean, inv_std, weight=None):
     inv_std = _torch_vector(inv_std, "inv_std", c, acc, x.device, required=True)
     weight = _torch_vector(weight, "weight", c, acc, x.device)
     dx = torch.empty_like(x)
-    grads = torch.empty((2, c), dtype=acc, device=x.device)
+    dweight, dbias = torch.empty(c, dtype=acc, device=x.device), torch.empty(c, dtype=acc, device=x.device)
     pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0, _sm_count(dev))
     ws = _torch_workspace(dev, stream, pl, x.device)
     with _on_stream(dev, stream):
         _run_backward(dev, pl, dtype_name, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), mean.data_ptr(),
-                      inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0, grads.data_ptr(), ws)
-    return dx, grads[0], grads[1]
+                      inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0, dweight.data_ptr(),
+                      dbias.data_ptr(), ws)
+    return dx, dweight, dbias
 
 
 def inference_torch(x, running_mean, running_var, weight=None, bias=None, eps: float = 1e-5):
@@ -1059,11 +1060,11 @@ def forward(x, gamma, beta, eps):
     x, _, c, acc, dev, pl, ws = _cupy_setup(x)
     gamma, beta = _cupy_vector(gamma, acc), _cupy_vector(beta, acc)
     y = cupy.empty_like(x)                              # order 'K': keeps channels-last strides
-    stats = cupy.empty((3, c), acc)
+    mean, var, inv_std = cupy.empty(c, acc), cupy.empty(c, acc), cupy.empty(c, acc)
     with cupy.cuda.Device(dev):
-        _run_forward(dev, pl, x.dtype.name, x.data.ptr, y.data.ptr, stats.data.ptr,
+        _run_forward(dev, pl, x.dtype.name, x.data.ptr, y.data.ptr, mean.data.ptr, var.data.ptr, inv_std.data.ptr,
                      gamma.data.ptr if gamma is not None else 0, beta.data.ptr if beta is not None else 0, eps, ws)
-    return y, stats[0], stats[1], stats[2]
+    return y, mean, var, inv_std
 
 
 def backward(dy, x, mean, inv_std, gamma):
@@ -1072,8 +1073,8 @@ def backward(dy, x, mean, inv_std, gamma):
     x, dy, c, acc, dev, pl, ws = _cupy_setup(x, dy)
     mean, inv_std, gamma = _cupy_vector(mean, acc), _cupy_vector(inv_std, acc), _cupy_vector(gamma, acc)
     dx = cupy.empty_like(x)
-    grads = cupy.empty((2, c), acc)
+    dgamma, dbeta = cupy.empty(c, acc), cupy.empty(c, acc)
     with cupy.cuda.Device(dev):
         _run_backward(dev, pl, x.dtype.name, dy.data.ptr, x.data.ptr, dx.data.ptr, mean.data.ptr, inv_std.data.ptr,
-                      gamma.data.ptr if gamma is not None else 0, grads.data.ptr, ws)
-    return dx, grads[0], grads[1]
+                      gamma.data.ptr if gamma is not None else 0, dgamma.data.ptr, dbeta.data.ptr, ws)
+    return dx, dgamma, dbeta
