@@ -781,7 +781,14 @@ def _on_stream(dev: int, stream_ptr: int):
     if stream is None:
         if len(_streams) > 64:
             _streams.clear()
-        stream = _streams[(dev, stream_ptr)] = cupy.cuda.ExternalStream(stream_ptr, dev)
+        if stream_ptr == 0:                      # torch's default stream is CUDA's legacy null stream
+            stream = cupy.cuda.Stream.null
+        else:
+            try:
+                stream = cupy.cuda.ExternalStream(stream_ptr, dev)
+            except TypeError:                    # CuPy versions whose ExternalStream takes no device
+                stream = cupy.cuda.ExternalStream(stream_ptr)
+        _streams[(dev, stream_ptr)] = stream
     with cupy.cuda.Device(dev), stream:
         yield
 
