@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'FINALIZE_THREADS', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
 import contextlib
 import functools
@@ -56,6 +56,7 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T v[V]; };
 #define TX 16               // cols kernels: 16 x 16 blocks, 16 vector columns by 16 row groups
 #define TY 16
 #define UNROLL 4            // vectors loaded before any arithmetic
+#define FINALIZE_THREADS 256  // finalize kernels: one block of 256 threads per channel
 
 // Chan, Golub & LeVeque: merge the moments (nb, mb, qb) into (n, m, q).
 template <typename A>
@@ -291,15 +292,25 @@ __device__ __forceinline__ long long partial_index(long long i, int c, long long
 // Forward, finalize: block c merges channel c's Q partials in a fixed order (deterministic), and
 // writes mean[c], the biased variance var[c] and inv_std[c] = 1 / sqrt(var + eps).
 template <typename A>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(FINALIZE_THREADS)
 bn_stats_finalize(const A* __restrict__ part, long long P, long long Q, long long GL, long long L, long long Wf,
                   long long W, int C, A eps, A* __restrict__ mean, A* __restrict__ var,
                   A* __restrict__ inv_std) {
     const int c = blockIdx.x;
     A n = A(0), m = A(0), q = A(0);
-    for (long long i = threadIdx.x; i < Q; i += blockDim.x) {
-        const long long j = partial_index(i, c, GL, L, Wf, W);
-        chan_merge(n, m, q, part[j], part[P + j], part[2 * P + j]);
+    for (long long i0 = threadIdx.x; i0 < Q; i0 += UNROLL * (long long)blockDim.x) {
+        A pn[UNROLL], pm[UNROLL], pq[UNROLL];      // UNROLL partials loaded before merging any
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const long long i = i0 + u * (long long)blockDim.x;
+            pn[u] = A(0); pm[u] = A(0); pq[u] = A(0);
+            if (i < Q) {
+                const long long j = partial_index(i, c, GL, L, Wf, W);
+                pn[u] = part[j]; pm[u] = part[P + j]; pq[u] = part[2 * P + j];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) chan_merge(n, m, q, pn[u], pm[u], pq[u]);
     }
     block_merge(n, m, q);
     if (threadIdx.x == 0 && c < C) {
@@ -529,16 +540,25 @@ bn_backward_reduce_cols(const T* __restrict__ dy, const T* __restrict__ x, long 
 // coef = (a, b, k): dx = a dy + b (x - mean) + k with a = gamma inv_std, b = -a inv_std dgamma / count,
 // k = -a dbeta / count.
 template <typename A>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(FINALIZE_THREADS)
 bn_backward_finalize(const A* __restrict__ part, long long P, long long Q, long long GL, long long L, long long Wf,
                      long long W, int C, const A* __restrict__ inv_std, const A* __restrict__ weight, A count,
                      A* __restrict__ dweight, A* __restrict__ dbias, A* __restrict__ coef) {
     const int c = blockIdx.x;
     A s = A(0), t = A(0);
-    for (long long i = threadIdx.x; i < Q; i += blockDim.x) {
-        const long long j = partial_index(i, c, GL, L, Wf, W);
-        s += part[j];
-        t += part[P + j];
+    for (long long i0 = threadIdx.x; i0 < Q; i0 += UNROLL * (long long)blockDim.x) {
+        A ps[UNROLL], pt[UNROLL];                  // UNROLL partials loaded before adding any
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const long long i = i0 + u * (long long)blockDim.x;
+            ps[u] = A(0); pt[u] = A(0);
+            if (i < Q) {
+                const long long j = partial_index(i, c, GL, L, Wf, W);
+                ps[u] = part[j]; pt[u] = part[P + j];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) { s += ps[u]; t += pt[u]; }
     }
     block_sum2(s, t);
     if (threadIdx.x == 0) {
@@ -652,8 +672,7 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 _DATA_KERNELS = ("bn_stats_planes", "bn_stats_cols", "bn_apply_planes", "bn_apply_cols", "bn_backward_reduce_planes",
                  "bn_backward_reduce_cols", "bn_backward_dx_planes", "bn_backward_dx_cols")
 _FINALIZE_KERNELS = ("bn_stats_finalize", "bn_backward_finalize")
-PLANE_THREADS, TX, TY = 256, 16, 16       # must match the #defines of KERNEL_SOURCE
-FINALIZE_THREADS = 128
+PLANE_THREADS, TX, TY, FINALIZE_THREADS = 256, 16, 16, 256       # must match the #defines of KERNEL_SOURCE
 
 
 def kernel_names() -> list:
