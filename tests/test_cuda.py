@@ -137,6 +137,55 @@ def test_planned_walks_read_every_value_once_and_finalize_finds_every_partial(ro
     assert pl.count == rows * length
 
 
+def _kernel_signatures():
+    """{kernel name: [parameter type, ...]} parsed from KERNEL_SOURCE."""
+    import re
+    sigs = {}
+    pattern = r"__global__ void __launch_bounds__\([^)]*\)\s*(\w+)\((.*?)\)\s*\{"
+    for name, params in re.findall(pattern, cuda.KERNEL_SOURCE, flags=re.S):
+        kinds = []
+        for p in params.split(","):
+            p = " ".join(p.replace("__restrict__", "").replace("const ", "").split()[:-1])
+            kinds.append("ptr" if p.endswith("*") else {"int": "int32", "long long": "int64"}.get(p, "acc"))
+        sigs[name] = kinds
+    return sigs
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_launch_arguments_match_the_kernel_signatures(monkeypatch, dtype):
+    """Every launch of a training step and an eval forward passes as many arguments as the kernel
+    has parameters, each of the parameter's size (numpy.uint64 for pointers, int32, int64, and the
+    accumulation type for A), and a grid and block the kernel was written for."""
+    sigs = _kernel_signatures()
+    assert len(sigs) == 10
+    acc = np.float64 if dtype == "float64" else np.float32
+    expected_type = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64, "acc": acc}
+    launched = []
+
+    def check(dev, name, grid, block, args):
+        base = name.split("<")[0]
+        kinds = sigs[base]
+        assert len(args) == len(kinds), (name, len(args), len(kinds))
+        for i, (a, k) in enumerate(zip(args, kinds)):
+            assert type(a) is expected_type[k], (name, i, type(a), k)
+        assert name in cuda.kernel_names()
+        threads = math.prod(block)
+        assert threads == (cuda.FINALIZE_THREADS if "finalize" in base else
+                           cuda.PLANE_THREADS if "planes" in base else cuda.TX * cuda.TY)
+        assert all(0 < g < 2 ** 31 for g in grid) and all(g < 65536 for g in grid[1:])
+        launched.append(base)
+
+    monkeypatch.setattr(cuda, "_launch", check)
+    for rows, c, l in [(256, 64, 3136), (8, 3, 1030), (256 * 196, 256, 1), (5, 7, 1), (2, 1, 4096)]:
+        for aligned in (True, False):
+            pl = cuda.plan(rows, c, l, dtype, aligned, 132)
+            launched.clear()
+            cuda._run_forward(0, pl, dtype, 256, 512, 768, 1024, 1280, 1536, 0, 1e-5, 4096)
+            cuda._run_backward(0, pl, dtype, 256, 512, 768, 1024, 1280, 0, 1536, 1792, 4096)
+            cuda._run_apply(0, pl, dtype, 256, 512, 768, 1024, 0, 1280, 1e-5, from_var=True)
+            assert len(launched) == 7 and len(set(launched)) == 6
+
+
 def test_grids_fill_the_card_on_the_benchmark_shapes():
     for shape in [(256, 64, 56, 56), (256, 256, 14, 14), (64, 128, 28, 28), (32, 32, 112, 112), (128, 1024, 7, 7)]:
         n, c, l = shape[0], shape[1], math.prod(shape[2:])
