@@ -300,9 +300,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             xs_req[i].grad = None
             torch.nn.functional.batch_norm(xs_req[i], None, None, w, b, training=True).backward(dys[i])
 
-        def compiled_fwd(i):
-            with torch.no_grad():
-                compiled(xs[i], w, b)
+        def compiled_fwd(i):                                   # the training graph's forward: one
+            compiled(xs_req[i], w, b)                          # compiled graph per case, not two
 
         def compiled_step(i):
             xs_req[i].grad = None
