@@ -186,6 +186,175 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, dtype):
             assert len(launched) == 7 and len(set(launched)) == 6
 
 
+class _EmulatedDevice:
+    """A CPU stand-in for the GPU that checks the host code end to end: buffers at made-up addresses,
+    and each kernel's contract (which partial slot every value goes to, what the finalize kernels
+    and the elementwise kernels compute) in NumPy, bound to the kernel's own parameter names parsed
+    from KERNEL_SOURCE. It checks the launchers' wiring (which address goes where, the workspace
+    offsets, the slots the finalize kernels read) and the per-channel formulas; not the CUDA code."""
+
+    STORAGE = {"__half": np.float16, "float": np.float32, "double": np.float64, "bf16_t": np.uint16}
+
+    def __init__(self):
+        import re
+        self.buffers, self.next = {}, 1 << 20
+        pattern = r"__global__ void __launch_bounds__\([^)]*\)\s*(\w+)\((.*?)\)\s*\{"
+        self.params = {name: [p.split()[-1] for p in params.split(",")]
+                       for name, params in re.findall(pattern, cuda.KERNEL_SOURCE, flags=re.S)}
+
+    def alloc(self, nbytes):
+        addr = self.next
+        self.buffers[addr] = np.zeros(nbytes, np.uint8)
+        self.next += nbytes // 256 * 256 + 512
+        return addr
+
+    def view(self, addr, dtype, count):
+        for base, buf in self.buffers.items():
+            if base <= int(addr) < base + buf.size:
+                off = int(addr) - base
+                assert off + count * np.dtype(dtype).itemsize <= buf.size, "access past the end of a buffer"
+                return buf[off:off + count * np.dtype(dtype).itemsize].view(dtype)
+        raise AssertionError(f"address {addr} is in no buffer")
+
+    def load(self, addr, t, count):
+        v = self.view(addr, self.STORAGE[t], count)
+        if t == "bf16_t":
+            return (v.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        return v.astype(np.float64)
+
+    def store(self, addr, t, values):
+        out = self.view(addr, self.STORAGE[t], values.size)
+        if t == "bf16_t":
+            import torch
+            out[:] = torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        else:
+            out[:] = values
+
+    def launch(self, dev, name, grid, block, args):
+        kernel = name.split("<")[0]
+        targs = [s.strip() for s in name.split("<")[1].rstrip(">").split(",")]
+        a = dict(zip(self.params[kernel], args))
+        t, acc = targs[0], (np.float64 if targs[0] == "double" else np.float32)
+        if "finalize" in kernel:
+            return getattr(self, kernel)(a, acc)
+        vec = int(targs[1])
+        if kernel.endswith("_planes"):
+            n_, c_, lv, seg = (int(a[k]) for k in ("N", "C", "LV", "seg"))
+            n, c, i = np.meshgrid(np.arange(n_), np.arange(c_), np.arange(lv), indexing="ij")
+            slot = ((n % grid[1]) * grid[2] + i // seg) * c_ + c
+            slot, chan = (np.repeat(s.reshape(-1), vec) for s in (slot, c))
+        else:
+            e = np.arange(int(a["total"]))
+            col, wf = e % int(a["Wf"]), int(a["Wf"])
+            slot = ((e // wf) // cuda.TY) % grid[1] * wf + col
+            chan = (col % int(a["W"])) // int(a["L"]) if "W" in a else None
+        getattr(self, kernel.rsplit("_", 1)[0])(a, t, acc, slot, chan)
+
+    def bn_stats(self, a, t, acc, slot, chan):
+        x, p = self.load(a["x"], t, slot.size), int(a["P"])
+        n = np.bincount(slot, minlength=p)
+        mean = np.bincount(slot, x, minlength=p) / np.maximum(n, 1)
+        m2 = np.bincount(slot, (x - mean[slot]) ** 2, minlength=p)
+        self.view(a["part"], acc, 3 * p)[:] = np.concatenate([n, mean, m2])
+
+    def _slots(self, a, c):
+        q, gl, l, wf, w = (int(a[k]) for k in ("Q", "GL", "L", "Wf", "W"))
+        i = np.arange(q)
+        return (i // gl) * wf + ((i % gl) // l) * w + c * l + (i % gl) % l
+
+    def _vector(self, addr, acc, count, default):
+        return self.view(addr, acc, count).astype(np.float64) if int(addr) else np.full(count, default)
+
+    def bn_stats_finalize(self, a, acc):
+        c_, p = int(a["C"]), int(a["P"])
+        part = self.view(a["part"], acc, 3 * p).astype(np.float64)
+        out = {k: self.view(a[k], acc, c_) for k in ("mean", "var", "inv_std")}
+        for c in range(c_):
+            s = self._slots(a, c)
+            n, m, q = part[s], part[p + s], part[2 * p + s]
+            mu = (n * m).sum() / n.sum()
+            var = (q + n * (m - mu) ** 2).sum() / n.sum()
+            out["mean"][c], out["var"][c], out["inv_std"][c] = mu, var, 1 / np.sqrt(var + float(a["eps"]))
+
+    def bn_apply(self, a, t, acc, slot, chan):
+        x, c_ = self.load(a["x"], t, slot.size), int(chan.max()) + 1
+        mu, stat = self._vector(a["mean"], acc, c_, 0), self._vector(a["stat"], acc, c_, 0)
+        inv = 1 / np.sqrt(stat + float(a["eps"])) if int(a["from_var"]) else stat
+        scale, shift = self._vector(a["weight"], acc, c_, 1.0) * inv, self._vector(a["bias"], acc, c_, 0.0)
+        self.store(a["y"], t, (x - mu[chan]) * scale[chan] + shift[chan])
+
+    def bn_backward_reduce(self, a, t, acc, slot, chan):
+        x, dy, p = self.load(a["x"], t, slot.size), self.load(a["dy"], t, slot.size), int(a["P"])
+        mu = self._vector(a["mean"], acc, int(chan.max()) + 1, 0)
+        self.view(a["part"], acc, 2 * p)[:] = np.concatenate(
+            [np.bincount(slot, dy, minlength=p), np.bincount(slot, dy * (x - mu[chan]), minlength=p)])
+
+    def bn_backward_finalize(self, a, acc):
+        c_, p, count = int(a["C"]), int(a["P"]), float(a["count"])
+        part = self.view(a["part"], acc, 2 * p).astype(np.float64)
+        inv, w = self._vector(a["inv_std"], acc, c_, 0), self._vector(a["weight"], acc, c_, 1.0)
+        dw, db, coef = self.view(a["dweight"], acc, c_), self.view(a["dbias"], acc, c_), self.view(a["coef"], acc, 3 * c_)
+        for c in range(c_):
+            s = self._slots(a, c)
+            dg, dbeta, av = part[p + s].sum() * inv[c], part[s].sum(), w[c] * inv[c]
+            dw[c], db[c] = dg, dbeta
+            coef[c], coef[c_ + c], coef[2 * c_ + c] = av, -av * inv[c] * dg / count, -av * dbeta / count
+
+    def bn_backward_dx(self, a, t, acc, slot, chan):
+        x, dy, c_ = self.load(a["x"], t, slot.size), self.load(a["dy"], t, slot.size), int(chan.max()) + 1
+        mu, coef = self._vector(a["mean"], acc, c_, 0), self._vector(a["coef"], acc, 3 * c_, 0)
+        self.store(a["dx"], t, coef[chan] * dy + coef[c_ + chan] * (x - mu[chan]) + coef[2 * c_ + chan])
+
+
+@pytest.mark.parametrize("shape,channels_last,dtype,aligned", [
+    ((6, 3, 32, 64), False, "float32", True), ((3, 2, 100, 100), False, "float16", True),
+    ((5, 3, 33, 17), False, "float64", True), ((40, 3), False, "bfloat16", True), ((4, 5, 6, 7), True, "float32", True),
+    ((2, 2049), False, "float32", True), ((9, 70, 3, 3), True, "bfloat16", True), ((4, 5, 2, 3, 3), False, "float16", True),
+    ((6, 3, 32, 64), False, "float32", False), ((7, 3, 5), False, "float64", False), ((300, 2, 1), False, "float32", True)])
+def test_launchers_end_to_end_on_an_emulated_device(monkeypatch, shape, channels_last, dtype, aligned):
+    torch = pytest.importorskip("torch")
+    device = _EmulatedDevice()
+    monkeypatch.setattr(cuda, "_launch", device.launch)
+    rng = np.random.default_rng(sum(shape))
+    x64, dy64 = rng.normal(3.0, 2.0, size=shape), rng.normal(size=shape)
+    g64, b64 = rng.uniform(0.5, 1.5, shape[1]), rng.normal(size=shape[1])
+    tdtype = getattr(torch, dtype)
+    x64 = torch.from_numpy(x64).to(tdtype).double().numpy()           # the values storage can hold
+    dy64 = torch.from_numpy(dy64).to(tdtype).double().numpy()
+    n, c, l = shape[0], shape[1], math.prod(shape[2:])
+    if channels_last:
+        to_kernel = lambda a: np.moveaxis(a, 1, -1).reshape(-1)                      # (N, *spatial, C)
+        from_kernel = lambda v: np.moveaxis(v.reshape((n,) + shape[2:] + (c,)), -1, 1)
+        rows, length = n * l, 1
+    else:
+        to_kernel, from_kernel, rows, length = (lambda a: a.reshape(-1)), (lambda v: v.reshape(shape)), n, l
+    pl = cuda.plan(rows, c, length, dtype, aligned, 2)
+    t = cuda._TYPES[dtype]
+    size = x64.size * cuda._ITEMSIZE[dtype]
+    accb = 8 if dtype == "float64" else 4
+    X, DY, Y, DX = (device.alloc(size) for _ in range(4))
+    M, V, I, G, B, DW, DB, RM, RV = (device.alloc(c * accb) for _ in range(9))
+    WS = device.alloc(pl.workspace_values * 8)
+    device.store(X, t, to_kernel(x64))
+    device.store(DY, t, to_kernel(dy64))
+    acc = np.float64 if dtype == "float64" else np.float32
+    device.view(G, acc, c)[:], device.view(B, acc, c)[:] = g64, b64
+    cuda._run_forward(0, pl, dtype, X, Y, M, V, I, G, B, 1e-5, WS)
+    cuda._run_backward(0, pl, dtype, DY, X, DX, M, I, G, DW, DB, WS)
+    yr, cr = F.portable_batch_norm_forward(x64, g64, b64)
+    dxr, dgr, dbr = F.portable_batch_norm_backward(dy64, cr)
+    tol = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
+    y, dx = from_kernel(device.load(Y, t, x64.size)), from_kernel(device.load(DX, t, x64.size))
+    assert np.abs(y - yr).max() <= tol * np.abs(yr).max()
+    assert np.abs(dx - dxr).max() <= tol * np.abs(g64).max() * cr.inv_std.max() * np.abs(dy64).max()
+    np.testing.assert_allclose(device.load(M, "double" if acc is np.float64 else "float", c), cr.mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(device.view(DW, acc, c), dgr, rtol=1e-4, atol=1e-4 * np.abs(dgr).max())
+    np.testing.assert_allclose(device.view(DB, acc, c), dbr, rtol=1e-4, atol=1e-4 * np.abs(dbr).max())
+    device.view(RM, acc, c)[:], device.view(RV, acc, c)[:] = cr.mean, cr.var                 # eval with these
+    cuda._run_apply(0, pl, dtype, X, Y, RM, RV, G, B, 1e-5, from_var=True)
+    assert np.abs(from_kernel(device.load(Y, t, x64.size)) - yr).max() <= tol * np.abs(yr).max()
+
+
 def test_grids_fill_the_card_on_the_benchmark_shapes():
     for shape in [(256, 64, 56, 56), (256, 256, 14, 14), (64, 128, 28, 28), (32, 32, 112, 112), (128, 1024, 7, 7)]:
         n, c, l = shape[0], shape[1], math.prod(shape[2:])
