@@ -896,13 +896,23 @@ def _torch_dtype_name(t):
     return str(t.dtype).rsplit(".", 1)[-1]
 
 
-def _torch_input(x, name):
-    """x as (tensor in kernel layout, (rows, C, L)): channels-last memory as (N*H*W, C, 1), anything
-    else C-contiguous (N, C, L) (a copy only when x is neither)."""
+def _check_cuda_tensor(x, name):
     import torch
     if not isinstance(x, torch.Tensor) or not x.is_cuda:
         raise TypeError(f"{name} must be a CUDA torch.Tensor, got {type(x).__name__}"
                         f"{' on ' + str(x.device) if isinstance(x, torch.Tensor) else ''}")
+
+
+def _torch_stream(device) -> int:
+    """The address of torch's current CUDA stream on `device` (0: the legacy default stream)."""
+    import torch
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _torch_input(x, name):
+    """x as (tensor in kernel layout, (rows, C, L)): channels-last memory as (N*H*W, C, 1), anything
+    else C-contiguous (N, C, L) (a copy only when x is neither)."""
+    _check_cuda_tensor(x, name)
     if _torch_dtype_name(x) not in _TYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() < 2:
@@ -936,9 +946,7 @@ def _torch_setup(x, name="x"):
     x, (rows, c, l) = _torch_input(x, name)
     dtype_name = _torch_dtype_name(x)
     acc = torch.float64 if dtype_name == "float64" else torch.float32
-    dev = x.device.index
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    return x, rows, c, l, dtype_name, acc, dev, stream
+    return x, rows, c, l, dtype_name, acc, x.device.index, _torch_stream(x.device)
 
 
 def _torch_workspace(dev, stream, pl, device):

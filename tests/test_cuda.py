@@ -214,7 +214,8 @@ class _EmulatedDevice:
                 off = int(addr) - base
                 assert off + count * np.dtype(dtype).itemsize <= buf.size, "access past the end of a buffer"
                 return buf[off:off + count * np.dtype(dtype).itemsize].view(dtype)
-        raise AssertionError(f"address {addr} is in no buffer")
+        import ctypes                      # not ours: a CPU tensor's memory (the torch interface test)
+        return np.frombuffer((ctypes.c_uint8 * (count * np.dtype(dtype).itemsize)).from_address(int(addr)), dtype)
 
     def load(self, addr, t, count):
         v = self.view(addr, self.STORAGE[t], count)
@@ -353,6 +354,53 @@ def test_launchers_end_to_end_on_an_emulated_device(monkeypatch, shape, channels
     device.view(RM, acc, c)[:], device.view(RV, acc, c)[:] = cr.mean, cr.var                 # eval with these
     cuda._run_apply(0, pl, dtype, X, Y, RM, RV, G, B, 1e-5, from_var=True)
     assert np.abs(from_kernel(device.load(Y, t, x64.size)) - yr).max() <= tol * np.abs(yr).max()
+
+
+@pytest.mark.parametrize("shape,channels_last,dtype,param", [
+    ((6, 3, 32, 64), False, "float32", "float32"), ((6, 3, 32, 64), True, "bfloat16", "float32"),
+    ((5, 3, 33, 17), True, "float16", "float16"), ((40, 3), False, "float64", "float64"),
+    ((4, 5, 6, 7), False, "bfloat16", None), ((3, 4, 5), False, "float32", "float32")])
+def test_torch_interface_end_to_end_on_an_emulated_device(monkeypatch, shape, channels_last, dtype, param):
+    """forward_torch, backward_torch and inference_torch with CPU tensors standing in for CUDA ones
+    (the CUDA check, stream, SM count and launches replaced by the emulated device): layouts, output
+    allocation and memory format, parameter dtypes, and results against float64 torch."""
+    import contextlib
+    torch = pytest.importorskip("torch")
+    device = _EmulatedDevice()
+    monkeypatch.setattr(cuda, "_launch", device.launch)
+    monkeypatch.setattr(cuda, "_check_cuda_tensor", lambda x, name: None)
+    monkeypatch.setattr(cuda, "_torch_stream", lambda d: 0)
+    monkeypatch.setattr(cuda, "_sm_count", lambda d: 2)
+    monkeypatch.setattr(cuda, "_on_stream", lambda d, s: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "_workspaces", {})
+    gen = torch.Generator().manual_seed(sum(shape))
+    tdtype = getattr(torch, dtype)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3).to(tdtype)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(tdtype)      # contiguous even when x is not
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = None if param is None else (torch.rand(shape[1], generator=gen, dtype=torch.float64) + 0.5).to(getattr(torch, param))
+    b = None if param is None else torch.randn(shape[1], generator=gen, dtype=torch.float64).to(getattr(torch, param))
+    y, mean, var, inv_std = cuda.forward_torch(x, w, b, 1e-5)
+    dx, dw, db = cuda.backward_torch(dy, x, mean, inv_std, w)
+    acc = torch.float64 if dtype == "float64" else torch.float32
+    assert y.dtype == dx.dtype == x.dtype and y.stride() == x.stride() and dx.stride() == x.stride()
+    assert mean.dtype == var.dtype == inv_std.dtype == dw.dtype == db.dtype == acc
+    x64 = x.double().requires_grad_()
+    w64 = None if w is None else w.double().requires_grad_()
+    b64 = None if b is None else b.double().requires_grad_()
+    ref = torch.nn.functional.batch_norm(x64, None, None, w64, b64, training=True, eps=1e-5)
+    ref.backward(dy.double())
+    tol = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
+    assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
+    assert (dx.double() - x64.grad).abs().max() <= tol * x64.grad.abs().max()
+    dims = [0] + list(range(2, x.dim()))
+    torch.testing.assert_close(var.double(), x.double().var(dims, unbiased=False), rtol=1e-4, atol=1e-6)
+    if w is not None:
+        torch.testing.assert_close(dw.double(), w64.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(db.double(), b64.grad, rtol=1e-4, atol=1e-4)
+    y_eval = cuda.inference_torch(x, mean, var, w, b, 1e-5)
+    assert y_eval.stride() == x.stride() and (y_eval.double() - ref).abs().max() <= tol * ref.abs().max()
 
 
 def test_grids_fill_the_card_on_the_benchmark_shapes():
