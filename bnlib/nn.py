@@ -131,7 +131,7 @@ class BatchNormInferenceFunction(torch.autograd.Function):
         acc = _compute_dtype(x)
         if _torch_kernels(x):
             w, b = _params_for_kernels(weight, bias, acc)
-            return cuda.inference_torch(x, running_mean, running_var, w, b, eps)
+            return cuda.inference_torch(x, running_mean.to(acc), running_var.to(acc), w, b, eps)
         if x.is_cuda:       # torch arithmetic: F.batch_norm_inference checks values on the host (a sync)
             scale, shift = _inference_affine(running_mean, running_var, weight, bias, eps, acc, x.dim())
             return (x.to(acc) * scale + shift).to(x.dtype)

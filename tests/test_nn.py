@@ -373,6 +373,7 @@ def _train_losses(model, images, targets, steps, autocast_dtype=None, device="cp
 def test_cnn_trains_under_cpu_autocast_bfloat16_like_torch():
     """A CNN with bnlib layers under torch.autocast("cpu", bfloat16) tracks the same CNN with torch's
     layers: their loss gap is no larger than what bfloat16 itself does to torch's run (vs float32)."""
+    pytest.importorskip("sklearn")
     torch.set_num_threads(1)
     images, targets = _digits()
     torch_model = _small_cnn()
@@ -392,6 +393,74 @@ def test_cnn_trains_under_cpu_autocast_bfloat16_like_torch():
     for m in bnlib_model.modules():
         if isinstance(m, bnn._BatchNorm):
             assert m.running_mean.dtype == m.weight.dtype == torch.float32
+
+
+# The torch-level kernels chapter 05 adds to bnlib.cuda (forward_torch, backward_torch, inference_torch),
+# written here in torch with the contract bnlib.nn relies on, to test bnlib.nn's side of it on the CPU.
+def _contract_forward(x, weight, bias, eps):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert all(p is None or p.dtype == acc for p in (weight, bias)), "weight/bias: None or float32/float64"
+    axes, shape = [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    xc = x.to(acc)
+    mean, var = xc.mean(axes), xc.var(axes, unbiased=False)
+    inv_std = torch.rsqrt(var + eps)
+    y = (xc - mean.reshape(shape)) * inv_std.reshape(shape)
+    y = y if weight is None else y * weight.reshape(shape)
+    y = y if bias is None else y + bias.reshape(shape)
+    return y.to(x.dtype), mean, var, inv_std
+
+
+def _contract_backward(dy, x, mean, inv_std, weight):
+    acc = mean.dtype
+    axes, shape = [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    x_hat = (x.to(acc) - mean.reshape(shape)) * inv_std.reshape(shape)
+    g = dy.to(acc)
+    dbias, dweight = g.sum(axes), (g * x_hat).sum(axes)
+    scale = inv_std if weight is None else inv_std * weight
+    count = x.numel() // x.shape[1]
+    dx = scale.reshape(shape) * (g - (dbias / count).reshape(shape) - x_hat * (dweight / count).reshape(shape))
+    return dx.to(x.dtype), dweight, dbias
+
+
+def _contract_inference(x, running_mean, running_var, weight, bias, eps):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale, shift = bnn._inference_affine(running_mean, running_var, weight, bias, eps, acc, x.dim())
+    return (x.to(acc) * scale + shift).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_torch_level_kernel_hooks_are_used_with_their_contract(monkeypatch, dtype, param_dtype):
+    """bnlib.nn's side of bnlib.cuda.forward_torch/backward_torch/inference_torch, exercised on the CPU
+    with reference implementations of the contract (the real kernels need a GPU: -k cuda)."""
+    from bnlib import cuda
+    calls = []
+
+    def spy(fn):
+        return lambda *a: calls.append(fn.__name__) or fn(*a)
+    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
+    for name, fn in [("forward_torch", _contract_forward), ("backward_torch", _contract_backward),
+                     ("inference_torch", _contract_inference)]:
+        monkeypatch.setattr(cuda, name, spy(fn), raising=False)
+    theirs = torch.nn.BatchNorm2d(3).to(param_dtype)
+    ours = bnn.BatchNorm2d(3).to(param_dtype)
+    gen = torch.Generator().manual_seed(1)
+    tol = HALF_TOL.get(dtype, 1e-10 if dtype == torch.float64 else 1e-5)
+    for step in range(3):
+        if step == 2:
+            theirs.eval(), ours.eval()
+        x = (torch.randn(4, 3, 3, 3, generator=gen) * 2 + 1).to(dtype)
+        dy = torch.randn(x.shape, generator=gen).to(dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = theirs(xa), ours(xb)
+        ya.backward(dy)
+        yb.backward(dy)
+        for name, want, got in _pairs(theirs, ours, ya, yb, xa, xb):
+            assert got.dtype == want.dtype, name
+            t = tol if got.dtype in HALF_TOL else max(tol, 1e-5 if got.dtype == torch.float32 else 0)
+            torch.testing.assert_close(got, want, atol=t * 10, rtol=t, msg=lambda m: f"{name}: {m}")
+        theirs.weight.grad = theirs.bias.grad = ours.weight.grad = ours.bias.grad = None
+    assert calls == ["_contract_forward", "_contract_backward"] * 2 + ["_contract_inference"]
 
 
 # ----------------------------------------------------------------------------- empty batches
@@ -690,7 +759,10 @@ def test_cuda_non_default_stream_is_respected():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_autocast_cnn_tracks_torch(dtype):
     """A CNN under torch.autocast("cuda", dtype) with bnlib's layers follows the one with torch's."""
-    images, targets = (t.cuda() for t in _digits())
+    gen = torch.Generator().manual_seed(0)                # a learnable synthetic task (no sklearn needed)
+    images = torch.randn(1024, 1, 8, 8, generator=gen)
+    targets = (images.flatten(1) @ torch.randn(64, 10, generator=gen)).argmax(1)
+    images, targets = images.cuda(), targets.cuda()
     torch_model = _small_cnn().cuda()
     bnlib_model = bnn.convert_batchnorm(copy.deepcopy(torch_model))
     with torch.autocast("cuda", dtype=dtype):
@@ -698,7 +770,7 @@ def test_cuda_autocast_cnn_tracks_torch(dtype):
         assert h.dtype == dtype and bnlib_model[1](h).dtype == dtype
     loss_torch = _train_losses(torch_model, images, targets, 60, dtype, device="cuda")
     loss_bnlib = _train_losses(bnlib_model, images, targets, 60, dtype, device="cuda")
-    assert loss_bnlib[-10:].mean() < 0.2 * loss_bnlib[0]
+    assert loss_bnlib[-10:].mean() < 0.7 * loss_bnlib[0]
     assert np.abs(loss_bnlib - loss_torch).max() < 0.1
 
 
