@@ -2,7 +2,7 @@
 # bnlib.nn is generated from chapters/06_pytorch.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'convert_batchnorm', 'fold_batch_norm', 'SyncBatchNormFunction', 'SyncBatchNorm']
+__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'convert_batchnorm', 'fold_batch_norm', 'SyncBatchNormFunction', 'SyncBatchNorm', 'sync_batchnorm_check']
 
 import contextlib
 import copy
@@ -485,7 +485,9 @@ class SyncBatchNorm(_BatchNorm):
     torch.nn.SyncBatchNorm's drop-in for CPU tensors (gloo backend).
 
     Args: as BatchNorm1d, plus process_group (default: the whole world).
-    Shape: input (N, C, *spatial); output the same. Processes may hold different batch sizes.
+    Shape: input (N, C, *spatial); output the same. Processes may hold different batch sizes, an
+    empty one included: it still takes part in the exchanges (so no process waits for it forever)
+    and contributes nothing to the statistics, as in torch.nn.SyncBatchNorm.
     Without an initialized process group (or with a group of one process) it is plain batch
     norm, as torch.nn.SyncBatchNorm is.
     """
@@ -526,3 +528,90 @@ class SyncBatchNorm(_BatchNorm):
         for name, child in module.named_children():
             setattr(module, name, cls.convert_sync_batchnorm(child, process_group))
         return module
+
+_TORCH_BN_FOR_NDIM = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+
+
+def _sync_check_worker(rank, splits, shape_tail, momentum, init_file, out_dir):
+    """Process `rank` of sync_batchnorm_check (a module-level function, so that spawn can start it)."""
+    import datetime
+    import os
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(splits[0]),
+                            timeout=datetime.timedelta(seconds=120))
+    worst = []
+    try:
+        for sizes in splits:
+            gen = torch.Generator().manual_seed(len(worst))   # every process builds the same global batch
+            C = 3
+            xs = [torch.randn((n, C) + tuple(shape_tail), generator=gen, dtype=torch.float64) * 2 + 1 for n in sizes]
+            dys = [torch.randn((n, C) + tuple(shape_tail), generator=gen, dtype=torch.float64) for n in sizes]
+            reference = _TORCH_BN_FOR_NDIM[2 + len(shape_tail)](C, momentum=momentum).double()
+            with torch.no_grad():
+                reference.weight.uniform_(0.5, 1.5, generator=gen)
+                reference.bias.normal_(generator=gen)
+            sync = SyncBatchNorm(C, momentum=momentum).double()
+            sync.load_state_dict(reference.state_dict())
+            lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+            diffs = []
+            for _ in range(3):
+                x = xs[rank].clone().requires_grad_()
+                y = sync(x)
+                y.backward(dys[rank])
+                x_all = torch.cat(xs).requires_grad_()
+                y_all = reference(x_all)
+                y_all.backward(torch.cat(dys))
+                grads = [torch.zeros(C, dtype=torch.float64) if p.grad is None else p.grad.clone()
+                         for p in (sync.weight, sync.bias)]           # None on an empty process, as torch
+                for g in grads:
+                    dist.all_reduce(g)                 # summed over processes (DistributedDataParallel averages)
+                diffs += [grads[0] - reference.weight.grad, grads[1] - reference.bias.grad,
+                          sync.running_mean - reference.running_mean, sync.running_var - reference.running_var,
+                          (sync.num_batches_tracked - reference.num_batches_tracked).double()]
+                if sizes[rank]:
+                    diffs += [y - y_all[lo:hi], x.grad - x_all.grad[lo:hi]]
+                for m in (sync, reference):
+                    m.weight.grad = m.bias.grad = None
+            worst.append(max(float(d.detach().abs().max()) for d in diffs))
+        result = worst
+    except Exception as err:                       # reported, so that the caller fails with the reason
+        result = f"process {rank}: {err!r}"
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def sync_batchnorm_check(splits, shape_tail=(), momentum=None, start_method=None, timeout=240):
+    """Check SyncBatchNorm against torch.nn.BatchNorm1d on the concatenated batch, over gloo.
+
+    Starts len(splits[0]) CPU processes with torch.multiprocessing; process r holds splits[k][r]
+    examples (0 allowed) of shape (C=3, *shape_tail) in split k, for 3 training steps per split.
+    start_method: "fork" (fast: nothing to re-import) or "spawn"; by default fork, except where
+    torch sees a GPU, since autograd's GPU threads do not survive a fork.
+    Returns, per split, the largest difference over all processes in outputs, input gradients,
+    summed parameter gradients, running statistics and num_batches_tracked.
+    """
+    import datetime
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+    if len({len(s) for s in splits}) != 1:
+        raise ValueError(f"every split must have one batch size per process, got {splits}")
+    with tempfile.TemporaryDirectory() as tmp:
+        args = (list(splits), tuple(shape_tail), momentum, os.path.join(tmp, "rendezvous"), tmp)
+        if start_method is None:
+            start_method = "spawn" if torch.cuda.is_available() else "fork"
+        context = mp.start_processes(_sync_check_worker, args=args, nprocs=len(splits[0]), join=False,
+                                     start_method=start_method)
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        while not context.join(timeout=1):
+            if datetime.datetime.now() > deadline:
+                for p in context.processes:
+                    p.kill()
+                raise TimeoutError(f"SyncBatchNorm check with splits {splits} did not finish in {timeout} s")
+        reports = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(len(splits[0]))]
+    for report in reports:
+        if isinstance(report, str):
+            raise RuntimeError(report)
+    return [max(per_split) for per_split in zip(*reports)]

@@ -2,7 +2,6 @@
 mixed precision, empty batches, PyTorch's own ModuleInfo samples, and (on a GPU) CUDA tensors."""
 import copy
 import datetime
-import multiprocessing
 import os
 import tempfile
 
@@ -188,60 +187,18 @@ def test_fold_batch_norm_errors():
 
 # ----------------------------------------------------------------------------- SyncBatchNorm
 
-def _sync_worker(rank, sizes, shape_tail, init_file, results):
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(sizes))
-    try:
-        gen = torch.Generator().manual_seed(5)
-        C = 3
-        xs = [torch.randn((n, C) + shape_tail, generator=gen, dtype=torch.float64) * 2 + 1 for n in sizes]
-        dys = [torch.randn((n, C) + shape_tail, generator=gen, dtype=torch.float64) for n in sizes]
-        ref = (torch.nn.BatchNorm1d if len(shape_tail) < 2 else torch.nn.BatchNorm2d)(C, momentum=0.3).double()
-        with torch.no_grad():
-            ref.weight.uniform_(0.5, 1.5, generator=gen)
-            ref.bias.normal_(generator=gen)
-        sync = bnn.SyncBatchNorm(C, momentum=0.3).double()
-        sync.load_state_dict(ref.state_dict())
-        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-        worst = 0.0
-        for _ in range(3):
-            x = xs[rank].clone().requires_grad_()
-            y = sync(x)
-            y.backward(dys[rank])
-            xa = torch.cat(xs).requires_grad_()
-            ya = ref(xa)
-            ya.backward(torch.cat(dys))
-            gw, gb = sync.weight.grad.clone(), sync.bias.grad.clone()
-            torch.distributed.all_reduce(gw)
-            torch.distributed.all_reduce(gb)
-            diffs = [y - ya[lo:hi], x.grad - xa.grad[lo:hi], gw - ref.weight.grad, gb - ref.bias.grad,
-                     sync.running_mean - ref.running_mean, sync.running_var - ref.running_var]
-            worst = max(worst, max(float(d.detach().abs().max()) for d in diffs))
-            assert int(sync.num_batches_tracked) == int(ref.num_batches_tracked)
-            sync.weight.grad = sync.bias.grad = ref.weight.grad = ref.bias.grad = None
-        results.put((rank, worst))
-    except Exception as err:       # report, so the parent fails with the reason
-        results.put((rank, repr(err)))
-    finally:
-        torch.distributed.destroy_process_group()
+@pytest.mark.parametrize("splits, shape_tail", [([(4, 7), (1, 3)], ()), ([(1, 5, 3), (3, 3, 1)], (2, 2))])
+def test_sync_batchnorm_equals_bn_on_the_concatenated_batch(splits, shape_tail):
+    worst = bnn.sync_batchnorm_check(splits, shape_tail)
+    assert max(worst) < 1e-12, worst
 
 
-@pytest.mark.parametrize("sizes, shape_tail", [((4, 7), ()), ((1, 5, 3), ()), ((2, 1), (3, 3)), ((3, 3, 1), (2,))])
-def test_sync_batchnorm_equals_bn_on_the_concatenated_batch(sizes, shape_tail):
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_sync_worker, args=(r, sizes, shape_tail, init, results)) for r in range(len(sizes))]
-        for p in procs:
-            p.start()
-        reports = [results.get(timeout=120) for _ in procs]
-        for p in procs:
-            p.join(timeout=60)
-    for rank, worst in reports:
-        assert not isinstance(worst, str), f"rank {rank}: {worst}"
-        assert worst < 1e-12, f"rank {rank}: difference {worst}"
-    assert all(p.exitcode == 0 for p in procs)
+def test_sync_batchnorm_with_an_empty_rank_spawn_gloo():
+    """3 gloo ranks started by torch.multiprocessing spawn, one with an empty batch in each split:
+    nobody hangs, the others compute what BatchNorm on the concatenated batch computes, and every
+    rank (the empty one too) ends with the global running statistics, as torch.nn.SyncBatchNorm."""
+    worst = bnn.sync_batchnorm_check([(4, 0, 5), (0, 3, 2), (5, 4, 0)], shape_tail=(3,), start_method="spawn")
+    assert max(worst) < 1e-12, worst
 
 
 def test_sync_batchnorm_without_process_group_is_plain_bn():
@@ -578,74 +535,7 @@ def test_pytorch_module_info_samples(name, dtype, training):
                                        msg=lambda m: f"{name}{args}{kwargs} on {tuple(x.shape)}, {what}: {m}")
 
 
-# ----------------------------------------------------------------------------- SyncBatchNorm, one empty rank
-
-def _empty_rank_worker(rank, sizes, init_file, out_dir):
-    """Rank `rank` of len(sizes) gloo processes (started by torch.multiprocessing.spawn)."""
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                         world_size=len(sizes), timeout=datetime.timedelta(seconds=60))
-    try:
-        gen = torch.Generator().manual_seed(7)
-        C = 4
-        xs = [torch.randn((n, C, 3), generator=gen, dtype=torch.float64) * 2 + 1 for n in sizes]
-        dys = [torch.randn((n, C, 3), generator=gen, dtype=torch.float64) for n in sizes]
-        ref = torch.nn.BatchNorm1d(C, momentum=None).double()
-        with torch.no_grad():
-            ref.weight.uniform_(0.5, 1.5, generator=gen)
-            ref.bias.normal_(generator=gen)
-        sync = bnn.SyncBatchNorm(C, momentum=None).double()
-        sync.load_state_dict(ref.state_dict())
-        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-        worst = 0.0
-        for _ in range(3):
-            x = xs[rank].clone().requires_grad_()
-            y = sync(x)
-            y.backward(dys[rank])
-            xa = torch.cat(xs).requires_grad_()
-            ya = ref(xa)
-            ya.backward(torch.cat(dys))
-            grads = [torch.zeros(C, dtype=torch.float64) if p.grad is None else p.grad.clone()
-                     for p in (sync.weight, sync.bias)]                  # None on the empty rank, as torch
-            for g in grads:
-                torch.distributed.all_reduce(g)
-            diffs = [grads[0] - ref.weight.grad, grads[1] - ref.bias.grad,
-                     sync.running_mean - ref.running_mean, sync.running_var - ref.running_var]
-            if sizes[rank]:
-                diffs += [y - ya[lo:hi], x.grad - xa.grad[lo:hi]]
-            else:
-                assert y.shape == x.shape and (x.grad is None or x.grad.numel() == 0)
-            worst = max(worst, max(float(d.detach().abs().max()) for d in diffs))
-            assert int(sync.num_batches_tracked) == int(ref.num_batches_tracked)
-            sync.weight.grad = sync.bias.grad = ref.weight.grad = ref.bias.grad = None
-        result = worst
-    except Exception as err:         # report, so the parent fails with the reason
-        result = repr(err)
-    finally:
-        torch.distributed.destroy_process_group()
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-@pytest.mark.parametrize("sizes", [(4, 0, 5), (0, 3, 2)])
-def test_sync_batchnorm_with_an_empty_rank_spawn_gloo(sizes):
-    """3 gloo ranks started with torch.multiprocessing.spawn, one with an empty batch: nobody hangs,
-    the others compute what BatchNorm1d computes on the concatenated batch, and the empty rank's
-    running statistics are the global ones (as torch.nn.SyncBatchNorm)."""
-    import torch.multiprocessing as tmp_mp
-    with tempfile.TemporaryDirectory() as tmp:
-        init = os.path.join(tmp, "rendezvous")
-        context = tmp_mp.spawn(_empty_rank_worker, args=(sizes, init, tmp), nprocs=len(sizes), join=False)
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=240)
-        while not context.join(timeout=5):
-            if datetime.datetime.now() > deadline:
-                for p in context.processes:
-                    p.kill()
-                pytest.fail(f"SyncBatchNorm with batch sizes {sizes} hung")
-        reports = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(len(sizes))]
-    for rank, worst in enumerate(reports):
-        assert not isinstance(worst, str), f"rank {rank}: {worst}"
-        assert worst < 1e-12, f"rank {rank}: difference {worst}"
-
+# ----------------------------------------------------------------------------- SyncBatchNorm, all ranks empty
 
 def _all_empty_worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
