@@ -551,6 +551,16 @@ def _all_empty_worker(rank, init_file, out_dir):
             result += ("no error",)
         except ValueError as err:
             result += (str(err),)
+        # mixed precision across processes: bfloat16 input, float32 parameters and buffers
+        gen = torch.Generator().manual_seed(3)
+        xs = [(torch.randn(n, 2, 3, generator=gen) * 2 + 1).to(torch.bfloat16) for n in (3, 5)]
+        ref = torch.nn.BatchNorm1d(2)
+        ref.load_state_dict(sync.state_dict())
+        y_ref, y = ref(torch.cat(xs)), sync(xs[rank])
+        lo, hi = (0, 3) if rank == 0 else (3, 8)
+        assert y.dtype == torch.bfloat16 and sync.running_var.dtype == torch.float32
+        result += (float((y.float() - y_ref[lo:hi].float()).abs().max()),
+                   float((sync.running_var - ref.running_var).abs().max()))
     except Exception as err:
         result = repr(err)
     finally:
@@ -558,16 +568,17 @@ def _all_empty_worker(rank, init_file, out_dir):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_sync_batchnorm_all_ranks_empty_or_one_value_spawn_gloo():
+def test_sync_batchnorm_all_ranks_empty_one_value_and_bfloat16_spawn_gloo():
     import torch.multiprocessing as tmp_mp
     with tempfile.TemporaryDirectory() as tmp:
         tmp_mp.spawn(_all_empty_worker, args=(os.path.join(tmp, "rendezvous"), tmp), nprocs=2, join=True)
         reports = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     for report in reports:
         assert not isinstance(report, str), report
-        steps, mean, var, error = report
+        steps, mean, var, error, y_gap, var_gap = report
         assert steps == 1 and mean == [0.0, 0.0] and var == [1.0, 1.0]
         assert "more than 1 value per channel" in error
+        assert y_gap <= 2 * HALF_TOL[torch.bfloat16] * 4 and var_gap < 1e-5, (y_gap, var_gap)
 
 
 # ----------------------------------------------------------------------------- CUDA (run with -k cuda on a GPU)
