@@ -51,6 +51,15 @@ def _for_arrays(t, dtype):
     return _as_array(t if keep else t.to(dtype))
 
 
+def _in_format_of(t, x):
+    """t in x's memory format: torch's layers return channels-last output for channels-last input
+    (NumPy's path may hand back the standard layout; a no-op when t already has x's layout)."""
+    for fmt, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == ndim and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+            return t.contiguous(memory_format=fmt)
+    return t
+
+
 def _torch_kernels(x):
     """True when x is a CUDA tensor and bnlib.cuda has the torch-level kernels (chapter 05)."""
     return x.is_cuda and hasattr(cuda, "forward_torch")
@@ -96,7 +105,7 @@ class BatchNormFunction(torch.autograd.Function):
                 ya, cache = F.batch_norm_forward(_for_arrays(x, acc), _for_arrays(weight, acc),
                                                  _for_arrays(bias, acc), eps=eps)
             ctx.cache, ctx.torch_state = cache, None
-            y, mean, var = _as_tensor(ya).to(x.dtype), _as_tensor(cache.mean), _as_tensor(cache.var)
+            y, mean, var = _in_format_of(_as_tensor(ya).to(x.dtype), x), _as_tensor(cache.mean), _as_tensor(cache.var)
         if stats is not None:
             stats.update(mean=mean, var=var, count=x.numel() // x.shape[1])
         return y
@@ -114,7 +123,7 @@ class BatchNormFunction(torch.autograd.Function):
             with _on_tensor_stream(dy):
                 dx, dgamma, dbeta = (_as_tensor(a) for a in F.batch_norm_backward(dya, ctx.cache))
         need_w, need_b = ctx.param_grads
-        return (dx.to(x.dtype), dgamma.to(ctx.param_dtype) if need_w else None,
+        return (_in_format_of(dx.to(x.dtype), x), dgamma.to(ctx.param_dtype) if need_w else None,
                 dbeta.to(ctx.param_dtype) if need_b else None, None, None)
 
 
@@ -136,7 +145,7 @@ class BatchNormInferenceFunction(torch.autograd.Function):
             scale, shift = _inference_affine(running_mean, running_var, weight, bias, eps, acc, x.dim())
             return (x.to(acc) * scale + shift).to(x.dtype)
         arrays = [_for_arrays(t, acc) for t in (x, running_mean, running_var, weight, bias)]
-        return _as_tensor(F.batch_norm_inference(*arrays, eps)).to(x.dtype)
+        return _in_format_of(_as_tensor(F.batch_norm_inference(*arrays, eps)).to(x.dtype), x)
 
     @staticmethod
     def backward(ctx, dy):
