@@ -78,6 +78,7 @@ def _on_tensor_stream(t):
 
 
 def _params_for_kernels(weight, bias, dtype):
+    """weight and bias (C,) or None, as bnlib.cuda's torch-level kernels take them: in `dtype`."""
     return tuple(None if p is None else p.detach().to(dtype) for p in (weight, bias))
 
 

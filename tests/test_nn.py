@@ -606,7 +606,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get(
                                reason="needs a CUDA GPU; set BNLIB_REQUIRE_GPU=1 to make this a failure")
 
 
-def _cuda_pair(cls_t, cls_b, C, dtype=torch.float32, memory_format=torch.contiguous_format):
+def _cuda_pair(cls_t, cls_b, C, dtype=torch.float32):
     assert torch.cuda.is_available(), "BNLIB_REQUIRE_GPU=1 but torch sees no CUDA GPU"
     gen = torch.Generator().manual_seed(0)
     theirs = cls_t(C)
