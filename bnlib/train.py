@@ -264,14 +264,18 @@ class History:
         return self.test_acc[-1]
 
 
-def accuracy(model, x, y, batch_size=None, batch_stats=False, chunk=2048):
-    """Held-out accuracy per model, (M,).
+def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048):
+    """Held-out accuracy per model, (M,), for x (N, inputs) and labels y (N,).
 
     batch_stats=False: evaluation mode (running statistics). batch_stats=True: the normalization
-    uses the statistics of test batches of ``batch_size`` examples (training-mode normalization),
-    and the layers' state (running statistics included) is restored afterwards.
+    uses the statistics of test batches of ``batch_size`` examples, drawn in a random order fixed
+    by ``seed`` (as training batches are), and the layers' state (running statistics included) is
+    restored afterwards. A last batch of a single example is left out (it has no variance).
     """
     n = y.size
+    if batch_stats:
+        order = np.random.default_rng(seed).permutation(n)
+        x, y = x[..., order, :], y[order]
     correct = np.zeros(model.n_models)
     if batch_stats:
         saved = [layer.state_dict() for layer in model.norm_layers()]
@@ -303,7 +307,8 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0):
     (a cumulative average) and fresh buffers, and ``num_batches`` training batches of
     ``batch_size`` are forwarded; the layers' momentum is restored afterwards.
     """
-    layers = [l for l in model.norm_layers() if getattr(l, "running_mean", None) is not None]
+    layers = [l for l in model.norm_layers()
+              if getattr(l, "running_mean", None) is not None and getattr(l, "running_var", None) is not None]
     rng = np.random.default_rng(seed)
     saved = [l.momentum for l in layers]
     for l in layers:

@@ -198,3 +198,36 @@ def test_batch_stats_accuracy_restores_state_and_precise_bn_gives_population_sta
     np.testing.assert_allclose(layer.running_mean, z.mean(0), rtol=0.05, atol=0.02)
     np.testing.assert_allclose(layer.running_var, z.var(0), rtol=0.1)
     assert layer.momentum == 0.1
+
+
+def test_chapter_full_code_path_runs_on_a_tiny_mnist_fixture(tmp_path, monkeypatch):
+    """Chapter 07 with FULL = True (MNIST, long schedules), shrunk by BNLIB_SMOKE, on tiny IDX files."""
+    import json
+    import os
+    from pathlib import Path
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bnlib import data
+    from test_data import write_mnist_fixture
+
+    root = Path(__file__).resolve().parent.parent
+    table, _ = write_mnist_fixture(tmp_path / "mnist", n_train=300, n_test=60)
+    monkeypatch.setattr(data, "MNIST_FILES", table)
+    monkeypatch.setattr(data, "MNIST_MIRRORS", ())              # no network: the cache must be enough
+    monkeypatch.setenv("BNLIB_DATA", str(tmp_path))              # default root -> tmp_path / "mnist"
+    monkeypatch.setenv("BNLIB_SMOKE", "1")
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(plt, "show", lambda *a, **k: plt.close("all"))
+    nb = json.loads((root / "chapters" / "07_experiments.ipynb").read_text(encoding="utf-8"))
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    assert sum("FULL = False" in c for c in cells) == 1
+    namespace = {"__name__": "chapter07"}
+    for source in cells:
+        if source.lstrip().startswith("#| export") or source.lstrip().startswith("#| default_exp"):
+            continue                                            # the library is imported, not redefined
+        exec(compile(source.replace("FULL = False", "FULL = True"), "chapter07", "exec"), namespace)
+    assert namespace["FULL"] and namespace["SMOKE"] and namespace["D"] == 784
+    assert namespace["x_train"].shape == (300, 784)
