@@ -273,10 +273,14 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
     restored afterwards. A last batch of a single example is left out (it has no variance).
     """
     n = y.size
+    if batch_stats and not (isinstance(batch_size, numbers.Integral) and 2 <= batch_size):
+        raise ValueError(f"batch_stats=True needs batch_size >= 2 (a batch's own statistics), got {batch_size!r}")
+    if batch_stats and n < 2:
+        raise ValueError(f"batch_stats=True needs at least 2 examples, got {n}")
     if batch_stats:
         order = np.random.default_rng(seed).permutation(n)
         x, y = x[..., order, :], y[order]
-    correct = np.zeros(model.n_models)
+    correct, counted = np.zeros(model.n_models), 0
     if batch_stats:
         saved = [layer.state_dict() for layer in model.norm_layers()]
         model.train()
@@ -378,6 +382,11 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
         unknown = sorted(set(trainable) - set(names))
         if unknown:
             raise ValueError(f"trainable names unknown parameters {unknown[:5]}; parameters are {names[:6]}...")
+        for name, p in params:
+            mask = trainable.get(name, False)
+            if not isinstance(mask, bool) and np.shape(mask) != p.shape:
+                raise ValueError(f"trainable[{name!r}] must be True, False or a mask of shape {p.shape}, "
+                                 f"got shape {np.shape(mask)}")
     masks = {name: (None if trainable is None else trainable.get(name, False)) for name in names}
     velocity = {name: np.zeros_like(p) for name, p in params}
     rngs = [np.random.default_rng([seed, m, 1]) for m in range(model.n_models)]

@@ -231,3 +231,23 @@ def test_chapter_full_code_path_runs_on_a_tiny_mnist_fixture(tmp_path, monkeypat
         exec(compile(source.replace("FULL = False", "FULL = True"), "chapter07", "exec"), namespace)
     assert namespace["FULL"] and namespace["SMOKE"] and namespace["D"] == 784
     assert namespace["x_train"].shape == (300, 784)
+
+
+def test_accuracy_and_trainable_reject_bad_arguments():
+    x_train, y_train, x_test, y_test = data = toy_data()
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        train.accuracy(model, x_test, y_test, batch_size=1, batch_stats=True)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        train.accuracy(model, x_test[:1], y_test[:1], batch_size=4, batch_stats=True)
+    with pytest.raises(ValueError, match="mask of shape"):
+        train.fit(model, data, steps=2, lr=0.1, progress=False, trainable={"W0": np.ones((2, 2))})
+    assert model.norm_layers()[0].num_batches_tracked == 0
+
+
+def test_lr_schedule_and_progress_bar(capsys):
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    before = model.weights[0].copy()
+    train.fit(model, toy_data(), steps=3, lr=0.1, lr_schedule=lambda step: 0.0, progress=True)
+    np.testing.assert_array_equal(model.weights[0], before)          # a zero multiplier: no step taken
+    assert "training" in capsys.readouterr().err                     # the tqdm bar, on stderr
