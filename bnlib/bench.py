@@ -1,8 +1,8 @@
 # GENERATED FILE: do not edit.
-# bnlib.bench is generated from chapters/04_numpy.ipynb by tools/export.py.
+# bnlib.bench is generated from chapters/04_numpy.ipynb, chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['CPU_SHAPES', 'SETTLE_S', 'peak_extra_memory', 'bench_cpu', 'format_table', 'environment', 'main']
+__all__ = ['CPU_SHAPES', 'SETTLE_S', 'peak_extra_memory', 'bench_cpu', 'format_table', 'environment', 'main', 'GPU_SHAPES', 'GPU_CONFIGS', 'copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'gpu_environment']
 
 import argparse
 import datetime
@@ -165,6 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="threads for torch and numba (default: torch's)")
     parser.add_argument("--json", metavar="PATH", help="also write the results and the environment as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--compile", action="store_true", help="--gpu: also time torch.compile'd batch norm")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -173,8 +174,9 @@ def main(argv=None) -> int:
         if not cuda.available():
             print("--gpu: no CUDA device visible to CuPy (is CuPy installed and a GPU present?)", file=sys.stderr)
             return 2
-        rows = cuda.bench_gpu(repeats=args.repeats, progress=not args.no_progress)
-        env, table = cuda.gpu_environment(), cuda.format_gpu_table(rows)
+        from bnlib import bench as gpu                # chapter 05 appends bench_gpu to bnlib.bench
+        rows = gpu.bench_gpu(repeats=args.repeats, progress=not args.no_progress, compile=args.compile)
+        env, table = gpu.gpu_environment(), gpu.format_gpu_table(rows)
     else:
         rows = bench_cpu(repeats=args.repeats, threads=args.threads, progress=not args.no_progress)
         env, table = environment(), format_table(rows)
@@ -188,3 +190,203 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__" and "__file__" in globals():   # `python -m bnlib.bench`, not the notebook
     sys.exit(main())
+
+
+GPU_SHAPES = [(256, 64, 56, 56), (256, 256, 14, 14), (64, 128, 28, 28), (32, 32, 112, 112), (128, 1024, 7, 7),
+              (8192, 1024)]
+GPU_CONFIGS = [("float32", "NCHW"), ("float32", "NHWC"), ("float16", "NHWC"), ("bfloat16", "NCHW"),
+               ("bfloat16", "NHWC")]
+
+
+def copy_bandwidth(nbytes=1 << 30, repeats=10):
+    """Measured device-to-device copy bandwidth in bytes/s (bytes read + bytes written per second)."""
+    import torch
+    src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for i in range(repeats + 2):
+        start.record()
+        dst.copy_(src)
+        stop.record()
+        stop.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(stop) / 1e3)
+    return 2 * nbytes / float(np.median(times))
+
+
+def _compiled_batch_norm(torch):
+    """One torch.compile'd training batch norm, reused for every case (dynamic=False: one graph per
+    shape, dtype and layout, as a model would see them); dynamo's recompile limit raised to match."""
+    import torch._dynamo
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+
+    def bn(x, w, b):
+        return torch.nn.functional.batch_norm(x, None, None, w, b, training=True)
+
+    return torch.compile(bn, dynamic=False)
+
+
+def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, progress=True, compile=False,
+              compile_budget_s=60.0):
+    """bnlib.cuda's kernels (forward_torch, backward_torch) against torch.nn.functional.batch_norm
+    (eager, and with compile=True also torch.compile'd) on the same GPU, in one process.
+
+    CUDA events on torch's current stream, warm-up, interleaved repeats, medians; `rotate` different
+    inputs per case, used in turn, and a 256 MB write between timed calls (untimed) that evicts the
+    L2 cache, so that no timing runs on data a previous call left in L2. Each row gives the 8-pass
+    and 5-pass DRAM floors of a training step (passes x tensor bytes / copy bandwidth), the fraction
+    of the 8-pass floor reached, kernel launches per step (bnlib) and the peak extra memory of a step
+    (torch's allocator and CuPy's pool, beyond the inputs; bnlib's includes its cached workspace).
+    Compiling stops after `compile_budget_s` seconds; later cases then have no compiled row.
+    """
+    import time
+
+    import torch
+    from bnlib import cuda
+    try:
+        import cupy
+        pool = cupy.get_default_memory_pool()
+    except ImportError:
+        pool = None
+    bandwidth = copy_bandwidth()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")   # larger than any L2 (50-60 MB on H100/H200)
+    compiled = _compiled_batch_norm(torch) if compile else None
+    compile_spent = 0.0
+
+    def timed(fn):
+        flush.fill_(1)                                 # untimed: evicts what the last call cached
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3
+
+    def peak_extra_mb(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base, pool_base = torch.cuda.memory_allocated(), pool.total_bytes() if pool else 0
+        fn()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base + ((pool.total_bytes() - pool_base) if pool else 0)
+        return extra / 1e6
+
+    rows = []
+    cases = [(s, d, lay) for s in shapes for d, lay in configs if not (len(s) == 2 and lay == "NHWC")]
+    try:
+        from tqdm.auto import tqdm
+        cases_iter = tqdm(cases, desc="GPU benchmark", disable=not progress)
+    except ImportError:
+        cases_iter = cases
+    for shape, dtype, layout in cases_iter:
+        tdtype = getattr(torch, dtype)
+        c = shape[1]
+        fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+        xs = [torch.randn(shape, device="cuda", dtype=tdtype).contiguous(memory_format=fmt) for _ in range(rotate)]
+        dys = [torch.randn(shape, device="cuda", dtype=tdtype).contiguous(memory_format=fmt) for _ in range(rotate)]
+        w = torch.rand(c, device="cuda") + 0.5                 # float32 parameters, as autocast keeps them
+        b = torch.randn(c, device="cuda")
+        xs_req = [x.detach().requires_grad_() for x in xs]     # same storage: same cache state for everyone
+
+        def torch_fwd(i, fn=torch.nn.functional.batch_norm):
+            with torch.no_grad():
+                fn(xs[i], None, None, w, b, training=True)
+
+        def torch_step(i):
+            xs_req[i].grad = None
+            torch.nn.functional.batch_norm(xs_req[i], None, None, w, b, training=True).backward(dys[i])
+
+        def compiled_fwd(i):                                   # the training graph's forward: one
+            compiled(xs_req[i], w, b)                          # compiled graph per case, not two
+
+        def compiled_step(i):
+            xs_req[i].grad = None
+            compiled(xs_req[i], w, b).backward(dys[i])
+
+        def bnlib_fwd(i):
+            cuda.forward_torch(xs[i], w, b, 1e-5)
+
+        def bnlib_step(i):
+            _, mean, _, inv_std = cuda.forward_torch(xs[i], w, b, 1e-5)
+            cuda.backward_torch(dys[i], xs[i], mean, inv_std, w)
+
+        impls = {"torch": (torch_fwd, torch_step), "bnlib": (bnlib_fwd, bnlib_step)}
+        if compiled is not None and compile_spent < compile_budget_s:
+            t0 = time.perf_counter()
+            try:
+                for i in range(rotate):
+                    compiled_fwd(i), compiled_step(i)
+                torch.cuda.synchronize()
+                impls["torch.compile"] = (compiled_fwd, compiled_step)
+            except Exception as exc:                           # report, keep benchmarking the others
+                print(f"torch.compile failed on {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
+            compile_spent += time.perf_counter() - t0
+        times = {k: ([], []) for k in impls}
+        torch.cuda.synchronize()
+        for fwd, step in impls.values():
+            for i in range(rotate):
+                fwd(i), step(i)
+        for r in range(repeats):
+            i, j = r % rotate, (r + rotate // 2) % rotate     # the step runs on other data than the forward
+            for name, (fwd, step) in impls.items():
+                times[name][0].append(timed(lambda: fwd(i)))
+                times[name][1].append(timed(lambda: step(j)))
+        launches = []
+        real_launch = cuda._launch
+        cuda._launch = lambda *a: (launches.append(a[1]), real_launch(*a))
+        try:
+            bnlib_step(0)
+        finally:
+            cuda._launch = real_launch
+        nbytes = xs[0].numel() * xs[0].element_size()
+        floor8, floor5 = 8 * nbytes / bandwidth, 5 * nbytes / bandwidth
+        base = [float(np.median(t)) for t in times["torch"]]
+        for name, (tf, ts) in times.items():
+            f, s = float(np.median(tf)), float(np.median(ts))
+            extra = peak_extra_mb(lambda: impls[name][1](0))
+            if name == "bnlib":
+                extra += cuda.workspace_bytes() / 1e6
+            rows.append({"shape": list(shape), "dtype": dtype, "layout": layout, "impl": name,
+                         "forward_ms": 1e3 * f, "step_ms": 1e3 * s, "forward_ratio": f / base[0],
+                         "step_ratio": s / base[1], "floor_ms": 1e3 * floor8, "floor5_ms": 1e3 * floor5,
+                         "floor_fraction": floor8 / s, "tensor_mb": nbytes / 1e6,
+                         "copy_bandwidth_gbs": bandwidth / 1e9, "peak_extra_mb": extra,
+                         "launches_per_step": len(launches) if name == "bnlib" else None})
+        del xs, dys, xs_req
+    return rows
+
+
+def format_gpu_table(rows) -> str:
+    """The GPU rows as a table; step/torch is the step time over torch eager's (lower is better)."""
+    lines = [f"{'shape':>20} {'dtype':>8} {'layout':>6} {'impl':>13} {'fwd ms':>8} {'step ms':>8} "
+             f"{'step/torch':>10} {'8-pass ms':>9} {'of floor':>8} {'launches':>8} {'extra MB':>9}"]
+    for r in rows:
+        launches = r.get("launches_per_step")
+        extra = r.get("peak_extra_mb")
+        lines.append(f"{str(tuple(r['shape'])):>20} {r['dtype']:>8} {r['layout']:>6} {r['impl']:>13} "
+                     f"{r['forward_ms']:8.3f} {r['step_ms']:8.3f} {r['step_ratio']:10.2f} "
+                     f"{r['floor_ms']:9.3f} {r['floor_fraction']:8.0%} {'' if launches is None else launches:>8} "
+                     f"{'' if extra is None else f'{extra:.1f}':>9}")
+    return "\n".join(lines)
+
+
+def gpu_environment() -> dict:
+    """Card, date and versions of a GPU run (recorded with its results)."""
+    import datetime
+
+    import torch
+    from bnlib import cuda
+    env = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+           "design": cuda.KERNEL_DESIGN,
+           "torch": torch.__version__, "cuda_torch": torch.version.cuda, "numpy": np.__version__}
+    try:
+        import cupy
+        env.update(cupy=cupy.__version__, cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
+                   driver=cupy.cuda.runtime.driverGetVersion())
+    except ImportError:
+        pass
+    return env

@@ -2,57 +2,109 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_SOURCE', 'available', 'cupy_stream', 'supports', 'module', 'kernel', 'accumulation_dtype', 'is_channels_last', 'as_layout', 'forward', 'backward', 'GPU_SHAPES', 'GPU_CONFIGS', 'copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'gpu_environment']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
+import contextlib
+import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
-KERNEL_SOURCE = r"""
-// Batch-norm kernels for bnlib.cuda. T is the storage type (__half, float, double); A the
-// accumulation type (float for __half and float, double for double). Two layouts:
-//   "ncl": (N, C, L) C-contiguous with L > 1 (NCHW): a channel is N runs of L contiguous values;
-//   "mc":  (M, C) C-contiguous (NHWC viewed as (N*H*W, C), or a 2-D (N, C) input): a channel is
-//          a column with stride C.
+KERNEL_DESIGN = 2        # the second design (6 launches per step); recorded with results
+
+KERNEL_COMMON = r"""
+// Batch-norm kernels for bnlib.cuda, second design. T is the storage type (__half, bf16_t, float,
+// double), A the accumulation type (float, or double for double data). V values of T make one
+// 16-byte vector load (V = 1: the scalar fallback for unaligned data). Two ways to walk a tensor:
+//   planes: (N, C, L) C-contiguous with large L (NCHW): block (c, b, s) owns channel c and walks
+//           planes n = b, b + B, ... and, inside each plane, its segment s of L/V vectors;
+//   cols:   the tensor as rows of Wf columns (NHWC (M, C), 2-D (N, C), or NCHW with a small L as
+//           (N, C*L)), rows folded so that Wf is a multiple of V and >= 16 V: a thread owns V fixed
+//           columns (so fixed channels: no per-element division) and walks rows.
 #include <cuda_fp16.h>
+
+struct bf16_t { unsigned short bits; };        // bfloat16 storage: the top half of a float32
 
 template <typename T> struct Acc { typedef float type; };
 template <> struct Acc<double> { typedef double type; };
 
-template <typename T> __device__ __forceinline__ typename Acc<T>::type to_acc(T v) { return v; }
-template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v) { return v; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(bf16_t v) { return __uint_as_float(((unsigned int)v.bits) << 16); }
 
-// Chan, Golub & LeVeque: merge (nb, mb, qb) into (n, m, q); counts are kept in A to avoid overflow.
+template <typename T> struct Store;
+template <> struct Store<float> { static __device__ __forceinline__ float from(float v) { return v; } };
+template <> struct Store<double> { static __device__ __forceinline__ double from(double v) { return v; } };
+template <> struct Store<__half> { static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); } };
+template <> struct Store<bf16_t> {
+    // round to nearest even, as torch does; NaN stays a (quiet) NaN
+    static __device__ __forceinline__ bf16_t from(float v) {
+        unsigned int u = __float_as_uint(v);
+        bf16_t r;
+        if ((u & 0x7fffffffu) > 0x7f800000u) { r.bits = (unsigned short)((u >> 16) | 0x40u); return r; }
+        u += 0x7fffu + ((u >> 16) & 1u);
+        r.bits = (unsigned short)(u >> 16);
+        return r;
+    }
+};
+
+template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T v[V]; };
+
+#define PLANE_THREADS 256   // planes kernels: 1-D blocks of 256 threads
+#define TX 16               // cols kernels: 16 x 16 blocks, 16 vector columns by 16 row groups
+#define TY 16
+#define UNROLL 4            // vectors loaded before any arithmetic
+#define FINALIZE_THREADS 256  // finalize kernels: one block of 256 threads per channel
+
+// Chan, Golub & LeVeque: merge the moments (nb, mb, qb) into (n, m, q).
 template <typename A>
 __device__ __forceinline__ void chan_merge(A& n, A& m, A& q, A nb, A mb, A qb) {
-    A total = n + nb;
     if (nb == A(0)) return;
-    A delta = mb - m;
-    A wb = nb / total;
+    const A total = n + nb;
+    const A delta = mb - m;
+    const A wb = nb / total;
     m += delta * wb;
     q += qb + delta * delta * n * wb;
     n = total;
 }
 
+// A thread sums d = x - K and d * d with K its own first value (shifted data: no division per
+// value, and no cancellation while K is within a few standard deviations of the thread's values);
+// here the sums become moments (count, mean, M2).
 template <typename A>
-__device__ __forceinline__ void welford_step(A& n, A& m, A& q, A v) {
-    n += A(1);
-    A delta = v - m;
-    m += delta / n;
-    q += delta * (v - m);
+__device__ __forceinline__ void shifted_to_moments(A cnt, A shift, A s1, A s2, A& n, A& m, A& q) {
+    n = cnt;
+    m = A(0);
+    q = A(0);
+    if (cnt > A(0)) {
+        const A d = s1 / cnt;
+        m = shift + d;
+        q = s2 - s1 * d;
+        if (q < A(0)) q = A(0);
+    }
 }
 
-// Merge the (n, m, q) of every thread of a 1-D block; thread 0 ends with the block's moments.
+template <typename T, int V, typename A>
+__device__ __forceinline__ void add_shifted(const Vec<T, V>& a, A shift, A& s1, A& s2) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const A d = to_acc(a.v[k]) - shift;
+        s1 += d;
+        s2 += d * d;
+    }
+}
+
+// Merge the moments of every thread of a 1-D block (<= 1024 threads); thread 0 ends with the result.
 template <typename A>
 __device__ void block_merge(A& n, A& m, A& q) {
     __shared__ A sn[32], sm[32], sq[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int off = 16; off > 0; off >>= 1) {
-        A n2 = __shfl_down_sync(0xffffffffu, n, off);
-        A m2 = __shfl_down_sync(0xffffffffu, m, off);
-        A q2 = __shfl_down_sync(0xffffffffu, q, off);
+        const A n2 = __shfl_down_sync(0xffffffffu, n, off);
+        const A m2 = __shfl_down_sync(0xffffffffu, m, off);
+        const A q2 = __shfl_down_sync(0xffffffffu, q, off);
         chan_merge(n, m, q, n2, m2, q2);
     }
     if (lane == 0) { sn[warp] = n; sm[warp] = m; sq[warp] = q; }
@@ -63,174 +115,638 @@ __device__ void block_merge(A& n, A& m, A& q) {
         m = lane < warps ? sm[lane] : A(0);
         q = lane < warps ? sq[lane] : A(0);
         for (int off = 16; off > 0; off >>= 1) {
-            A n2 = __shfl_down_sync(0xffffffffu, n, off);
-            A m2 = __shfl_down_sync(0xffffffffu, m, off);
-            A q2 = __shfl_down_sync(0xffffffffu, q, off);
+            const A n2 = __shfl_down_sync(0xffffffffu, n, off);
+            const A m2 = __shfl_down_sync(0xffffffffu, m, off);
+            const A q2 = __shfl_down_sync(0xffffffffu, q, off);
             chan_merge(n, m, q, n2, m2, q2);
         }
     }
 }
 
-// Forward, pass 1, layout "ncl". grid = (C, B), 1-D blocks. Block (c, b) runs Welford over the
-// elements k = b*blockDim + t, stepping by blockDim*B, of channel c (K = N*L of them), and writes
-// its moments to partial[c*B + b].
-template <typename T>
-__global__ void bn_partial_ncl(const T* __restrict__ x, long long N, long long C, long long L,
-                               typename Acc<T>::type* __restrict__ pn, typename Acc<T>::type* __restrict__ pm,
-                               typename Acc<T>::type* __restrict__ pq) {
-    typedef typename Acc<T>::type A;
-    const long long c = blockIdx.x, B = gridDim.y, K = N * L;
-    A n = 0, m = 0, q = 0;
-    for (long long k = (long long)blockIdx.y * blockDim.x + threadIdx.x; k < K; k += (long long)blockDim.x * B) {
-        const long long i = (k / L) * C * L + c * L + (k % L);
-        welford_step(n, m, q, to_acc(x[i]));
-    }
-    block_merge(n, m, q);
-    if (threadIdx.x == 0) { pn[c * B + blockIdx.y] = n; pm[c * B + blockIdx.y] = m; pq[c * B + blockIdx.y] = q; }
-}
-
-// Forward, pass 1, layout "mc". grid = (ceil(C/32), B), blocks of (32, 8): threadIdx.x walks
-// channels (coalesced), threadIdx.y rows. The 8 row-groups of a block are merged in shared memory.
-template <typename T>
-__global__ void bn_partial_mc(const T* __restrict__ x, long long M, long long C,
-                              typename Acc<T>::type* __restrict__ pn, typename Acc<T>::type* __restrict__ pm,
-                              typename Acc<T>::type* __restrict__ pq) {
-    typedef typename Acc<T>::type A;
-    __shared__ A sn[8][33], sm[8][33], sq[8][33];
-    const long long c = (long long)blockIdx.x * 32 + threadIdx.x, B = gridDim.y;
-    A n = 0, m = 0, q = 0;
-    if (c < C) {
-        for (long long r = (long long)blockIdx.y * 8 + threadIdx.y; r < M; r += 8 * B)
-            welford_step(n, m, q, to_acc(x[r * C + c]));
-    }
-    sn[threadIdx.y][threadIdx.x] = n; sm[threadIdx.y][threadIdx.x] = m; sq[threadIdx.y][threadIdx.x] = q;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-        for (int j = 1; j < 8; ++j) chan_merge(n, m, q, sn[j][threadIdx.x], sm[j][threadIdx.x], sq[j][threadIdx.x]);
-        pn[c * B + blockIdx.y] = n; pm[c * B + blockIdx.y] = m; pq[c * B + blockIdx.y] = q;
-    }
-}
-
-// Forward, finalize: one thread per channel merges its B partials in order (Chan), then writes
-// mean, biased variance and 1/sqrt(var + eps).
-template <typename A>
-__global__ void bn_finalize(const A* __restrict__ pn, const A* __restrict__ pm, const A* __restrict__ pq,
-                            long long C, long long B, double eps,
-                            A* __restrict__ mean, A* __restrict__ var, A* __restrict__ inv_std) {
-    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    A n = 0, m = 0, q = 0;
-    for (long long b = 0; b < B; ++b) chan_merge(n, m, q, pn[c * B + b], pm[c * B + b], pq[c * B + b]);
-    const A v = q / n;
-    mean[c] = m;
-    var[c] = v;
-    inv_std[c] = A(1) / sqrt(v + A(eps));
-}
-
-// Forward, pass 2: y = (x - mean[c]) * scale[c] + shift[c], grid-stride over all elements.
-// For "ncl" the channel of element i is (i / L) % C; for "mc" (pass L = 1) it is i % C.
-template <typename T>
-__global__ void bn_normalize(const T* __restrict__ x, T* __restrict__ y, long long total, long long C, long long L,
-                             const typename Acc<T>::type* __restrict__ mean,
-                             const typename Acc<T>::type* __restrict__ scale,
-                             const typename Acc<T>::type* __restrict__ shift) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)blockDim.x * gridDim.x) {
-        const long long c = (i / L) % C;
-        y[i] = from_acc<T>((to_acc(x[i]) - mean[c]) * scale[c] + shift[c]);
-    }
-}
-
-// Backward, pass 1: per-channel partial sums of dy and dy * (x - mean), same two layouts.
+// Sum two values over a 1-D block; thread 0 ends with the totals.
 template <typename A>
 __device__ void block_sum2(A& s, A& t) {
     __shared__ A ss[32], st[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int off = 16; off > 0; off >>= 1) { s += __shfl_down_sync(0xffffffffu, s, off); t += __shfl_down_sync(0xffffffffu, t, off); }
+    for (int off = 16; off > 0; off >>= 1) {
+        s += __shfl_down_sync(0xffffffffu, s, off);
+        t += __shfl_down_sync(0xffffffffu, t, off);
+    }
     if (lane == 0) { ss[warp] = s; st[warp] = t; }
     __syncthreads();
     const int warps = (blockDim.x + 31) >> 5;
     if (warp == 0) {
         s = lane < warps ? ss[lane] : A(0);
         t = lane < warps ? st[lane] : A(0);
-        for (int off = 16; off > 0; off >>= 1) { s += __shfl_down_sync(0xffffffffu, s, off); t += __shfl_down_sync(0xffffffffu, t, off); }
-    }
-}
-
-template <typename T>
-__global__ void bn_backward_partial_ncl(const T* __restrict__ dy, const T* __restrict__ x, long long N, long long C,
-                                        long long L, const typename Acc<T>::type* __restrict__ mean,
-                                        typename Acc<T>::type* __restrict__ psum, typename Acc<T>::type* __restrict__ pdot) {
-    typedef typename Acc<T>::type A;
-    const long long c = blockIdx.x, B = gridDim.y, K = N * L;
-    const A mu = mean[c];
-    A s = 0, t = 0;
-    for (long long k = (long long)blockIdx.y * blockDim.x + threadIdx.x; k < K; k += (long long)blockDim.x * B) {
-        const long long i = (k / L) * C * L + c * L + (k % L);
-        const A g = to_acc(dy[i]);
-        s += g;
-        t += g * (to_acc(x[i]) - mu);
-    }
-    block_sum2(s, t);
-    if (threadIdx.x == 0) { psum[c * B + blockIdx.y] = s; pdot[c * B + blockIdx.y] = t; }
-}
-
-template <typename T>
-__global__ void bn_backward_partial_mc(const T* __restrict__ dy, const T* __restrict__ x, long long M, long long C,
-                                       const typename Acc<T>::type* __restrict__ mean,
-                                       typename Acc<T>::type* __restrict__ psum, typename Acc<T>::type* __restrict__ pdot) {
-    typedef typename Acc<T>::type A;
-    __shared__ A ss[8][33], st[8][33];
-    const long long c = (long long)blockIdx.x * 32 + threadIdx.x, B = gridDim.y;
-    A s = 0, t = 0;
-    if (c < C) {
-        const A mu = mean[c];
-        for (long long r = (long long)blockIdx.y * 8 + threadIdx.y; r < M; r += 8 * B) {
-            const A g = to_acc(dy[r * C + c]);
-            s += g;
-            t += g * (to_acc(x[r * C + c]) - mu);
+        for (int off = 16; off > 0; off >>= 1) {
+            s += __shfl_down_sync(0xffffffffu, s, off);
+            t += __shfl_down_sync(0xffffffffu, t, off);
         }
     }
-    ss[threadIdx.y][threadIdx.x] = s; st[threadIdx.y][threadIdx.x] = t;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-        for (int j = 1; j < 8; ++j) { s += ss[j][threadIdx.x]; t += st[j][threadIdx.x]; }
-        psum[c * B + blockIdx.y] = s; pdot[c * B + blockIdx.y] = t;
-    }
 }
 
-// Backward, pass 2: dx = a[c] * dy + b[c] * (x - mean[c]) + k[c], grid-stride.
-template <typename T>
-__global__ void bn_backward_dx(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, long long total,
-                               long long C, long long L, const typename Acc<T>::type* __restrict__ mean,
-                               const typename Acc<T>::type* __restrict__ a, const typename Acc<T>::type* __restrict__ b,
-                               const typename Acc<T>::type* __restrict__ k) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)blockDim.x * gridDim.x) {
-        const long long c = (i / L) % C;
-        dx[i] = from_acc<T>(a[c] * to_acc(dy[i]) + b[c] * (to_acc(x[i]) - mean[c]) + k[c]);
-    }
-}
+// The channel of column `col` of a cols walk: rows of the original tensor are W = C * L wide, and
+// a folded row holds Wf / W of them. One division per column a thread owns, not per value.
+__device__ __forceinline__ int column_channel(int col, int W, int L) { return (col % W) / L; }
 
-// Explicit instantiations, so that nvcc checks every variant (CuPy's RawModule names them).
-#ifdef BNLIB_INSTANTIATE
-#define INST(T) \
-    template __global__ void bn_partial_ncl<T>(const T*, long long, long long, long long, Acc<T>::type*, Acc<T>::type*, Acc<T>::type*); \
-    template __global__ void bn_partial_mc<T>(const T*, long long, long long, Acc<T>::type*, Acc<T>::type*, Acc<T>::type*); \
-    template __global__ void bn_normalize<T>(const T*, T*, long long, long long, long long, const Acc<T>::type*, const Acc<T>::type*, const Acc<T>::type*); \
-    template __global__ void bn_backward_partial_ncl<T>(const T*, const T*, long long, long long, long long, const Acc<T>::type*, Acc<T>::type*, Acc<T>::type*); \
-    template __global__ void bn_backward_partial_mc<T>(const T*, const T*, long long, long long, const Acc<T>::type*, Acc<T>::type*, Acc<T>::type*); \
-    template __global__ void bn_backward_dx<T>(const T*, const T*, T*, long long, long long, long long, const Acc<T>::type*, const Acc<T>::type*, const Acc<T>::type*, const Acc<T>::type*);
-INST(__half)
-INST(float)
-INST(double)
-template __global__ void bn_finalize<float>(const float*, const float*, const float*, long long, long long, double, float*, float*, float*);
-template __global__ void bn_finalize<double>(const double*, const double*, const double*, long long, long long, double, double*, double*, double*);
-#endif
+// The per-channel affine map of the normalize pass, y = (x - mu) * a + beta, from either the batch
+// statistics (stat = inv_std) or the running ones (from_var: stat = running variance).
+template <typename A>
+__device__ __forceinline__ void channel_coefficients(int c, const A* __restrict__ mean, const A* __restrict__ stat,
+                                                     const A* __restrict__ weight, const A* __restrict__ bias, A eps,
+                                                     int from_var, A& mu, A& a, A& beta) {
+    mu = mean[c];
+    const A inv = from_var ? A(1) / sqrt(stat[c] + eps) : stat[c];
+    a = weight ? weight[c] * inv : inv;
+    beta = bias ? bias[c] : A(0);
+}
 """
 
-_TYPES = {"float16": "__half", "float32": "float", "float64": "double"}
-_KERNELS = ("bn_partial_ncl", "bn_partial_mc", "bn_normalize", "bn_backward_partial_ncl",
-            "bn_backward_partial_mc", "bn_backward_dx")
-_module = None
+
+KERNEL_STATS = r"""
+// Forward, pass 1 (planes): block (c, b, s) reduces its planes' segment to one partial (n, mean, M2),
+// stored at j = (b * S + s) * C + c of the three arrays part[0:P], part[P:2P], part[2P:3P].
+template <typename T, int V>
+__global__ void __launch_bounds__(PLANE_THREADS)
+bn_stats_planes(const T* __restrict__ x, int N, int C, long long LV, long long seg,
+                typename Acc<T>::type* __restrict__ part, long long P) {
+    typedef typename Acc<T>::type A;
+    const int c = blockIdx.x;
+    const long long lo = (long long)blockIdx.z * seg;
+    const long long hi = min(LV, lo + seg);
+    const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
+    A shift = A(0), s1 = A(0), s2 = A(0), cnt = A(0);
+    if ((int)blockIdx.y < N && lo + (long long)threadIdx.x < hi)
+        shift = to_acc(xv[((long long)blockIdx.y * C + c) * LV + lo + threadIdx.x].v[0]);
+    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+        const Vec<T, V>* __restrict__ p = xv + ((long long)n * C + c) * LV;
+        long long i = lo + threadIdx.x;
+        for (; i + (UNROLL - 1) * PLANE_THREADS < hi; i += UNROLL * PLANE_THREADS) {
+            Vec<T, V> a[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) a[u] = p[i + u * PLANE_THREADS];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) add_shifted(a[u], shift, s1, s2);
+            cnt += A(UNROLL * V);
+        }
+        for (; i < hi; i += PLANE_THREADS) {
+            add_shifted(p[i], shift, s1, s2);
+            cnt += A(V);
+        }
+    }
+    A n, m, q;
+    shifted_to_moments(cnt, shift, s1, s2, n, m, q);
+    block_merge(n, m, q);
+    if (threadIdx.x == 0) {
+        const long long j = ((long long)blockIdx.y * gridDim.z + blockIdx.z) * C + c;
+        part[j] = n;
+        part[P + j] = m;
+        part[2 * P + j] = q;
+    }
+}
+
+// Forward, pass 1 (cols): thread (tx, ty) of block (bx, b) owns vector column vc = bx * TX + tx
+// (columns col0 = vc * V ... col0 + V - 1) and rows r = b * TY + ty, stepping by TY * gridDim.y.
+// Rows 0 .. Rfull - 1 are full; row Rfull (if total % Wf != 0) is partial. The TY row groups are
+// merged in shared memory; the block writes one partial per column at b * Wf + column.
+template <typename T, int V>
+__global__ void __launch_bounds__(TX * TY)
+bn_stats_cols(const T* __restrict__ x, long long total, long long Rfull, int Wf,
+              typename Acc<T>::type* __restrict__ part, long long P) {
+    typedef typename Acc<T>::type A;
+    __shared__ A sn[TY][TX], sm[TY][TX], sq[TY][TX];
+    const int vc = blockIdx.x * TX + threadIdx.x;
+    const int col0 = vc * V;
+    const bool active = col0 < Wf;
+    const long long step = (long long)TY * gridDim.y;
+    const long long r0 = (long long)blockIdx.y * TY + threadIdx.y;
+    A shift[V], s1[V], s2[V], cnt[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const long long first = r0 * Wf + col0 + k;
+        shift[k] = (active && first < total) ? to_acc(x[first]) : A(0);
+        s1[k] = A(0); s2[k] = A(0); cnt[k] = A(0);
+    }
+    if (active) {
+        const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
+        const long long vw = Wf / V;
+        long long r = r0;
+        for (; r + (UNROLL - 1) * step < Rfull; r += UNROLL * step) {
+            Vec<T, V> a[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) a[u] = xv[(r + u * step) * vw + vc];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const A d = to_acc(a[u].v[k]) - shift[k];
+                    s1[k] += d; s2[k] += d * d;
+                }
+#pragma unroll
+            for (int k = 0; k < V; ++k) cnt[k] += A(UNROLL);
+        }
+        for (; r < Rfull; r += step) {
+            const Vec<T, V> a = xv[r * vw + vc];
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const A d = to_acc(a.v[k]) - shift[k];
+                s1[k] += d; s2[k] += d * d; cnt[k] += A(1);
+            }
+        }
+        if (r == Rfull) {                     // the partial last row, if any, is this thread's
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const long long i = r * Wf + col0 + k;
+                if (i < total) {
+                    const A d = to_acc(x[i]) - shift[k];
+                    s1[k] += d; s2[k] += d * d; cnt[k] += A(1);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        A n, m, q;
+        shifted_to_moments(cnt[k], shift[k], s1[k], s2[k], n, m, q);
+        sn[threadIdx.y][threadIdx.x] = n; sm[threadIdx.y][threadIdx.x] = m; sq[threadIdx.y][threadIdx.x] = q;
+        __syncthreads();
+        if (threadIdx.y == 0 && active) {
+            for (int j = 1; j < TY; ++j) chan_merge(n, m, q, sn[j][threadIdx.x], sm[j][threadIdx.x], sq[j][threadIdx.x]);
+            const long long p = (long long)blockIdx.y * Wf + col0 + k;
+            part[p] = n;
+            part[P + p] = m;
+            part[2 * P + p] = q;
+        }
+        __syncthreads();
+    }
+}
+
+// Where the i-th of a channel's Q partials lies. planes: GL = L = 1, Wf = W = C, so j = i * C + c.
+// cols: i = (b, f, l) with f < Wf / W (folded rows) and l < L, at column f * W + c * L + l of row b.
+__device__ __forceinline__ long long partial_index(long long i, int c, long long GL, long long L, long long Wf,
+                                                   long long W) {
+    const long long b = i / GL, rem = i - b * GL, f = rem / L, l = rem - f * L;
+    return b * Wf + f * W + (long long)c * L + l;
+}
+
+// Forward, finalize: block c merges channel c's Q partials in a fixed order (deterministic), and
+// writes mean[c], the biased variance var[c] and inv_std[c] = 1 / sqrt(var + eps).
+template <typename A>
+__global__ void __launch_bounds__(FINALIZE_THREADS)
+bn_stats_finalize(const A* __restrict__ part, long long P, long long Q, long long GL, long long L, long long Wf,
+                  long long W, int C, A eps, A* __restrict__ mean, A* __restrict__ var,
+                  A* __restrict__ inv_std) {
+    const int c = blockIdx.x;
+    A n = A(0), m = A(0), q = A(0);
+    for (long long i0 = threadIdx.x; i0 < Q; i0 += UNROLL * (long long)blockDim.x) {
+        A pn[UNROLL], pm[UNROLL], pq[UNROLL];      // UNROLL partials loaded before merging any
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const long long i = i0 + u * (long long)blockDim.x;
+            pn[u] = A(0); pm[u] = A(0); pq[u] = A(0);
+            if (i < Q) {
+                const long long j = partial_index(i, c, GL, L, Wf, W);
+                pn[u] = part[j]; pm[u] = part[P + j]; pq[u] = part[2 * P + j];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) chan_merge(n, m, q, pn[u], pm[u], pq[u]);
+    }
+    block_merge(n, m, q);
+    if (threadIdx.x == 0 && c < C) {
+        const A v = n > A(0) ? q / n : A(0);
+        mean[c] = m;
+        var[c] = v;
+        inv_std[c] = A(1) / sqrt(v + eps);
+    }
+}
+"""
+
+
+KERNEL_APPLY = r"""
+// Forward, pass 2 (and the whole eval forward): y = (x - mu) * a + beta with the channel's
+// coefficients in registers (channel_coefficients), one FMA per value, same walks as pass 1.
+template <typename T, int V>
+__global__ void __launch_bounds__(PLANE_THREADS)
+bn_apply_planes(const T* __restrict__ x, T* __restrict__ y, int N, int C, long long LV, long long seg,
+                const typename Acc<T>::type* __restrict__ mean, const typename Acc<T>::type* __restrict__ stat,
+                const typename Acc<T>::type* __restrict__ weight, const typename Acc<T>::type* __restrict__ bias,
+                typename Acc<T>::type eps, int from_var) {
+    typedef typename Acc<T>::type A;
+    const int c = blockIdx.x;
+    A mu, a, beta;
+    channel_coefficients(c, mean, stat, weight, bias, eps, from_var, mu, a, beta);
+    const long long lo = (long long)blockIdx.z * seg;
+    const long long hi = min(LV, lo + seg);
+    const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
+    Vec<T, V>* __restrict__ yv = reinterpret_cast<Vec<T, V>*>(y);
+    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+        const long long base = ((long long)n * C + c) * LV;
+        long long i = lo + threadIdx.x;
+        for (; i + (UNROLL - 1) * PLANE_THREADS < hi; i += UNROLL * PLANE_THREADS) {
+            Vec<T, V> v[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) v[u] = xv[base + i + u * PLANE_THREADS];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                Vec<T, V> o;
+#pragma unroll
+                for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from((to_acc(v[u].v[k]) - mu) * a + beta);
+                yv[base + i + u * PLANE_THREADS] = o;
+            }
+        }
+        for (; i < hi; i += PLANE_THREADS) {
+            const Vec<T, V> v = xv[base + i];
+            Vec<T, V> o;
+#pragma unroll
+            for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from((to_acc(v.v[k]) - mu) * a + beta);
+            yv[base + i] = o;
+        }
+    }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(TX * TY)
+bn_apply_cols(const T* __restrict__ x, T* __restrict__ y, long long total, long long Rfull, int Wf, int W, int L,
+              const typename Acc<T>::type* __restrict__ mean, const typename Acc<T>::type* __restrict__ stat,
+              const typename Acc<T>::type* __restrict__ weight, const typename Acc<T>::type* __restrict__ bias,
+              typename Acc<T>::type eps, int from_var) {
+    typedef typename Acc<T>::type A;
+    const int vc = blockIdx.x * TX + threadIdx.x;
+    const int col0 = vc * V;
+    if (col0 >= Wf) return;
+    A mu[V], a[V], beta[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+        channel_coefficients(column_channel(col0 + k, W, L), mean, stat, weight, bias, eps, from_var, mu[k], a[k], beta[k]);
+    const long long step = (long long)TY * gridDim.y;
+    const long long vw = Wf / V;
+    const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
+    Vec<T, V>* __restrict__ yv = reinterpret_cast<Vec<T, V>*>(y);
+    long long r = (long long)blockIdx.y * TY + threadIdx.y;
+    for (; r + (UNROLL - 1) * step < Rfull; r += UNROLL * step) {
+        Vec<T, V> v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) v[u] = xv[(r + u * step) * vw + vc];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            Vec<T, V> o;
+#pragma unroll
+            for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from((to_acc(v[u].v[k]) - mu[k]) * a[k] + beta[k]);
+            yv[(r + u * step) * vw + vc] = o;
+        }
+    }
+    for (; r < Rfull; r += step) {
+        const Vec<T, V> v = xv[r * vw + vc];
+        Vec<T, V> o;
+#pragma unroll
+        for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from((to_acc(v.v[k]) - mu[k]) * a[k] + beta[k]);
+        yv[r * vw + vc] = o;
+    }
+    if (r == Rfull) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const long long i = r * Wf + col0 + k;
+            if (i < total) y[i] = Store<T>::from((to_acc(x[i]) - mu[k]) * a[k] + beta[k]);
+        }
+    }
+}
+"""
+
+
+KERNEL_BACKWARD = r"""
+// Backward, pass 1: per-channel partial sums of dy and dy * (x - mean), same walks and partial
+// layout as forward pass 1 (two arrays: part[0:P] and part[P:2P]).
+template <typename T, int V>
+__global__ void __launch_bounds__(PLANE_THREADS)
+bn_backward_reduce_planes(const T* __restrict__ dy, const T* __restrict__ x, int N, int C, long long LV,
+                          long long seg, const typename Acc<T>::type* __restrict__ mean,
+                          typename Acc<T>::type* __restrict__ part, long long P) {
+    typedef typename Acc<T>::type A;
+    const int c = blockIdx.x;
+    const A mu = mean[c];
+    const long long lo = (long long)blockIdx.z * seg;
+    const long long hi = min(LV, lo + seg);
+    const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
+    const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
+    A s = A(0), t = A(0);
+    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+        const long long base = ((long long)n * C + c) * LV;
+        long long i = lo + threadIdx.x;
+        for (; i + (UNROLL - 1) * PLANE_THREADS < hi; i += UNROLL * PLANE_THREADS) {
+            Vec<T, V> xa[UNROLL], ga[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) { xa[u] = xv[base + i + u * PLANE_THREADS]; ga[u] = gv[base + i + u * PLANE_THREADS]; }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const A g = to_acc(ga[u].v[k]);
+                    s += g;
+                    t += g * (to_acc(xa[u].v[k]) - mu);
+                }
+        }
+        for (; i < hi; i += PLANE_THREADS) {
+            const Vec<T, V> xa = xv[base + i], ga = gv[base + i];
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const A g = to_acc(ga.v[k]);
+                s += g;
+                t += g * (to_acc(xa.v[k]) - mu);
+            }
+        }
+    }
+    block_sum2(s, t);
+    if (threadIdx.x == 0) {
+        const long long j = ((long long)blockIdx.y * gridDim.z + blockIdx.z) * C + c;
+        part[j] = s;
+        part[P + j] = t;
+    }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(TX * TY)
+bn_backward_reduce_cols(const T* __restrict__ dy, const T* __restrict__ x, long long total, long long Rfull, int Wf,
+                        int W, int L, const typename Acc<T>::type* __restrict__ mean,
+                        typename Acc<T>::type* __restrict__ part, long long P) {
+    typedef typename Acc<T>::type A;
+    __shared__ A ss[TY][TX], st[TY][TX];
+    const int vc = blockIdx.x * TX + threadIdx.x;
+    const int col0 = vc * V;
+    const bool active = col0 < Wf;
+    A mu[V], s[V], t[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        mu[k] = active ? mean[column_channel(col0 + k, W, L)] : A(0);
+        s[k] = A(0); t[k] = A(0);
+    }
+    if (active) {
+        const long long step = (long long)TY * gridDim.y;
+        const long long vw = Wf / V;
+        const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
+        const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
+        long long r = (long long)blockIdx.y * TY + threadIdx.y;
+        for (; r + (UNROLL - 1) * step < Rfull; r += UNROLL * step) {
+            Vec<T, V> xa[UNROLL], ga[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) { xa[u] = xv[(r + u * step) * vw + vc]; ga[u] = gv[(r + u * step) * vw + vc]; }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const A g = to_acc(ga[u].v[k]);
+                    s[k] += g;
+                    t[k] += g * (to_acc(xa[u].v[k]) - mu[k]);
+                }
+        }
+        for (; r < Rfull; r += step) {
+            const Vec<T, V> xa = xv[r * vw + vc], ga = gv[r * vw + vc];
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const A g = to_acc(ga.v[k]);
+                s[k] += g;
+                t[k] += g * (to_acc(xa.v[k]) - mu[k]);
+            }
+        }
+        if (r == Rfull) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const long long i = r * Wf + col0 + k;
+                if (i < total) {
+                    const A g = to_acc(dy[i]);
+                    s[k] += g;
+                    t[k] += g * (to_acc(x[i]) - mu[k]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        ss[threadIdx.y][threadIdx.x] = s[k]; st[threadIdx.y][threadIdx.x] = t[k];
+        __syncthreads();
+        if (threadIdx.y == 0 && active) {
+            A a = s[k], b = t[k];
+            for (int j = 1; j < TY; ++j) { a += ss[j][threadIdx.x]; b += st[j][threadIdx.x]; }
+            const long long p = (long long)blockIdx.y * Wf + col0 + k;
+            part[p] = a;
+            part[P + p] = b;
+        }
+        __syncthreads();
+    }
+}
+
+// Backward, finalize: block c sums channel c's Q partials in a fixed order, writes
+// dbeta = sum dy, dgamma = inv_std * sum dy (x - mean), and the dx coefficients
+// coef = (a, b, k): dx = a dy + b (x - mean) + k with a = gamma inv_std, b = -a inv_std dgamma / count,
+// k = -a dbeta / count.
+template <typename A>
+__global__ void __launch_bounds__(FINALIZE_THREADS)
+bn_backward_finalize(const A* __restrict__ part, long long P, long long Q, long long GL, long long L, long long Wf,
+                     long long W, int C, const A* __restrict__ inv_std, const A* __restrict__ weight, A count,
+                     A* __restrict__ dweight, A* __restrict__ dbias, A* __restrict__ coef) {
+    const int c = blockIdx.x;
+    A s = A(0), t = A(0);
+    for (long long i0 = threadIdx.x; i0 < Q; i0 += UNROLL * (long long)blockDim.x) {
+        A ps[UNROLL], pt[UNROLL];                  // UNROLL partials loaded before adding any
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const long long i = i0 + u * (long long)blockDim.x;
+            ps[u] = A(0); pt[u] = A(0);
+            if (i < Q) {
+                const long long j = partial_index(i, c, GL, L, Wf, W);
+                ps[u] = part[j]; pt[u] = part[P + j];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) { s += ps[u]; t += pt[u]; }
+    }
+    block_sum2(s, t);
+    if (threadIdx.x == 0) {
+        const A inv = inv_std[c];
+        const A dg = t * inv;
+        dweight[c] = dg;
+        dbias[c] = s;
+        const A a = weight ? weight[c] * inv : inv;
+        coef[c] = a;
+        coef[C + c] = -a * inv * dg / count;
+        coef[2 * C + c] = -a * s / count;
+    }
+}
+
+// Backward, pass 2: dx = a dy + b (x - mean) + k.
+template <typename T, int V>
+__global__ void __launch_bounds__(PLANE_THREADS)
+bn_backward_dx_planes(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int N, int C,
+                      long long LV, long long seg, const typename Acc<T>::type* __restrict__ mean,
+                      const typename Acc<T>::type* __restrict__ coef) {
+    typedef typename Acc<T>::type A;
+    const int c = blockIdx.x;
+    const A mu = mean[c], a = coef[c], b = coef[C + c], k0 = coef[2 * C + c];
+    const long long lo = (long long)blockIdx.z * seg;
+    const long long hi = min(LV, lo + seg);
+    const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
+    const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
+    Vec<T, V>* __restrict__ ov = reinterpret_cast<Vec<T, V>*>(dx);
+    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+        const long long base = ((long long)n * C + c) * LV;
+        long long i = lo + threadIdx.x;
+        for (; i + (UNROLL - 1) * PLANE_THREADS < hi; i += UNROLL * PLANE_THREADS) {
+            Vec<T, V> xa[UNROLL], ga[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) { xa[u] = xv[base + i + u * PLANE_THREADS]; ga[u] = gv[base + i + u * PLANE_THREADS]; }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                Vec<T, V> o;
+#pragma unroll
+                for (int k = 0; k < V; ++k)
+                    o.v[k] = Store<T>::from(a * to_acc(ga[u].v[k]) + b * (to_acc(xa[u].v[k]) - mu) + k0);
+                ov[base + i + u * PLANE_THREADS] = o;
+            }
+        }
+        for (; i < hi; i += PLANE_THREADS) {
+            const Vec<T, V> xa = xv[base + i], ga = gv[base + i];
+            Vec<T, V> o;
+#pragma unroll
+            for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from(a * to_acc(ga.v[k]) + b * (to_acc(xa.v[k]) - mu) + k0);
+            ov[base + i] = o;
+        }
+    }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(TX * TY)
+bn_backward_dx_cols(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, long long total,
+                    long long Rfull, int Wf, int W, int L, int C, const typename Acc<T>::type* __restrict__ mean,
+                    const typename Acc<T>::type* __restrict__ coef) {
+    typedef typename Acc<T>::type A;
+    const int vc = blockIdx.x * TX + threadIdx.x;
+    const int col0 = vc * V;
+    if (col0 >= Wf) return;
+    A mu[V], a[V], b[V], k0[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const int c = column_channel(col0 + k, W, L);
+        mu[k] = mean[c]; a[k] = coef[c]; b[k] = coef[C + c]; k0[k] = coef[2 * C + c];
+    }
+    const long long step = (long long)TY * gridDim.y;
+    const long long vw = Wf / V;
+    const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
+    const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
+    Vec<T, V>* __restrict__ ov = reinterpret_cast<Vec<T, V>*>(dx);
+    long long r = (long long)blockIdx.y * TY + threadIdx.y;
+    for (; r + (UNROLL - 1) * step < Rfull; r += UNROLL * step) {
+        Vec<T, V> xa[UNROLL], ga[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) { xa[u] = xv[(r + u * step) * vw + vc]; ga[u] = gv[(r + u * step) * vw + vc]; }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            Vec<T, V> o;
+#pragma unroll
+            for (int k = 0; k < V; ++k)
+                o.v[k] = Store<T>::from(a[k] * to_acc(ga[u].v[k]) + b[k] * (to_acc(xa[u].v[k]) - mu[k]) + k0[k]);
+            ov[(r + u * step) * vw + vc] = o;
+        }
+    }
+    for (; r < Rfull; r += step) {
+        const Vec<T, V> xa = xv[r * vw + vc], ga = gv[r * vw + vc];
+        Vec<T, V> o;
+#pragma unroll
+        for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from(a[k] * to_acc(ga.v[k]) + b[k] * (to_acc(xa.v[k]) - mu[k]) + k0[k]);
+        ov[r * vw + vc] = o;
+    }
+    if (r == Rfull) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const long long i = r * Wf + col0 + k;
+            if (i < total) dx[i] = Store<T>::from(a[k] * to_acc(dy[i]) + b[k] * (to_acc(x[i]) - mu[k]) + k0[k]);
+        }
+    }
+}
+"""
+
+KERNEL_SOURCE = KERNEL_COMMON + KERNEL_STATS + KERNEL_APPLY + KERNEL_BACKWARD
+
+_TYPES = {"float16": "__half", "bfloat16": "bf16_t", "float32": "float", "float64": "double"}
+_VEC = {"float16": 8, "bfloat16": 8, "float32": 4, "float64": 2}          # values per 16-byte load
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+_DATA_KERNELS = ("bn_stats_planes", "bn_stats_cols", "bn_apply_planes", "bn_apply_cols", "bn_backward_reduce_planes",
+                 "bn_backward_reduce_cols", "bn_backward_dx_planes", "bn_backward_dx_cols")
+_FINALIZE_KERNELS = ("bn_stats_finalize", "bn_backward_finalize")
+PLANE_THREADS, TX, TY, FINALIZE_THREADS = 256, 16, 16, 256       # must match the #defines of KERNEL_SOURCE
+
+
+def kernel_names() -> list:
+    """Every kernel instantiation the host code can launch ("bn_stats_cols<float, 4>", ...)."""
+    names = [f"{k}<{t}, {v}>" for k in _DATA_KERNELS for d, t in _TYPES.items() for v in (_VEC[d], 1)]
+    return names + [f"{k}<{a}>" for k in _FINALIZE_KERNELS for a in ("float", "double")]
+
+
+def instantiation_source() -> str:
+    """KERNEL_SOURCE plus a table that takes the address of every instantiation, so that an offline
+    compiler (nvcc) builds each one, as NVRTC does from the name expressions."""
+    table = ",\n".join(f"    (void*)&{n}" for n in kernel_names())
+    return KERNEL_SOURCE + f"\nvoid* bnlib_kernels[] = {{\n{table}\n}};\n"
+
+
+class Plan(NamedTuple):
+    """How the kernels walk one tensor shape: chosen once per (shape, dtype, alignment, card)."""
+    walk: str            # "planes" or "cols"
+    vec: int             # values per load (16 bytes, or 1 for unaligned data)
+    grid: tuple
+    block: tuple
+    walk_args: tuple     # planes: (N, C, L/vec, segment); cols: (total, full rows, Wf)
+    geometry: tuple      # cols: (W, L), the channel of a column is (col % W) // L; planes: ()
+    partials: int        # P: partial results per array
+    finalize_args: tuple # (P, Q, GL, L, Wf, W, C): where each channel's Q partials lie
+    channels: int
+    count: int           # values per channel
+    workspace_values: int
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=1024)
+def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, sm_count: int) -> Plan:
+    """The walk for a C-contiguous (rows, channels, length) tensor: NCHW is (N, C, H*W), channels-last
+    memory is (N*H*W, C, 1), a 2-D input (N, C, 1). Large planes (length * itemsize >= 4 KB, length a
+    multiple of the vector) are walked plane by plane; everything else as columns of (rows, C*length),
+    folded so that a row holds at least TX vectors. Grids aim at 2 x SMs x 8 blocks (fewer only
+    when a cols walk has less than one row per thread)."""
+    n, c, l = rows, channels, length
+    vfull = _VEC[dtype_name] if aligned else 1
+    target = 16 * sm_count
+    if l > 1 and l % vfull == 0 and l * _ITEMSIZE[dtype_name] >= 4096:
+        v, lv = vfull, l // vfull
+        b = max(1, min(n, _cdiv(target, c), 65535))
+        s = max(1, min(_cdiv(target, c * b), _cdiv(lv, 2 * PLANE_THREADS), 65535))
+        seg = _cdiv(lv, s)
+        s = _cdiv(lv, seg)
+        p = b * s * c
+        return Plan("planes", v, (c, b, s), (PLANE_THREADS, 1, 1),
+                    (np.int32(n), np.int32(c), np.int64(lv), np.int64(seg)), (), p,
+                    (np.int64(p), np.int64(b * s), np.int64(1), np.int64(1), np.int64(c), np.int64(c), np.int32(c)),
+                    c, n * l, 3 * p + 3 * c)
+    v = vfull
+    w = c * l                                   # a row of the (rows, C*L) view
+    g = v // math.gcd(w, v)                     # fold g rows into one: Wf = g*W, a multiple of v ...
+    if w * g < TX * v:                          # ... and at least TX vectors wide
+        g *= _cdiv(TX * v, w * g)
+    wf = w * g
+    total = n * w
+    rfull, rows_f = total // wf, _cdiv(total, wf)
+    gx = _cdiv(wf // v, TX)
+    b = max(1, min(_cdiv(target, gx), _cdiv(rows_f, TY), 65535))
+    p = b * wf
+    return Plan("cols", v, (gx, b, 1), (TX, TY, 1), (np.int64(total), np.int64(rfull), np.int32(wf)),
+                (np.int32(w), np.int32(l)), p,
+                (np.int64(p), np.int64(b * g * l), np.int64(g * l), np.int64(l), np.int64(wf), np.int64(w),
+                 np.int32(c)),
+                c, n * l, 3 * p + 3 * c)
+
+
+_modules, _functions, _sm_counts, _streams, _workspaces = {}, {}, {}, {}, {}
 
 
 def available() -> bool:
@@ -242,35 +758,283 @@ def available() -> bool:
         return False
 
 
+def module(device: int = None):
+    """The kernels of KERNEL_SOURCE as one cupy.RawModule for `device` (default: the current one),
+    compiled by NVRTC on first use (`.compile()` forces it) and kept."""
+    import cupy
+    dev = cupy.cuda.runtime.getDevice() if device is None else device
+    if dev not in _modules:
+        with cupy.cuda.Device(dev):
+            _modules[dev] = cupy.RawModule(code=KERNEL_SOURCE, options=("-std=c++17",),
+                                           name_expressions=kernel_names())
+    return _modules[dev]
+
+
+def _function(dev: int, name: str):
+    f = _functions.get((dev, name))
+    if f is None:
+        import cupy
+        with cupy.cuda.Device(dev):
+            f = _functions[(dev, name)] = module(dev).get_function(name)
+    return f
+
+
+def _launch(dev: int, name: str, grid: tuple, block: tuple, args: tuple) -> None:
+    """Every kernel launch of bnlib.cuda goes through here (on CuPy's current stream); the tests
+    count launches by wrapping it."""
+    _function(dev, name)(grid, block, args)
+
+
+def _sm_count(dev: int) -> int:
+    if dev not in _sm_counts:
+        import cupy
+        _sm_counts[dev] = cupy.cuda.Device(dev).attributes["MultiProcessorCount"]
+    return _sm_counts[dev]
+
+
+@contextlib.contextmanager
+def _on_stream(dev: int, stream_ptr: int):
+    """Make the CUDA stream `stream_ptr` of device `dev` CuPy's current stream (cached wrappers)."""
+    import cupy
+    stream = _streams.get((dev, stream_ptr))
+    if stream is None:
+        if len(_streams) > 64:
+            _streams.clear()
+        if stream_ptr == 0:                      # torch's default stream is CUDA's legacy null stream
+            stream = cupy.cuda.Stream.null
+        else:
+            try:
+                stream = cupy.cuda.ExternalStream(stream_ptr, dev)
+            except TypeError:                    # CuPy versions whose ExternalStream takes no device
+                stream = cupy.cuda.ExternalStream(stream_ptr)
+        _streams[(dev, stream_ptr)] = stream
+    with cupy.cuda.Device(dev), stream:
+        yield
+
+
 def cupy_stream(torch_stream):
     """A CuPy stream object for a torch.cuda.Stream: the same CUDA stream, so that CuPy kernels
     are ordered with PyTorch's. Use it as a context manager (`with cupy_stream(s): ...`)."""
     import cupy
-    from_external = getattr(cupy.cuda.Stream, "from_external", None)    # CuPy >= 14
-    if from_external is not None:
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)    # CuPy >= 14, torch with __cuda_stream__
+    if from_external is not None and hasattr(torch_stream, "__cuda_stream__"):
         return from_external(torch_stream)
     return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device.index)
 
 
+def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate) -> int:
+    """A scratch buffer of at least nbytes for the partial results, kept per (owner, device, stream):
+    kernels on one stream run in order, so consecutive calls can share it. Returns its address."""
+    key = (owner, dev, stream_ptr)
+    entry = _workspaces.get(key)
+    if entry is None or entry[1] < nbytes:
+        size = max(nbytes, 1 << 20)
+        buffer, ptr = allocate(size)
+        entry = _workspaces[key] = (buffer, size, ptr)
+    return entry[2]
+
+
+def workspace_bytes() -> int:
+    """Bytes held by the cached scratch buffers (all devices and streams)."""
+    return sum(entry[1] for entry in _workspaces.values())
+
+
+# ----------------------------------------------------------------------------------- the passes
+def _acc_name(dtype_name):
+    return "double" if dtype_name == "float64" else "float"
+
+
+def _acc_scalar(dtype_name, value):
+    return np.float64(value) if dtype_name == "float64" else np.float32(value)
+
+
+def _kernel_name(kind, pl, dtype_name):
+    return f"bn_{kind}_{pl.walk}<{_TYPES[dtype_name]}, {pl.vec}>"
+
+
+def _ptr(p):
+    return np.uint64(p or 0)
+
+
+def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, eps, ws):
+    """Training forward, 3 launches: partial moments, finalize (writes mean, var, inv_std), normalize.
+    All arguments after dtype_name are device addresses (weight, bias may be 0)."""
+    _launch(dev, _kernel_name("stats", pl, dtype_name), pl.grid, pl.block,
+            (_ptr(x),) + pl.walk_args + (_ptr(ws), np.int64(pl.partials)))
+    _launch(dev, f"bn_stats_finalize<{_acc_name(dtype_name)}>", (pl.channels,), (FINALIZE_THREADS,),
+            (_ptr(ws),) + pl.finalize_args + (_acc_scalar(dtype_name, eps), _ptr(mean), _ptr(var), _ptr(inv_std)))
+    _run_apply(dev, pl, dtype_name, x, y, mean, inv_std, weight, bias, eps, from_var=False)
+
+
+def _acc_size(dtype_name):
+    return 8 if dtype_name == "float64" else 4
+
+
+def _run_apply(dev, pl, dtype_name, x, y, mean, stat, weight, bias, eps, from_var):
+    """y = (x - mean) * weight * inv + bias, inv = stat (inv_std) or 1/sqrt(stat + eps) (running var)."""
+    _launch(dev, _kernel_name("apply", pl, dtype_name), pl.grid, pl.block,
+            (_ptr(x), _ptr(y)) + pl.walk_args + pl.geometry +
+            (_ptr(mean), _ptr(stat), _ptr(weight), _ptr(bias), _acc_scalar(dtype_name, eps), np.int32(from_var)))
+
+
+def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, dweight, dbias, ws):
+    """Training backward, 3 launches: partial sums, finalize (writes dweight, dbias, and the dx
+    coefficients into the workspace), dx. All arguments after dtype_name are device addresses."""
+    acc = _acc_size(dtype_name)
+    coef = ws + 3 * pl.partials * acc
+    _launch(dev, _kernel_name("backward_reduce", pl, dtype_name), pl.grid, pl.block,
+            (_ptr(dy), _ptr(x)) + pl.walk_args + pl.geometry + (_ptr(mean), _ptr(ws), np.int64(pl.partials)))
+    _launch(dev, f"bn_backward_finalize<{_acc_name(dtype_name)}>", (pl.channels,), (FINALIZE_THREADS,),
+            (_ptr(ws),) + pl.finalize_args + (_ptr(inv_std), _ptr(weight), _acc_scalar(dtype_name, pl.count),
+                                              _ptr(dweight), _ptr(dbias), _ptr(coef)))
+    channels = (np.int32(pl.channels),) if pl.walk == "cols" else ()
+    _launch(dev, _kernel_name("backward_dx", pl, dtype_name), pl.grid, pl.block,
+            (_ptr(dy), _ptr(x), _ptr(dx)) + pl.walk_args + pl.geometry + channels + (_ptr(mean), _ptr(coef)))
+
+
+def _torch_dtype_name(t):
+    return str(t.dtype).rsplit(".", 1)[-1]
+
+
+def _check_cuda_tensor(x, name):
+    import torch
+    if not isinstance(x, torch.Tensor) or not x.is_cuda:
+        raise TypeError(f"{name} must be a CUDA torch.Tensor, got {type(x).__name__}"
+                        f"{' on ' + str(x.device) if isinstance(x, torch.Tensor) else ''}")
+
+
+def _torch_stream(device) -> int:
+    """The address of torch's current CUDA stream on `device` (0: the legacy default stream)."""
+    import torch
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _torch_input(x, name):
+    """x as (tensor in kernel layout, (rows, C, L)): channels-last memory as (N*H*W, C, 1), anything
+    else C-contiguous (N, C, L) (a copy only when x is neither)."""
+    _check_cuda_tensor(x, name)
+    if _torch_dtype_name(x) not in _TYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape (N, C, *spatial), got {tuple(x.shape)}")
+    n, c = x.shape[0], x.shape[1]
+    l = x.numel() // (n * c) if n * c else 0
+    if n * l == 0 or c == 0:
+        raise ValueError(f"{name} must have at least one value per channel, got shape {tuple(x.shape)}")
+    if x.dim() > 2 and l > 1 and not x.is_contiguous() and x.permute(0, *range(2, x.dim()), 1).is_contiguous():
+        return x, (n * l, c, 1)
+    return x.contiguous(), (n, c, l)
+
+
+def _torch_vector(v, name, c, acc, device, required=False):
+    """A per-channel tensor as a contiguous (C,) tensor of the accumulation dtype (None stays None)."""
+    import torch
+    if v is None:
+        if required:
+            raise TypeError(f"{name} must be a tensor of shape ({c},), got None")
+        return None
+    if not isinstance(v, torch.Tensor) or v.device != device:
+        raise TypeError(f"{name} must be a torch.Tensor on {device}, got "
+                        f"{v.device if isinstance(v, torch.Tensor) else type(v).__name__}")
+    if v.numel() != c:
+        raise ValueError(f"{name} must have shape ({c},), got {tuple(v.shape)}")
+    return v.reshape(c).to(acc).contiguous()
+
+
+def _torch_setup(x, name="x"):
+    import torch
+    x, (rows, c, l) = _torch_input(x, name)
+    dtype_name = _torch_dtype_name(x)
+    acc = torch.float64 if dtype_name == "float64" else torch.float32
+    return x, rows, c, l, dtype_name, acc, x.device.index, _torch_stream(x.device)
+
+
+def _torch_workspace(dev, stream, pl, device):
+    import torch
+
+    def allocate(nbytes):
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return buffer, buffer.data_ptr()
+
+    return _workspace("torch", dev, stream, pl.workspace_values * 8, allocate)
+
+
+def forward_torch(x, weight=None, bias=None, eps: float = 1e-5):
+    """Training-mode batch norm of a CUDA tensor with bnlib's kernels, 3 launches, no host sync.
+
+    x: (N, C, *) float16/bfloat16/float32/float64, contiguous or channels-last; weight, bias: (C,)
+    or None (float32, or x's dtype). Returns y (x's shape, dtype and memory format), mean, var
+    (biased), inv_std, each (C,) in float32 (float64 for float64 x). Runs on torch's current stream.
+    """
+    import torch
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    x, rows, c, l, dtype_name, acc, dev, stream = _torch_setup(x)
+    weight = _torch_vector(weight, "weight", c, acc, x.device)
+    bias = _torch_vector(bias, "bias", c, acc, x.device)
+    y = torch.empty_like(x)
+    mean, var, inv_std = (torch.empty(c, dtype=acc, device=x.device) for _ in range(3))   # separate tensors:
+    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev))           # no shared version counter
+    ws = _torch_workspace(dev, stream, pl, x.device)
+    with _on_stream(dev, stream):
+        _run_forward(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                     inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0,
+                     bias.data_ptr() if bias is not None else 0, eps, ws)
+    return y, mean, var, inv_std
+
+
+def backward_torch(dy, x, mean, inv_std, weight=None):
+    """Gradients of forward_torch, 3 launches, no host sync: (dx, dweight, dbias).
+
+    dy, x: CUDA tensors of one shape and dtype (dy is copied to x's memory format if it differs);
+    mean, inv_std: forward_torch's; weight: (C,) or None. dx has x's dtype and memory format;
+    dweight and dbias are float32 (float64 for float64 x), returned even when weight is None.
+    """
+    import torch
+    x, rows, c, l, dtype_name, acc, dev, stream = _torch_setup(x)
+    if not isinstance(dy, torch.Tensor) or dy.shape != x.shape or dy.dtype != x.dtype or dy.device != x.device:
+        raise ValueError(f"dy must be a tensor like x {tuple(x.shape)} {x.dtype} on {x.device}, got "
+                         f"{tuple(dy.shape) if isinstance(dy, torch.Tensor) else type(dy).__name__}"
+                         f"{' ' + str(dy.dtype) + ' on ' + str(dy.device) if isinstance(dy, torch.Tensor) else ''}")
+    if dy.stride() != x.stride():
+        dy = torch.empty_like(x).copy_(dy)
+    mean = _torch_vector(mean, "mean", c, acc, x.device, required=True)
+    inv_std = _torch_vector(inv_std, "inv_std", c, acc, x.device, required=True)
+    weight = _torch_vector(weight, "weight", c, acc, x.device)
+    dx = torch.empty_like(x)
+    dweight, dbias = torch.empty(c, dtype=acc, device=x.device), torch.empty(c, dtype=acc, device=x.device)
+    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0, _sm_count(dev))
+    ws = _torch_workspace(dev, stream, pl, x.device)
+    with _on_stream(dev, stream):
+        _run_backward(dev, pl, dtype_name, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), mean.data_ptr(),
+                      inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0, dweight.data_ptr(),
+                      dbias.data_ptr(), ws)
+    return dx, dweight, dbias
+
+
+def inference_torch(x, running_mean, running_var, weight=None, bias=None, eps: float = 1e-5):
+    """Eval-mode batch norm with running statistics: one launch of the normalize kernel, no host sync.
+    Returns y with x's shape, dtype and memory format."""
+    import torch
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    x, rows, c, l, dtype_name, acc, dev, stream = _torch_setup(x)
+    running_mean = _torch_vector(running_mean, "running_mean", c, acc, x.device, required=True)
+    running_var = _torch_vector(running_var, "running_var", c, acc, x.device, required=True)
+    weight = _torch_vector(weight, "weight", c, acc, x.device)
+    bias = _torch_vector(bias, "bias", c, acc, x.device)
+    y = torch.empty_like(x)
+    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev))
+    with _on_stream(dev, stream):
+        _run_apply(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
+                   weight.data_ptr() if weight is not None else 0, bias.data_ptr() if bias is not None else 0,
+                   eps, from_var=True)
+    return y
+
+
 def supports(x) -> bool:
-    """The inputs the fused kernels handle: CuPy arrays of float16/32/64 with 2+ dimensions."""
+    """The inputs bnlib.functional sends here: CuPy arrays of float16/32/64 with 2+ dimensions."""
     return type(x).__module__.split(".")[0] == "cupy" and x.dtype.name in _TYPES and x.ndim >= 2
-
-
-def module():
-    """The compiled kernels (one cupy.RawModule, compiled by NVRTC on first use and memoized)."""
-    global _module
-    if _module is None:
-        import cupy
-        names = [f"{k}<{t}>" for k in _KERNELS for t in _TYPES.values()]
-        names += ["bn_finalize<float>", "bn_finalize<double>"]
-        _module = cupy.RawModule(code=KERNEL_SOURCE, options=("-std=c++17",), name_expressions=names)
-    return _module
-
-
-def kernel(name: str, dtype) -> object:
-    """The kernel `name` instantiated for storage dtype `dtype` (bn_finalize takes the accumulation dtype)."""
-    return module().get_function(f"{name}<{_TYPES[np.dtype(dtype).name]}>")
 
 
 def accumulation_dtype(dtype):
@@ -286,240 +1050,65 @@ def is_channels_last(a) -> bool:
     return a.ndim > 2 and not a.flags.c_contiguous and a.transpose(_channels_last_perm(a.ndim)).flags.c_contiguous
 
 
-def as_layout(a):
-    """Choose the kernel layout for an (N, C, *spatial) CuPy array.
-
-    Returns (layout, view, (N or M, C, L)): "mc" with an (M, C) C-contiguous view for channels-last
-    (NHWC) memory, for 2-D input and whenever L == 1; otherwise "ncl" with an (N, C, L) C-contiguous
-    view. Only an input that is neither C-contiguous nor channels-last is copied.
-    """
+def _cupy_input(a):
+    """a in kernel layout and its (rows, C, L), as _torch_input."""
     import cupy
     n, c = a.shape[0], a.shape[1]
+    l = a.size // (n * c) if n * c else 0
     if is_channels_last(a):
-        view = a.transpose(_channels_last_perm(a.ndim)).reshape(-1, c)
-        return "mc", view, (view.shape[0], c, 1)
-    a = cupy.ascontiguousarray(a)
-    l = a.size // (n * c) if n * c else 1
-    if l == 1:
-        return "mc", a.reshape(n, c), (n, c, 1)
-    return "ncl", a.reshape(n, c, l), (n, c, l)
+        return a, (n * l, c, 1)
+    return cupy.ascontiguousarray(a), (n, c, l)
 
 
-def _empty_output(a, view_shape):
-    """An array of a's shape, channels-last if a is, and its view in the kernel layout."""
+def _cupy_setup(x, dy=None):
+    """x (and dy, copied to x's layout if it differs) in kernel layout, with the plan and workspace."""
     import cupy
-    if is_channels_last(a):
-        out = cupy.empty_like(a)                 # order='K' keeps the channels-last strides
-        return out, out.transpose(_channels_last_perm(a.ndim)).reshape(view_shape)
-    out = cupy.empty(a.shape, dtype=a.dtype)
-    return out, out.reshape(view_shape)
+    x, (rows, c, l) = _cupy_input(x)
+    if dy is not None and dy.strides != x.strides:      # e.g. a contiguous dy for a channels-last x
+        dy_same = cupy.empty_like(x)
+        dy_same[...] = dy
+        dy = dy_same
+    dev = x.device.id
+    aligned = x.data.ptr % 16 == 0 and (dy is None or dy.data.ptr % 16 == 0)
+    pl = plan(rows, c, l, x.dtype.name, aligned, _sm_count(dev))
+
+    def allocate(nbytes):
+        buffer = cupy.empty(nbytes, dtype=cupy.uint8)
+        return buffer, buffer.data.ptr
+
+    ws = _workspace("cupy", dev, cupy.cuda.get_current_stream().ptr, pl.workspace_values * 8, allocate)
+    return x, dy, c, accumulation_dtype(x.dtype), dev, pl, ws
 
 
-def _blocks_per_channel(count, channels, sm_count):
-    """Enough blocks to fill the GPU (about 4 per SM) without blocks of less than ~1k values."""
-    want = max(1, math.ceil(4 * sm_count / max(channels, 1)))
-    return int(max(1, min(want, math.ceil(count / 1024))))
-
-
-def _elementwise_grid(total, sm_count):
-    return (int(min(max(1, math.ceil(total / 256)), 32 * sm_count)),), (256,)
-
-
-def _sm_count():
+def _cupy_vector(v, acc):
     import cupy
-    return cupy.cuda.Device().attributes["MultiProcessorCount"]
+    return None if v is None else cupy.ascontiguousarray(cupy.asarray(v).reshape(-1).astype(acc, copy=False))
 
 
 def forward(x, gamma, beta, eps):
-    """Training forward with the fused kernels: two reading passes over x, one write of y.
+    """Training forward of a CuPy array on CuPy's current stream (bnlib.functional's GPU route).
 
     Returns y (x's shape, dtype and memory layout), mean, var (biased), inv_std (accumulation dtype).
     """
     import cupy
-    layout, xv, (n, c, l) = as_layout(x)
-    acc = accumulation_dtype(x.dtype)
-    sms = _sm_count()
-    count = n * l
-    b = _blocks_per_channel(count, c if layout == "ncl" else math.ceil(c / 32), sms)
-    pn, pm, pq = (cupy.empty((c, b), acc) for _ in range(3))
-    if layout == "ncl":
-        kernel("bn_partial_ncl", x.dtype)((c, b), (256,), (xv, np.int64(n), np.int64(c), np.int64(l), pn, pm, pq))
-    else:
-        kernel("bn_partial_mc", x.dtype)((math.ceil(c / 32), b), (32, 8), (xv, np.int64(n), np.int64(c), pn, pm, pq))
-    mean, var, inv_std = (cupy.empty(c, acc) for _ in range(3))
-    finalize = module().get_function(f"bn_finalize<{_TYPES[acc.name]}>")
-    finalize((math.ceil(c / 256),), (256,), (pn, pm, pq, np.int64(c), np.int64(b), np.float64(eps), mean, var, inv_std))
-    scale = inv_std if gamma is None else inv_std * gamma.astype(acc)
-    shift = cupy.zeros(c, acc) if beta is None else beta.astype(acc)
-    y, yv = _empty_output(x, xv.shape)
-    grid, block = _elementwise_grid(xv.size, sms)
-    kernel("bn_normalize", x.dtype)(grid, block, (xv, yv, np.int64(xv.size), np.int64(c), np.int64(l if layout == "ncl" else 1),
-                                                  mean, scale, cupy.ascontiguousarray(shift)))
+    x, _, c, acc, dev, pl, ws = _cupy_setup(x)
+    gamma, beta = _cupy_vector(gamma, acc), _cupy_vector(beta, acc)
+    y = cupy.empty_like(x)                              # order 'K': keeps channels-last strides
+    mean, var, inv_std = cupy.empty(c, acc), cupy.empty(c, acc), cupy.empty(c, acc)
+    with cupy.cuda.Device(dev):
+        _run_forward(dev, pl, x.dtype.name, x.data.ptr, y.data.ptr, mean.data.ptr, var.data.ptr, inv_std.data.ptr,
+                     gamma.data.ptr if gamma is not None else 0, beta.data.ptr if beta is not None else 0, eps, ws)
     return y, mean, var, inv_std
 
 
 def backward(dy, x, mean, inv_std, gamma):
-    """Training backward with the fused kernels: one pass for the two per-channel sums, one for dx.
-
-    Returns dx (x's layout), dgamma, dbeta (accumulation dtype).
-    """
+    """Training backward of CuPy arrays: dx (x's layout), dgamma, dbeta (accumulation dtype)."""
     import cupy
-    layout, xv, (n, c, l) = as_layout(x)
-    dy_layout, dyv, _ = as_layout(dy)
-    if dy_layout != layout or dyv.shape != xv.shape:      # e.g. a contiguous dy for a channels-last x
-        dy_same, dyv = _empty_output(x, xv.shape)
-        dy_same[...] = dy
-    acc = accumulation_dtype(x.dtype)
-    sms = _sm_count()
-    count = n * l
-    b = _blocks_per_channel(count, c if layout == "ncl" else math.ceil(c / 32), sms)
-    psum, pdot = cupy.empty((c, b), acc), cupy.empty((c, b), acc)
-    mean_acc = cupy.ascontiguousarray(mean.astype(acc))
-    if layout == "ncl":
-        kernel("bn_backward_partial_ncl", x.dtype)((c, b), (256,), (dyv, xv, np.int64(n), np.int64(c), np.int64(l),
-                                                                      mean_acc, psum, pdot))
-    else:
-        kernel("bn_backward_partial_mc", x.dtype)((math.ceil(c / 32), b), (32, 8), (dyv, xv, np.int64(n), np.int64(c),
-                                                                                    mean_acc, psum, pdot))
-    inv = inv_std.astype(acc)
-    dbeta = psum.sum(axis=1)
-    dgamma = pdot.sum(axis=1) * inv
-    a = inv if gamma is None else gamma.astype(acc) * inv
-    bcoef = -a * inv * dgamma / count
-    kcoef = -a * dbeta / count
-    dx, dxv = _empty_output(x, xv.shape)
-    grid, block = _elementwise_grid(xv.size, sms)
-    kernel("bn_backward_dx", x.dtype)(grid, block, (dyv, xv, dxv, np.int64(xv.size), np.int64(c),
-                                                    np.int64(l if layout == "ncl" else 1), mean_acc,
-                                                    cupy.ascontiguousarray(a), cupy.ascontiguousarray(bcoef),
-                                                    cupy.ascontiguousarray(kcoef)))
+    x, dy, c, acc, dev, pl, ws = _cupy_setup(x, dy)
+    mean, inv_std, gamma = _cupy_vector(mean, acc), _cupy_vector(inv_std, acc), _cupy_vector(gamma, acc)
+    dx = cupy.empty_like(x)
+    dgamma, dbeta = cupy.empty(c, acc), cupy.empty(c, acc)
+    with cupy.cuda.Device(dev):
+        _run_backward(dev, pl, x.dtype.name, dy.data.ptr, x.data.ptr, dx.data.ptr, mean.data.ptr, inv_std.data.ptr,
+                      gamma.data.ptr if gamma is not None else 0, dgamma.data.ptr, dbeta.data.ptr, ws)
     return dx, dgamma, dbeta
-
-
-GPU_SHAPES = [(256, 64, 56, 56), (256, 256, 14, 14), (64, 128, 28, 28), (32, 32, 112, 112), (128, 1024, 7, 7),
-              (8192, 1024)]
-GPU_CONFIGS = [("float32", "NCHW"), ("float32", "NHWC"), ("float16", "NHWC")]
-
-
-def copy_bandwidth(nbytes=1 << 30, repeats=10):
-    """Measured device-to-device copy bandwidth in bytes/s (bytes read + bytes written per second)."""
-    import cupy
-    src = cupy.ones(nbytes, dtype=cupy.uint8)
-    dst = cupy.empty_like(src)
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for i in range(repeats + 2):
-        start.record()
-        cupy.copyto(dst, src)
-        stop.record()
-        stop.synchronize()
-        if i >= 2:
-            times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
-    return 2 * nbytes / float(np.median(times))
-
-
-def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, progress=True):
-    """bnlib's CuPy kernels vs torch.nn.functional.batch_norm on the same GPU, in one process.
-
-    CUDA events on torch's current stream, warm-up, interleaved repeats, medians; `rotate` different
-    inputs per case, used in turn, and a 256 MB write between timed calls (untimed) that evicts the
-    L2 cache, so that no timing runs on data a previous call left in L2. Each row also gives
-    the 8-pass DRAM floor of a training step (8 x tensor bytes / copy bandwidth) and the fraction of
-    it reached (floor / measured time).
-    """
-    import cupy
-    import torch
-    with cupy_stream(torch.cuda.current_stream()):    # CuPy kernels and events on torch's stream
-        return _bench_gpu(cupy, torch, shapes, configs, repeats, rotate, progress)
-
-
-def _bench_gpu(cupy, torch, shapes, configs, repeats, rotate, progress):
-    from bnlib import functional as F
-    bandwidth = copy_bandwidth()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    flush = cupy.empty(256 << 20, dtype=cupy.uint8)   # larger than any L2 (50-60 MB on H100/H200)
-
-    def timed(fn):
-        flush.fill(1)                                  # untimed: evicts what the last call cached
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        return cupy.cuda.get_elapsed_time(start, stop) / 1e3
-
-    rows = []
-    cases = [(s, d, lay) for s in shapes for d, lay in configs if not (len(s) == 2 and lay == "NHWC")]
-    try:
-        from tqdm.auto import tqdm
-        cases_iter = tqdm(cases, desc="GPU benchmark", disable=not progress)
-    except ImportError:
-        cases_iter = cases
-    for shape, dtype, layout in cases_iter:
-        tdtype = getattr(torch, dtype)
-        c = shape[1]
-        fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-        xs = [torch.randn(shape, device="cuda", dtype=tdtype).contiguous(memory_format=fmt) for _ in range(rotate)]
-        dys = [torch.randn(shape, device="cuda", dtype=tdtype).contiguous(memory_format=fmt) for _ in range(rotate)]
-        w = torch.rand(c, device="cuda") + 0.5
-        b = torch.randn(c, device="cuda")
-        xs_req = [x.detach().requires_grad_() for x in xs]      # same storage: same cache state as bnlib's
-        cx = [cupy.from_dlpack(x) for x in xs]
-        cdy = [cupy.from_dlpack(d) for d in dys]
-        cw, cb = cupy.from_dlpack(w), cupy.from_dlpack(b)
-
-        def torch_fwd(i):
-            with torch.no_grad():
-                torch.nn.functional.batch_norm(xs[i], None, None, w, b, training=True)
-
-        def torch_step(i):
-            xs_req[i].grad = None
-            torch.nn.functional.batch_norm(xs_req[i], None, None, w, b, training=True).backward(dys[i])
-
-        def bnlib_fwd(i):
-            F.batch_norm_forward(cx[i], cw, cb)
-
-        def bnlib_step(i):
-            _, cache = F.batch_norm_forward(cx[i], cw, cb)
-            F.batch_norm_backward(cdy[i], cache)
-
-        impls = {"torch": (torch_fwd, torch_step), "bnlib": (bnlib_fwd, bnlib_step)}
-        times = {k: ([], []) for k in impls}
-        torch.cuda.synchronize()
-        for fwd, step in impls.values():
-            for i in range(rotate):
-                fwd(i), step(i)
-        for r in range(repeats):
-            i, j = r % rotate, (r + rotate // 2) % rotate     # the step runs on other data than the forward
-            for name, (fwd, step) in impls.items():
-                times[name][0].append(timed(lambda: fwd(i)))
-                times[name][1].append(timed(lambda: step(j)))
-        floor = 8 * xs[0].numel() * xs[0].element_size() / bandwidth
-        base = [float(np.median(t)) for t in times["torch"]]
-        for name, (tf, ts) in times.items():
-            f, s = float(np.median(tf)), float(np.median(ts))
-            rows.append({"shape": list(shape), "dtype": dtype, "layout": layout, "impl": name,
-                         "forward_ms": 1e3 * f, "step_ms": 1e3 * s, "forward_ratio": f / base[0],
-                         "step_ratio": s / base[1], "floor_ms": 1e3 * floor, "floor_fraction": floor / s,
-                         "tensor_mb": xs[0].numel() * xs[0].element_size() / 1e6,
-                         "copy_bandwidth_gbs": bandwidth / 1e9})
-    return rows
-
-
-def format_gpu_table(rows) -> str:
-    lines = [f"{'shape':>20} {'dtype':>8} {'layout':>6} {'impl':>6} {'fwd ms':>8} {'step ms':>8} "
-             f"{'step/torch':>10} {'8-pass floor ms':>15} {'of floor':>8}"]
-    for r in rows:
-        lines.append(f"{str(tuple(r['shape'])):>20} {r['dtype']:>8} {r['layout']:>6} {r['impl']:>6} "
-                     f"{r['forward_ms']:8.3f} {r['step_ms']:8.3f} {r['step_ratio']:10.2f} "
-                     f"{r['floor_ms']:15.3f} {r['floor_fraction']:8.0%}")
-    return "\n".join(lines)
-
-
-def gpu_environment() -> dict:
-    import cupy
-    import torch
-    props = cupy.cuda.runtime.getDeviceProperties(0)
-    return {"card": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
-            "date": __import__("datetime").date.today().isoformat(), "cupy": cupy.__version__,
-            "torch": torch.__version__, "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
-            "driver": cupy.cuda.runtime.driverGetVersion(), "numpy": np.__version__}

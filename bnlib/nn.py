@@ -2,17 +2,21 @@
 # bnlib.nn is generated from chapters/06_pytorch.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'convert_batchnorm', 'fold_batch_norm', 'SyncBatchNormFunction', 'SyncBatchNorm']
+__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'convert_batchnorm', 'fold_batch_norm', 'SyncBatchNormFunction', 'SyncBatchNorm', 'sync_batchnorm_check']
 
 import contextlib
 import copy
+import inspect
 import numbers
 
 import numpy as np
 import torch
 
+from bnlib import cuda
 from bnlib import functional as F
 from bnlib.stats import Moments, merge_moments, moments
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _as_array(t):
@@ -32,6 +36,35 @@ def _as_tensor(a):
     return torch.from_dlpack(a)
 
 
+def _compute_dtype(x):
+    """The dtype bnlib computes in for input x: float32 for float16/bfloat16, x's dtype otherwise."""
+    return torch.float32 if x.dtype in _HALF else x.dtype
+
+
+def _for_arrays(t, dtype):
+    """Tensor t (or None) as bnlib's array code takes it. NumPy has no bfloat16 and CuPy has none
+    either, so bfloat16 (and, on the CPU, float16) tensors are converted to `dtype` here, at the
+    torch boundary (a copy); CuPy's kernels read float16 directly. Other tensors are not copied."""
+    if t is None:
+        return None
+    keep = t.dtype == dtype or (t.is_cuda and t.dtype == torch.float16)
+    return _as_array(t if keep else t.to(dtype))
+
+
+def _in_format_of(t, x):
+    """t in x's memory format: torch's layers return channels-last output for channels-last input
+    (NumPy's path may hand back the standard layout; a no-op when t already has x's layout)."""
+    for fmt, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == ndim and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+            return t.contiguous(memory_format=fmt)
+    return t
+
+
+def _torch_kernels(x):
+    """True when x is a CUDA tensor and bnlib.cuda has the torch-level kernels (chapter 05)."""
+    return x.is_cuda and hasattr(cuda, "forward_torch")
+
+
 @contextlib.contextmanager
 def _on_tensor_stream(t):
     """Run CuPy work on the CUDA device and current stream of tensor t, so that it is ordered with
@@ -40,67 +73,115 @@ def _on_tensor_stream(t):
         yield
         return
     import cupy
-
-    from bnlib import cuda
     with cupy.cuda.Device(t.device.index), cuda.cupy_stream(torch.cuda.current_stream(t.device)):
         yield
+
+
+def _params_for_kernels(weight, bias, dtype):
+    """weight and bias (C,) or None, as bnlib.cuda's torch-level kernels take them: in `dtype`."""
+    return tuple(None if p is None else p.detach().to(dtype) for p in (weight, bias))
 
 
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm as an autograd Function around bnlib.functional.
 
-    forward(x, weight, bias, eps, stats) -> y; `stats` (a dict or None) receives the batch mean,
-    biased variance and count, for the running-statistics update done by the module.
+    forward(x, weight, bias, eps, stats) -> y, y in x's dtype. x may be float16/bfloat16 with
+    float32 (or same-dtype) weight and bias: the statistics are then computed in float32.
+    `stats` (a dict or None) receives the batch mean and biased variance (float32 for half
+    input) as tensors, and the count per channel, for the running-statistics update.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, stats=None):
         ctx.save_for_backward(x, weight)        # lets autograd detect in-place changes before backward
-        arrays = [None if t is None else _as_array(t) for t in (x, weight, bias)]
-        with _on_tensor_stream(x):
-            y, cache = F.batch_norm_forward(*arrays, eps=eps)
-        ctx.cache = cache
+        acc = ctx.acc = _compute_dtype(x)
         ctx.param_grads = (weight is not None, bias is not None)
+        ctx.param_dtype = acc if weight is None else weight.dtype
+        if _torch_kernels(x):                   # chapter 05's kernels, torch tensors in and out
+            w, b = _params_for_kernels(weight, bias, acc)
+            y, mean, var, inv_std = cuda.forward_torch(x, w, b, eps)
+            ctx.torch_state = (mean, inv_std, w)
+        else:
+            with _on_tensor_stream(x):
+                ya, cache = F.batch_norm_forward(_for_arrays(x, acc), _for_arrays(weight, acc),
+                                                 _for_arrays(bias, acc), eps=eps)
+            ctx.cache, ctx.torch_state = cache, None
+            y, mean, var = _in_format_of(_as_tensor(ya).to(x.dtype), x), _as_tensor(cache.mean), _as_tensor(cache.var)
         if stats is not None:
-            stats.update(cache=cache)
-        return _as_tensor(y)
+            stats.update(mean=mean, var=var, count=x.numel() // x.shape[1])
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        ctx.saved_tensors                       # raises if x or weight was modified in place
-        with _on_tensor_stream(dy):
+        x, weight = ctx.saved_tensors           # raises if x or weight was modified in place
+        if ctx.torch_state is not None:
+            mean, inv_std, w = ctx.torch_state
+            dx, dgamma, dbeta = cuda.backward_torch(dy, x, mean, inv_std, w)
+        else:
             # CuPy kernels take dy in any layout; the CPU path wants NumPy-friendly contiguous memory
-            dx, dgamma, dbeta = F.batch_norm_backward(_as_array(dy if dy.is_cuda else dy.contiguous()), ctx.cache)
+            dya = _for_arrays(dy if dy.is_cuda else dy.contiguous(), ctx.acc)
+            with _on_tensor_stream(dy):
+                dx, dgamma, dbeta = (_as_tensor(a) for a in F.batch_norm_backward(dya, ctx.cache))
         need_w, need_b = ctx.param_grads
-        return (_as_tensor(dx), _as_tensor(dgamma) if need_w else None,
-                _as_tensor(dbeta) if need_b else None, None, None)
+        return (_in_format_of(dx.to(x.dtype), x), dgamma.to(ctx.param_dtype) if need_w else None,
+                dbeta.to(ctx.param_dtype) if need_b else None, None, None)
 
 
 class BatchNormInferenceFunction(torch.autograd.Function):
-    """Evaluation-mode batch norm (a fixed per-channel affine map) with its gradients."""
+    """Evaluation-mode batch norm (a fixed per-channel affine map) with its gradients.
+
+    x may be float16/bfloat16 with float32 statistics and parameters; y has x's dtype.
+    """
 
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, eps):
-        xa, rm, rv = _as_array(x), _as_array(running_mean), _as_array(running_var)
-        wa = None if weight is None else _as_array(weight)
-        ba = None if bias is None else _as_array(bias)
         ctx.save_for_backward(x, running_mean, running_var, weight)
-        ctx.eps, ctx.has_bias = eps, bias is not None
-        with _on_tensor_stream(x):
-            return _as_tensor(F.batch_norm_inference(xa, rm, rv, wa, ba, eps))
+        ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
+        acc = _compute_dtype(x)
+        if _torch_kernels(x):
+            w, b = _params_for_kernels(weight, bias, acc)
+            return cuda.inference_torch(x, running_mean.to(acc), running_var.to(acc), w, b, eps)
+        if x.is_cuda:       # torch arithmetic: F.batch_norm_inference checks values on the host (a sync)
+            scale, shift = _inference_affine(running_mean, running_var, weight, bias, eps, acc, x.dim())
+            return (x.to(acc) * scale + shift).to(x.dtype)
+        arrays = [_for_arrays(t, acc) for t in (x, running_mean, running_var, weight, bias)]
+        return _in_format_of(_as_tensor(F.batch_norm_inference(*arrays, eps)).to(x.dtype), x)
 
     @staticmethod
     def backward(ctx, dy):
         x, running_mean, running_var, weight = ctx.saved_tensors
+        acc = _compute_dtype(x)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         axes = [0] + list(range(2, x.dim()))
-        inv_std = torch.rsqrt(running_var.to(dy.dtype) + ctx.eps).reshape(shape)
-        scale = inv_std if weight is None else inv_std * weight.reshape(shape)
-        dx = dy * scale
-        dweight = (dy * (x - running_mean.reshape(shape)) * inv_std).sum(axes) if weight is not None else None
-        dbias = dy.sum(axes) if ctx.has_bias else None
+        inv_std = torch.rsqrt(running_var.to(acc) + ctx.eps).reshape(shape)
+        scale = inv_std if weight is None else inv_std * weight.to(acc).reshape(shape)
+        dyc = dy.to(acc)
+        dx = (dyc * scale).to(x.dtype)
+        dweight = dbias = None
+        if weight is not None:
+            x_hat = (x.to(acc) - running_mean.to(acc).reshape(shape)) * inv_std
+            dweight = (dyc * x_hat).sum(axes).to(weight.dtype)
+        if ctx.bias_dtype is not None:
+            dbias = dyc.sum(axes).to(ctx.bias_dtype)
         return dx, None, None, dweight, dbias, None
+
+
+def _inference_affine(running_mean, running_var, weight, bias, eps, dtype, ndim):
+    """Per-channel (scale, shift), shaped to broadcast over (N, C, *spatial), of y = x * scale + shift."""
+    shape = (1, -1) + (1,) * (ndim - 2)
+    scale = torch.rsqrt(running_var.to(dtype) + eps)
+    if weight is not None:
+        scale = scale * weight.to(dtype)
+    shift = -running_mean.to(dtype) * scale
+    if bias is not None:
+        shift = shift + bias.to(dtype)
+    return scale.reshape(shape), shift.reshape(shape)
+
+
+# torch >= 2.13 has BatchNorm's keyword-only `bias=`; older torch neither takes it nor prints it
+_TORCH_BN_HAS_BIAS = "bias" in inspect.signature(torch.nn.BatchNorm1d.__init__).parameters
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class _BatchNorm(torch.nn.Module):
@@ -125,7 +206,7 @@ class _BatchNorm(torch.nn.Module):
             self.weight = torch.nn.Parameter(torch.ones(num_features, **factory))
         else:
             self.register_parameter("weight", None)
-        if affine and bias:          # torch >= 2.13: bias=False keeps the scale, drops the shift
+        if affine and bias:          # as torch >= 2.13: bias=False keeps the scale, drops the shift
             self.bias = torch.nn.Parameter(torch.zeros(num_features, **factory))
         else:
             self.register_parameter("bias", None)
@@ -152,8 +233,10 @@ class _BatchNorm(torch.nn.Module):
             torch.nn.init.zeros_(self.bias)
 
     def extra_repr(self):
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}")
+        text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+        if _TORCH_BN_HAS_BIAS or (self.affine and self.bias is None):    # repr as the installed torch's
+            text += f"bias={self.bias is not None}, "
+        return text + f"track_running_stats={self.track_running_stats}"
 
     def _check_input_dim(self, x):
         raise NotImplementedError
@@ -161,43 +244,58 @@ class _BatchNorm(torch.nn.Module):
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in (torch.float16, torch.float32, torch.float64):
-            raise TypeError(f"{type(self).__name__} supports float16, float32 and float64 input, got {x.dtype}")
+        if x.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"{type(self).__name__} supports float16, bfloat16, float32 and float64 input, "
+                            f"got {x.dtype}")
         self._check_input_dim(x)
         if x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) expected {self.num_features} channels "
                              f"in dimension 1, got input of shape {tuple(x.shape)}")
-        for name in ("weight", "running_mean"):
+        # as torch: parameters and buffers in x's dtype, or float32 for float16/bfloat16 x (autocast)
+        allowed = (x.dtype, torch.float32) if x.dtype in _HALF else (x.dtype,)
+        for name in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(self, name)
-            if t is not None and t.dtype != x.dtype:
-                raise TypeError(f"input dtype {x.dtype} does not match the layer's {name} dtype {t.dtype}: "
+            if t is not None and t.dtype not in allowed:
+                expected = " or ".join(str(d) for d in allowed)
+                raise TypeError(f"input dtype {x.dtype} needs the layer's {name} in {expected}, got {t.dtype}: "
                                 f"convert the module (e.g. .to({x.dtype})) or the input")
 
-    def _batch_statistics(self, x):
-        """y with batch statistics; returns (y, cache) and updates running statistics in training."""
-        stats = {}
-        y = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, stats)
-        return y, stats["cache"]
-
     def _update_running_stats(self, mean, var, count):
-        """running = (1 - m) * running + m * batch (unbiased var), m = momentum or 1/num_batches_tracked."""
+        """running = (1 - m) * running + m * batch (unbiased var), m = momentum or 1/num_batches_tracked.
+
+        mean, var: (C,) tensors on the buffers' device; count: values per channel (a Python int).
+        Nothing is read back to the host, except num_batches_tracked when momentum is None (as torch).
+        """
         with torch.no_grad():
-            steps = int(self.num_batches_tracked) + 1
-            momentum = 1.0 / steps if self.momentum is None else self.momentum
-            unbiased = var * (count / (count - 1)) if count > 1 else var
-            self.running_mean.mul_(1 - momentum).add_(torch.as_tensor(mean, dtype=self.running_mean.dtype,
-                                                                      device=self.running_mean.device), alpha=momentum)
-            self.running_var.mul_(1 - momentum).add_(torch.as_tensor(unbiased, dtype=self.running_var.dtype,
-                                                                     device=self.running_var.device), alpha=momentum)
             self.num_batches_tracked.add_(1)
+            if count == 0:                       # an empty batch: counted, as torch does, but no statistics
+                return
+            momentum = self.momentum if self.momentum is not None else 1.0 / int(self.num_batches_tracked)
+            unbiased = var * (count / (count - 1)) if count > 1 else var
+            self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
+            self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
+
+    def _empty_batch(self, x):
+        """As torch for a zero-size batch: an empty output still connected to the graph (so backward
+        gives zero parameter gradients); in training, num_batches_tracked counts it, the statistics stay."""
+        if self.training and self.track_running_stats:
+            self._update_running_stats(None, None, 0)
+        y = x.clone()
+        if self.weight is not None:
+            y = y * self.weight[0]
+        if self.bias is not None:
+            y = y + self.bias[0]
+        return y
 
     def forward(self, x):
         self._check_input(x)
+        if x.numel() == 0:
+            return self._empty_batch(x)
         if self.training or not self.track_running_stats:
-            y, cache = self._batch_statistics(x)
+            stats = {}
+            y = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, stats)
             if self.training and self.track_running_stats:
-                count = cache.x.size // self.num_features
-                self._update_running_stats(_as_tensor(cache.mean), _as_tensor(cache.var), count)
+                self._update_running_stats(stats["mean"], stats["var"], stats["count"])
             return y
         return BatchNormInferenceFunction.apply(x, self.running_mean, self.running_var, self.weight, self.bias,
                                                 self.eps)
@@ -342,39 +440,54 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group, stats):
-        xa = _as_array(x)
-        total = _gather_moments(moments(xa.astype(np.float64)), group)
-        if total.count < 2:
+        c = x.shape[1]
+        xa = _as_array(x.double())                                   # float64 whatever x's dtype
+        local = moments(xa) if xa.size else Moments(0, np.zeros(c), np.zeros(c))
+        total = _gather_moments(local, group)      # an empty process takes part with count 0, as in torch
+        if total.count == 1:                       # every process sees the same total, so all raise
             raise ValueError(f"SyncBatchNorm in training needs more than 1 value per channel over all "
                              f"processes, got {total.count}")
-        shape = channel_shape(xa.ndim, xa.shape[1])
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.count, ctx.param_dtypes = group, total.count, (_dtype_of(weight), _dtype_of(bias))
+        stats.update(mean=torch.from_numpy(total.mean if total.count else local.mean),
+                     var=torch.from_numpy(total.var if total.count else local.m2), count=total.count)
+        if xa.size == 0:                           # nothing to normalize here; statistics still shared
+            ctx.mean = ctx.inv_std = None
+            return x.clone()
+        shape = channel_shape(xa.ndim, c)
         inv_std = 1.0 / np.sqrt(total.var + eps)
-        scale = inv_std if weight is None else inv_std * _as_array(weight).astype(np.float64)
+        scale = inv_std if weight is None else inv_std * _as_array(weight.double())
         y = (xa - total.mean.reshape(shape)) * scale.reshape(shape)
         if bias is not None:
-            y += _as_array(bias).astype(np.float64).reshape(shape)
-        ctx.save_for_backward(x, weight)
-        ctx.mean, ctx.inv_std, ctx.count, ctx.group = total.mean, inv_std, total.count, group
-        ctx.has_bias = bias is not None
-        stats.update(mean=total.mean, var=total.var, count=total.count)
-        return torch.from_numpy(y.astype(xa.dtype))
+            y += _as_array(bias.double()).reshape(shape)
+        ctx.mean, ctx.inv_std = total.mean, inv_std
+        return torch.from_numpy(y).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        xa, dya = _as_array(x), _as_array(dy).astype(np.float64)
-        shape, axes, c = channel_shape(xa.ndim, xa.shape[1]), reduction_axes(xa.ndim), xa.shape[1]
+        c = x.shape[1]
+        if ctx.mean is None:                       # empty here: take part in the all-reduce, as torch does,
+            dist.all_reduce(torch.zeros(2 * c, dtype=torch.float64), group=ctx.group)   # so no peer hangs
+            return None, None, None, None, None, None   # (autograd reads None as zero gradients)
+        xa, dya = _as_array(x.double()), _as_array(dy.double())
+        shape, axes = channel_shape(xa.ndim, c), reduction_axes(xa.ndim)
         x_hat = (xa - ctx.mean.reshape(shape)) * ctx.inv_std.reshape(shape)
         local = np.concatenate([dya.sum(axis=axes), (dya * x_hat).sum(axis=axes)])   # (2C,)
         total = torch.from_numpy(local.copy())
         dist.all_reduce(total, group=ctx.group)                                      # sums over processes
         sum_dy, sum_dy_xhat = total.numpy()[:c], total.numpy()[c:]
-        scale = ctx.inv_std if weight is None else ctx.inv_std * _as_array(weight).astype(np.float64)
+        scale = ctx.inv_std if weight is None else ctx.inv_std * _as_array(weight.double())
         dx = scale.reshape(shape) * (dya - (sum_dy / ctx.count).reshape(shape)
                                      - x_hat * (sum_dy_xhat / ctx.count).reshape(shape))
-        dweight = None if weight is None else torch.from_numpy(local[c:].astype(_as_array(weight).dtype))
-        dbias = torch.from_numpy(local[:c].astype(xa.dtype)) if ctx.has_bias else None
-        return torch.from_numpy(dx.astype(xa.dtype)), dweight, dbias, None, None, None
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        dweight = None if weight_dtype is None else torch.from_numpy(local[c:]).to(weight_dtype)
+        dbias = None if bias_dtype is None else torch.from_numpy(local[:c]).to(bias_dtype)
+        return torch.from_numpy(dx).to(x.dtype), dweight, dbias, None, None, None
+
+
+def _dtype_of(t):
+    return None if t is None else t.dtype
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -382,7 +495,9 @@ class SyncBatchNorm(_BatchNorm):
     torch.nn.SyncBatchNorm's drop-in for CPU tensors (gloo backend).
 
     Args: as BatchNorm1d, plus process_group (default: the whole world).
-    Shape: input (N, C, *spatial); output the same. Processes may hold different batch sizes.
+    Shape: input (N, C, *spatial); output the same. Processes may hold different batch sizes, an
+    empty one included: it still takes part in the exchanges (so no process waits for it forever)
+    and contributes nothing to the statistics, as in torch.nn.SyncBatchNorm.
     Without an initialized process group (or with a group of one process) it is plain batch
     norm, as torch.nn.SyncBatchNorm is.
     """
@@ -410,8 +525,8 @@ class SyncBatchNorm(_BatchNorm):
         stats = {}
         group = self.process_group or dist.group.WORLD
         y = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, group, stats)
-        if self.training and self.track_running_stats:
-            self._update_running_stats(torch.from_numpy(stats["mean"]), torch.from_numpy(stats["var"]), stats["count"])
+        if self.track_running_stats:   # with the global statistics, on an empty process too (as torch)
+            self._update_running_stats(stats["mean"], stats["var"], stats["count"])
         return y
 
     @classmethod
@@ -423,3 +538,90 @@ class SyncBatchNorm(_BatchNorm):
         for name, child in module.named_children():
             setattr(module, name, cls.convert_sync_batchnorm(child, process_group))
         return module
+
+_TORCH_BN_FOR_NDIM = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+
+
+def _sync_check_worker(rank, splits, shape_tail, momentum, init_file, out_dir):
+    """Process `rank` of sync_batchnorm_check (a module-level function, so that spawn can start it)."""
+    import datetime
+    import os
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(splits[0]),
+                            timeout=datetime.timedelta(seconds=120))
+    worst = []
+    try:
+        for sizes in splits:
+            gen = torch.Generator().manual_seed(len(worst))   # every process builds the same global batch
+            C = 3
+            xs = [torch.randn((n, C) + tuple(shape_tail), generator=gen, dtype=torch.float64) * 2 + 1 for n in sizes]
+            dys = [torch.randn((n, C) + tuple(shape_tail), generator=gen, dtype=torch.float64) for n in sizes]
+            reference = _TORCH_BN_FOR_NDIM[2 + len(shape_tail)](C, momentum=momentum).double()
+            with torch.no_grad():
+                reference.weight.uniform_(0.5, 1.5, generator=gen)
+                reference.bias.normal_(generator=gen)
+            sync = SyncBatchNorm(C, momentum=momentum).double()
+            sync.load_state_dict(reference.state_dict())
+            lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+            diffs = []
+            for _ in range(3):
+                x = xs[rank].clone().requires_grad_()
+                y = sync(x)
+                y.backward(dys[rank])
+                x_all = torch.cat(xs).requires_grad_()
+                y_all = reference(x_all)
+                y_all.backward(torch.cat(dys))
+                grads = [torch.zeros(C, dtype=torch.float64) if p.grad is None else p.grad.clone()
+                         for p in (sync.weight, sync.bias)]           # None on an empty process, as torch
+                for g in grads:
+                    dist.all_reduce(g)                 # summed over processes (DistributedDataParallel averages)
+                diffs += [grads[0] - reference.weight.grad, grads[1] - reference.bias.grad,
+                          sync.running_mean - reference.running_mean, sync.running_var - reference.running_var,
+                          (sync.num_batches_tracked - reference.num_batches_tracked).double()]
+                if sizes[rank]:
+                    diffs += [y - y_all[lo:hi], x.grad - x_all.grad[lo:hi]]
+                for m in (sync, reference):
+                    m.weight.grad = m.bias.grad = None
+            worst.append(max(float(d.detach().abs().max()) for d in diffs))
+        result = worst
+    except Exception as err:                       # reported, so that the caller fails with the reason
+        result = f"process {rank}: {err!r}"
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def sync_batchnorm_check(splits, shape_tail=(), momentum=None, start_method=None, timeout=240):
+    """Check SyncBatchNorm against torch.nn.BatchNorm1d on the concatenated batch, over gloo.
+
+    Starts len(splits[0]) CPU processes with torch.multiprocessing; process r holds splits[k][r]
+    examples (0 allowed) of shape (C=3, *shape_tail) in split k, for 3 training steps per split.
+    start_method: "fork" (fast: nothing to re-import) or "spawn"; by default fork, except where
+    torch sees a GPU, since autograd's GPU threads do not survive a fork.
+    Returns, per split, the largest difference over all processes in outputs, input gradients,
+    summed parameter gradients, running statistics and num_batches_tracked.
+    """
+    import datetime
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+    if len({len(s) for s in splits}) != 1:
+        raise ValueError(f"every split must have one batch size per process, got {splits}")
+    with tempfile.TemporaryDirectory() as tmp:
+        args = (list(splits), tuple(shape_tail), momentum, os.path.join(tmp, "rendezvous"), tmp)
+        if start_method is None:
+            start_method = "spawn" if torch.cuda.is_available() else "fork"
+        context = mp.start_processes(_sync_check_worker, args=args, nprocs=len(splits[0]), join=False,
+                                     start_method=start_method)
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        while not context.join(timeout=1):
+            if datetime.datetime.now() > deadline:
+                for p in context.processes:
+                    p.kill()
+                raise TimeoutError(f"SyncBatchNorm check with splits {splits} did not finish in {timeout} s")
+        reports = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(len(splits[0]))]
+    for report in reports:
+        if isinstance(report, str):
+            raise RuntimeError(report)
+    return [max(per_split) for per_split in zip(*reports)]

@@ -1,6 +1,8 @@
-"""bnlib.cuda (chapter 05). The kernel source is compile-checked wherever nvcc exists; everything
-that runs kernels needs CuPy and a CUDA device and skips cleanly without them (tools/gpu_check.sh
-runs this file on a GPU machine)."""
+"""bnlib.cuda (chapter 05). The kernel source is compile-checked wherever nvcc exists, and the walks
+the host code plans are checked on the CPU by replaying the kernels' loops; everything that runs
+kernels needs CuPy, torch and a CUDA device and skips cleanly without them (tools/gpu_check.sh runs
+this file on a GPU machine with BNLIB_REQUIRE_GPU=1, where a broken CuPy fails instead)."""
+import math
 import os
 import shutil
 import subprocess
@@ -17,17 +19,402 @@ from conftest import ROOT
 REQUIRE_GPU = os.environ.get("BNLIB_REQUIRE_GPU") == "1"
 if REQUIRE_GPU and not cuda.available():
     raise RuntimeError("BNLIB_REQUIRE_GPU=1 but CuPy sees no CUDA device (is CuPy installed and working?)")
+
+
+def _torch_cuda():
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 needs_gpu = pytest.mark.skipif(not cuda.available(), reason="needs CuPy and a CUDA device (tools/gpu_check.sh)")
+needs_torch_gpu = pytest.mark.skipif(not (cuda.available() and _torch_cuda()),
+                                     reason="needs CuPy, torch and a CUDA device (tools/gpu_check.sh)")
 
 
+# ----------------------------------------------------------------------------- without a GPU
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
-def test_kernel_source_compiles_for_every_dtype(tmp_path, arch):
+def test_every_kernel_instantiation_compiles(tmp_path, arch):
     src = tmp_path / "bn.cu"
-    src.write_text(cuda.KERNEL_SOURCE)
-    proc = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-DBNLIB_INSTANTIATE", "-Werror", "all-warnings",
-                           "-c", str(src), "-o", str(tmp_path / "bn.o")], capture_output=True, text=True, timeout=300)
+    src.write_text(cuda.instantiation_source())
+    proc = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings",
+                           "-c", str(src), "-o", str(tmp_path / "bn.o")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    if shutil.which("cuobjdump"):              # every kernel the host can launch is in the object file
+        listing = subprocess.run(["cuobjdump", "-symbols", str(tmp_path / "bn.o")], capture_output=True, text=True)
+        assert listing.stdout.count("STT_FUNC") >= len(cuda.kernel_names()), listing.stdout[-2000:]
+
+
+def test_kernel_names_cover_every_dtype_and_walk():
+    names = cuda.kernel_names()
+    assert len(names) == len(set(names)) == 8 * 4 * 2 + 2 * 2
+    for dtype, ctype in [("float16", "__half"), ("bfloat16", "bf16_t"), ("float32", "float"), ("float64", "double")]:
+        for walk in ("planes", "cols"):
+            assert f"bn_stats_{walk}<{ctype}, {cuda._VEC[dtype]}>" in names and f"bn_stats_{walk}<{ctype}, 1>" in names
+
+
+def _replay(pl):
+    """Replay the loops of the kernels for plan `pl` in NumPy: for every (block, thread) the flat
+    indices it reads and the partial slot it writes. Returns (values read per element, the
+    channel each partial slot was written from, slot per element)."""
+    total = pl.channels * pl.count
+    seen = np.zeros(total, np.int64)
+    slot_channel = {}
+    slot_of = np.full(total, -1, np.int64)
+    if pl.walk == "planes":
+        n_, c_, lv, seg = (int(a) for a in pl.walk_args)
+        v = pl.vec
+        gc, gb, gs = pl.grid
+        for c in range(gc):
+            for b in range(gb):
+                for s in range(gs):
+                    lo, hi = s * seg, min(lv, s * seg + seg)
+                    j = (b * gs + s) * c_ + c
+                    for n in range(b, n_, gb):
+                        for t in range(cuda.PLANE_THREADS):
+                            for i in range(lo + t, hi, cuda.PLANE_THREADS):
+                                idx = ((n * c_ + c) * lv + i) * v + np.arange(v)
+                                seen[idx] += 1
+                                slot_of[idx] = j
+                    slot_channel.setdefault(j, set()).add(c)
+    else:
+        total_, rfull, wf = (int(a) for a in pl.walk_args)
+        w, l = (int(a) for a in pl.geometry)
+        v = pl.vec
+        gx, gb, _ = pl.grid
+        step = cuda.TY * gb
+        for bx in range(gx):
+            for tx in range(cuda.TX):
+                col0 = (bx * cuda.TX + tx) * v
+                if col0 >= wf:
+                    continue
+                for b in range(gb):
+                    for ty in range(cuda.TY):
+                        for r in range(b * cuda.TY + ty, rfull + 1, step):
+                            for k in range(v):
+                                i = r * wf + col0 + k
+                                if i < total_:
+                                    seen[i] += 1
+                                    slot_of[i] = b * wf + col0 + k
+                        for k in range(v):
+                            slot_channel.setdefault(b * wf + col0 + k, set()).add(((col0 + k) % w) // l)
+    return seen, slot_channel, slot_of
+
+
+def _finalize_slots(pl, c):
+    p, q, gl, l, wf, w, _ = (int(a) for a in pl.finalize_args)
+    out = []
+    for i in range(q):
+        b, rem = divmod(i, gl)
+        f, li = divmod(rem, l)
+        out.append(b * wf + f * w + c * l + li)
+    return out
+
+
+@pytest.mark.parametrize("rows,channels,length,dtype,aligned,sms", [
+    (3, 1, 35, "float32", True, 2), (2, 1, 1, "float32", True, 1), (1000, 3, 1, "float16", True, 3),
+    (5, 3, 561, "float32", True, 2), (2, 2049, 1, "float64", True, 4), (9, 70, 9, "bfloat16", True, 2),
+    (4, 5, 18, "float32", False, 2), (6, 2, 2048, "float16", True, 2), (3, 4, 1024, "float32", True, 1),
+    (8, 2, 4096, "float64", True, 3), (7, 3, 1, "float32", True, 2), (40 * 3, 5, 1, "bfloat16", True, 2),
+    (2, 3, 1030, "float32", True, 2)])
+def test_planned_walks_read_every_value_once_and_finalize_finds_every_partial(rows, channels, length, dtype,
+                                                                               aligned, sms):
+    pl = cuda.plan(rows, channels, length, dtype, aligned, sms)
+    assert pl.vec == (cuda._VEC[dtype] if aligned else 1)
+    seen, slot_channel, slot_of = _replay(pl)
+    assert (seen == 1).all(), "a value read twice or never"
+    channel_of = (np.arange(rows * channels * length) // length) % channels
+    assert all(len(chs) == 1 for chs in slot_channel.values()), "a partial slot mixes channels"
+    for c in range(channels):
+        expected = {j for j, chs in slot_channel.items() if c in chs}
+        got = _finalize_slots(pl, c)
+        assert len(got) == len(set(got)) and set(got) == expected
+        assert set(slot_of[channel_of == c]) <= expected
+    assert max(slot_channel) < pl.partials and 3 * pl.partials + 3 * channels == pl.workspace_values
+    assert pl.count == rows * length
+
+
+def _kernel_signatures():
+    """{kernel name: [parameter type, ...]} parsed from KERNEL_SOURCE."""
+    import re
+    sigs = {}
+    pattern = r"__global__ void __launch_bounds__\([^)]*\)\s*(\w+)\((.*?)\)\s*\{"
+    for name, params in re.findall(pattern, cuda.KERNEL_SOURCE, flags=re.S):
+        kinds = []
+        for p in params.split(","):
+            p = " ".join(p.replace("__restrict__", "").replace("const ", "").split()[:-1])
+            kinds.append("ptr" if p.endswith("*") else {"int": "int32", "long long": "int64"}.get(p, "acc"))
+        sigs[name] = kinds
+    return sigs
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_launch_arguments_match_the_kernel_signatures(monkeypatch, dtype):
+    """Every launch of a training step and an eval forward passes as many arguments as the kernel
+    has parameters, each of the parameter's size (numpy.uint64 for pointers, int32, int64, and the
+    accumulation type for A), and a grid and block the kernel was written for."""
+    sigs = _kernel_signatures()
+    assert len(sigs) == 10
+    acc = np.float64 if dtype == "float64" else np.float32
+    expected_type = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64, "acc": acc}
+    launched = []
+
+    def check(dev, name, grid, block, args):
+        base = name.split("<")[0]
+        kinds = sigs[base]
+        assert len(args) == len(kinds), (name, len(args), len(kinds))
+        for i, (a, k) in enumerate(zip(args, kinds)):
+            assert type(a) is expected_type[k], (name, i, type(a), k)
+        assert name in cuda.kernel_names()
+        threads = math.prod(block)
+        assert threads == (cuda.FINALIZE_THREADS if "finalize" in base else
+                           cuda.PLANE_THREADS if "planes" in base else cuda.TX * cuda.TY)
+        assert all(0 < g < 2 ** 31 for g in grid) and all(g < 65536 for g in grid[1:])
+        launched.append(base)
+
+    monkeypatch.setattr(cuda, "_launch", check)
+    for rows, c, l in [(256, 64, 3136), (8, 3, 1030), (256 * 196, 256, 1), (5, 7, 1), (2, 1, 4096)]:
+        for aligned in (True, False):
+            pl = cuda.plan(rows, c, l, dtype, aligned, 132)
+            launched.clear()
+            cuda._run_forward(0, pl, dtype, 256, 512, 768, 1024, 1280, 1536, 0, 1e-5, 4096)
+            cuda._run_backward(0, pl, dtype, 256, 512, 768, 1024, 1280, 0, 1536, 1792, 4096)
+            cuda._run_apply(0, pl, dtype, 256, 512, 768, 1024, 0, 1280, 1e-5, from_var=True)
+            assert len(launched) == 7 and len(set(launched)) == 6
+
+
+class _EmulatedDevice:
+    """A CPU stand-in for the GPU that checks the host code end to end: buffers at made-up addresses,
+    and each kernel's contract (which partial slot every value goes to, what the finalize kernels
+    and the elementwise kernels compute) in NumPy, bound to the kernel's own parameter names parsed
+    from KERNEL_SOURCE. It checks the launchers' wiring (which address goes where, the workspace
+    offsets, the slots the finalize kernels read) and the per-channel formulas; not the CUDA code."""
+
+    STORAGE = {"__half": np.float16, "float": np.float32, "double": np.float64, "bf16_t": np.uint16}
+
+    def __init__(self):
+        import re
+        self.buffers, self.next = {}, 1 << 20
+        pattern = r"__global__ void __launch_bounds__\([^)]*\)\s*(\w+)\((.*?)\)\s*\{"
+        self.params = {name: [p.split()[-1] for p in params.split(",")]
+                       for name, params in re.findall(pattern, cuda.KERNEL_SOURCE, flags=re.S)}
+
+    def alloc(self, nbytes):
+        addr = self.next
+        self.buffers[addr] = np.zeros(nbytes, np.uint8)
+        self.next += nbytes // 256 * 256 + 512
+        return addr
+
+    def view(self, addr, dtype, count):
+        for base, buf in self.buffers.items():
+            if base <= int(addr) < base + buf.size:
+                off = int(addr) - base
+                assert off + count * np.dtype(dtype).itemsize <= buf.size, "access past the end of a buffer"
+                return buf[off:off + count * np.dtype(dtype).itemsize].view(dtype)
+        import ctypes                      # not ours: a CPU tensor's memory (the torch interface test)
+        return np.frombuffer((ctypes.c_uint8 * (count * np.dtype(dtype).itemsize)).from_address(int(addr)), dtype)
+
+    def load(self, addr, t, count):
+        v = self.view(addr, self.STORAGE[t], count)
+        if t == "bf16_t":
+            return (v.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        return v.astype(np.float64)
+
+    def store(self, addr, t, values):
+        out = self.view(addr, self.STORAGE[t], values.size)
+        if t == "bf16_t":
+            import torch
+            out[:] = torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        else:
+            out[:] = values
+
+    def launch(self, dev, name, grid, block, args):
+        kernel = name.split("<")[0]
+        targs = [s.strip() for s in name.split("<")[1].rstrip(">").split(",")]
+        a = dict(zip(self.params[kernel], args))
+        t, acc = targs[0], (np.float64 if targs[0] == "double" else np.float32)
+        if "finalize" in kernel:
+            return getattr(self, kernel)(a, acc)
+        vec = int(targs[1])
+        if kernel.endswith("_planes"):
+            n_, c_, lv, seg = (int(a[k]) for k in ("N", "C", "LV", "seg"))
+            n, c, i = np.meshgrid(np.arange(n_), np.arange(c_), np.arange(lv), indexing="ij")
+            slot = ((n % grid[1]) * grid[2] + i // seg) * c_ + c
+            slot, chan = (np.repeat(s.reshape(-1), vec) for s in (slot, c))
+        else:
+            e = np.arange(int(a["total"]))
+            col, wf = e % int(a["Wf"]), int(a["Wf"])
+            slot = ((e // wf) // cuda.TY) % grid[1] * wf + col
+            chan = (col % int(a["W"])) // int(a["L"]) if "W" in a else None
+        getattr(self, kernel.rsplit("_", 1)[0])(a, t, acc, slot, chan)
+
+    def bn_stats(self, a, t, acc, slot, chan):
+        x, p = self.load(a["x"], t, slot.size), int(a["P"])
+        n = np.bincount(slot, minlength=p)
+        mean = np.bincount(slot, x, minlength=p) / np.maximum(n, 1)
+        m2 = np.bincount(slot, (x - mean[slot]) ** 2, minlength=p)
+        self.view(a["part"], acc, 3 * p)[:] = np.concatenate([n, mean, m2])
+
+    def _slots(self, a, c):
+        q, gl, l, wf, w = (int(a[k]) for k in ("Q", "GL", "L", "Wf", "W"))
+        i = np.arange(q)
+        return (i // gl) * wf + ((i % gl) // l) * w + c * l + (i % gl) % l
+
+    def _vector(self, addr, acc, count, default):
+        return self.view(addr, acc, count).astype(np.float64) if int(addr) else np.full(count, default)
+
+    def bn_stats_finalize(self, a, acc):
+        c_, p = int(a["C"]), int(a["P"])
+        part = self.view(a["part"], acc, 3 * p).astype(np.float64)
+        out = {k: self.view(a[k], acc, c_) for k in ("mean", "var", "inv_std")}
+        for c in range(c_):
+            s = self._slots(a, c)
+            n, m, q = part[s], part[p + s], part[2 * p + s]
+            mu = (n * m).sum() / n.sum()
+            var = (q + n * (m - mu) ** 2).sum() / n.sum()
+            out["mean"][c], out["var"][c], out["inv_std"][c] = mu, var, 1 / np.sqrt(var + float(a["eps"]))
+
+    def bn_apply(self, a, t, acc, slot, chan):
+        x, c_ = self.load(a["x"], t, slot.size), int(chan.max()) + 1
+        mu, stat = self._vector(a["mean"], acc, c_, 0), self._vector(a["stat"], acc, c_, 0)
+        inv = 1 / np.sqrt(stat + float(a["eps"])) if int(a["from_var"]) else stat
+        scale, shift = self._vector(a["weight"], acc, c_, 1.0) * inv, self._vector(a["bias"], acc, c_, 0.0)
+        self.store(a["y"], t, (x - mu[chan]) * scale[chan] + shift[chan])
+
+    def bn_backward_reduce(self, a, t, acc, slot, chan):
+        x, dy, p = self.load(a["x"], t, slot.size), self.load(a["dy"], t, slot.size), int(a["P"])
+        mu = self._vector(a["mean"], acc, int(chan.max()) + 1, 0)
+        self.view(a["part"], acc, 2 * p)[:] = np.concatenate(
+            [np.bincount(slot, dy, minlength=p), np.bincount(slot, dy * (x - mu[chan]), minlength=p)])
+
+    def bn_backward_finalize(self, a, acc):
+        c_, p, count = int(a["C"]), int(a["P"]), float(a["count"])
+        part = self.view(a["part"], acc, 2 * p).astype(np.float64)
+        inv, w = self._vector(a["inv_std"], acc, c_, 0), self._vector(a["weight"], acc, c_, 1.0)
+        dw, db, coef = self.view(a["dweight"], acc, c_), self.view(a["dbias"], acc, c_), self.view(a["coef"], acc, 3 * c_)
+        for c in range(c_):
+            s = self._slots(a, c)
+            dg, dbeta, av = part[p + s].sum() * inv[c], part[s].sum(), w[c] * inv[c]
+            dw[c], db[c] = dg, dbeta
+            coef[c], coef[c_ + c], coef[2 * c_ + c] = av, -av * inv[c] * dg / count, -av * dbeta / count
+
+    def bn_backward_dx(self, a, t, acc, slot, chan):
+        x, dy, c_ = self.load(a["x"], t, slot.size), self.load(a["dy"], t, slot.size), int(chan.max()) + 1
+        mu, coef = self._vector(a["mean"], acc, c_, 0), self._vector(a["coef"], acc, 3 * c_, 0)
+        self.store(a["dx"], t, coef[chan] * dy + coef[c_ + chan] * (x - mu[chan]) + coef[2 * c_ + chan])
+
+
+@pytest.mark.parametrize("shape,channels_last,dtype,aligned", [
+    ((6, 3, 32, 64), False, "float32", True), ((3, 2, 100, 100), False, "float16", True),
+    ((5, 3, 33, 17), False, "float64", True), ((40, 3), False, "bfloat16", True), ((4, 5, 6, 7), True, "float32", True),
+    ((2, 2049), False, "float32", True), ((9, 70, 3, 3), True, "bfloat16", True), ((4, 5, 2, 3, 3), False, "float16", True),
+    ((6, 3, 32, 64), False, "float32", False), ((7, 3, 5), False, "float64", False), ((300, 2, 1), False, "float32", True)])
+def test_launchers_end_to_end_on_an_emulated_device(monkeypatch, shape, channels_last, dtype, aligned):
+    torch = pytest.importorskip("torch")
+    device = _EmulatedDevice()
+    monkeypatch.setattr(cuda, "_launch", device.launch)
+    rng = np.random.default_rng(sum(shape))
+    x64, dy64 = rng.normal(3.0, 2.0, size=shape), rng.normal(size=shape)
+    g64, b64 = rng.uniform(0.5, 1.5, shape[1]), rng.normal(size=shape[1])
+    tdtype = getattr(torch, dtype)
+    x64 = torch.from_numpy(x64).to(tdtype).double().numpy()           # the values storage can hold
+    dy64 = torch.from_numpy(dy64).to(tdtype).double().numpy()
+    n, c, l = shape[0], shape[1], math.prod(shape[2:])
+    if channels_last:
+        to_kernel = lambda a: np.moveaxis(a, 1, -1).reshape(-1)                      # (N, *spatial, C)
+        from_kernel = lambda v: np.moveaxis(v.reshape((n,) + shape[2:] + (c,)), -1, 1)
+        rows, length = n * l, 1
+    else:
+        to_kernel, from_kernel, rows, length = (lambda a: a.reshape(-1)), (lambda v: v.reshape(shape)), n, l
+    pl = cuda.plan(rows, c, length, dtype, aligned, 2)
+    t = cuda._TYPES[dtype]
+    size = x64.size * cuda._ITEMSIZE[dtype]
+    accb = 8 if dtype == "float64" else 4
+    X, DY, Y, DX = (device.alloc(size) for _ in range(4))
+    M, V, I, G, B, DW, DB, RM, RV = (device.alloc(c * accb) for _ in range(9))
+    WS = device.alloc(pl.workspace_values * 8)
+    device.store(X, t, to_kernel(x64))
+    device.store(DY, t, to_kernel(dy64))
+    acc = np.float64 if dtype == "float64" else np.float32
+    device.view(G, acc, c)[:], device.view(B, acc, c)[:] = g64, b64
+    cuda._run_forward(0, pl, dtype, X, Y, M, V, I, G, B, 1e-5, WS)
+    cuda._run_backward(0, pl, dtype, DY, X, DX, M, I, G, DW, DB, WS)
+    yr, cr = F.portable_batch_norm_forward(x64, g64, b64)
+    dxr, dgr, dbr = F.portable_batch_norm_backward(dy64, cr)
+    tol = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
+    y, dx = from_kernel(device.load(Y, t, x64.size)), from_kernel(device.load(DX, t, x64.size))
+    assert np.abs(y - yr).max() <= tol * np.abs(yr).max()
+    assert np.abs(dx - dxr).max() <= tol * np.abs(g64).max() * cr.inv_std.max() * np.abs(dy64).max()
+    np.testing.assert_allclose(device.load(M, "double" if acc is np.float64 else "float", c), cr.mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(device.view(DW, acc, c), dgr, rtol=1e-4, atol=1e-4 * np.abs(dgr).max())
+    np.testing.assert_allclose(device.view(DB, acc, c), dbr, rtol=1e-4, atol=1e-4 * np.abs(dbr).max())
+    device.view(RM, acc, c)[:], device.view(RV, acc, c)[:] = cr.mean, cr.var                 # eval with these
+    cuda._run_apply(0, pl, dtype, X, Y, RM, RV, G, B, 1e-5, from_var=True)
+    assert np.abs(from_kernel(device.load(Y, t, x64.size)) - yr).max() <= tol * np.abs(yr).max()
+
+
+@pytest.mark.parametrize("shape,channels_last,dtype,param", [
+    ((6, 3, 32, 64), False, "float32", "float32"), ((6, 3, 32, 64), True, "bfloat16", "float32"),
+    ((5, 3, 33, 17), True, "float16", "float16"), ((40, 3), False, "float64", "float64"),
+    ((4, 5, 6, 7), False, "bfloat16", None), ((3, 4, 5), False, "float32", "float32")])
+def test_torch_interface_end_to_end_on_an_emulated_device(monkeypatch, shape, channels_last, dtype, param):
+    """forward_torch, backward_torch and inference_torch with CPU tensors standing in for CUDA ones
+    (the CUDA check, stream, SM count and launches replaced by the emulated device): layouts, output
+    allocation and memory format, parameter dtypes, and results against float64 torch."""
+    import contextlib
+    torch = pytest.importorskip("torch")
+    device = _EmulatedDevice()
+    monkeypatch.setattr(cuda, "_launch", device.launch)
+    monkeypatch.setattr(cuda, "_check_cuda_tensor", lambda x, name: None)
+    monkeypatch.setattr(cuda, "_torch_stream", lambda d: 0)
+    monkeypatch.setattr(cuda, "_sm_count", lambda d: 2)
+    monkeypatch.setattr(cuda, "_on_stream", lambda d, s: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "_workspaces", {})
+    gen = torch.Generator().manual_seed(sum(shape))
+    tdtype = getattr(torch, dtype)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3).to(tdtype)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(tdtype)      # contiguous even when x is not
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = None if param is None else (torch.rand(shape[1], generator=gen, dtype=torch.float64) + 0.5).to(getattr(torch, param))
+    b = None if param is None else torch.randn(shape[1], generator=gen, dtype=torch.float64).to(getattr(torch, param))
+    y, mean, var, inv_std = cuda.forward_torch(x, w, b, 1e-5)
+    dx, dw, db = cuda.backward_torch(dy, x, mean, inv_std, w)
+    acc = torch.float64 if dtype == "float64" else torch.float32
+    assert y.dtype == dx.dtype == x.dtype and y.stride() == x.stride() and dx.stride() == x.stride()
+    assert mean.dtype == var.dtype == inv_std.dtype == dw.dtype == db.dtype == acc
+    x64 = x.double().requires_grad_()
+    w64 = None if w is None else w.double().requires_grad_()
+    b64 = None if b is None else b.double().requires_grad_()
+    ref = torch.nn.functional.batch_norm(x64, None, None, w64, b64, training=True, eps=1e-5)
+    ref.backward(dy.double())
+    tol = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
+    assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
+    assert (dx.double() - x64.grad).abs().max() <= tol * x64.grad.abs().max()
+    dims = [0] + list(range(2, x.dim()))
+    torch.testing.assert_close(var.double(), x.double().var(dims, unbiased=False), rtol=1e-4, atol=1e-6)
+    if w is not None:
+        torch.testing.assert_close(dw.double(), w64.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(db.double(), b64.grad, rtol=1e-4, atol=1e-4)
+    y_eval = cuda.inference_torch(x, mean, var, w, b, 1e-5)
+    assert y_eval.stride() == x.stride() and (y_eval.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_grids_fill_the_card_on_the_benchmark_shapes():
+    for shape in [(256, 64, 56, 56), (256, 256, 14, 14), (64, 128, 28, 28), (32, 32, 112, 112), (128, 1024, 7, 7)]:
+        n, c, l = shape[0], shape[1], math.prod(shape[2:])
+        for dtype in ("float32", "float16", "bfloat16"):
+            for rows, length in ((n, l), (n * l, 1)):          # NCHW and channels-last
+                pl = cuda.plan(rows, c, length, dtype, True, 132)
+                if pl.walk == "cols":                 # enough blocks, or already one row per thread
+                    total, _, wf = (int(a) for a in pl.walk_args)
+                    assert math.prod(pl.grid) >= 2 * 132 * 8 or pl.grid[1] == math.ceil(total / wf / cuda.TY)
+                else:
+                    assert math.prod(pl.grid) >= 2 * 132 * 8
+                assert pl.vec == cuda._VEC[dtype]
 
 
 def test_numpy_input_never_goes_to_the_gpu_path():
@@ -44,10 +431,17 @@ def test_bench_gpu_flag_without_gpu_fails_clearly():
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
 
 
-# ----------------------------------------------------------------------------- on a GPU
+def test_torch_functions_reject_cpu_tensors_clearly():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="x must be a CUDA torch.Tensor"):
+        cuda.forward_torch(torch.ones(4, 3))
+    with pytest.raises(TypeError, match="x must be a CUDA torch.Tensor"):
+        cuda.inference_torch(torch.ones(4, 3), torch.zeros(3), torch.ones(3))
 
+
+# ----------------------------------------------------------------------------- on a GPU: CuPy arrays
 SHAPES = [(3, 1, 5, 7), (2, 1), (1000, 3), (7, 1024, 1, 1), (5, 3, 33, 17), (2, 2049), (9, 70, 3, 3), (4, 5, 2, 3, 3),
-          (300, 2, 1), (16, 513)]
+          (300, 2, 1), (16, 513), (6, 2, 32, 64), (3, 4, 40, 41)]
 
 
 def _case(shape, dtype, channels_last, seed):
@@ -65,6 +459,9 @@ def _case(shape, dtype, channels_last, seed):
     return x, dy, cupy.asarray(g64.astype(pdtype)), cupy.asarray(b64.astype(pdtype)), g64, b64
 
 
+TOL = {"float16": 1e-2, "bfloat16": 3e-2, "float32": 1e-4, "float64": 1e-11}
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -80,7 +477,7 @@ def test_kernels_match_float64_reference(shape, dtype, channels_last):
     xr, dyr = cupy.asnumpy(x).astype(np.float64), cupy.asnumpy(dy).astype(np.float64)
     yr, cr = F.portable_batch_norm_forward(xr, g64, b64)
     dxr, dgr, dbr = F.portable_batch_norm_backward(dyr, cr)
-    tol = {"float16": 1e-2, "float32": 1e-4, "float64": 1e-11}[dtype]
+    tol = TOL[dtype]
     scale = float(np.abs(g64).max() * cr.inv_std.max() * np.abs(dyr).max())
     assert np.abs(cupy.asnumpy(y).astype(np.float64) - yr).max() <= tol * max(1.0, np.abs(yr).max())
     assert np.abs(cupy.asnumpy(dx).astype(np.float64) - dxr).max() <= tol * scale
@@ -98,7 +495,159 @@ def test_large_offset_float32_stays_accurate():
 
 
 @needs_gpu
+def test_unaligned_views_use_the_scalar_kernels():
+    import cupy
+    base = cupy.asarray(np.random.default_rng(1).normal(size=4 * 3 * 64 + 1).astype(np.float32))
+    x = base[1:].reshape(4, 3, 64)                     # 4 bytes past an aligned address
+    y, cache = F.batch_norm_forward(x)
+    ref, _ = F.portable_batch_norm_forward(cupy.asnumpy(x).astype(np.float64))
+    assert np.abs(cupy.asnumpy(y) - ref).max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- on a GPU: torch tensors
+def _torch_case(shape, dtype, channels_last, seed, param_dtype="float32"):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 5)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5
+    b = torch.randn(shape[1], generator=g, dtype=torch.float64)
+    tdtype = getattr(torch, dtype)
+    fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+    xs = x.to("cuda", tdtype).contiguous(memory_format=fmt)
+    dys = dy.to("cuda", tdtype).contiguous(memory_format=fmt)
+    pdt = getattr(torch, param_dtype) if dtype != "float64" else torch.float64
+    return xs, dys, w.to("cuda", pdt), b.to("cuda", pdt)
+
+
+def _reference(xs, dys, w, b, eps=1e-5):
+    """torch.nn.functional.batch_norm in float64 on the same (rounded) values: the reference."""
+    import torch
+    x64 = xs.detach().double().requires_grad_()
+    w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    y = torch.nn.functional.batch_norm(x64, None, None, w64, b64, training=True, eps=eps)
+    y.backward(dys.double())
+    dims = [0] + list(range(2, xs.dim()))
+    return y.detach(), x64.grad, w64.grad, b64.grad, x64.detach().mean(dims), x64.detach().var(dims, unbiased=False)
+
+
+def _close(ours, ref, tol, scale=None):
+    err = (ours.double() - ref).abs().max().item()
+    return err <= tol * (scale if scale is not None else max(1.0, ref.abs().max().item()))
+
+
+TORCH_SHAPES = [(3, 1, 5, 7), (2, 1), (1000, 3), (7, 1024, 1, 1), (5, 3, 33, 17), (2, 2049), (9, 70, 3, 3),
+                (16, 513), (6, 2, 32, 64), (3, 4, 40, 41), (4, 5, 2, 3, 3), (64, 16, 28, 28)]
+
+
+@needs_torch_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", TORCH_SHAPES)
+def test_torch_functions_match_float64_torch(shape, dtype, channels_last):
+    import torch
+    if channels_last and len(shape) != 4:
+        pytest.skip("torch's channels_last is for 4-D tensors")
+    xs, dys, w, b = _torch_case(shape, dtype, channels_last, seed=len(shape) * 1000 + shape[1])
+    y, mean, var, inv_std = cuda.forward_torch(xs, w, b, 1e-5)
+    dx, dw, db = cuda.backward_torch(dys, xs, mean, inv_std, w)
+    yr, dxr, dwr, dbr, mr, vr = _reference(xs, dys, w, b)
+    acc = torch.float64 if dtype == "float64" else torch.float32
+    assert y.dtype == dx.dtype == xs.dtype and y.stride() == xs.stride() and dx.stride() == xs.stride()
+    assert mean.dtype == var.dtype == inv_std.dtype == dw.dtype == db.dtype == acc
+    tol = TOL[dtype]
+    assert _close(y, yr, tol)
+    assert _close(mean, mr, tol) and _close(var, vr, tol, scale=vr.abs().max().item())
+    assert _close(inv_std, 1 / torch.sqrt(vr + 1e-5), tol, scale=(1 / torch.sqrt(vr + 1e-5)).max().item())
+    scale = (w.double().abs().max() * (1 / torch.sqrt(vr + 1e-5)).max() * dys.double().abs().max()).item()
+    assert _close(dx, dxr, tol, scale=scale)
+    assert _close(dw, dwr, tol, scale=dwr.abs().max().item()) and _close(db, dbr, tol, scale=dbr.abs().max().item())
+
+
+@needs_torch_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_parameters_and_no_parameters(dtype):
+    import torch
+    xs, dys, w, b = _torch_case((8, 6, 9, 9), dtype, True, seed=7, param_dtype=dtype)
+    assert w.dtype == xs.dtype
+    y, mean, var, inv_std = cuda.forward_torch(xs, w, b)
+    dx, dw, db = cuda.backward_torch(dys, xs, mean, inv_std, w)
+    yr, dxr, dwr, dbr, _, vr = _reference(xs, dys, w, b)
+    assert _close(y, yr, TOL[dtype]) and dw.dtype == torch.float32
+    y0, m0, _, s0 = cuda.forward_torch(xs, None, None)
+    yr0 = (xs.double() - xs.double().mean((0, 2, 3), keepdim=True)) * (1 / torch.sqrt(vr + 1e-5)).view(1, -1, 1, 1)
+    assert _close(y0, yr0, TOL[dtype])
+    dx0, _, _ = cuda.backward_torch(dys, xs, m0, s0, None)
+    assert torch.isfinite(dx0.float()).all()
+
+
+@needs_torch_gpu
+def test_a_single_channel_of_a_million_values():
+    import torch
+    for shape in [(1, 1, 1000, 1000), (1_000_000, 1), (1000, 1, 1000)]:
+        xs, dys, w, b = _torch_case(shape, "float32", False, seed=3)
+        y, mean, var, inv_std = cuda.forward_torch(xs, w, b)
+        dx, dw, db = cuda.backward_torch(dys, xs, mean, inv_std, w)
+        yr, dxr, dwr, dbr, mr, vr = _reference(xs, dys, w, b)
+        assert _close(y, yr, 1e-4) and _close(var, vr, 1e-4, scale=vr.item())
+        assert _close(dx, dxr, 1e-4, scale=(w.abs().max() / torch.sqrt(vr + 1e-5) * dys.abs().max()).item())
+        assert _close(dw, dwr, 1e-4, scale=dwr.abs().max().item()) and _close(db, dbr, 1e-4, scale=dbr.abs().max().item())
+
+
+@needs_torch_gpu
+def test_eval_forward_uses_running_statistics_without_sync():
+    import torch
+    for dtype, cl in [("float32", False), ("float16", True), ("bfloat16", False), ("float64", True)]:
+        xs, _, w, b = _torch_case((4, 7, 6, 5), dtype, cl, seed=11)
+        acc = torch.float64 if dtype == "float64" else torch.float32
+        rm = torch.randn(7, device="cuda", dtype=acc)
+        rv = torch.rand(7, device="cuda", dtype=acc) + 0.5
+        y = cuda.inference_torch(xs, rm, rv, w, b, 1e-3)
+        ref = torch.nn.functional.batch_norm(xs.double(), rm.double(), rv.double(), w.double(), b.double(),
+                                             training=False, eps=1e-3)
+        assert y.dtype == xs.dtype and y.stride() == xs.stride() and _close(y, ref, TOL[dtype])
+
+
+@needs_torch_gpu
+def test_non_default_stream_orders_with_torch():
+    import torch
+    stream = torch.cuda.Stream()
+    xs, dys, w, b = _torch_case((32, 8, 20, 20), "float32", True, seed=5)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        x2 = xs * 2 + 1                          # produced on the side stream, consumed right after
+        y, mean, var, inv_std = cuda.forward_torch(x2, w, b)
+        dx, dw, db = cuda.backward_torch(dys, x2, mean, inv_std, w)
+        done = torch.cuda.Event()
+        done.record(stream)
+    done.synchronize()
+    yr, dxr, dwr, dbr, _, vr = _reference(x2, dys, w, b)
+    assert _close(y, yr, 1e-4) and _close(dw, dwr, 1e-4, scale=dwr.abs().max().item())
+    assert (dx.double() - dxr).abs().max().item() < 1e-3
+
+
+@needs_torch_gpu
+def test_at_most_six_launches_per_training_step_and_one_for_eval(monkeypatch):
+    import torch
+    launched = []
+    real = cuda._launch
+    monkeypatch.setattr(cuda, "_launch", lambda dev, name, *a: (launched.append(name), real(dev, name, *a)))
+    for shape, cl in [((64, 16, 56, 56), False), ((64, 16, 14, 14), False), ((64, 16, 14, 14), True), ((512, 64), False)]:
+        xs, dys, w, b = _torch_case(shape, "float32", cl, seed=1)
+        launched.clear()
+        y, mean, var, inv_std = cuda.forward_torch(xs, w, b)
+        cuda.backward_torch(dys, xs, mean, inv_std, w)
+        assert len(launched) == 6, launched
+        launched.clear()
+        cuda.inference_torch(xs, mean, var, w, b)
+        assert len(launched) == 1
+    torch.cuda.synchronize()
+
+
+@needs_torch_gpu
 def test_bench_gpu_smoke():
-    rows = cuda.bench_gpu(shapes=[(8, 4, 8, 8), (64, 16)], repeats=2, rotate=2, progress=False)
+    from bnlib import bench
+    rows = bench.bench_gpu(shapes=[(8, 4, 8, 8), (64, 16)], repeats=2, rotate=2, progress=False)
     assert {r["impl"] for r in rows} == {"torch", "bnlib"}
     assert all(r["step_ms"] > 0 and 0 < r["floor_fraction"] for r in rows)
+    assert all(r["launches_per_step"] == 6 for r in rows if r["impl"] == "bnlib")

@@ -1,6 +1,7 @@
-"""bnlib.nn (chapter 06): the torch drop-ins, conversion, folding and SyncBatchNorm over gloo."""
+"""bnlib.nn (chapter 06): the torch drop-ins, conversion, folding and SyncBatchNorm over gloo,
+mixed precision, empty batches, PyTorch's own ModuleInfo samples, and (on a GPU) CUDA tensors."""
 import copy
-import multiprocessing
+import datetime
 import os
 import tempfile
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from bnlib import nn as bnn
+
+TORCH_BN_HAS_BIAS = bnn._TORCH_BN_HAS_BIAS       # torch >= 2.13: BatchNorm(..., bias=False)
 
 TORCH_BN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 BNLIB_BN = {2: bnn.BatchNorm1d, 3: bnn.BatchNorm1d, 4: bnn.BatchNorm2d, 5: bnn.BatchNorm3d}
@@ -24,7 +27,11 @@ def test_modules_match_torch_over_steps(seed):
     eps = float(10 ** rng.uniform(-6, -2))
     affine, track, bias = seed % 4 != 3, seed % 5 != 4, seed % 7 != 6
     dtype = [torch.float64, torch.float32][seed % 2]
-    kwargs = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype, bias=bias)
+    kwargs = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
+    if not bias:
+        if not TORCH_BN_HAS_BIAS:
+            pytest.skip(f"torch {torch.__version__} has no BatchNorm(bias=False) to compare with")
+        kwargs["bias"] = False
     theirs = TORCH_BN[dims](C, **kwargs)
     if affine:
         with torch.no_grad():
@@ -84,6 +91,13 @@ def test_cpu_tensors_are_not_copied():
     (lambda: bnn.BatchNorm3d(4)(torch.randn(8, 4, 2, 2)), ValueError, ["expected 5D input (got 4D input)"]),
     (lambda: bnn.BatchNorm2d(4)(torch.randn(8, 3, 5, 5)), ValueError, ["4 channels", "(8, 3, 5, 5)"]),
     (lambda: bnn.BatchNorm2d(4)(torch.randn(8, 4, 5, 5, dtype=torch.float64)), TypeError, ["torch.float64", "torch.float32"]),
+    (lambda: bnn.BatchNorm1d(4).half()(torch.randn(8, 4, dtype=torch.float64)), TypeError,
+     ["input dtype torch.float64", "weight", "torch.float16"]),
+    (lambda: bnn.BatchNorm1d(4).double()(torch.randn(8, 4, dtype=torch.float16)), TypeError,
+     ["torch.float16 or torch.float32", "torch.float64"]),
+    (lambda: bnn.BatchNorm1d(4).half()(torch.randn(8, 4, dtype=torch.bfloat16)), TypeError,
+     ["torch.bfloat16 or torch.float32", "torch.float16"]),
+    (lambda: bnn.BatchNorm1d(4)(torch.ones(8, 4, dtype=torch.int64)), TypeError, ["bfloat16", "torch.int64"]),
     (lambda: bnn.BatchNorm1d(4)(torch.randn(1, 4)), ValueError, ["more than 1 value per channel"]),
     (lambda: bnn.BatchNorm1d(4, track_running_stats=False).eval()(torch.randn(1, 4)), ValueError,
      ["more than 1 value per channel"]),
@@ -101,7 +115,8 @@ def test_failed_forward_changes_no_buffer():
     layer = bnn.BatchNorm1d(4)
     layer(torch.randn(8, 4))
     before = copy.deepcopy(layer.state_dict())
-    for bad in (torch.randn(1, 4), torch.randn(8, 3), torch.randn(8, 4, dtype=torch.float64)):
+    for bad in (torch.randn(1, 4), torch.randn(8, 3), torch.randn(8, 4, dtype=torch.float64),
+                torch.ones(8, 4, dtype=torch.int32)):
         with pytest.raises((ValueError, TypeError)):
             layer(bad)
     for k, v in layer.state_dict().items():
@@ -172,60 +187,18 @@ def test_fold_batch_norm_errors():
 
 # ----------------------------------------------------------------------------- SyncBatchNorm
 
-def _sync_worker(rank, sizes, shape_tail, init_file, results):
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(sizes))
-    try:
-        gen = torch.Generator().manual_seed(5)
-        C = 3
-        xs = [torch.randn((n, C) + shape_tail, generator=gen, dtype=torch.float64) * 2 + 1 for n in sizes]
-        dys = [torch.randn((n, C) + shape_tail, generator=gen, dtype=torch.float64) for n in sizes]
-        ref = (torch.nn.BatchNorm1d if len(shape_tail) < 2 else torch.nn.BatchNorm2d)(C, momentum=0.3).double()
-        with torch.no_grad():
-            ref.weight.uniform_(0.5, 1.5, generator=gen)
-            ref.bias.normal_(generator=gen)
-        sync = bnn.SyncBatchNorm(C, momentum=0.3).double()
-        sync.load_state_dict(ref.state_dict())
-        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-        worst = 0.0
-        for _ in range(3):
-            x = xs[rank].clone().requires_grad_()
-            y = sync(x)
-            y.backward(dys[rank])
-            xa = torch.cat(xs).requires_grad_()
-            ya = ref(xa)
-            ya.backward(torch.cat(dys))
-            gw, gb = sync.weight.grad.clone(), sync.bias.grad.clone()
-            torch.distributed.all_reduce(gw)
-            torch.distributed.all_reduce(gb)
-            diffs = [y - ya[lo:hi], x.grad - xa.grad[lo:hi], gw - ref.weight.grad, gb - ref.bias.grad,
-                     sync.running_mean - ref.running_mean, sync.running_var - ref.running_var]
-            worst = max(worst, max(float(d.detach().abs().max()) for d in diffs))
-            assert int(sync.num_batches_tracked) == int(ref.num_batches_tracked)
-            sync.weight.grad = sync.bias.grad = ref.weight.grad = ref.bias.grad = None
-        results.put((rank, worst))
-    except Exception as err:       # report, so the parent fails with the reason
-        results.put((rank, repr(err)))
-    finally:
-        torch.distributed.destroy_process_group()
+@pytest.mark.parametrize("splits, shape_tail", [([(4, 7), (1, 3)], ()), ([(1, 5, 3), (3, 3, 1)], (2, 2))])
+def test_sync_batchnorm_equals_bn_on_the_concatenated_batch(splits, shape_tail):
+    worst = bnn.sync_batchnorm_check(splits, shape_tail)
+    assert max(worst) < 1e-12, worst
 
 
-@pytest.mark.parametrize("sizes, shape_tail", [((4, 7), ()), ((1, 5, 3), ()), ((2, 1), (3, 3)), ((3, 3, 1), (2,))])
-def test_sync_batchnorm_equals_bn_on_the_concatenated_batch(sizes, shape_tail):
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_sync_worker, args=(r, sizes, shape_tail, init, results)) for r in range(len(sizes))]
-        for p in procs:
-            p.start()
-        reports = [results.get(timeout=120) for _ in procs]
-        for p in procs:
-            p.join(timeout=60)
-    for rank, worst in reports:
-        assert not isinstance(worst, str), f"rank {rank}: {worst}"
-        assert worst < 1e-12, f"rank {rank}: difference {worst}"
-    assert all(p.exitcode == 0 for p in procs)
+def test_sync_batchnorm_with_an_empty_rank_spawn_gloo():
+    """3 gloo ranks started by torch.multiprocessing spawn, one with an empty batch in each split:
+    nobody hangs, the others compute what BatchNorm on the concatenated batch computes, and every
+    rank (the empty one too) ends with the global running statistics, as torch.nn.SyncBatchNorm."""
+    worst = bnn.sync_batchnorm_check([(4, 0, 5), (0, 3, 2), (5, 4, 0)], shape_tail=(3,), start_method="spawn")
+    assert max(worst) < 1e-12, worst
 
 
 def test_sync_batchnorm_without_process_group_is_plain_bn():
@@ -238,16 +211,6 @@ def test_sync_batchnorm_without_process_group_is_plain_bn():
     assert isinstance(converted[1], bnn.SyncBatchNorm) and isinstance(converted[2], bnn.SyncBatchNorm)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("BNLIB_REQUIRE_GPU") != "1",
-                    reason="needs a CUDA GPU (and CuPy); see chapter 05")
-def test_cuda_tensors_match_torch():
-    import cupy  # noqa: F401  (on a GPU machine a missing CuPy is a failure, not a skip)
-    x = torch.randn(16, 4, 5, 5, device="cuda")
-    ours, theirs = bnn.BatchNorm2d(4).cuda(), torch.nn.BatchNorm2d(4).cuda()
-    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours.running_var, theirs.running_var)
-
-
 def test_in_place_change_of_the_input_is_detected_like_torch():
     x = torch.randn(8, 3, requires_grad=True)
     for layer in (torch.nn.BatchNorm1d(3), bnn.BatchNorm1d(3)):
@@ -258,12 +221,495 @@ def test_in_place_change_of_the_input_is_detected_like_torch():
             y.sum().backward()
 
 
-def test_bfloat16_is_refused_clearly():
-    with pytest.raises(TypeError, match="bfloat16"):
-        bnn.BatchNorm1d(3).to(torch.bfloat16)(torch.randn(4, 3, dtype=torch.bfloat16))
 
 
 def test_sync_batchnorm_in_eval_without_running_stats_uses_the_local_batch():
     x = torch.randn(5, 3)
     layer = bnn.SyncBatchNorm(3, track_running_stats=False).eval()
     torch.testing.assert_close(layer(x), torch.nn.BatchNorm1d(3, track_running_stats=False).eval()(x))
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+HALF_TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}      # about one unit in the last place
+
+
+def _pairs(theirs, ours, ya, yb, xa, xb):
+    """(name, torch's, bnlib's) for output, input gradient, parameter gradients and buffers."""
+    out = [("output", ya, yb), ("input gradient", xa.grad, xb.grad)]
+    for name in ("weight", "bias"):
+        if getattr(theirs, name) is not None:
+            out.append((f"{name} gradient", getattr(theirs, name).grad, getattr(ours, name).grad))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        if getattr(theirs, name) is not None:
+            out.append((name, getattr(theirs, name), getattr(ours, name)))
+    return out
+
+
+@pytest.mark.parametrize("dims", [2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_with_float32_parameters_matches_torch(dtype, dims):
+    """What autocast produces: half input, float32 weight, bias and buffers, as torch.nn.BatchNorm*d."""
+    gen = torch.Generator().manual_seed(dims)
+    C = 3
+    theirs = TORCH_BN[dims](C, momentum=None if dims == 3 else 0.1)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5, generator=gen)
+        theirs.bias.normal_(generator=gen)
+    ours = BNLIB_BN[dims](C, momentum=theirs.momentum)
+    ours.load_state_dict(theirs.state_dict())
+    shape = (6, C) + (3,) * (dims - 2)
+    tol = HALF_TOL[dtype]
+    for step in range(4):
+        if step == 3:
+            theirs.eval(), ours.eval()
+        x = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype)
+        dy = torch.randn(shape, generator=gen).to(dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = theirs(xa), ours(xb)
+        ya.backward(dy)
+        yb.backward(dy)
+        assert yb.dtype == xb.grad.dtype == dtype
+        assert ours.weight.grad.dtype == ours.bias.grad.dtype == ours.running_mean.dtype == torch.float32
+        assert ours.running_var.dtype == torch.float32
+        for name, want, got in _pairs(theirs, ours, ya, yb, xa, xb):
+            t = tol if got.dtype == dtype else 1e-5
+            torch.testing.assert_close(got, want, atol=t, rtol=t, msg=lambda m: f"{name}: {m}")
+        for m in (theirs, ours):
+            m.weight.grad = m.bias.grad = None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_with_half_parameters_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(3)
+    theirs = torch.nn.BatchNorm2d(4).to(dtype)
+    ours = bnn.BatchNorm2d(4).to(dtype)
+    x = (torch.randn(5, 4, 3, 3, generator=gen) * 2 - 1).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = theirs(xa), ours(xb)
+    dy = torch.randn(x.shape, generator=gen).to(dtype)
+    ya.backward(dy)
+    yb.backward(dy)
+    tol = 2 * HALF_TOL[dtype]
+    for name, want, got in _pairs(theirs, ours, ya, yb, xa, xb):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, atol=tol * (10 if "gradient" in name else 1), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_input_gives_channels_last_output_like_torch(dtype):
+    theirs, ours = torch.nn.BatchNorm2d(5), bnn.BatchNorm2d(5)
+    x = torch.randn(4, 5, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(4, 5, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    for training in (True, False):
+        theirs.train(training), ours.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = theirs(xa), ours(xb)
+        ya.backward(dy)
+        yb.backward(dy)
+        tol = HALF_TOL.get(dtype, 1e-5)
+        torch.testing.assert_close(yb, ya, atol=tol, rtol=tol)
+        torch.testing.assert_close(xb.grad, xa.grad, atol=tol, rtol=tol)
+        assert yb.is_contiguous(memory_format=torch.channels_last) == ya.is_contiguous(memory_format=torch.channels_last)
+        assert xb.grad.is_contiguous(memory_format=torch.channels_last) == \
+            xa.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8), torch.tensor(y)
+
+
+def _small_cnn():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(16 * 4 * 4, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+        torch.nn.Linear(32, 10))
+
+
+def _train_losses(model, images, targets, steps, autocast_dtype=None, device="cpu"):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(2)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (64,), generator=gen)
+        with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(images[idx]), targets[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return np.array(losses)
+
+
+def test_cnn_trains_under_cpu_autocast_bfloat16_like_torch():
+    """A CNN with bnlib layers under torch.autocast("cpu", bfloat16) tracks the same CNN with torch's
+    layers: their loss gap is no larger than what bfloat16 itself does to torch's run (vs float32)."""
+    pytest.importorskip("sklearn")
+    torch.set_num_threads(1)
+    images, targets = _digits()
+    torch_model = _small_cnn()
+    bnlib_model = bnn.convert_batchnorm(copy.deepcopy(torch_model))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = torch_model[0](images[:4])
+        assert h.dtype == torch.bfloat16 and bnlib_model[1](h).dtype == torch.bfloat16
+    steps = 100
+    loss_torch = _train_losses(torch_model, images, targets, steps, torch.bfloat16)
+    loss_bnlib = _train_losses(bnlib_model, images, targets, steps, torch.bfloat16)
+    loss_fp32 = _train_losses(_small_cnn(), images, targets, steps)
+    gap = np.abs(loss_bnlib - loss_torch)
+    bf16_effect = np.abs(loss_torch - loss_fp32)
+    assert loss_bnlib[-10:].mean() < 0.1 * loss_bnlib[0]            # it trains
+    assert gap.max() < 0.05, gap.max()
+    assert gap.mean() < 2 * bf16_effect.mean(), (gap.mean(), bf16_effect.mean())
+    for m in bnlib_model.modules():
+        if isinstance(m, bnn._BatchNorm):
+            assert m.running_mean.dtype == m.weight.dtype == torch.float32
+
+
+# The torch-level kernels chapter 05 adds to bnlib.cuda (forward_torch, backward_torch, inference_torch),
+# written here in torch with the contract bnlib.nn relies on, to test bnlib.nn's side of it on the CPU.
+def _contract_forward(x, weight, bias, eps):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert all(p is None or p.dtype == acc for p in (weight, bias)), "weight/bias: None or float32/float64"
+    axes, shape = [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    xc = x.to(acc)
+    mean, var = xc.mean(axes), xc.var(axes, unbiased=False)
+    inv_std = torch.rsqrt(var + eps)
+    y = (xc - mean.reshape(shape)) * inv_std.reshape(shape)
+    y = y if weight is None else y * weight.reshape(shape)
+    y = y if bias is None else y + bias.reshape(shape)
+    return y.to(x.dtype), mean, var, inv_std
+
+
+def _contract_backward(dy, x, mean, inv_std, weight):
+    acc = mean.dtype
+    axes, shape = [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    x_hat = (x.to(acc) - mean.reshape(shape)) * inv_std.reshape(shape)
+    g = dy.to(acc)
+    dbias, dweight = g.sum(axes), (g * x_hat).sum(axes)
+    scale = inv_std if weight is None else inv_std * weight
+    count = x.numel() // x.shape[1]
+    dx = scale.reshape(shape) * (g - (dbias / count).reshape(shape) - x_hat * (dweight / count).reshape(shape))
+    return dx.to(x.dtype), dweight, dbias
+
+
+def _contract_inference(x, running_mean, running_var, weight, bias, eps):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale, shift = bnn._inference_affine(running_mean, running_var, weight, bias, eps, acc, x.dim())
+    return (x.to(acc) * scale + shift).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_torch_level_kernel_hooks_are_used_with_their_contract(monkeypatch, dtype, param_dtype):
+    """bnlib.nn's side of bnlib.cuda.forward_torch/backward_torch/inference_torch, exercised on the CPU
+    with reference implementations of the contract (the real kernels need a GPU: -k cuda)."""
+    from bnlib import cuda
+    calls = []
+
+    def spy(fn):
+        return lambda *a: calls.append(fn.__name__) or fn(*a)
+    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
+    for name, fn in [("forward_torch", _contract_forward), ("backward_torch", _contract_backward),
+                     ("inference_torch", _contract_inference)]:
+        monkeypatch.setattr(cuda, name, spy(fn), raising=False)
+    theirs = torch.nn.BatchNorm2d(3).to(param_dtype)
+    ours = bnn.BatchNorm2d(3).to(param_dtype)
+    gen = torch.Generator().manual_seed(1)
+    tol = HALF_TOL.get(dtype, 1e-10 if dtype == torch.float64 else 1e-5)
+    for step in range(3):
+        if step == 2:
+            theirs.eval(), ours.eval()
+        x = (torch.randn(4, 3, 3, 3, generator=gen) * 2 + 1).to(dtype)
+        dy = torch.randn(x.shape, generator=gen).to(dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = theirs(xa), ours(xb)
+        ya.backward(dy)
+        yb.backward(dy)
+        for name, want, got in _pairs(theirs, ours, ya, yb, xa, xb):
+            assert got.dtype == want.dtype, name
+            t = tol if got.dtype in HALF_TOL else max(tol, 1e-5 if got.dtype == torch.float32 else 0)
+            torch.testing.assert_close(got, want, atol=t * 10, rtol=t, msg=lambda m: f"{name}: {m}")
+        theirs.weight.grad = theirs.bias.grad = ours.weight.grad = ours.bias.grad = None
+    assert calls == ["_contract_forward", "_contract_backward"] * 2 + ["_contract_inference"]
+
+
+# ----------------------------------------------------------------------------- empty batches
+
+@pytest.mark.parametrize("dims", [2, 3, 4, 5])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine, track", [(True, True), (False, True), (True, False)])
+def test_empty_batch_like_torch(dims, momentum, affine, track):
+    """A zero-size batch in training and evaluation: empty output, zero parameter gradients,
+    num_batches_tracked counts it, running statistics kept; the next batch then matches too."""
+    C = 3
+    theirs = TORCH_BN[dims](C, momentum=momentum, affine=affine, track_running_stats=track).double()
+    ours = BNLIB_BN[dims](C, momentum=momentum, affine=affine, track_running_stats=track).double()
+    full = (5, C) + (2,) * (dims - 2)
+    empties = [(0,) + full[1:]] + ([full[:2] + (0,) + full[3:]] if dims > 2 else [])
+    batches = [full] + empties + [full] + empties
+    gen = torch.Generator().manual_seed(0)
+    for training in (True, False):
+        theirs.train(training), ours.train(training)
+        for shape in batches:
+            x = torch.randn(shape, generator=gen, dtype=torch.float64)
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = theirs(xa), ours(xb)
+            assert yb.shape == x.shape and yb.dtype == x.dtype
+            ya.sum().backward()
+            yb.sum().backward()
+            for name, want, got in _pairs(theirs, ours, ya, yb, xa, xb):
+                torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12, msg=lambda m: f"{shape} {name}: {m}")
+            for m in (theirs, ours):
+                if affine:
+                    m.weight.grad = m.bias.grad = None
+
+
+def test_empty_batch_in_mixed_precision_keeps_dtypes():
+    layer = bnn.BatchNorm2d(3)
+    x = torch.randn(0, 3, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape and layer.weight.grad.dtype == torch.float32
+    assert int(layer.num_batches_tracked) == 1 and torch.equal(layer.running_var, torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- no hidden host reads
+
+def _host_reads(fn):
+    """How many times fn reads a tensor value back to the host (aten._local_scalar_dense: .item(),
+    int(t), bool(t)); on a GPU each is a synchronisation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("momentum, expected", [(0.1, 0), (None, 1)])
+def test_running_stat_update_reads_the_step_count_only_for_momentum_none(momentum, expected):
+    layer = bnn.BatchNorm2d(3, momentum=momentum)
+    x = torch.randn(4, 3, 2, 2)
+    assert _host_reads(lambda: layer(x)) == expected          # torch reads it for momentum=None too
+    layer.eval()
+    assert _host_reads(lambda: layer(x)) == 0
+
+
+# ----------------------------------------------------------------------------- PyTorch's ModuleInfo samples
+
+def _module_samples(name, dtype, training):
+    pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (see requirements.txt)")
+    from torch.testing._internal.common_modules import module_db
+    info = next(m for m in module_db if m.name == f"nn.{name}")
+    return info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+def test_pytorch_module_info_samples(name, dtype, training):
+    """Every sample PyTorch's own test suite feeds torch.nn.BatchNorm*d (module_db), through bnlib.nn:
+    outputs, input and parameter gradients, and buffers after the call."""
+    samples = _module_samples(name, dtype, training)
+    assert samples
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    gen = torch.Generator().manual_seed(0)
+    for sample in samples:
+        args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        theirs = getattr(torch.nn, name)(*args, **kwargs).to(dtype)
+        ours = getattr(bnn, name)(*args, **kwargs).to(dtype)
+        if theirs.weight is not None:
+            with torch.no_grad():
+                theirs.weight.uniform_(0.5, 1.5, generator=gen)
+        if theirs.bias is not None:
+            with torch.no_grad():
+                theirs.bias.normal_(generator=gen)
+        if theirs.running_var is not None:
+            with torch.no_grad():
+                theirs.running_mean.normal_(generator=gen)
+                theirs.running_var.uniform_(0.5, 2.0, generator=gen)
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        theirs.train(training), ours.train(training)
+        (x,), fkwargs = sample.forward_input.args, sample.forward_input.kwargs
+        xa, xb = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        ya, yb = theirs(xa, **fkwargs), ours(xb, **fkwargs)
+        dy = torch.randn(ya.shape, generator=gen, dtype=dtype)
+        ya.backward(dy)
+        yb.backward(dy)
+        for what, want, got in _pairs(theirs, ours, ya, yb, xa, xb):
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol,
+                                       msg=lambda m: f"{name}{args}{kwargs} on {tuple(x.shape)}, {what}: {m}")
+
+
+# ----------------------------------------------------------------------------- SyncBatchNorm, all ranks empty
+
+def _all_empty_worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=60))
+    try:
+        sync = bnn.SyncBatchNorm(2)
+        x = torch.randn(0, 2, 3, requires_grad=True)
+        sync(x).sum().backward()
+        result = (int(sync.num_batches_tracked), sync.running_mean.tolist(), sync.running_var.tolist())
+        try:
+            sync(torch.randn(1 - rank, 2))                  # one value per channel over both ranks
+            result += ("no error",)
+        except ValueError as err:
+            result += (str(err),)
+        # mixed precision across processes: bfloat16 input, float32 parameters and buffers
+        gen = torch.Generator().manual_seed(3)
+        xs = [(torch.randn(n, 2, 3, generator=gen) * 2 + 1).to(torch.bfloat16) for n in (3, 5)]
+        ref = torch.nn.BatchNorm1d(2)
+        ref.load_state_dict(sync.state_dict())
+        y_ref, y = ref(torch.cat(xs)), sync(xs[rank])
+        lo, hi = (0, 3) if rank == 0 else (3, 8)
+        assert y.dtype == torch.bfloat16 and sync.running_var.dtype == torch.float32
+        result += (float((y.float() - y_ref[lo:hi].float()).abs().max()),
+                   float((sync.running_var - ref.running_var).abs().max()))
+    except Exception as err:
+        result = repr(err)
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_sync_batchnorm_all_ranks_empty_one_value_and_bfloat16_spawn_gloo():
+    import torch.multiprocessing as tmp_mp
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_mp.spawn(_all_empty_worker, args=(os.path.join(tmp, "rendezvous"), tmp), nprocs=2, join=True)
+        reports = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    for report in reports:
+        assert not isinstance(report, str), report
+        steps, mean, var, error, y_gap, var_gap = report
+        assert steps == 1 and mean == [0.0, 0.0] and var == [1.0, 1.0]
+        assert "more than 1 value per channel" in error
+        assert y_gap <= 2 * HALF_TOL[torch.bfloat16] * 4 and var_gap < 1e-5, (y_gap, var_gap)
+
+
+# ----------------------------------------------------------------------------- CUDA (run with -k cuda on a GPU)
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("BNLIB_REQUIRE_GPU") != "1",
+                               reason="needs a CUDA GPU; set BNLIB_REQUIRE_GPU=1 to make this a failure")
+
+
+def _cuda_pair(cls_t, cls_b, C, dtype=torch.float32):
+    assert torch.cuda.is_available(), "BNLIB_REQUIRE_GPU=1 but torch sees no CUDA GPU"
+    gen = torch.Generator().manual_seed(0)
+    theirs = cls_t(C)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5, generator=gen)
+        theirs.bias.normal_(generator=gen)
+    ours = cls_b(C)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs.to("cuda", dtype), ours.to("cuda", dtype)
+
+
+def _compare_step(theirs, ours, x, dy, tol, param_tol=1e-4):
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = theirs(xa), ours(xb)
+    ya.backward(dy)
+    yb.backward(dy)
+    assert yb.dtype == x.dtype and xb.grad.dtype == x.dtype
+    for name, want, got in _pairs(theirs, ours, ya, yb, xa, xb):
+        assert got.dtype == want.dtype and got.device == want.device, name
+        t = tol if got.dtype == x.dtype else param_tol
+        torch.testing.assert_close(got, want, atol=t, rtol=t, msg=lambda m: f"{name}: {m}")
+    for m in (theirs, ours):
+        m.weight.grad = m.bias.grad = None
+    return yb, xb.grad
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_half_and_full_precision_train_and_eval_match_torch(dtype):
+    theirs, ours = _cuda_pair(torch.nn.BatchNorm2d, bnn.BatchNorm2d, 8,
+                              dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = HALF_TOL.get(dtype, 1e-10 if dtype == torch.float64 else 1e-4)
+    for step in range(3):
+        if step == 2:
+            theirs.eval(), ours.eval()
+        x = (torch.randn(16, 8, 7, 7, device="cuda") * 3 + 1).to(dtype)
+        dy = torch.randn(16, 8, 7, 7, device="cuda").to(dtype)
+        _compare_step(theirs, ours, x, dy, tol)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_channels_last_keeps_layout_and_matches_torch(dtype):
+    theirs, ours = _cuda_pair(torch.nn.BatchNorm2d, bnn.BatchNorm2d, 32)
+    x = (torch.randn(8, 32, 9, 9, device="cuda") * 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(8, 32, 9, 9, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    y, dx = _compare_step(theirs, ours, x, dy, HALF_TOL.get(dtype, 1e-4))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_gpu
+def test_cuda_non_default_stream_is_respected():
+    """Input made on a side stream and used there: bnlib must run on torch's current stream (the side
+    one); on another stream it could read x before it is written and differ from torch."""
+    theirs, ours = _cuda_pair(torch.nn.BatchNorm2d, bnn.BatchNorm2d, 16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x = torch.randn(64, 16, 32, 32, device="cuda") * 2 + 3      # produced on the side stream
+        dy = torch.randn_like(x)
+        _compare_step(theirs, ours, x, dy, 1e-4)
+        ours.eval()
+        theirs.eval()
+        ye = ours(x)
+        torch.testing.assert_close(ye, theirs(x), atol=1e-4, rtol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_cnn_tracks_torch(dtype):
+    """A CNN under torch.autocast("cuda", dtype) with bnlib's layers follows the one with torch's: their
+    loss gap is of the size of what the half precision itself does to torch's run (vs float32)."""
+    gen = torch.Generator().manual_seed(0)                # a learnable synthetic task (no sklearn needed)
+    images = torch.randn(1024, 1, 8, 8, generator=gen)
+    targets = (images.flatten(1) @ torch.randn(64, 10, generator=gen)).argmax(1)
+    images, targets = images.cuda(), targets.cuda()
+    torch_model = _small_cnn().cuda()
+    bnlib_model = bnn.convert_batchnorm(copy.deepcopy(torch_model))
+    with torch.autocast("cuda", dtype=dtype):
+        h = torch_model[0](images[:4])
+        assert h.dtype == dtype and bnlib_model[1](h).dtype == dtype
+    loss_torch = _train_losses(torch_model, images, targets, 60, dtype, device="cuda")
+    loss_bnlib = _train_losses(bnlib_model, images, targets, 60, dtype, device="cuda")
+    loss_fp32 = _train_losses(_small_cnn().cuda(), images, targets, 60, device="cuda")
+    gap, precision_effect = np.abs(loss_bnlib - loss_torch), np.abs(loss_torch - loss_fp32)
+    assert loss_bnlib[-10:].mean() < 0.7 * loss_bnlib[0]
+    assert gap.mean() < 2 * precision_effect.mean() + 1e-3, (gap.mean(), precision_effect.mean())
+
+
+@needs_gpu
+def test_cuda_eval_and_running_stats_do_not_synchronize():
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising torch call."""
+    theirs, ours = _cuda_pair(torch.nn.BatchNorm2d, bnn.BatchNorm2d, 8)
+    x = torch.randn(16, 8, 5, 5, device="cuda")
+    ours(x)                                     # warm-up (kernel compilation may synchronise)
+    ours.eval()
+    ours(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ours(x)                                 # evaluation
+        ours.train()
+        ours(x)                                 # training step with momentum=0.1: running-stat update
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

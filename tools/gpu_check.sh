@@ -2,7 +2,7 @@
 # The GPU checks of chapter 05 in one run, for a machine with a CUDA GPU, CuPy and PyTorch
 # (e.g. the device tool: `run` this with `carry: [".whl"]` holding the nbval/ipykernel wheels that
 # tools/gpu_wheels.sh downloads). Every step has a timeout, so one slow step cannot eat the lease.
-# Writes logs and bnlib/data/gpu_bench_<card>.json (results with card, date and versions: package
+# Writes logs and bnlib/data/gpu_bench_<card>_design2.json (results with card, date and versions: package
 # data, so a chapter run alone on Colab finds it); with $OUT set (the device tool), copies of
 # everything land there too.
 set -uo pipefail
@@ -17,27 +17,42 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 BNLIB_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 # 0. preflight: CuPy and torch see the GPU and NVRTC really compiles the kernels (CuPy 14's RawModule
 #    is lazy: .compile() forces it); stop here with the reason otherwise
-timeout 120 python3 -c "
-import cupy, torch
+timeout 150 python3 -c "
+import time, cupy, torch
 from bnlib import cuda
 assert cuda.available(), 'no GPU for CuPy'
 assert torch.cuda.is_available(), 'no GPU for torch'
+t = time.perf_counter()
 cuda.module().compile()
-print('CuPy', cupy.__version__, '| torch', torch.__version__, '|', torch.cuda.get_device_name(), '| kernels compiled')
+print('CuPy', cupy.__version__, '| torch', torch.__version__, '|', torch.cuda.get_device_name(),
+      '| kernel design', cuda.KERNEL_DESIGN, '|', len(cuda.kernel_names()), 'kernels compiled in',
+      round(time.perf_counter() - t, 1), 's')
+x = torch.randn(64, 16, 28, 28, device='cuda')
+y, mean, var, inv_std = cuda.forward_torch(x, None, None, 1e-5)
+torch.cuda.synchronize()
+err = (y.double() - torch.nn.functional.batch_norm(x.double(), None, None, training=True)).abs().max().item()
+print('smoke: forward_torch max error vs float64 torch', err)
+assert err < 1e-4, err
 " 2>&1 | tee "$OUT/preflight.log" || { echo "preflight failed: see preflight.log"; exit 1; }
 status=0
-# 1. kernels against the float64 reference, nvcc compile checks, and the GPU unit tests
-#    (bnlib.cuda, and bnlib.nn on CUDA tensors)
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py tests/test_nn.py \
-    -k "cuda or kernel or offset or bench_gpu" 2>&1 | tee "$OUT/test_cuda.log" || status=1
-# 2. the benchmark, once, recorded with card, date and versions
+# 1. kernels against the float64 reference (CuPy arrays and torch tensors, every dtype and layout,
+#    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
+#    the CPU-only tests of test_cuda.py (replays, emulated device, nvcc) ran where the code was written
+timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
+    -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles" \
+    2>&1 | tee "$OUT/test_cuda.log" || status=1
+timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
+    2>&1 | tee "$OUT/test_nn_cuda.log" || status=1
+# 2. the benchmark, once, with torch.compile (its compile time is capped inside bench_gpu), recorded
+#    with card, date, versions and kernel design; the first design's recording stays as it is
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name())" | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
-timeout 150 python3 -m bnlib.bench --gpu --repeats 20 --no-progress --json "bnlib/data/gpu_bench_${card}.json" \
+json="bnlib/data/gpu_bench_${card}_design2.json"
+timeout 240 python3 -m bnlib.bench --gpu --compile --repeats 20 --no-progress --json "$json" \
     2>&1 | tee "$OUT/bench_gpu.log" || status=1
-cp "bnlib/data/gpu_bench_${card}.json" "$OUT/" 2>/dev/null || true
+cp "$json" "$OUT/" 2>/dev/null || true
 # 3. chapter 05 under nbval, as the course's tests run it (needs nbval and ipykernel: carried wheels)
 if python3 -c "import nbval, ipykernel" 2>"$OUT/nbval_05.log"; then
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval --nbval-current-env \
+    timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval --nbval-current-env \
         --nbval-cell-timeout=300 --nbval-sanitize-with tests/nbval_sanitize.cfg chapters/05_cupy.ipynb \
         2>&1 | tee -a "$OUT/nbval_05.log" || status=1
 else
