@@ -15,7 +15,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("stats", "functional", "gradcheck", "layers", "cpu", "bench", "cuda", "nn", "data",
-               "experiments", "variants")
+               "train", "experiments", "variants")
 __all__ = list(_SUBMODULES)
 
 

@@ -1,0 +1,422 @@
+# GENERATED FILE: do not edit.
+# bnlib.train is generated from chapters/07_experiments.ipynb by tools/export.py.
+# Edit the notebook, then run `python tools/export.py`.
+
+__all__ = ['ACTIVATIONS', 'INITS', 'init_weights', 'MLP', 'cross_entropy', 'loss_and_grads', 'iid_batches', 'class_batches', 'History', 'accuracy', 'precise_bn', 'fit']
+
+import numbers
+import sys
+
+import numpy as np
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu")
+INITS = ("uniform", "glorot", "he")
+
+
+def _activate(name, z):
+    if name == "sigmoid":
+        return 0.5 * (1.0 + np.tanh(0.5 * z))        # = 1 / (1 + exp(-z)), without overflow
+    if name == "tanh":
+        return np.tanh(z)
+    return np.maximum(z, 0)
+
+
+def _activation_grad(name, z, a, da):
+    """d loss / d z from d loss / d a, for a = activation(z)."""
+    if name == "sigmoid":
+        return da * a * (1 - a)
+    if name == "tanh":
+        return da * (1 - a * a)
+    return da * (z > 0)
+
+
+def init_weights(rng, fan_in, fan_out, init, dtype=np.float32):
+    """One (fan_in, fan_out) weight matrix.
+
+    init: "uniform" U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch.nn.Linear's default);
+          "glorot"  U(-a, a), a = sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio 2010);
+          "he"      N(0, 2 / fan_in) (He et al. 2015, for ReLU);
+          a number s > 0: N(0, s^2), the same scale in every layer.
+    """
+    if isinstance(init, numbers.Real) and not isinstance(init, bool):
+        if not (init > 0 and np.isfinite(init)):
+            raise ValueError(f"init scale must be a finite number > 0, got {init!r}")
+        w = rng.normal(0.0, float(init), (fan_in, fan_out))
+    elif init == "uniform":
+        bound = 1.0 / np.sqrt(fan_in)
+        w = rng.uniform(-bound, bound, (fan_in, fan_out))
+    elif init == "glorot":
+        bound = np.sqrt(6.0 / (fan_in + fan_out))
+        w = rng.uniform(-bound, bound, (fan_in, fan_out))
+    elif init == "he":
+        w = rng.normal(0.0, np.sqrt(2.0 / fan_in), (fan_in, fan_out))
+    else:
+        raise ValueError(f"init must be one of {INITS} or a positive number, got {init!r}")
+    return w.astype(dtype)
+
+
+class MLP:
+    """A fully connected classifier, optionally with a normalization layer after every hidden linear map.
+
+    Layer l (hidden): z = x @ W_l (+ b_l);  z = norm_l(z) if norm;  x = activation(z).
+    Output: logits = x @ W_L + b_L, trained with softmax cross-entropy.
+
+    Args:
+        sizes: [inputs, hidden_1, ..., hidden_k, classes], e.g. [64, 100, 100, 100, 10]
+        activation: "sigmoid", "tanh" or "relu"
+        norm: None, or a callable num_features -> layer with bnlib.layers.BatchNorm's interface
+            (forward(x), backward(dy) -> dx, weight, bias, grad_weight, grad_bias, train(), eval(),
+            state_dict(), load_state_dict()); the layer sees (N, hidden) arrays. With a norm layer the
+            hidden linear maps have no bias (the normalization's shift beta replaces it).
+        init: "uniform", "glorot", "he" or a weight standard deviation (see init_weights)
+        n_models: how many independent networks to train side by side in one vectorized pass
+            (separate weights, normalization layers, batches; model m is seeded by (seed, m))
+        seed: seeds the weights (and, in fit(), the batches)
+        dtype: float32 (default) or float64 (for gradient checks)
+
+    Shapes: inputs (N, inputs) (the same batch for every model) or (n_models, N, inputs);
+    logits (n_models, N, classes). After forward(), ``activations[l]`` holds layer l's
+    activation input z (n_models, N, hidden); after backward(), ``gradients[l]`` holds d loss / d z
+    and ``grads`` the parameter gradients, by name (see ``parameters()``).
+    """
+
+    def __init__(self, sizes, activation="relu", norm=None, init="he", n_models=1, seed=0, dtype=np.float32):
+        sizes = list(sizes)
+        if len(sizes) < 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in sizes):
+            raise ValueError(f"sizes must be a list of >= 2 positive integers, got {sizes!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if norm is not None and not callable(norm):
+            raise TypeError(f"norm must be None or a callable num_features -> layer, got {type(norm).__name__}")
+        if not (isinstance(n_models, numbers.Integral) and n_models >= 1):
+            raise ValueError(f"n_models must be a positive integer, got {n_models!r}")
+        if np.dtype(dtype).name not in ("float32", "float64"):
+            raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+        init_weights(np.random.default_rng(0), 1, 1, init)           # validates init before any state
+        self.sizes, self.activation, self.init = sizes, activation, init
+        self.n_models, self.seed, self.dtype = int(n_models), seed, np.dtype(dtype)
+        self.has_norm = norm is not None
+        rngs = [np.random.default_rng([seed, m]) for m in range(self.n_models)]
+        self.weights, self.biases, self.norms = [], [], []
+        for l, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            hidden = l < len(sizes) - 2
+            self.weights.append(np.stack([init_weights(r, fan_in, fan_out, init, self.dtype) for r in rngs]))
+            use_bias = not (hidden and self.has_norm)
+            self.biases.append(np.zeros((self.n_models, fan_out), self.dtype) if use_bias else None)
+            if hidden and self.has_norm:
+                self.norms.append([norm(fan_out) for _ in range(self.n_models)])
+        self.activations, self.gradients, self.grads = [], [], {}
+        self._cache = None
+
+    @property
+    def depth(self):
+        """Number of hidden layers."""
+        return len(self.sizes) - 2
+
+    # ---------------------------------------------------------------- parameters
+    def parameters(self):
+        """[(name, array)]: W{l}, b{l} of shape (n_models, ...), and norm{l}.{m}.weight / .bias."""
+        params = []
+        for l, (w, b) in enumerate(zip(self.weights, self.biases)):
+            params.append((f"W{l}", w))
+            if b is not None:
+                params.append((f"b{l}", b))
+        for l, layers in enumerate(self.norms):
+            for m, layer in enumerate(layers):
+                for attr in ("weight", "bias"):
+                    if getattr(layer, attr, None) is not None:
+                        params.append((f"norm{l}.{m}.{attr}", getattr(layer, attr)))
+        return params
+
+    def norm_layers(self):
+        return [layer for layers in self.norms for layer in layers]
+
+    def train(self, mode: bool = True):
+        for layer in self.norm_layers():
+            layer.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def state(self):
+        """Copies of every parameter and every normalization layer's state dict (see load_state)."""
+        return ({name: p.copy() for name, p in self.parameters()},
+                [layer.state_dict() for layer in self.norm_layers()])
+
+    def load_state(self, state):
+        params, norm_states = state
+        for name, p in self.parameters():
+            p[...] = params[name]
+        for layer, s in zip(self.norm_layers(), norm_states):
+            layer.load_state_dict(s)
+
+    # ---------------------------------------------------------------- forward / backward
+    def _inputs(self, x):
+        if not hasattr(x, "ndim") or x.ndim not in (2, 3) or x.shape[-1] != self.sizes[0]:
+            raise ValueError(f"x must have shape (N, {self.sizes[0]}) or ({self.n_models}, N, {self.sizes[0]}), "
+                             f"got {getattr(x, 'shape', type(x).__name__)}")
+        if x.ndim == 3 and x.shape[0] != self.n_models:
+            raise ValueError(f"x of shape {x.shape} has {x.shape[0]} models in axis 0, expected {self.n_models}")
+        x = np.asarray(x, self.dtype)
+        return np.broadcast_to(x, (self.n_models,) + x.shape) if x.ndim == 2 else x
+
+    def forward(self, x):
+        """Logits (n_models, N, classes) for inputs x (N, inputs) or (n_models, N, inputs)."""
+        h = self._inputs(x)
+        inputs, zs, outs = [], [], []
+        for l, (w, b) in enumerate(zip(self.weights, self.biases)):
+            inputs.append(h)
+            z = np.matmul(h, w)                                        # (M, N, out)
+            if b is not None:
+                z += b[:, None, :]
+            if l == self.depth:
+                self._cache = (inputs, zs, outs)
+                self.activations = zs
+                return z
+            if self.has_norm:
+                z = np.stack([layer.forward(z[m]) for m, layer in enumerate(self.norms[l])])
+            h = _activate(self.activation, z)
+            zs.append(z)
+            outs.append(h)
+
+    def backward(self, dlogits):
+        """Back-propagate d loss / d logits (n_models, N, classes); fills grads and gradients."""
+        if self._cache is None:
+            raise ValueError("backward() needs a forward() first")
+        inputs, zs, outs = self._cache
+        grads, gradients = {}, [None] * self.depth
+        dz = dlogits
+        for l in range(self.depth, -1, -1):
+            grads[f"W{l}"] = np.matmul(inputs[l].transpose(0, 2, 1), dz)
+            if self.biases[l] is not None:
+                grads[f"b{l}"] = dz.sum(axis=1)
+            if l == 0:
+                break
+            dh = np.matmul(dz, self.weights[l].transpose(0, 2, 1))
+            dz = _activation_grad(self.activation, zs[l - 1], outs[l - 1], dh)
+            gradients[l - 1] = dz
+            if self.has_norm:
+                dz_in = []
+                for m, layer in enumerate(self.norms[l - 1]):
+                    dz_in.append(layer.backward(np.ascontiguousarray(dz[m])))
+                    for attr in ("weight", "bias"):
+                        g = getattr(layer, f"grad_{attr}", None)
+                        if g is not None:
+                            grads[f"norm{l - 1}.{m}.{attr}"] = np.array(g, copy=True)
+                dz = np.stack(dz_in)
+        self.grads, self.gradients = grads, gradients
+        return grads
+
+
+def cross_entropy(logits, y):
+    """Mean softmax cross-entropy per model and its gradient.
+
+    logits: (M, N, classes); y: (N,) or (M, N) int labels. Returns (loss (M,), dlogits (M, N, classes)),
+    dlogits being the gradient of the per-model mean loss.
+    """
+    z = logits - logits.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    y = np.broadcast_to(y, logits.shape[:2])
+    n = logits.shape[1]
+    picked = np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]      # (M, N)
+    d = np.exp(logp)
+    np.put_along_axis(d, y[..., None], np.take_along_axis(d, y[..., None], axis=-1) - 1, axis=-1)
+    return -picked.mean(axis=1), d / n
+
+
+def loss_and_grads(model, x, y):
+    """Training-mode forward and backward on one batch: (loss per model (M,), grads by name)."""
+    logits = model.forward(x)
+    loss, dlogits = cross_entropy(logits, y)
+    return loss, model.backward(dlogits.astype(model.dtype, copy=False))
+
+
+from dataclasses import dataclass, field
+
+
+def iid_batches(rng, y_train, batch_size):
+    """The usual sampler: batch_size distinct training indices, uniformly at random."""
+    return rng.choice(y_train.size, size=batch_size, replace=False)
+
+
+def class_batches(num_classes=2):
+    """A non-i.i.d. sampler: every batch is drawn from ``num_classes`` randomly chosen classes only."""
+    def sample(rng, y_train, batch_size):
+        classes = rng.choice(np.unique(y_train), size=num_classes, replace=False)
+        pool = np.flatnonzero(np.isin(y_train, classes))
+        return rng.choice(pool, size=batch_size, replace=False)
+    return sample
+
+
+@dataclass
+class History:
+    """What fit() recorded. steps (T,): the step after which each evaluation ran (0 = before training);
+    test_acc (T, M): held-out accuracy per model; train_loss (T, M): mean training loss over the steps
+    since the previous evaluation (nan at step 0); hooks: name -> [value at each evaluation]."""
+    steps: np.ndarray
+    test_acc: np.ndarray
+    train_loss: np.ndarray
+    hooks: dict = field(default_factory=dict)
+
+    @property
+    def final_acc(self):
+        return self.test_acc[-1]
+
+
+def accuracy(model, x, y, batch_size=None, batch_stats=False, chunk=2048):
+    """Held-out accuracy per model, (M,).
+
+    batch_stats=False: evaluation mode (running statistics). batch_stats=True: the normalization
+    uses the statistics of test batches of ``batch_size`` examples (training-mode normalization),
+    and the layers' state (running statistics included) is restored afterwards.
+    """
+    n = y.size
+    correct = np.zeros(model.n_models)
+    if batch_stats:
+        saved = [layer.state_dict() for layer in model.norm_layers()]
+        model.train()
+        step = batch_size or n
+    else:
+        model.eval()
+        step = chunk
+    try:
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            if batch_stats and stop - start < 2:
+                break                                      # a 1-example batch has no variance
+            logits = model.forward(x[..., start:stop, :])
+            correct += (logits.argmax(axis=-1) == y[start:stop]).sum(axis=1)
+            counted = stop
+    finally:
+        if batch_stats:
+            for layer, s in zip(model.norm_layers(), saved):
+                layer.load_state_dict(s)
+        model.train()
+    return correct / counted
+
+
+def precise_bn(model, x_train, batch_size, num_batches=200, seed=0):
+    """PreciseBN (Wu & Johnson 2021): replace the running statistics by population statistics.
+
+    With the weights frozen, every normalization layer with running statistics gets momentum=None
+    (a cumulative average) and fresh buffers, and ``num_batches`` training batches of
+    ``batch_size`` are forwarded; the layers' momentum is restored afterwards.
+    """
+    layers = [l for l in model.norm_layers() if getattr(l, "running_mean", None) is not None]
+    rng = np.random.default_rng(seed)
+    saved = [l.momentum for l in layers]
+    for l in layers:
+        l.momentum = None
+        l.running_mean[...] = 0
+        l.running_var[...] = 1
+        l.num_batches_tracked = 0
+    model.train()
+    try:
+        for _ in range(num_batches):
+            model.forward(x_train[rng.choice(x_train.shape[0], size=batch_size, replace=False)])
+    finally:
+        for l, m in zip(layers, saved):
+            l.momentum = m
+    return model
+
+
+def _progress_bar(total, progress, desc):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0, sampler=None,
+        norm_batch_size=None, eval_every=None, hooks=None, trainable=None, lr_schedule=None,
+        seed=0, progress=None, desc="training"):
+    """Train ``model`` with SGD (momentum, weight decay) on softmax cross-entropy; returns a History.
+
+    data: (x_train, y_train, x_test, y_test), e.g. bnlib.data.load_digits(); accuracy is always
+        measured on the held-out (x_test, y_test) in evaluation mode.
+    steps, lr, batch_size: number of SGD steps, learning rate, examples per step and model.
+    momentum, weight_decay: PyTorch's SGD: v = momentum * v + (g + weight_decay * p); p -= lr * v.
+    sampler: callable (rng, y_train, batch_size) -> indices (batch_size,), one call per model and
+        step; default iid_batches (see also class_batches for non-i.i.d. batches).
+    norm_batch_size: normalize over groups of this many examples (it must divide batch_size):
+        each group runs its own forward/backward (its own batch statistics) and the gradients of
+        the groups are averaged before the step, as in data-parallel training.
+    eval_every: evaluate (and call hooks) every this many steps and after the last (default steps // 20).
+    hooks: {name: f(model, step) -> value}, called at each evaluation right after the training
+        step, while model.activations / model.gradients / model.grads still hold that step's
+        values; the values are collected in History.hooks[name].
+    trainable: None (train everything) or {parameter name: True or a 0/1 mask of its shape};
+        parameters not named stay frozen.
+    lr_schedule: optional callable step -> multiplier of lr.
+    seed: seeds the batches (model m uses (seed, m, 1)). progress: tqdm bar; None = only on a TTY.
+    """
+    x_train, y_train, x_test, y_test = data
+    if not (isinstance(steps, numbers.Integral) and steps >= 0):
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= y_train.size):
+        raise ValueError(f"batch_size must be an integer in [1, {y_train.size}], got {batch_size!r}")
+    if norm_batch_size is not None and not (isinstance(norm_batch_size, numbers.Integral)
+                                            and norm_batch_size >= 1 and batch_size % norm_batch_size == 0):
+        raise ValueError(f"norm_batch_size must be a positive divisor of batch_size={batch_size}, "
+                         f"got {norm_batch_size!r}")
+    if not (lr > 0 and np.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    sampler = sampler or iid_batches
+    hooks = dict(hooks or {})
+    eval_every = eval_every or max(1, steps // 20)
+    params = model.parameters()
+    names = [name for name, _ in params]
+    if trainable is not None:
+        unknown = sorted(set(trainable) - set(names))
+        if unknown:
+            raise ValueError(f"trainable names unknown parameters {unknown[:5]}; parameters are {names[:6]}...")
+    masks = {name: (None if trainable is None else trainable.get(name, False)) for name in names}
+    velocity = {name: np.zeros_like(p) for name, p in params}
+    rngs = [np.random.default_rng([seed, m, 1]) for m in range(model.n_models)]
+    group = norm_batch_size or batch_size
+    recorded_steps, accs, losses = [0], [accuracy(model, x_test, y_test)], [np.full(model.n_models, np.nan)]
+    hook_values = {name: [] for name in hooks}
+    running_loss, since = np.zeros(model.n_models), 0
+    bar = _progress_bar(steps, progress, desc)
+    model.train()
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for step in range(1, steps + 1):
+            idx = np.stack([sampler(r, y_train, batch_size) for r in rngs])     # (M, B)
+            total = {}
+            for start in range(0, batch_size, group):
+                part = idx[:, start:start + group]
+                loss, grads = loss_and_grads(model, x_train[part], y_train[part])
+                running_loss += loss * (group / batch_size)
+                for name, g in grads.items():
+                    total[name] = total[name] + g if name in total else g
+            rate = lr * (lr_schedule(step) if lr_schedule else 1.0)
+            scale = group / batch_size
+            for name, p in params:
+                mask = masks[name]
+                if mask is False or name not in total:
+                    continue
+                g = total[name] * scale
+                if weight_decay:
+                    g = g + weight_decay * p
+                if mask is not None and mask is not True:
+                    g = g * mask
+                v = velocity[name]
+                v *= momentum
+                v += g
+                p -= (rate * v).astype(p.dtype, copy=False)
+            since += 1
+            if bar is not None:
+                bar.update(1)
+            if step % eval_every == 0 or step == steps:
+                for name, f in hooks.items():
+                    hook_values[name].append(f(model, step))
+                recorded_steps.append(step)
+                accs.append(accuracy(model, x_test, y_test))
+                losses.append(running_loss / since)
+                running_loss, since = np.zeros(model.n_models), 0
+    if bar is not None:
+        bar.close()
+    return History(np.array(recorded_steps), np.array(accs), np.array(losses), hook_values)

@@ -1,0 +1,200 @@
+"""bnlib.train: gradients (checked numerically), the normalization slot, batch sources, the loop."""
+import numpy as np
+import pytest
+
+from bnlib import gradcheck, train
+from bnlib.layers import BatchNorm
+
+
+def bn64(c):
+    return BatchNorm(c, dtype=np.float64)
+
+
+def toy_data(n_train=120, n_test=60, d=6, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 2, (classes, d))
+    def make(n):
+        y = np.arange(n) % classes
+        return (centers[y] + rng.normal(0, 1, (n, d))).astype(np.float32), y.astype(np.int64)
+    return (*make(n_train), *make(n_test))
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("norm", [None, bn64])
+def test_gradients_match_numerical_gradient(activation, norm):
+    rng = np.random.default_rng(1)
+    model = train.MLP([5, 7, 6, 3], activation, norm=norm, init="glorot", n_models=2, seed=3, dtype=np.float64)
+    x = rng.normal(size=(8, 5))
+    y = rng.integers(0, 3, 8)
+    if norm is not None:                              # non-trivial gamma, beta
+        for layer in model.norm_layers():
+            layer.weight[...] = rng.uniform(0.5, 1.5, layer.weight.shape)
+            layer.bias[...] = rng.normal(0, 0.3, layer.bias.shape)
+    _, grads = train.loss_and_grads(model, x, y)
+    for name, p in model.parameters():
+        def loss_of(value, p=p):
+            saved = p.copy()
+            p[...] = value
+            loss = train.cross_entropy(model.forward(x), y)[0].sum()
+            p[...] = saved
+            return np.array(loss)
+        numeric = gradcheck.numerical_gradient(loss_of, p.copy(), np.array(1.0))
+        assert gradcheck.relative_error(grads[name], numeric) < 1e-6, name
+    # and the gradient with respect to a hidden layer's activation input z
+    model.forward(x)
+    model.backward(train.cross_entropy(model.forward(x), y)[1])
+    assert model.gradients[0].shape == (2, 8, 7) and model.activations[1].shape == (2, 8, 6)
+
+
+def test_models_side_by_side_are_independent_networks():
+    x, y = toy_data()[:2]
+    batch = np.stack([x[:10], x[10:20]])
+    both = train.MLP([6, 8, 3], "tanh", norm=BatchNorm, n_models=2, seed=5)
+    logits = both.forward(batch)
+    for m in range(2):
+        single = train.MLP([6, 8, 3], "tanh", norm=BatchNorm, n_models=1, seed=5)
+        single.weights[0][0], single.weights[1][0] = both.weights[0][m], both.weights[1][m]
+        single.biases[1][0] = both.biases[1][m]
+        np.testing.assert_allclose(single.forward(batch[m])[0], logits[m], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(both.weights[0][0], both.weights[0][1])
+
+
+def test_inits_have_the_documented_scale():
+    rng = np.random.default_rng(0)
+    w = train.init_weights(rng, 400, 300, "he")
+    assert abs(w.std() - np.sqrt(2 / 400)) < 0.01 * np.sqrt(2 / 400) * 5
+    w = train.init_weights(rng, 400, 300, "glorot")
+    assert abs(np.abs(w).max() - np.sqrt(6 / 700)) < 1e-3
+    w = train.init_weights(rng, 400, 300, 0.05)
+    assert abs(w.std() - 0.05) < 0.002
+    w = train.init_weights(rng, 400, 300, "uniform")
+    assert np.abs(w).max() <= 1 / 20
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sizes=[4]), "sizes"), (dict(activation="gelu"), "activation"), (dict(init="xavier"), "init"),
+    (dict(init=-1.0), "init scale"), (dict(n_models=0), "n_models")])
+def test_mlp_rejects_bad_arguments(kwargs, match):
+    args = dict(sizes=[4, 5, 2])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        train.MLP(**args)
+    with pytest.raises(TypeError, match="norm"):
+        train.MLP([4, 5, 2], norm="batch")
+
+
+def test_fit_rejects_bad_arguments_without_changing_the_model():
+    data = toy_data()
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    before = model.state()
+    for kwargs, match in [(dict(steps=-1), "steps"), (dict(batch_size=0), "batch_size"),
+                          (dict(norm_batch_size=7), "norm_batch_size"), (dict(lr=float("nan")), "lr"),
+                          (dict(trainable={"W9": True}), "unknown")]:
+        args = dict(steps=5, lr=0.1, batch_size=20)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=match):
+            train.fit(model, data, progress=False, **args)
+    after = model.state()
+    for name in before[0]:
+        np.testing.assert_array_equal(before[0][name], after[0][name])
+    assert after[1][0]["num_batches_tracked"] == 0
+
+
+def test_fit_learns_is_seeded_and_records_history():
+    data = toy_data()
+    runs = []
+    for _ in range(2):
+        model = train.MLP([6, 16, 3], "relu", norm=BatchNorm, n_models=3, seed=0)
+        calls = []
+        h = train.fit(model, data, steps=60, lr=0.1, batch_size=20, eval_every=20, progress=False,
+                      hooks={"z": lambda m, s: (calls.append(s), m.activations[0].shape)[1]})
+        runs.append(h)
+    a, b = runs
+    np.testing.assert_array_equal(a.test_acc, b.test_acc)
+    assert list(a.steps) == [0, 20, 40, 60] and a.test_acc.shape == (4, 3)
+    assert a.hooks["z"] == [(3, 20, 16)] * 3
+    assert (a.final_acc > 0.9).all() and (a.test_acc[0] < 0.7).all()
+    assert np.isnan(a.train_loss[0]).all() and (a.train_loss[-1] < a.train_loss[1]).all()
+
+
+def test_custom_norm_layer_fills_the_slot():
+    """Any layer with BatchNorm's interface plugs in; here a per-example scale (no batch statistics)."""
+    class Scale:
+        def __init__(self, c):
+            self.weight, self.bias = np.ones(c, np.float32), np.zeros(c, np.float32)
+            self.grad_weight, self.grad_bias = np.zeros_like(self.weight), np.zeros_like(self.bias)
+            self.calls = 0
+        def forward(self, x):
+            self.x, self.calls = x, self.calls + 1
+            return x * self.weight + self.bias
+        def backward(self, dy):
+            self.grad_weight[...], self.grad_bias[...] = (dy * self.x).sum(0), dy.sum(0)
+            return dy * self.weight
+        def train(self, mode=True): return self
+        def eval(self): return self
+        def state_dict(self): return {"weight": self.weight.copy(), "bias": self.bias.copy()}
+        def load_state_dict(self, s): self.weight[...], self.bias[...] = s["weight"], s["bias"]
+    model = train.MLP([6, 8, 3], norm=Scale, n_models=2)
+    h = train.fit(model, toy_data(), steps=30, lr=0.1, batch_size=20, progress=False)
+    assert model.norm_layers()[0].calls > 30 and (h.final_acc > 0.8).all()
+    assert not np.allclose(model.norm_layers()[0].weight, 1)          # gamma was trained
+
+
+def test_class_batches_draw_from_two_classes_only():
+    y = np.repeat(np.arange(10), 30)
+    rng = np.random.default_rng(0)
+    sample = train.class_batches(2)
+    for _ in range(20):
+        idx = sample(rng, y, 16)
+        assert idx.shape == (16,) and len(np.unique(y[idx])) <= 2
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    train.fit(model, toy_data(), steps=5, lr=0.1, batch_size=4, sampler=sample, progress=False)
+
+
+def test_norm_batch_size_normalizes_groups_and_averages_gradients():
+    """Without normalization, grouping changes nothing; with BN, groups use their own statistics."""
+    data = toy_data()
+    results = {}
+    for norm in (None, BatchNorm):
+        for group in (None, 5):
+            model = train.MLP([6, 8, 3], "tanh", norm=norm, seed=2)
+            train.fit(model, data, steps=3, lr=0.1, batch_size=20, norm_batch_size=group, momentum=0, progress=False)
+            results[norm, group] = model.weights[0].copy()
+    np.testing.assert_allclose(results[None, None], results[None, 5], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(results[BatchNorm, None], results[BatchNorm, 5], atol=1e-6)
+
+
+def test_trainable_freezes_everything_else():
+    model = train.MLP([6, 8, 3], norm=BatchNorm, n_models=2)
+    before = model.state()[0]
+    mask = np.zeros_like(model.weights[1])
+    mask[:, :2, :] = 1
+    train.fit(model, toy_data(), steps=5, lr=0.1, batch_size=20, progress=False,
+              trainable={"norm0.0.weight": True, "norm0.1.weight": True, "W1": mask})
+    after = model.state()[0]
+    for name in before:
+        changed = ~np.isclose(before[name], after[name])
+        if name.endswith(".weight"):
+            assert changed.any(), name
+        elif name == "W1":
+            assert changed[:, :2].any() and not changed[:, 2:].any()
+        else:
+            assert not changed.any(), name
+
+
+def test_batch_stats_accuracy_restores_state_and_precise_bn_gives_population_stats():
+    x_train, y_train, x_test, y_test = data = toy_data()
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    train.fit(model, data, steps=20, lr=0.1, batch_size=20, progress=False)
+    before = model.norm_layers()[0].state_dict()
+    acc = train.accuracy(model, x_test, y_test, batch_size=10, batch_stats=True)
+    assert acc.shape == (1,)
+    after = model.norm_layers()[0].state_dict()
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key])
+    train.precise_bn(model, x_train, batch_size=30, num_batches=400)
+    layer = model.norm_layers()[0]
+    z = x_train @ model.weights[0][0]                 # the BN input over the whole training split
+    np.testing.assert_allclose(layer.running_mean, z.mean(0), rtol=0.05, atol=0.02)
+    np.testing.assert_allclose(layer.running_var, z.var(0), rtol=0.1)
+    assert layer.momentum == 0.1
