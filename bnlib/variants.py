@@ -477,19 +477,23 @@ class GhostBatchNorm(BatchNorm):
         if not self.training:
             return super().forward(x)
         self._check_channels(x)
+        n, vbs = x.shape[0], self.virtual_batch_size
+        per_example = x.size // max(n * x.shape[1], 1)                    # values per example and channel
+        last = n - (n - 1) // vbs * vbs if n else 0                        # examples in the last virtual batch
+        if last * per_example < 2:
+            raise ValueError(f"every virtual batch needs more than 1 value per channel: input of shape {x.shape} "
+                             f"in virtual batches of {vbs} (virtual_batch_size) leaves a last one with "
+                             f"{last * per_example} value(s) per channel")
         ys, caches = [], []
         for start in range(0, x.shape[0], self.virtual_batch_size):
             y, cache = F.batch_norm_forward(x[start:start + self.virtual_batch_size], self.weight, self.bias,
                                             self.eps)
             ys.append(y)
             caches.append(cache)
-        if not caches:
-            raise ValueError(f"expected a non-empty batch, got input of shape {x.shape}")
         sizes = np.array([c.x.shape[0] for c in caches], dtype=np.float64)[:, None]
-        per_channel = x.size // (x.shape[0] * x.shape[1])                # values per example and channel
         means = np.stack([c.mean for c in caches]).astype(np.float64)
-        unbiased = np.stack([c.var * (n * per_channel / (n * per_channel - 1))
-                             for c, n in zip(caches, sizes[:, 0])]).astype(np.float64)
+        unbiased = np.stack([c.var * (k * per_example / (k * per_example - 1))
+                             for c, k in zip(caches, sizes[:, 0])]).astype(np.float64)
         steps = self.num_batches_tracked + 1
         m = 1.0 / steps if self.momentum is None else self.momentum
         self.running_mean[...] = (1 - m) * self.running_mean + m * (sizes * means).sum(0) / sizes.sum()

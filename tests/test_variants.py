@@ -363,6 +363,8 @@ def test_nn_frozen_batch_norm_2d_loads_batch_norm_2d():
     (lambda: V.BatchRenorm(3, r_max=0.5), ValueError, "r_max"),
     (lambda: V.BatchRenorm(3, d_max=-1), ValueError, "d_max"),
     (lambda: V.GhostBatchNorm(3, 0), ValueError, "virtual_batch_size"),
+    (lambda: V.GhostBatchNorm(3, 4)(np.zeros((9, 3), np.float32)), ValueError, r"\(9, 3\).*virtual_batch_size"),
+    (lambda: V.GhostBatchNorm(3, 4)(np.zeros((0, 3), np.float32)), ValueError, "virtual_batch_size"),
     (lambda: V.LayerNorm(4)(np.zeros((2, 5))), ValueError, r"\(\*, 4\)"),
     (lambda: V.GroupNorm(2, 4)(np.zeros((2, 3, 5))), ValueError, "num_channels"),
     (lambda: V.GroupNorm(2, 4)(np.zeros((2, 4), dtype=np.int64)), TypeError, "dtype"),
