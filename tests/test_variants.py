@@ -411,3 +411,17 @@ def test_output_and_gradient_keep_the_input_dtype(make, dtype):
     x = np.random.default_rng(8).normal(size=(6, 4)).astype(dtype)
     assert layer(x).dtype == dtype and layer.backward(np.ones_like(x)).dtype == dtype
     assert all(v.dtype in (np.float32, np.int64) for v in layer.state_dict().values())
+
+
+def test_a_call_runs_a_subclass_forward():
+    class Scheduled(V.BatchRenorm):                      # as the chapter's scheduled renorm does it
+        def forward(self, x):
+            self.set_limits(*V.batch_renorm_limits(self.num_batches_tracked, warmup_steps=1, r_max_step=3,
+                                                   d_max_step=2))
+            return super().forward(x)
+
+    layer = Scheduled(3)
+    x = np.random.default_rng(9).normal(size=(4, 3)).astype(np.float32)
+    for _ in range(3):
+        layer(x)
+    assert (layer.r_max, layer.d_max) == (2.0, 5.0) and layer.num_batches_tracked == 3
