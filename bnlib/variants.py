@@ -320,7 +320,7 @@ class InstanceNorm(GroupNorm):
             y = F.batch_norm_inference(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
             self._cache, self._eval_input = None, x
             return y
-        positions = x.size // max(x.shape[0] * x.shape[1], 1)
+        positions = int(np.prod(x.shape[2:], dtype=np.int64))                # per example and channel
         if positions < 2:
             raise ValueError(f"instance statistics need more than 1 spatial position per channel, got input "
                              f"of shape {x.shape}")
@@ -430,7 +430,9 @@ def batch_renorm_limits(step, warmup_steps=5000, r_max=3.0, r_max_step=40000, d_
     """(r_max, d_max) at a training step: plain BN (1, 0) for the first warmup_steps, then relaxed
     linearly to reach r_max at r_max_step and d_max at d_max_step, constant afterwards.
 
-    The defaults are Ioffe (2017)'s Inception schedule; scale the step counts to a shorter run.
+    The defaults are the end points of Ioffe (2017)'s Inception schedule; the paper relaxes the limits
+    "gradually" without saying how, and the linear ramp is this library's choice. Scale the step
+    counts to a shorter run.
     """
     for name, value in (("step", step), ("warmup_steps", warmup_steps), ("r_max_step", r_max_step),
                         ("d_max_step", d_max_step)):
@@ -455,8 +457,10 @@ class GhostBatchNorm(BatchNorm):
     channel); each is normalized with its own statistics, exactly as BatchNorm would normalize it
     alone. Running statistics: one update per call, with the average over the virtual batches of
     their means and of their unbiased variances, weighted by their sizes (the mean is then the
-    whole batch's mean); with a single virtual batch this is BatchNorm's update. Evaluation uses
-    the running statistics, as BatchNorm.
+    whole batch's mean); with a single virtual batch this is BatchNorm's update. (Hoffer et al.'s
+    algorithm instead makes one momentum step per virtual batch, in sequence; one update per call
+    is the simplification Keras's virtual_batch_size makes.) Evaluation uses the running
+    statistics, as BatchNorm.
 
     Args:
         num_features: C;  virtual_batch_size: examples per virtual batch

@@ -425,3 +425,13 @@ def test_a_call_runs_a_subclass_forward():
     for _ in range(3):
         layer(x)
     assert (layer.r_max, layer.d_max) == (2.0, 5.0) and layer.num_batches_tracked == 3
+
+
+def test_instance_norm_empty_batch_returns_empty_and_keeps_running_statistics():
+    layer = V.InstanceNorm(3, affine=True, track_running_stats=True)
+    before = layer.state_dict()
+    y = layer(np.zeros((0, 3, 4), np.float32))
+    assert y.shape == (0, 3, 4)
+    assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="spatial position"):
+        layer(np.zeros((0, 3, 1), np.float32))
