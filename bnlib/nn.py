@@ -1,8 +1,8 @@
 # GENERATED FILE: do not edit.
-# bnlib.nn is generated from chapters/06_pytorch.ipynb by tools/export.py.
+# bnlib.nn is generated from chapters/06_pytorch.ipynb, chapters/08_variants.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'convert_batchnorm', 'fold_batch_norm', 'SyncBatchNormFunction', 'SyncBatchNorm', 'sync_batchnorm_check']
+__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'convert_batchnorm', 'fold_batch_norm', 'SyncBatchNormFunction', 'SyncBatchNorm', 'sync_batchnorm_check', 'FrozenBatchNorm2d']
 
 import contextlib
 import copy
@@ -625,3 +625,60 @@ def sync_batchnorm_check(splits, shape_tail=(), momentum=None, start_method=None
         if isinstance(report, str):
             raise RuntimeError(report)
     return [max(per_split) for per_split in zip(*reports)]
+
+
+class FrozenBatchNorm2d(torch.nn.Module):
+    r"""BatchNorm2d with fixed statistics and affine parameters: the layer detection libraries
+    (torchvision.ops.FrozenBatchNorm2d, detectron2) put in pretrained backbones.
+
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias in train and eval mode alike.
+    weight, bias, running_mean and running_var are buffers, not parameters: nothing is learned and
+    nothing is updated. load_state_dict() takes a torch.nn.BatchNorm2d (or bnlib.nn.BatchNorm2d)
+    state dict unchanged: its num_batches_tracked entry is dropped.
+
+    Args: num_features (C), eps=1e-5 (use the eps the statistics were trained with), device, dtype.
+    Shape: input (N, C, H, W); output the same. Gradients flow to the input only.
+    """
+
+    def __init__(self, num_features, eps=1e-5, device=None, dtype=None):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if not (isinstance(eps, numbers.Real) and np.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        self.num_features, self.eps = int(num_features), float(eps)
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    @classmethod
+    def from_batch_norm(cls, bn):
+        """A FrozenBatchNorm2d with the eps, statistics and affine parameters of a BatchNorm2d `bn`."""
+        if not (bn.affine and bn.track_running_stats):
+            raise ValueError("from_batch_norm needs a BatchNorm with affine=True and track_running_stats=True")
+        frozen = cls(bn.num_features, eps=bn.eps, device=bn.weight.device, dtype=bn.weight.dtype)
+        frozen.load_state_dict(bn.state_dict())
+        return frozen
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FrozenBatchNorm2d expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"FrozenBatchNorm2d({self.num_features}) expected input of shape "
+                             f"(N, {self.num_features}, H, W), got {tuple(x.shape)}")
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {self.weight.dtype}: "
+                            f"convert the module (e.g. .to({x.dtype})) or the input")
+        return BatchNormInferenceFunction.apply(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                                self.eps)
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}"

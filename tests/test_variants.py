@@ -1,0 +1,437 @@
+"""bnlib.variants (chapter 08) against torch's ops and modules, numerical gradients and BatchNorm itself."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from bnlib import variants as V
+from bnlib.gradcheck import numerical_gradient, relative_error
+from bnlib.layers import BatchNorm
+from bnlib.nn import FrozenBatchNorm2d
+
+TOL = 1e-10
+
+
+def _random_shape(rng, channels=None, min_ndim=2):
+    ndim = int(rng.integers(min_ndim, 6))
+    c = int(rng.integers(1, 7)) if channels is None else channels
+    return (int(rng.integers(2, 6)), c) + tuple(int(rng.integers(2, 5)) for _ in range(ndim - 2))
+
+
+def _torch_grads(fn, x, dy, *params):
+    """Output and gradients (x first, then params) of a torch function, in float64 NumPy."""
+    xt = torch.tensor(x, requires_grad=True)
+    pt = [None if p is None else torch.tensor(p, requires_grad=True) for p in params]
+    y = fn(xt, *pt)
+    y.backward(torch.from_numpy(dy))
+    return y.detach().numpy(), [t.grad.numpy() for t in [xt] + [p for p in pt if p is not None]]
+
+
+def _close(a, b, tol=TOL):
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def _randomize(layer, rng):
+    if getattr(layer, "weight", None) is not None:
+        layer.weight[...] = rng.uniform(0.5, 1.5, layer.weight.shape)
+        layer.bias[...] = rng.normal(size=layer.bias.shape)
+    return layer
+
+
+# ---------------------------------------------------------------- LayerNorm, GroupNorm, InstanceNorm vs torch
+def _compare_with_torch(ours, fn, module, x, dy):
+    """ours (a variants layer) against the torch function fn(x, weight, bias) and module: y, dx,
+    grad_weight, grad_bias; the module loads our state dict and we load its one back."""
+    affine = ours.weight is not None
+    y, dx = ours(x), ours.backward(dy)
+    params = (ours.weight, ours.bias) if affine else ()
+    yt, grads = _torch_grads(fn, x, dy, *params)
+    _close(y, yt)
+    _close(dx, grads[0])
+    if affine:
+        _close(ours.grad_weight, grads[1])
+        _close(ours.grad_bias, grads[2])
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
+    _close(module(torch.from_numpy(x)).detach().numpy(), y)
+    assert ours.load_state_dict(module.state_dict()).state_dict().keys() == module.state_dict().keys()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_layer_norm_matches_torch(seed):
+    rng = np.random.default_rng(seed)
+    shape = _random_shape(rng)
+    k = int(rng.integers(1, len(shape)))                      # normalize the last k axes
+    normalized = shape[len(shape) - k:]
+    affine, eps = seed % 3 != 2, float(10 ** rng.uniform(-6, -2))
+    ours = _randomize(V.LayerNorm(normalized, eps=eps, elementwise_affine=affine, dtype=np.float64), rng)
+    _compare_with_torch(ours, lambda a, *p: torch.nn.functional.layer_norm(a, normalized, *p, eps=eps),
+                        torch.nn.LayerNorm(normalized, eps=eps, elementwise_affine=affine, dtype=torch.float64),
+                        rng.normal(2.0, 3.0, shape), rng.normal(size=shape))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_group_norm_matches_torch(seed):
+    rng = np.random.default_rng(seed)
+    groups = int(rng.integers(1, 4))
+    per_group = [1, int(rng.integers(1, 4))][seed % 2]
+    c = groups * per_group                                      # seeds 0, 2, ...: one channel per group
+    if seed == 9:
+        groups = 1                                              # one group of all channels
+    shape = _random_shape(rng, channels=c)
+    affine, eps = seed % 4 != 3, float(10 ** rng.uniform(-6, -2))
+    ours = _randomize(V.GroupNorm(groups, c, eps=eps, affine=affine, dtype=np.float64), rng)
+    _compare_with_torch(ours, lambda a, *p: torch.nn.functional.group_norm(a, groups, *p, eps=eps),
+                        torch.nn.GroupNorm(groups, c, eps=eps, affine=affine, dtype=torch.float64),
+                        rng.normal(-1.0, 2.0, shape), rng.normal(size=shape))
+
+
+TORCH_IN = {3: torch.nn.InstanceNorm1d, 4: torch.nn.InstanceNorm2d, 5: torch.nn.InstanceNorm3d}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_instance_norm_matches_torch_over_steps(seed):
+    rng = np.random.default_rng(seed)
+    shape = _random_shape(rng, min_ndim=3)
+    c = shape[1]
+    affine, track = bool(seed % 2), seed % 4 >= 2
+    momentum, eps = float(rng.uniform(0.05, 0.9)), float(10 ** rng.uniform(-6, -2))
+    ours = V.InstanceNorm(c, eps=eps, affine=affine, track_running_stats=track, momentum=momentum,
+                          dtype=np.float64)
+    theirs = TORCH_IN[len(shape)](c, eps=eps, affine=affine, track_running_stats=track, momentum=momentum,
+                                  dtype=torch.float64)
+    if affine:
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(4):
+        if step == 3:
+            ours.eval(), theirs.eval()
+        x = rng.normal(1.0, 2.0, shape)
+        dy = rng.normal(size=shape)
+        xt = torch.tensor(x, requires_grad=True)
+        yt = theirs(xt)
+        yt.backward(torch.from_numpy(dy))
+        y, dx = ours(x), ours.backward(dy)
+        _close(y, yt.detach().numpy())
+        _close(dx, xt.grad.numpy())
+        if affine:
+            _close(ours.grad_weight, theirs.weight.grad.numpy())
+            _close(ours.grad_bias, theirs.bias.grad.numpy())
+            theirs.zero_grad()
+        for key, value in theirs.state_dict().items():
+            _close(ours.state_dict()[key], value.numpy())
+
+
+def test_group_norm_limits_are_instance_and_layer_norm():
+    rng = np.random.default_rng(1)
+    x, dy = rng.normal(size=(3, 6, 4, 2)), rng.normal(size=(3, 6, 4, 2))
+    pairs = [(V.GroupNorm(6, 6, dtype=np.float64), V.InstanceNorm(6, affine=True, dtype=np.float64)),
+             (V.GroupNorm(1, 6, dtype=np.float64), V.LayerNorm((6, 4, 2), dtype=np.float64))]
+    for group, other in pairs:
+        _close(group(x), other(x))
+        _close(group.backward(dy), other.backward(dy))
+
+
+# ---------------------------------------------------------------- numerical gradients
+def _check_numerical(layer, x, dy, tol=1e-6):
+    layer(x)
+    dx = layer.backward(dy)
+    assert relative_error(dx, numerical_gradient(lambda a: layer(a), x, dy)) < tol
+    if getattr(layer, "grad_weight", None) is not None:
+        layer(x)
+        layer.backward(dy)
+        grads = layer.grad_weight.copy(), layer.grad_bias.copy()
+        for name, grad in zip(("weight", "bias"), grads):
+            original = getattr(layer, name).copy()
+
+            def f(p, name=name):
+                getattr(layer, name)[...] = p
+                return layer(x)
+            numeric = numerical_gradient(f, original.copy(), dy)
+            getattr(layer, name)[...] = original
+            assert relative_error(grad, numeric) < tol, name
+
+
+@pytest.mark.parametrize("make", [
+    lambda: V.LayerNorm((3, 4), dtype=np.float64),
+    lambda: V.GroupNorm(3, 6, dtype=np.float64),
+    lambda: V.GroupNorm(1, 6, dtype=np.float64),
+    lambda: V.InstanceNorm(6, affine=True, dtype=np.float64),
+    lambda: V.InstanceNorm(6, affine=True, track_running_stats=True, dtype=np.float64).eval(),
+    lambda: V.GhostBatchNorm(6, 2, momentum=0.0, dtype=np.float64),
+    lambda: V.FrozenBatchNorm(6, dtype=np.float64),
+])
+def test_backward_matches_numerical_gradient(make):
+    rng = np.random.default_rng(3)
+    layer = _randomize(make(), rng)
+    if isinstance(layer, V.FrozenBatchNorm):
+        layer.running_mean[...], layer.running_var[...] = rng.normal(size=6), rng.uniform(0.5, 2, 6)
+    shape = (5, 6, 4) if not isinstance(layer, V.LayerNorm) else (5, 2, 3, 4)
+    _check_numerical(layer, rng.normal(1.0, 2.0, shape), rng.normal(size=shape))
+
+
+# ---------------------------------------------------------------- BatchRenorm
+def test_batch_renorm_with_default_limits_is_batch_norm_bit_for_bit():
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        bn, brn = BatchNorm(5, dtype=dtype), V.BatchRenorm(5, dtype=dtype)
+        _randomize(bn, rng)
+        brn.load_state_dict(bn.state_dict())
+        for step in range(4):
+            if step == 3:
+                bn.eval(), brn.eval()
+            x = rng.normal(3.0, 2.0, (8, 5, 3)).astype(dtype)
+            dy = rng.normal(size=(8, 5, 3)).astype(dtype)
+            assert np.array_equal(bn(x), brn(x))
+            assert np.array_equal(bn.backward(dy), brn.backward(dy))
+            assert np.array_equal(bn.grad_weight, brn.grad_weight)
+            assert np.array_equal(bn.grad_bias, brn.grad_bias)
+            for key, value in bn.state_dict().items():
+                assert np.array_equal(value, brn.state_dict()[key]), key
+
+
+def _torch_renorm(x, weight, bias, running_mean, running_var, eps, r_max, d_max):
+    """Reference: Ioffe (2017), Algorithm 1, in torch, with r and d detached (stop_gradient)."""
+    axes = [0] + list(range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean, var = x.mean(axes), x.var(axes, unbiased=False)
+    sigma_b, sigma = torch.sqrt(var + eps), torch.sqrt(running_var + eps)
+    r = (sigma_b / sigma).clamp(1 / r_max, r_max).detach()
+    d = ((mean - running_mean) / sigma).clamp(-d_max, d_max).detach()
+    x_hat = (x - mean.reshape(shape)) / sigma_b.reshape(shape) * r.reshape(shape) + d.reshape(shape)
+    return x_hat * weight.reshape(shape) + bias.reshape(shape)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_renorm_matches_torch_reference_with_constant_r_d(seed):
+    rng = np.random.default_rng(seed)
+    shape = _random_shape(rng)
+    c = shape[1]
+    r_max, d_max = float(rng.uniform(1, 3)), float(rng.uniform(0, 2))
+    ours = _randomize(V.BatchRenorm(c, r_max=r_max, d_max=d_max, dtype=np.float64), rng)
+    ours.running_mean[...], ours.running_var[...] = rng.normal(size=c), rng.uniform(0.2, 5, c)
+    before = copy.deepcopy(ours)
+    x, dy = rng.normal(1.0, 2.0, shape), rng.normal(size=shape)
+    y, dx = ours(x), ours.backward(dy)
+    yt, grads = _torch_grads(lambda a, w, b: _torch_renorm(a, w, b, torch.from_numpy(before.running_mean),
+                                                            torch.from_numpy(before.running_var), ours.eps,
+                                                            r_max, d_max),
+                             x, dy, before.weight, before.bias)
+    _close(y, yt)
+    _close(dx, grads[0])
+    _close(ours.grad_weight, grads[1])
+    _close(ours.grad_bias, grads[2])
+    reference = BatchNorm(c, dtype=np.float64).load_state_dict(before.state_dict())
+    reference(x)                                               # running statistics: updated as BatchNorm's
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        _close(ours.state_dict()[key], reference.state_dict()[key])
+
+
+def test_batch_renorm_gradient_treats_r_and_d_as_constants():
+    rng = np.random.default_rng(5)
+    x, dy = rng.normal(1.0, 2.0, (6, 3)), rng.normal(size=(6, 3))
+    # Running statistics far from the batch's: r and d sit at their limits, so they really are constant
+    # near x and the numerical gradient of the whole layer must agree with backward().
+    clipped = V.BatchRenorm(3, r_max=1.5, d_max=0.5, momentum=0.0, dtype=np.float64)
+    clipped.running_mean[...], clipped.running_var[...] = 10.0, 100.0
+    clipped(x)
+    assert np.allclose(clipped.last_r, 1 / 1.5) and np.allclose(clipped.last_d, -0.5)
+    _check_numerical(clipped, x, dy)
+    # Unclipped, the layer's output is the fixed map (x - running_mean) / sigma, whose true derivative
+    # differs from backward(): backward holds r and d constant, as the paper prescribes.
+    free = V.BatchRenorm(3, r_max=100.0, d_max=100.0, momentum=0.0, dtype=np.float64)
+    free.running_mean[...], free.running_var[...] = 0.5, 2.0
+    y = free(x)
+    _close(y, (x - 0.5) / np.sqrt(2.0 + free.eps))
+    dx = free.backward(dy)
+    assert relative_error(dx, numerical_gradient(free.forward, x, dy)) > 0.1
+    r, d = free.last_r, free.last_d
+    frozen_r_d = numerical_gradient(lambda a: (a - a.mean(0)) / np.sqrt(a.var(0) + free.eps) * r + d, x, dy)
+    assert relative_error(dx, frozen_r_d) < 1e-6
+
+
+def test_batch_renorm_limits_schedule():
+    assert V.batch_renorm_limits(0) == (1.0, 0.0)
+    assert V.batch_renorm_limits(5000) == (1.0, 0.0)
+    assert V.batch_renorm_limits(25000) == pytest.approx((1 + 2 * 20 / 35, 5.0))
+    assert V.batch_renorm_limits(40000) == (3.0, 5.0)
+    assert V.batch_renorm_limits(10 ** 6) == (3.0, 5.0)
+    r1, d1 = V.batch_renorm_limits(10, warmup_steps=4, r_max_step=16, d_max_step=10)
+    assert (r1, d1) == pytest.approx((1 + 2 * 6 / 12, 5.0))
+    with pytest.raises(ValueError, match="step"):
+        V.batch_renorm_limits(-1)
+    with pytest.raises(ValueError, match="later than"):
+        V.batch_renorm_limits(3, warmup_steps=10, r_max_step=5)
+
+
+# ---------------------------------------------------------------- GhostBatchNorm
+@pytest.mark.parametrize("n, vbs", [(12, 4), (10, 4), (9, 3), (8, 8), (8, 20)])
+def test_ghost_batch_norm_is_batch_norm_per_chunk(n, vbs):
+    rng = np.random.default_rng(n * vbs)
+    ghost = _randomize(V.GhostBatchNorm(3, vbs, dtype=np.float64), rng)
+    x, dy = rng.normal(2.0, 3.0, (n, 3, 2)), rng.normal(size=(n, 3, 2))
+    y, dx = ghost(x), ghost.backward(dy)
+    grad_w, grad_b, means, vars_ = 0, 0, [], []
+    for s in range(0, n, vbs):
+        bn = BatchNorm(3, momentum=1.0, dtype=np.float64).load_state_dict(
+            {"weight": ghost.weight, "bias": ghost.bias}, strict=False)
+        _close(y[s:s + vbs], bn(x[s:s + vbs]))
+        _close(dx[s:s + vbs], bn.backward(dy[s:s + vbs]))
+        grad_w, grad_b = grad_w + bn.grad_weight, grad_b + bn.grad_bias
+        means.append(bn.running_mean * len(x[s:s + vbs]))
+        vars_.append(bn.running_var * len(x[s:s + vbs]))
+    _close(ghost.grad_weight, grad_w)
+    _close(ghost.grad_bias, grad_b)
+    _close(ghost.running_mean, 0.9 * 0 + 0.1 * np.sum(means, 0) / n)        # size-weighted average
+    _close(ghost.running_var, 0.9 * 1 + 0.1 * np.sum(vars_, 0) / n)
+    if vbs >= n:                                                             # one virtual batch: BatchNorm
+        bn = BatchNorm(3, dtype=np.float64).load_state_dict({"weight": ghost.weight, "bias": ghost.bias},
+                                                            strict=False)
+        bn(x)
+        _close(ghost.running_var, bn.running_var)
+
+
+def test_ghost_batch_norm_eval_uses_running_statistics():
+    rng = np.random.default_rng(2)
+    ghost = V.GhostBatchNorm(4, 2, momentum=None, dtype=np.float64)
+    for _ in range(3):
+        ghost(rng.normal(size=(6, 4)))
+    bn = BatchNorm(4, dtype=np.float64).load_state_dict(ghost.state_dict()).eval()
+    x = rng.normal(size=(5, 4))
+    _close(ghost.eval()(x), bn(x))
+    assert ghost.num_batches_tracked == 3
+
+
+# ---------------------------------------------------------------- FrozenBatchNorm and nn.FrozenBatchNorm2d
+def _trained_torch_bn(rng, c=4):
+    bn = torch.nn.BatchNorm2d(c, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    for _ in range(3):
+        bn(torch.from_numpy(rng.normal(1.0, 2.0, (6, c, 3, 3))))
+    return bn.eval()
+
+
+def test_frozen_batch_norm_equals_eval_batch_norm():
+    rng = np.random.default_rng(4)
+    bn = _trained_torch_bn(rng)
+    frozen = V.FrozenBatchNorm(4, dtype=np.float64).load_state_dict(bn.state_dict()).train()
+    assert set(frozen.state_dict()) == {"weight", "bias", "running_mean", "running_var"}
+    x, dy = rng.normal(size=(5, 4, 3, 3)), rng.normal(size=(5, 4, 3, 3))
+    xt = torch.tensor(x, requires_grad=True)
+    yt = bn(xt)
+    yt.backward(torch.from_numpy(dy))
+    _close(frozen(x), yt.detach().numpy())
+    _close(frozen.backward(dy), xt.grad.numpy())
+    assert frozen.grad_weight is None and frozen.grad_bias is None
+    _close(frozen.running_mean, bn.running_mean.numpy())       # train() and forward changed nothing
+
+
+def test_nn_frozen_batch_norm_2d_loads_batch_norm_2d():
+    rng = np.random.default_rng(6)
+    bn = _trained_torch_bn(rng)
+    frozen = FrozenBatchNorm2d(4, dtype=torch.float64)
+    frozen.load_state_dict(bn.state_dict())                     # unchanged checkpoint, num_batches_tracked too
+    assert list(frozen.parameters()) == []
+    frozen.train()
+    x = torch.tensor(rng.normal(size=(3, 4, 5, 5)), requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    dy = torch.from_numpy(rng.normal(size=(3, 4, 5, 5)))
+    frozen(x).backward(dy)
+    bn(x2).backward(dy)
+    _close(frozen(x).detach().numpy(), bn(x2).detach().numpy())
+    _close(x.grad.numpy(), x2.grad.numpy())
+    same = FrozenBatchNorm2d.from_batch_norm(bn)
+    _close(same(x).detach().numpy(), frozen(x).detach().numpy())
+    with pytest.raises(ValueError, match=r"\(N, 4, H, W\)"):
+        frozen(torch.zeros(2, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="dtype"):
+        frozen(torch.zeros(2, 4, 4, 4))
+
+
+# ---------------------------------------------------------------- errors and state on error
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: V.LayerNorm(0), ValueError, "normalized_shape"),
+    (lambda: V.LayerNorm("4"), TypeError, "normalized_shape"),
+    (lambda: V.GroupNorm(4, 6), ValueError, "divisible"),
+    (lambda: V.GroupNorm(2, 6, eps=-1), ValueError, "eps"),
+    (lambda: V.GroupNorm(2, 6, dtype=np.int32), TypeError, "dtype"),
+    (lambda: V.InstanceNorm(3, momentum=None), ValueError, "momentum"),
+    (lambda: V.BatchRenorm(3, r_max=0.5), ValueError, "r_max"),
+    (lambda: V.BatchRenorm(3, d_max=-1), ValueError, "d_max"),
+    (lambda: V.GhostBatchNorm(3, 0), ValueError, "virtual_batch_size"),
+    (lambda: V.GhostBatchNorm(3, 4)(np.zeros((9, 3), np.float32)), ValueError, r"\(9, 3\).*virtual_batch_size"),
+    (lambda: V.GhostBatchNorm(3, 4)(np.zeros((0, 3), np.float32)), ValueError, "virtual_batch_size"),
+    (lambda: V.LayerNorm(4)(np.zeros((2, 5))), ValueError, r"\(\*, 4\)"),
+    (lambda: V.GroupNorm(2, 4)(np.zeros((2, 3, 5))), ValueError, "num_channels"),
+    (lambda: V.GroupNorm(2, 4)(np.zeros((2, 4), dtype=np.int64)), TypeError, "dtype"),
+    (lambda: V.InstanceNorm(4)(np.zeros((2, 4))), ValueError, "spatial position"),
+    (lambda: V.LayerNorm(4).backward(np.zeros((2, 4))), ValueError, "forward"),
+])
+def test_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("make, good_shape, bad_shape", [
+    (lambda: V.BatchRenorm(3, r_max=2, d_max=1), (4, 3), (1, 3)),
+    (lambda: V.GhostBatchNorm(3, 2), (4, 3), (5, 3)),                         # last virtual batch of 1
+    (lambda: V.InstanceNorm(3, track_running_stats=True, affine=True), (4, 3, 2), (4, 3, 1)),
+    (lambda: V.GroupNorm(1, 3), (4, 3, 2), (4, 2, 2)),
+    (lambda: V.LayerNorm(3), (4, 3), (4, 2)),
+])
+def test_a_raising_call_changes_no_state(make, good_shape, bad_shape):
+    rng = np.random.default_rng(7)
+    layer = make()
+    layer(rng.normal(size=good_shape).astype(np.float32))
+    before = copy.deepcopy(layer.__dict__)
+    with pytest.raises(ValueError):
+        layer(rng.normal(size=bad_shape).astype(np.float32))
+    with pytest.raises((ValueError, TypeError)):
+        layer.load_state_dict({k: np.zeros(7, np.float32) for k in layer.state_dict()})
+    with pytest.raises((ValueError, TypeError)):
+        layer.backward(np.zeros((9, 9), np.float32))
+    for key, value in before.items():
+        now = layer.__dict__[key]
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(value, now), key
+        elif key != "_cache":
+            assert value == now, key
+    assert layer._cache is not None                                  # the good forward's cache survives
+
+
+@pytest.mark.parametrize("make", [lambda: V.LayerNorm(4), lambda: V.GroupNorm(2, 4), lambda: V.BatchRenorm(4),
+                                  lambda: V.GhostBatchNorm(4, 3), lambda: V.FrozenBatchNorm(4)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_output_and_gradient_keep_the_input_dtype(make, dtype):
+    layer = make()
+    x = np.random.default_rng(8).normal(size=(6, 4)).astype(dtype)
+    assert layer(x).dtype == dtype and layer.backward(np.ones_like(x)).dtype == dtype
+    assert all(v.dtype in (np.float32, np.int64) for v in layer.state_dict().values())
+
+
+def test_a_call_runs_a_subclass_forward():
+    class Scheduled(V.BatchRenorm):                      # as the chapter's scheduled renorm does it
+        def forward(self, x):
+            self.set_limits(*V.batch_renorm_limits(self.num_batches_tracked, warmup_steps=1, r_max_step=3,
+                                                   d_max_step=2))
+            return super().forward(x)
+
+    layer = Scheduled(3)
+    x = np.random.default_rng(9).normal(size=(4, 3)).astype(np.float32)
+    for _ in range(3):
+        layer(x)
+    assert (layer.r_max, layer.d_max) == (2.0, 5.0) and layer.num_batches_tracked == 3
+
+
+def test_instance_norm_empty_batch_returns_empty_and_keeps_running_statistics():
+    layer = V.InstanceNorm(3, affine=True, track_running_stats=True)
+    before = layer.state_dict()
+    y = layer(np.zeros((0, 3, 4), np.float32))
+    assert y.shape == (0, 3, 4)
+    assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="spatial position"):
+        layer(np.zeros((0, 3, 1), np.float32))
