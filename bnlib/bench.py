@@ -2,7 +2,7 @@
 # bnlib.bench is generated from chapters/04_numpy.ipynb, chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['CPU_SHAPES', 'SETTLE_S', 'peak_extra_memory', 'bench_cpu', 'format_table', 'environment', 'main', 'GPU_SHAPES', 'GPU_CONFIGS', 'copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'gpu_environment']
+__all__ = ['SETTLE_S', 'median_ms', 'copy_bandwidth', 'CPU_SHAPES', 'peak_extra_memory', 'roofline', 'bench_cpu', 'format_table', 'environment', 'main', 'GPU_SHAPES', 'GPU_CONFIGS', 'bench_gpu', 'format_gpu_table', 'gpu_environment']
 
 import argparse
 import datetime
@@ -18,19 +18,6 @@ import numpy as np
 from bnlib import cpu
 from bnlib import functional as F
 
-CPU_SHAPES = [(64, 64, 28, 28), (128, 32, 32, 32), (32, 128, 14, 14), (256, 512), (4096, 1024)]
-
-
-def _progress(iterable, enabled, **kwargs):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, **kwargs)
-
-
 SETTLE_S = 0.003
 
 
@@ -45,6 +32,32 @@ def _seconds(fn):
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def median_ms(fn, repeats=7):
+    """Median wall time of fn in milliseconds over `repeats` calls, each timed in steady state."""
+    return 1e3 * float(np.median([_seconds(fn) for _ in range(repeats)]))
+
+
+def copy_bandwidth(nbytes=256 << 20, repeats=5):
+    """This machine's copy bandwidth in bytes/s: bytes read + bytes written per second by np.copyto
+    between two arrays of nbytes (default 256 MiB, larger than CPU caches), on one thread."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.zeros_like(src)                  # both touched once already: no page faults in the timing
+    return 2 * src.nbytes / (median_ms(lambda: np.copyto(dst, src), repeats) / 1e3)
+
+
+CPU_SHAPES = [(64, 64, 28, 28), (128, 32, 32, 32), (32, 128, 14, 14), (256, 512), (4096, 1024)]
+
+
+def _progress(iterable, enabled, **kwargs):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, **kwargs)
 
 
 def peak_extra_memory(x, dy, gamma, beta):
@@ -63,12 +76,29 @@ def peak_extra_memory(x, dy, gamma, beta):
     return extra, extra / x.nbytes
 
 
-def bench_cpu(shapes=CPU_SHAPES, repeats=15, threads=None, backends=None, seed=0, progress=True):
+def roofline(nbytes, forward_s, step_s, copy_bw, copy_here_s):
+    """Achieved bandwidth against the copy bandwidth (a CPU roofline), for a tensor of nbytes.
+
+    Counts only the traffic no implementation can avoid: 2 tensors for a forward pass (read x,
+    write y), 5 for a training step (also read x and dy, write dx). copy_bw: bytes/s of a copy
+    out of cache (copy_bandwidth()); copy_here_s: seconds to copy this tensor, in the benchmark's
+    cache state. Returns GB/s and the fraction of the copy bandwidth reached.
+    """
+    forward_gbs, step_gbs = 2 * nbytes / forward_s / 1e9, 5 * nbytes / step_s / 1e9
+    return {"tensor_mb": nbytes / 1e6, "forward_gbs": forward_gbs, "step_gbs": step_gbs,
+            "copy_gbs": copy_bw / 1e9, "copy_here_gbs": 2 * nbytes / copy_here_s / 1e9,
+            "forward_of_copy": forward_gbs / (copy_bw / 1e9), "step_of_copy": step_gbs / (copy_bw / 1e9)}
+
+
+def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, progress=True,
+              copy_nbytes=256 << 20):
     """Time bnlib's CPU paths against torch.nn.functional.batch_norm, float32, training mode.
 
     Same process, same thread count, interleaved repeats (torch, then each bnlib backend, in
     turn), medians. Returns one dict per (shape, implementation) with forward and forward+backward
-    medians in ms, their ratios to torch, and bnlib's peak extra memory for a training step.
+    medians in ms, their ratios to torch, the achieved bandwidth against this machine's copy
+    bandwidth (roofline(); the copy of copy_nbytes is measured once), and bnlib's peak extra
+    memory for a training step. shapes: default CPU_SHAPES.
     """
     import torch
     threads = int(threads or torch.get_num_threads())
@@ -76,6 +106,8 @@ def bench_cpu(shapes=CPU_SHAPES, repeats=15, threads=None, backends=None, seed=0
     if cpu.numba is not None:
         cpu.numba.set_num_threads(min(threads, cpu.numba.config.NUMBA_NUM_THREADS))
     backends = list(backends or cpu.available_backends())
+    shapes = CPU_SHAPES if shapes is None else shapes
+    copy_bw = copy_bandwidth(copy_nbytes)
     rng = np.random.default_rng(seed)
     rows = []
     previous = cpu.get_backend()
@@ -117,11 +149,14 @@ def bench_cpu(shapes=CPU_SHAPES, repeats=15, threads=None, backends=None, seed=0
                 for name, (fwd, step) in impls.items():
                     times[name][0].append(_seconds(fwd))
                     times[name][1].append(_seconds(step))
+            out = np.empty_like(x)
+            copy_here_s = float(np.median([_seconds(lambda: np.copyto(out, x)) for _ in range(repeats)]))
             base_f, base_s = (float(np.median(t)) for t in times["torch"])
             for name, (tf, ts) in times.items():
                 row = {"shape": list(shape), "impl": name, "threads": threads,
                        "forward_ms": 1e3 * float(np.median(tf)), "step_ms": 1e3 * float(np.median(ts)),
                        "forward_ratio": float(np.median(tf)) / base_f, "step_ratio": float(np.median(ts)) / base_s}
+                row.update(roofline(x.nbytes, float(np.median(tf)), float(np.median(ts)), copy_bw, copy_here_s))
                 if name != "torch":
                     cpu.set_backend(name[6:-1])
                     row["extra_bytes"], row["extra_tensors"] = peak_extra_memory(x, dy, gamma, beta)
@@ -132,12 +167,18 @@ def bench_cpu(shapes=CPU_SHAPES, repeats=15, threads=None, backends=None, seed=0
 
 
 def format_table(rows) -> str:
-    lines = [f"{'shape':>18} {'implementation':>16} {'fwd ms':>8} {'fwd/torch':>9} {'fwd+bwd ms':>10} "
-             f"{'step/torch':>10} {'extra mem':>9}"]
+    """The benchmark as a table: times, ratios to torch, achieved GB/s against the copy bandwidth."""
+    lines = []
+    if rows and "copy_gbs" in rows[0]:
+        lines.append(f"copy bandwidth (np.copyto, out of cache, one thread): {rows[0]['copy_gbs']:.1f} GB/s; "
+                     "GB/s below count the unavoidable traffic (forward 2 tensors, step 5)")
+    lines.append(f"{'shape':>18} {'implementation':>16} {'fwd ms':>8} {'fwd/torch':>9} {'fwd+bwd ms':>10} "
+                 f"{'step/torch':>10} {'step GB/s':>9} {'of copy':>7} {'extra mem':>9}")
     for r in rows:
         extra = f"{r['extra_tensors']:.2f}x" if "extra_tensors" in r else "-"
+        gbs = f"{r['step_gbs']:9.1f} {r['step_of_copy']:7.0%}" if "step_gbs" in r else f"{'-':>9} {'-':>7}"
         lines.append(f"{str(tuple(r['shape'])):>18} {r['impl']:>16} {r['forward_ms']:8.3f} {r['forward_ratio']:9.2f} "
-                     f"{r['step_ms']:10.3f} {r['step_ratio']:10.2f} {extra:>9}")
+                     f"{r['step_ms']:10.3f} {r['step_ratio']:10.2f} {gbs} {extra:>9}")
     return "\n".join(lines)
 
 

@@ -80,3 +80,31 @@ def test_outlier_first_value_does_not_spoil_the_variance(dtype, cpu_backend):
     _, cache = F.batch_norm_forward(x)
     ref = x.astype(np.float64).var(axis=(0, 2, 3))
     np.testing.assert_allclose(cache.var, ref, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_bench_reports_bandwidth_against_the_copy_roofline(tmp_path, monkeypatch):
+    """`python -m bnlib.bench --cpu` gives each row its achieved GB/s (unavoidable traffic: forward
+    2 tensors, step 5) and the fraction of the measured copy bandwidth, in the table and the JSON."""
+    monkeypatch.setattr(bench, "CPU_SHAPES", [(16, 8, 4, 4), (64, 32)])
+    out = tmp_path / "bench.json"
+    assert bench.main(["--cpu", "--repeats", "1", "--json", str(out), "--no-progress"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {tuple(r["shape"]) for r in rows} == {(16, 8, 4, 4), (64, 32)}
+    copy = {r["copy_gbs"] for r in rows}
+    assert len(copy) == 1 and copy.pop() > 0.1, "one copy bandwidth, measured once, in GB/s"
+    for r in rows:
+        nbytes = 4 * int(np.prod(r["shape"]))
+        assert r["tensor_mb"] == pytest.approx(nbytes / 1e6)
+        assert r["forward_gbs"] == pytest.approx(2 * nbytes / (r["forward_ms"] / 1e3) / 1e9)
+        assert r["step_gbs"] == pytest.approx(5 * nbytes / (r["step_ms"] / 1e3) / 1e9)
+        assert r["step_of_copy"] == pytest.approx(r["step_gbs"] / r["copy_gbs"])
+        assert r["forward_of_copy"] == pytest.approx(r["forward_gbs"] / r["copy_gbs"])
+        assert r["copy_here_gbs"] > 0
+    table = bench.format_table(rows)
+    assert "step GB/s" in table and "of copy" in table and "copy bandwidth" in table
+
+
+def test_copy_bandwidth_counts_bytes_read_and_written(monkeypatch):
+    """2 * nbytes per median copy time: with a copy that takes 1 ms, 1 MB arrays give 2 GB/s."""
+    monkeypatch.setattr(bench, "median_ms", lambda fn, repeats=7: (fn(), 1.0)[1])
+    assert bench.copy_bandwidth(nbytes=1_000_000) == pytest.approx(2e9)

@@ -1,0 +1,122 @@
+"""Every chapter runs ALONE, as on Colab: one notebook in an empty folder, no checkout on sys.path,
+`bnlib` installed from a wheel built from this checkout into a fresh virtual environment (which sees
+the system's torch, numba, ... through --system-site-packages), executed (nbclient) by that
+environment's kernel.
+
+The test sets BNLIB_SMOKE=1: heavy chapters read it and shrink their experiments (the stored,
+nbval-compared outputs come from the full-size run). Outputs are not compared here (the nbval run of
+the suite does that); what is tested is that every cell runs, with the packaged bnlib and its data.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import CHAPTERS, ROOT
+
+PACKAGE_DATA = sorted(p.name for p in (ROOT / "bnlib" / "data").glob("*.json"))
+KERNEL = "bnlib-alone"
+
+
+def _run(cmd, **kwargs):
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _clean_env(**extra):
+    """The environment of a reader's machine: nothing that points Python at the checkout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """A wheel of bnlib built from the checkout's files (in a copy, so no build/ lands in the checkout)."""
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "bnlib", src / "bnlib", ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+    out = tmp_path_factory.mktemp("wheel")
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+          "-w", str(out), str(src)], timeout=300, env=_clean_env())
+    (whl,) = out.glob("bnlib-*.whl")
+    return whl
+
+
+def test_wheel_ships_the_recorded_results(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert PACKAGE_DATA, "bnlib/data/ holds no recorded results to ship"
+    for name in PACKAGE_DATA:
+        assert f"bnlib/data/{name}" in names, f"the wheel lacks bnlib/data/{name}"
+    modules = {Path(n).stem for n in names if n.startswith("bnlib/") and n.endswith(".py")}
+    assert {"__init__", "functional", "layers"} <= modules
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory):
+    """A fresh venv with the wheel installed and a Jupyter kernel spec that runs its python."""
+    home = tmp_path_factory.mktemp("venv")
+    env_dir = home / "env"
+    _run([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)], timeout=300)
+    python = env_dir / "bin" / "python"
+    # --force-reinstall: a bnlib of the same version in the system site-packages must not satisfy it
+    _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q", str(wheel)],
+         timeout=300, env=_clean_env())
+    spec = home / "jupyter" / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "bnlib from the wheel", "language": "python"}))
+    return env_dir, python, home / "jupyter"
+
+
+def test_venv_imports_bnlib_from_the_wheel_with_its_data(venv, tmp_path):
+    env_dir, python, _ = venv
+    code = ("import bnlib, importlib.resources as r; print(bnlib.__file__); "
+            "print(sorted(p.name for p in r.files('bnlib').joinpath('data').iterdir() if p.name.endswith('.json')))")
+    out = _run([str(python), "-c", code], cwd=tmp_path, env=_clean_env(), timeout=120).splitlines()
+    assert Path(out[0]).resolve().is_relative_to(env_dir.resolve()), f"bnlib came from {out[0]}, not the venv"
+    assert out[1] == str(PACKAGE_DATA)
+
+
+# Run a notebook in place with nbclient, in its own folder, on the venv's kernel (a separate process,
+# so that the kernel inherits exactly the environment given to it).
+EXECUTE = f"""
+import sys, nbformat
+from nbclient import NotebookClient
+nb = nbformat.read(sys.argv[1], as_version=4)
+NotebookClient(nb, kernel_name="{KERNEL}", timeout=600, resources={{"metadata": {{"path": "."}}}}).execute()
+nbformat.write(nb, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("notebook", CHAPTERS, ids=[nb.stem for nb in CHAPTERS])
+def test_chapter_runs_alone(notebook, venv, tmp_path):
+    env_dir, _, jupyter_path = venv
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    copy = folder / notebook.name
+    shutil.copy2(notebook, copy)
+    # one more cell, in the copy only: which bnlib did the chapter use?
+    nb = json.loads(copy.read_text(encoding="utf-8"))
+    nb["cells"].append({"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+                        "source": "import bnlib\nprint('BNLIB_FROM', bnlib.__file__)"})
+    copy.write_text(json.dumps(nb), encoding="utf-8")
+    start = time.perf_counter()
+    _run([sys.executable, "-c", EXECUTE, copy.name], cwd=folder, timeout=900,
+         env=_clean_env(JUPYTER_PATH=str(jupyter_path), BNLIB_SMOKE="1", MPLBACKEND="Agg"))
+    seconds = time.perf_counter() - start
+    done = json.loads(copy.read_text(encoding="utf-8"))
+    last = "".join(done["cells"][-1]["outputs"][0]["text"])
+    used = Path(last.split("BNLIB_FROM", 1)[1].strip())
+    assert used.resolve().is_relative_to(env_dir.resolve()), f"{notebook.name} imported bnlib from {used}"
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".ipynb") == [notebook.name]
+    print(f"{notebook.name} ran alone in {seconds:.0f} s")
