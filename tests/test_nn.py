@@ -618,7 +618,7 @@ def _cuda_pair(cls_t, cls_b, C, dtype=torch.float32):
     return theirs.to("cuda", dtype), ours.to("cuda", dtype)
 
 
-def _compare_step(theirs, ours, x, dy, tol, param_tol=1e-4):
+def _compare_step(theirs, ours, x, dy, tol, param_tol=1e-4, keep_grads=False):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = theirs(xa), ours(xb)
     ya.backward(dy)
@@ -626,10 +626,13 @@ def _compare_step(theirs, ours, x, dy, tol, param_tol=1e-4):
     assert yb.dtype == x.dtype and xb.grad.dtype == x.dtype
     for name, want, got in _pairs(theirs, ours, ya, yb, xa, xb):
         assert got.dtype == want.dtype and got.device == want.device, name
+        if param_tol is None and name in ("weight gradient", "bias gradient"):
+            continue                                # the caller checks these against a float64 reference
         t = tol if got.dtype == x.dtype else param_tol
         torch.testing.assert_close(got, want, atol=t, rtol=t, msg=lambda m: f"{name}: {m}")
-    for m in (theirs, ours):
-        m.weight.grad = m.bias.grad = None
+    if not keep_grads:
+        for m in (theirs, ours):
+            m.weight.grad = m.bias.grad = None
     return yb, xb.grad
 
 
@@ -639,12 +642,27 @@ def test_cuda_half_and_full_precision_train_and_eval_match_torch(dtype):
     theirs, ours = _cuda_pair(torch.nn.BatchNorm2d, bnn.BatchNorm2d, 8,
                               dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     tol = HALF_TOL.get(dtype, 1e-10 if dtype == torch.float64 else 1e-4)
+    half = dtype in HALF_TOL
+    # For half input the float32 parameter gradients are held to a float64 reference run on the same
+    # rounded values, not to torch: on an H200 (torch 2.11) torch's own bfloat16 dweight was off from
+    # float64 by up to 5e-3 relative, and its float16 eval-mode dweight by 6e-4, while bnlib's stayed
+    # within 2e-7. Outputs, input gradients and buffers are still compared with torch's.
+    ref = copy.deepcopy(theirs).double() if half else None
     for step in range(3):
         if step == 2:
-            theirs.eval(), ours.eval()
+            for m in (theirs, ours) + ((ref,) if half else ()):
+                m.eval()
         x = (torch.randn(16, 8, 7, 7, device="cuda") * 3 + 1).to(dtype)
         dy = torch.randn(16, 8, 7, 7, device="cuda").to(dtype)
-        _compare_step(theirs, ours, x, dy, tol)
+        _compare_step(theirs, ours, x, dy, tol, param_tol=None if half else 1e-4, keep_grads=True)
+        if half:                                    # one forward per step each, so the buffers stay in step
+            ref(x.double().requires_grad_()).backward(dy.double())
+            for name in ("weight", "bias"):
+                want, got = getattr(ref, name).grad, getattr(ours, name).grad.double()
+                rel = ((got - want).abs().max() / want.abs().max()).item()
+                assert rel < 1e-5, (name, step, rel)
+        for m in (theirs, ours) + ((ref,) if half else ()):
+            m.weight.grad = m.bias.grad = None
 
 
 @needs_gpu
