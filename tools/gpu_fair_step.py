@@ -3,7 +3,8 @@
 # requiring gradients, running statistics updated), beside the two steps bench_gpu records
 # ("torch": functional batch_norm + .backward(), no parameter gradients; "bnlib": forward_torch +
 # backward_torch called directly). CUDA events, a 256 MB write before every timed step, medians
-# of 20. Writes $OUT/fair.json. bench_gpu(modules=True) now does the same inside the benchmark.
+# of 20, one input per case. Writes $OUT/fair.json. bench_gpu(modules=True) (run by tools/gpu_check.sh)
+# makes the same comparison inside the benchmark; that code has not yet run on a GPU.
 import torch,numpy as np,sys,json,os
 sys.path.insert(0,os.getcwd())
 from bnlib import cuda,nn as bnn
