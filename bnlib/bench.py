@@ -240,7 +240,7 @@ GPU_CONFIGS = [("float32", "NCHW"), ("float32", "NHWC"), ("float16", "NHWC"), ("
 
 
 def gpu_copy_bandwidth(nbytes=1 << 30, repeats=10):
-    """Measured device-to-device copy bandwidth in bytes/s (bytes read + bytes written per second)."""
+    """Measured GPU device-to-device copy bandwidth in bytes/s (bytes read + bytes written per second)."""
     import torch
     src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -271,10 +271,34 @@ def _compiled_batch_norm(torch):
     return torch.compile(bn, dynamic=False)
 
 
+def _module_pair(torch, shape, w, b):
+    """torch.nn.BatchNorm1d/2d/3d and bnlib.nn's drop-in of the same class for `shape`, in training
+    mode, with float32 parameters (as autocast keeps them) copied from w and b: both compute the
+    parameter gradients and update their running statistics, through autograd."""
+    from bnlib import nn as bnn
+    name = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(shape)]
+    pair = []
+    for cls in (getattr(torch.nn, name), getattr(bnn, name)):
+        m = cls(shape[1], device="cuda")
+        with torch.no_grad():
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+        pair.append(m.train())
+    return pair
+
+
 def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, progress=True, compile=False,
-              compile_budget_s=60.0):
+              compile_budget_s=60.0, modules=False):
     """bnlib.cuda's kernels (forward_torch, backward_torch) against torch.nn.functional.batch_norm
     (eager, and with compile=True also torch.compile'd) on the same GPU, in one process.
+
+    The "torch" step runs through autograd (batch_norm(...).backward(dy), weight and bias not
+    requiring gradients), the "bnlib" step calls forward_torch and backward_torch directly (no
+    autograd, and it also computes dgamma and dbeta): not the same work on the host. modules=True
+    adds the like-for-like pair, both through autograd: rows "torch.nn" (torch.nn.BatchNorm1d/2d)
+    and "bnlib.nn" (bnlib.nn's drop-in, chapter 06), each a module in training mode whose weight
+    and bias require gradients and whose running statistics are updated; their rows also carry
+    "step_ratio_vs_module", the step time over torch.nn's.
 
     CUDA events on torch's current stream, warm-up, interleaved repeats, medians; `rotate` different
     inputs per case, used in turn, and a 256 MB write between timed calls (untimed) that evicts the
@@ -356,6 +380,18 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             cuda.backward_torch(dys[i], xs[i], mean, inv_std, w)
 
         impls = {"torch": (torch_fwd, torch_step), "bnlib": (bnlib_fwd, bnlib_step)}
+        if modules:
+            for name, m in zip(("torch.nn", "bnlib.nn"), _module_pair(torch, shape, w, b)):
+                def module_fwd(i, m=m):
+                    with torch.no_grad():
+                        m(xs[i])
+
+                def module_step(i, m=m):
+                    xs_req[i].grad = None
+                    m.zero_grad(set_to_none=True)
+                    m(xs_req[i]).backward(dys[i])
+
+                impls[name] = (module_fwd, module_step)
         if compiled is not None and compile_spent < compile_budget_s:
             t0 = time.perf_counter()
             try:
@@ -376,27 +412,32 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             for name, (fwd, step) in impls.items():
                 times[name][0].append(timed(lambda: fwd(i)))
                 times[name][1].append(timed(lambda: step(j)))
-        launches = []
+        launch_counts = {}
         real_launch = cuda._launch
-        cuda._launch = lambda *a: (launches.append(a[1]), real_launch(*a))
-        try:
-            bnlib_step(0)
-        finally:
-            cuda._launch = real_launch
+        for name in [k for k in ("bnlib", "bnlib.nn") if k in impls]:
+            launches = []
+            cuda._launch = lambda *a: (launches.append(a[1]), real_launch(*a))
+            try:
+                impls[name][1](0)
+            finally:
+                cuda._launch = real_launch
+            launch_counts[name] = len(launches)
         nbytes = xs[0].numel() * xs[0].element_size()
         floor8, floor5 = 8 * nbytes / bandwidth, 5 * nbytes / bandwidth
         base = [float(np.median(t)) for t in times["torch"]]
         for name, (tf, ts) in times.items():
             f, s = float(np.median(tf)), float(np.median(ts))
             extra = peak_extra_mb(lambda: impls[name][1](0))
-            if name == "bnlib":
+            if name in launch_counts:
                 extra += cuda.workspace_bytes() / 1e6
             rows.append({"shape": list(shape), "dtype": dtype, "layout": layout, "impl": name,
                          "forward_ms": 1e3 * f, "step_ms": 1e3 * s, "forward_ratio": f / base[0],
                          "step_ratio": s / base[1], "floor_ms": 1e3 * floor8, "floor5_ms": 1e3 * floor5,
                          "floor_fraction": floor8 / s, "tensor_mb": nbytes / 1e6,
                          "copy_bandwidth_gbs": bandwidth / 1e9, "peak_extra_mb": extra,
-                         "launches_per_step": len(launches) if name == "bnlib" else None})
+                         "launches_per_step": launch_counts.get(name)})
+            if name in ("torch.nn", "bnlib.nn"):
+                rows[-1]["step_ratio_vs_module"] = s / float(np.median(times["torch.nn"][1]))
         del xs, dys, xs_req
     return rows
 

@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
 import contextlib
 import functools
@@ -414,7 +414,7 @@ bn_apply_cols(const T* __restrict__ x, T* __restrict__ y, long long total, long 
 """
 
 
-KERNEL_BACKWARD = r"""
+KERNEL_BACKWARD_REDUCE = r"""
 // Backward, pass 1: per-channel partial sums of dy and dy * (x - mean), same walks and partial
 // layout as forward pass 1 (two arrays: part[0:P] and part[P:2P]).
 template <typename T, int V>
@@ -572,7 +572,10 @@ bn_backward_finalize(const A* __restrict__ part, long long P, long long Q, long 
         coef[2 * C + c] = -a * s / count;
     }
 }
+"""
 
+
+KERNEL_BACKWARD_DX = r"""
 // Backward, pass 2: dx = a dy + b (x - mean) + k.
 template <typename T, int V>
 __global__ void __launch_bounds__(PLANE_THREADS)
@@ -664,6 +667,8 @@ bn_backward_dx_cols(const T* __restrict__ dy, const T* __restrict__ x, T* __rest
 }
 """
 
+
+KERNEL_BACKWARD = KERNEL_BACKWARD_REDUCE + KERNEL_BACKWARD_DX
 KERNEL_SOURCE = KERNEL_COMMON + KERNEL_STATS + KERNEL_APPLY + KERNEL_BACKWARD
 
 _TYPES = {"float16": "__half", "bfloat16": "bf16_t", "float32": "float", "float64": "double"}

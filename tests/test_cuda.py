@@ -651,3 +651,17 @@ def test_bench_gpu_smoke():
     assert {r["impl"] for r in rows} == {"torch", "bnlib"}
     assert all(r["step_ms"] > 0 and 0 < r["floor_fraction"] for r in rows)
     assert all(r["launches_per_step"] == 6 for r in rows if r["impl"] == "bnlib")
+
+
+@needs_torch_gpu
+def test_bench_gpu_modules_pair_both_through_autograd():
+    """modules=True adds torch.nn vs bnlib.nn rows (the like-for-like comparison) and keeps the old rows."""
+    from bnlib import bench
+    rows = bench.bench_gpu(shapes=[(8, 4, 8, 8), (64, 16)], configs=[("float32", "NCHW"), ("bfloat16", "NHWC")],
+                           repeats=2, rotate=2, progress=False, modules=True)
+    assert {r["impl"] for r in rows} == {"torch", "bnlib", "torch.nn", "bnlib.nn"}
+    assert all(r["launches_per_step"] == 6 for r in rows if r["impl"] in ("bnlib", "bnlib.nn"))
+    pair = [r for r in rows if r["impl"] in ("torch.nn", "bnlib.nn")]
+    assert all(r["step_ratio_vs_module"] > 0 for r in pair)
+    assert all(r["step_ratio_vs_module"] == 1.0 for r in pair if r["impl"] == "torch.nn")
+    assert all("step_ratio_vs_module" not in r for r in rows if r["impl"] in ("torch", "bnlib"))
