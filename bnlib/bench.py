@@ -2,7 +2,7 @@
 # bnlib.bench is generated from chapters/04_numpy.ipynb, chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['SETTLE_S', 'median_ms', 'copy_bandwidth', 'CPU_SHAPES', 'peak_extra_memory', 'roofline', 'bench_cpu', 'format_table', 'environment', 'main', 'GPU_SHAPES', 'GPU_CONFIGS', 'bench_gpu', 'format_gpu_table', 'gpu_environment']
+__all__ = ['SETTLE_S', 'median_ms', 'copy_bandwidth', 'CPU_SHAPES', 'peak_extra_memory', 'roofline', 'bench_cpu', 'format_table', 'environment', 'main', 'GPU_SHAPES', 'GPU_CONFIGS', 'gpu_copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'gpu_environment']
 
 import argparse
 import datetime
@@ -239,7 +239,7 @@ GPU_CONFIGS = [("float32", "NCHW"), ("float32", "NHWC"), ("float16", "NHWC"), ("
                ("bfloat16", "NHWC")]
 
 
-def copy_bandwidth(nbytes=1 << 30, repeats=10):
+def gpu_copy_bandwidth(nbytes=1 << 30, repeats=10):
     """Measured device-to-device copy bandwidth in bytes/s (bytes read + bytes written per second)."""
     import torch
     src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
@@ -293,7 +293,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
         pool = cupy.get_default_memory_pool()
     except ImportError:
         pool = None
-    bandwidth = copy_bandwidth()
+    bandwidth = gpu_copy_bandwidth()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")   # larger than any L2 (50-60 MB on H100/H200)
     compiled = _compiled_batch_norm(torch) if compile else None

@@ -2,7 +2,7 @@
 # bnlib.train is generated from chapters/07_experiments.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['ACTIVATIONS', 'INITS', 'init_weights', 'MLP', 'cross_entropy', 'loss_and_grads', 'iid_batches', 'class_batches', 'History', 'accuracy', 'precise_bn', 'fit']
+__all__ = ['ACTIVATIONS', 'INITS', 'init_weights', 'MLP', 'cross_entropy', 'check_labels', 'loss_and_grads', 'iid_batches', 'class_batches', 'History', 'accuracy', 'precise_bn', 'fit']
 
 import numbers
 import sys
@@ -225,8 +225,25 @@ def cross_entropy(logits, y):
     return -picked.mean(axis=1), d / n
 
 
+def check_labels(y, n, classes, name="y"):
+    """y as an int64 array of n labels in [0, classes); a ValueError/TypeError naming ``name`` otherwise."""
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if y.shape[-1:] != (n,) or y.ndim not in (1, 2):
+        raise ValueError(f"{name} must have shape ({n},), one label per example, got {y.shape}")
+    if y.size and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(f"{name} must hold labels in [0, {classes}), got values from {y.min()} to {y.max()}")
+    return y.astype(np.int64, copy=False)
+
+
 def loss_and_grads(model, x, y):
-    """Training-mode forward and backward on one batch: (loss per model (M,), grads by name)."""
+    """Training-mode forward and backward on one batch: (loss per model (M,), grads by name).
+
+    x: (N, inputs) or (n_models, N, inputs); y: (N,) or (n_models, N) labels in [0, classes).
+    Labels are checked before the forward pass, so a bad call leaves the running statistics alone.
+    """
+    y = check_labels(y, np.shape(x)[-2] if np.ndim(x) >= 2 else -1, model.sizes[-1])
     logits = model.forward(x)
     loss, dlogits = cross_entropy(logits, y)
     return loss, model.backward(dlogits.astype(model.dtype, copy=False))
@@ -272,6 +289,8 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
     by ``seed`` (as training batches are), and the layers' state (running statistics included) is
     restored afterwards. A last batch of a single example is left out (it has no variance).
     """
+    x = _check_inputs(model, x, "x")
+    y = check_labels(y, x.shape[-2], model.sizes[-1])
     n = y.size
     if batch_stats and not (isinstance(batch_size, numbers.Integral) and 2 <= batch_size):
         raise ValueError(f"batch_stats=True needs batch_size >= 2 (a batch's own statistics), got {batch_size!r}")
@@ -281,6 +300,7 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
         order = np.random.default_rng(seed).permutation(n)
         x, y = x[..., order, :], y[order]
     correct, counted = np.zeros(model.n_models), 0
+    modes = [getattr(layer, "training", True) for layer in model.norm_layers()]
     if batch_stats:
         saved = [layer.state_dict() for layer in model.norm_layers()]
         model.train()
@@ -300,8 +320,19 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
         if batch_stats:
             for layer, s in zip(model.norm_layers(), saved):
                 layer.load_state_dict(s)
-        model.train()
+        for layer, mode in zip(model.norm_layers(), modes):   # back to the mode the model was in
+            layer.train(mode)
     return correct / counted
+
+
+def _check_inputs(model, x, name):
+    """x as an array of shape (N, inputs) or (n_models, N, inputs) for ``model``, else a ValueError/TypeError."""
+    if not hasattr(x, "shape"):
+        raise TypeError(f"{name} must be a NumPy array of shape (N, {model.sizes[0]}), got {type(x).__name__}")
+    if x.ndim not in (2, 3) or x.shape[-1] != model.sizes[0] or (x.ndim == 3 and x.shape[0] != model.n_models):
+        raise ValueError(f"{name} must have shape (N, {model.sizes[0]}) or ({model.n_models}, N, {model.sizes[0]}), "
+                         f"got {x.shape}")
+    return x
 
 
 def precise_bn(model, x_train, batch_size, num_batches=200, seed=0):
@@ -310,7 +341,14 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0):
     With the weights frozen, every normalization layer with running statistics gets momentum=None
     (a cumulative average) and fresh buffers, and ``num_batches`` training batches of
     ``batch_size`` are forwarded; the layers' momentum is restored afterwards.
+    x_train: (N, inputs); batch_size in [2, N]; num_batches >= 1 (checked before any buffer changes).
     """
+    x_train = _check_inputs(model, x_train, "x_train")
+    n = x_train.shape[-2]
+    if not (isinstance(batch_size, numbers.Integral) and 2 <= batch_size <= n):
+        raise ValueError(f"batch_size must be an integer in [2, {n}] (the training examples), got {batch_size!r}")
+    if not (isinstance(num_batches, numbers.Integral) and num_batches >= 1):
+        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
     layers = [l for l in model.norm_layers()
               if getattr(l, "running_mean", None) is not None and getattr(l, "running_var", None) is not None]
     rng = np.random.default_rng(seed)
@@ -323,7 +361,7 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0):
     model.train()
     try:
         for _ in range(num_batches):
-            model.forward(x_train[rng.choice(x_train.shape[0], size=batch_size, replace=False)])
+            model.forward(x_train[..., rng.choice(n, size=batch_size, replace=False), :])
     finally:
         for l, m in zip(layers, saved):
             l.momentum = m
@@ -362,7 +400,15 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
     lr_schedule: optional callable step -> multiplier of lr.
     seed: seeds the batches (model m uses (seed, m, 1)). progress: tqdm bar; None = only on a TTY.
     """
+    if not (isinstance(data, (tuple, list)) and len(data) == 4):
+        raise ValueError(f"data must be (x_train, y_train, x_test, y_test), got "
+                         f"{type(data).__name__} of length {len(data) if hasattr(data, '__len__') else '?'}")
     x_train, y_train, x_test, y_test = data
+    x_train, x_test = _check_inputs(model, x_train, "x_train"), _check_inputs(model, x_test, "x_test")
+    y_train = check_labels(y_train, x_train.shape[-2], model.sizes[-1], "y_train")
+    y_test = check_labels(y_test, x_test.shape[-2], model.sizes[-1], "y_test")
+    def real(value):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
     if not (isinstance(steps, numbers.Integral) and steps >= 0):
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= y_train.size):
@@ -371,8 +417,19 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
                                             and norm_batch_size >= 1 and batch_size % norm_batch_size == 0):
         raise ValueError(f"norm_batch_size must be a positive divisor of batch_size={batch_size}, "
                          f"got {norm_batch_size!r}")
-    if not (lr > 0 and np.isfinite(lr)):
+    if not (real(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not (real(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    if not (real(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if eval_every is not None and not (isinstance(eval_every, numbers.Integral) and eval_every >= 1):
+        raise ValueError(f"eval_every must be None or a positive integer, got {eval_every!r}")
+    for what, f in [("sampler", sampler), ("lr_schedule", lr_schedule), *((f"hooks[{k!r}]", v) for k, v in (hooks or {}).items())]:
+        if f is not None and not callable(f):
+            raise TypeError(f"{what} must be callable, got {type(f).__name__}")
+    if trainable is not None and not isinstance(trainable, dict):
+        raise TypeError(f"trainable must be None or a dict {{parameter name: True or mask}}, got {type(trainable).__name__}")
     sampler = sampler or iid_batches
     hooks = dict(hooks or {})
     eval_every = eval_every or max(1, steps // 20)

@@ -68,6 +68,15 @@ def test_first_cell_makes_bnlib_importable_with_the_configured_url():
         assert source == FIRST_CELL, f"{nb.name}: the first code cell is not tests/test_book.py's FIRST_CELL"
 
 
+def test_every_chapter_opens_with_its_title_and_a_hidden_setup_cell():
+    for nb in CHAPTERS:
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        assert cells[0]["cell_type"] == "markdown" and "".join(cells[0]["source"]).startswith("# "), \
+            f"{nb.name}: the first cell is not the chapter's title"
+        assert "hide-input" in code_cells(nb)[0].get("metadata", {}).get("tags", []), \
+            f"{nb.name}: the setup cell is not tagged hide-input"
+
+
 def test_notebooks_are_stored_after_one_clean_run():
     for nb in CHAPTERS:
         counts = [c["execution_count"] for c in code_cells(nb)]

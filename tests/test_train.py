@@ -225,10 +225,14 @@ def test_chapter_full_code_path_runs_on_a_tiny_mnist_fixture(tmp_path, monkeypat
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     assert sum("FULL = False" in c for c in cells) == 1
     namespace = {"__name__": "chapter07"}
-    for source in cells:
-        if source.lstrip().startswith("#| export") or source.lstrip().startswith("#| default_exp"):
-            continue                                            # the library is imported, not redefined
-        exec(compile(source.replace("FULL = False", "FULL = True"), "chapter07", "exec"), namespace)
+    try:
+        for source in cells:
+            if source.lstrip().startswith("#| export") or source.lstrip().startswith("#| default_exp"):
+                continue                                        # the library is imported, not redefined
+            exec(compile(source.replace("FULL = False", "FULL = True"), "chapter07", "exec"), namespace)
+    finally:
+        if "blas_threads" in namespace:                         # the chapter pins BLAS to one thread
+            namespace["blas_threads"].restore_original_limits()
     assert namespace["FULL"] and namespace["SMOKE"] and namespace["D"] == 784
     assert namespace["x_train"].shape == (300, 784)
 
@@ -251,3 +255,61 @@ def test_lr_schedule_and_progress_bar(capsys):
     train.fit(model, toy_data(), steps=3, lr=0.1, lr_schedule=lambda step: 0.0, progress=True)
     np.testing.assert_array_equal(model.weights[0], before)          # a zero multiplier: no step taken
     assert "training" in capsys.readouterr().err                     # the tqdm bar, on stderr
+
+
+def _unchanged(before, after):
+    return (all(np.array_equal(before[0][k], after[0][k]) for k in before[0])
+            and all(all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+                    for a, b in zip(before[1], after[1])))
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(data=lambda d: d[:3]), ValueError, "data must be"),
+    (dict(data=lambda d: (d[0], d[1] + 3, d[2], d[3])), ValueError, r"y_train must hold labels in \[0, 3\)"),
+    (dict(data=lambda d: (d[0], d[1], d[2], d[3] - 1)), ValueError, "y_test must hold labels"),
+    (dict(data=lambda d: (d[0], d[1][:50], d[2], d[3])), ValueError, r"y_train must have shape \(120,\)"),
+    (dict(data=lambda d: (d[0], d[1].astype(float), d[2], d[3])), TypeError, "y_train must hold integer"),
+    (dict(data=lambda d: (d[0][:, :5], d[1], d[2], d[3])), ValueError, r"x_train must have shape \(N, 6\)"),
+    (dict(momentum=-0.5), ValueError, "momentum"), (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+    (dict(lr="0.1"), ValueError, "lr"), (dict(eval_every=-3), ValueError, "eval_every"),
+    (dict(hooks={"h": 3}), TypeError, "hooks"), (dict(sampler="iid"), TypeError, "sampler"),
+    (dict(trainable=["W0"]), TypeError, "trainable")])
+def test_fit_rejects_bad_data_and_options_before_touching_the_model(change, error, match):
+    data = toy_data()
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    before = model.state()
+    args = dict(steps=3, lr=0.1, batch_size=20, progress=False)
+    args.update({k: v for k, v in change.items() if k != "data"})
+    with pytest.raises(error, match=match):
+        train.fit(model, change["data"](data) if "data" in change else data, **args)
+    assert _unchanged(before, model.state())
+
+
+def test_precise_bn_and_accuracy_check_inputs_before_changing_statistics():
+    x_train, y_train, x_test, y_test = data = toy_data()
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    train.fit(model, data, steps=5, lr=0.1, batch_size=20, progress=False)
+    before = model.state()
+    for kwargs, match in [(dict(batch_size=500), r"batch_size must be an integer in \[2, 120\]"),
+                          (dict(batch_size=1), "batch_size"), (dict(batch_size=10, num_batches=0), "num_batches")]:
+        with pytest.raises(ValueError, match=match):
+            train.precise_bn(model, x_train, **kwargs)
+    with pytest.raises(ValueError, match="x_train must have shape"):
+        train.precise_bn(model, x_train[:, :4], batch_size=10)
+    with pytest.raises(ValueError, match=r"y must have shape \(60,\)"):
+        train.accuracy(model, x_test, y_test[:10])
+    with pytest.raises(ValueError, match="labels in"):
+        train.loss_and_grads(model, x_train[:10], y_train[:10] + 7)
+    assert _unchanged(before, model.state())
+
+
+def test_accuracy_leaves_the_model_in_the_mode_it_found():
+    x_train, y_train, x_test, y_test = toy_data()
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    model.eval()
+    train.accuracy(model, x_test, y_test)
+    train.accuracy(model, x_test, y_test, batch_size=10, batch_stats=True)
+    assert not model.norm_layers()[0].training
+    model.train()
+    train.accuracy(model, x_test, y_test)
+    assert model.norm_layers()[0].training
