@@ -168,3 +168,19 @@ def test_fast_paths_accurate_far_from_zero(dtype, cpu_backend):
         sum_abs_dy = np.abs(dy.astype(np.longdouble)).sum(axis=axes)
         assert np.all(np.abs(dgamma - dg_ref) <= 32 * eps_dtype * np.abs(dy * x_hat).sum(axis=axes) + floor * sum_abs_dy), what
         assert np.all(np.abs(dbeta - db_ref) <= 32 * eps_dtype * sum_abs_dy), what
+
+
+def test_far_mean_small_sigma_regression(cpu_backend):
+    """The case that exposed the rounded mean: (4096, 3) float32, mean 1e4, sigma 0.1. Centring on the
+    float32 mean without adding back its rounding put y off by ~3e-3 and dgamma by ~1e-1."""
+    from bnlib import functional as F
+    rng = np.random.default_rng(0)
+    x = (1e4 + 0.1 * rng.standard_normal((4096, 3))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    y, cache = F.batch_norm_forward(x, gamma, beta)
+    dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
+    y_ref, dx_ref, dg_ref, db_ref, _ = _reference_step(x, gamma, beta, dy, 1e-5)
+    assert np.abs(y - y_ref).max() < 1e-6
+    assert np.abs(dx - dx_ref).max() < 2e-5 * np.abs(dx_ref).max()
+    assert np.abs(dgamma - dg_ref).max() < 1e-3 and np.abs(dbeta - db_ref).max() < 1e-3
