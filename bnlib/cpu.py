@@ -367,7 +367,8 @@ def numba_forward(x3, gamma, beta, eps, y3):
 def numba_backward(dy3, x3, mean, inv_std, gamma, dx3):
     """Training backward on (N, C, L) with the numba kernels, writing dx3; returns dgamma, dbeta.
 
-    Two passes: one reading x and dy for the two per-channel sums, one reading both and writing dx.
+    Two passes: one reading x and dy for the per-channel sums (of dy, dy * (x - mean) and x - mean),
+    one reading both and writing dx.
     """
     k = _pick(x3)
     n, c, l = x3.shape
