@@ -2,7 +2,7 @@
 # bnlib.cpu is generated from chapters/04_numpy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward']
+__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'ROW_BLOCK', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward']
 
 import numpy as np
 
@@ -46,20 +46,39 @@ def as_ncl(a):
     return np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
 
 
+ROW_BLOCK = 64                         # rows per float32 partial sum of an (N, C) reduction
+
+
+def _row_blocks_nc(a2):
+    """(N, C) -> ((N // B, B, C) view of the whole blocks, (N % B, C) view of the rest), B = ROW_BLOCK."""
+    whole = a2.shape[0] - a2.shape[0] % ROW_BLOCK
+    return a2[:whole].reshape(-1, ROW_BLOCK, a2.shape[1]), a2[whole:]
+
+
 def _channel_sums(a3):
-    """Per-channel sum of an (N, C, L) array through BLAS matrix-vector products."""
+    """Per-channel sum (float64, (C,)) of an (N, C, L) array through BLAS matrix-vector products.
+
+    Each float32 partial sum covers one row of L values (or a block of ROW_BLOCK rows of an
+    (N, C) array); the partials are added in float64. A float32 sum of all N*L values would be
+    off by up to N*L/2 units in the last place, since NumPy adds down a column one row at a time.
+    """
     n, c, l = a3.shape
     if l == 1:
-        return np.ones(n, dtype=a3.dtype) @ a3.reshape(n, c)
+        blocks, rest = _row_blocks_nc(a3.reshape(n, c))
+        partial = np.matmul(np.ones(ROW_BLOCK, dtype=a3.dtype), blocks)            # (N // B, C)
+        return partial.sum(axis=0, dtype=np.float64) + rest.sum(axis=0, dtype=np.float64)
     return np.matmul(a3, np.ones(l, dtype=a3.dtype)).sum(axis=0, dtype=np.float64)
 
 
 def _channel_dots(a3, b3):
-    """Per-channel sum of a * b over N and L, without a temporary."""
+    """Per-channel sum (float64, (C,)) of a * b over N and L, without a tensor-sized temporary,
+    in float32 partial sums of one row (or block of rows) each, added in float64."""
     n, c, l = a3.shape
     if l == 1:
-        return np.einsum("nc,nc->c", a3.reshape(n, c), b3.reshape(n, c))
-    return np.einsum("ncl,ncl->c", a3, b3)
+        (ab, ar), (bb, br) = _row_blocks_nc(a3.reshape(n, c)), _row_blocks_nc(b3.reshape(n, c))
+        partial = np.einsum("kbc,kbc->kc", ab, bb)                                   # (N // B, C)
+        return partial.sum(axis=0, dtype=np.float64) + np.einsum("nc,nc->c", ar, br).astype(np.float64)
+    return np.matmul(a3[:, :, None, :], b3[:, :, :, None]).sum(axis=(0, 2, 3), dtype=np.float64)
 
 
 def _layout(a3):
@@ -89,8 +108,9 @@ def numpy_forward(x3, gamma, beta, eps, y3):
         var = np.maximum(_channel_dots(y3, y3).astype(np.float64) / count - mean_d * mean_d, 0.0)
         if not np.any(mean_d * mean_d > 16 * var):               # K within 4 sigma: float32 sums are fine
             break                                                # (beyond, they lose digits: chapter 04)
-        y_ -= col(mean_d.astype(x3.dtype))                       # else re-centre on the mean found so far
-        k = k + mean_d
+        shift = mean_d.astype(x3.dtype)                          # else re-centre on the mean found so far
+        y_ -= col(shift)
+        k = k + shift                                            # (what was subtracted, not mean_d)
     inv_std = 1.0 / np.sqrt(var + eps)
     scale = inv_std if gamma is None else gamma * inv_std
     offset = -mean_d * scale + (0.0 if beta is None else beta)
@@ -110,11 +130,14 @@ def numpy_backward(dy3, x3, mean, inv_std, gamma, dx3):
     view, col = _layout(x3)
     x_, dy_, dx_ = view(x3), view(dy3), view(dx3)
     np.subtract(x_, col(mean.astype(x3.dtype)), out=dx_)        # x - mean, in the dx buffer
-    dbeta = _channel_sums(dy3).astype(np.float64)
-    dgamma = _channel_dots(dy3, dx3).astype(np.float64) * inv_std
+    # mean may be the batch mean rounded to x's dtype (the cache keeps it so): the centred values are
+    # then all off by r = mean(x - mean), which comes out of the sums and the shift below
+    r = _channel_sums(dx3) / count
+    dbeta = _channel_sums(dy3)
+    dgamma = (_channel_dots(dy3, dx3) - r * dbeta) * inv_std
     a = inv_std if gamma is None else gamma * inv_std
     b = -a * inv_std * dgamma / count
-    cc = -a * dbeta / count
+    cc = -a * dbeta / count - b * r
     # dx = a * ((x - mean) * b/a + dy + c/a); channels with a == 0 (gamma == 0) get dx = 0
     safe = a != 0
     b_over_a = np.divide(b, a, out=np.zeros_like(b), where=safe)
@@ -194,42 +217,52 @@ def _kernels(parallel: bool):
                 yi[j] = a[j] * (xi[j] - mean[j]) + b[j]
 
     @jit_sum
-    def backward_sums_ncl(dy, x, mean, sum_dy, sum_dy_xc):
+    def backward_sums_ncl(dy, x, mean, sum_dy, sum_dy_xc, sum_xc):
         n, c, l = x.shape
         for j in loop(c):
             mu = mean[j]
             s = 0.0
             sx = 0.0
+            sc = 0.0
             for i in range(n):
                 for t in range(l):
                     g = dy[i, j, t]
+                    xc = x[i, j, t] - mu
                     s += g
-                    sx += g * (x[i, j, t] - mu)
+                    sx += g * xc
+                    sc += xc                         # mean may be rounded: its error comes out later
             sum_dy[j] = s
             sum_dy_xc[j] = sx
+            sum_xc[j] = sc
 
     @jit_sum
-    def backward_sums_nc(dy, x, mean, blocks, sum_dy, sum_dy_xc):
+    def backward_sums_nc(dy, x, mean, blocks, sum_dy, sum_dy_xc, sum_xc):
         n, c = x.shape
         s = np.zeros((blocks, c))
         sx = np.zeros((blocks, c))
+        sc = np.zeros((blocks, c))
         rows = (n + blocks - 1) // blocks
         for b in loop(blocks):
-            sb, sxb = s[b], sx[b]
+            sb, sxb, scb = s[b], sx[b], sc[b]
             for i in range(b * rows, min(n, (b + 1) * rows)):
                 dyi, xi = dy[i], x[i]
                 for j in range(c):
                     g = dyi[j]
+                    xc = xi[j] - mean[j]
                     sb[j] += g
-                    sxb[j] += g * (xi[j] - mean[j])
+                    sxb[j] += g * xc
+                    scb[j] += xc
         for j in range(c):
             st = 0.0
             sxt = 0.0
+            sct = 0.0
             for b in range(blocks):
                 st += s[b, j]
                 sxt += sx[b, j]
+                sct += sc[b, j]
             sum_dy[j] = st
             sum_dy_xc[j] = sxt
+            sum_xc[j] = sct
 
     @jit
     def backward_dx(dy, x, mean, a, b, cc, dx):    # dx = a*dy + b*(x - mean) + c per channel
@@ -277,21 +310,25 @@ if numba is not None:
                 far = True
             inv = 1.0 / np.sqrt(var[j] + eps)
             inv_std[j] = inv
-            mean_x[j] = mean[j]
-            scale_x[j] = gamma[j] * inv
-            beta_x[j] = beta[j]
+            mean_x[j] = mean[j]                      # rounded to x's dtype: y centres on it exactly,
+            scale_x[j] = gamma[j] * inv              # and the shift adds back what the rounding lost
+            beta_x[j] = beta[j] - gamma[j] * inv * (mean[j] - mean_x[j])
         return far
 
     @njit(cache=True)
-    def _backward_coefficients(mean, inv_std, gamma, sum_dy, sum_dy_xc, count, mean_x, a_x, b_x, c_x, dgamma):
-        """dx = a*dy + b*(x - mean) + c per channel, from the two sums (equation eq-dx)."""
+    def _backward_coefficients(mean, inv_std, gamma, sum_dy, sum_dy_xc, sum_xc, count, mean_x, a_x, b_x, c_x, dgamma):
+        """dx = a*dy + b*(x - mean) + c per channel, from the sums (equation eq-dx). mean may be the
+        batch mean rounded to x's dtype; r = sum(x - mean) / count is what it is off by, and comes
+        out of dgamma and c (the centred values are all r too large)."""
         for j in range(mean.shape[0]):
-            dgamma[j] = sum_dy_xc[j] * inv_std[j]
+            r = sum_xc[j] / count
+            dgamma[j] = (sum_dy_xc[j] - r * sum_dy[j]) * inv_std[j]
             a = gamma[j] * inv_std[j]
+            b = -a * inv_std[j] * dgamma[j] / count
             mean_x[j] = mean[j]
             a_x[j] = a
-            b_x[j] = -a * inv_std[j] * dgamma[j] / count
-            c_x[j] = -a * sum_dy[j] / count
+            b_x[j] = b
+            c_x[j] = -a * sum_dy[j] / count - b * r
 
 
 def _row_blocks(n):
@@ -330,19 +367,21 @@ def numba_forward(x3, gamma, beta, eps, y3):
 def numba_backward(dy3, x3, mean, inv_std, gamma, dx3):
     """Training backward on (N, C, L) with the numba kernels, writing dx3; returns dgamma, dbeta.
 
-    Two passes: one reading x and dy for the two per-channel sums, one reading both and writing dx.
+    Two passes: one reading x and dy for the per-channel sums (of dy, dy * (x - mean) and x - mean),
+    one reading both and writing dx.
     """
     k = _pick(x3)
     n, c, l = x3.shape
-    sum_dy, sum_dy_xc, dgamma = np.empty(c), np.empty(c), np.empty(c)
+    sum_dy, sum_dy_xc, sum_xc, dgamma = np.empty(c), np.empty(c), np.empty(c), np.empty(c)
     mean_x, a_x, b_x, c_x = (np.empty(c, x3.dtype) for _ in range(4))
     mean_x[:] = mean
     if l == 1:
-        k["backward_sums_nc"](dy3.reshape(n, c), x3.reshape(n, c), mean_x, _row_blocks(n), sum_dy, sum_dy_xc)
+        k["backward_sums_nc"](dy3.reshape(n, c), x3.reshape(n, c), mean_x, _row_blocks(n), sum_dy, sum_dy_xc,
+                                sum_xc)
     else:
-        k["backward_sums_ncl"](dy3, x3, mean_x, sum_dy, sum_dy_xc)
+        k["backward_sums_ncl"](dy3, x3, mean_x, sum_dy, sum_dy_xc, sum_xc)
     g = np.ones(c) if gamma is None else gamma
-    _backward_coefficients(mean, inv_std, g, sum_dy, sum_dy_xc, float(n * l), mean_x, a_x, b_x, c_x, dgamma)
+    _backward_coefficients(mean, inv_std, g, sum_dy, sum_dy_xc, sum_xc, float(n * l), mean_x, a_x, b_x, c_x, dgamma)
     if l == 1:
         k["backward_dx_nc"](dy3.reshape(n, c), x3.reshape(n, c), mean_x, a_x, b_x, c_x, dx3.reshape(n, c))
     else:

@@ -36,7 +36,10 @@ class BatchNorm:
         dtype: dtype of parameters and running statistics (default float32, as in torch)
 
     Shape: input (N, C) or (N, C, *spatial); output the same. Gradients of the last backward()
-    are in grad_weight and grad_bias. A call that raises changes no state.
+    are in grad_weight and grad_bias. A call that raises changes no state. An empty batch (size 0)
+    gives an empty output and changes no state, in training too (torch also leaves the running
+    statistics alone, though it counts the batch in num_batches_tracked); its backward gives an
+    empty dx and zero parameter gradients. Training on one value per channel raises ValueError.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
@@ -90,6 +93,10 @@ class BatchNorm:
     def forward(self, x):
         """Normalize x; in training mode also update the running statistics."""
         self._check_channels(x)
+        if x.size == 0:                                  # an empty batch: nothing to normalize or learn from
+            F._check_input(x)                            # (but the same type errors as any batch)
+            self._cache = ("empty", x)
+            return x.copy()
         if not self._uses_batch_stats():
             y = F.batch_norm_inference(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
             self._cache = ("eval", x)
@@ -111,6 +118,15 @@ class BatchNorm:
         if self._cache is None:
             raise ValueError("backward() needs a forward() first: no cached input")
         kind, saved = self._cache
+        if kind == "empty":
+            if not (hasattr(dy, "shape") and tuple(dy.shape) == tuple(saved.shape)):
+                raise ValueError(f"dy must have the shape of the forward input {tuple(saved.shape)}, "
+                                 f"got {getattr(dy, 'shape', type(dy).__name__)}")
+            if dy.dtype != saved.dtype:
+                raise TypeError(f"dy must have the dtype of the forward input ({saved.dtype}), got {dy.dtype}")
+            if self.affine:
+                self.grad_weight[...], self.grad_bias[...] = 0, 0
+            return dy.copy()
         if kind == "train":
             dx, dgamma, dbeta = F.batch_norm_backward(dy, saved)
         else:

@@ -393,7 +393,7 @@ class BatchRenorm(BatchNorm):
 
     def forward(self, x):
         """Renormalize x in training (updating the running statistics); BatchNorm's map in evaluation."""
-        if not self.training:
+        if not self.training or getattr(x, "size", 1) == 0:   # empty: BatchNorm's empty output
             return super().forward(x)
         self._check_channels(x)
         _, stats = F.batch_norm_forward(x, None, None, self.eps)          # batch mean and variance
@@ -476,7 +476,7 @@ class GhostBatchNorm(BatchNorm):
 
     def forward(self, x):
         """Normalize each virtual batch with its own statistics (training); BatchNorm's map in evaluation."""
-        if not self.training:
+        if not self.training or getattr(x, "size", 1) == 0:   # empty: BatchNorm's empty output
             return super().forward(x)
         self._check_channels(x)
         n, vbs = x.shape[0], self.virtual_batch_size

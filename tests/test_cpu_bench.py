@@ -108,3 +108,79 @@ def test_copy_bandwidth_counts_bytes_read_and_written(monkeypatch):
     """2 * nbytes per median copy time: with a copy that takes 1 ms, 1 MB arrays give 2 GB/s."""
     monkeypatch.setattr(bench, "median_ms", lambda fn, repeats=7: (fn(), 1.0)[1])
     assert bench.copy_bandwidth(nbytes=1_000_000) == pytest.approx(2e9)
+
+
+def _reference_step(x, gamma, beta, dy, eps):
+    """Forward and backward of batch norm on the (already rounded) input, from the equations, in
+    np.longdouble: far from zero, float64's own rounding of the mean (about 1e-12 at 1e4) divided by
+    a small sigma is more than float64 batch norm's error, so a float64 reference is only good for float32."""
+    wide = np.longdouble
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    shape = [1] * x.ndim
+    shape[1] = x.shape[1]
+    m = x.size // x.shape[1]
+    x_, dy_ = x.astype(wide), dy.astype(wide)
+    mu = x_.sum(axis=axes, keepdims=True) / m
+    var = ((x_ - mu) ** 2).sum(axis=axes, keepdims=True) / m
+    s = np.sqrt(var + wide(eps))
+    x_hat = (x_ - mu) / s
+    g = np.asarray(gamma).astype(wide).reshape(shape)
+    y = g * x_hat + np.asarray(beta).astype(wide).reshape(shape)
+    dgamma, dbeta = (dy_ * x_hat).sum(axis=axes, keepdims=True), dy_.sum(axis=axes, keepdims=True)
+    dx = g / s * (dy_ - dbeta / m - x_hat * dgamma / m)
+    return y, dx, dgamma.ravel(), dbeta.ravel(), x_hat
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_paths_accurate_far_from_zero(dtype, cpu_backend):
+    """Channel means up to 1e4 with standard deviations down to 0.01 (up to 10^6 sigma from zero):
+    every path stays within a few units in the last place of the float64 reference. A path that
+    centres on the mean rounded to x's dtype (off by up to half a unit at 1e4, 4.9e-4 in float32)
+    and does not add the difference back is off by that much divided by sigma."""
+    from bnlib import functional as F
+    rng = np.random.default_rng(11)
+    eps_dtype = float(np.finfo(dtype).eps)
+    for case in range(8):
+        ndim = int(rng.integers(2, 5))
+        shape = [int(rng.integers(2, 300)) if ndim == 2 else int(rng.integers(2, 12)), int(rng.integers(1, 6))]
+        shape += [int(rng.integers(1, 9)) for _ in range(ndim - 2)]
+        c = shape[1]
+        offset = rng.choice([-1.0, 1.0], size=c) * 10.0 ** rng.uniform(2, 4, size=c)
+        std = 10.0 ** rng.uniform(-2, 0, size=c)
+        cs = [1] * ndim
+        cs[1] = c
+        x = (offset.reshape(cs) + std.reshape(cs) * rng.normal(size=shape)).astype(dtype)
+        dy = rng.normal(size=shape).astype(dtype)
+        gamma = rng.uniform(0.5, 2, size=c).astype(dtype)
+        beta = rng.normal(size=c).astype(dtype)
+        y, cache = F.batch_norm_forward(x, gamma, beta, 1e-5)
+        dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
+        y_ref, dx_ref, dg_ref, db_ref, x_hat = _reference_step(x, gamma, beta, dy, 1e-5)
+        axes = tuple(i for i in range(ndim) if i != 1)
+        what = f"case {case}: shape {tuple(shape)}, {np.dtype(dtype).name}, {cpu_backend}"
+        sigma = np.sqrt(x.astype(np.longdouble).var(axis=axes) + 1e-5)
+        # a float64 mean is itself rounded (to ~1e-16 of |mean|), which no path can avoid without
+        # wider arithmetic; that error, divided by sigma, is the floor of what float64 input can reach
+        floor = 16 * float(np.finfo(np.float64).eps) * np.abs(offset) / sigma            # (C,)
+        assert np.abs(y - y_ref).max() <= 16 * eps_dtype * (1 + np.abs(y_ref).max()) + (np.abs(gamma) * floor).max(), what
+        dx_scale = (np.abs(gamma) / sigma).max() * np.abs(dy).max()
+        assert np.abs(dx - dx_ref).max() <= (64 * eps_dtype + floor.max()) * dx_scale, what
+        sum_abs_dy = np.abs(dy.astype(np.longdouble)).sum(axis=axes)
+        assert np.all(np.abs(dgamma - dg_ref) <= 32 * eps_dtype * np.abs(dy * x_hat).sum(axis=axes) + floor * sum_abs_dy), what
+        assert np.all(np.abs(dbeta - db_ref) <= 32 * eps_dtype * sum_abs_dy), what
+
+
+def test_far_mean_small_sigma_regression(cpu_backend):
+    """The case that exposed the rounded mean: (4096, 3) float32, mean 1e4, sigma 0.1. Centring on the
+    float32 mean without adding back its rounding put y off by ~3e-3 and dgamma by ~1e-1."""
+    from bnlib import functional as F
+    rng = np.random.default_rng(0)
+    x = (1e4 + 0.1 * rng.standard_normal((4096, 3))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    y, cache = F.batch_norm_forward(x, gamma, beta)
+    dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
+    y_ref, dx_ref, dg_ref, db_ref, _ = _reference_step(x, gamma, beta, dy, 1e-5)
+    assert np.abs(y - y_ref).max() < 1e-6
+    assert np.abs(dx - dx_ref).max() < 2e-5 * np.abs(dx_ref).max()
+    assert np.abs(dgamma - dg_ref).max() < 1e-3 and np.abs(dbeta - db_ref).max() < 1e-3

@@ -151,3 +151,36 @@ def test_backward_before_forward_and_eval_backward():
     layer.forward(x)
     np.testing.assert_allclose(layer.backward(dy), dy / np.sqrt(1 + 1e-5))
     np.testing.assert_allclose(layer.grad_bias, [3.0, 3.0])
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (5, 3, 0), (2, 3, 0, 4)])
+@pytest.mark.parametrize("training, track", [(True, True), (False, True), (True, False), (False, False)])
+def test_empty_batch_gives_empty_output_and_changes_nothing(shape, training, track):
+    """A zero-size batch: empty output of x's dtype, no change to parameters or running statistics
+    (num_batches_tracked included); backward: empty dx, zero parameter gradients."""
+    layer = BatchNorm(3, track_running_stats=track)
+    layer.forward(np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32))
+    layer.train(training)
+    before = snapshot(layer)
+    y = layer.forward(np.zeros(shape, np.float32))
+    assert y.shape == shape and y.dtype == np.float32
+    assert_unchanged(layer, before)
+    layer.grad_weight[...], layer.grad_bias[...] = 5.0, 5.0
+    dx = layer.backward(np.zeros(shape, np.float32))
+    assert dx.shape == shape and dx.dtype == np.float32
+    assert not layer.grad_weight.any() and not layer.grad_bias.any()
+    with pytest.raises(ValueError, match="shape"):
+        layer.backward(np.zeros((1,) + shape[1:], np.float32))
+    with pytest.raises(TypeError, match="int32"):
+        layer.forward(np.zeros(shape, np.int32))
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
+def test_one_value_per_channel_in_training_raises_like_torch(shape):
+    layer = BatchNorm(3)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer.forward(np.ones(shape, np.float32))
+    assert_unchanged(layer, before)
+    layer.eval()
+    assert layer.forward(np.ones(shape, np.float32)).shape == shape          # evaluation: running statistics

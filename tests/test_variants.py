@@ -364,7 +364,7 @@ def test_nn_frozen_batch_norm_2d_loads_batch_norm_2d():
     (lambda: V.BatchRenorm(3, d_max=-1), ValueError, "d_max"),
     (lambda: V.GhostBatchNorm(3, 0), ValueError, "virtual_batch_size"),
     (lambda: V.GhostBatchNorm(3, 4)(np.zeros((9, 3), np.float32)), ValueError, r"\(9, 3\).*virtual_batch_size"),
-    (lambda: V.GhostBatchNorm(3, 4)(np.zeros((0, 3), np.float32)), ValueError, "virtual_batch_size"),
+    (lambda: V.GhostBatchNorm(3, 4)(np.zeros((5, 3, 1), np.float32)), ValueError, r"virtual_batch_size"),
     (lambda: V.LayerNorm(4)(np.zeros((2, 5))), ValueError, r"\(\*, 4\)"),
     (lambda: V.GroupNorm(2, 4)(np.zeros((2, 3, 5))), ValueError, "num_channels"),
     (lambda: V.GroupNorm(2, 4)(np.zeros((2, 4), dtype=np.int64)), TypeError, "dtype"),
@@ -435,3 +435,19 @@ def test_instance_norm_empty_batch_returns_empty_and_keeps_running_statistics():
     assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="spatial position"):
         layer(np.zeros((0, 3, 1), np.float32))
+
+
+@pytest.mark.parametrize("make", [lambda: V.BatchRenorm(3, r_max=2.0, d_max=1.0), lambda: V.GhostBatchNorm(3, 4)])
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (6, 3, 0)])
+def test_renorm_and_ghost_empty_batch_return_empty_and_keep_state(make, shape):
+    """As BatchNorm: an empty batch in training gives an empty output, an empty dx, zero parameter
+    gradients, and leaves every parameter and buffer as it was."""
+    layer = make()
+    layer(np.random.default_rng(0).normal(size=(8, 3, 4)).astype(np.float32))      # some state first
+    before = layer.state_dict()
+    y = layer(np.zeros(shape, np.float32))
+    assert y.shape == shape and y.dtype == np.float32
+    assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in before.items())
+    layer.grad_weight[...] = 7.0
+    dx = layer.backward(np.zeros(shape, np.float32))
+    assert dx.shape == shape and not layer.grad_weight.any() and not layer.grad_bias.any()
