@@ -207,16 +207,21 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results and the environment as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--compile", action="store_true", help="--gpu: also time torch.compile'd batch norm")
+    parser.add_argument("--modules", action="store_true",
+                        help="--gpu only: also time torch.nn vs bnlib.nn BatchNorm modules through autograd")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.modules and not args.gpu:
+        parser.error("--modules times the GPU modules and needs --gpu (the CPU benchmark has no module rows)")
     if args.gpu:
         from bnlib import cuda                      # chapter 05; needs CuPy and a CUDA device
         if not cuda.available():
             print("--gpu: no CUDA device visible to CuPy (is CuPy installed and a GPU present?)", file=sys.stderr)
             return 2
         from bnlib import bench as gpu                # chapter 05 appends bench_gpu to bnlib.bench
-        rows = gpu.bench_gpu(repeats=args.repeats, progress=not args.no_progress, compile=args.compile)
+        rows = gpu.bench_gpu(repeats=args.repeats, progress=not args.no_progress, compile=args.compile,
+                             modules=args.modules)
         env, table = gpu.gpu_environment(), gpu.format_gpu_table(rows)
     else:
         rows = bench_cpu(repeats=args.repeats, threads=args.threads, progress=not args.no_progress)

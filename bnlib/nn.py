@@ -637,7 +637,9 @@ class FrozenBatchNorm2d(torch.nn.Module):
     state dict unchanged: its num_batches_tracked entry is dropped.
 
     Args: num_features (C), eps=1e-5 (use the eps the statistics were trained with), device, dtype.
-    Shape: input (N, C, H, W); output the same. Gradients flow to the input only.
+    Shape: input (N, C, H, W); output the same. Gradients flow to the input only. Input dtypes as
+    bnlib.nn.BatchNorm2d's: the buffers' dtype, or float16/bfloat16 input with float32 buffers
+    (what autocast produces; computed in float32, output in the input's dtype).
     """
 
     def __init__(self, num_features, eps=1e-5, device=None, dtype=None):
@@ -674,9 +676,14 @@ class FrozenBatchNorm2d(torch.nn.Module):
         if x.dim() != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"FrozenBatchNorm2d({self.num_features}) expected input of shape "
                              f"(N, {self.num_features}, H, W), got {tuple(x.shape)}")
-        if x.dtype != self.weight.dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {self.weight.dtype}: "
-                            f"convert the module (e.g. .to({x.dtype})) or the input")
+        if x.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"FrozenBatchNorm2d supports float16, bfloat16, float32 and float64 input, got {x.dtype}")
+        allowed = (x.dtype, torch.float32) if x.dtype in _HALF else (x.dtype,)   # as BatchNorm2d (autocast)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(self, name).dtype not in allowed:
+                raise TypeError(f"input dtype {x.dtype} needs the layer's {name} in "
+                                f"{' or '.join(str(d) for d in allowed)}, got {getattr(self, name).dtype}: "
+                                f"convert the module (e.g. .to({x.dtype})) or the input")
         return BatchNormInferenceFunction.apply(x, self.running_mean, self.running_var, self.weight, self.bias,
                                                 self.eps)
 

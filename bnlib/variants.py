@@ -240,7 +240,8 @@ class GroupNorm(_Normalization):
 
     def _group_view(self, a):
         """(N, C, *spatial) -> (N, G, C/G * prod(spatial)): the values that share statistics in one row."""
-        return a.reshape(a.shape[0], self.num_groups, a.size // max(a.shape[0] * self.num_groups, 1))
+        group_size = self.num_channels // self.num_groups * int(np.prod(a.shape[2:], dtype=np.int64))
+        return a.reshape(a.shape[0], self.num_groups, group_size)     # from the shape: N = 0 keeps M
 
     def forward(self, x):
         """Normalize every (example, group) over the group's channels and positions."""

@@ -63,6 +63,33 @@ def test_bench_command_line_writes_json(tmp_path, monkeypatch):
     assert data["results"][0]["impl"] == "torch" and "numpy" in data["environment"]
 
 
+def test_bench_command_line_modules_flag_reaches_bench_gpu(tmp_path, monkeypatch):
+    """--gpu --modules asks bench_gpu for the like-for-like torch.nn vs bnlib.nn rows (modules=True);
+    without --modules it does not. The GPU is faked: only the command line is tested here."""
+    from bnlib import cuda
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    calls = []
+    monkeypatch.setattr(bench, "bench_gpu", lambda **kw: calls.append(kw) or [{"impl": "torch.nn"}])
+    monkeypatch.setattr(bench, "gpu_environment", lambda: {"gpu": "fake"})
+    monkeypatch.setattr(bench, "format_gpu_table", lambda rows: "gpu table")
+    out = tmp_path / "gpu.json"
+    assert bench.main(["--gpu", "--modules", "--repeats", "3", "--no-progress", "--json", str(out)]) == 0
+    assert bench.main(["--gpu", "--repeats", "3", "--no-progress"]) == 0
+    assert [kw["modules"] for kw in calls] == [True, False]
+    assert calls[0]["repeats"] == 3 and calls[0]["progress"] is False and calls[0]["compile"] is False
+    assert json.loads(out.read_text()) == {"environment": {"gpu": "fake"}, "results": [{"impl": "torch.nn"}]}
+
+
+@pytest.mark.parametrize("argv", [["--modules"], ["--cpu", "--modules"]])
+def test_bench_command_line_modules_without_gpu_fails_clearly(argv, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "bench_cpu", lambda **kw: pytest.fail("the CPU benchmark must not run"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--modules" in err and "needs --gpu" in err
+
+
 def test_python_dash_m_bench_help():
     proc = subprocess.run([sys.executable, "-m", "bnlib.bench", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)

@@ -1,5 +1,6 @@
 """bnlib.variants (chapter 08) against torch's ops and modules, numerical gradients and BatchNorm itself."""
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -352,6 +353,53 @@ def test_nn_frozen_batch_norm_2d_loads_batch_norm_2d():
         frozen(torch.zeros(2, 4, 4, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nn_frozen_batch_norm_2d_half_input_with_float32_buffers(dtype):
+    """What autocast produces, as torch.nn.BatchNorm2d in eval mode: float16/bfloat16 input with float32
+    buffers is accepted; y and dx have the input's dtype, computed in float32; the buffers stay float32."""
+    rng = np.random.default_rng(8)
+    bn = _trained_torch_bn(rng).float()
+    frozen = FrozenBatchNorm2d.from_batch_norm(bn).train()
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    x = torch.from_numpy(rng.normal(1.0, 2.0, (3, 4, 5, 5))).to(dtype).requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    dy = torch.from_numpy(rng.normal(size=(3, 4, 5, 5))).to(dtype)
+    y, y_torch = frozen(x), bn(x2)
+    y.backward(dy)
+    y_torch.backward(dy)
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    torch.testing.assert_close(y, y_torch)                      # the dtype's default tolerances
+    torch.testing.assert_close(x.grad, x2.grad)
+    # computed in float32: within one rounding of the float64 result (y's values are below 16 in size)
+    def per_channel(t):
+        return t.detach().double()[:, None, None]
+
+    exact = ((x.detach().double() - per_channel(bn.running_mean)) / torch.sqrt(per_channel(bn.running_var) + bn.eps)
+             * per_channel(bn.weight) + per_channel(bn.bias))
+    assert exact.abs().max().item() < 16
+    assert (y.detach().double() - exact).abs().max().item() <= 16 * torch.finfo(dtype).eps
+    for k, v in frozen.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, before[k])
+
+
+def test_nn_frozen_batch_norm_2d_invalid_dtypes_raise_and_change_no_state():
+    rng = np.random.default_rng(9)
+    frozen = FrozenBatchNorm2d.from_batch_norm(_trained_torch_bn(rng).float())
+    frozen.running_var = frozen.running_var.to(torch.bfloat16)  # a buffer that fits neither float16 nor float64
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    cases = [(torch.float64, "float64 input, float32 buffers", r"weight in torch\.float64, got torch\.float32"),
+             (torch.float16, "bfloat16 running_var",
+              r"running_var in torch\.float16 or torch\.float32, got torch\.bfloat16"),
+             (torch.int32, "integer input", r"supports float16, bfloat16, float32 and float64 input, got torch\.int32")]
+    for dtype, what, match in cases:
+        x = torch.ones(2, 4, 3, 3, dtype=dtype)
+        with pytest.raises(TypeError, match=match):
+            frozen(x)
+        for k, v in frozen.state_dict().items():
+            assert v.dtype == before[k].dtype and torch.equal(v, before[k]), (what, k)
+        assert torch.equal(x, torch.ones_like(x)), what
+
+
 # ---------------------------------------------------------------- errors and state on error
 @pytest.mark.parametrize("call, error, match", [
     (lambda: V.LayerNorm(0), ValueError, "normalized_shape"),
@@ -428,11 +476,18 @@ def test_a_call_runs_a_subclass_forward():
 
 
 def test_instance_norm_empty_batch_returns_empty_and_keeps_running_statistics():
+    warnings.simplefilter("error")                              # no "Mean of empty slice" RuntimeWarning
     layer = V.InstanceNorm(3, affine=True, track_running_stats=True)
     before = layer.state_dict()
     y = layer(np.zeros((0, 3, 4), np.float32))
-    assert y.shape == (0, 3, 4)
+    assert y.shape == (0, 3, 4) and y.dtype == np.float32
     assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in before.items())
+    layer.grad_weight[...] = 7.0
+    dx = layer.backward(np.zeros((0, 3, 4), np.float32))
+    assert dx.shape == (0, 3, 4) and not layer.grad_weight.any() and not layer.grad_bias.any()
+    group = V.GroupNorm(2, 4)
+    assert group(np.zeros((0, 4, 3, 2), np.float32)).shape == (0, 4, 3, 2)
+    assert group.backward(np.zeros((0, 4, 3, 2), np.float32)).shape == (0, 4, 3, 2)
     with pytest.raises(ValueError, match="spatial position"):
         layer(np.zeros((0, 3, 1), np.float32))
 

@@ -50,16 +50,11 @@ json="bnlib/data/gpu_bench_${card}_design2.json"
 timeout 240 python3 -m bnlib.bench --gpu --compile --repeats 20 --no-progress --json "$json" \
     2>&1 | tee "$OUT/bench_gpu.log" || status=1
 cp "$json" "$OUT/" 2>/dev/null || true
-# 2b. the like-for-like comparison (torch.nn vs bnlib.nn, both through autograd; bench_gpu(modules=True),
+# 2b. the like-for-like comparison (torch.nn vs bnlib.nn, both through autograd; --modules: bench_gpu(modules=True),
 #     never run on a GPU before this script's next run), recorded beside the benchmark
 fair="bnlib/data/gpu_bench_${card}_design2_modules.json"
-timeout 180 python3 -c "
-import json, sys
-from bnlib import bench
-rows = bench.bench_gpu(repeats=20, progress=False, modules=True)
-print(bench.format_gpu_table(rows))
-json.dump({'environment': bench.gpu_environment(), 'results': rows}, open(sys.argv[1], 'w'), indent=1)
-" "$fair" 2>&1 | tee "$OUT/bench_gpu_modules.log" || status=1
+timeout 180 python3 -m bnlib.bench --gpu --modules --repeats 20 --no-progress --json "$fair" \
+    2>&1 | tee "$OUT/bench_gpu_modules.log" || status=1
 cp "$fair" "$OUT/" 2>/dev/null || true
 # 3. chapter 05 under nbval, as the course's tests run it (needs nbval and ipykernel: carried wheels)
 if python3 -c "import nbval, ipykernel" 2>"$OUT/nbval_05.log"; then
