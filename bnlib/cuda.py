@@ -897,14 +897,8 @@ def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, dweight
             (_ptr(dy), _ptr(x), _ptr(dx)) + pl.walk_args + pl.geometry + channels + (_ptr(mean), _ptr(coef)))
 
 
-_DTYPE_NAMES = {}    # torch dtype -> its name ("float32"), filled on first use
-
-
 def _torch_dtype_name(t):
-    name = _DTYPE_NAMES.get(t.dtype)
-    if name is None:
-        name = _DTYPE_NAMES[t.dtype] = str(t.dtype).rsplit(".", 1)[-1]
-    return name
+    return str(t.dtype).rsplit(".", 1)[-1]
 
 
 def _check_cuda_tensor(x, name):
@@ -949,8 +943,6 @@ def _torch_vector(v, name, c, acc, device, required=False):
                         f"{v.device if isinstance(v, torch.Tensor) else type(v).__name__}")
     if v.numel() != c:
         raise ValueError(f"{name} must have shape ({c},), got {tuple(v.shape)}")
-    if v.dim() == 1 and v.dtype == acc and v.is_contiguous():
-        return v                  # already as the kernels take it: skip three no-op calls (host time)
     return v.reshape(c).to(acc).contiguous()
 
 

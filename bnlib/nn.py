@@ -79,8 +79,7 @@ def _on_tensor_stream(t):
 
 def _params_for_kernels(weight, bias, dtype):
     """weight and bias (C,) or None, as bnlib.cuda's torch-level kernels take them: in `dtype`."""
-    return tuple(None if p is None else p.detach() if p.dtype == dtype else p.detach().to(dtype)
-                 for p in (weight, bias))
+    return tuple(None if p is None else p.detach().to(dtype) for p in (weight, bias))
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -267,19 +266,14 @@ class _BatchNorm(torch.nn.Module):
         mean, var: (C,) tensors on the buffers' device; count: values per channel (a Python int).
         Nothing is read back to the host, except num_batches_tracked when momentum is None (as torch).
         """
-        # called every training step: the buffers are read from _buffers once (Module.__getattr__ is
-        # slow), and no-op .to() calls are skipped (host time only; the arithmetic is unchanged)
-        buffers = self._buffers
-        running_mean, running_var, tracked = buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
         with torch.no_grad():
-            tracked.add_(1)
+            self.num_batches_tracked.add_(1)
             if count == 0:                       # an empty batch: counted, as torch does, but no statistics
                 return
-            momentum = self.momentum if self.momentum is not None else 1.0 / int(tracked)
+            momentum = self.momentum if self.momentum is not None else 1.0 / int(self.num_batches_tracked)
             unbiased = var * (count / (count - 1)) if count > 1 else var
-            for running, batch in ((running_mean, mean), (running_var, unbiased)):
-                batch = batch if batch.dtype == running.dtype else batch.to(running.dtype)
-                running.mul_(1 - momentum).add_(batch, alpha=momentum)
+            self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
+            self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
 
     def _empty_batch(self, x):
         """As torch for a zero-size batch: an empty output still connected to the graph (so backward
