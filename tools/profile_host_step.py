@@ -1,0 +1,93 @@
+"""Host (Python) time per training step of bnlib's CUDA route, measured on the CPU (issue 10).
+
+CPU tensors stand in for CUDA ones and the GPU-only pieces are stubbed out: kernel launches are
+no-ops, and the CUDA-tensor check, torch's stream, the SM count and the CuPy stream context are
+replaced, as in tests/test_cuda.py's emulated-device test. What remains is bnlib's Python path:
+argument checks, tensor allocations, launch-argument packing, the autograd Function and the
+running-statistics update. Not a GPU measurement: on a GPU every torch operation also pays a
+launch, and CuPy's launch and stream contexts cost more than these stubs.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python tools/profile_host_step.py [steps] [--profile]
+
+Prints microseconds per step (best of 5 rounds) for forward_torch + backward_torch ("bare"),
+bnlib.nn.BatchNorm2d forward + backward + running-statistics update, and, for scale, an empty
+autograd.Function with a backward (the floor of any Python autograd wrapper).
+"""
+import contextlib
+import cProfile
+import pstats
+import sys
+import time
+
+import torch
+
+from bnlib import cuda
+from bnlib import nn as bnn
+
+
+class _Empty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return torch.empty_like(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _per_step_us(step, steps, rounds=5):
+    for _ in range(200):
+        step()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best * 1e6
+
+
+def main(steps=3000, profile=False):
+    torch.set_num_threads(1)
+    cuda._launch = lambda dev, name, grid, block, args: None
+    cuda._check_cuda_tensor = lambda x, name: None
+    cuda._torch_stream = lambda device: 0
+    cuda._sm_count = lambda dev: 132
+    cuda._on_stream = lambda dev, stream: contextlib.nullcontext()
+    bnn._torch_kernels = lambda x: True
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 4, 4, generator=gen)
+    dy = torch.randn(2, 8, 4, 4, generator=gen)
+    w, b = torch.ones(8), torch.zeros(8)
+    module = bnn.BatchNorm2d(8).train()
+    xr = x.clone().requires_grad_()
+    wr, br = w.clone().requires_grad_(), b.clone().requires_grad_()
+
+    def bare():
+        _, mean, _, inv_std = cuda.forward_torch(x, w, b, 1e-5)
+        cuda.backward_torch(dy, x, mean, inv_std, w)
+
+    def nn_step():
+        module(xr).backward(dy)
+
+    def empty():
+        _Empty.apply(xr, wr, br).backward(dy)
+
+    for name, step in (("bare forward_torch+backward_torch", bare), ("bnlib.nn.BatchNorm2d step", nn_step),
+                       ("empty autograd.Function (floor)", empty)):
+        print(f"{name:36s} {_per_step_us(step, steps):7.1f} us/step")
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(steps):
+            nn_step()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(int(args[0]) if args else 3000, "--profile" in sys.argv)
