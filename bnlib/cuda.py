@@ -2,16 +2,20 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
-import contextlib
 import functools
 import math
+import numbers
+import os
+import struct
+import threading
 from typing import NamedTuple
 
 import numpy as np
 
-KERNEL_DESIGN = 2        # the second design (6 launches per step); recorded with results
+KERNEL_DESIGN = 3        # design 2's kernels, plus the running-statistics update in the finalize
+                         # and a lighter launch path (see "Launching"); recorded with results
 
 KERNEL_COMMON = r"""
 // Batch-norm kernels for bnlib.cuda, second design. T is the storage type (__half, bf16_t, float,
@@ -169,8 +173,10 @@ KERNEL_STATS = r"""
 template <typename T, int V>
 __global__ void __launch_bounds__(PLANE_THREADS)
 bn_stats_planes(const T* __restrict__ x, int N, int C, long long LV, long long seg,
-                typename Acc<T>::type* __restrict__ part, long long P) {
+                typename Acc<T>::type* __restrict__ part, long long P, long long* __restrict__ counter) {
     typedef typename Acc<T>::type A;
+    if (counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0)
+        *counter += 1;                        // num_batches_tracked: one batch more (the finalize reads it)
     const int c = blockIdx.x;
     const long long lo = (long long)blockIdx.z * seg;
     const long long hi = min(LV, lo + seg);
@@ -212,8 +218,10 @@ bn_stats_planes(const T* __restrict__ x, int N, int C, long long LV, long long s
 template <typename T, int V>
 __global__ void __launch_bounds__(TX * TY)
 bn_stats_cols(const T* __restrict__ x, long long total, long long Rfull, int Wf,
-              typename Acc<T>::type* __restrict__ part, long long P) {
+              typename Acc<T>::type* __restrict__ part, long long P, long long* __restrict__ counter) {
     typedef typename Acc<T>::type A;
+    if (counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0)
+        *counter += 1;
     __shared__ A sn[TY][TX], sm[TY][TX], sq[TY][TX];
     const int vc = blockIdx.x * TX + threadIdx.x;
     const int col0 = vc * V;
@@ -290,12 +298,17 @@ __device__ __forceinline__ long long partial_index(long long i, int c, long long
 }
 
 // Forward, finalize: block c merges channel c's Q partials in a fixed order (deterministic), and
-// writes mean[c], the biased variance var[c] and inv_std[c] = 1 / sqrt(var + eps).
+// writes mean[c], the biased variance var[c] and inv_std[c] = 1 / sqrt(var + eps). With running_mean
+// (and running_var) given, it also updates them in place, as torch's own kernel does:
+// running = (1 - f) running + f batch, with the variance unbiased (times unbias = n / (n - 1)) and
+// f = momentum, or, for momentum < 0 (torch's momentum=None), the cumulative average f = 1 / *counter,
+// the batch count the stats kernel has just incremented. No host round trip for either.
 template <typename A>
 __global__ void __launch_bounds__(FINALIZE_THREADS)
 bn_stats_finalize(const A* __restrict__ part, long long P, long long Q, long long GL, long long L, long long Wf,
                   long long W, int C, A eps, A* __restrict__ mean, A* __restrict__ var,
-                  A* __restrict__ inv_std) {
+                  A* __restrict__ inv_std, A* __restrict__ running_mean, A* __restrict__ running_var,
+                  A momentum, A unbias, const long long* __restrict__ counter) {
     const int c = blockIdx.x;
     A n = A(0), m = A(0), q = A(0);
     for (long long i0 = threadIdx.x; i0 < Q; i0 += UNROLL * (long long)blockDim.x) {
@@ -318,6 +331,11 @@ bn_stats_finalize(const A* __restrict__ part, long long P, long long Q, long lon
         mean[c] = m;
         var[c] = v;
         inv_std[c] = A(1) / sqrt(v + eps);
+        if (running_mean != nullptr) {
+            const A f = momentum >= A(0) ? momentum : A(1) / A(*counter);
+            running_mean[c] = (A(1) - f) * running_mean[c] + f * m;
+            running_var[c] = (A(1) - f) * running_var[c] + f * (v * unbias);
+        }
     }
 }
 """
@@ -784,22 +802,43 @@ def _function(dev: int, name: str):
     return f
 
 
-def _launch(dev: int, name: str, grid: tuple, block: tuple, args: tuple) -> None:
-    """Every kernel launch of bnlib.cuda goes through here (on CuPy's current stream); the tests
-    count launches by wrapping it."""
-    _function(dev, name)(grid, block, args)
+# How kernels are launched. "driver": the arguments are packed into one per-thread buffer and
+# cuLaunchKernel is called through CuPy's thin binding of the CUDA driver; "cupy": CuPy's own kernel
+# call, which builds a Python object per argument (design 2's path). Same kernels, same stream.
+# BNLIB_CUDA_LAUNCH=cupy selects CuPy's; the benchmark records which one ran.
+LAUNCHER = os.environ.get("BNLIB_CUDA_LAUNCH", "driver")
+_ARG_CODES = {np.uint64: "Q", np.int64: "q", np.int32: "i4x", np.float32: "f4x", np.float64: "d"}
+_MAX_ARGS = 32
+_arg_structs, _thread = {}, threading.local()
 
 
-def _sm_count(dev: int) -> int:
-    if dev not in _sm_counts:
-        import cupy
-        _sm_counts[dev] = cupy.cuda.Device(dev).attributes["MultiProcessorCount"]
-    return _sm_counts[dev]
+def pack_arguments(args: tuple) -> tuple:
+    """Kernel arguments as cuLaunchKernel takes them: each value in its own 8-byte slot of one buffer
+    (an int32 or float32 in the slot's first 4 bytes: CUDA hosts are little-endian) and a table of the
+    slots' addresses. Returns (values, table, table address), one set per thread, overwritten by the
+    thread's next call (the driver copies the values during the launch). Arguments must be NumPy
+    scalars of the kernel's parameter types: numpy.uint64 (addresses), int32, int64, float32, float64."""
+    key = tuple(map(type, args))
+    packer = _arg_structs.get(key)
+    if packer is None:
+        if len(args) > _MAX_ARGS:
+            raise ValueError(f"at most {_MAX_ARGS} kernel arguments, got {len(args)}")
+        unknown = [t.__name__ for t in key if t not in _ARG_CODES]
+        if unknown:
+            raise TypeError("kernel arguments must be numpy.uint64, int64, int32, float32 or float64 scalars, "
+                            f"got {', '.join(unknown)}")
+        packer = _arg_structs[key] = struct.Struct("<" + "".join(_ARG_CODES[t] for t in key))
+    buffers = getattr(_thread, "buffers", None)
+    if buffers is None:
+        values = np.zeros(_MAX_ARGS, np.uint64)
+        table = np.uint64(values.ctypes.data) + np.uint64(8) * np.arange(_MAX_ARGS, dtype=np.uint64)
+        buffers = _thread.buffers = (values, table, int(table.ctypes.data))
+    packer.pack_into(buffers[0], 0, *args)
+    return buffers
 
 
-@contextlib.contextmanager
-def _on_stream(dev: int, stream_ptr: int):
-    """Make the CUDA stream `stream_ptr` of device `dev` CuPy's current stream (cached wrappers)."""
+def _stream_object(dev: int, stream_ptr: int):
+    """CuPy's object for the CUDA stream at address `stream_ptr` on device `dev` (cached wrappers)."""
     import cupy
     stream = _streams.get((dev, stream_ptr))
     if stream is None:
@@ -813,8 +852,48 @@ def _on_stream(dev: int, stream_ptr: int):
             except TypeError:                    # CuPy versions whose ExternalStream takes no device
                 stream = cupy.cuda.ExternalStream(stream_ptr)
         _streams[(dev, stream_ptr)] = stream
-    with cupy.cuda.Device(dev), stream:
-        yield
+    return stream
+
+
+def _launch(dev: int, name: str, grid: tuple, block: tuple, args: tuple, stream: int = None) -> None:
+    """Every kernel launch of bnlib.cuda goes through here: kernel `name` of device `dev`, grid and
+    block as 3-tuples, on the CUDA stream at address `stream` (None: CuPy's current stream). The
+    tests count launches, and check their arguments, by replacing it."""
+    import cupy
+    if cupy.cuda.runtime.getDevice() != dev:
+        with cupy.cuda.Device(dev):
+            _launch_current(cupy, dev, name, grid, block, args, stream)
+    else:
+        _launch_current(cupy, dev, name, grid, block, args, stream)
+
+
+def _launch_current(cupy, dev, name, grid, block, args, stream):
+    """_launch, device dev being current."""
+    runtime = cupy.cuda.runtime
+    f = _function(dev, name)
+    if stream is None:
+        stream = cupy.cuda.get_current_stream().ptr
+    if LAUNCHER == "driver":
+        table = pack_arguments(args)[2]
+        ready = getattr(_thread, "contexts", None)
+        if ready is None:
+            ready = _thread.contexts = set()
+        if dev not in ready:                     # as CuPy does before its own launches: one runtime call per
+            runtime.memGetInfo()                 # thread and device makes the device's context current
+            ready.add(dev)
+        cupy.cuda.driver.launchKernel(f.ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0,
+                                      stream, table, 0)
+    elif LAUNCHER == "cupy":
+        f(grid, block, args, stream=_stream_object(dev, stream))
+    else:
+        raise ValueError(f"bnlib.cuda.LAUNCHER (or BNLIB_CUDA_LAUNCH) must be 'driver' or 'cupy', got {LAUNCHER!r}")
+
+
+def _sm_count(dev: int) -> int:
+    if dev not in _sm_counts:
+        import cupy
+        _sm_counts[dev] = cupy.cuda.Device(dev).attributes["MultiProcessorCount"]
+    return _sm_counts[dev]
 
 
 def cupy_stream(torch_stream):
@@ -861,40 +940,51 @@ def _ptr(p):
     return np.uint64(p or 0)
 
 
-def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, eps, ws):
+def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, eps, ws, stream=None, running=None):
     """Training forward, 3 launches: partial moments, finalize (writes mean, var, inv_std), normalize.
-    All arguments after dtype_name are device addresses (weight, bias may be 0)."""
+    x ... ws are device addresses (weight, bias may be 0); stream as for _launch. With running =
+    (running_mean, running_var, momentum, counter) (addresses, a float or None, an address or 0), the
+    stats kernel adds 1 to the int64 at `counter` and the finalize updates the running statistics
+    (momentum None: the cumulative average over the counted batches)."""
+    rm, rv, momentum, counter = running if running is not None else (0, 0, 0.0, 0)
+    if momentum is None and not counter:
+        raise ValueError("momentum=None (a cumulative average) needs the batch counter")
+    unbias = pl.count / (pl.count - 1) if pl.count > 1 else 1.0
     _launch(dev, _kernel_name("stats", pl, dtype_name), pl.grid, pl.block,
-            (_ptr(x),) + pl.walk_args + (_ptr(ws), np.int64(pl.partials)))
-    _launch(dev, f"bn_stats_finalize<{_acc_name(dtype_name)}>", (pl.channels,), (FINALIZE_THREADS,),
-            (_ptr(ws),) + pl.finalize_args + (_acc_scalar(dtype_name, eps), _ptr(mean), _ptr(var), _ptr(inv_std)))
-    _run_apply(dev, pl, dtype_name, x, y, mean, inv_std, weight, bias, eps, from_var=False)
+            (_ptr(x),) + pl.walk_args + (_ptr(ws), np.int64(pl.partials), _ptr(counter)), stream)
+    _launch(dev, f"bn_stats_finalize<{_acc_name(dtype_name)}>", (pl.channels, 1, 1), (FINALIZE_THREADS, 1, 1),
+            (_ptr(ws),) + pl.finalize_args + (_acc_scalar(dtype_name, eps), _ptr(mean), _ptr(var), _ptr(inv_std),
+                                              _ptr(rm), _ptr(rv), _acc_scalar(dtype_name, -1.0 if momentum is None
+                                                                               else momentum),
+                                              _acc_scalar(dtype_name, unbias), _ptr(counter)), stream)
+    _run_apply(dev, pl, dtype_name, x, y, mean, inv_std, weight, bias, eps, from_var=False, stream=stream)
 
 
 def _acc_size(dtype_name):
     return 8 if dtype_name == "float64" else 4
 
 
-def _run_apply(dev, pl, dtype_name, x, y, mean, stat, weight, bias, eps, from_var):
+def _run_apply(dev, pl, dtype_name, x, y, mean, stat, weight, bias, eps, from_var, stream=None):
     """y = (x - mean) * weight * inv + bias, inv = stat (inv_std) or 1/sqrt(stat + eps) (running var)."""
     _launch(dev, _kernel_name("apply", pl, dtype_name), pl.grid, pl.block,
             (_ptr(x), _ptr(y)) + pl.walk_args + pl.geometry +
-            (_ptr(mean), _ptr(stat), _ptr(weight), _ptr(bias), _acc_scalar(dtype_name, eps), np.int32(from_var)))
+            (_ptr(mean), _ptr(stat), _ptr(weight), _ptr(bias), _acc_scalar(dtype_name, eps), np.int32(from_var)),
+            stream)
 
 
-def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, dweight, dbias, ws):
+def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, dweight, dbias, ws, stream=None):
     """Training backward, 3 launches: partial sums, finalize (writes dweight, dbias, and the dx
     coefficients into the workspace), dx. All arguments after dtype_name are device addresses."""
     acc = _acc_size(dtype_name)
     coef = ws + 3 * pl.partials * acc
     _launch(dev, _kernel_name("backward_reduce", pl, dtype_name), pl.grid, pl.block,
-            (_ptr(dy), _ptr(x)) + pl.walk_args + pl.geometry + (_ptr(mean), _ptr(ws), np.int64(pl.partials)))
-    _launch(dev, f"bn_backward_finalize<{_acc_name(dtype_name)}>", (pl.channels,), (FINALIZE_THREADS,),
+            (_ptr(dy), _ptr(x)) + pl.walk_args + pl.geometry + (_ptr(mean), _ptr(ws), np.int64(pl.partials)), stream)
+    _launch(dev, f"bn_backward_finalize<{_acc_name(dtype_name)}>", (pl.channels, 1, 1), (FINALIZE_THREADS, 1, 1),
             (_ptr(ws),) + pl.finalize_args + (_ptr(inv_std), _ptr(weight), _acc_scalar(dtype_name, pl.count),
-                                              _ptr(dweight), _ptr(dbias), _ptr(coef)))
+                                              _ptr(dweight), _ptr(dbias), _ptr(coef)), stream)
     channels = (np.int32(pl.channels),) if pl.walk == "cols" else ()
     _launch(dev, _kernel_name("backward_dx", pl, dtype_name), pl.grid, pl.block,
-            (_ptr(dy), _ptr(x), _ptr(dx)) + pl.walk_args + pl.geometry + channels + (_ptr(mean), _ptr(coef)))
+            (_ptr(dy), _ptr(x), _ptr(dx)) + pl.walk_args + pl.geometry + channels + (_ptr(mean), _ptr(coef)), stream)
 
 
 def _torch_dtype_name(t):
@@ -964,12 +1054,59 @@ def _torch_workspace(dev, stream, pl, device):
     return _workspace("torch", dev, stream, pl.workspace_values * 8, allocate)
 
 
-def forward_torch(x, weight=None, bias=None, eps: float = 1e-5):
+def _torch_running(x, c, acc, running_mean, running_var, momentum, num_batches_tracked):
+    """Checks forward_torch's running-statistics arguments before anything runs. Returns the tensors
+    the kernels update in place and the `running` tuple of _run_forward, or ((), None)."""
+    import torch
+    if running_mean is None and running_var is None:
+        if num_batches_tracked is not None:
+            raise ValueError("num_batches_tracked is counted only with running_mean and running_var")
+        return (), None
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(t, torch.Tensor) or t.device != x.device:
+            raise TypeError(f"{name} must be a torch.Tensor on {x.device} (it is updated in place), got "
+                            f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype != acc or t.numel() != c or not t.is_contiguous():
+            raise TypeError(f"{name} must be a contiguous {acc} tensor of {c} values for {x.dtype} input (it is "
+                            f"updated in place), got {t.dtype} of shape {tuple(t.shape)}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
+                                 or not 0 <= momentum <= 1):
+        raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
+    counter = num_batches_tracked
+    if counter is not None and (not isinstance(counter, torch.Tensor) or counter.device != x.device
+                                or counter.dtype != torch.int64 or counter.numel() != 1):
+        raise TypeError(f"num_batches_tracked must be an int64 tensor of one value on {x.device}, got "
+                        f"{(counter.dtype, tuple(counter.shape), str(counter.device)) if isinstance(counter, torch.Tensor) else type(counter).__name__}")
+    if momentum is None and counter is None:
+        raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
+    updated = (running_mean, running_var) + ((counter,) if counter is not None else ())
+    return updated, (running_mean.data_ptr(), running_var.data_ptr(), momentum,
+                     counter.data_ptr() if counter is not None else 0)
+
+
+def _mark_modified(tensors):
+    """Bump the autograd version counters of tensors a kernel changed in place, as torch's in-place
+    operations do, so that autograd refuses a backward that saved their old values."""
+    import torch
+    bump = getattr(torch.autograd.graph, "increment_version", None)     # torch >= 2.1
+    for t in tensors:
+        if bump is not None and not t.is_inference():
+            bump(t)
+
+
+def forward_torch(x, weight=None, bias=None, eps: float = 1e-5, running_mean=None, running_var=None,
+                  momentum=0.1, num_batches_tracked=None):
     """Training-mode batch norm of a CUDA tensor with bnlib's kernels, 3 launches, no host sync.
 
     x: (N, C, *) float16/bfloat16/float32/float64, contiguous or channels-last; weight, bias: (C,)
     or None (float32, or x's dtype). Returns y (x's shape, dtype and memory format), mean, var
     (biased), inv_std, each (C,) in float32 (float64 for float64 x). Runs on torch's current stream.
+
+    With running_mean and running_var (contiguous (C,) tensors of that float32/float64 dtype), the
+    same launches also update them in place as torch.nn.BatchNorm does in training: running =
+    (1 - m) running + m batch, with the unbiased batch variance and m = momentum. With
+    num_batches_tracked (an int64 tensor of one value) the kernels add 1 to it, and momentum=None
+    then averages over all counted batches, m = 1 / num_batches_tracked, read on the GPU.
     """
     import torch
     if eps < 0:
@@ -977,14 +1114,15 @@ def forward_torch(x, weight=None, bias=None, eps: float = 1e-5):
     x, rows, c, l, dtype_name, acc, dev, stream = _torch_setup(x)
     weight = _torch_vector(weight, "weight", c, acc, x.device)
     bias = _torch_vector(bias, "bias", c, acc, x.device)
+    updated, running = _torch_running(x, c, acc, running_mean, running_var, momentum, num_batches_tracked)
     y = torch.empty_like(x)
     mean, var, inv_std = (torch.empty(c, dtype=acc, device=x.device) for _ in range(3))   # separate tensors:
     pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev))           # no shared version counter
     ws = _torch_workspace(dev, stream, pl, x.device)
-    with _on_stream(dev, stream):
-        _run_forward(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), mean.data_ptr(), var.data_ptr(),
-                     inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0,
-                     bias.data_ptr() if bias is not None else 0, eps, ws)
+    _run_forward(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                 inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0,
+                 bias.data_ptr() if bias is not None else 0, eps, ws, stream, running)
+    _mark_modified(updated)
     return y, mean, var, inv_std
 
 
@@ -1010,10 +1148,9 @@ def backward_torch(dy, x, mean, inv_std, weight=None):
     dweight, dbias = torch.empty(c, dtype=acc, device=x.device), torch.empty(c, dtype=acc, device=x.device)
     pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0, _sm_count(dev))
     ws = _torch_workspace(dev, stream, pl, x.device)
-    with _on_stream(dev, stream):
-        _run_backward(dev, pl, dtype_name, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), mean.data_ptr(),
-                      inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0, dweight.data_ptr(),
-                      dbias.data_ptr(), ws)
+    _run_backward(dev, pl, dtype_name, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), mean.data_ptr(),
+                  inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0, dweight.data_ptr(),
+                  dbias.data_ptr(), ws, stream)
     return dx, dweight, dbias
 
 
@@ -1030,10 +1167,9 @@ def inference_torch(x, running_mean, running_var, weight=None, bias=None, eps: f
     bias = _torch_vector(bias, "bias", c, acc, x.device)
     y = torch.empty_like(x)
     pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev))
-    with _on_stream(dev, stream):
-        _run_apply(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
-                   weight.data_ptr() if weight is not None else 0, bias.data_ptr() if bias is not None else 0,
-                   eps, from_var=True)
+    _run_apply(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
+               weight.data_ptr() if weight is not None else 0, bias.data_ptr() if bias is not None else 0,
+               eps, from_var=True, stream=stream)
     return y
 
 

@@ -82,13 +82,28 @@ def _params_for_kernels(weight, bias, dtype):
     return tuple(None if p is None else p.detach().to(dtype) for p in (weight, bias))
 
 
+def _fusable_running(stats, dtype):
+    """forward_torch's keyword arguments for updating the running statistics in its own launches, or
+    {} when there are none or the kernels cannot update them in place (another dtype, strided)."""
+    running = stats.get("running") if stats else None
+    if running is None:
+        return {}
+    mean, var, momentum, count = running
+    if not all(t.dtype == dtype and t.is_contiguous() for t in (mean, var)) or count is None:
+        return {}
+    return dict(running_mean=mean, running_var=var, momentum=momentum, num_batches_tracked=count)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm as an autograd Function around bnlib.functional.
 
     forward(x, weight, bias, eps, stats) -> y, y in x's dtype. x may be float16/bfloat16 with
     float32 (or same-dtype) weight and bias: the statistics are then computed in float32.
     `stats` (a dict or None) receives the batch mean and biased variance (float32 for half
-    input) as tensors, and the count per channel, for the running-statistics update.
+    input) as tensors, and the count per channel, for the running-statistics update. If it holds
+    "running": (running_mean, running_var, momentum, num_batches_tracked) and x is a CUDA tensor,
+    chapter 05's kernels do that update in the same launches when they can (buffers contiguous, of
+    the compute dtype), and set stats["updated"] = True.
     """
 
     @staticmethod
@@ -99,7 +114,10 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.param_dtype = acc if weight is None else weight.dtype
         if _torch_kernels(x):                   # chapter 05's kernels, torch tensors in and out
             w, b = _params_for_kernels(weight, bias, acc)
-            y, mean, var, inv_std = cuda.forward_torch(x, w, b, eps)
+            running = _fusable_running(stats, acc)
+            y, mean, var, inv_std = cuda.forward_torch(x, w, b, eps, **running)
+            if running:
+                stats["updated"] = True
             ctx.torch_state = (mean, inv_std, w)
         else:
             with _on_tensor_stream(x):
@@ -292,9 +310,11 @@ class _BatchNorm(torch.nn.Module):
         if x.numel() == 0:
             return self._empty_batch(x)
         if self.training or not self.track_running_stats:
-            stats = {}
+            tracking = self.training and self.track_running_stats
+            stats = {"running": (self.running_mean, self.running_var, self.momentum,
+                                 self.num_batches_tracked)} if tracking else {}
             y = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, stats)
-            if self.training and self.track_running_stats:
+            if tracking and not stats.get("updated"):      # the CUDA kernels did it in their own launches
                 self._update_running_stats(stats["mean"], stats["var"], stats["count"])
             return y
         return BatchNormInferenceFunction.apply(x, self.running_mean, self.running_var, self.weight, self.bias,

@@ -162,7 +162,7 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, dtype):
     expected_type = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64, "acc": acc}
     launched = []
 
-    def check(dev, name, grid, block, args):
+    def check(dev, name, grid, block, args, stream=None):
         base = name.split("<")[0]
         kinds = sigs[base]
         assert len(args) == len(kinds), (name, len(args), len(kinds))
@@ -173,6 +173,7 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, dtype):
         assert threads == (cuda.FINALIZE_THREADS if "finalize" in base else
                            cuda.PLANE_THREADS if "planes" in base else cuda.TX * cuda.TY)
         assert all(0 < g < 2 ** 31 for g in grid) and all(g < 65536 for g in grid[1:])
+        assert len(grid) == len(block) == 3 and stream == 4352           # cuLaunchKernel takes 3-D sizes
         launched.append(base)
 
     monkeypatch.setattr(cuda, "_launch", check)
@@ -180,10 +181,13 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, dtype):
         for aligned in (True, False):
             pl = cuda.plan(rows, c, l, dtype, aligned, 132)
             launched.clear()
-            cuda._run_forward(0, pl, dtype, 256, 512, 768, 1024, 1280, 1536, 0, 1e-5, 4096)
-            cuda._run_backward(0, pl, dtype, 256, 512, 768, 1024, 1280, 0, 1536, 1792, 4096)
-            cuda._run_apply(0, pl, dtype, 256, 512, 768, 1024, 0, 1280, 1e-5, from_var=True)
-            assert len(launched) == 7 and len(set(launched)) == 6
+            cuda._run_forward(0, pl, dtype, 256, 512, 768, 1024, 1280, 1536, 0, 1e-5, 4096, 4352)
+            cuda._run_backward(0, pl, dtype, 256, 512, 768, 1024, 1280, 0, 1536, 1792, 4096, 4352)
+            cuda._run_apply(0, pl, dtype, 256, 512, 768, 1024, 0, 1280, 1e-5, from_var=True, stream=4352)
+            for momentum in (0.1, None):          # with the running statistics and the batch counter
+                cuda._run_forward(0, pl, dtype, 256, 512, 768, 1024, 1280, 1536, 0, 1e-5, 4096, 4352,
+                                  running=(4608, 4864, momentum, 5120))
+            assert len(launched) == 7 + 6 and len(set(launched)) == 6
 
 
 class _EmulatedDevice:
@@ -231,7 +235,7 @@ class _EmulatedDevice:
         else:
             out[:] = values
 
-    def launch(self, dev, name, grid, block, args):
+    def launch(self, dev, name, grid, block, args, stream=None):
         kernel = name.split("<")[0]
         targs = [s.strip() for s in name.split("<")[1].rstrip(">").split(",")]
         a = dict(zip(self.params[kernel], args))
@@ -252,6 +256,8 @@ class _EmulatedDevice:
         getattr(self, kernel.rsplit("_", 1)[0])(a, t, acc, slot, chan)
 
     def bn_stats(self, a, t, acc, slot, chan):
+        if int(a["counter"]):                               # num_batches_tracked, one batch more
+            self.view(a["counter"], np.int64, 1)[0] += 1
         x, p = self.load(a["x"], t, slot.size), int(a["P"])
         n = np.bincount(slot, minlength=p)
         mean = np.bincount(slot, x, minlength=p) / np.maximum(n, 1)
@@ -276,6 +282,12 @@ class _EmulatedDevice:
             mu = (n * m).sum() / n.sum()
             var = (q + n * (m - mu) ** 2).sum() / n.sum()
             out["mean"][c], out["var"][c], out["inv_std"][c] = mu, var, 1 / np.sqrt(var + float(a["eps"]))
+            if int(a["running_mean"]):                      # torch's update, the variance unbiased
+                m = float(a["momentum"])
+                f = m if m >= 0 else 1.0 / float(self.view(a["counter"], np.int64, 1)[0])
+                rm, rv = self.view(a["running_mean"], acc, c_), self.view(a["running_var"], acc, c_)
+                rm[c] = (1 - f) * rm[c] + f * mu
+                rv[c] = (1 - f) * rv[c] + f * var * float(a["unbias"])
 
     def bn_apply(self, a, t, acc, slot, chan):
         x, c_ = self.load(a["x"], t, slot.size), int(chan.max()) + 1
@@ -335,6 +347,7 @@ def test_launchers_end_to_end_on_an_emulated_device(monkeypatch, shape, channels
     accb = 8 if dtype == "float64" else 4
     X, DY, Y, DX = (device.alloc(size) for _ in range(4))
     M, V, I, G, B, DW, DB, RM, RV = (device.alloc(c * accb) for _ in range(9))
+    CNT = device.alloc(8)
     WS = device.alloc(pl.workspace_values * 8)
     device.store(X, t, to_kernel(x64))
     device.store(DY, t, to_kernel(dy64))
@@ -351,6 +364,17 @@ def test_launchers_end_to_end_on_an_emulated_device(monkeypatch, shape, channels
     np.testing.assert_allclose(device.load(M, "double" if acc is np.float64 else "float", c), cr.mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(device.view(DW, acc, c), dgr, rtol=1e-4, atol=1e-4 * np.abs(dgr).max())
     np.testing.assert_allclose(device.view(DB, acc, c), dbr, rtol=1e-4, atol=1e-4 * np.abs(dbr).max())
+    count = x64.size // c
+    for momentum, batches in ((0.1, 0), (None, 4)):          # the running statistics, updated by the forward
+        rm0, rv0 = rng.normal(size=c), rng.uniform(0.5, 2.0, c)
+        device.view(RM, acc, c)[:], device.view(RV, acc, c)[:] = rm0, rv0
+        device.view(CNT, np.int64, 1)[0] = batches
+        cuda._run_forward(0, pl, dtype, X, Y, M, V, I, G, B, 1e-5, WS, running=(RM, RV, momentum, CNT))
+        assert device.view(CNT, np.int64, 1)[0] == batches + 1
+        f = 1.0 / (batches + 1) if momentum is None else momentum
+        np.testing.assert_allclose(device.view(RM, acc, c), (1 - f) * rm0 + f * cr.mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(device.view(RV, acc, c), (1 - f) * rv0 + f * cr.var * count / (count - 1),
+                                   rtol=1e-5, atol=1e-5)
     device.view(RM, acc, c)[:], device.view(RV, acc, c)[:] = cr.mean, cr.var                 # eval with these
     cuda._run_apply(0, pl, dtype, X, Y, RM, RV, G, B, 1e-5, from_var=True)
     assert np.abs(from_kernel(device.load(Y, t, x64.size)) - yr).max() <= tol * np.abs(yr).max()
@@ -364,15 +388,8 @@ def test_torch_interface_end_to_end_on_an_emulated_device(monkeypatch, shape, ch
     """forward_torch, backward_torch and inference_torch with CPU tensors standing in for CUDA ones
     (the CUDA check, stream, SM count and launches replaced by the emulated device): layouts, output
     allocation and memory format, parameter dtypes, and results against float64 torch."""
-    import contextlib
     torch = pytest.importorskip("torch")
-    device = _EmulatedDevice()
-    monkeypatch.setattr(cuda, "_launch", device.launch)
-    monkeypatch.setattr(cuda, "_check_cuda_tensor", lambda x, name: None)
-    monkeypatch.setattr(cuda, "_torch_stream", lambda d: 0)
-    monkeypatch.setattr(cuda, "_sm_count", lambda d: 2)
-    monkeypatch.setattr(cuda, "_on_stream", lambda d, s: contextlib.nullcontext())
-    monkeypatch.setattr(cuda, "_workspaces", {})
+    _emulated_torch_device(monkeypatch)
     gen = torch.Generator().manual_seed(sum(shape))
     tdtype = getattr(torch, dtype)
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3).to(tdtype)
@@ -401,6 +418,172 @@ def test_torch_interface_end_to_end_on_an_emulated_device(monkeypatch, shape, ch
         torch.testing.assert_close(db.double(), b64.grad, rtol=1e-4, atol=1e-4)
     y_eval = cuda.inference_torch(x, mean, var, w, b, 1e-5)
     assert y_eval.stride() == x.stride() and (y_eval.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def _emulated_torch_device(monkeypatch):
+    """The emulated device behind forward_torch/backward_torch/inference_torch, CPU tensors standing
+    in for CUDA ones."""
+    device = _EmulatedDevice()
+    monkeypatch.setattr(cuda, "_launch", device.launch)
+    monkeypatch.setattr(cuda, "_check_cuda_tensor", lambda x, name: None)
+    monkeypatch.setattr(cuda, "_torch_stream", lambda d: 0)
+    monkeypatch.setattr(cuda, "_sm_count", lambda d: 2)
+    monkeypatch.setattr(cuda, "_workspaces", {})
+    return device
+
+
+@pytest.mark.parametrize("dtype,channels_last", [("float32", False), ("bfloat16", True), ("float64", False),
+                                                 ("float16", True)])
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0])
+def test_forward_torch_updates_running_statistics_as_torch_does(monkeypatch, dtype, channels_last, momentum):
+    """forward_torch(..., running_mean, running_var, momentum, num_batches_tracked) on the emulated
+    device, three batches, against torch.nn.functional.batch_norm's own update in float64 (momentum
+    None: torch.nn.BatchNorm's cumulative average, 1 / num_batches_tracked after the count)."""
+    torch = pytest.importorskip("torch")
+    _emulated_torch_device(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    acc = torch.float64 if dtype == "float64" else torch.float32
+    rm, rv = torch.randn(5, generator=gen, dtype=acc), torch.rand(5, generator=gen, dtype=acc) + 0.5
+    nbt = torch.tensor(2, dtype=torch.int64)
+    rm64, rv64, n = rm.double(), rv.double(), 2
+    for step in range(3):
+        x = (torch.randn(6, 5, 4, 3, generator=gen, dtype=torch.float64) * 3 + 2).to(getattr(torch, dtype))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        versions = rm._version, rv._version, nbt._version
+        y, mean, var, inv_std = cuda.forward_torch(x, None, None, 1e-5, running_mean=rm, running_var=rv,
+                                                   momentum=momentum, num_batches_tracked=nbt)
+        n += 1
+        f = 1.0 / n if momentum is None else momentum
+        torch.nn.functional.batch_norm(x.double(), rm64, rv64, training=True, momentum=f, eps=1e-5)
+        assert int(nbt) == n and rm.dtype == rv.dtype == acc
+        tol = 1e-12 if dtype == "float64" else 1e-5
+        torch.testing.assert_close(rm.double(), rm64, rtol=tol, atol=tol)
+        torch.testing.assert_close(rv.double(), rv64, rtol=tol, atol=tol)
+        assert rm._version > versions[0] and rv._version > versions[1] and nbt._version > versions[2]
+
+
+def test_forward_torch_rejects_bad_running_statistics_and_changes_nothing(monkeypatch):
+    torch = pytest.importorskip("torch")
+    device = _emulated_torch_device(monkeypatch)
+    launched = []
+    monkeypatch.setattr(cuda, "_launch", lambda *a, **k: launched.append(a[1]) or device.launch(*a, **k))
+    x = torch.randn(4, 3, 5)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(7)
+    cases = [
+        (dict(running_mean=rm.double(), running_var=rv), TypeError, "running_mean must be a contiguous torch.float32"),
+        (dict(running_mean=rm, running_var=torch.ones(4)), TypeError, "running_var must be a contiguous"),
+        (dict(running_mean=rm, running_var=torch.ones(6)[::2]), TypeError, "running_var must be a contiguous"),
+        (dict(running_mean=rm, running_var=[1.0, 1.0, 1.0]), TypeError, "running_var must be a torch.Tensor"),
+        (dict(running_mean=rm, running_var=None), TypeError, "running_var must be a torch.Tensor"),
+        (dict(num_batches_tracked=nbt), ValueError, "num_batches_tracked is counted only with"),
+        (dict(running_mean=rm, running_var=rv, momentum=None), ValueError, "momentum=None .* needs num_batches"),
+        (dict(running_mean=rm, running_var=rv, momentum=1.5), ValueError, "momentum must be a number in \\[0, 1\\]"),
+        (dict(running_mean=rm, running_var=rv, num_batches_tracked=torch.tensor(7.0)), TypeError,
+         "num_batches_tracked must be an int64 tensor"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            cuda.forward_torch(x, None, None, 1e-5, **kwargs)
+    assert launched == [] and (rm == 0).all() and (rv == 1).all() and int(nbt) == 7
+
+
+def test_driver_launch_passes_every_argument_at_its_kernel_parameter(monkeypatch):
+    """bnlib.cuda._launch's "driver" path with a stand-in for CuPy: each launch of a training step and
+    an eval forward reaches cuLaunchKernel with 3-D sizes, the stream, and a table whose k-th entry
+    points at the k-th argument, read back here with the kernel's own parameter types; the device is
+    switched (and restored) when another is current, and a context is made current once per thread
+    and device. The "cupy" path hands CuPy the same arguments and the stream object."""
+    import ctypes
+    import types
+    sigs = _kernel_signatures()
+    launches, events = [], []
+    current = [1]
+
+    class Device:
+        def __init__(self, d):
+            self.d = d
+
+        def __enter__(self):
+            events.append(("enter", self.d))
+            self.prev, current[0] = current[0], self.d
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+            events.append(("exit", self.d))
+
+    def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        # the values the table points at now (the driver copies them during the launch)
+        raw = [ctypes.string_at(ctypes.c_uint64.from_address(params + 8 * k).value, 8) for k in range(cuda._MAX_ARGS)]
+        launches.append((f, (gx, gy, gz), (bx, by, bz), shared, stream, raw, extra, current[0]))
+
+    class Function:
+        def __init__(self, name):
+            self.ptr, self.name = 1000 + len(cuda.kernel_names()) + hash(name) % 997, name
+
+        def __call__(self, grid, block, args, stream=None):
+            launches.append(("cupy", self.name, grid, block, args, stream))
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: current[0], memGetInfo=lambda: events.append("context")),
+        driver=types.SimpleNamespace(launchKernel=launch_kernel), Device=Device,
+        get_current_stream=lambda: types.SimpleNamespace(ptr=555),
+        Stream=types.SimpleNamespace(null="null stream"), ExternalStream=lambda ptr, dev=None: ("external", ptr, dev))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    functions = {}
+    monkeypatch.setattr(cuda, "_function", lambda dev, name: functions.setdefault(name, Function(name)))
+    monkeypatch.setattr(cuda, "_streams", {})
+    monkeypatch.setattr(cuda, "_thread", __import__("threading").local())
+    monkeypatch.setattr(cuda, "LAUNCHER", "driver")
+    import struct
+    for dtype in ("float32", "float64", "bfloat16"):
+        codes = {"ptr": "<Q", "int32": "<i", "int64": "<q", "acc": "<d" if dtype == "float64" else "<f"}
+        for rows, c, l in [(256, 64, 3136), (300, 2, 1)]:
+            pl = cuda.plan(rows, c, l, dtype, True, 132)
+            sent = []
+            record = lambda dev, name, grid, block, args, stream=None: (sent.append((name, args, stream)),
+                                                                        real(dev, name, grid, block, args, stream))
+            real = cuda._launch
+            monkeypatch.setattr(cuda, "_launch", record)
+            launches.clear()
+            cuda._run_forward(0, pl, dtype, 256, 512, 768, 1024, 1280, 1536, 0, 1e-5, 4096, 4352,
+                              running=(4608, 4864, None, 5120))
+            cuda._run_backward(0, pl, dtype, 256, 512, 768, 1024, 1280, 0, 1536, 1792, 4096, None)
+            cuda._run_apply(0, pl, dtype, 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
+            monkeypatch.setattr(cuda, "_launch", real)
+            assert len(launches) == len(sent) == 7
+            for (name, args, stream), (f, grid, block, shared, s, raw, extra, dev_then) in zip(sent, launches):
+                kinds = sigs[name.split("<")[0]]
+                assert f == functions[name].ptr and shared == 0 and extra == 0 and dev_then == 0
+                assert s == (555 if stream is None else stream) and len(grid) == len(block) == 3
+                for k, (a, kind) in enumerate(zip(args, kinds)):
+                    got = struct.unpack_from(codes[kind], raw[k])[0]
+                    assert got == a, (name, k, kind, got, a)
+    assert current == [1] and events.count("context") == 1                 # device 0 restored to 1
+    assert events[:3] == [("enter", 0), "context", ("exit", 0)]
+    monkeypatch.setattr(cuda, "LAUNCHER", "cupy")
+    launches.clear()
+    current[0] = 0
+    pl = cuda.plan(8, 3, 1030, "float32", True, 2)
+    cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
+    cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=77)
+    assert [(l[0], l[5]) for l in launches] == [("cupy", "null stream"), ("cupy", ("external", 77, 0))]
+    monkeypatch.setattr(cuda, "LAUNCHER", "fast")
+    with pytest.raises(ValueError, match="must be 'driver' or 'cupy', got 'fast'"):
+        cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
+
+
+def test_pack_arguments_types_and_errors():
+    vals, table, addr = cuda.pack_arguments((np.uint64(2 ** 63 + 5), np.int32(-3), np.float32(0.1), np.float64(2.5),
+                                             np.int64(-2 ** 40)))
+    assert int(table[0]) == vals.ctypes.data and addr == table.ctypes.data and (np.diff(table[:5]) == 8).all()
+    assert int(vals[0]) == 2 ** 63 + 5 and vals.view(np.int32)[2] == -3 and vals.view(np.float32)[4] == np.float32(0.1)
+    assert vals.view(np.float64)[3] == 2.5 and vals.view(np.int64)[4] == -2 ** 40
+    with pytest.raises(TypeError, match="got int, float"):
+        cuda.pack_arguments((np.uint64(1), 3, 0.5))
+    with pytest.raises(ValueError, match="at most 32 kernel arguments, got 33"):
+        cuda.pack_arguments((np.int32(0),) * 33)
 
 
 def test_grids_fill_the_card_on_the_benchmark_shapes():

@@ -373,9 +373,11 @@ def test_cnn_trains_under_cpu_autocast_bfloat16_like_torch():
 
 # The torch-level kernels chapter 05 adds to bnlib.cuda (forward_torch, backward_torch, inference_torch),
 # written here in torch with the contract bnlib.nn relies on, to test bnlib.nn's side of it on the CPU.
-def _contract_forward(x, weight, bias, eps):
+def _contract_forward(x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1,
+                      num_batches_tracked=None):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     assert all(p is None or p.dtype == acc for p in (weight, bias)), "weight/bias: None or float32/float64"
+    assert all(t is None or (t.dtype == acc and t.is_contiguous()) for t in (running_mean, running_var))
     axes, shape = [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
     xc = x.to(acc)
     mean, var = xc.mean(axes), xc.var(axes, unbiased=False)
@@ -383,6 +385,13 @@ def _contract_forward(x, weight, bias, eps):
     y = (xc - mean.reshape(shape)) * inv_std.reshape(shape)
     y = y if weight is None else y * weight.reshape(shape)
     y = y if bias is None else y + bias.reshape(shape)
+    if running_mean is not None:                # the update the kernels make in the same launches
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
+            f = 1.0 / int(num_batches_tracked) if momentum is None else momentum
+            count = x.numel() // x.shape[1]
+            running_mean.mul_(1 - f).add_(mean, alpha=f)
+            running_var.mul_(1 - f).add_(var * (count / (count - 1)), alpha=f)
     return y.to(x.dtype), mean, var, inv_std
 
 
@@ -406,20 +415,27 @@ def _contract_inference(x, running_mean, running_var, weight, bias, eps):
 
 @pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
                                                 (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
-def test_torch_level_kernel_hooks_are_used_with_their_contract(monkeypatch, dtype, param_dtype):
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torch_level_kernel_hooks_are_used_with_their_contract(monkeypatch, dtype, param_dtype, momentum):
     """bnlib.nn's side of bnlib.cuda.forward_torch/backward_torch/inference_torch, exercised on the CPU
-    with reference implementations of the contract (the real kernels need a GPU: -k cuda)."""
+    with reference implementations of the contract (the real kernels need a GPU: -k cuda). The
+    running statistics go to forward_torch when they have the compute dtype (updated there once,
+    not again by the module), and are updated by the module otherwise (float16 buffers)."""
     from bnlib import cuda
-    calls = []
+    calls, fused = [], []
 
     def spy(fn):
-        return lambda *a: calls.append(fn.__name__) or fn(*a)
+        def call(*a, **k):
+            calls.append(fn.__name__)
+            fused.append("running_mean" in k)
+            return fn(*a, **k)
+        return call
     monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
     for name, fn in [("forward_torch", _contract_forward), ("backward_torch", _contract_backward),
                      ("inference_torch", _contract_inference)]:
         monkeypatch.setattr(cuda, name, spy(fn), raising=False)
-    theirs = torch.nn.BatchNorm2d(3).to(param_dtype)
-    ours = bnn.BatchNorm2d(3).to(param_dtype)
+    theirs = torch.nn.BatchNorm2d(3, momentum=momentum).to(param_dtype)
+    ours = bnn.BatchNorm2d(3, momentum=momentum).to(param_dtype)
     gen = torch.Generator().manual_seed(1)
     tol = HALF_TOL.get(dtype, 1e-10 if dtype == torch.float64 else 1e-5)
     for step in range(3):
@@ -437,6 +453,7 @@ def test_torch_level_kernel_hooks_are_used_with_their_contract(monkeypatch, dtyp
             torch.testing.assert_close(got, want, atol=t * 10, rtol=t, msg=lambda m: f"{name}: {m}")
         theirs.weight.grad = theirs.bias.grad = ours.weight.grad = ours.bias.grad = None
     assert calls == ["_contract_forward", "_contract_backward"] * 2 + ["_contract_inference"]
+    assert fused[0] == fused[2] == (param_dtype != torch.float16)
 
 
 # ----------------------------------------------------------------------------- empty batches
@@ -729,5 +746,28 @@ def test_cuda_eval_and_running_stats_do_not_synchronize():
         ours(x)                                 # evaluation
         ours.train()
         ours(x)                                 # training step with momentum=0.1: running-stat update
+        ours.momentum = None
+        ours(x)                                 # and with momentum=None: the kernel reads the count itself
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_gpu
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_running_statistics_updated_by_the_kernels_match_torch(momentum, dtype):
+    """Five training steps: running_mean, running_var and num_batches_tracked, updated inside bnlib's
+    forward launches (float32 buffers for bfloat16 input, as autocast keeps them), against torch's."""
+    theirs, ours = _cuda_pair(torch.nn.BatchNorm2d, bnn.BatchNorm2d, 6, torch.float64 if dtype == torch.float64
+                              else torch.float32)
+    theirs.momentum = ours.momentum = momentum
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for step in range(5):
+        x = (torch.randn(10, 6, 7, 7, device="cuda", generator=gen) * 2 + step).to(dtype)
+        with torch.no_grad():
+            theirs(x.to(theirs.running_mean.dtype) if dtype == torch.bfloat16 else x)
+            ours(x)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 5
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=tol, atol=tol, msg=name)
