@@ -209,11 +209,15 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="--gpu: also time torch.compile'd batch norm")
     parser.add_argument("--modules", action="store_true",
                         help="--gpu only: also time torch.nn vs bnlib.nn BatchNorm modules through autograd")
+    parser.add_argument("--launchers", nargs="+", default=[], choices=["driver", "cupy"],
+                        help="--gpu only: also time bnlib through these launch paths of bnlib.cuda")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.modules and not args.gpu:
         parser.error("--modules times the GPU modules and needs --gpu (the CPU benchmark has no module rows)")
+    if args.launchers and not args.gpu:
+        parser.error("--launchers chooses how CUDA kernels are launched and needs --gpu")
     if args.gpu:
         from bnlib import cuda                      # chapter 05; needs CuPy and a CUDA device
         if not cuda.available():
@@ -221,7 +225,7 @@ def main(argv=None) -> int:
             return 2
         from bnlib import bench as gpu                # chapter 05 appends bench_gpu to bnlib.bench
         rows = gpu.bench_gpu(repeats=args.repeats, progress=not args.no_progress, compile=args.compile,
-                             modules=args.modules)
+                             modules=args.modules, launchers=tuple(args.launchers))
         env, table = gpu.gpu_environment(), gpu.format_gpu_table(rows)
     else:
         rows = bench_cpu(repeats=args.repeats, threads=args.threads, progress=not args.no_progress)
@@ -292,8 +296,19 @@ def _module_pair(torch, shape, w, b):
     return pair
 
 
+def _with_launcher(cuda, launcher, fn):
+    """fn with bnlib.cuda's launches made through `launcher` ("driver" or "cupy") during the call."""
+    def call(i):
+        saved, cuda.LAUNCHER = cuda.LAUNCHER, launcher
+        try:
+            fn(i)
+        finally:
+            cuda.LAUNCHER = saved
+    return call
+
+
 def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, progress=True, compile=False,
-              compile_budget_s=60.0, modules=False):
+              compile_budget_s=60.0, modules=False, launchers=()):
     """bnlib.cuda's kernels (forward_torch, backward_torch) against torch.nn.functional.batch_norm
     (eager, and with compile=True also torch.compile'd) on the same GPU, in one process.
 
@@ -312,11 +327,16 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     of the 8-pass floor reached, kernel launches per step (bnlib) and the peak extra memory of a step
     (torch's allocator and CuPy's pool, beyond the inputs; bnlib's includes its cached workspace).
     Compiling stops after `compile_budget_s` seconds; later cases then have no compiled row.
+    `launchers` (e.g. ("cupy",)) adds rows "bnlib [cupy]" (and "bnlib.nn [cupy]"): the same calls
+    launched through another path of bnlib.cuda (LAUNCHER); every bnlib row records its launcher.
     """
     import time
 
     import torch
     from bnlib import cuda
+    unknown = [name for name in launchers if name not in ("driver", "cupy")]
+    if unknown:
+        raise ValueError(f"launchers must be 'driver' or 'cupy', got {unknown}")
     try:
         import cupy
         pool = cupy.get_default_memory_pool()
@@ -397,6 +417,9 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                     m(xs_req[i]).backward(dys[i])
 
                 impls[name] = (module_fwd, module_step)
+        for launcher in (name for name in launchers if name != cuda.LAUNCHER):
+            for base in [k for k in ("bnlib", "bnlib.nn") if k in impls]:
+                impls[f"{base} [{launcher}]"] = tuple(_with_launcher(cuda, launcher, fn) for fn in impls[base])
         if compiled is not None and compile_spent < compile_budget_s:
             t0 = time.perf_counter()
             try:
@@ -419,7 +442,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                 times[name][1].append(timed(lambda: step(j)))
         launch_counts = {}
         real_launch = cuda._launch
-        for name in [k for k in ("bnlib", "bnlib.nn") if k in impls]:
+        for name in [k for k in impls if k.startswith("bnlib")]:
             launches = []
             cuda._launch = lambda *a: (launches.append(a[1]), real_launch(*a))
             try:
@@ -441,6 +464,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                          "floor_fraction": floor8 / s, "tensor_mb": nbytes / 1e6,
                          "copy_bandwidth_gbs": bandwidth / 1e9, "peak_extra_mb": extra,
                          "launches_per_step": launch_counts.get(name)})
+            if name.startswith("bnlib"):
+                rows[-1]["launcher"] = name.split("[")[1].rstrip("]") if "[" in name else cuda.LAUNCHER
             if name in ("torch.nn", "bnlib.nn"):
                 rows[-1]["step_ratio_vs_module"] = s / float(np.median(times["torch.nn"][1]))
         del xs, dys, xs_req
@@ -449,12 +474,12 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
 
 def format_gpu_table(rows) -> str:
     """The GPU rows as a table; step/torch is the step time over torch eager's (lower is better)."""
-    lines = [f"{'shape':>20} {'dtype':>8} {'layout':>6} {'impl':>13} {'fwd ms':>8} {'step ms':>8} "
+    lines = [f"{'shape':>20} {'dtype':>8} {'layout':>6} {'impl':>16} {'fwd ms':>8} {'step ms':>8} "
              f"{'step/torch':>10} {'8-pass ms':>9} {'of floor':>8} {'launches':>8} {'extra MB':>9}"]
     for r in rows:
         launches = r.get("launches_per_step")
         extra = r.get("peak_extra_mb")
-        lines.append(f"{str(tuple(r['shape'])):>20} {r['dtype']:>8} {r['layout']:>6} {r['impl']:>13} "
+        lines.append(f"{str(tuple(r['shape'])):>20} {r['dtype']:>8} {r['layout']:>6} {r['impl']:>16} "
                      f"{r['forward_ms']:8.3f} {r['step_ms']:8.3f} {r['step_ratio']:10.2f} "
                      f"{r['floor_ms']:9.3f} {r['floor_fraction']:8.0%} {'' if launches is None else launches:>8} "
                      f"{'' if extra is None else f'{extra:.1f}':>9}")
@@ -468,7 +493,7 @@ def gpu_environment() -> dict:
     import torch
     from bnlib import cuda
     env = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-           "design": cuda.KERNEL_DESIGN,
+           "design": cuda.KERNEL_DESIGN, "launcher": cuda.LAUNCHER,
            "torch": torch.__version__, "cuda_torch": torch.version.cuda, "numpy": np.__version__}
     try:
         import cupy

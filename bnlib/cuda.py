@@ -18,7 +18,8 @@ KERNEL_DESIGN = 3        # design 2's kernels, plus the running-statistics updat
                          # and a lighter launch path (see "Launching"); recorded with results
 
 KERNEL_COMMON = r"""
-// Batch-norm kernels for bnlib.cuda, second design. T is the storage type (__half, bf16_t, float,
+// Batch-norm kernels for bnlib.cuda, third design (the second's, and the running-statistics update
+// in the forward's finalize). T is the storage type (__half, bf16_t, float,
 // double), A the accumulation type (float, or double for double data). V values of T make one
 // 16-byte vector load (V = 1: the scalar fallback for unaligned data). Two ways to walk a tensor:
 //   planes: (N, C, L) C-contiguous with large L (NCHW): block (c, b, s) owns channel c and walks

@@ -76,18 +76,28 @@ def test_bench_command_line_modules_flag_reaches_bench_gpu(tmp_path, monkeypatch
     assert bench.main(["--gpu", "--modules", "--repeats", "3", "--no-progress", "--json", str(out)]) == 0
     assert bench.main(["--gpu", "--repeats", "3", "--no-progress"]) == 0
     assert [kw["modules"] for kw in calls] == [True, False]
+    assert [kw["launchers"] for kw in calls] == [(), ()]
+    assert bench.main(["--gpu", "--launchers", "cupy", "driver", "--no-progress"]) == 0
+    assert calls[-1]["launchers"] == ("cupy", "driver")
     assert calls[0]["repeats"] == 3 and calls[0]["progress"] is False and calls[0]["compile"] is False
     assert json.loads(out.read_text()) == {"environment": {"gpu": "fake"}, "results": [{"impl": "torch.nn"}]}
 
 
-@pytest.mark.parametrize("argv", [["--modules"], ["--cpu", "--modules"]])
-def test_bench_command_line_modules_without_gpu_fails_clearly(argv, monkeypatch, capsys):
+@pytest.mark.parametrize("argv, flag", [(["--modules"], "--modules"), (["--cpu", "--modules"], "--modules"),
+                                        (["--launchers", "cupy"], "--launchers")])
+def test_bench_command_line_gpu_flags_without_gpu_fail_clearly(argv, flag, monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench_cpu", lambda **kw: pytest.fail("the CPU benchmark must not run"))
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "--modules" in err and "needs --gpu" in err
+    assert flag in err and "needs --gpu" in err
+
+
+def test_bench_command_line_rejects_an_unknown_launcher(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--gpu", "--launchers", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
 
 
 def test_python_dash_m_bench_help():

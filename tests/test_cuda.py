@@ -828,12 +828,59 @@ def test_at_most_six_launches_per_training_step_and_one_for_eval(monkeypatch):
 
 
 @needs_torch_gpu
+def test_both_launch_paths_give_identical_results(monkeypatch):
+    """The driver path (packed arguments, cuLaunchKernel) and CuPy's kernel call launch the same
+    kernels with the same arguments: bit-identical outputs, running statistics and counts."""
+    import torch
+    xs, dys, w, b = _torch_case((16, 8, 9, 9), "bfloat16", True, seed=2)
+    results = []
+    for launcher in ("driver", "cupy"):
+        monkeypatch.setattr(cuda, "LAUNCHER", launcher)
+        rm, rv, nbt = torch.zeros(8, device="cuda"), torch.ones(8, device="cuda"), torch.zeros((), dtype=torch.long,
+                                                                                               device="cuda")
+        y, mean, var, inv_std = cuda.forward_torch(xs, w, b, 1e-5, running_mean=rm, running_var=rv, momentum=None,
+                                                   num_batches_tracked=nbt)
+        dx, dw, db = cuda.backward_torch(dys, xs, mean, inv_std, w)
+        results.append([y, mean, var, inv_std, dx, dw, db, rm, rv, nbt, cuda.inference_torch(xs, rm, rv, w, b)])
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
+    assert int(results[0][9]) == 1
+
+
+@needs_torch_gpu
+def test_forward_torch_running_statistics_match_torch_on_the_gpu():
+    import torch
+    for dtype, cl, momentum in [("float32", False, 0.1), ("float16", True, None), ("float64", False, 0.3)]:
+        xs, _, w, b = _torch_case((12, 5, 6, 7), dtype, cl, seed=8)
+        acc = torch.float64 if dtype == "float64" else torch.float32
+        rm, rv = torch.randn(5, device="cuda", dtype=acc), torch.rand(5, device="cuda", dtype=acc) + 0.5
+        nbt = torch.tensor(3, device="cuda")
+        rm64, rv64 = rm.double(), rv.double()
+        cuda.forward_torch(xs, w, b, 1e-5, running_mean=rm, running_var=rv, momentum=momentum, num_batches_tracked=nbt)
+        f = 1 / 4 if momentum is None else momentum
+        torch.nn.functional.batch_norm(xs.double(), rm64, rv64, training=True, momentum=f)
+        tol = 1e-12 if dtype == "float64" else 1e-5
+        assert int(nbt) == 4 and _close(rm, rm64, tol) and _close(rv, rv64, tol)
+
+
+@needs_torch_gpu
 def test_bench_gpu_smoke():
     from bnlib import bench
     rows = bench.bench_gpu(shapes=[(8, 4, 8, 8), (64, 16)], repeats=2, rotate=2, progress=False)
     assert {r["impl"] for r in rows} == {"torch", "bnlib"}
     assert all(r["step_ms"] > 0 and 0 < r["floor_fraction"] for r in rows)
     assert all(r["launches_per_step"] == 6 for r in rows if r["impl"] == "bnlib")
+
+
+@needs_torch_gpu
+def test_bench_gpu_launchers_add_rows_through_the_other_path():
+    from bnlib import bench
+    rows = bench.bench_gpu(shapes=[(8, 4, 8, 8)], configs=[("float32", "NCHW")], repeats=2, rotate=2,
+                           progress=False, modules=True, launchers=("cupy",))
+    impls = {r["impl"]: r for r in rows}
+    assert set(impls) == {"torch", "bnlib", "torch.nn", "bnlib.nn", "bnlib [cupy]", "bnlib.nn [cupy]"}
+    assert impls["bnlib"]["launcher"] == cuda.LAUNCHER and impls["bnlib [cupy]"]["launcher"] == "cupy"
+    assert impls["bnlib [cupy]"]["launches_per_step"] == impls["bnlib.nn [cupy]"]["launches_per_step"] == 6
 
 
 @needs_torch_gpu

@@ -2,9 +2,10 @@
 # The GPU checks of chapter 05 in one run, for a machine with a CUDA GPU, CuPy and PyTorch
 # (e.g. the device tool: `run` this with `carry: [".whl"]` holding the nbval/ipykernel wheels that
 # tools/gpu_wheels.sh downloads). Every step has a timeout, so one slow step cannot eat the lease.
-# Writes logs and bnlib/data/gpu_bench_<card>_design2.json (results with card, date and versions: package
-# data, so a chapter run alone on Colab finds it); with $OUT set (the device tool), copies of
-# everything land there too.
+# Writes logs, bnlib/data/gpu_bench_<card>_design<N>.json (results with card, date and versions: package
+# data, so a chapter run alone on Colab finds it; N = bnlib.cuda.KERNEL_DESIGN, so an earlier design's
+# recording is never overwritten) and bnlib/data/gpu_profile_<card>_design<N>.json (host time against
+# GPU time per step, tools/gpu_profile.py); with $OUT set (the device tool), copies land there too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
@@ -15,9 +16,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 BNLIB_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-# 0. preflight: CuPy and torch see the GPU and NVRTC really compiles the kernels (CuPy 14's RawModule
-#    is lazy: .compile() forces it); stop here with the reason otherwise
-timeout 150 python3 -c "
+# 0. preflight: CuPy and torch see the GPU, NVRTC really compiles the kernels (CuPy 14's RawModule
+#    is lazy: .compile() forces it), and one forward with the running statistics is right. Through
+#    bnlib.cuda's driver launch path first; if that fails, through CuPy's kernel call (the rest of the
+#    run then uses it, and the run is marked failed); stop here with the reason if both fail.
+preflight() {
+BNLIB_CUDA_LAUNCH="$1" timeout 150 python3 -c "
 import time, cupy, torch
 from bnlib import cuda
 assert cuda.available(), 'no GPU for CuPy'
@@ -26,36 +30,49 @@ t = time.perf_counter()
 cuda.module().compile()
 print('CuPy', cupy.__version__, '| torch', torch.__version__, '|', torch.cuda.get_device_name(),
       '| kernel design', cuda.KERNEL_DESIGN, '|', len(cuda.kernel_names()), 'kernels compiled in',
-      round(time.perf_counter() - t, 1), 's')
+      round(time.perf_counter() - t, 1), 's | launcher', cuda.LAUNCHER)
 x = torch.randn(64, 16, 28, 28, device='cuda')
-y, mean, var, inv_std = cuda.forward_torch(x, None, None, 1e-5)
+rm, rv = torch.zeros(16, device='cuda'), torch.ones(16, device='cuda')
+nbt = torch.zeros((), dtype=torch.long, device='cuda')
+y, mean, var, inv_std = cuda.forward_torch(x, None, None, 1e-5, running_mean=rm, running_var=rv, momentum=None,
+                                           num_batches_tracked=nbt)
 torch.cuda.synchronize()
 err = (y.double() - torch.nn.functional.batch_norm(x.double(), None, None, training=True)).abs().max().item()
-print('smoke: forward_torch max error vs float64 torch', err)
-assert err < 1e-4, err
-" 2>&1 | tee "$OUT/preflight.log" || { echo "preflight failed: see preflight.log"; exit 1; }
+n = x.numel() // 16
+stats = max((rm - mean).abs().max().item(), (rv - var * n / (n - 1)).abs().max().item())
+print('smoke: forward_torch max error vs float64 torch', err, '| running statistics', stats, '| count', int(nbt))
+assert err < 1e-4 and stats < 1e-6 and int(nbt) == 1, (err, stats, int(nbt))
+"
+}
 status=0
+if ! preflight driver 2>&1 | tee "$OUT/preflight.log"; then
+    echo "preflight through the driver launch path failed: retrying through CuPy's kernel call" | tee -a "$OUT/preflight.log"
+    preflight cupy 2>&1 | tee -a "$OUT/preflight.log" || { echo "preflight failed: see preflight.log"; exit 1; }
+    export BNLIB_CUDA_LAUNCH=cupy
+    status=1
+fi
 # 1. kernels against the float64 reference (CuPy arrays and torch tensors, every dtype and layout,
 #    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
 #    the CPU-only tests of test_cuda.py (replays, emulated device, nvcc) ran where the code was written
 timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
-    -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles" \
+    -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles and not driver_launch" \
     2>&1 | tee "$OUT/test_cuda.log" || status=1
 timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
     2>&1 | tee "$OUT/test_nn_cuda.log" || status=1
-# 2. the benchmark, once, with torch.compile (its compile time is capped inside bench_gpu), recorded
-#    with card, date, versions and kernel design; the first design's recording stays as it is
+# 2. the benchmark, once: torch eager and torch.compile (its compile time is capped inside bench_gpu),
+#    bnlib's bare kernels, and the like-for-like module pair (torch.nn vs bnlib.nn, both through
+#    autograd), bnlib through both launch paths of bnlib.cuda; recorded with card, date, versions,
+#    kernel design and launcher
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name())" | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
-json="bnlib/data/gpu_bench_${card}_design2.json"
-timeout 240 python3 -m bnlib.bench --gpu --compile --repeats 20 --no-progress --json "$json" \
-    2>&1 | tee "$OUT/bench_gpu.log" || status=1
+design=$(python3 -c "from bnlib import cuda; print(cuda.KERNEL_DESIGN)")
+json="bnlib/data/gpu_bench_${card}_design${design}.json"
+timeout 300 python3 -m bnlib.bench --gpu --compile --modules --launchers cupy --repeats 20 --no-progress \
+    --json "$json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 cp "$json" "$OUT/" 2>/dev/null || true
-# 2b. the like-for-like comparison (torch.nn vs bnlib.nn, both through autograd; --modules: bench_gpu(modules=True),
-#     never run on a GPU before this script's next run), recorded beside the benchmark
-fair="bnlib/data/gpu_bench_${card}_design2_modules.json"
-timeout 180 python3 -m bnlib.bench --gpu --modules --repeats 20 --no-progress --json "$fair" \
-    2>&1 | tee "$OUT/bench_gpu_modules.log" || status=1
-cp "$fair" "$OUT/" 2>/dev/null || true
+# 2b. where a step's time goes: host time against kernel time, per implementation and launch path
+profile="bnlib/data/gpu_profile_${card}_design${design}.json"
+timeout 150 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_profile.log" || status=1
+cp "$profile" "$OUT/" 2>/dev/null || true
 # 3. chapter 05 under nbval, as the course's tests run it (needs nbval and ipykernel: carried wheels)
 if python3 -c "import nbval, ipykernel" 2>"$OUT/nbval_05.log"; then
     timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval --nbval-current-env \

@@ -1,11 +1,11 @@
 """Host (Python) time per training step of bnlib's CUDA route, measured on the CPU (issue 10).
 
-CPU tensors stand in for CUDA ones and the GPU-only pieces are stubbed out: kernel launches are
-no-ops, and the CUDA-tensor check, torch's stream, the SM count and the CuPy stream context are
-replaced, as in tests/test_cuda.py's emulated-device test. What remains is bnlib's Python path:
-argument checks, tensor allocations, launch-argument packing, the autograd Function and the
-running-statistics update. Not a GPU measurement: on a GPU every torch operation also pays a
-launch, and CuPy's launch and stream contexts cost more than these stubs.
+CPU tensors stand in for CUDA ones and the GPU-only pieces are stubbed out: CuPy is replaced by a
+stand-in whose cuLaunchKernel does nothing, and the CUDA-tensor check, torch's stream and the SM
+count are replaced, as in tests/test_cuda.py. What remains is bnlib's Python path: argument checks,
+tensor allocations, bnlib.cuda's launch path up to the driver call (argument packing included, for
+the default "driver" launcher), the autograd Function and the running-statistics update. Not a GPU
+measurement: on a GPU every torch operation also pays a launch, and so does every driver call.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python tools/profile_host_step.py [steps] [--profile]
 
@@ -13,11 +13,11 @@ Prints microseconds per step (best of 5 rounds) for forward_torch + backward_tor
 bnlib.nn.BatchNorm2d forward + backward + running-statistics update, and, for scale, an empty
 autograd.Function with a backward (the floor of any Python autograd wrapper).
 """
-import contextlib
 import cProfile
 import pstats
 import sys
 import time
+import types
 
 import torch
 
@@ -52,11 +52,19 @@ def _per_step_us(step, steps, rounds=5):
 
 def main(steps=3000, profile=False):
     torch.set_num_threads(1)
-    cuda._launch = lambda dev, name, grid, block, args: None
+    fake = types.ModuleType("cupy")          # CuPy with a driver whose launches do nothing (device None:
+    #                                          a CPU tensor's device index, so no device switch)
+    fake.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: None, memGetInfo=lambda: (0, 0)),
+        driver=types.SimpleNamespace(launchKernel=lambda *args: None),
+        get_current_stream=lambda: types.SimpleNamespace(ptr=0))
+    sys.modules["cupy"] = fake
+    function = types.SimpleNamespace(ptr=1)
+    cuda._function = lambda dev, name: function
+    cuda.LAUNCHER = "driver"
     cuda._check_cuda_tensor = lambda x, name: None
     cuda._torch_stream = lambda device: 0
     cuda._sm_count = lambda dev: 132
-    cuda._on_stream = lambda dev, stream: contextlib.nullcontext()
     bnn._torch_kernels = lambda x: True
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 4, 4, generator=gen)

@@ -1,0 +1,203 @@
+"""Where the time of one batch-norm training step goes on a GPU: host time against GPU time.
+
+The design-2 benchmark found bnlib's steps slower than torch's on the small tensors, where no
+kernel moves much memory, and bnlib.nn's module step 0.46-0.66 ms slower than its bare kernels. A
+CPU profile with the kernels stubbed out (tools/profile_host_step.py) saw only ~60 us of Python
+there. This script answers on the card itself, for a few shapes, for each implementation:
+
+- host_us: wall time per call on the host, calls queued back to back without synchronising
+  (what the Python and launch work costs; the GPU runs behind);
+- step_us: wall time per call with a synchronisation after each (what a caller waits);
+- gpu_us: the sum of the kernel durations of one call, from the CUDA profiler (CUPTI sees CuPy's
+  kernels as well as torch's), and the kernels that make it up;
+- for bnlib, each of the launch paths of bnlib.cuda ("driver" and "cupy"), and the host cost of one
+  bare launch through each;
+- a cProfile of bnlib.nn's module step: the Python functions with the most own time.
+
+If host_us > gpu_us, the step is host-bound: a faster kernel cannot help, fewer or cheaper host
+operations can. Usage (tools/gpu_check.sh runs it): python tools/gpu_profile.py --json PATH
+Every section records its error instead of stopping the others.
+"""
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CASES = [((64, 128, 28, 28), "float32", "NCHW"), ((64, 128, 28, 28), "bfloat16", "NHWC"),
+         ((256, 64, 56, 56), "float32", "NCHW")]
+
+
+def make_impls(torch, cuda, bnn, x, dy, w, b):
+    """name -> (step function, launcher or None): a training step, forward and backward."""
+    xr = x.detach().requires_grad_()
+    c = x.shape[1]
+    tnn, bnl = torch.nn.BatchNorm2d(c, device="cuda"), bnn.BatchNorm2d(c, device="cuda")
+
+    def torch_step():
+        xr.grad = None
+        torch.nn.functional.batch_norm(xr, None, None, w, b, training=True).backward(dy)
+
+    def bnlib_step():
+        _, mean, _, inv_std = cuda.forward_torch(x, w, b, 1e-5)
+        cuda.backward_torch(dy, x, mean, inv_std, w)
+
+    def module_step(m):
+        def step():
+            xr.grad = None
+            m.zero_grad(set_to_none=True)
+            m(xr).backward(dy)
+        return step
+
+    impls = {"torch": (torch_step, None), "torch.nn": (module_step(tnn), None)}
+    for launcher in ("driver", "cupy"):
+        impls[f"bnlib [{launcher}]"] = (bnlib_step, launcher)
+        impls[f"bnlib.nn [{launcher}]"] = (module_step(bnl), launcher)
+    return impls
+
+
+def host_and_step_us(torch, fn, calls=50):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    return 1e6 * host, 1e6 * float(np.median(walls))
+
+
+def kernel_times_us(torch, fn, steps=10):
+    """(total kernel time per step, [(kernel, us per step), ...], {CUDA API call: calls per step})
+    from torch.profiler (CUPTI records kernels and runtime/driver calls of the whole process, CuPy's
+    included: a cudaStreamSynchronize or cudaDeviceSynchronize there is a host sync in the step)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel, api = {}, {}
+    for evt in prof.events():
+        kind = str(getattr(evt, "device_type", ""))
+        if not kind.endswith("CUDA"):
+            if evt.name.startswith("cu"):
+                api[evt.name] = api.get(evt.name, 0) + 1 / steps
+            continue
+        t = getattr(evt, "device_time", None)
+        if t is None:
+            t = getattr(evt, "cuda_time", 0.0)
+        per_kernel[evt.name] = per_kernel.get(evt.name, 0.0) + float(t)
+    top = sorted(((k[:90], v / steps) for k, v in per_kernel.items()), key=lambda kv: -kv[1])
+    return sum(v for _, v in top), top[:8], api
+
+
+def launch_us(torch, cuda, calls=200):
+    """Host time of one bare launch (a normalize of a tiny tensor) through each launch path."""
+    x = torch.randn(4, 3, 8, device="cuda")
+    y = torch.empty_like(x)
+    ones, zeros = torch.ones(3, device="cuda"), torch.zeros(3, device="cuda")
+    dev, stream = x.device.index, torch.cuda.current_stream().cuda_stream
+    pl = cuda.plan(4, 3, 8, "float32", True, cuda._sm_count(dev))
+    out = {}
+    for launcher in ("driver", "cupy"):
+        cuda.LAUNCHER = launcher
+        args = (dev, pl, "float32", x.data_ptr(), y.data_ptr(), zeros.data_ptr(), ones.data_ptr(), 0, 0, 1e-5)
+        for _ in range(10):
+            cuda._run_apply(*args, from_var=True, stream=stream)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            cuda._run_apply(*args, from_var=True, stream=stream)
+        out[launcher] = 1e6 * (time.perf_counter() - t0) / calls
+        torch.cuda.synchronize()
+    cuda.LAUNCHER = "driver"
+    return out
+
+
+def profile_module(torch, step, calls=100):
+    step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+    lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
+    return {"calls": calls, "lines": lines[-15:]}
+
+
+def guarded(record, key, fn):
+    try:
+        record[key] = fn()
+    except Exception as exc:                   # record and go on: one failure must not cost the others
+        record[key] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
+        print(f"{key}: {type(exc).__name__}: {exc}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    import torch
+    from bnlib import bench, cuda
+    from bnlib import nn as bnn
+    result = {"environment": bench.gpu_environment(), "cases": []}
+    guarded(result, "launch_host_us", lambda: launch_us(torch, cuda))
+    print("one bare launch, host us:", result["launch_host_us"])
+    for shape, dtype, layout in CASES:
+        fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(shape, device="cuda", generator=g).to(getattr(torch, dtype)).contiguous(memory_format=fmt)
+        dy = torch.randn(shape, device="cuda", generator=g).to(getattr(torch, dtype)).contiguous(memory_format=fmt)
+        w, b = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
+        case = {"shape": list(shape), "dtype": dtype, "layout": layout, "impls": {}}
+        for name, (fn, launcher) in make_impls(torch, cuda, bnn, x, dy, w, b).items():
+            cuda.LAUNCHER = launcher or "driver"
+            row = case["impls"][name] = {}
+            guarded(row, "host_step", lambda: host_and_step_us(torch, fn))
+            guarded(row, "kernels", lambda: kernel_times_us(torch, fn))
+            if isinstance(row["host_step"], tuple) and isinstance(row["kernels"], tuple):
+                (host, step), (gpu, top, api) = row.pop("host_step"), row.pop("kernels")
+                row.update(host_us=host, step_us=step, gpu_us=gpu, top_kernels=top, cuda_api_calls=api)
+                syncs = sum(v for k, v in api.items() if "ynchronize" in k)
+                print(f"{str(shape):>18} {dtype:>8} {layout} {name:>18}: host {host:7.1f} us, "
+                      f"step {step:7.1f} us, kernels {gpu:7.1f} us, syncs/step {syncs:.1f}")
+        cuda.LAUNCHER = "driver"
+        result["cases"].append(case)
+        if shape == CASES[0][0] and dtype == CASES[0][1]:
+            m = bnn.BatchNorm2d(shape[1], device="cuda")
+            xr = x.detach().requires_grad_()
+
+            def module_step():
+                xr.grad = None
+                m(xr).backward(dy)
+            guarded(result, "cprofile_bnlib_nn", lambda: profile_module(torch, module_step))
+            print("\n".join(result["cprofile_bnlib_nn"].get("lines", [])))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+        print("wrote", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
