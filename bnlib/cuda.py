@@ -1034,6 +1034,8 @@ def _torch_vector(v, name, c, acc, device, required=False):
                         f"{v.device if isinstance(v, torch.Tensor) else type(v).__name__}")
     if v.numel() != c:
         raise ValueError(f"{name} must have shape ({c},), got {tuple(v.shape)}")
+    if v.dtype == acc and v.dim() == 1 and v.is_contiguous():     # the usual case: no new tensor object
+        return v
     return v.reshape(c).to(acc).contiguous()
 
 
