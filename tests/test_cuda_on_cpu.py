@@ -1,0 +1,160 @@
+"""bnlib.cuda's real CUDA kernels, run on the CPU (no GPU here).
+
+tests/cuda_cpu_shim.h turns KERNEL_SOURCE into ordinary C++ (one std::thread per CUDA thread,
+barriers for __syncthreads and warp shuffles), g++ builds it, and a stand-in for CuPy routes
+bnlib.cuda's driver launches (the packed argument table included) into it. CPU torch tensors stand
+in for CUDA ones: their addresses are what the kernels read and write. So forward_torch,
+backward_torch and inference_torch run end to end, host code and kernels both, and are compared
+with float64 torch over shapes that take both walks, every storage dtype, channels-last and
+unaligned data, and the running-statistics update. Speed, and the GPU's memory model, stay for
+tools/gpu_check.sh on a real GPU.
+"""
+import ctypes
+import math
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnlib import cuda
+
+torch = pytest.importorskip("torch")
+SHIM = Path(__file__).with_name("cuda_cpu_shim.h")
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    names = cuda.kernel_names()
+    table = ("std::map<std::string, emu_kernel>& emu_table() {\n    static std::map<std::string, emu_kernel> t = {\n"
+             + ",\n".join(f'        {{"{n}", [](void** p) {{ emu_invoke(&{n}, p); }}}}' for n in names)
+             + "\n    };\n    return t;\n}\n")
+    source = SHIM.read_text() + cuda.KERNEL_SOURCE.replace("#include <cuda_fp16.h>", "") + table
+    build = tmp_path_factory.mktemp("cuda_on_cpu")
+    (build / "kernels.cpp").write_text(source)
+    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-o", str(build / "kernels.so"),
+                           str(build / "kernels.cpp")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lib = ctypes.CDLL(str(build / "kernels.so"))
+    lib.bn_emu_launch.restype = ctypes.c_int
+    lib.bn_emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [ctypes.c_void_p]
+    return lib
+
+
+@pytest.fixture
+def on_cpu(emulator, monkeypatch):
+    """bnlib.cuda wired to the emulator: CPU tensors pass as CUDA ones, launches run the kernels."""
+    names, launched = {}, []
+
+    def function(dev, name):
+        names.setdefault(name, len(names) + 1)
+        return types.SimpleNamespace(ptr=names[name])
+
+    def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        name = next(n for n, i in names.items() if i == f)
+        launched.append(name)
+        assert shared == 0 and extra == 0
+        rc = emulator.bn_emu_launch(name.encode(), gx, gy, gz, bx, by, bz, params)
+        assert rc == 0, (name, rc)
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: None, memGetInfo=lambda: (0, 0)),
+        driver=types.SimpleNamespace(launchKernel=launch_kernel),
+        get_current_stream=lambda: types.SimpleNamespace(ptr=0))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(cuda, "LAUNCHER", "driver")
+    monkeypatch.setattr(cuda, "_function", function)
+    monkeypatch.setattr(cuda, "_check_cuda_tensor", lambda x, name: None)
+    monkeypatch.setattr(cuda, "_torch_stream", lambda device: 0)
+    monkeypatch.setattr(cuda, "_sm_count", lambda dev: 1)       # small grids: few emulated blocks
+    monkeypatch.setattr(cuda, "_workspaces", {})
+    monkeypatch.setattr(cuda, "_thread", __import__("threading").local())
+    return launched
+
+
+def _case(shape, dtype, channels_last, aligned, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tdtype = getattr(torch, dtype)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 50).to(tdtype)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(tdtype)
+    if channels_last:
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+    if not aligned:                        # the same values one element past a 16-byte boundary
+        def shifted(t):
+            flat = torch.empty(t.numel() + 1, dtype=tdtype)[1:]
+            flat.copy_(t.reshape(-1) if not channels_last else t.permute(0, *range(2, t.dim()), 1).reshape(-1))
+            if channels_last:
+                perm_shape = (shape[0],) + shape[2:] + (shape[1],)
+                return flat.view(perm_shape).permute(0, t.dim() - 1, *range(1, t.dim() - 1))
+            return flat.view(shape)
+        x, dy = shifted(x), shifted(dy)
+        assert x.data_ptr() % 16 != 0
+    w = torch.rand(shape[1], generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(shape[1], generator=gen, dtype=torch.float64)
+    acc = torch.float64 if dtype == "float64" else torch.float32
+    return x, dy, w.to(acc), b.to(acc)
+
+
+TOL = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 2e-5, "float64": 1e-12}
+
+# (shape, channels_last): large planes walk planes, small planes and 2-D inputs walk columns, one
+# channel of a million values, C < 32 and C not a multiple of the vector, partial last rows
+CASES = [((4, 3, 32, 64), False), ((3, 5, 7, 9), False), ((6, 3, 5, 7), True), ((40, 3), False),
+         ((5, 70), False), ((2, 1, 1024, 512), False), ((3, 2, 2, 3, 300), False), ((2, 4, 3, 5, 6), True),
+         ((1, 2, 1, 4099), False)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("shape,channels_last", CASES)
+def test_kernels_on_the_cpu_match_float64_torch(on_cpu, shape, channels_last, dtype):
+    aligned = sum(shape) % 3 != 0                     # about a third of the cases unaligned (vector width 1)
+    x, dy, w, b = _case(shape, dtype, channels_last, aligned, seed=sum(shape))
+    acc = w.dtype
+    rm, rv = torch.zeros(shape[1], dtype=acc), torch.ones(shape[1], dtype=acc)
+    nbt = torch.tensor(0)
+    y, mean, var, inv_std = cuda.forward_torch(x, w, b, 1e-5, running_mean=rm, running_var=rv, momentum=None,
+                                               num_batches_tracked=nbt)
+    dx, dw, db = cuda.backward_torch(dy, x, mean, inv_std, w)
+    y_eval = cuda.inference_torch(x, rm, rv, w, b, 1e-5)
+    assert len(on_cpu) == 7
+    xr = x.double().requires_grad_()
+    wr, br = w.double().requires_grad_(), b.double().requires_grad_()
+    rm64, rv64 = torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64)
+    ref = torch.nn.functional.batch_norm(xr, rm64, rv64, wr, br, training=True, momentum=1.0, eps=1e-5)
+    ref.backward(dy.double())
+    tol = TOL[dtype]
+    scale = lambda t: max(1.0, t.abs().max().item())
+    assert y.dtype == dx.dtype == x.dtype and y.stride() == x.stride() and dx.stride() == x.stride()
+    assert (y.double() - ref).abs().max() <= tol * scale(ref)
+    assert (dx.double() - xr.grad).abs().max() <= tol * scale(xr.grad) * 4
+    dims = [0] + list(range(2, x.dim()))
+    torch.testing.assert_close(mean.double(), x.double().mean(dims), rtol=1e-5, atol=1e-6 * 50)
+    torch.testing.assert_close(var.double(), x.double().var(dims, unbiased=False), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dw.double(), wr.grad, rtol=1e-4, atol=1e-4 * scale(wr.grad))
+    torch.testing.assert_close(db.double(), br.grad, rtol=1e-4, atol=1e-4 * scale(br.grad))
+    assert int(nbt) == 1                                # momentum=None, first batch: running = batch
+    torch.testing.assert_close(rm.double(), rm64, rtol=1e-5, atol=1e-5 * 50)
+    torch.testing.assert_close(rv.double(), rv64, rtol=1e-4, atol=1e-6)
+    assert y_eval.stride() == x.stride()
+    ref_eval = torch.nn.functional.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(),
+                                              training=False, eps=1e-5)
+    assert (y_eval.double() - ref_eval).abs().max() <= tol * scale(ref_eval)
+
+
+def test_a_million_values_in_one_channel_far_from_zero(on_cpu):
+    """One channel of 2^20 float32 values with mean 1e4 and spread 1: the shifted sums keep the
+    variance (a one-pass sum of squares in float32 would lose it entirely)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 128, 128, generator=gen, dtype=torch.float64) + 1e4
+    y, mean, var, inv_std = cuda.forward_torch(x.float(), None, None, 1e-5)
+    exact = x.float().double()
+    assert abs(mean.item() - exact.mean().item()) < 1e-3
+    assert abs(var.item() / exact.var(unbiased=False).item() - 1) < 1e-4
+    assert (y.double() - (exact - exact.mean()) / exact.std(unbiased=False)).abs().max() < 1e-3
