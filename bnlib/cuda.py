@@ -215,7 +215,9 @@ bn_stats_planes(const T* __restrict__ x, int N, int C, long long LV, long long s
 // Forward, pass 1 (cols): thread (tx, ty) of block (bx, b) owns vector column vc = bx * TX + tx
 // (columns col0 = vc * V ... col0 + V - 1) and rows r = b * TY + ty, stepping by TY * gridDim.y.
 // Rows 0 .. Rfull - 1 are full; row Rfull (if total % Wf != 0) is partial. The TY row groups are
-// merged in shared memory; the block writes one partial per column at b * Wf + column.
+// merged in shared memory, a tree of log2(TY) levels over all V columns of a thread at once (the
+// second design merged one column at a time, TY - 1 merges in a row by one thread per column); the
+// block writes one partial per column at b * Wf + column.
 template <typename T, int V>
 __global__ void __launch_bounds__(TX * TY)
 bn_stats_cols(const T* __restrict__ x, long long total, long long Rfull, int Wf,
@@ -223,19 +225,28 @@ bn_stats_cols(const T* __restrict__ x, long long total, long long Rfull, int Wf,
     typedef typename Acc<T>::type A;
     if (counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0)
         *counter += 1;
-    __shared__ A sn[TY][TX], sm[TY][TX], sq[TY][TX];
-    const int vc = blockIdx.x * TX + threadIdx.x;
+    static_assert((TY & (TY - 1)) == 0, "the merge tree needs TY a power of 2");
+    __shared__ A sn[TY][V][TX], sm[TY][V][TX], sq[TY][V][TX];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int vc = blockIdx.x * TX + tx;
     const int col0 = vc * V;
     const bool active = col0 < Wf;
     const long long step = (long long)TY * gridDim.y;
-    const long long r0 = (long long)blockIdx.y * TY + threadIdx.y;
+    const long long r0 = (long long)blockIdx.y * TY + ty;
     A shift[V], s1[V], s2[V], cnt[V];
+    if (active && r0 < Rfull) {               // the shifts: the thread's first row, one vector load
+        const Vec<T, V> a = reinterpret_cast<const Vec<T, V>*>(x)[r0 * (Wf / V) + vc];
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-        const long long first = r0 * Wf + col0 + k;
-        shift[k] = (active && first < total) ? to_acc(x[first]) : A(0);
-        s1[k] = A(0); s2[k] = A(0); cnt[k] = A(0);
+        for (int k = 0; k < V; ++k) shift[k] = to_acc(a.v[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const long long first = r0 * Wf + col0 + k;
+            shift[k] = (active && first < total) ? to_acc(x[first]) : A(0);
+        }
     }
+#pragma unroll
+    for (int k = 0; k < V; ++k) { s1[k] = A(0); s2[k] = A(0); cnt[k] = A(0); }
     if (active) {
         const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
         const long long vw = Wf / V;
@@ -273,20 +284,32 @@ bn_stats_cols(const T* __restrict__ x, long long total, long long Rfull, int Wf,
             }
         }
     }
+    A n[V], m[V], q[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-        A n, m, q;
-        shifted_to_moments(cnt[k], shift[k], s1[k], s2[k], n, m, q);
-        sn[threadIdx.y][threadIdx.x] = n; sm[threadIdx.y][threadIdx.x] = m; sq[threadIdx.y][threadIdx.x] = q;
-        __syncthreads();
-        if (threadIdx.y == 0 && active) {
-            for (int j = 1; j < TY; ++j) chan_merge(n, m, q, sn[j][threadIdx.x], sm[j][threadIdx.x], sq[j][threadIdx.x]);
-            const long long p = (long long)blockIdx.y * Wf + col0 + k;
-            part[p] = n;
-            part[P + p] = m;
-            part[2 * P + p] = q;
+        shifted_to_moments(cnt[k], shift[k], s1[k], s2[k], n[k], m[k], q[k]);
+        sn[ty][k][tx] = n[k]; sm[ty][k][tx] = m[k]; sq[ty][k][tx] = q[k];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = TY / 2; h > 0; h >>= 1) {    // row group ty merges ty + h: rows below h are written,
+        if (ty < h) {                         // rows from h on are read, so no row is both
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                chan_merge(n[k], m[k], q[k], sn[ty + h][k][tx], sm[ty + h][k][tx], sq[ty + h][k][tx]);
+                sn[ty][k][tx] = n[k]; sm[ty][k][tx] = m[k]; sq[ty][k][tx] = q[k];
+            }
         }
         __syncthreads();
+    }
+    if (ty == 0 && active) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const long long p = (long long)blockIdx.y * Wf + col0 + k;
+            part[p] = n[k];
+            part[P + p] = m[k];
+            part[2 * P + p] = q[k];
+        }
     }
 }
 
@@ -489,8 +512,9 @@ bn_backward_reduce_cols(const T* __restrict__ dy, const T* __restrict__ x, long 
                         int W, int L, const typename Acc<T>::type* __restrict__ mean,
                         typename Acc<T>::type* __restrict__ part, long long P) {
     typedef typename Acc<T>::type A;
-    __shared__ A ss[TY][TX], st[TY][TX];
-    const int vc = blockIdx.x * TX + threadIdx.x;
+    __shared__ A ss[TY][V][TX], st[TY][V][TX];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int vc = blockIdx.x * TX + tx;
     const int col0 = vc * V;
     const bool active = col0 < Wf;
     A mu[V], s[V], t[V];
@@ -540,17 +564,26 @@ bn_backward_reduce_cols(const T* __restrict__ dy, const T* __restrict__ x, long 
         }
     }
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-        ss[threadIdx.y][threadIdx.x] = s[k]; st[threadIdx.y][threadIdx.x] = t[k];
-        __syncthreads();
-        if (threadIdx.y == 0 && active) {
-            A a = s[k], b = t[k];
-            for (int j = 1; j < TY; ++j) { a += ss[j][threadIdx.x]; b += st[j][threadIdx.x]; }
-            const long long p = (long long)blockIdx.y * Wf + col0 + k;
-            part[p] = a;
-            part[P + p] = b;
+    for (int k = 0; k < V; ++k) { ss[ty][k][tx] = s[k]; st[ty][k][tx] = t[k]; }
+    __syncthreads();
+#pragma unroll
+    for (int h = TY / 2; h > 0; h >>= 1) {    // the TY row groups summed as a tree, as in bn_stats_cols
+        if (ty < h) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                s[k] += ss[ty + h][k][tx]; t[k] += st[ty + h][k][tx];
+                ss[ty][k][tx] = s[k]; st[ty][k][tx] = t[k];
+            }
         }
         __syncthreads();
+    }
+    if (ty == 0 && active) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const long long p = (long long)blockIdx.y * Wf + col0 + k;
+            part[p] = s[k];
+            part[P + p] = t[k];
+        }
     }
 }
 
