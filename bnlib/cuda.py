@@ -154,6 +154,15 @@ __device__ void block_sum2(A& s, A& t) {
 // a folded row holds Wf / W of them. One division per column a thread owns, not per value.
 __device__ __forceinline__ int column_channel(int col, int W, int L) { return (col % W) / L; }
 
+// Second passes (normalize, dx) walk in the reverse order of the first (stats, reduce): the data a
+// first pass read last is the most likely to be still in L2, so the second pass starts there.
+// planes: block (c, b, s) of a second pass takes the first pass's block (c, B-1-b, S-1-s) and its
+// planes from the last down; cols: row block B-1-b and each thread's rows from the last down.
+// rows_of: how many of the rows first, first + step, ... lie below `end`.
+__device__ __forceinline__ long long rows_of(long long first, long long end, long long step) {
+    return first < end ? (end - 1 - first) / step + 1 : 0;
+}
+
 // The per-channel affine map of the normalize pass, y = (x - mu) * a + beta, from either the batch
 // statistics (stat = inv_std) or the running ones (from_var: stat = running variance).
 template <typename A>
@@ -378,11 +387,13 @@ bn_apply_planes(const T* __restrict__ x, T* __restrict__ y, int N, int C, long l
     const int c = blockIdx.x;
     A mu, a, beta;
     channel_coefficients(c, mean, stat, weight, bias, eps, from_var, mu, a, beta);
-    const long long lo = (long long)blockIdx.z * seg;
+    const int b = gridDim.y - 1 - blockIdx.y;               // reversed: see rows_of
+    const long long lo = (long long)(gridDim.z - 1 - blockIdx.z) * seg;
     const long long hi = min(LV, lo + seg);
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     Vec<T, V>* __restrict__ yv = reinterpret_cast<Vec<T, V>*>(y);
-    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+    for (long long j = rows_of(b, N, gridDim.y) - 1; j >= 0; --j) {
+        const int n = b + (int)j * gridDim.y;
         const long long base = ((long long)n * C + c) * LV;
         long long i = lo + threadIdx.x;
         for (; i + (UNROLL - 1) * PLANE_THREADS < hi; i += UNROLL * PLANE_THREADS) {
@@ -425,32 +436,34 @@ bn_apply_cols(const T* __restrict__ x, T* __restrict__ y, long long total, long 
     const long long vw = Wf / V;
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     Vec<T, V>* __restrict__ yv = reinterpret_cast<Vec<T, V>*>(y);
-    long long r = (long long)blockIdx.y * TY + threadIdx.y;
-    for (; r + (UNROLL - 1) * step < Rfull; r += UNROLL * step) {
+    const long long r0 = (long long)(gridDim.y - 1 - blockIdx.y) * TY + threadIdx.y;    // reversed
+    const long long rows = rows_of(r0, Rfull, step);
+    if (r0 + rows * step == Rfull) {          // the partial last row, if any, is this thread's
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const long long i = Rfull * Wf + col0 + k;
+            if (i < total) y[i] = Store<T>::from((to_acc(x[i]) - mu[k]) * a[k] + beta[k]);
+        }
+    }
+    long long j = rows - 1;
+    for (; j >= UNROLL - 1; j -= UNROLL) {
         Vec<T, V> v[UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) v[u] = xv[(r + u * step) * vw + vc];
+        for (int u = 0; u < UNROLL; ++u) v[u] = xv[(r0 + (j - u) * step) * vw + vc];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             Vec<T, V> o;
 #pragma unroll
             for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from((to_acc(v[u].v[k]) - mu[k]) * a[k] + beta[k]);
-            yv[(r + u * step) * vw + vc] = o;
+            yv[(r0 + (j - u) * step) * vw + vc] = o;
         }
     }
-    for (; r < Rfull; r += step) {
-        const Vec<T, V> v = xv[r * vw + vc];
+    for (; j >= 0; --j) {
+        const Vec<T, V> v = xv[(r0 + j * step) * vw + vc];
         Vec<T, V> o;
 #pragma unroll
         for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from((to_acc(v.v[k]) - mu[k]) * a[k] + beta[k]);
-        yv[r * vw + vc] = o;
-    }
-    if (r == Rfull) {
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const long long i = r * Wf + col0 + k;
-            if (i < total) y[i] = Store<T>::from((to_acc(x[i]) - mu[k]) * a[k] + beta[k]);
-        }
+        yv[(r0 + j * step) * vw + vc] = o;
     }
 }
 """
@@ -637,12 +650,14 @@ bn_backward_dx_planes(const T* __restrict__ dy, const T* __restrict__ x, T* __re
     typedef typename Acc<T>::type A;
     const int c = blockIdx.x;
     const A mu = mean[c], a = coef[c], b = coef[C + c], k0 = coef[2 * C + c];
-    const long long lo = (long long)blockIdx.z * seg;
+    const int bb = gridDim.y - 1 - blockIdx.y;              // reversed: see rows_of
+    const long long lo = (long long)(gridDim.z - 1 - blockIdx.z) * seg;
     const long long hi = min(LV, lo + seg);
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
     Vec<T, V>* __restrict__ ov = reinterpret_cast<Vec<T, V>*>(dx);
-    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+    for (long long j = rows_of(bb, N, gridDim.y) - 1; j >= 0; --j) {
+        const int n = bb + (int)j * gridDim.y;
         const long long base = ((long long)n * C + c) * LV;
         long long i = lo + threadIdx.x;
         for (; i + (UNROLL - 1) * PLANE_THREADS < hi; i += UNROLL * PLANE_THREADS) {
@@ -688,33 +703,38 @@ bn_backward_dx_cols(const T* __restrict__ dy, const T* __restrict__ x, T* __rest
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
     Vec<T, V>* __restrict__ ov = reinterpret_cast<Vec<T, V>*>(dx);
-    long long r = (long long)blockIdx.y * TY + threadIdx.y;
-    for (; r + (UNROLL - 1) * step < Rfull; r += UNROLL * step) {
+    const long long r0 = (long long)(gridDim.y - 1 - blockIdx.y) * TY + threadIdx.y;    // reversed
+    const long long rows = rows_of(r0, Rfull, step);
+    if (r0 + rows * step == Rfull) {          // the partial last row, if any, is this thread's
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const long long i = Rfull * Wf + col0 + k;
+            if (i < total) dx[i] = Store<T>::from(a[k] * to_acc(dy[i]) + b[k] * (to_acc(x[i]) - mu[k]) + k0[k]);
+        }
+    }
+    long long j = rows - 1;
+    for (; j >= UNROLL - 1; j -= UNROLL) {
         Vec<T, V> xa[UNROLL], ga[UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) { xa[u] = xv[(r + u * step) * vw + vc]; ga[u] = gv[(r + u * step) * vw + vc]; }
+        for (int u = 0; u < UNROLL; ++u) {
+            xa[u] = xv[(r0 + (j - u) * step) * vw + vc];
+            ga[u] = gv[(r0 + (j - u) * step) * vw + vc];
+        }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             Vec<T, V> o;
 #pragma unroll
             for (int k = 0; k < V; ++k)
                 o.v[k] = Store<T>::from(a[k] * to_acc(ga[u].v[k]) + b[k] * (to_acc(xa[u].v[k]) - mu[k]) + k0[k]);
-            ov[(r + u * step) * vw + vc] = o;
+            ov[(r0 + (j - u) * step) * vw + vc] = o;
         }
     }
-    for (; r < Rfull; r += step) {
-        const Vec<T, V> xa = xv[r * vw + vc], ga = gv[r * vw + vc];
+    for (; j >= 0; --j) {
+        const Vec<T, V> xa = xv[(r0 + j * step) * vw + vc], ga = gv[(r0 + j * step) * vw + vc];
         Vec<T, V> o;
 #pragma unroll
         for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from(a[k] * to_acc(ga.v[k]) + b[k] * (to_acc(xa.v[k]) - mu[k]) + k0[k]);
-        ov[r * vw + vc] = o;
-    }
-    if (r == Rfull) {
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const long long i = r * Wf + col0 + k;
-            if (i < total) dx[i] = Store<T>::from(a[k] * to_acc(dy[i]) + b[k] * (to_acc(x[i]) - mu[k]) + k0[k]);
-        }
+        ov[(r0 + j * step) * vw + vc] = o;
     }
 }
 """
