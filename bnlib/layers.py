@@ -19,6 +19,49 @@ def _to_numpy(value):
     return np.asarray(value)
 
 
+def _state_copies(layer, shapes):
+    """state_dict() of a NumPy layer: copies of the attributes named in `shapes` (torch's key names;
+    shape None marks a non-negative integer scalar such as num_batches_tracked, given as int64)."""
+    return {key: np.array(getattr(layer, key), dtype=np.int64) if shape is None else getattr(layer, key).copy()
+            for key, shape in shapes.items()}
+
+
+def _load_state(layer, state, shapes, dtype, strict=True):
+    """load_state_dict() of a NumPy layer. `shapes`: key -> expected shape, or None for a non-negative
+    integer scalar. Every key, shape and dtype is checked before anything is assigned, so a load that
+    raises changes nothing; strict=False ignores missing and unexpected keys (shapes still checked).
+    Values may be NumPy arrays, numbers or torch tensors; arrays are stored in `dtype`."""
+    if not hasattr(state, "keys"):
+        raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
+    missing = [k for k in shapes if k not in state]
+    unexpected = [k for k in state if k not in shapes]
+    if strict and (missing or unexpected):
+        raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected} "
+                         f"(expected exactly {list(shapes)})")
+    staged = {}
+    for key, shape in shapes.items():
+        if key not in state:
+            continue
+        value = _to_numpy(state[key])
+        if shape is None:
+            if value.shape != () or value.dtype.kind not in "iu" or value < 0:
+                raise ValueError(f"{key} must be a non-negative integer scalar, got shape {value.shape}, "
+                                 f"dtype {value.dtype}")
+            staged[key] = int(value)
+        elif value.shape != shape:
+            raise ValueError(f"{key} must have shape {shape}, got {value.shape}")
+        elif value.dtype.kind != "f":
+            raise TypeError(f"{key} must be floating point, got {value.dtype}")
+        else:
+            staged[key] = value.astype(dtype)
+    for key, value in staged.items():
+        if shapes[key] is None:
+            setattr(layer, key, value)
+        else:
+            getattr(layer, key)[...] = value
+    return layer
+
+
 class BatchNorm:
     """Batch normalization layer for NumPy arrays, with PyTorch's conventions.
 
@@ -156,13 +199,12 @@ class BatchNorm:
             keys += ["running_mean", "running_var", "num_batches_tracked"]
         return keys
 
+    def _state_shapes(self):
+        return {key: None if key == "num_batches_tracked" else (self.num_features,) for key in self._state_keys()}
+
     def state_dict(self):
         """Copies of the parameters and buffers, under torch.nn.BatchNorm*d's key names."""
-        state = {}
-        for key in self._state_keys():
-            value = getattr(self, key)
-            state[key] = np.array(value, dtype=np.int64) if key == "num_batches_tracked" else value.copy()
-        return state
+        return _state_copies(self, self._state_shapes())
 
     def load_state_dict(self, state, strict: bool = True):
         """Load a state dict (NumPy arrays or torch tensors, e.g. from torch.nn.BatchNorm2d).
@@ -170,36 +212,7 @@ class BatchNorm:
         Every key, shape and dtype is checked before anything is assigned: a load that raises
         changes nothing. strict=False ignores missing and unexpected keys (shapes still checked).
         """
-        if not hasattr(state, "keys"):
-            raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
-        expected = self._state_keys()
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        if strict and (missing or unexpected):
-            raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected} "
-                             f"(expected exactly {expected})")
-        staged = {}
-        for key in expected:
-            if key not in state:
-                continue
-            value = _to_numpy(state[key])
-            if key == "num_batches_tracked":
-                if value.shape != () or value.dtype.kind not in "iu" or value < 0:
-                    raise ValueError(f"num_batches_tracked must be a non-negative integer scalar, "
-                                     f"got shape {value.shape}, dtype {value.dtype}")
-                staged[key] = int(value)
-                continue
-            if value.shape != (self.num_features,):
-                raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
-            if value.dtype.kind != "f":
-                raise TypeError(f"{key} must be floating point, got {value.dtype}")
-            staged[key] = value.astype(self.dtype)
-        for key, value in staged.items():
-            if key == "num_batches_tracked":
-                self.num_batches_tracked = value
-            else:
-                getattr(self, key)[...] = value
-        return self
+        return _load_state(self, state, self._state_shapes(), self.dtype, strict)
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "

@@ -9,7 +9,7 @@ import numbers
 import numpy as np
 
 from bnlib import functional as F
-from bnlib.layers import BatchNorm
+from bnlib.layers import BatchNorm, _load_state, _state_copies
 from bnlib.stats import accumulation_dtype, channel_shape, reduction_axes
 
 
@@ -104,46 +104,12 @@ class _Normalization:
 
     def state_dict(self):
         """Copies of the parameters and buffers, under torch's key names."""
-        state = {}
-        for key, shape in self._state_shapes().items():
-            value = getattr(self, key)
-            state[key] = np.array(value, dtype=np.int64) if shape is None else value.copy()
-        return state
+        return _state_copies(self, self._state_shapes())
 
     def load_state_dict(self, state, strict: bool = True):
         """Load a state dict (NumPy arrays or torch tensors). Every key, shape and dtype is checked
         before anything is assigned: a load that raises changes nothing."""
-        if not hasattr(state, "keys"):
-            raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
-        shapes = self._state_shapes()
-        missing = [k for k in shapes if k not in state]
-        unexpected = [k for k in state if k not in shapes]
-        if strict and (missing or unexpected):
-            raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected} "
-                             f"(expected exactly {list(shapes)})")
-        staged = {}
-        for key, shape in shapes.items():
-            if key not in state:
-                continue
-            value = state[key]
-            value = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
-            if shape is None:
-                if value.shape != () or value.dtype.kind not in "iu" or value < 0:
-                    raise ValueError(f"{key} must be a non-negative integer scalar, got shape {value.shape}, "
-                                     f"dtype {value.dtype}")
-                staged[key] = int(value)
-            elif value.shape != shape:
-                raise ValueError(f"{key} must have shape {shape}, got {value.shape}")
-            elif value.dtype.kind != "f":
-                raise TypeError(f"{key} must be floating point, got {value.dtype}")
-            else:
-                staged[key] = value.astype(self.dtype)
-        for key, value in staged.items():
-            if shapes[key] is None:
-                setattr(self, key, value)
-            else:
-                getattr(self, key)[...] = value
-        return self
+        return _load_state(self, state, self._state_shapes(), self.dtype, strict)
 
 
 class LayerNorm(_Normalization):
