@@ -848,11 +848,13 @@ def module(device: int = None):
 
 
 def _function(dev: int, name: str):
+    """Kernel `name` of device dev's module as a cupy.cuda.function.Function: its .ptr is the CUfunction
+    cuLaunchKernel takes (RawModule.get_function gives a RawKernel, whose .kernel is that Function)."""
     f = _functions.get((dev, name))
     if f is None:
         import cupy
         with cupy.cuda.Device(dev):
-            f = _functions[(dev, name)] = module(dev).get_function(name)
+            f = _functions[(dev, name)] = module(dev).get_function(name).kernel
     return f
 
 

@@ -9,6 +9,7 @@ with float64 torch over shapes that take both walks, every storage dtype, channe
 unaligned data, and the running-statistics update. Speed, and the GPU's memory model, stay for
 tools/gpu_check.sh on a real GPU.
 """
+import contextlib
 import ctypes
 import math
 import shutil
@@ -51,9 +52,9 @@ def on_cpu(emulator, monkeypatch):
     """bnlib.cuda wired to the emulator: CPU tensors pass as CUDA ones, launches run the kernels."""
     names, launched = {}, []
 
-    def function(dev, name):
+    def get_function(name):          # as CuPy's RawModule: a RawKernel whose .kernel has the .ptr
         names.setdefault(name, len(names) + 1)
-        return types.SimpleNamespace(ptr=names[name])
+        return types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=names[name]))
 
     def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
         name = next(n for n, i in names.items() if i == f)
@@ -66,10 +67,11 @@ def on_cpu(emulator, monkeypatch):
     fake.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDevice=lambda: None, memGetInfo=lambda: (0, 0)),
         driver=types.SimpleNamespace(launchKernel=launch_kernel),
-        get_current_stream=lambda: types.SimpleNamespace(ptr=0))
+        get_current_stream=lambda: types.SimpleNamespace(ptr=0), Device=lambda dev: contextlib.nullcontext())
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(cuda, "LAUNCHER", "driver")
-    monkeypatch.setattr(cuda, "_function", function)
+    monkeypatch.setattr(cuda, "module", lambda device=None: types.SimpleNamespace(get_function=get_function))
+    monkeypatch.setattr(cuda, "_functions", {})
     monkeypatch.setattr(cuda, "_check_cuda_tensor", lambda x, name: None)
     monkeypatch.setattr(cuda, "_torch_stream", lambda device: 0)
     monkeypatch.setattr(cuda, "_sm_count", lambda dev: 1)       # small grids: few emulated blocks
