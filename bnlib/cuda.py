@@ -911,6 +911,13 @@ def _stream_object(dev: int, stream_ptr: int):
     return stream
 
 
+def _ready(dev: int, names) -> None:
+    """Look up (compile, on first use) kernels `names` of device dev before a sequence of launches
+    whose first changes state, so that a failed lookup raises before anything has changed."""
+    for name in names:
+        _function(dev, name)
+
+
 def _launch(dev: int, name: str, grid: tuple, block: tuple, args: tuple, stream: int = None) -> None:
     """Every kernel launch of bnlib.cuda goes through here: kernel `name` of device `dev`, grid and
     block as 3-tuples, on the CUDA stream at address `stream` (None: CuPy's current stream). The
@@ -1006,9 +1013,11 @@ def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, ep
     if momentum is None and not counter:
         raise ValueError("momentum=None (a cumulative average) needs the batch counter")
     unbias = pl.count / (pl.count - 1) if pl.count > 1 else 1.0
+    finalize = f"bn_stats_finalize<{_acc_name(dtype_name)}>"
+    _ready(dev, (_kernel_name("stats", pl, dtype_name), finalize, _kernel_name("apply", pl, dtype_name)))
     _launch(dev, _kernel_name("stats", pl, dtype_name), pl.grid, pl.block,
             (_ptr(x),) + pl.walk_args + (_ptr(ws), np.int64(pl.partials), _ptr(counter)), stream)
-    _launch(dev, f"bn_stats_finalize<{_acc_name(dtype_name)}>", (pl.channels, 1, 1), (FINALIZE_THREADS, 1, 1),
+    _launch(dev, finalize, (pl.channels, 1, 1), (FINALIZE_THREADS, 1, 1),
             (_ptr(ws),) + pl.finalize_args + (_acc_scalar(dtype_name, eps), _ptr(mean), _ptr(var), _ptr(inv_std),
                                               _ptr(rm), _ptr(rv), _acc_scalar(dtype_name, -1.0 if momentum is None
                                                                                else momentum),
@@ -1127,6 +1136,9 @@ def _torch_running(x, c, acc, running_mean, running_var, momentum, num_batches_t
         if t.dtype != acc or t.numel() != c or not t.is_contiguous():
             raise TypeError(f"{name} must be a contiguous {acc} tensor of {c} values for {x.dtype} input (it is "
                             f"updated in place), got {t.dtype} of shape {tuple(t.shape)}")
+    nbytes = c * running_mean.element_size()
+    if abs(running_mean.data_ptr() - running_var.data_ptr()) < nbytes:
+        raise ValueError("running_mean and running_var must not share memory (both are updated in place)")
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
                                  or not 0 <= momentum <= 1):
         raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")

@@ -5,12 +5,15 @@
 // a barrier of the block's threads, a warp shuffle is an exchange through memory between the 32
 // threads of a warp with a barrier on either side, and __shared__ variables are static (blocks run
 // one after another, so static storage is the running block's shared memory). Threads that return
-// early drop out of the barriers, as exited threads do on a GPU. What this checks: the kernels'
-// arithmetic, indexing, partial layouts, reductions and synchronisation structure, on real data.
-// What it cannot check: anything about speed, the GPU memory model, or code paths that only differ
-// on a GPU (there are none in KERNEL_SOURCE: it uses no atomics, no fences and no intrinsics but
-// the ones below).
+// early drop out of the barriers, as exited threads do on a GPU; a warp shuffle in a warp some of
+// whose threads have exited (undefined on a GPU with a full mask) makes the launch fail (code 3).
+// What this checks: the kernels' arithmetic, indexing, partial layouts, reductions and
+// synchronisation structure, on real data. What it cannot check: speed, races that a CPU's memory
+// model and scheduling happen to hide, the GPU memory model, and reads of shared memory a block
+// never wrote (static storage keeps the previous block's values). KERNEL_SOURCE uses no atomics,
+// no fences and no intrinsics but the ones below.
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -51,6 +54,8 @@ namespace emu {
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 inline unsigned char lanes[32][32][8];          // [warp][lane][value bytes]
+inline std::atomic<int> exited[32];              // threads of each warp that have returned
+inline std::atomic<bool> bad_shuffle{false};
 inline unsigned int threads_per_block = 0;
 
 inline unsigned int linear_thread() {
@@ -66,6 +71,7 @@ inline T __shfl_down_sync(unsigned int, T value, unsigned int offset) {
     const unsigned int t = emu::linear_thread(), warp = t / 32, lane = t % 32;
     std::memcpy(emu::lanes[warp][lane], &value, sizeof(T));
     emu::warp_barriers[warp]->arrive_and_wait();
+    if (emu::exited[warp].load() != 0) emu::bad_shuffle = true;    // lanes gone: undefined on a GPU
     T result = value;
     if (lane + offset < 32 && t + offset < emu::threads_per_block)
         std::memcpy(&result, emu::lanes[warp][lane + offset], sizeof(T));
@@ -90,7 +96,7 @@ std::map<std::string, emu_kernel>& emu_table();
 // cuLaunchKernel on the CPU: one std::thread per CUDA thread of a block, created once per launch;
 // the blocks run one after another, each with fresh barriers (threads that return early drop out
 // of them, as exited threads do on a GPU). Returns 0, or 1 for a kernel name the table lacks, or 2
-// for a block too large to emulate.
+// for a block too large to emulate, or 3 when a warp shuffle ran in a warp with exited threads.
 extern "C" int bn_emu_launch(const char* name, unsigned int gx, unsigned int gy, unsigned int gz,
                              unsigned int bx, unsigned int by, unsigned int bz, void** params) {
     auto it = emu_table().find(name);
@@ -101,6 +107,7 @@ extern "C" int bn_emu_launch(const char* name, unsigned int gx, unsigned int gy,
     blockDim = dim3{bx, by, bz};
     gridDim = dim3{gx, gy, gz};
     emu::threads_per_block = n;
+    emu::bad_shuffle = false;
     std::barrier<> start(n + 1), done(n + 1);
     bool finished = false;
     dim3 current;
@@ -114,6 +121,7 @@ extern "C" int bn_emu_launch(const char* name, unsigned int gx, unsigned int gy,
                 if (finished) return;
                 blockIdx = current;
                 kernel(params);
+                emu::exited[t / 32] += 1;
                 emu::warp_barriers[t / 32]->arrive_and_drop();
                 emu::block_barrier->arrive_and_drop();
                 done.arrive_and_wait();
@@ -127,6 +135,7 @@ extern "C" int bn_emu_launch(const char* name, unsigned int gx, unsigned int gy,
                 emu::warp_barriers.clear();
                 for (unsigned int w = 0; w < (n + 31) / 32; ++w)
                     emu::warp_barriers.emplace_back(new std::barrier<>(std::min(32u, n - 32 * w)));
+                for (auto& e : emu::exited) e = 0;
                 current = dim3{x, y, z};
                 start.arrive_and_wait();
                 done.arrive_and_wait();
@@ -134,5 +143,5 @@ extern "C" int bn_emu_launch(const char* name, unsigned int gx, unsigned int gy,
     finished = true;
     start.arrive_and_wait();
     for (auto& th : threads) th.join();
-    return 0;
+    return emu::bad_shuffle ? 3 : 0;
 }

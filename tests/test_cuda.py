@@ -177,6 +177,7 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, dtype):
         launched.append(base)
 
     monkeypatch.setattr(cuda, "_launch", check)
+    monkeypatch.setattr(cuda, "_ready", lambda dev, names: None)
     for rows, c, l in [(256, 64, 3136), (8, 3, 1030), (256 * 196, 256, 1), (5, 7, 1), (2, 1, 4096)]:
         for aligned in (True, False):
             pl = cuda.plan(rows, c, l, dtype, aligned, 132)
@@ -328,6 +329,7 @@ def test_launchers_end_to_end_on_an_emulated_device(monkeypatch, shape, channels
     torch = pytest.importorskip("torch")
     device = _EmulatedDevice()
     monkeypatch.setattr(cuda, "_launch", device.launch)
+    monkeypatch.setattr(cuda, "_ready", lambda dev, names: None)
     rng = np.random.default_rng(sum(shape))
     x64, dy64 = rng.normal(3.0, 2.0, size=shape), rng.normal(size=shape)
     g64, b64 = rng.uniform(0.5, 1.5, shape[1]), rng.normal(size=shape[1])
@@ -425,6 +427,7 @@ def _emulated_torch_device(monkeypatch):
     in for CUDA ones."""
     device = _EmulatedDevice()
     monkeypatch.setattr(cuda, "_launch", device.launch)
+    monkeypatch.setattr(cuda, "_ready", lambda dev, names: None)
     monkeypatch.setattr(cuda, "_check_cuda_tensor", lambda x, name: None)
     monkeypatch.setattr(cuda, "_torch_stream", lambda d: 0)
     monkeypatch.setattr(cuda, "_sm_count", lambda d: 2)
@@ -470,12 +473,15 @@ def test_forward_torch_rejects_bad_running_statistics_and_changes_nothing(monkey
     monkeypatch.setattr(cuda, "_launch", lambda *a, **k: launched.append(a[1]) or device.launch(*a, **k))
     x = torch.randn(4, 3, 5)
     rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(7)
+    shared = torch.zeros(4)                              # two overlapping views of one buffer
     cases = [
         (dict(running_mean=rm.double(), running_var=rv), TypeError, "running_mean must be a contiguous torch.float32"),
         (dict(running_mean=rm, running_var=torch.ones(4)), TypeError, "running_var must be a contiguous"),
         (dict(running_mean=rm, running_var=torch.ones(6)[::2]), TypeError, "running_var must be a contiguous"),
         (dict(running_mean=rm, running_var=[1.0, 1.0, 1.0]), TypeError, "running_var must be a torch.Tensor"),
         (dict(running_mean=rm, running_var=None), TypeError, "running_var must be a torch.Tensor"),
+        (dict(running_mean=rm, running_var=rm), ValueError, "must not share memory"),
+        (dict(running_mean=shared[:3], running_var=shared[1:]), ValueError, "must not share memory"),
         (dict(num_batches_tracked=nbt), ValueError, "num_batches_tracked is counted only with"),
         (dict(running_mean=rm, running_var=rv, momentum=None), ValueError, "momentum=None .* needs num_batches"),
         (dict(running_mean=rm, running_var=rv, momentum=1.5), ValueError, "momentum must be a number in \\[0, 1\\]"),
