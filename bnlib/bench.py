@@ -224,9 +224,15 @@ def main(argv=None) -> int:
             print("--gpu: no CUDA device visible to CuPy (is CuPy installed and a GPU present?)", file=sys.stderr)
             return 2
         from bnlib import bench as gpu                # chapter 05 appends bench_gpu to bnlib.bench
+        env = gpu.gpu_environment()
+
+        def save_partial(rows):                     # a run cut short still leaves the cases it finished
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"environment": env, "partial": True, "results": rows}, f, indent=1)
         rows = gpu.bench_gpu(repeats=args.repeats, progress=not args.no_progress, compile=args.compile,
-                             modules=args.modules, launchers=tuple(args.launchers))
-        env, table = gpu.gpu_environment(), gpu.format_gpu_table(rows)
+                             modules=args.modules, launchers=tuple(args.launchers), on_rows=save_partial)
+        table = gpu.format_gpu_table(rows)
     else:
         rows = bench_cpu(repeats=args.repeats, threads=args.threads, progress=not args.no_progress)
         env, table = environment(), format_table(rows)
@@ -308,7 +314,7 @@ def _with_launcher(cuda, launcher, fn):
 
 
 def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, progress=True, compile=False,
-              compile_budget_s=60.0, modules=False, launchers=()):
+              compile_budget_s=60.0, modules=False, launchers=(), on_rows=None):
     """bnlib.cuda's kernels (forward_torch, backward_torch) against torch.nn.functional.batch_norm
     (eager, and with compile=True also torch.compile'd) on the same GPU, in one process.
 
@@ -329,6 +335,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     Compiling stops after `compile_budget_s` seconds; later cases then have no compiled row.
     `launchers` (e.g. ("cupy",)) adds rows "bnlib [cupy]" (and "bnlib.nn [cupy]"): the same calls
     launched through another path of bnlib.cuda (LAUNCHER); every bnlib row records its launcher.
+    on_rows, if given, is called with the rows so far after each case (to save partial results).
     """
     import time
 
@@ -469,6 +476,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             if name in ("torch.nn", "bnlib.nn"):
                 rows[-1]["step_ratio_vs_module"] = s / float(np.median(times["torch.nn"][1]))
         del xs, dys, xs_req
+        if on_rows is not None:
+            on_rows(rows)
     return rows
 
 

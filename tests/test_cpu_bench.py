@@ -68,12 +68,20 @@ def test_bench_command_line_modules_flag_reaches_bench_gpu(tmp_path, monkeypatch
     without --modules it does not. The GPU is faked: only the command line is tested here."""
     from bnlib import cuda
     monkeypatch.setattr(cuda, "available", lambda: True)
-    calls = []
-    monkeypatch.setattr(bench, "bench_gpu", lambda **kw: calls.append(kw) or [{"impl": "torch.nn"}])
+    calls, partial = [], []
+    out = tmp_path / "gpu.json"
+
+    def fake_bench_gpu(**kw):
+        calls.append(kw)
+        kw["on_rows"]([{"impl": "first case"}])          # after each case: the rows so far, on disk
+        if out.exists():
+            partial.append(json.loads(out.read_text()))
+        return [{"impl": "torch.nn"}]
+    monkeypatch.setattr(bench, "bench_gpu", fake_bench_gpu)
     monkeypatch.setattr(bench, "gpu_environment", lambda: {"gpu": "fake"})
     monkeypatch.setattr(bench, "format_gpu_table", lambda rows: "gpu table")
-    out = tmp_path / "gpu.json"
     assert bench.main(["--gpu", "--modules", "--repeats", "3", "--no-progress", "--json", str(out)]) == 0
+    assert partial == [{"environment": {"gpu": "fake"}, "partial": True, "results": [{"impl": "first case"}]}]
     assert bench.main(["--gpu", "--repeats", "3", "--no-progress"]) == 0
     assert [kw["modules"] for kw in calls] == [True, False]
     assert [kw["launchers"] for kw in calls] == [(), ()]

@@ -11,7 +11,7 @@ there. This script answers on the card itself, for a few shapes, for each implem
 - gpu_us: the sum of the kernel durations of one call, from the CUDA profiler (CUPTI sees CuPy's
   kernels as well as torch's), and the kernels that make it up;
 - for bnlib, each of the launch paths of bnlib.cuda ("driver" and "cupy"), and the host cost of one
-  bare launch through each;
+  bare launch through each (other rows use BNLIB_CUDA_LAUNCH, default "driver");
 - a cProfile of bnlib.nn's module step: the Python functions with the most own time.
 
 If host_us > gpu_us, the step is host-bound: a faster kernel cannot help, fewer or cheaper host
@@ -22,6 +22,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import sys
 import time
@@ -92,8 +93,8 @@ def kernel_times_us(torch, fn, steps=10):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
-        torch.cuda.synchronize()
-    per_kernel, api = {}, {}
+        torch.cuda.synchronize()                # the profile's own: taken off the counts below
+    per_kernel, api = {}, {"cudaDeviceSynchronize": -1 / steps}
     for evt in prof.events():
         kind = str(getattr(evt, "device_type", ""))
         if not kind.endswith("CUDA"):
@@ -105,19 +106,18 @@ def kernel_times_us(torch, fn, steps=10):
             t = getattr(evt, "cuda_time", 0.0)
         per_kernel[evt.name] = per_kernel.get(evt.name, 0.0) + float(t)
     top = sorted(((k[:90], v / steps) for k, v in per_kernel.items()), key=lambda kv: -kv[1])
-    return sum(v for _, v in top), top[:8], api
+    return sum(v for _, v in top), top[:8], {k: round(v, 3) for k, v in api.items() if abs(v) > 1e-9}
 
 
-def launch_us(torch, cuda, calls=200):
-    """Host time of one bare launch (a normalize of a tiny tensor) through each launch path."""
+def launch_us(torch, cuda, launcher, calls=200):
+    """Host time of one bare launch (a normalize of a tiny tensor) through one launch path."""
     x = torch.randn(4, 3, 8, device="cuda")
     y = torch.empty_like(x)
     ones, zeros = torch.ones(3, device="cuda"), torch.zeros(3, device="cuda")
     dev, stream = x.device.index, torch.cuda.current_stream().cuda_stream
     pl = cuda.plan(4, 3, 8, "float32", True, cuda._sm_count(dev))
-    out = {}
-    for launcher in ("driver", "cupy"):
-        cuda.LAUNCHER = launcher
+    saved, cuda.LAUNCHER = cuda.LAUNCHER, launcher
+    try:
         args = (dev, pl, "float32", x.data_ptr(), y.data_ptr(), zeros.data_ptr(), ones.data_ptr(), 0, 0, 1e-5)
         for _ in range(10):
             cuda._run_apply(*args, from_var=True, stream=stream)
@@ -125,10 +125,11 @@ def launch_us(torch, cuda, calls=200):
         t0 = time.perf_counter()
         for _ in range(calls):
             cuda._run_apply(*args, from_var=True, stream=stream)
-        out[launcher] = 1e6 * (time.perf_counter() - t0) / calls
+        host = 1e6 * (time.perf_counter() - t0) / calls
         torch.cuda.synchronize()
-    cuda.LAUNCHER = "driver"
-    return out
+        return host
+    finally:
+        cuda.LAUNCHER = saved
 
 
 def profile_module(torch, step, calls=100):
@@ -161,9 +162,16 @@ def main(argv=None):
     import torch
     from bnlib import bench, cuda
     from bnlib import nn as bnn
-    result = {"environment": bench.gpu_environment(), "cases": []}
-    guarded(result, "launch_host_us", lambda: launch_us(torch, cuda))
-    print("one bare launch, host us:", result["launch_host_us"])
+    default = os.environ.get("BNLIB_CUDA_LAUNCH", "driver")      # gpu_check.sh's choice after its preflight
+    result = {"environment": bench.gpu_environment(), "default_launcher": default, "cases": []}
+
+    def save():                                  # after every section: a run cut short keeps what it has
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    for launcher in ("driver", "cupy"):
+        guarded(result, f"launch_host_us_{launcher}", lambda: launch_us(torch, cuda, launcher))
+        print(f"one bare launch through {launcher}, host us:", result[f"launch_host_us_{launcher}"])
+    save()
     for shape, dtype, layout in CASES:
         fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -172,7 +180,7 @@ def main(argv=None):
         w, b = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
         case = {"shape": list(shape), "dtype": dtype, "layout": layout, "impls": {}}
         for name, (fn, launcher) in make_impls(torch, cuda, bnn, x, dy, w, b).items():
-            cuda.LAUNCHER = launcher or "driver"
+            cuda.LAUNCHER = launcher or default
             row = case["impls"][name] = {}
             guarded(row, "host_step", lambda: host_and_step_us(torch, fn))
             guarded(row, "kernels", lambda: kernel_times_us(torch, fn))
@@ -182,8 +190,9 @@ def main(argv=None):
                 syncs = sum(v for k, v in api.items() if "ynchronize" in k)
                 print(f"{str(shape):>18} {dtype:>8} {layout} {name:>18}: host {host:7.1f} us, "
                       f"step {step:7.1f} us, kernels {gpu:7.1f} us, syncs/step {syncs:.1f}")
-        cuda.LAUNCHER = "driver"
+        cuda.LAUNCHER = default
         result["cases"].append(case)
+        save()
         if shape == CASES[0][0] and dtype == CASES[0][1]:
             m = bnn.BatchNorm2d(shape[1], device="cuda")
             xr = x.detach().requires_grad_()
@@ -193,8 +202,8 @@ def main(argv=None):
                 m(xr).backward(dy)
             guarded(result, "cprofile_bnlib_nn", lambda: profile_module(torch, module_step))
             print("\n".join(result["cprofile_bnlib_nn"].get("lines", [])))
+            save()
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
         print("wrote", args.json)
     return 0
 
