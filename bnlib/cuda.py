@@ -224,9 +224,10 @@ bn_stats_planes(const T* __restrict__ x, int N, int C, long long LV, long long s
 // Forward, pass 1 (cols): thread (tx, ty) of block (bx, b) owns vector column vc = bx * TX + tx
 // (columns col0 = vc * V ... col0 + V - 1) and rows r = b * TY + ty, stepping by TY * gridDim.y.
 // Rows 0 .. Rfull - 1 are full; row Rfull (if total % Wf != 0) is partial. The TY row groups are
-// merged in shared memory, a tree of log2(TY) levels over all V columns of a thread at once (the
-// second design merged one column at a time, TY - 1 merges in a row by one thread per column); the
-// block writes one partial per column at b * Wf + column.
+// merged as a tree over all V columns of a thread at once (the second design merged one column at a
+// time, TY - 1 merges in a row by one thread per column): the first level inside each warp, whose 32
+// threads are two row groups (a shuffle by TX lanes), the other log2(TY) - 1 levels in shared memory
+// (half the rows: 12 KB for 16-bit data). The block writes one partial per column at b * Wf + column.
 template <typename T, int V>
 __global__ void __launch_bounds__(TX * TY)
 bn_stats_cols(const T* __restrict__ x, long long total, long long Rfull, int Wf,
@@ -234,8 +235,8 @@ bn_stats_cols(const T* __restrict__ x, long long total, long long Rfull, int Wf,
     typedef typename Acc<T>::type A;
     if (counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0)
         *counter += 1;
-    static_assert((TY & (TY - 1)) == 0, "the merge tree needs TY a power of 2");
-    __shared__ A sn[TY][V][TX], sm[TY][V][TX], sq[TY][V][TX];
+    static_assert((TY & (TY - 1)) == 0 && TX == 16, "the merge tree: TY a power of 2, two row groups per warp");
+    __shared__ A sn[TY / 2][V][TX], sm[TY / 2][V][TX], sq[TY / 2][V][TX];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int vc = blockIdx.x * TX + tx;
     const int col0 = vc * V;
@@ -294,19 +295,27 @@ bn_stats_cols(const T* __restrict__ x, long long total, long long Rfull, int Wf,
         }
     }
     A n[V], m[V], q[V];
+    const bool even = (ty & 1) == 0;          // after level 1, row group ty speaks for ty and ty + 1
+    const int g = ty >> 1;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
         shifted_to_moments(cnt[k], shift[k], s1[k], s2[k], n[k], m[k], q[k]);
-        sn[ty][k][tx] = n[k]; sm[ty][k][tx] = m[k]; sq[ty][k][tx] = q[k];
+        const A n2 = __shfl_down_sync(0xffffffffu, n[k], TX);     // lane tx + 16: row group ty + 1
+        const A m2 = __shfl_down_sync(0xffffffffu, m[k], TX);
+        const A q2 = __shfl_down_sync(0xffffffffu, q[k], TX);
+        if (even) {
+            chan_merge(n[k], m[k], q[k], n2, m2, q2);
+            sn[g][k][tx] = n[k]; sm[g][k][tx] = m[k]; sq[g][k][tx] = q[k];
+        }
     }
     __syncthreads();
 #pragma unroll
-    for (int h = TY / 2; h > 0; h >>= 1) {    // row group ty merges ty + h: rows below h are written,
-        if (ty < h) {                         // rows from h on are read, so no row is both
+    for (int h = TY / 4; h > 0; h >>= 1) {    // pair g merges pair g + h: pairs below h are written,
+        if (even && g < h) {                  // pairs from h on are read, so none is both
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                chan_merge(n[k], m[k], q[k], sn[ty + h][k][tx], sm[ty + h][k][tx], sq[ty + h][k][tx]);
-                sn[ty][k][tx] = n[k]; sm[ty][k][tx] = m[k]; sq[ty][k][tx] = q[k];
+                chan_merge(n[k], m[k], q[k], sn[g + h][k][tx], sm[g + h][k][tx], sq[g + h][k][tx]);
+                sn[g][k][tx] = n[k]; sm[g][k][tx] = m[k]; sq[g][k][tx] = q[k];
             }
         }
         __syncthreads();
@@ -525,7 +534,7 @@ bn_backward_reduce_cols(const T* __restrict__ dy, const T* __restrict__ x, long 
                         int W, int L, const typename Acc<T>::type* __restrict__ mean,
                         typename Acc<T>::type* __restrict__ part, long long P) {
     typedef typename Acc<T>::type A;
-    __shared__ A ss[TY][V][TX], st[TY][V][TX];
+    __shared__ A ss[TY / 2][V][TX], st[TY / 2][V][TX];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int vc = blockIdx.x * TX + tx;
     const int col0 = vc * V;
@@ -576,16 +585,24 @@ bn_backward_reduce_cols(const T* __restrict__ dy, const T* __restrict__ x, long 
             }
         }
     }
+    const bool even = (ty & 1) == 0;          // the TY row groups summed as a tree, as in bn_stats_cols
+    const int g = ty >> 1;
 #pragma unroll
-    for (int k = 0; k < V; ++k) { ss[ty][k][tx] = s[k]; st[ty][k][tx] = t[k]; }
+    for (int k = 0; k < V; ++k) {
+        const A s2 = __shfl_down_sync(0xffffffffu, s[k], TX), t2 = __shfl_down_sync(0xffffffffu, t[k], TX);
+        if (even) {
+            s[k] += s2; t[k] += t2;
+            ss[g][k][tx] = s[k]; st[g][k][tx] = t[k];
+        }
+    }
     __syncthreads();
 #pragma unroll
-    for (int h = TY / 2; h > 0; h >>= 1) {    // the TY row groups summed as a tree, as in bn_stats_cols
-        if (ty < h) {
+    for (int h = TY / 4; h > 0; h >>= 1) {
+        if (even && g < h) {
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                s[k] += ss[ty + h][k][tx]; t[k] += st[ty + h][k][tx];
-                ss[ty][k][tx] = s[k]; st[ty][k][tx] = t[k];
+                s[k] += ss[g + h][k][tx]; t[k] += st[g + h][k][tx];
+                ss[g][k][tx] = s[k]; st[g][k][tx] = t[k];
             }
         }
         __syncthreads();
