@@ -27,29 +27,36 @@ torch = pytest.importorskip("torch")
 SHIM = Path(__file__).with_name("cuda_cpu_shim.h")
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not installed")
+def build(kernel_source, folder):
+    """KERNEL_SOURCE (or a changed copy) compiled with the shim into a shared library, loaded."""
     names = cuda.kernel_names()
     table = ("std::map<std::string, emu_kernel>& emu_table() {\n    static std::map<std::string, emu_kernel> t = {\n"
              + ",\n".join(f'        {{"{n}", [](void** p) {{ emu_invoke(&{n}, p); }}}}' for n in names)
              + "\n    };\n    return t;\n}\n")
-    source = SHIM.read_text() + cuda.KERNEL_SOURCE.replace("#include <cuda_fp16.h>", "") + table
-    build = tmp_path_factory.mktemp("cuda_on_cpu")
-    (build / "kernels.cpp").write_text(source)
-    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-o", str(build / "kernels.so"),
-                           str(build / "kernels.cpp")], capture_output=True, text=True, timeout=600)
+    (folder / "kernels.cpp").write_text(SHIM.read_text() + kernel_source.replace("#include <cuda_fp16.h>", "") + table)
+    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-o", str(folder / "kernels.so"),
+                           str(folder / "kernels.cpp")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lib = ctypes.CDLL(str(build / "kernels.so"))
+    lib = ctypes.CDLL(str(folder / "kernels.so"))
     lib.bn_emu_launch.restype = ctypes.c_int
     lib.bn_emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [ctypes.c_void_p]
     return lib
 
 
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    return build(cuda.KERNEL_SOURCE, tmp_path_factory.mktemp("cuda_on_cpu"))
+
+
 @pytest.fixture
 def on_cpu(emulator, monkeypatch):
     """bnlib.cuda wired to the emulator: CPU tensors pass as CUDA ones, launches run the kernels."""
+    return wire(emulator, monkeypatch)
+
+
+def wire(emulator, monkeypatch):
     names, launched = {}, []
 
     def get_function(name):          # as CuPy's RawModule: a RawKernel whose .kernel has the .ptr
@@ -110,13 +117,20 @@ TOL = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 2e-5, "float64": 1e-12}
 # channel of a million values, C < 32 and C not a multiple of the vector, partial last rows
 CASES = [((4, 3, 32, 64), False), ((3, 5, 7, 9), False), ((6, 3, 5, 7), True), ((40, 3), False),
          ((5, 70), False), ((2, 1, 1024, 512), False), ((3, 2, 2, 3, 300), False), ((2, 4, 3, 5, 6), True),
-         ((1, 2, 1, 4099), False)]
+         ((1, 2, 1, 1031), False)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("shape,channels_last", CASES)
 def test_kernels_on_the_cpu_match_float64_torch(on_cpu, shape, channels_last, dtype):
     aligned = sum(shape) % 3 != 0                     # about a third of the cases unaligned (vector width 1)
+    check_case(shape, channels_last, dtype, aligned)
+    assert len(on_cpu) == 7
+
+
+def check_case(shape, channels_last, dtype, aligned):
+    """forward (with the running statistics, momentum=None), backward and eval forward of one case
+    through bnlib.cuda, asserted against float64 torch."""
     x, dy, w, b = _case(shape, dtype, channels_last, aligned, seed=sum(shape))
     acc = w.dtype
     rm, rv = torch.zeros(shape[1], dtype=acc), torch.ones(shape[1], dtype=acc)
@@ -125,7 +139,6 @@ def test_kernels_on_the_cpu_match_float64_torch(on_cpu, shape, channels_last, dt
                                                num_batches_tracked=nbt)
     dx, dw, db = cuda.backward_torch(dy, x, mean, inv_std, w)
     y_eval = cuda.inference_torch(x, rm, rv, w, b, 1e-5)
-    assert len(on_cpu) == 7
     xr = x.double().requires_grad_()
     wr, br = w.double().requires_grad_(), b.double().requires_grad_()
     rm64, rv64 = torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64)
@@ -160,3 +173,31 @@ def test_a_million_values_in_one_channel_far_from_zero(on_cpu):
     assert abs(mean.item() - exact.mean().item()) < 1e-3
     assert abs(var.item() / exact.var(unbiased=False).item() - 1) < 1e-4
     assert (y.double() - (exact - exact.mean()) / exact.std(unbiased=False)).abs().max() < 1e-3
+
+
+MUTANTS = {   # one line of a kernel changed: a merge formula, a loop bound, a shuffle offset, an index
+    "merge": ("q += qb + delta * delta * n * wb;", "q += qb + delta * delta * n;"),
+    "loop bound": ("    for (; j >= 0; --j) {\n        const Vec<T, V> v = xv[(r0 + j * step) * vw + vc];",
+                   "    for (; j >= 1; --j) {\n        const Vec<T, V> v = xv[(r0 + j * step) * vw + vc];"),
+    "shuffle offset": ("for (int off = 16; off > 0; off >>= 1) {\n        s += __shfl_down_sync",
+                       "for (int off = 8; off > 0; off >>= 1) {\n        s += __shfl_down_sync"),
+    "partial index": ("return b * Wf + f * W + (long long)c * L + l;", "return b * Wf + f * W + (long long)c * L;"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_a_changed_kernel_line_makes_these_checks_fail(emulator, monkeypatch, tmp_path, mutant):
+    """The checks above have teeth: each one-line change of the kernel source, built and run the same
+    way, fails them on at least one of three cases (columns, planes, channels-last; float32) that
+    the unchanged source passes (test_kernels_on_the_cpu_match_float64_torch)."""
+    old, new = MUTANTS[mutant]
+    assert cuda.KERNEL_SOURCE.count(old) == 1
+    wire(build(cuda.KERNEL_SOURCE.replace(old, new), tmp_path), monkeypatch)
+    failed = 0
+    for shape, channels_last in [((3, 5, 7, 9), False), ((4, 3, 32, 64), False), ((6, 3, 5, 7), True)]:
+        assert (shape, channels_last) in CASES
+        try:
+            check_case(shape, channels_last, "float32", aligned=sum(shape) % 3 != 0)
+        except AssertionError:
+            failed += 1
+    assert failed > 0, f"the {mutant} change went unnoticed"
