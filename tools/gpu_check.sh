@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 #    bnlib.cuda's driver launch path first; if that fails, through CuPy's kernel call (the rest of the
 #    run then uses it, and the run is marked failed); stop here with the reason if both fail.
 preflight() {
-BNLIB_CUDA_LAUNCH="$1" timeout 150 python3 -c "
+BNLIB_CUDA_LAUNCH="$1" timeout 90 python3 -c "
 import time, cupy, torch
 from bnlib import cuda
 assert cuda.available(), 'no GPU for CuPy'
@@ -61,7 +61,8 @@ if [ "$rc" -ne 0 ]; then
         export BNLIB_CUDA_LAUNCH=cupy
     fi
 fi
-# Step timeouts add up to about 600 s (the device tool's limit per command); the steps that record
+# Step timeouts add up to 600 s (the device tool's limit per command; the last run took a fraction
+# of them: the tests 17 s, nbval 39 s); the steps that record
 # results write them as they go, so a run cut short keeps what it finished.
 # 1. kernels against the float64 reference (CuPy arrays and torch tensors, every dtype and layout,
 #    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
@@ -69,7 +70,7 @@ fi
 timeout 75 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
     -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles and not driver_launch" \
     2>&1 | tee "$OUT/test_cuda.log" || status=1
-timeout 75 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
+timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
     2>&1 | tee "$OUT/test_nn_cuda.log" || status=1
 # 2. compute-sanitizer on small cases of both walks, every dtype, unaligned data: racecheck (shared
 #    memory: the merge trees, the block reductions) and memcheck (out of bounds, misaligned)
@@ -84,8 +85,8 @@ else
 fi
 # 3. chapter 05 under nbval, as the course's tests run it (needs nbval and ipykernel: carried wheels)
 if python3 -c "import nbval, ipykernel" 2>"$OUT/nbval_05.log"; then
-    timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval --nbval-current-env \
-        --nbval-cell-timeout=80 --nbval-sanitize-with tests/nbval_sanitize.cfg chapters/05_cupy.ipynb \
+    timeout 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval --nbval-current-env \
+        --nbval-cell-timeout=70 --nbval-sanitize-with tests/nbval_sanitize.cfg chapters/05_cupy.ipynb \
         2>&1 | tee -a "$OUT/nbval_05.log" || status=1
 else
     echo "nbval or ipykernel missing (carry the wheels of tools/gpu_wheels.sh): chapter 05 not run" | tee -a "$OUT/nbval_05.log"
@@ -98,7 +99,7 @@ fi
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name())" | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 design=$(python3 -c "from bnlib import cuda; print(cuda.KERNEL_DESIGN)")
 json="bnlib/data/gpu_bench_${card}_design${design}.json"
-timeout 150 python3 -m bnlib.bench --gpu --compile --modules --launchers cupy --repeats 20 --no-progress \
+timeout 130 python3 -m bnlib.bench --gpu --compile --modules --launchers cupy --repeats 20 --no-progress \
     --json "$json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 cp "$json" "$OUT/" 2>/dev/null || true
 # 5. where a step's time goes: host time against kernel time, per implementation and launch path
