@@ -534,6 +534,7 @@ bn_backward_reduce_cols(const T* __restrict__ dy, const T* __restrict__ x, long 
                         int W, int L, const typename Acc<T>::type* __restrict__ mean,
                         typename Acc<T>::type* __restrict__ part, long long P) {
     typedef typename Acc<T>::type A;
+    static_assert((TY & (TY - 1)) == 0 && TX == 16, "the merge tree: TY a power of 2, two row groups per warp");
     __shared__ A ss[TY / 2][V][TX], st[TY / 2][V][TX];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int vc = blockIdx.x * TX + tx;

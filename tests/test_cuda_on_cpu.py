@@ -175,13 +175,15 @@ def test_a_million_values_in_one_channel_far_from_zero(on_cpu):
     assert (y.double() - (exact - exact.mean()) / exact.std(unbiased=False)).abs().max() < 1e-3
 
 
-MUTANTS = {   # one line of a kernel changed: a merge formula, a loop bound, a shuffle offset, an index
+MUTANTS = {   # one line of a kernel changed: a merge formula, a loop bound, shuffle offsets, an index
     "merge": ("q += qb + delta * delta * n * wb;", "q += qb + delta * delta * n;"),
     "loop bound": ("    for (; j >= 0; --j) {\n        const Vec<T, V> v = xv[(r0 + j * step) * vw + vc];",
                    "    for (; j >= 1; --j) {\n        const Vec<T, V> v = xv[(r0 + j * step) * vw + vc];"),
     "shuffle offset": ("for (int off = 16; off > 0; off >>= 1) {\n        s += __shfl_down_sync",
                        "for (int off = 8; off > 0; off >>= 1) {\n        s += __shfl_down_sync"),
     "partial index": ("return b * Wf + f * W + (long long)c * L + l;", "return b * Wf + f * W + (long long)c * L;"),
+    "pair shuffle": ("const A n2 = __shfl_down_sync(0xffffffffu, n[k], TX);",
+                     "const A n2 = __shfl_down_sync(0xffffffffu, n[k], TX / 2);"),
 }
 
 

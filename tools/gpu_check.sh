@@ -2,10 +2,11 @@
 # The GPU checks of chapter 05 in one run, for a machine with a CUDA GPU, CuPy and PyTorch
 # (e.g. the device tool: `run` this with `carry: [".whl"]` holding the nbval/ipykernel wheels that
 # tools/gpu_wheels.sh downloads). Every step has a timeout, so one slow step cannot eat the lease.
-# Writes logs, bnlib/data/gpu_bench_<card>_design<N>.json (results with card, date and versions: package
-# data, so a chapter run alone on Colab finds it; N = bnlib.cuda.KERNEL_DESIGN, so an earlier design's
-# recording is never overwritten) and bnlib/data/gpu_profile_<card>_design<N>.json (host time against
-# GPU time per step, tools/gpu_profile.py); with $OUT set (the device tool), copies land there too.
+# Writes logs and the recordings gpu_bench_<card>_design<N>.json and gpu_profile_<card>_design<N>.json
+# (results with card, date and versions; N = bnlib.cuda.KERNEL_DESIGN, so an earlier design's
+# recording is never overwritten) into $OUT as they go (the device tool brings $OUT back, even from a
+# run cut short), then copies the recordings into bnlib/data/ (package data, so a chapter run alone
+# on Colab finds them; from the device tool, commit the copies that come back in $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
@@ -21,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 #    bnlib.cuda's driver launch path first; if that fails, through CuPy's kernel call (the rest of the
 #    run then uses it, and the run is marked failed); stop here with the reason if both fail.
 preflight() {
-BNLIB_CUDA_LAUNCH="$1" timeout 90 python3 -c "
+BNLIB_CUDA_LAUNCH="$1" timeout 60 python3 -c "
 import time, cupy, torch
 from bnlib import cuda
 assert cuda.available(), 'no GPU for CuPy'
@@ -48,9 +49,11 @@ if not (err < 1e-4 and stats < 1e-6 and int(nbt) == 1):
 }
 status=0
 # exit status 3: the kernels ran but gave wrong values (carry on: the tests and profile say more);
-# anything else: the launch path itself failed (retry through CuPy's kernel call)
+# 124: timed out (stop: the later steps would hang the same way); anything else: the launch path
+# itself failed (retry through CuPy's kernel call)
 preflight driver 2>&1 | tee "$OUT/preflight.log"
 rc=${PIPESTATUS[0]}
+[ "$rc" -eq 124 ] && { echo "preflight timed out (compile or first launch): see preflight.log"; exit 1; }
 if [ "$rc" -ne 0 ]; then
     status=1
     if [ "$rc" -ne 3 ]; then
@@ -61,32 +64,35 @@ if [ "$rc" -ne 0 ]; then
         export BNLIB_CUDA_LAUNCH=cupy
     fi
 fi
-# Step timeouts add up to 600 s (the device tool's limit per command; the last run took a fraction
-# of them: the tests 17 s, nbval 39 s); the steps that record
-# results write them as they go, so a run cut short keeps what it finished.
+# Step timeouts add up to 560 s with the preflight's retry, 500 s without, under the device tool's
+# 600 s per command (the last run took a fraction of them: the tests 17 s, nbval 39 s); the steps
+# that record results write them into $OUT as they go, so a run cut short keeps what it finished.
 # 1. kernels against the float64 reference (CuPy arrays and torch tensors, every dtype and layout,
 #    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
 #    the CPU-only tests of test_cuda.py (replays, emulated device, nvcc) ran where the code was written
-timeout 75 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
+timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
     -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles and not driver_launch" \
     2>&1 | tee "$OUT/test_cuda.log" || status=1
-timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
+timeout 50 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
     2>&1 | tee "$OUT/test_nn_cuda.log" || status=1
 # 2. compute-sanitizer on small cases of both walks, every dtype, unaligned data: racecheck (shared
-#    memory: the merge trees, the block reductions) and memcheck (out of bounds, misaligned)
+#    memory: the merge trees, the block reductions) and memcheck (out of bounds, misaligned); torch's
+#    caching allocator off, so that every tensor is its own allocation and a read past its end is seen
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if [ -n "$sanitizer" ]; then
     for tool in racecheck memcheck; do
-        timeout 45 "$sanitizer" --tool "$tool" --error-exitcode 9 python3 tools/gpu_sanitize.py \
-            2>&1 | tail -40 | tee "$OUT/sanitize_$tool.log" || status=1
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 40 "$sanitizer" --tool "$tool" --error-exitcode 9 \
+            python3 tools/gpu_sanitize.py > "$OUT/sanitize_$tool.log" 2>&1 || status=1
+        tail -15 "$OUT/sanitize_$tool.log"
     done
 else
     echo "compute-sanitizer not found: no race or memory check" | tee "$OUT/sanitize_racecheck.log"
+    status=1
 fi
 # 3. chapter 05 under nbval, as the course's tests run it (needs nbval and ipykernel: carried wheels)
 if python3 -c "import nbval, ipykernel" 2>"$OUT/nbval_05.log"; then
-    timeout 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval --nbval-current-env \
-        --nbval-cell-timeout=70 --nbval-sanitize-with tests/nbval_sanitize.cfg chapters/05_cupy.ipynb \
+    timeout 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval --nbval-current-env \
+        --nbval-cell-timeout=60 --nbval-sanitize-with tests/nbval_sanitize.cfg chapters/05_cupy.ipynb \
         2>&1 | tee -a "$OUT/nbval_05.log" || status=1
 else
     echo "nbval or ipykernel missing (carry the wheels of tools/gpu_wheels.sh): chapter 05 not run" | tee -a "$OUT/nbval_05.log"
@@ -98,12 +104,12 @@ fi
 #    kernel design and launcher (the JSON is rewritten after every case)
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name())" | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 design=$(python3 -c "from bnlib import cuda; print(cuda.KERNEL_DESIGN)")
-json="bnlib/data/gpu_bench_${card}_design${design}.json"
-timeout 130 python3 -m bnlib.bench --gpu --compile --modules --launchers cupy --repeats 20 --no-progress \
+json="$OUT/gpu_bench_${card}_design${design}.json"
+timeout 120 python3 -m bnlib.bench --gpu --compile --modules --launchers cupy --repeats 20 --no-progress \
     --json "$json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
-cp "$json" "$OUT/" 2>/dev/null || true
+cp "$json" bnlib/data/ 2>/dev/null || true
 # 5. where a step's time goes: host time against kernel time, per implementation and launch path
-profile="bnlib/data/gpu_profile_${card}_design${design}.json"
-timeout 75 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_profile.log" || status=1
-cp "$profile" "$OUT/" 2>/dev/null || true
+profile="$OUT/gpu_profile_${card}_design${design}.json"
+timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_profile.log" || status=1
+cp "$profile" bnlib/data/ 2>/dev/null || true
 exit $status
