@@ -47,7 +47,13 @@ def build(kernel_source, folder):
 def emulator(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("g++ not installed")
-    return build(cuda.KERNEL_SOURCE, tmp_path_factory.mktemp("cuda_on_cpu"))
+    folder = tmp_path_factory.mktemp("cuda_on_cpu")
+    probe = folder / "probe.cpp"                     # the shim needs C++20's <barrier> (GCC >= 11)
+    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); return 0; }\n")
+    if subprocess.run(["g++", "-std=c++20", "-pthread", "-o", str(folder / "probe"), str(probe)],
+                      capture_output=True, timeout=120).returncode != 0:
+        pytest.skip("this g++ cannot compile C++20's <barrier> (GCC 11 or later can)")
+    return build(cuda.KERNEL_SOURCE, folder)
 
 
 @pytest.fixture
