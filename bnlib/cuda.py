@@ -808,8 +808,9 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     """The walk for a C-contiguous (rows, channels, length) tensor: NCHW is (N, C, H*W), channels-last
     memory is (N*H*W, C, 1), a 2-D input (N, C, 1). Large planes (length * itemsize >= 4 KB, length a
     multiple of the vector) are walked plane by plane; everything else as columns of (rows, C*length),
-    folded so that a row holds at least TX vectors. Grids aim at 2 x SMs x 8 blocks (fewer only
-    when a cols walk has less than one row per thread)."""
+    folded so that a row holds at least TX vectors. Grids aim at 2 x SMs x 8 blocks (fewer when
+    the tensor has too little work for that: few planes or plane segments, or a cols walk with
+    less than one row per thread)."""
     n, c, l = rows, channels, length
     vfull = _VEC[dtype_name] if aligned else 1
     target = 16 * sm_count
