@@ -151,6 +151,56 @@ __device__ void block_sum2(A& s, A& t) {
     }
 }
 
+// The end of the columns reductions: merge the TY row groups of a block, for each of a thread's V
+// columns, R values per column (R = 3 moments, or 2 sums) combined by Merge::apply(a, b), a <- a with
+// b. A warp holds two row groups (lanes tx and tx + TX), so the first level is a shuffle; the other
+// log2(TY) - 1 levels are a tree in shared memory over the pairs: pair g merges pair g + h, pairs
+// below h are written and pairs from h on read, so none is both. Fixed order: deterministic. Row
+// group 0 ends with the block's result in v. Every thread of the block must call it.
+struct MergeMoments {                          // (n, mean, M2) triples, by Chan's formula
+    template <typename A> __device__ static void apply(A* a, const A* b) { chan_merge(a[0], a[1], a[2], b[0], b[1], b[2]); }
+};
+struct MergeSums {                             // plain sums
+    template <typename A> __device__ static void apply(A* a, const A* b) { a[0] += b[0]; a[1] += b[1]; }
+};
+
+template <typename Merge, int R, int V, typename A>
+__device__ __forceinline__ void merge_row_groups(A (&v)[R][V], A (&sh)[TY / 2][R][V][TX]) {
+    static_assert((TY & (TY - 1)) == 0 && TX == 16, "the merge tree: TY a power of 2, two row groups per warp");
+    const int tx = threadIdx.x, g = threadIdx.y >> 1;
+    const bool even = (threadIdx.y & 1) == 0;  // after the shuffle, row group 2g speaks for 2g and 2g + 1
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        A mine[R], theirs[R];
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+            mine[j] = v[j][k];
+            theirs[j] = __shfl_down_sync(0xffffffffu, mine[j], TX);     // lane tx + 16: row group ty + 1
+        }
+        if (even) {
+            Merge::apply(mine, theirs);
+#pragma unroll
+            for (int j = 0; j < R; ++j) { v[j][k] = mine[j]; sh[g][j][k][tx] = mine[j]; }
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = TY / 4; h > 0; h >>= 1) {
+        if (even && g < h) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                A mine[R], theirs[R];
+#pragma unroll
+                for (int j = 0; j < R; ++j) { mine[j] = v[j][k]; theirs[j] = sh[g + h][j][k][tx]; }
+                Merge::apply(mine, theirs);
+#pragma unroll
+                for (int j = 0; j < R; ++j) { v[j][k] = mine[j]; sh[g][j][k][tx] = mine[j]; }
+            }
+        }
+        __syncthreads();
+    }
+}
+
 // The channel of column `col` of a cols walk: rows of the original tensor are W = C * L wide, and
 // a folded row holds Wf / W of them. One division per column a thread owns, not per value.
 __device__ __forceinline__ int column_channel(int col, int W, int L) { return (col % W) / L; }
@@ -225,10 +275,9 @@ bn_stats_planes(const T* __restrict__ x, int N, int C, long long LV, long long s
 // Forward, pass 1 (cols): thread (tx, ty) of block (bx, b) owns vector column vc = bx * TX + tx
 // (columns col0 = vc * V ... col0 + V - 1) and rows r = b * TY + ty, stepping by TY * gridDim.y.
 // Rows 0 .. Rfull - 1 are full; row Rfull (if total % Wf != 0) is partial. The TY row groups are
-// merged as a tree over all V columns of a thread at once (the second design merged one column at a
-// time, TY - 1 merges in a row by one thread per column): the first level inside each warp, whose 32
-// threads are two row groups (a shuffle by TX lanes), the other log2(TY) - 1 levels in shared memory
-// (half the rows: 12 KB for 16-bit data). The block writes one partial per column at b * Wf + column.
+// merged by merge_row_groups, a tree over all V columns of a thread at once (the second design merged
+// one column at a time, TY - 1 merges in a row by one thread per column); the tree takes 12 KB of
+// shared memory for 16-bit data. The block writes one partial per column at b * Wf + column.
 template <typename T, int V>
 __global__ void __launch_bounds__(TX * TY)
 bn_stats_cols(const T* __restrict__ x, long long total, long long Rfull, int Wf,
@@ -236,14 +285,12 @@ bn_stats_cols(const T* __restrict__ x, long long total, long long Rfull, int Wf,
     typedef typename Acc<T>::type A;
     if (counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0)
         *counter += 1;
-    static_assert((TY & (TY - 1)) == 0 && TX == 16, "the merge tree: TY a power of 2, two row groups per warp");
-    __shared__ A sn[TY / 2][V][TX], sm[TY / 2][V][TX], sq[TY / 2][V][TX];
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int vc = blockIdx.x * TX + tx;
+    __shared__ A shared[TY / 2][3][V][TX];
+    const int vc = blockIdx.x * TX + threadIdx.x;
     const int col0 = vc * V;
     const bool active = col0 < Wf;
     const long long step = (long long)TY * gridDim.y;
-    const long long r0 = (long long)blockIdx.y * TY + ty;
+    const long long r0 = (long long)blockIdx.y * TY + threadIdx.y;
     A shift[V], s1[V], s2[V], cnt[V];
     if (active && r0 < Rfull) {               // the shifts: the thread's first row, one vector load
         const Vec<T, V> a = reinterpret_cast<const Vec<T, V>*>(x)[r0 * (Wf / V) + vc];
@@ -295,39 +342,17 @@ bn_stats_cols(const T* __restrict__ x, long long total, long long Rfull, int Wf,
             }
         }
     }
-    A n[V], m[V], q[V];
-    const bool even = (ty & 1) == 0;          // after level 1, row group ty speaks for ty and ty + 1
-    const int g = ty >> 1;
+    A mom[3][V];                              // (n, mean, M2) of each column
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-        shifted_to_moments(cnt[k], shift[k], s1[k], s2[k], n[k], m[k], q[k]);
-        const A n2 = __shfl_down_sync(0xffffffffu, n[k], TX);     // lane tx + 16: row group ty + 1
-        const A m2 = __shfl_down_sync(0xffffffffu, m[k], TX);
-        const A q2 = __shfl_down_sync(0xffffffffu, q[k], TX);
-        if (even) {
-            chan_merge(n[k], m[k], q[k], n2, m2, q2);
-            sn[g][k][tx] = n[k]; sm[g][k][tx] = m[k]; sq[g][k][tx] = q[k];
-        }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int h = TY / 4; h > 0; h >>= 1) {    // pair g merges pair g + h: pairs below h are written,
-        if (even && g < h) {                  // pairs from h on are read, so none is both
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                chan_merge(n[k], m[k], q[k], sn[g + h][k][tx], sm[g + h][k][tx], sq[g + h][k][tx]);
-                sn[g][k][tx] = n[k]; sm[g][k][tx] = m[k]; sq[g][k][tx] = q[k];
-            }
-        }
-        __syncthreads();
-    }
-    if (ty == 0 && active) {
+    for (int k = 0; k < V; ++k) shifted_to_moments(cnt[k], shift[k], s1[k], s2[k], mom[0][k], mom[1][k], mom[2][k]);
+    merge_row_groups<MergeMoments>(mom, shared);
+    if (threadIdx.y == 0 && active) {
 #pragma unroll
         for (int k = 0; k < V; ++k) {
             const long long p = (long long)blockIdx.y * Wf + col0 + k;
-            part[p] = n[k];
-            part[P + p] = m[k];
-            part[2 * P + p] = q[k];
+            part[p] = mom[0][k];
+            part[P + p] = mom[1][k];
+            part[2 * P + p] = mom[2][k];
         }
     }
 }
@@ -535,10 +560,8 @@ bn_backward_reduce_cols(const T* __restrict__ dy, const T* __restrict__ x, long 
                         int W, int L, const typename Acc<T>::type* __restrict__ mean,
                         typename Acc<T>::type* __restrict__ part, long long P) {
     typedef typename Acc<T>::type A;
-    static_assert((TY & (TY - 1)) == 0 && TX == 16, "the merge tree: TY a power of 2, two row groups per warp");
-    __shared__ A ss[TY / 2][V][TX], st[TY / 2][V][TX];
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int vc = blockIdx.x * TX + tx;
+    __shared__ A shared[TY / 2][2][V][TX];
+    const int vc = blockIdx.x * TX + threadIdx.x;
     const int col0 = vc * V;
     const bool active = col0 < Wf;
     A mu[V], s[V], t[V];
@@ -587,34 +610,16 @@ bn_backward_reduce_cols(const T* __restrict__ dy, const T* __restrict__ x, long 
             }
         }
     }
-    const bool even = (ty & 1) == 0;          // the TY row groups summed as a tree, as in bn_stats_cols
-    const int g = ty >> 1;
+    A sums[2][V];                             // the TY row groups summed as in bn_stats_cols
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-        const A s2 = __shfl_down_sync(0xffffffffu, s[k], TX), t2 = __shfl_down_sync(0xffffffffu, t[k], TX);
-        if (even) {
-            s[k] += s2; t[k] += t2;
-            ss[g][k][tx] = s[k]; st[g][k][tx] = t[k];
-        }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int h = TY / 4; h > 0; h >>= 1) {
-        if (even && g < h) {
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                s[k] += ss[g + h][k][tx]; t[k] += st[g + h][k][tx];
-                ss[g][k][tx] = s[k]; st[g][k][tx] = t[k];
-            }
-        }
-        __syncthreads();
-    }
-    if (ty == 0 && active) {
+    for (int k = 0; k < V; ++k) { sums[0][k] = s[k]; sums[1][k] = t[k]; }
+    merge_row_groups<MergeSums>(sums, shared);
+    if (threadIdx.y == 0 && active) {
 #pragma unroll
         for (int k = 0; k < V; ++k) {
             const long long p = (long long)blockIdx.y * Wf + col0 + k;
-            part[p] = s[k];
-            part[P + p] = t[k];
+            part[p] = sums[0][k];
+            part[P + p] = sums[1][k];
         }
     }
 }

@@ -188,8 +188,8 @@ MUTANTS = {   # one line of a kernel changed: a merge formula, a loop bound, shu
     "shuffle offset": ("for (int off = 16; off > 0; off >>= 1) {\n        s += __shfl_down_sync",
                        "for (int off = 8; off > 0; off >>= 1) {\n        s += __shfl_down_sync"),
     "partial index": ("return b * Wf + f * W + (long long)c * L + l;", "return b * Wf + f * W + (long long)c * L;"),
-    "pair shuffle": ("const A n2 = __shfl_down_sync(0xffffffffu, n[k], TX);",
-                     "const A n2 = __shfl_down_sync(0xffffffffu, n[k], TX / 2);"),
+    "pair shuffle": ("theirs[j] = __shfl_down_sync(0xffffffffu, mine[j], TX);",
+                     "theirs[j] = __shfl_down_sync(0xffffffffu, mine[j], TX / 2);"),
 }
 
 
