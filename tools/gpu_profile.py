@@ -58,10 +58,22 @@ def make_impls(torch, cuda, bnn, x, dy, w, b):
             m(xr).backward(dy)
         return step
 
-    impls = {"torch": (torch_step, None), "torch.nn": (module_step(tnn), None)}
+    def torch_forward():
+        with torch.no_grad():
+            torch.nn.functional.batch_norm(x, None, None, w, b, training=True)
+
+    def bnlib_forward():
+        cuda.forward_torch(x, w, b, 1e-5)
+
+    # the forward alone as well: design 2's recording had bnlib's forward nearly as slow as its whole
+    # step on the small tensors (0.133 against 0.154 ms), as if the forward's host work cost far more
+    # than the backward's, which does the same kind of work
+    impls = {"torch": (torch_step, None), "torch.nn": (module_step(tnn), None),
+             "torch forward": (torch_forward, None)}
     for launcher in ("driver", "cupy"):
         impls[f"bnlib [{launcher}]"] = (bnlib_step, launcher)
         impls[f"bnlib.nn [{launcher}]"] = (module_step(bnl), launcher)
+    impls["bnlib forward [driver]"] = (bnlib_forward, "driver")
     return impls
 
 
