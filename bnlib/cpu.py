@@ -122,8 +122,8 @@ def numpy_forward(x3, gamma, beta, eps, y3):
 def numpy_backward(dy3, x3, mean, inv_std, gamma, dx3):
     """Training backward on (N, C, L) in plain NumPy, writing dx3; returns dgamma, dbeta (float64, (C,)).
 
-    dx = a*dy + b*(x - mean) + c per channel, with a = gamma/sigma, b = -a*dgamma/(m*sigma),
-    c = -a*dbeta/m, computed in the dx buffer without another tensor-sized temporary.
+    dx = a*dy + b*(x - mean) + c per channel, with a = gamma/s, b = -a*dgamma/(m*s), c = -a*dbeta/m,
+    s = sqrt(var + eps), computed in the dx buffer without another tensor-sized temporary.
     """
     n, c, l = x3.shape
     count = n * l

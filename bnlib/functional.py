@@ -230,7 +230,7 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
 def batch_norm_backward(dy, cache: BNCache):
     """Gradients of training-mode batch norm: dx (x's dtype), dgamma, dbeta (C,).
 
-    dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over all axes but 1.
+    dx = gamma / s * (dy - mean(dy) - x_hat * mean(dy * x_hat)), s = sqrt(var + eps), means over all axes but 1.
     NumPy float32/float64 runs on bnlib.cpu's fast path; anything else on portable_batch_norm_backward.
     """
     _check_backward_args(dy, cache)
