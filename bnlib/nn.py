@@ -2,7 +2,7 @@
 # bnlib.nn is generated from chapters/06_pytorch.ipynb, chapters/08_variants.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'convert_batchnorm', 'fold_batch_norm', 'SyncBatchNormFunction', 'SyncBatchNorm', 'sync_batchnorm_check', 'FrozenBatchNorm2d']
+__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'BATCHNORM_TYPES', 'convert_batchnorm', 'fold_batch_norm', 'SyncBatchNormFunction', 'SyncBatchNorm', 'sync_batchnorm_check', 'FrozenBatchNorm2d']
 
 import contextlib
 import copy
@@ -104,12 +104,17 @@ class BatchNormFunction(torch.autograd.Function):
     "running": (running_mean, running_var, momentum, num_batches_tracked) and x is a CUDA tensor,
     chapter 05's kernels do that update in the same launches when they can (buffers contiguous, of
     the compute dtype), and set stats["updated"] = True.
+
+    Twice differentiable, as torch's batch norm: a backward run with create_graph=True (gradient
+    penalties, MAML) computes the gradients with torch operations that autograd records
+    (_backward_with_graph) instead of bnlib's kernels, so that they can be differentiated again.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, stats=None):
         ctx.save_for_backward(x, weight)        # lets autograd detect in-place changes before backward
         acc = ctx.acc = _compute_dtype(x)
+        ctx.eps = eps
         ctx.param_grads = (weight is not None, bias is not None)
         ctx.param_dtype = acc if weight is None else weight.dtype
         if _torch_kernels(x):                   # chapter 05's kernels, torch tensors in and out
@@ -130,10 +135,11 @@ class BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors           # raises if x or weight was modified in place
-        if ctx.torch_state is not None:
+        if torch.is_grad_enabled():             # create_graph=True: the gradients must be differentiable
+            dx, dgamma, dbeta = _backward_with_graph(dy, x, weight, ctx.eps, ctx.acc)
+        elif ctx.torch_state is not None:
             mean, inv_std, w = ctx.torch_state
             dx, dgamma, dbeta = cuda.backward_torch(dy, x, mean, inv_std, w)
         else:
@@ -146,10 +152,27 @@ class BatchNormFunction(torch.autograd.Function):
                 dbeta.to(ctx.param_dtype) if need_b else None, None, None)
 
 
+def _backward_with_graph(dy, x, weight, eps, acc):
+    """Training-mode (dx, dweight, dbias) in torch operations, in dtype `acc`: the compact formula of
+    chapter 03, with the batch statistics recomputed from x, so that autograd records how the
+    gradients depend on x, weight and dy (double backward). Used only when the graph is wanted."""
+    axes, shape = [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    xc, g = x.to(acc), dy.to(acc)
+    mean = xc.mean(axes, keepdim=True)
+    inv_std = torch.rsqrt(xc.var(axes, correction=0, keepdim=True) + eps)
+    x_hat = (xc - mean) * inv_std
+    dbias, dweight = g.sum(axes), (g * x_hat).sum(axes)
+    scale = inv_std if weight is None else inv_std * weight.to(acc).reshape(shape)
+    n = x.numel() // x.shape[1]
+    dx = scale * (g - dbias.reshape(shape) / n - x_hat * dweight.reshape(shape) / n)
+    return dx, dweight, dbias
+
+
 class BatchNormInferenceFunction(torch.autograd.Function):
     """Evaluation-mode batch norm (a fixed per-channel affine map) with its gradients.
 
-    x may be float16/bfloat16 with float32 statistics and parameters; y has x's dtype.
+    x may be float16/bfloat16 with float32 statistics and parameters; y has x's dtype. The backward
+    is written in torch operations, so it can be differentiated again (create_graph=True).
     """
 
     @staticmethod
@@ -204,7 +227,13 @@ _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 class _BatchNorm(torch.nn.Module):
     """Common code of the bnlib drop-ins for torch.nn.BatchNorm1d/2d/3d (same arguments,
-    parameters, buffers and state-dict keys); the arithmetic is bnlib.functional's."""
+    parameters, buffers and state-dict keys); the arithmetic is bnlib.functional's.
+
+    Not a subclass of torch's classes: isinstance(layer, torch.nn.BatchNorm2d) (or torch's
+    _BatchNorm) is False, so code that picks batch-norm layers that way (weight-decay groups,
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm) passes bnlib's by. Test for both:
+    isinstance(m, bnlib.nn.BATCHNORM_TYPES).
+    """
 
     _version = 2                      # as torch's: state dicts carry num_batches_tracked
 
@@ -236,6 +265,19 @@ class _BatchNorm(torch.nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # As torch: a state dict saved before num_batches_tracked existed (version 1, or no version
+        # recorded) loads, strict or not; the count is the layer's own, or 0 if it has none to give.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            own = self.num_batches_tracked
+            usable = own is not None and own.device.type != "meta"
+            state_dict[key] = own if usable else torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def reset_running_stats(self):
         if self.track_running_stats:
@@ -283,12 +325,17 @@ class _BatchNorm(torch.nn.Module):
 
         mean, var: (C,) tensors on the buffers' device; count: values per channel (a Python int).
         Nothing is read back to the host, except num_batches_tracked when momentum is None (as torch).
+        As torch, a buffer that is None is skipped (and momentum=None without a count gives m = 0).
         """
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            if count == 0:                       # an empty batch: counted, as torch does, but no statistics
-                return
-            momentum = self.momentum if self.momentum is not None else 1.0 / int(self.num_batches_tracked)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+            if count == 0 or self.running_mean is None or self.running_var is None:
+                return                           # an empty batch: counted, as torch does, but no statistics
+            if self.momentum is not None:
+                momentum = self.momentum
+            else:
+                momentum = 0.0 if self.num_batches_tracked is None else 1.0 / int(self.num_batches_tracked)
             unbiased = var * (count / (count - 1)) if count > 1 else var
             self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
             self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
@@ -305,14 +352,22 @@ class _BatchNorm(torch.nn.Module):
             y = y + self.bias[0]
         return y
 
+    def _uses_batch_statistics(self):
+        """torch's rule: batch statistics in training, and in evaluation when the layer has no running
+        buffers. It asks whether the buffers exist, not track_running_stats: a layer whose flag is
+        switched off after construction still has its buffers, and normalizes with them in evaluation."""
+        return self.training or (self.running_mean is None and self.running_var is None)
+
     def forward(self, x):
         self._check_input(x)
         if x.numel() == 0:
             return self._empty_batch(x)
-        if self.training or not self.track_running_stats:
+        if self._uses_batch_statistics():
+            # as torch, the buffers are updated only in training with track_running_stats set (the flag
+            # off but buffers kept: batch statistics, buffers untouched)
             tracking = self.training and self.track_running_stats
-            stats = {"running": (self.running_mean, self.running_var, self.momentum,
-                                 self.num_batches_tracked)} if tracking else {}
+            buffers = (self.running_mean, self.running_var, self.momentum, self.num_batches_tracked)
+            stats = {"running": buffers} if tracking and self.running_mean is not None else {}
             y = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, stats)
             if tracking and not stats.get("updated"):      # the CUDA kernels did it in their own launches
                 self._update_running_stats(stats["mean"], stats["var"], stats["count"])
@@ -329,6 +384,8 @@ class BatchNorm1d(_BatchNorm):
     Args: num_features (C), eps=1e-5, momentum=0.1 (None: cumulative average), affine=True,
         track_running_stats=True, device=None, dtype=None, and keyword-only bias=True, all as in torch.
     Shape: input (N, C) or (N, C, L); output the same.
+    Not a subclass of torch.nn.BatchNorm1d: to find batch-norm layers of either library, use
+    isinstance(m, bnlib.nn.BATCHNORM_TYPES). State dicts, train/eval and double backward as torch's.
     """
 
     def _check_input_dim(self, x):
@@ -342,6 +399,8 @@ class BatchNorm2d(_BatchNorm):
     y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, per channel over N, H, W.
 
     Args: as BatchNorm1d.  Shape: input (N, C, H, W); output the same.
+    Not a subclass of torch.nn.BatchNorm2d: to find batch-norm layers of either library, use
+    isinstance(m, bnlib.nn.BATCHNORM_TYPES).
     """
 
     def _check_input_dim(self, x):
@@ -353,12 +412,17 @@ class BatchNorm3d(_BatchNorm):
     r"""Batch normalization over a 5D input (N, C, D, H, W): torch.nn.BatchNorm3d's drop-in.
 
     Args: as BatchNorm1d.  Shape: input (N, C, D, H, W); output the same.
+    Not a subclass of torch.nn.BatchNorm3d: to find batch-norm layers of either library, use
+    isinstance(m, bnlib.nn.BATCHNORM_TYPES).
     """
 
     def _check_input_dim(self, x):
         if x.dim() != 5:
             raise ValueError(f"expected 5D input (got {x.dim()}D input)")
 
+
+# isinstance(m, BATCHNORM_TYPES): True for torch's batch-norm layers and bnlib's (SyncBatchNorm included)
+BATCHNORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, _BatchNorm)
 
 _TORCH_TO_BNLIB = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
                    torch.nn.BatchNorm3d: BatchNorm3d}
@@ -484,6 +548,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return torch.from_numpy(y).to(x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable     # NumPy arithmetic: differentiating it again raises
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         c = x.shape[1]
@@ -519,7 +584,8 @@ class SyncBatchNorm(_BatchNorm):
     empty one included: it still takes part in the exchanges (so no process waits for it forever)
     and contributes nothing to the statistics, as in torch.nn.SyncBatchNorm.
     Without an initialized process group (or with a group of one process) it is plain batch
-    norm, as torch.nn.SyncBatchNorm is.
+    norm, as torch.nn.SyncBatchNorm is. Synchronized, its backward is computed in NumPy and cannot
+    be differentiated again: a double backward (create_graph=True) raises rather than leave out terms.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,

@@ -229,6 +229,175 @@ def test_sync_batchnorm_in_eval_without_running_stats_uses_the_local_batch():
     torch.testing.assert_close(layer(x), torch.nn.BatchNorm1d(3, track_running_stats=False).eval()(x))
 
 
+# ----------------------------------------------------------------------------- torch's module semantics
+
+def _legacy_state_dict(module, version):
+    """module's state dict as torch wrote it before num_batches_tracked existed: no such key, and the
+    layer's metadata version `version` (None: no metadata at all, as a hand-made dict)."""
+    sd = module.state_dict()
+    for key in [k for k in sd if k.endswith("num_batches_tracked")]:
+        del sd[key]
+    if version is None:
+        return dict(sd)
+    for meta in sd._metadata.values():
+        meta["version"] = version
+    return sd
+
+
+@pytest.mark.parametrize("version", [1, None])
+def test_legacy_state_dict_without_num_batches_tracked_loads_strictly_like_torch(version):
+    source = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3))
+    source(torch.randn(4, 1, 5, 5))
+    sd = _legacy_state_dict(source, version)
+    theirs = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3))
+    ours = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), bnn.BatchNorm2d(3))
+    with torch.no_grad():
+        theirs[1].num_batches_tracked.fill_(7)
+        ours[1].num_batches_tracked.fill_(7)
+    theirs.load_state_dict(copy.deepcopy(sd), strict=True)
+    result = ours.load_state_dict(copy.deepcopy(sd), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for key, value in theirs.state_dict().items():          # the count: the layer's own (7), as torch
+        assert torch.equal(ours.state_dict()[key], value), key
+    assert int(ours[1].num_batches_tracked) == 7
+
+
+def test_legacy_state_dict_on_a_meta_layer_gets_a_zero_count_like_torch():
+    source = torch.nn.BatchNorm1d(3)
+    source(torch.randn(4, 3))
+    sd = _legacy_state_dict(source, 1)
+    theirs, ours = torch.nn.BatchNorm1d(3, device="meta"), bnn.BatchNorm1d(3, device="meta")
+    theirs.load_state_dict(copy.deepcopy(sd), strict=True, assign=True)
+    ours.load_state_dict(copy.deepcopy(sd), strict=True, assign=True)
+    assert ours.num_batches_tracked.device.type == "cpu" and int(ours.num_batches_tracked) == 0
+    assert int(theirs.num_batches_tracked) == 0
+
+
+def test_version_2_state_dict_without_num_batches_tracked_is_still_missing_like_torch():
+    sd = _legacy_state_dict(torch.nn.BatchNorm1d(3), 2)
+    for layer in (torch.nn.BatchNorm1d(3), bnn.BatchNorm1d(3)):
+        with pytest.raises(RuntimeError, match="num_batches_tracked"):
+            layer.load_state_dict(copy.deepcopy(sd), strict=True)
+
+
+@pytest.mark.parametrize("flag_after", [False, True])
+@pytest.mark.parametrize("built_with", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_track_running_stats_changed_after_construction_like_torch(built_with, flag_after, momentum):
+    """torch decides by the buffers, not the flag: in evaluation it normalizes with the running
+    statistics whenever they exist, and in training it updates them only when the flag is set."""
+    gen = torch.Generator().manual_seed(int(built_with) * 2 + int(flag_after))
+    theirs = torch.nn.BatchNorm1d(3, momentum=momentum, track_running_stats=built_with).double()
+    ours = bnn.BatchNorm1d(3, momentum=momentum, track_running_stats=built_with).double()
+    if built_with:
+        with torch.no_grad():
+            theirs.running_mean.uniform_(-2, 2, generator=gen)
+            theirs.running_var.uniform_(0.5, 3, generator=gen)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.track_running_stats = ours.track_running_stats = flag_after
+    for training in (True, False, True, False):
+        theirs.train(training), ours.train(training)
+        x = torch.randn(6, 3, generator=gen, dtype=torch.float64) * 2 + 1
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = theirs(xa), ours(xb)
+        ya.sum().backward()
+        yb.sum().backward()
+        for name, want, got in _pairs(theirs, ours, ya, yb, xa, xb):
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12, msg=lambda m: f"{training} {name}: {m}")
+        theirs.weight.grad = theirs.bias.grad = ours.weight.grad = ours.bias.grad = None
+    if built_with and not flag_after:                       # the case the flag alone decided wrongly
+        assert int(ours.num_batches_tracked) == 0
+
+
+def test_flag_off_with_buffers_evaluates_with_the_running_statistics():
+    layer = bnn.BatchNorm1d(2).eval()
+    with torch.no_grad():
+        layer.running_mean.fill_(3.0)
+        layer.running_var.fill_(4.0)
+    layer.track_running_stats = False
+    y = layer(torch.tensor([[5.0, 1.0], [7.0, 3.0]]))
+    torch.testing.assert_close(y, torch.tensor([[1.0, -1.0], [2.0, 0.0]]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.usefixtures("cpu_backend")
+def test_double_backward_matches_torch():
+    """A gradient penalty, |dL/dx|^2, differentiated again: what torch's batch norm supports."""
+    gen = torch.Generator().manual_seed(3)
+    for dims, training, momentum in [(2, True, 0.1), (4, True, None), (3, False, 0.1)]:
+        theirs = TORCH_BN[dims](3, momentum=momentum).double()
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5, generator=gen)
+            theirs.bias.normal_(generator=gen)
+            theirs.running_mean.normal_(generator=gen)
+        ours = BNLIB_BN[dims](3, momentum=momentum).double()
+        ours.load_state_dict(theirs.state_dict())
+        theirs.train(training), ours.train(training)
+        shape = (5, 3) + (2,) * (dims - 2)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        target = torch.randn(shape, generator=gen, dtype=torch.float64)
+        results = []
+        for m in (theirs, ours):
+            xi = x.clone().requires_grad_()
+            loss = ((m(xi) - target) ** 3).sum()
+            gx, = torch.autograd.grad(loss, xi, create_graph=True)
+            penalty = (gx ** 2).sum()
+            penalty.backward()
+            results.append([gx.detach(), xi.grad, m.weight.grad, m.bias.grad])
+        for want, got in zip(*results):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(ours, name), getattr(theirs, name)) or \
+                torch.allclose(getattr(ours, name), getattr(theirs, name), atol=1e-12)
+
+
+def test_gradgradcheck_of_the_functions():
+    x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradgradcheck(lambda x, w, b: bnn.BatchNormFunction.apply(x, w, b, 1e-5, None), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w, b: bnn.BatchNormInferenceFunction.apply(x, rm, rv, w, b, 1e-5),
+                                        (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x: bnn.BatchNormFunction.apply(x, None, None, 1e-5, None), (x,))
+
+
+def test_double_backward_in_mixed_precision_keeps_dtypes():
+    layer = bnn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2).to(torch.bfloat16).requires_grad_()
+    gx, = torch.autograd.grad((layer(x).float() ** 2).sum(), x, create_graph=True)
+    assert gx.dtype == torch.bfloat16 and gx.requires_grad
+    (gx.float() ** 2).sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+def test_sync_batchnorm_double_backward_raises_clearly():
+    """Synchronized (here a one-process gloo group, calling the Function directly), the backward is
+    NumPy arithmetic: a second differentiation must raise, not silently drop terms."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=60))
+        try:
+            x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+            w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+            y = bnn.SyncBatchNormFunction.apply(x, w, None, 1e-5, dist.group.WORLD, {})
+            gx, = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+            with pytest.raises(RuntimeError, match="once_differentiable"):
+                (gx ** 2).sum().backward()
+        finally:
+            dist.destroy_process_group()
+
+
+def test_batchnorm_types_select_both_libraries_layers():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), bnn.BatchNorm2d(4),
+                                bnn.SyncBatchNorm(4), torch.nn.Linear(4, 2), torch.nn.LayerNorm(2))
+    found = [i for i, m in enumerate(model) if isinstance(m, bnn.BATCHNORM_TYPES)]
+    assert found == [1, 2, 3]
+    assert not isinstance(model[2], torch.nn.modules.batchnorm._BatchNorm)     # the documented limitation
+
+
 # ----------------------------------------------------------------------------- mixed precision
 
 HALF_TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}      # about one unit in the last place
@@ -771,3 +940,24 @@ def test_cuda_running_statistics_updated_by_the_kernels_match_torch(momentum, dt
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for name in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=tol, atol=tol, msg=name)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_double_backward_matches_torch(dtype):
+    """A gradient penalty on CUDA tensors: create_graph=True takes _backward_with_graph (torch operations)
+    after forward_torch; its gradients must match torch's."""
+    theirs, ours = _cuda_pair(torch.nn.BatchNorm2d, bnn.BatchNorm2d, 8, dtype)
+    x = torch.randn(16, 8, 5, 5, device="cuda", dtype=dtype) * 2 + 1
+    grads = []
+    for m in (theirs, ours):
+        xi = x.clone().requires_grad_()
+        gx, = torch.autograd.grad((m(xi) ** 3).sum(), xi, create_graph=True)
+        (gx ** 2).sum().backward()
+        grads.append([gx.detach(), xi.grad, m.weight.grad, m.bias.grad])
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    for name, want, got in zip(("dx", "x.grad", "weight.grad", "bias.grad"), *grads):
+        scale = max(1.0, float(want.abs().max()))
+        torch.testing.assert_close(got, want, atol=tol * scale, rtol=tol, msg=lambda m: f"{name}: {m}")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=tol, rtol=tol)
