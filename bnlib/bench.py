@@ -328,7 +328,13 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
 
     CUDA events on torch's current stream, warm-up, interleaved repeats, medians; `rotate` different
     inputs per case, used in turn, and a 256 MB write between timed calls (untimed) that evicts the
-    L2 cache, so that no timing runs on data a previous call left in L2. Each row gives the 8-pass
+    L2 cache, so that no timing runs on data a previous call left in L2. forward_ms and step_ms time
+    each call as queued right after that write: where issuing the call takes the host longer than
+    the write runs, they include host time. forward_device_ms and step_device_ms time the same calls
+    on the GPU alone: the flush there reads a 256 MB buffer (a write leaves up to the L2's size of
+    dirty lines, written back during the timed call), then a spin kernel (torch.cuda._sleep) holds
+    the stream for twice the call's host time, so the whole call is queued before the start event
+    runs: kernels and the gaps between them, no host time (None where torch has no _sleep). Each row gives the 8-pass
     and 5-pass DRAM floors of a training step (passes x tensor bytes / copy bandwidth), the fraction
     of the 8-pass floor reached, kernel launches per step (bnlib) and the peak extra memory of a step
     (torch's allocator and CuPy's pool, beyond the inputs; bnlib's includes its cached workspace).
@@ -357,6 +363,34 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
 
     def timed(fn):
         flush.fill_(1)                                 # untimed: evicts what the last call cached
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3
+
+    sleep = getattr(torch.cuda, "_sleep", None)        # a spin kernel of a given number of GPU cycles
+    cycles_per_s = None
+    if sleep is not None:
+        sleep(1000)
+        start.record()
+        sleep(10_000_000)
+        stop.record()
+        stop.synchronize()
+        cycles_per_s = 10_000_000 / (start.elapsed_time(stop) / 1e3)
+
+    def host_s(fn):
+        """The host time of issuing fn, the GPU kept busy meanwhile (so that no call waits for it)."""
+        sleep(int(0.005 * cycles_per_s))
+        t0 = time.perf_counter()
+        fn()
+        host = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        return host
+
+    def timed_device(fn, hold_s):
+        flush.sum()                                    # untimed: a read evicts L2 without leaving dirty lines
+        sleep(int(hold_s * cycles_per_s))              # the host queues all of fn before the start event runs
         start.record()
         fn()
         stop.record()
@@ -438,15 +472,24 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                 print(f"torch.compile failed on {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
             compile_spent += time.perf_counter() - t0
         times = {k: ([], []) for k in impls}
+        device_times = {k: ([], []) for k in impls}
         torch.cuda.synchronize()
         for fwd, step in impls.values():
             for i in range(rotate):
                 fwd(i), step(i)
+        hosts, holds = {}, {}
+        if cycles_per_s is not None:                   # the slowest of 3 host times; hold twice that, >= 0.2 ms
+            hosts = {name: tuple(max(host_s(lambda: fn(0)) for _ in range(3)) for fn in pair)
+                     for name, pair in impls.items()}
+            holds = {name: tuple(max(2e-4, 2 * h) for h in pair) for name, pair in hosts.items()}
         for r in range(repeats):
             i, j = r % rotate, (r + rotate // 2) % rotate     # the step runs on other data than the forward
             for name, (fwd, step) in impls.items():
                 times[name][0].append(timed(lambda: fwd(i)))
                 times[name][1].append(timed(lambda: step(j)))
+                if holds:
+                    device_times[name][0].append(timed_device(lambda: fwd(i), holds[name][0]))
+                    device_times[name][1].append(timed_device(lambda: step(j), holds[name][1]))
         launch_counts = {}
         real_launch = cuda._launch
         for name in [k for k in impls if k.startswith("bnlib")]:
@@ -470,7 +513,13 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                          "step_ratio": s / base[1], "floor_ms": 1e3 * floor8, "floor5_ms": 1e3 * floor5,
                          "floor_fraction": floor8 / s, "tensor_mb": nbytes / 1e6,
                          "copy_bandwidth_gbs": bandwidth / 1e9, "peak_extra_mb": extra,
-                         "launches_per_step": launch_counts.get(name)})
+                         "launches_per_step": launch_counts.get(name), "repeats": repeats, "rotate": rotate})
+            if holds:
+                fd, sd = (float(np.median(t)) for t in device_times[name])
+                base_d = [float(np.median(t)) for t in device_times["torch"]]
+                rows[-1].update(forward_device_ms=1e3 * fd, step_device_ms=1e3 * sd,
+                                step_device_ratio=sd / base_d[1], floor_fraction_device=floor8 / sd,
+                                host_forward_ms=1e3 * hosts[name][0], host_step_ms=1e3 * hosts[name][1])
             if name.startswith("bnlib"):
                 rows[-1]["launcher"] = name.split("[")[1].rstrip("]") if "[" in name else cuda.LAUNCHER
             if name in ("torch.nn", "bnlib.nn"):
@@ -503,7 +552,9 @@ def gpu_environment() -> dict:
     from bnlib import cuda
     env = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
            "design": cuda.KERNEL_DESIGN, "launcher": cuda.LAUNCHER,
-           "torch": torch.__version__, "cuda_torch": torch.version.cuda, "numpy": np.__version__}
+           "torch": torch.__version__, "cuda_torch": torch.version.cuda, "numpy": np.__version__,
+           "cudnn": torch.backends.cudnn.version(), "cudnn_enabled": torch.backends.cudnn.enabled,
+           "sms": torch.cuda.get_device_properties(0).multi_processor_count}
     try:
         import cupy
         env.update(cupy=cupy.__version__, cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),

@@ -248,17 +248,13 @@ bn_stats_planes(const T* __restrict__ x, int N, int C, long long LV, long long s
     for (int n = blockIdx.y; n < N; n += gridDim.y) {
         const Vec<T, V>* __restrict__ p = xv + ((long long)n * C + c) * LV;
         long long i = lo + threadIdx.x;
-        for (; i + (UNROLL - 1) * PLANE_THREADS < hi; i += UNROLL * PLANE_THREADS) {
+        for (; i < hi; i += UNROLL * PLANE_THREADS) {   // UNROLL vectors (those in the segment) loaded, then used
             Vec<T, V> a[UNROLL];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) a[u] = p[i + u * PLANE_THREADS];
+            for (int u = 0; u < UNROLL; ++u) if (i + u * PLANE_THREADS < hi) a[u] = p[i + u * PLANE_THREADS];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) add_shifted(a[u], shift, s1, s2);
-            cnt += A(UNROLL * V);
-        }
-        for (; i < hi; i += PLANE_THREADS) {
-            add_shifted(p[i], shift, s1, s2);
-            cnt += A(V);
+            for (int u = 0; u < UNROLL; ++u)
+                if (i + u * PLANE_THREADS < hi) { add_shifted(a[u], shift, s1, s2); cnt += A(V); }
         }
     }
     A n, m, q;
@@ -431,24 +427,19 @@ bn_apply_planes(const T* __restrict__ x, T* __restrict__ y, int N, int C, long l
         const int n = b + (int)j * gridDim.y;
         const long long base = ((long long)n * C + c) * LV;
         long long i = lo + threadIdx.x;
-        for (; i + (UNROLL - 1) * PLANE_THREADS < hi; i += UNROLL * PLANE_THREADS) {
+        for (; i < hi; i += UNROLL * PLANE_THREADS) {   // UNROLL vectors (those in the segment) loaded, then used
             Vec<T, V> v[UNROLL];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) v[u] = xv[base + i + u * PLANE_THREADS];
+            for (int u = 0; u < UNROLL; ++u) if (i + u * PLANE_THREADS < hi) v[u] = xv[base + i + u * PLANE_THREADS];
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
-                Vec<T, V> o;
+                if (i + u * PLANE_THREADS < hi) {
+                    Vec<T, V> o;
 #pragma unroll
-                for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from((to_acc(v[u].v[k]) - mu) * a + beta);
-                yv[base + i + u * PLANE_THREADS] = o;
+                    for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from((to_acc(v[u].v[k]) - mu) * a + beta);
+                    yv[base + i + u * PLANE_THREADS] = o;
+                }
             }
-        }
-        for (; i < hi; i += PLANE_THREADS) {
-            const Vec<T, V> v = xv[base + i];
-            Vec<T, V> o;
-#pragma unroll
-            for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from((to_acc(v.v[k]) - mu) * a + beta);
-            yv[base + i] = o;
         }
     }
 }
@@ -523,26 +514,21 @@ bn_backward_reduce_planes(const T* __restrict__ dy, const T* __restrict__ x, int
     for (int n = blockIdx.y; n < N; n += gridDim.y) {
         const long long base = ((long long)n * C + c) * LV;
         long long i = lo + threadIdx.x;
-        for (; i + (UNROLL - 1) * PLANE_THREADS < hi; i += UNROLL * PLANE_THREADS) {
+        for (; i < hi; i += UNROLL * PLANE_THREADS) {   // UNROLL vectors (those in the segment) loaded, then used
             Vec<T, V> xa[UNROLL], ga[UNROLL];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) { xa[u] = xv[base + i + u * PLANE_THREADS]; ga[u] = gv[base + i + u * PLANE_THREADS]; }
-#pragma unroll
             for (int u = 0; u < UNROLL; ++u)
+                if (i + u * PLANE_THREADS < hi) { xa[u] = xv[base + i + u * PLANE_THREADS]; ga[u] = gv[base + i + u * PLANE_THREADS]; }
 #pragma unroll
-                for (int k = 0; k < V; ++k) {
-                    const A g = to_acc(ga[u].v[k]);
-                    s += g;
-                    t += g * (to_acc(xa[u].v[k]) - mu);
+            for (int u = 0; u < UNROLL; ++u) {
+                if (i + u * PLANE_THREADS < hi) {
+#pragma unroll
+                    for (int k = 0; k < V; ++k) {
+                        const A g = to_acc(ga[u].v[k]);
+                        s += g;
+                        t += g * (to_acc(xa[u].v[k]) - mu);
+                    }
                 }
-        }
-        for (; i < hi; i += PLANE_THREADS) {
-            const Vec<T, V> xa = xv[base + i], ga = gv[base + i];
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const A g = to_acc(ga.v[k]);
-                s += g;
-                t += g * (to_acc(xa.v[k]) - mu);
             }
         }
     }
@@ -684,25 +670,21 @@ bn_backward_dx_planes(const T* __restrict__ dy, const T* __restrict__ x, T* __re
         const int n = bb + (int)j * gridDim.y;
         const long long base = ((long long)n * C + c) * LV;
         long long i = lo + threadIdx.x;
-        for (; i + (UNROLL - 1) * PLANE_THREADS < hi; i += UNROLL * PLANE_THREADS) {
+        for (; i < hi; i += UNROLL * PLANE_THREADS) {   // UNROLL vectors (those in the segment) loaded, then used
             Vec<T, V> xa[UNROLL], ga[UNROLL];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) { xa[u] = xv[base + i + u * PLANE_THREADS]; ga[u] = gv[base + i + u * PLANE_THREADS]; }
+            for (int u = 0; u < UNROLL; ++u)
+                if (i + u * PLANE_THREADS < hi) { xa[u] = xv[base + i + u * PLANE_THREADS]; ga[u] = gv[base + i + u * PLANE_THREADS]; }
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
-                Vec<T, V> o;
+                if (i + u * PLANE_THREADS < hi) {
+                    Vec<T, V> o;
 #pragma unroll
-                for (int k = 0; k < V; ++k)
-                    o.v[k] = Store<T>::from(a * to_acc(ga[u].v[k]) + b * (to_acc(xa[u].v[k]) - mu) + k0);
-                ov[base + i + u * PLANE_THREADS] = o;
+                    for (int k = 0; k < V; ++k)
+                        o.v[k] = Store<T>::from(a * to_acc(ga[u].v[k]) + b * (to_acc(xa[u].v[k]) - mu) + k0);
+                    ov[base + i + u * PLANE_THREADS] = o;
+                }
             }
-        }
-        for (; i < hi; i += PLANE_THREADS) {
-            const Vec<T, V> xa = xv[base + i], ga = gv[base + i];
-            Vec<T, V> o;
-#pragma unroll
-            for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from(a * to_acc(ga.v[k]) + b * (to_acc(xa.v[k]) - mu) + k0);
-            ov[base + i] = o;
         }
     }
 }

@@ -882,6 +882,10 @@ def test_bench_gpu_smoke():
     assert {r["impl"] for r in rows} == {"torch", "bnlib"}
     assert all(r["step_ms"] > 0 and 0 < r["floor_fraction"] for r in rows)
     assert all(r["launches_per_step"] == 6 for r in rows if r["impl"] == "bnlib")
+    import torch
+    if hasattr(torch.cuda, "_sleep"):           # GPU time alone: no host time, so at most the queued time
+        assert all(0 < r["step_device_ms"] and 0 < r["host_step_ms"] and r["repeats"] == 2 for r in rows)
+        assert all(r["step_device_ms"] <= 1.5 * r["step_ms"] + 0.05 for r in rows)
 
 
 @needs_torch_gpu

@@ -123,7 +123,7 @@ TOL = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 2e-5, "float64": 1e-12}
 # channel of a million values, C < 32 and C not a multiple of the vector, partial last rows
 CASES = [((4, 3, 32, 64), False), ((3, 5, 7, 9), False), ((6, 3, 5, 7), True), ((40, 3), False),
          ((5, 70), False), ((2, 1, 1024, 512), False), ((3, 2, 2, 3, 300), False), ((2, 4, 3, 5, 6), True),
-         ((1, 2, 1, 1031), False)]
+         ((1, 2, 1, 1031), False), ((6200, 3), False)]      # the last: threads with full rows own the partial one
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
@@ -185,6 +185,8 @@ MUTANTS = {   # one line of a kernel changed: a merge formula, a loop bound, shu
     "merge": ("q += qb + delta * delta * n * wb;", "q += qb + delta * delta * n;"),
     "loop bound": ("    for (; j >= 0; --j) {\n        const Vec<T, V> v = xv[(r0 + j * step) * vw + vc];",
                    "    for (; j >= 1; --j) {\n        const Vec<T, V> v = xv[(r0 + j * step) * vw + vc];"),
+    "planes batch": ("if (i + u * PLANE_THREADS < hi) { add_shifted(a[u], shift, s1, s2); cnt += A(V); }",
+                     "if (i + u * PLANE_THREADS <= hi) { add_shifted(a[u], shift, s1, s2); cnt += A(V); }"),
     "shuffle offset": ("for (int off = 16; off > 0; off >>= 1) {\n        s += __shfl_down_sync",
                        "for (int off = 8; off > 0; off >>= 1) {\n        s += __shfl_down_sync"),
     "partial index": ("return b * Wf + f * W + (long long)c * L + l;", "return b * Wf + f * W + (long long)c * L;"),
@@ -196,13 +198,14 @@ MUTANTS = {   # one line of a kernel changed: a merge formula, a loop bound, shu
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_a_changed_kernel_line_makes_these_checks_fail(emulator, monkeypatch, tmp_path, mutant):
     """The checks above have teeth: each one-line change of the kernel source, built and run the same
-    way, fails them on at least one of three cases (columns, planes, channels-last; float32) that
+    way, fails them on at least one of four cases (columns, planes, channels-last, many rows; float32) that
     the unchanged source passes (test_kernels_on_the_cpu_match_float64_torch)."""
     old, new = MUTANTS[mutant]
     assert cuda.KERNEL_SOURCE.count(old) == 1
     wire(build(cuda.KERNEL_SOURCE.replace(old, new), tmp_path), monkeypatch)
     failed = 0
-    for shape, channels_last in [((3, 5, 7, 9), False), ((4, 3, 32, 64), False), ((6, 3, 5, 7), True)]:
+    for shape, channels_last in [((3, 5, 7, 9), False), ((4, 3, 32, 64), False), ((6, 3, 5, 7), True),
+                                 ((6200, 3), False)]:
         assert (shape, channels_last) in CASES
         try:
             check_case(shape, channels_last, "float32", aligned=sum(shape) % 3 != 0)

@@ -3,7 +3,8 @@
 # requiring gradients, running statistics updated), beside the two steps bench_gpu records
 # ("torch": functional batch_norm + .backward(), no parameter gradients; "bnlib": forward_torch +
 # backward_torch called directly). CUDA events, a 256 MB write before every timed step, medians
-# of 20, one input per case. Writes $OUT/fair.json. bench_gpu(modules=True) (run by tools/gpu_check.sh)
+# of 20, one input per case. Writes $OUT/fair.json with card, date, versions and kernel design
+# (gpu_environment(); the design-2 recording was written before this and completed by hand). bench_gpu(modules=True) (run by tools/gpu_check.sh)
 # makes the same comparison inside the benchmark; that code has not yet run on a GPU.
 import torch,numpy as np,sys,json,os
 sys.path.insert(0,os.getcwd())
@@ -36,4 +37,6 @@ for sh,dt,lay in [((256,64,56,56),"float32","NCHW"),((256,64,56,56),"float32","N
  m={k:float(np.median(v)) for k,v in t.items()}
  res.append({"shape":list(sh),"dtype":dt,"layout":lay,"step_ms":m})
  print(sh,dt,lay," ".join(f"{k} {v:.3f}" for k,v in m.items()),f"bnlib.nn/torch.nn {m['bnlib.nn']/m['torch.nn']:.2f}",flush=True)
-json.dump({"card":torch.cuda.get_device_name(),"torch":torch.__version__,"results":res},open(os.environ["OUT"]+"/fair.json","w"),indent=1)
+from bnlib import bench
+env=dict(bench.gpu_environment(),script="tools/gpu_fair_step.py",repeats=20,statistic="median of 20 timed steps, L2 flushed before each")
+json.dump({"environment":env,"results":res},open(os.environ["OUT"]+"/fair.json","w"),indent=1)
