@@ -207,6 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results and the environment as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--compile", action="store_true", help="--gpu: also time torch.compile'd batch norm")
+    parser.add_argument("--compile-budget", type=float, default=60.0, metavar="S",
+                        help="--gpu --compile: stop compiling new cases after S seconds in all (default 60)")
     parser.add_argument("--modules", action="store_true",
                         help="--gpu only: also time torch.nn vs bnlib.nn BatchNorm modules through autograd")
     parser.add_argument("--launchers", nargs="+", default=[], choices=["driver", "cupy"],
@@ -231,7 +233,8 @@ def main(argv=None) -> int:
                 with open(args.json, "w") as f:
                     json.dump({"environment": env, "partial": True, "results": rows}, f, indent=1)
         rows = gpu.bench_gpu(repeats=args.repeats, progress=not args.no_progress, compile=args.compile,
-                             modules=args.modules, launchers=tuple(args.launchers), on_rows=save_partial)
+                             compile_budget_s=args.compile_budget, modules=args.modules,
+                             launchers=tuple(args.launchers), on_rows=save_partial)
         table = gpu.format_gpu_table(rows)
     else:
         rows = bench_cpu(repeats=args.repeats, threads=args.threads, progress=not args.no_progress)
@@ -384,7 +387,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
 
     def host_s(fn):
         """The host time of issuing fn, the GPU kept busy meanwhile (so that no call waits for it)."""
-        sleep(int(0.005 * cycles_per_s))
+        sleep(int(0.002 * cycles_per_s))
         t0 = time.perf_counter()
         fn()
         host = time.perf_counter() - t0
@@ -392,13 +395,17 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
         return host
 
     def timed_device(fn, hold_s):
+        """GPU time of fn alone, or None when issuing it took the host longer than the hold (the GPU
+        may then have waited for the host inside the timed span)."""
         flush.sum()                                    # untimed: a read evicts L2 without leaving dirty lines
         sleep(int(hold_s * cycles_per_s))              # the host queues all of fn before the start event runs
+        t0 = time.perf_counter()
         start.record()
         fn()
         stop.record()
+        issued = time.perf_counter() - t0
         stop.synchronize()
-        return start.elapsed_time(stop) / 1e3
+        return start.elapsed_time(stop) / 1e3 if issued < hold_s else None
 
     def peak_extra_mb(fn):
         torch.cuda.synchronize()
@@ -480,11 +487,15 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
         for fwd, step in impls.values():
             for i in range(rotate):
                 fwd(i), step(i)
-        hosts, holds = {}, {}
-        if cycles_per_s is not None:                   # the slowest of 3 host times; hold twice that, >= 0.2 ms
-            hosts = {name: tuple(max(host_s(lambda: fn(0)) for _ in range(3)) for fn in pair)
-                     for name, pair in impls.items()}
-            holds = {name: tuple(max(2e-4, 2 * h) for h in pair) for name, pair in hosts.items()}
+        hosts, holds, dropped = {}, {}, {k: 0 for k in impls}
+        if cycles_per_s is not None:                   # the slower of 2 host times; hold twice that, >= 0.2 ms
+            try:
+                hosts = {name: tuple(max(host_s(lambda: fn(0)) for _ in range(2)) for fn in pair)
+                         for name, pair in impls.items()}
+                holds = {name: tuple(max(2e-4, 2 * h) for h in pair) for name, pair in hosts.items()}
+            except Exception as exc:                   # report; the queued times go on
+                print(f"no GPU-alone times: measuring host times failed: {type(exc).__name__}: {exc}")
+                hosts, holds, cycles_per_s = {}, {}, None
         for r in range(repeats):
             i, j = r % rotate, (r + rotate // 2) % rotate     # the step runs on other data than the forward
             for name, (fwd, step) in impls.items():
@@ -492,8 +503,13 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                 times[name][1].append(timed(lambda: step(j)))
                 if holds:
                     try:
-                        device_times[name][0].append(timed_device(lambda: fwd(i), holds[name][0]))
-                        device_times[name][1].append(timed_device(lambda: step(j), holds[name][1]))
+                        for k, (fn, hold) in enumerate([(lambda: fwd(i), holds[name][0]),
+                                                        (lambda: step(j), holds[name][1])]):
+                            t = timed_device(fn, hold)
+                            if t is None:
+                                dropped[name] += 1
+                            else:
+                                device_times[name][k].append(t)
                     except Exception as exc:           # report once; the queued times go on
                         print(f"GPU-alone times dropped: {type(exc).__name__}: {exc}")
                         holds, cycles_per_s = {}, None
@@ -521,12 +537,13 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                          "floor_fraction": floor8 / s, "tensor_mb": nbytes / 1e6,
                          "copy_bandwidth_gbs": bandwidth / 1e9, "peak_extra_mb": extra,
                          "launches_per_step": launch_counts.get(name), "repeats": repeats, "rotate": rotate})
-            if holds:
+            if holds and all(device_times[name]) and all(device_times["torch"]):
                 fd, sd = (float(np.median(t)) for t in device_times[name])
                 base_d = [float(np.median(t)) for t in device_times["torch"]]
                 rows[-1].update(forward_device_ms=1e3 * fd, step_device_ms=1e3 * sd,
                                 step_device_ratio=sd / base_d[1], floor_fraction_device=floor8 / sd,
-                                host_forward_ms=1e3 * hosts[name][0], host_step_ms=1e3 * hosts[name][1])
+                                host_forward_ms=1e3 * hosts[name][0], host_step_ms=1e3 * hosts[name][1],
+                                device_samples_dropped=dropped[name])
             if name.startswith("bnlib"):
                 rows[-1]["launcher"] = name.split("[")[1].rstrip("]") if "[" in name else cuda.LAUNCHER
             if name in ("torch.nn", "bnlib.nn"):
@@ -539,15 +556,19 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
 
 def format_gpu_table(rows) -> str:
     """The GPU rows as a table; step/torch is the step time over torch eager's (lower is better)."""
+    device = any(r.get("step_device_ms") for r in rows)       # recordings from the third design on
     lines = [f"{'shape':>20} {'dtype':>8} {'layout':>6} {'impl':>16} {'fwd ms':>8} {'step ms':>8} "
-             f"{'step/torch':>10} {'8-pass ms':>9} {'of floor':>8} {'launches':>8} {'extra MB':>9}"]
+             f"{'step/torch':>10} {'8-pass ms':>9} {'of floor':>8} {'launches':>8} {'extra MB':>9}"
+             + (f" {'GPU-alone step ms':>17} {'host step ms':>12}" if device else "")]
     for r in rows:
         launches = r.get("launches_per_step")
         extra = r.get("peak_extra_mb")
         lines.append(f"{str(tuple(r['shape'])):>20} {r['dtype']:>8} {r['layout']:>6} {r['impl']:>16} "
                      f"{r['forward_ms']:8.3f} {r['step_ms']:8.3f} {r['step_ratio']:10.2f} "
                      f"{r['floor_ms']:9.3f} {r['floor_fraction']:8.0%} {'' if launches is None else launches:>8} "
-                     f"{'' if extra is None else f'{extra:.1f}':>9}")
+                     f"{'' if extra is None else f'{extra:.1f}':>9}"
+                     + (f" {r.get('step_device_ms') or float('nan'):17.3f} {r.get('host_step_ms') or float('nan'):12.3f}"
+                        if device else ""))
     return "\n".join(lines)
 
 

@@ -86,7 +86,9 @@ def test_bench_command_line_modules_flag_reaches_bench_gpu(tmp_path, monkeypatch
     assert [kw["modules"] for kw in calls] == [True, False]
     assert [kw["launchers"] for kw in calls] == [(), ()]
     assert bench.main(["--gpu", "--launchers", "cupy", "driver", "--no-progress"]) == 0
-    assert calls[-1]["launchers"] == ("cupy", "driver")
+    assert calls[-1]["launchers"] == ("cupy", "driver") and calls[-1]["compile_budget_s"] == 60.0
+    assert bench.main(["--gpu", "--compile", "--compile-budget", "40", "--no-progress"]) == 0
+    assert calls[-1]["compile"] is True and calls[-1]["compile_budget_s"] == 40.0
     assert calls[0]["repeats"] == 3 and calls[0]["progress"] is False and calls[0]["compile"] is False
     assert json.loads(out.read_text()) == {"environment": {"gpu": "fake"}, "results": [{"impl": "torch.nn"}]}
 

@@ -123,7 +123,8 @@ TOL = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 2e-5, "float64": 1e-12}
 # channel of a million values, C < 32 and C not a multiple of the vector, partial last rows
 CASES = [((4, 3, 32, 64), False), ((3, 5, 7, 9), False), ((6, 3, 5, 7), True), ((40, 3), False),
          ((5, 70), False), ((2, 1, 1024, 512), False), ((3, 2, 2, 3, 300), False), ((2, 4, 3, 5, 6), True),
-         ((1, 2, 1, 1031), False), ((6200, 3), False)]      # the last: threads with full rows own the partial one
+         ((1, 2, 1, 1031), False), ((6200, 3), False),      # threads with full rows own the partial one
+         ((5, 4, 56, 56), False)]                          # planes of 784 vectors (float32): the batch's last slot partial
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])

@@ -110,7 +110,7 @@ fi
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name())" | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 design=$(python3 -c "from bnlib import cuda; print(cuda.KERNEL_DESIGN)")
 json="$OUT/gpu_bench_${card}_design${design}.json"
-timeout 120 python3 -m bnlib.bench --gpu --compile --modules --launchers cupy --repeats 20 --no-progress \
+timeout 120 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --repeats 20 --no-progress \
     --json "$json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 cp "$json" bnlib/data/ 2>/dev/null || true
 # 5. where a step's time goes: host time against kernel time, per implementation and launch path
