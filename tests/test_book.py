@@ -88,6 +88,14 @@ def test_notebooks_are_stored_after_one_clean_run():
                 assert not re.search(r"(/root/|/tmp/|/home/\w+/|/work/)", text), f"{nb.name}: a local path in an output"
 
 
+def test_notebooks_are_valid_nbformat():
+    """Readers open the notebooks in Jupyter and on Colab: each must validate against its own nbformat
+    version (a cell id in a 4.4 notebook, for instance, is not allowed)."""
+    import nbformat
+    for nb in CHAPTERS:
+        nbformat.validate(nbformat.read(nb, as_version=4))
+
+
 def test_every_chapter_ends_with_exercises_and_solutions():
     for nb in CHAPTERS:
         cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
