@@ -292,7 +292,35 @@ if numba is not None:
 
 
 def _pick(x3):
-    return PARALLEL_KERNELS if x3.size >= PARALLEL_MIN_SIZE else SERIAL_KERNELS
+    if x3.size < PARALLEL_MIN_SIZE:
+        return SERIAL_KERNELS
+    if not _pool_started:
+        _start_pool()
+    return PARALLEL_KERNELS
+
+
+_pool_started = False
+
+
+def _start_pool():
+    """Start numba's thread pool with one tiny parallel call, keeping PyTorch's thread count: with
+    numba's OpenMP threading layer, the pool's first launch can reset OpenMP's thread count, which
+    torch reports and uses as its own (a user's torch.set_num_threads(1) would silently become 2)."""
+    global _pool_started
+    import sys
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    _touch(np.zeros(2 * numba.get_num_threads()))
+    if torch is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+    _pool_started = True
+
+
+if numba is not None:
+    @njit(parallel=True, cache=True)
+    def _touch(a):
+        for i in prange(a.size):
+            a[i] = i
 
 
 if numba is not None:
