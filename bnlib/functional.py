@@ -72,16 +72,26 @@ def _check_eps(eps):
 
 
 def _check_forward_args(x, gamma, beta, eps) -> int:
-    """Validate the arguments of a training-mode forward pass; return C."""
+    """Validate the arguments of a training-mode forward pass; return C.
+
+    One value per channel is an error (no variance); a zero-size batch is not (as in torch)."""
     num_channels = _check_input(x)
     _check_channel_vector(gamma, "gamma", num_channels, x.shape)
     _check_channel_vector(beta, "beta", num_channels, x.shape)
     _check_eps(eps)
     count = x.size // num_channels if num_channels else 0
-    if count < 2:
+    if count == 1:
         raise ValueError(f"batch norm with batch statistics (training mode, or no running statistics) needs "
                          f"more than 1 value per channel, got x of shape {tuple(x.shape)} ({count} value(s) per channel)")
     return num_channels
+
+
+def _empty_batch_forward(x, gamma, eps):
+    """A zero-size batch, as torch: an empty y (x's shape, dtype and memory layout) and a cache whose
+    statistics are NaN (no values: no mean, no variance). Nothing is computed, nothing launched."""
+    xp = get_array_module(x)
+    nan = xp.full(x.shape[1], np.nan, dtype=accumulation_dtype(x.dtype))   # (C,)
+    return xp.empty_like(x), BNCache(x, nan, nan.copy(), nan.copy(), gamma, float(eps))
 
 
 def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
@@ -90,8 +100,11 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
     Inputs:  x (N, C, *spatial) float16/32/64; gamma, beta (C,) or None (= 1 and 0); eps >= 0
     Returns: y with x's shape and dtype, and a BNCache for batch_norm_backward.
     y = gamma * (x - mean) / sqrt(var + eps) + beta, mean and biased var over all axes but 1.
+    A zero-size x gives an empty y, as in torch; one value per channel raises ValueError.
     """
     num_channels = _check_forward_args(x, gamma, beta, eps)
+    if x.size == 0:
+        return _empty_batch_forward(x, gamma, eps)
     xp = get_array_module(x)
     acc = accumulation_dtype(x.dtype)
     axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
@@ -147,6 +160,8 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
     running = (1 - m) * running + m * batch, with the unbiased batch variance, where
     m = momentum, or 1 / num_batches_tracked when momentum is None (a cumulative average;
     num_batches_tracked counts the batches seen including this one). Nothing is changed in place.
+    A zero-size batch has no statistics: both come back unchanged (as copies), as torch leaves its
+    buffers (torch.nn.BatchNorm still counts such a batch in num_batches_tracked).
     """
     if momentum is None:
         if not (isinstance(num_batches_tracked, numbers.Integral) and num_batches_tracked >= 1):
@@ -154,6 +169,8 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
         momentum = 1.0 / num_batches_tracked
     elif not (isinstance(momentum, numbers.Real) and 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
+    if cache.x.size == 0:
+        return running_mean.copy(), running_var.copy()
     count = cache.x.size // cache.x.shape[1]
     unbiased_var = cache.var * (count / (count - 1))
     dtype = running_mean.dtype
@@ -181,12 +198,17 @@ def batch_norm_backward(dy, cache: BNCache):
     Returns: dx (N, C, *spatial) in x's dtype; dgamma, dbeta (C,) (in gamma's dtype, or the
              accumulation dtype when gamma is None).
     dx = gamma / s * (dy - mean(dy) - x_hat * mean(dy * x_hat)), s = sqrt(var + eps), means over all axes but 1.
+    A zero-size batch gives an empty dx (x's layout) and zero dgamma, dbeta, as in torch.
     """
     _check_backward_args(dy, cache)
     x = cache.x
     num_channels = x.shape[1]
-    count = x.size // num_channels
     acc = accumulation_dtype(x.dtype)
+    param_dtype = acc if cache.gamma is None else cache.gamma.dtype
+    if x.size == 0:                                                          # nothing to differentiate
+        xp = get_array_module(x)
+        return xp.empty_like(x), xp.zeros(num_channels, param_dtype), xp.zeros(num_channels, param_dtype)
+    count = x.size // num_channels
     axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
     x_hat = x - cache.mean.reshape(shape)                                    # (N, C, *spatial)
     # below float64, cache.mean is the float64 mean rounded to acc, and every x_hat of a channel is off by
@@ -201,7 +223,6 @@ def batch_norm_backward(dy, cache: BNCache):
     dx = dy - x_hat
     dx -= (dbeta / count - delta * k).reshape(shape)
     dx *= scale.reshape(shape)
-    param_dtype = acc if cache.gamma is None else cache.gamma.dtype
     return dx.astype(x.dtype, copy=False), dgamma.astype(param_dtype), dbeta.astype(param_dtype)
 
 
@@ -216,10 +237,10 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
 
     Inputs:  x (N, C, *spatial) float16/32/64; gamma, beta (C,) or None (= 1 and 0); eps >= 0
     Returns: y with x's shape and dtype, and a BNCache for batch_norm_backward.
-    NumPy float32/float64 input runs on bnlib.cpu's fast path (chapter 04); anything else on
-    portable_batch_norm_forward (chapter 02).
+    NumPy float32/float64 input runs on bnlib.cpu's fast path (chapter 04); anything else, and a
+    zero-size batch (an empty y, as in torch), on portable_batch_norm_forward (chapter 02).
     """
-    if not cpu.supports(x):
+    if not cpu.supports(x) or x.size == 0:
         return portable_batch_norm_forward(x, gamma, beta, eps)
     _check_forward_args(x, gamma, beta, eps)
     y, _, mean, var, inv_std = cpu.forward(x, gamma, beta, eps)
@@ -231,10 +252,11 @@ def batch_norm_backward(dy, cache: BNCache):
     """Gradients of training-mode batch norm: dx (x's dtype), dgamma, dbeta (C,).
 
     dx = gamma / s * (dy - mean(dy) - x_hat * mean(dy * x_hat)), s = sqrt(var + eps), means over all axes but 1.
-    NumPy float32/float64 runs on bnlib.cpu's fast path; anything else on portable_batch_norm_backward.
+    NumPy float32/float64 runs on bnlib.cpu's fast path; anything else, and a zero-size batch, on
+    portable_batch_norm_backward.
     """
     _check_backward_args(dy, cache)
-    if not cpu.supports(cache.x):
+    if not cpu.supports(cache.x) or cache.x.size == 0:
         return portable_batch_norm_backward(dy, cache)
     dx, dgamma, dbeta = cpu.backward(dy, cpu.as_ncl(cache.x), cache.mean.astype(np.float64),
                                      cache.inv_std.astype(np.float64), cache.gamma)
@@ -255,8 +277,9 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
     Returns: y with x's shape and dtype, and a BNCache for batch_norm_backward.
     CuPy input runs bnlib.cuda's fused kernels (chapter 05), NumPy float32/float64 input
     bnlib.cpu's fast path (chapter 04), anything else portable_batch_norm_forward (chapter 02).
+    A zero-size batch launches no kernel: chapter 02's early return gives an empty y, as in torch.
     """
-    if not cuda.supports(x):
+    if not cuda.supports(x) or x.size == 0:
         return _cpu_or_portable_forward(x, gamma, beta, eps)
     _check_forward_args(x, gamma, beta, eps)
     y, mean, var, inv_std = cuda.forward(x, gamma, beta, eps)
@@ -267,9 +290,10 @@ def batch_norm_backward(dy, cache: BNCache):
     """Gradients of training-mode batch norm: dx (x's dtype and layout), dgamma, dbeta (C,).
 
     dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over all axes but 1.
+    A zero-size batch launches no kernel: an empty dx and zero dgamma, dbeta (chapter 03).
     """
     _check_backward_args(dy, cache)
-    if not cuda.supports(cache.x):
+    if not cuda.supports(cache.x) or cache.x.size == 0:
         return _cpu_or_portable_backward(dy, cache)
     dx, dgamma, dbeta = cuda.backward(dy, cache.x, cache.mean, cache.inv_std, cache.gamma)
     param_dtype = dgamma.dtype if cache.gamma is None else cache.gamma.dtype

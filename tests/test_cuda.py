@@ -681,6 +681,34 @@ def test_kernels_match_float64_reference(shape, dtype, channels_last):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("shape, perm", [((0, 3), None), ((0, 3, 4, 5), None), ((0, 4, 5, 3), (0, 3, 1, 2))])
+def test_empty_batch_launches_nothing(monkeypatch, shape, perm, dtype):
+    """A zero-size CuPy batch, as torch: an empty y and dx (x's shape, dtype and layout), zero dgamma and
+    dbeta, and no kernel launched (functional's CuPy route returns early); one value per channel raises."""
+    import cupy
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel launched for an empty batch")
+    monkeypatch.setattr(cuda, "_launch", no_launch)
+    x = cupy.zeros(shape, dtype)
+    x = x if perm is None else x.transpose(perm)
+    gamma = cupy.ones(x.shape[1], "float32" if dtype == "float16" else dtype)
+    y, cache = F.batch_norm_forward(x, gamma, cupy.zeros_like(gamma))
+    dx, dgamma, dbeta = F.batch_norm_backward(cupy.zeros_like(x), cache)
+    for a in (y, dx):
+        assert isinstance(a, cupy.ndarray) and a.shape == x.shape and a.dtype == x.dtype
+        assert (a.flags.c_contiguous, a.flags.f_contiguous) == (x.flags.c_contiguous, x.flags.f_contiguous)
+    for g in (dgamma, dbeta):
+        assert isinstance(g, cupy.ndarray) and g.shape == (x.shape[1],) and g.dtype == gamma.dtype
+        assert int(cupy.count_nonzero(g)) == 0
+    rm, rv = F.update_running_stats(cupy.zeros(3), cupy.ones(3), cache)
+    assert int(cupy.count_nonzero(rm)) == 0 and bool((rv == 1).all())
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        F.batch_norm_forward(cupy.ones((1, 3), dtype))
+
+
+@needs_gpu
 def test_large_offset_float32_stays_accurate():
     import cupy
     x = cupy.asarray((1e4 + np.random.default_rng(0).normal(size=(4096, 3, 8, 8))).astype(np.float32))

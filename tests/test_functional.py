@@ -188,3 +188,116 @@ def test_first_parallel_call_keeps_torchs_thread_count():
             "print(torch.get_num_threads())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+# --------------------------------------------------------------------------- empty batches, as torch
+
+EMPTY_SHAPES = {"(0, C)": ((0, 3), None), "(0, C, H, W)": ((0, 3, 4, 5), None),
+                "(0, C, H, W) channels-last": ((0, 4, 5, 3), (0, 3, 1, 2)), "(N, C, 0)": ((2, 3, 0), None)}
+
+
+def _empty(name, dtype):
+    """An empty x of EMPTY_SHAPES[name]: channels-last is an (N, H, W, C) array seen as (N, C, H, W)."""
+    shape, perm = EMPTY_SHAPES[name]
+    x = np.zeros(shape, dtype)
+    return x if perm is None else x.transpose(perm)
+
+
+@pytest.mark.parametrize("name", list(EMPTY_SHAPES))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("affine", [True, False])
+def test_empty_batch_in_training_matches_torch(name, dtype, affine):
+    """DESIGN.md: a zero-size batch in training returns an empty output. torch gives an empty y, an
+    empty dx and zero weight/bias gradients; so must forward and backward here, on every path."""
+    x = _empty(name, dtype)
+    C = x.shape[1]
+    pdtype = np.float32 if dtype == np.float16 else dtype          # float16 data, float32 parameters (autocast)
+    gamma, beta = (np.full(C, 1.5, pdtype), np.full(C, 0.5, pdtype)) if affine else (None, None)
+    y, cache = F.batch_norm_forward(x, gamma, beta)
+    dy = np.zeros_like(x)
+    dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
+
+    xt = torch.from_numpy(x).requires_grad_()
+    wt, bt = ((torch.from_numpy(gamma).requires_grad_(), torch.from_numpy(beta).requires_grad_())
+              if affine else (None, None))
+    yt = torch.nn.functional.batch_norm(xt, None, None, wt, bt, training=True)
+    yt.backward(torch.from_numpy(dy))
+
+    assert y.shape == dx.shape == tuple(yt.shape) == tuple(xt.grad.shape) == x.shape
+    assert y.dtype == dx.dtype == x.dtype and str(yt.dtype) == f"torch.{x.dtype}"
+    assert y is not x and dx is not dy
+    for a in (y, dx):                                               # x's memory layout (for NumPy, an empty
+        assert (a.flags.c_contiguous, a.flags.f_contiguous) == (x.flags.c_contiguous, x.flags.f_contiguous)
+        if EMPTY_SHAPES[name][1] is not None:                       # array is both C- and F-contiguous)
+            assert a.transpose(0, 2, 3, 1).flags.c_contiguous
+    expected = pdtype if affine else (np.float32 if dtype == np.float16 else dtype)
+    for g in (dgamma, dbeta):
+        assert g.shape == (C,) and g.dtype == expected and not g.any()
+    if affine:
+        np.testing.assert_array_equal(dgamma, wt.grad.numpy())
+        np.testing.assert_array_equal(dbeta, bt.grad.numpy())
+    assert cache.x is x and cache.mean.shape == cache.var.shape == cache.inv_std.shape == (C,)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_empty_batch_leaves_running_statistics_as_torch_does(momentum):
+    """An empty batch changes no running statistic (torch's buffers stay as they were); torch.nn.BatchNorm
+    counts it in num_batches_tracked, so with momentum=None the next batch has weight 1/2."""
+    rng = np.random.default_rng(7)
+    rm, rv = rng.normal(size=3), rng.uniform(0.5, 2.0, size=3)
+    _, cache = F.batch_norm_forward(np.zeros((0, 3, 2, 2)))
+    new_rm, new_rv = F.update_running_stats(rm, rv, cache, momentum=momentum, num_batches_tracked=1)
+    np.testing.assert_array_equal(new_rm, rm)
+    np.testing.assert_array_equal(new_rv, rv)
+    assert new_rm is not rm and new_rv is not rv                     # new arrays, as for any batch
+
+    module = torch.nn.BatchNorm2d(3, momentum=momentum, affine=False, dtype=torch.float64)
+    module.running_mean.copy_(torch.from_numpy(rm))
+    module.running_var.copy_(torch.from_numpy(rv))
+    module(torch.zeros(0, 3, 2, 2, dtype=torch.float64))
+    np.testing.assert_array_equal(module.running_mean.numpy(), rm)
+    np.testing.assert_array_equal(module.running_var.numpy(), rv)
+    xb = rng.normal(size=(4, 3, 2, 2))
+    module(torch.from_numpy(xb))
+    _, cache = F.batch_norm_forward(xb)
+    rm, rv = F.update_running_stats(new_rm, new_rv, cache, momentum=momentum,
+                                    num_batches_tracked=int(module.num_batches_tracked))
+    assert int(module.num_batches_tracked) == 2
+    np.testing.assert_allclose(rm, module.running_mean.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(rv, module.running_var.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1, 1), (1, 3, 1)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_one_value_per_channel_still_raises_as_in_torch(shape, dtype):
+    x = np.ones(shape, dtype)
+    with pytest.raises(ValueError, match="more than 1 value per channel when training"):
+        torch.nn.functional.batch_norm(torch.from_numpy(x), None, None, training=True)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\(1 value\(s\) per channel\)"):
+        F.batch_norm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32))
+
+
+def test_cupy_route_returns_early_for_an_empty_batch(monkeypatch):
+    """No GPU here: a stand-in for CuPy (NumPy under CuPy's module name) takes bnlib.functional's CuPy
+    route, which must answer an empty batch before any bnlib.cuda kernel, and still refuse one value
+    per channel before any kernel."""
+    import sys
+
+    from bnlib import cuda
+    stand_in = type("ndarray", (np.ndarray,), {"__module__": "cupy"})
+    monkeypatch.setitem(sys.modules, "cupy", np)
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("bnlib.cuda reached for an empty batch")
+    monkeypatch.setattr(cuda, "forward", no_launch)
+    monkeypatch.setattr(cuda, "backward", no_launch)
+    for dtype in (np.float16, np.float32, np.float64):
+        x = np.zeros((0, 4, 5, 3), dtype).transpose(0, 3, 1, 2).view(stand_in)
+        assert cuda.supports(x)
+        gamma = np.ones(3, np.float32 if dtype == np.float16 else dtype)
+        y, cache = F.batch_norm_forward(x, gamma, None)
+        dx, dgamma, dbeta = F.batch_norm_backward(np.zeros_like(x), cache)
+        assert type(y) is type(dx) is stand_in and y.shape == dx.shape == x.shape and y.dtype == dx.dtype == dtype
+        assert dgamma.dtype == dbeta.dtype == gamma.dtype and not dgamma.any() and not dbeta.any()
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            F.batch_norm_forward(np.ones((1, 3), dtype).view(stand_in), gamma, None)
