@@ -207,6 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results and the environment as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--compile", action="store_true", help="--gpu: also time torch.compile'd batch norm")
+    parser.add_argument("--portable", action="store_true",
+                        help="--gpu only: also time chapters 02-03's portable code on CuPy arrays")
     parser.add_argument("--compile-budget", type=float, default=60.0, metavar="S",
                         help="--gpu --compile: stop compiling new cases after S seconds in all (default 60)")
     parser.add_argument("--modules", action="store_true",
@@ -220,6 +222,8 @@ def main(argv=None) -> int:
         parser.error("--modules times the GPU modules and needs --gpu (the CPU benchmark has no module rows)")
     if args.launchers and not args.gpu:
         parser.error("--launchers chooses how CUDA kernels are launched and needs --gpu")
+    if args.portable and not args.gpu:
+        parser.error("--portable times CuPy arrays and needs --gpu")
     if args.gpu:
         from bnlib import cuda                      # chapter 05; needs CuPy and a CUDA device
         if not cuda.available():
@@ -234,7 +238,7 @@ def main(argv=None) -> int:
                     json.dump({"environment": env, "partial": True, "results": rows}, f, indent=1)
         rows = gpu.bench_gpu(repeats=args.repeats, progress=not args.no_progress, compile=args.compile,
                              compile_budget_s=args.compile_budget, modules=args.modules,
-                             launchers=tuple(args.launchers), on_rows=save_partial)
+                             launchers=tuple(args.launchers), on_rows=save_partial, portable=args.portable)
         table = gpu.format_gpu_table(rows)
     else:
         rows = bench_cpu(repeats=args.repeats, threads=args.threads, progress=not args.no_progress)
@@ -317,7 +321,7 @@ def _with_launcher(cuda, launcher, fn):
 
 
 def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, progress=True, compile=False,
-              compile_budget_s=60.0, modules=False, launchers=(), on_rows=None):
+              compile_budget_s=60.0, modules=False, launchers=(), on_rows=None, portable=False):
     """bnlib.cuda's kernels (forward_torch, backward_torch) against torch.nn.functional.batch_norm
     (eager, and with compile=True also torch.compile'd) on the same GPU, in one process.
 
@@ -345,6 +349,9 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     `launchers` (e.g. ("cupy",)) adds rows "bnlib [cupy]" (and "bnlib.nn [cupy]"): the same calls
     launched through another path of bnlib.cuda (LAUNCHER); every bnlib row records its launcher.
     on_rows, if given, is called with the rows so far after each case (to save partial results).
+    portable=True adds the row "cupy portable": chapters 02-03's array-module code run unchanged on
+    CuPy views of the same tensors (float32 and float16; CuPy has no bfloat16), one CuPy operation
+    per line, on torch's stream: the measured cost of not writing kernels.
     """
     import time
 
@@ -468,6 +475,22 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                     m(xs_req[i]).backward(dys[i])
 
                 impls[name] = (module_fwd, module_step)
+        if portable and dtype in ("float32", "float16"):
+            import cupy
+            from bnlib import functional as bn_functional
+            cxs, cdys = [cupy.from_dlpack(x) for x in xs], [cupy.from_dlpack(d) for d in dys]
+            cw, cb = cupy.from_dlpack(w), cupy.from_dlpack(b)
+
+            def portable_fwd(i):
+                with cuda.cupy_stream(torch.cuda.current_stream()):
+                    bn_functional.portable_batch_norm_forward(cxs[i], cw, cb)
+
+            def portable_step(i):
+                with cuda.cupy_stream(torch.cuda.current_stream()):
+                    _, cache = bn_functional.portable_batch_norm_forward(cxs[i], cw, cb)
+                    bn_functional.portable_batch_norm_backward(cdys[i], cache)
+
+            impls["cupy portable"] = (portable_fwd, portable_step)
         for launcher in (name for name in launchers if name != cuda.LAUNCHER):
             for base in [k for k in ("bnlib", "bnlib.nn") if k in impls]:
                 impls[f"{base} [{launcher}]"] = tuple(_with_launcher(cuda, launcher, fn) for fn in impls[base])

@@ -89,12 +89,14 @@ def test_bench_command_line_modules_flag_reaches_bench_gpu(tmp_path, monkeypatch
     assert calls[-1]["launchers"] == ("cupy", "driver") and calls[-1]["compile_budget_s"] == 60.0
     assert bench.main(["--gpu", "--compile", "--compile-budget", "40", "--no-progress"]) == 0
     assert calls[-1]["compile"] is True and calls[-1]["compile_budget_s"] == 40.0
+    assert calls[-1]["portable"] is False
+    assert bench.main(["--gpu", "--portable", "--no-progress"]) == 0 and calls[-1]["portable"] is True
     assert calls[0]["repeats"] == 3 and calls[0]["progress"] is False and calls[0]["compile"] is False
     assert json.loads(out.read_text()) == {"environment": {"gpu": "fake"}, "results": [{"impl": "torch.nn"}]}
 
 
 @pytest.mark.parametrize("argv, flag", [(["--modules"], "--modules"), (["--cpu", "--modules"], "--modules"),
-                                        (["--launchers", "cupy"], "--launchers")])
+                                        (["--launchers", "cupy"], "--launchers"), (["--portable"], "--portable")])
 def test_bench_command_line_gpu_flags_without_gpu_fail_clearly(argv, flag, monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench_cpu", lambda **kw: pytest.fail("the CPU benchmark must not run"))
     with pytest.raises(SystemExit) as exit_info:

@@ -917,6 +917,17 @@ def test_bench_gpu_smoke():
 
 
 @needs_torch_gpu
+def test_bench_gpu_portable_row_runs_chapter_02_code_on_cupy():
+    from bnlib import bench
+    rows = bench.bench_gpu(shapes=[(8, 4, 8, 8)], configs=[("float32", "NCHW"), ("float16", "NHWC"),
+                                                           ("bfloat16", "NCHW")], repeats=2, rotate=2,
+                           progress=False, portable=True)
+    portable = [r for r in rows if r["impl"] == "cupy portable"]
+    assert {(r["dtype"], r["layout"]) for r in portable} == {("float32", "NCHW"), ("float16", "NHWC")}
+    assert all(r["step_ms"] > 0 and r["launches_per_step"] is None for r in portable)
+
+
+@needs_torch_gpu
 def test_bench_gpu_launchers_add_rows_through_the_other_path():
     from bnlib import bench
     rows = bench.bench_gpu(shapes=[(8, 4, 8, 8)], configs=[("float32", "NCHW")], repeats=2, rotate=2,

@@ -70,10 +70,10 @@ fi
 # 1. kernels against the float64 reference (CuPy arrays and torch tensors, every dtype and layout,
 #    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
 #    the CPU-only tests of test_cuda.py (replays, emulated device, nvcc) ran where the code was written
-timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
+timeout 50 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
     -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles and not driver_launch" \
     2>&1 | tee "$OUT/test_cuda.log" || status=1
-timeout 50 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
+timeout 30 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
     2>&1 | tee "$OUT/test_nn_cuda.log" || status=1
 # 2. compute-sanitizer on small cases of both walks, every dtype, unaligned data: racecheck (shared
 #    memory: the merge trees, the block reductions) and memcheck (out of bounds, misaligned); torch's
@@ -105,12 +105,13 @@ else
 fi
 # 4. the benchmark, once: torch eager and torch.compile (its compile time is capped inside bench_gpu),
 #    bnlib's bare kernels, and the like-for-like module pair (torch.nn vs bnlib.nn, both through
-#    autograd), bnlib through both launch paths of bnlib.cuda; recorded with card, date, versions,
+#    autograd), bnlib through both launch paths of bnlib.cuda, and chapters 02-03's portable code on
+#    CuPy arrays (--portable: what not writing kernels costs); recorded with card, date, versions,
 #    kernel design and launcher (the JSON is rewritten after every case)
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name())" | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 design=$(python3 -c "from bnlib import cuda; print(cuda.KERNEL_DESIGN)")
 json="$OUT/gpu_bench_${card}_design${design}.json"
-timeout 120 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --repeats 20 --no-progress \
+timeout 150 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --portable --repeats 20 --no-progress \
     --json "$json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 cp "$json" bnlib/data/ 2>/dev/null || true
 # 5. where a step's time goes: host time against kernel time, per implementation and launch path
