@@ -15,11 +15,13 @@ from typing import NamedTuple
 import numpy as np
 
 KERNEL_DESIGN = 3        # design 2 plus: running statistics in the forward's kernels, the driver launch
-                         # path, merge trees in the columns reductions, reversed second passes
+                         # path, merge trees in the columns reductions, reversed second passes, planes
+                         # kernels that load a segment's last vectors together
 
 KERNEL_COMMON = r"""
 // Batch-norm kernels for bnlib.cuda, third design (the second's, with the running-statistics update in
-// the forward's kernels, merge trees in the columns reductions and reversed second passes). T is the
+// the forward's kernels, merge trees in the columns reductions, reversed second passes, and planes
+// kernels that load a segment's last vectors together). T is the
 // storage type (__half, bf16_t, float,
 // double), A the accumulation type (float, or double for double data). V values of T make one
 // 16-byte vector load (V = 1: the scalar fallback for unaligned data). Two ways to walk a tensor:
