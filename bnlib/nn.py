@@ -14,7 +14,7 @@ import torch
 
 from bnlib import cuda
 from bnlib import functional as F
-from bnlib.stats import Moments, merge_moments, moments
+from bnlib.stats import Moments, merge_moments
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -499,76 +499,113 @@ import torch.distributed as dist
 from bnlib.stats import channel_shape, reduction_axes
 
 
+def _sync_dtype(x):
+    """The dtype SyncBatchNorm computes its per-element arithmetic in for input x. On the CPU, float64
+    whatever x's dtype (as cheap as float32 there, and exact enough to match BN on the concatenated
+    batch to 1e-12). On CUDA, float32 for float16/bfloat16/float32 input and float64 for float64, as
+    torch.nn.SyncBatchNorm and bnlib's own CUDA batch norm do: float64 runs at a small fraction of
+    float32's speed on most GPUs, and a float64 copy of a float16 activation is four times its size.
+    The C-length moments are exchanged and merged in float64 on every device."""
+    if x.is_cuda:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.float64
+
+
+def _local_moments(x, acc) -> Moments:
+    """This process's per-channel (count, mean, M2) of x in dtype `acc`, two-pass as chapter 02's
+    moments(), in torch operations on x's device. An empty x gives count 0 and zeros: the process
+    still takes part in the exchange, and Chan's merge ignores it."""
+    c = x.shape[1]
+    if x.numel() == 0:
+        zeros = torch.zeros(c, dtype=acc, device=x.device)
+        return Moments(0, zeros, zeros)
+    axes, shape = reduction_axes(x.dim()), channel_shape(x.dim(), c)
+    xc = x.to(acc)
+    mean = xc.mean(axes)                                          # (C,)
+    centered = xc - mean.reshape(shape)
+    return Moments(x.numel() // c, mean, (centered * centered).sum(axes))
+
+
 def _gather_moments(local: Moments, group) -> Moments:
-    """Every process's (count, mean, M2), all-gathered and merged with Chan's formula (chapter 02)."""
-    c = local.mean.shape[0]
-    packed = torch.from_numpy(np.concatenate([[float(local.count)], local.mean, local.m2]))
+    """Every process's (count, mean, M2), all-gathered and merged with Chan's formula (chapter 02).
+
+    Each process sends one (3, C) float64 tensor on its input's device (NCCL takes CUDA tensors,
+    gloo CPU ones): its count (repeated over the channels), mean and M2. The merge runs in float64
+    on that device; the counts are read back to the host (on a GPU one synchronization, as in
+    torch.nn.SyncBatchNorm), since the merge weights and the error check need them as numbers.
+    """
+    count = torch.full_like(local.mean, local.count, dtype=torch.float64)
+    packed = torch.stack([count, local.mean.double(), local.m2.double()])             # (3, C)
     parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, packed, group=group)
+    counts = [int(n) for n in torch.stack([p[0, 0] for p in parts]).tolist()]      # one read back
     total = Moments(0, None, None)
-    for part in (p.numpy() for p in parts):
-        total = merge_moments(total, Moments(int(part[0]), part[1:1 + c], part[1 + c:]))
+    for n, part in zip(counts, parts):
+        total = merge_moments(total, Moments(n, part[1], part[2]))
     return total
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """Batch norm whose statistics span all processes of a torch.distributed group (CPU tensors).
+    """Batch norm whose statistics span all processes of a torch.distributed group, in torch
+    operations on the input's device: CPU tensors over gloo, CUDA tensors over NCCL.
 
-    forward: this process's per-channel (count, mean, M2) in float64 are all-gathered and merged
-    with Chan's formula; y = (x - mean) / sqrt(var + eps) * weight + bias is computed locally.
-    backward: the per-channel sums (sum dy, sum dy * x_hat) are all-reduced, so dx is exactly this
-    process's slice of the single-process gradient on the concatenated batch. dweight and dbias
-    are this process's own sums, as in torch.nn.SyncBatchNorm (DistributedDataParallel then
-    averages parameter gradients across processes).
+    forward: this process's per-channel (count, mean, M2) (in _sync_dtype(x)) are all-gathered and
+    merged with Chan's formula in float64; y = (x - mean) / sqrt(var + eps) * weight + bias is
+    computed locally. backward: the per-channel sums (sum dy, sum dy * x_hat) are all-reduced, so dx
+    is exactly this process's slice of the single-process gradient on the concatenated batch.
+    dweight and dbias are this process's own sums, as in torch.nn.SyncBatchNorm
+    (DistributedDataParallel then averages parameter gradients across processes).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group, stats):
-        c = x.shape[1]
-        xa = _as_array(x.double())                                   # float64 whatever x's dtype
-        local = moments(xa) if xa.size else Moments(0, np.zeros(c), np.zeros(c))
+        acc = _sync_dtype(x)
+        local = _local_moments(x, acc)
         total = _gather_moments(local, group)      # an empty process takes part with count 0, as in torch
         if total.count == 1:                       # every process sees the same total, so all raise
             raise ValueError(f"SyncBatchNorm in training needs more than 1 value per channel over all "
                              f"processes, got {total.count}")
         ctx.save_for_backward(x, weight)
-        ctx.group, ctx.count, ctx.param_dtypes = group, total.count, (_dtype_of(weight), _dtype_of(bias))
-        stats.update(mean=torch.from_numpy(total.mean if total.count else local.mean),
-                     var=torch.from_numpy(total.var if total.count else local.m2), count=total.count)
-        if xa.size == 0:                           # nothing to normalize here; statistics still shared
+        ctx.group, ctx.count, ctx.acc = group, total.count, acc
+        ctx.param_dtypes = (_dtype_of(weight), _dtype_of(bias))
+        if total.count:                            # the global statistics, for the running ones (float64)
+            stats.update(mean=total.mean, var=total.var, count=total.count)
+        else:                                      # every process empty: nothing to update
+            stats.update(mean=None, var=None, count=0)
+        if x.numel() == 0:                         # nothing to normalize here; statistics still shared
             ctx.mean = ctx.inv_std = None
             return x.clone()
-        shape = channel_shape(xa.ndim, c)
-        inv_std = 1.0 / np.sqrt(total.var + eps)
-        scale = inv_std if weight is None else inv_std * _as_array(weight.double())
-        y = (xa - total.mean.reshape(shape)) * scale.reshape(shape)
+        shape = channel_shape(x.dim(), x.shape[1])
+        inv_std = torch.sqrt(total.var + eps).reciprocal()                 # (C,), float64
+        scale = inv_std if weight is None else inv_std * weight.double()
+        y = (x.to(acc) - total.mean.to(acc).reshape(shape)) * scale.to(acc).reshape(shape)
         if bias is not None:
-            y += _as_array(bias.double()).reshape(shape)
-        ctx.mean, ctx.inv_std = total.mean, inv_std
-        return torch.from_numpy(y).to(x.dtype)
+            y = y + bias.to(acc).reshape(shape)
+        ctx.mean, ctx.inv_std = total.mean.to(acc), inv_std.to(acc)
+        return y.to(x.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable     # NumPy arithmetic: differentiating it again raises
-    def backward(ctx, dy):
+    @torch.autograd.function.once_differentiable     # all_reduce is not differentiable: a second
+    def backward(ctx, dy):                           # differentiation raises rather than drop terms
         x, weight = ctx.saved_tensors
         c = x.shape[1]
         if ctx.mean is None:                       # empty here: take part in the all-reduce, as torch does,
-            dist.all_reduce(torch.zeros(2 * c, dtype=torch.float64), group=ctx.group)   # so no peer hangs
+            dist.all_reduce(torch.zeros(2, c, dtype=torch.float64, device=x.device), group=ctx.group)
             return None, None, None, None, None, None   # (autograd reads None as zero gradients)
-        xa, dya = _as_array(x.double()), _as_array(dy.double())
-        shape, axes = channel_shape(xa.ndim, c), reduction_axes(xa.ndim)
-        x_hat = (xa - ctx.mean.reshape(shape)) * ctx.inv_std.reshape(shape)
-        local = np.concatenate([dya.sum(axis=axes), (dya * x_hat).sum(axis=axes)])   # (2C,)
-        total = torch.from_numpy(local.copy())
-        dist.all_reduce(total, group=ctx.group)                                      # sums over processes
-        sum_dy, sum_dy_xhat = total.numpy()[:c], total.numpy()[c:]
-        scale = ctx.inv_std if weight is None else ctx.inv_std * _as_array(weight.double())
-        dx = scale.reshape(shape) * (dya - (sum_dy / ctx.count).reshape(shape)
-                                     - x_hat * (sum_dy_xhat / ctx.count).reshape(shape))
+        acc = ctx.acc
+        shape, axes = channel_shape(x.dim(), c), reduction_axes(x.dim())
+        x_hat = (x.to(acc) - ctx.mean.reshape(shape)) * ctx.inv_std.reshape(shape)
+        g = dy.to(acc)
+        local = torch.stack([g.sum(axes), (g * x_hat).sum(axes)])                 # (2, C): sum dy, sum dy*x_hat
+        total = local.to(torch.float64, copy=True)                               # summed in float64
+        dist.all_reduce(total, group=ctx.group)                                  # sums over processes
+        mean_dy, mean_dy_xhat = (total / ctx.count).to(acc)
+        scale = ctx.inv_std if weight is None else ctx.inv_std * weight.to(acc)
+        dx = scale.reshape(shape) * (g - mean_dy.reshape(shape) - x_hat * mean_dy_xhat.reshape(shape))
         weight_dtype, bias_dtype = ctx.param_dtypes
-        dweight = None if weight_dtype is None else torch.from_numpy(local[c:]).to(weight_dtype)
-        dbias = None if bias_dtype is None else torch.from_numpy(local[:c]).to(bias_dtype)
-        return torch.from_numpy(dx).to(x.dtype), dweight, dbias, None, None, None
+        dweight = None if weight_dtype is None else local[1].to(weight_dtype)
+        dbias = None if bias_dtype is None else local[0].to(bias_dtype)
+        return dx.to(x.dtype), dweight, dbias, None, None, None
 
 
 def _dtype_of(t):
@@ -577,15 +614,17 @@ def _dtype_of(t):
 
 class SyncBatchNorm(_BatchNorm):
     r"""Batch normalization with statistics over all processes of a torch.distributed group:
-    torch.nn.SyncBatchNorm's drop-in for CPU tensors (gloo backend).
+    torch.nn.SyncBatchNorm's drop-in, for CPU tensors (gloo backend) and CUDA tensors (NCCL backend;
+    that path is written for GPUs but has not yet been run on one).
 
     Args: as BatchNorm1d, plus process_group (default: the whole world).
     Shape: input (N, C, *spatial); output the same. Processes may hold different batch sizes, an
     empty one included: it still takes part in the exchanges (so no process waits for it forever)
     and contributes nothing to the statistics, as in torch.nn.SyncBatchNorm.
     Without an initialized process group (or with a group of one process) it is plain batch
-    norm, as torch.nn.SyncBatchNorm is. Synchronized, its backward is computed in NumPy and cannot
-    be differentiated again: a double backward (create_graph=True) raises rather than leave out terms.
+    norm, as torch.nn.SyncBatchNorm is (on CUDA tensors, chapter 05's kernels). Synchronized, its
+    backward goes through an all-reduce, which autograd cannot differentiate: a double backward
+    (create_graph=True) raises rather than leave out terms.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
@@ -605,9 +644,6 @@ class SyncBatchNorm(_BatchNorm):
             dist.get_world_size(self.process_group) > 1
         if not synced:
             return super().forward(x)
-        if x.is_cuda:
-            raise TypeError("bnlib's SyncBatchNorm reduces through NumPy on CPU tensors (gloo); "
-                            "for CUDA tensors use torch.nn.SyncBatchNorm with NCCL")
         stats = {}
         group = self.process_group or dist.group.WORLD
         y = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, group, stats)

@@ -1,5 +1,6 @@
 """bnlib.nn (chapter 06): the torch drop-ins, conversion, folding and SyncBatchNorm over gloo,
-mixed precision, empty batches, PyTorch's own ModuleInfo samples, and (on a GPU) CUDA tensors."""
+mixed precision, empty batches, PyTorch's own ModuleInfo samples, and (on GPUs) CUDA tensors, SyncBatchNorm
+over NCCL included."""
 import copy
 import datetime
 import os
@@ -371,8 +372,9 @@ def test_double_backward_in_mixed_precision_keeps_dtypes():
 
 
 def test_sync_batchnorm_double_backward_raises_clearly():
-    """Synchronized (here a one-process gloo group, calling the Function directly), the backward is
-    NumPy arithmetic: a second differentiation must raise, not silently drop terms."""
+    """Synchronized (here a one-process gloo group, calling the Function directly), the backward goes
+    through an all_reduce, which autograd cannot differentiate: a second differentiation must raise, not
+    silently drop terms."""
     import torch.distributed as dist
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
@@ -786,6 +788,208 @@ def test_sync_batchnorm_all_ranks_empty_one_value_and_bfloat16_spawn_gloo():
         assert y_gap <= 2 * HALF_TOL[torch.bfloat16] * 4 and var_gap < 1e-5, (y_gap, var_gap)
 
 
+# ----------------------------------------------------------------------------- SyncBatchNorm: the GPU path's arithmetic
+
+SYNC_C = 3
+
+
+def _sync_case(sizes, dtype, shape_tail, seed):
+    """One global batch, built the same on every process: per-process inputs and output gradients (CPU
+    tensors of `dtype`), and a BN state dict with non-trivial weight and bias, its floating-point entries
+    in the parameters' dtype (float32 for 16-bit input, as autocast keeps them)."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = [(torch.randn((n, SYNC_C) + tuple(shape_tail), generator=gen, dtype=torch.float64) * 2 + 1).to(dtype)
+          for n in sizes]
+    dys = [torch.randn((n, SYNC_C) + tuple(shape_tail), generator=gen, dtype=torch.float64).to(dtype) for n in sizes]
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    layer = torch.nn.BatchNorm1d(SYNC_C, momentum=None)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5, generator=gen)
+        layer.bias.normal_(generator=gen)
+    state = {k: v.to(param_dtype) if v.is_floating_point() else v for k, v in layer.state_dict().items()}
+    return xs, dys, state
+
+
+def _sync_steps(layer, x, dy, steps=2):
+    """`steps` training steps of `layer` on the same (x, dy): per step, what it computed, on the CPU
+    (None for a gradient that autograd left at None: an empty process)."""
+    out = []
+    for _ in range(steps):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        cpu = lambda t: None if t is None else t.detach().cpu()         # noqa: E731
+        out.append({"output": cpu(y), "input gradient": cpu(xi.grad),
+                    "weight gradient": cpu(layer.weight.grad), "bias gradient": cpu(layer.bias.grad),
+                    "running_mean": cpu(layer.running_mean), "running_var": cpu(layer.running_var),
+                    "num_batches_tracked": cpu(layer.num_batches_tracked)})
+        layer.weight.grad = layer.bias.grad = None
+    return out
+
+
+def _cuda_dtype_rule(x):
+    """What bnlib.nn._sync_dtype returns for a CUDA tensor x (float32, float64 for float64 input)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# (dtype, per-process batch sizes, spatial shape after (N, C)); 4-D cases are channels-last
+SYNC_CUDA_RULE_CASES = [(torch.float32, (3, 5), (4,)), (torch.float32, (4, 0), (2, 3)),
+                        (torch.bfloat16, (3, 5), (2, 3)), (torch.float16, (2, 6), (4,))]
+
+
+def _cuda_rule_worker(rank, init_file, out_dir):
+    """Process `rank` of 2 gloo processes: SyncBatchNorm on CPU tensors with the dtype rule of its CUDA path
+    (float32 statistics and arithmetic for float32 and 16-bit input), every collective's tensor recorded."""
+    dist = torch.distributed
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    _report(rank, out_dir, lambda: _cuda_rule_steps(rank))
+
+
+def _cuda_rule_steps(rank):
+    """_cuda_rule_worker's work: per case, what SyncBatchNorm computed; the collectives' tensors; the
+    one-value error and whether the state stayed as it was."""
+    dist = torch.distributed
+    bnn._sync_dtype = _cuda_dtype_rule              # this process only (spawned or forked)
+    seen = []
+    for name in ("all_gather", "all_reduce"):
+        original = getattr(dist, name)
+
+        def record(*args, _original=original, _name=name, **kwargs):
+            sent = args[1] if _name == "all_gather" else args[0]
+            seen.append((_name, sent.dtype, tuple(sent.shape), sent.device.type, sent.is_contiguous()))
+            return _original(*args, **kwargs)
+        setattr(dist, name, record)
+    results = []
+    for k, (dtype, sizes, tail) in enumerate(SYNC_CUDA_RULE_CASES):
+        xs, dys, state = _sync_case(sizes, dtype, tail, seed=k)
+        layer = bnn.SyncBatchNorm(SYNC_C, momentum=None, dtype=state["weight"].dtype)
+        layer.load_state_dict(state)
+        x, dy = xs[rank], dys[rank]
+        if x.dim() == 4:
+            x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+        results.append(_sync_steps(layer, x, dy))
+    # one value per channel over both processes: both raise, and neither changes its state
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    try:
+        layer(torch.randn(1 - rank, SYNC_C, dtype=torch.float32))
+        error = "no error"
+    except ValueError as err:
+        error = str(err)
+    unchanged = all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    return results, seen, error, unchanged
+
+
+def _report(rank, out_dir, work):
+    """Run work() in process `rank`, destroy the process group, and save what work returned, or the error
+    with its traceback, where the test reads it: a failing process reports its reason."""
+    try:
+        result = work()
+    except Exception as err:
+        import traceback
+        result = f"process {rank}: {err!r}\n{traceback.format_exc()}"
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _run_processes(worker, nprocs, start_method, timeout=180):
+    """Start `nprocs` processes of worker(rank, init_file, out_dir); their reports, in rank order."""
+    import torch.multiprocessing as tmp_mp
+    with tempfile.TemporaryDirectory() as tmp:
+        context = tmp_mp.start_processes(worker, args=(os.path.join(tmp, "rendezvous"), tmp), nprocs=nprocs,
+                                         join=False, start_method=start_method)
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        while not context.join(timeout=1):
+            if datetime.datetime.now() > deadline:
+                for p in context.processes:
+                    p.kill()
+                pytest.fail(f"{worker.__name__}: processes did not finish in {timeout} s")
+        reports = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(nprocs)]
+    for report in reports:
+        assert not isinstance(report, str), report
+    return reports
+
+
+def _reference_steps(case, sizes, steps=2):
+    """torch.nn.BatchNorm on the concatenated batch of `case` (CPU, the case's dtypes), `steps` steps."""
+    xs, dys, state = case
+    x, dy = torch.cat(xs), torch.cat(dys)
+    reference = TORCH_BN[x.dim()](SYNC_C, momentum=None).to(state["weight"].dtype)
+    reference.load_state_dict(state)
+    return _sync_steps(reference, x, dy, steps)
+
+
+def _assert_close_to_slice(ours, full, rank, sizes, tol, param_tol, what):
+    """bnlib's per-process results against a single-process run on the concatenated batch: outputs and
+    input gradients on this process's slice, parameter gradients summed over processes elsewhere."""
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    for name in ("output", "input gradient"):
+        if sizes[rank]:
+            torch.testing.assert_close(ours[name], full[name][lo:hi], atol=tol, rtol=tol,
+                                       msg=lambda m: f"{what}, {name}: {m}")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(ours[name], full[name], atol=param_tol, rtol=param_tol,
+                                   msg=lambda m: f"{what}, {name}: {m}")
+
+
+def test_sync_batchnorm_float32_arithmetic_of_the_gpu_path_gloo():
+    """The CUDA path's arithmetic, run on CPU tensors over gloo: 2 processes compute their statistics in
+    float32 (16-bit input included), as SyncBatchNorm does on CUDA tensors, and match torch.nn.BatchNorm
+    on the concatenated batch to float32 (or 16-bit) round-off: outputs, input gradients, summed parameter
+    gradients, running statistics, channels-last input and an empty process included. Every collective
+    sends a contiguous float64 tensor on the input's device, (3, C) gathered, (2, C) reduced (what NCCL
+    needs on a GPU); one value per channel over both processes raises on both and changes no state."""
+    start = "spawn" if torch.cuda.is_available() else "fork"
+    reports = _run_processes(_cuda_rule_worker, 2, start)
+    for k, (dtype, sizes, tail) in enumerate(SYNC_CUDA_RULE_CASES):
+        full = _reference_steps(_sync_case(sizes, dtype, tail, seed=k), sizes)
+        tol = 2 * HALF_TOL[dtype] if dtype in HALF_TOL else 1e-5
+        for step, want in enumerate(full):
+            what = f"{dtype}, batches {sizes}, step {step + 1}"
+            for rank, (results, *_) in enumerate(reports):
+                assert results[k][step]["output"].dtype == dtype
+                _assert_close_to_slice(results[k][step], want, rank, sizes, tol, 1e-5, what)
+            for name in ("weight gradient", "bias gradient"):
+                summed = sum(r[0][k][step][name] for r in reports if r[0][k][step][name] is not None)
+                torch.testing.assert_close(summed, want[name], atol=1e-4, rtol=1e-4,
+                                           msg=lambda m: f"{what}, {name}: {m}")
+    for results, seen, error, unchanged in reports:
+        assert {(name, shape) for name, _, shape, _, _ in seen} == {("all_gather", (3, SYNC_C)),
+                                                                     ("all_reduce", (2, SYNC_C))}
+        assert all(dtype == torch.float64 and device == "cpu" and contiguous
+                   for _, dtype, _, device, contiguous in seen), seen
+        assert "more than 1 value per channel" in error and unchanged, (error, unchanged)
+
+
+def test_sync_batchnorm_with_one_process_or_none_is_plain_bn_and_never_synchronizes(monkeypatch):
+    """No process group, then a one-process gloo group: SyncBatchNorm takes plain BatchNorm's path
+    (on CUDA tensors, chapter 05's kernels) and never calls SyncBatchNormFunction, as torch falls back."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+
+    def no_sync(*args):
+        raise AssertionError("SyncBatchNormFunction called without a group of 2 or more processes")
+    monkeypatch.setattr(bnn.SyncBatchNormFunction, "apply", no_sync)
+
+    def compare():
+        x = torch.randn(6, 3, 4, dtype=torch.float64)
+        sync, plain = bnn.SyncBatchNorm(3).double(), bnn.BatchNorm1d(3).double()
+        torch.testing.assert_close(sync(x), plain(x), rtol=0, atol=0)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(sync, name), getattr(plain, name), rtol=0, atol=0)
+    compare()
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=60))
+        try:
+            compare()
+        finally:
+            dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- CUDA (run with -k cuda on a GPU)
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("BNLIB_REQUIRE_GPU") != "1",
@@ -961,3 +1165,142 @@ def test_cuda_double_backward_matches_torch(dtype):
         torch.testing.assert_close(got, want, atol=tol * scale, rtol=tol, msg=lambda m: f"{name}: {m}")
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------- SyncBatchNorm on CUDA tensors over NCCL
+# GPU-ONLY. Written on a machine without a GPU: these tests have not yet run. The first needs one CUDA GPU
+# (a one-process NCCL group), the second two GPUs (NCCL will not put two processes on one device).
+
+needs_nccl = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_nccl_available()),
+                                reason="needs torch.distributed with NCCL (a CUDA build of torch)")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="GPU-ONLY: needs 2 CUDA GPUs (NCCL runs "
+                                    "one process per device); skipped even with BNLIB_REQUIRE_GPU=1")
+
+
+@needs_gpu
+@needs_nccl
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_sync_batchnorm_function_over_a_one_process_nccl_group(dtype, monkeypatch):
+    """GPU-ONLY (not yet run). A one-process NCCL group on cuda:0: the module falls back to plain
+    BatchNorm (chapter 05's kernels; SyncBatchNormFunction is never called), and SyncBatchNormFunction
+    called directly (all_gather and all_reduce over NCCL on CUDA tensors, float32 arithmetic for
+    float32 and 16-bit input) matches torch's CUDA batch norm, channels-last input included."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    torch.cuda.set_device(0)
+    xs, dys, state = _sync_case((6,), dtype, (3, 4), seed=11)
+    x = xs[0].cuda().contiguous(memory_format=torch.channels_last)
+    dy = dys[0].cuda().contiguous(memory_format=torch.channels_last)
+    weight, bias = (state[k].cuda() for k in ("weight", "bias"))
+    tol = 2 * HALF_TOL[dtype] if dtype in HALF_TOL else (1e-10 if dtype == torch.float64 else 1e-4)
+    param_tol = 1e-10 if dtype == torch.float64 else 1e-4
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("nccl", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=60))
+        try:
+            stats = {}
+            xb, wb, bb = (t.clone().requires_grad_() for t in (x, weight, bias))
+            yb = bnn.SyncBatchNormFunction.apply(xb, wb, bb, 1e-5, dist.group.WORLD, stats)
+            yb.backward(dy)
+            torch.cuda.synchronize()
+
+            def no_sync(*args):
+                raise AssertionError("SyncBatchNormFunction called in a one-process group")
+            monkeypatch.setattr(bnn.SyncBatchNormFunction, "apply", no_sync)
+            sync, plain = (cls(SYNC_C).to("cuda", weight.dtype) for cls in (bnn.SyncBatchNorm, bnn.BatchNorm2d))
+            for m in (sync, plain):
+                m.load_state_dict(state)
+            torch.testing.assert_close(sync(x), plain(x), rtol=tol, atol=tol)
+        finally:
+            dist.destroy_process_group()
+    xa, wa, ba = (t.clone().requires_grad_() for t in (x, weight, bias))
+    ya = torch.nn.functional.batch_norm(xa, None, None, wa, ba, training=True, eps=1e-5)
+    ya.backward(dy)
+    assert yb.dtype == dtype and yb.device == x.device and xb.grad.dtype == dtype
+    for name, got, want, t in (("output", yb, ya, tol), ("input gradient", xb.grad, xa.grad, tol),
+                               ("weight gradient", wb.grad, wa.grad, param_tol),
+                               ("bias gradient", bb.grad, ba.grad, param_tol)):
+        torch.testing.assert_close(got, want, atol=t, rtol=t, msg=lambda m: f"{name}: {m}")
+    x64 = x.double()
+    assert stats["count"] == 6 * 3 * 4
+    torch.testing.assert_close(stats["mean"], x64.mean((0, 2, 3)), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(stats["var"], x64.var((0, 2, 3), correction=0), atol=1e-5, rtol=1e-5)
+
+
+# (dtype, per-process batch sizes, spatial shape after (N, C)); 4-D cases are channels-last. torch's
+# SyncBatchNorm sends an empty process's statistics in the input's dtype, which for 16-bit input does not
+# match the float32 statistics of the others: the empty process is tried with float32 and float64 only.
+SYNC_NCCL_CASES = [(torch.float32, (3, 5), (2, 3)), (torch.float64, (4, 3), (4,)), (torch.float16, (3, 5), (2, 3)),
+                   (torch.bfloat16, (2, 6), (4,)), (torch.float32, (4, 0), (4,)), (torch.float64, (0, 5), (2, 3))]
+
+
+def _nccl_worker(rank, init_file, out_dir):
+    """Process `rank` of 2 NCCL processes, one per GPU: bnlib's SyncBatchNorm and torch's, same state,
+    the same slice of every case's global batch, two training steps and one evaluation step."""
+    dist = torch.distributed
+    try:
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=60))
+    except Exception as err:
+        torch.save(f"process {rank}: init failed: {err!r}", os.path.join(out_dir, f"rank{rank}.pt"))
+        return
+    _report(rank, out_dir, lambda: _nccl_steps(rank, device))
+
+
+def _nccl_steps(rank, device):
+    """_nccl_worker's work: per case, what bnlib's and torch's SyncBatchNorm computed on this GPU."""
+    results = []
+    for k, (dtype, sizes, tail) in enumerate(SYNC_NCCL_CASES):
+        xs, dys, state = _sync_case(sizes, dtype, tail, seed=100 + k)
+        x, dy = xs[rank].to(device), dys[rank].to(device)
+        if x.dim() == 4:
+            x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+        case = {}
+        for lib, cls in (("bnlib", bnn.SyncBatchNorm), ("torch", torch.nn.SyncBatchNorm)):
+            layer = cls(SYNC_C, momentum=None).to(device, state["weight"].dtype)
+            layer.load_state_dict(state)
+            steps = _sync_steps(layer, x, dy)
+            layer.eval()
+            with torch.no_grad():
+                evaluated = layer(x).cpu() if sizes[rank] else None
+            case[lib] = (steps, evaluated)
+        results.append(case)
+    return results
+
+
+@needs_two_gpus
+@needs_nccl
+def test_cuda_sync_batchnorm_two_processes_over_nccl_match_torch_sync_batchnorm():
+    """GPU-ONLY (not yet run): needs 2 CUDA GPUs. Two spawned processes, one per GPU, NCCL: bnlib's
+    SyncBatchNorm against torch.nn.SyncBatchNorm on the same slices (unequal sizes, an empty process,
+    float32/float64/float16/bfloat16 input with float32 parameters for 16-bit input, channels-last):
+    outputs, input gradients, each process's own parameter gradients, running statistics and step
+    counts over two training steps, then evaluation; and in float64 both against torch.nn.BatchNorm
+    on the concatenated batch."""
+    reports = _run_processes(_nccl_worker, 2, "spawn", timeout=240)
+    for k, (dtype, sizes, tail) in enumerate(SYNC_NCCL_CASES):
+        tol = 2 * HALF_TOL[dtype] if dtype in HALF_TOL else (1e-10 if dtype == torch.float64 else 1e-4)
+        param_tol = 1e-10 if dtype == torch.float64 else (1e-3 if dtype in HALF_TOL else 1e-4)
+        full = _reference_steps(_sync_case(sizes, dtype, tail, seed=100 + k), sizes) \
+            if dtype == torch.float64 else None
+        for rank, results in enumerate(reports):
+            (ours, ours_eval), (theirs, theirs_eval) = results[k]["bnlib"], results[k]["torch"]
+            for step, (got, want) in enumerate(zip(ours, theirs)):
+                what = f"rank {rank}, {dtype}, batches {sizes}, step {step + 1}"
+                for name in want:
+                    if want[name] is None or got[name] is None:      # an empty process's gradients: None in both
+                        assert got[name] is None and want[name] is None and sizes[rank] == 0, (what, name)
+                        continue
+                    t = tol if name in ("output", "input gradient") else param_tol
+                    assert got[name].dtype == want[name].dtype, (what, name, got[name].dtype, want[name].dtype)
+                    torch.testing.assert_close(got[name], want[name], atol=t, rtol=t,
+                                               msg=lambda m: f"{what}, {name} against torch.nn.SyncBatchNorm: {m}")
+                if full is not None:
+                    _assert_close_to_slice(got, full[step], rank, sizes, 1e-10, 1e-10,
+                                           f"{what} against BatchNorm on the concatenated batch")
+            if ours_eval is not None:
+                torch.testing.assert_close(ours_eval, theirs_eval, atol=tol, rtol=tol,
+                                           msg=lambda m: f"rank {rank}, {dtype}, batches {sizes}, evaluation: {m}")
