@@ -73,7 +73,7 @@ fi
 timeout 50 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
     -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles and not driver_launch" \
     2>&1 | tee "$OUT/test_cuda.log" || status=1
-timeout 30 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
+timeout 40 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
     2>&1 | tee "$OUT/test_nn_cuda.log" || status=1
 # 2. compute-sanitizer on small cases of both walks, every dtype, unaligned data: racecheck (shared
 #    memory: the merge trees, the block reductions) and memcheck (out of bounds, misaligned); torch's
@@ -111,7 +111,7 @@ fi
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name())" | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 design=$(python3 -c "from bnlib import cuda; print(cuda.KERNEL_DESIGN)")
 json="$OUT/gpu_bench_${card}_design${design}.json"
-timeout 150 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --portable --repeats 20 --no-progress \
+timeout 140 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --portable --repeats 20 --no-progress \
     --json "$json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 cp "$json" bnlib/data/ 2>/dev/null || true
 # 5. where a step's time goes: host time against kernel time, per implementation and launch path
