@@ -16,12 +16,12 @@ import numpy as np
 
 KERNEL_DESIGN = 3        # design 2 plus: running statistics in the forward's kernels, the driver launch
                          # path, merge trees in the columns reductions, reversed second passes, planes
-                         # kernels that load a segment's last vectors together
+                         # kernels that load UNROLL vectors at a time across plane boundaries
 
 KERNEL_COMMON = r"""
 // Batch-norm kernels for bnlib.cuda, third design (the second's, with the running-statistics update in
 // the forward's kernels, merge trees in the columns reductions, reversed second passes, and planes
-// kernels that load a segment's last vectors together). T is the
+// kernels that load UNROLL vectors at a time across plane boundaries: PlaneCursor). T is the
 // storage type (__half, bf16_t, float,
 // double), A the accumulation type (float, or double for double data). V values of T make one
 // 16-byte vector load (V = 1: the scalar fallback for unaligned data). Two ways to walk a tensor:
@@ -216,6 +216,31 @@ __device__ __forceinline__ long long rows_of(long long first, long long end, lon
     return first < end ? (end - 1 - first) / step + 1 : 0;
 }
 
+// The vectors of a planes-walk thread, in its order: planes n = first, first + step, ... (step < 0 for
+// a second pass, from the last plane down) while 0 <= n < N, and in each plane the offsets
+// lo + threadIdx.x, lo + threadIdx.x + PLANE_THREADS, ... below hi. The kernels take them UNROLL at a
+// time across plane boundaries, so a thread with fewer than UNROLL vectors per plane (small planes,
+// 16-bit data) still has UNROLL loads in flight; moving on costs an add and a compare, no division.
+struct PlaneCursor {
+    long long i, lo, hi, base, plane_stride;  // base = (n * C + c) * LV, the vector index of plane n's start
+    int n, step, N;
+    __device__ __forceinline__ bool valid() const { return i < hi && n >= 0 && n < N; }
+    __device__ __forceinline__ long long index() const { return base + i; }
+    __device__ __forceinline__ void next() {
+        i += PLANE_THREADS;
+        if (i >= hi) { i = lo + threadIdx.x; n += step; base += plane_stride; }
+    }
+};
+
+__device__ __forceinline__ PlaneCursor plane_cursor(int first, int step, int N, int C, int c, long long LV,
+                                                    long long lo, long long hi) {
+    PlaneCursor k;
+    k.i = lo + threadIdx.x; k.lo = lo; k.hi = hi; k.n = first; k.step = step; k.N = N;
+    k.base = ((long long)first * C + c) * LV;
+    k.plane_stride = (long long)step * C * LV;
+    return k;
+}
+
 // The per-channel affine map of the normalize pass, y = (x - mu) * a + beta, from either the batch
 // statistics (stat = inv_std) or the running ones (from_var: stat = running variance).
 template <typename A>
@@ -247,17 +272,18 @@ bn_stats_planes(const T* __restrict__ x, int N, int C, long long LV, long long s
     A shift = A(0), s1 = A(0), s2 = A(0), cnt = A(0);
     if ((int)blockIdx.y < N && lo + (long long)threadIdx.x < hi)
         shift = to_acc(xv[((long long)blockIdx.y * C + c) * LV + lo + threadIdx.x].v[0]);
-    for (int n = blockIdx.y; n < N; n += gridDim.y) {
-        const Vec<T, V>* __restrict__ p = xv + ((long long)n * C + c) * LV;
-        long long i = lo + threadIdx.x;
-        for (; i < hi; i += UNROLL * PLANE_THREADS) {   // UNROLL vectors (those in the segment) loaded, then used
-            Vec<T, V> a[UNROLL];
+    PlaneCursor cur = plane_cursor(blockIdx.y, gridDim.y, N, C, c, LV, lo, hi);
+    while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
+        Vec<T, V> a[UNROLL];
+        bool has[UNROLL];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) if (i + u * PLANE_THREADS < hi) a[u] = p[i + u * PLANE_THREADS];
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u)
-                if (i + u * PLANE_THREADS < hi) { add_shifted(a[u], shift, s1, s2); cnt += A(V); }
+        for (int u = 0; u < UNROLL; ++u) {
+            has[u] = cur.valid();
+            if (has[u]) { a[u] = xv[cur.index()]; cur.next(); }
         }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+            if (has[u]) { add_shifted(a[u], shift, s1, s2); cnt += A(V); }
     }
     A n, m, q;
     shifted_to_moments(cnt, shift, s1, s2, n, m, q);
@@ -425,22 +451,24 @@ bn_apply_planes(const T* __restrict__ x, T* __restrict__ y, int N, int C, long l
     const long long hi = min(LV, lo + seg);
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     Vec<T, V>* __restrict__ yv = reinterpret_cast<Vec<T, V>*>(y);
-    for (long long j = rows_of(b, N, gridDim.y) - 1; j >= 0; --j) {
-        const int n = b + (int)j * gridDim.y;
-        const long long base = ((long long)n * C + c) * LV;
-        long long i = lo + threadIdx.x;
-        for (; i < hi; i += UNROLL * PLANE_THREADS) {   // UNROLL vectors (those in the segment) loaded, then used
-            Vec<T, V> v[UNROLL];
+    PlaneCursor cur = plane_cursor(b + (int)(rows_of(b, N, gridDim.y) - 1) * gridDim.y, -(int)gridDim.y, N, C, c,
+                                   LV, lo, hi);     // from the last plane down
+    while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
+        Vec<T, V> v[UNROLL];
+        long long at[UNROLL];
+        bool has[UNROLL];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) if (i + u * PLANE_THREADS < hi) v[u] = xv[base + i + u * PLANE_THREADS];
+        for (int u = 0; u < UNROLL; ++u) {
+            has[u] = cur.valid();
+            if (has[u]) { at[u] = cur.index(); v[u] = xv[at[u]]; cur.next(); }
+        }
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                if (i + u * PLANE_THREADS < hi) {
-                    Vec<T, V> o;
+        for (int u = 0; u < UNROLL; ++u) {
+            if (has[u]) {
+                Vec<T, V> o;
 #pragma unroll
-                    for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from((to_acc(v[u].v[k]) - mu) * a + beta);
-                    yv[base + i + u * PLANE_THREADS] = o;
-                }
+                for (int k = 0; k < V; ++k) o.v[k] = Store<T>::from((to_acc(v[u].v[k]) - mu) * a + beta);
+                yv[at[u]] = o;
             }
         }
     }
@@ -513,23 +541,23 @@ bn_backward_reduce_planes(const T* __restrict__ dy, const T* __restrict__ x, int
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
     A s = A(0), t = A(0);
-    for (int n = blockIdx.y; n < N; n += gridDim.y) {
-        const long long base = ((long long)n * C + c) * LV;
-        long long i = lo + threadIdx.x;
-        for (; i < hi; i += UNROLL * PLANE_THREADS) {   // UNROLL vectors (those in the segment) loaded, then used
-            Vec<T, V> xa[UNROLL], ga[UNROLL];
+    PlaneCursor cur = plane_cursor(blockIdx.y, gridDim.y, N, C, c, LV, lo, hi);
+    while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
+        Vec<T, V> xa[UNROLL], ga[UNROLL];
+        bool has[UNROLL];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u)
-                if (i + u * PLANE_THREADS < hi) { xa[u] = xv[base + i + u * PLANE_THREADS]; ga[u] = gv[base + i + u * PLANE_THREADS]; }
+        for (int u = 0; u < UNROLL; ++u) {
+            has[u] = cur.valid();
+            if (has[u]) { xa[u] = xv[cur.index()]; ga[u] = gv[cur.index()]; cur.next(); }
+        }
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                if (i + u * PLANE_THREADS < hi) {
+        for (int u = 0; u < UNROLL; ++u) {
+            if (has[u]) {
 #pragma unroll
-                    for (int k = 0; k < V; ++k) {
-                        const A g = to_acc(ga[u].v[k]);
-                        s += g;
-                        t += g * (to_acc(xa[u].v[k]) - mu);
-                    }
+                for (int k = 0; k < V; ++k) {
+                    const A g = to_acc(ga[u].v[k]);
+                    s += g;
+                    t += g * (to_acc(xa[u].v[k]) - mu);
                 }
             }
         }
@@ -668,24 +696,25 @@ bn_backward_dx_planes(const T* __restrict__ dy, const T* __restrict__ x, T* __re
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
     Vec<T, V>* __restrict__ ov = reinterpret_cast<Vec<T, V>*>(dx);
-    for (long long j = rows_of(bb, N, gridDim.y) - 1; j >= 0; --j) {
-        const int n = bb + (int)j * gridDim.y;
-        const long long base = ((long long)n * C + c) * LV;
-        long long i = lo + threadIdx.x;
-        for (; i < hi; i += UNROLL * PLANE_THREADS) {   // UNROLL vectors (those in the segment) loaded, then used
-            Vec<T, V> xa[UNROLL], ga[UNROLL];
+    PlaneCursor cur = plane_cursor(bb + (int)(rows_of(bb, N, gridDim.y) - 1) * gridDim.y, -(int)gridDim.y, N, C, c,
+                                   LV, lo, hi);     // from the last plane down
+    while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
+        Vec<T, V> xa[UNROLL], ga[UNROLL];
+        long long at[UNROLL];
+        bool has[UNROLL];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u)
-                if (i + u * PLANE_THREADS < hi) { xa[u] = xv[base + i + u * PLANE_THREADS]; ga[u] = gv[base + i + u * PLANE_THREADS]; }
+        for (int u = 0; u < UNROLL; ++u) {
+            has[u] = cur.valid();
+            if (has[u]) { at[u] = cur.index(); xa[u] = xv[at[u]]; ga[u] = gv[at[u]]; cur.next(); }
+        }
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                if (i + u * PLANE_THREADS < hi) {
-                    Vec<T, V> o;
+        for (int u = 0; u < UNROLL; ++u) {
+            if (has[u]) {
+                Vec<T, V> o;
 #pragma unroll
-                    for (int k = 0; k < V; ++k)
-                        o.v[k] = Store<T>::from(a * to_acc(ga[u].v[k]) + b * (to_acc(xa[u].v[k]) - mu) + k0);
-                    ov[base + i + u * PLANE_THREADS] = o;
-                }
+                for (int k = 0; k < V; ++k)
+                    o.v[k] = Store<T>::from(a * to_acc(ga[u].v[k]) + b * (to_acc(xa[u].v[k]) - mu) + k0);
+                ov[at[u]] = o;
             }
         }
     }

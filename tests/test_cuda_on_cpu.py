@@ -186,8 +186,8 @@ MUTANTS = {   # one line of a kernel changed: a merge formula, a loop bound, shu
     "merge": ("q += qb + delta * delta * n * wb;", "q += qb + delta * delta * n;"),
     "loop bound": ("    for (; j >= 0; --j) {\n        const Vec<T, V> v = xv[(r0 + j * step) * vw + vc];",
                    "    for (; j >= 1; --j) {\n        const Vec<T, V> v = xv[(r0 + j * step) * vw + vc];"),
-    "planes batch": ("if (i + u * PLANE_THREADS < hi) { add_shifted(a[u], shift, s1, s2); cnt += A(V); }",
-                     "if (i + u * PLANE_THREADS <= hi) { add_shifted(a[u], shift, s1, s2); cnt += A(V); }"),
+    "plane cursor": ("if (i >= hi) { i = lo + threadIdx.x; n += step; base += plane_stride; }",
+                     "if (i >= hi) { i = lo + threadIdx.x; n += step; }"),
     "shuffle offset": ("for (int off = 16; off > 0; off >>= 1) {\n        s += __shfl_down_sync",
                        "for (int off = 8; off > 0; off >>= 1) {\n        s += __shfl_down_sync"),
     "partial index": ("return b * Wf + f * W + (long long)c * L + l;", "return b * Wf + f * W + (long long)c * L;"),
@@ -199,14 +199,15 @@ MUTANTS = {   # one line of a kernel changed: a merge formula, a loop bound, shu
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_a_changed_kernel_line_makes_these_checks_fail(emulator, monkeypatch, tmp_path, mutant):
     """The checks above have teeth: each one-line change of the kernel source, built and run the same
-    way, fails them on at least one of four cases (columns, planes, channels-last, many rows; float32) that
+    way, fails them on at least one of five cases (columns, planes, channels-last, many rows, several planes
+    per block; float32) that
     the unchanged source passes (test_kernels_on_the_cpu_match_float64_torch)."""
     old, new = MUTANTS[mutant]
     assert cuda.KERNEL_SOURCE.count(old) == 1
     wire(build(cuda.KERNEL_SOURCE.replace(old, new), tmp_path), monkeypatch)
     failed = 0
     for shape, channels_last in [((3, 5, 7, 9), False), ((4, 3, 32, 64), False), ((6, 3, 5, 7), True),
-                                 ((6200, 3), False)]:
+                                 ((6200, 3), False), ((5, 4, 56, 56), False)]:
         assert (shape, channels_last) in CASES
         try:
             check_case(shape, channels_last, "float32", aligned=sum(shape) % 3 != 0)
