@@ -760,7 +760,9 @@ def _close(ours, ref, tol, scale=None):
 
 
 TORCH_SHAPES = [(3, 1, 5, 7), (2, 1), (1000, 3), (7, 1024, 1, 1), (5, 3, 33, 17), (2, 2049), (9, 70, 3, 3),
-                (16, 513), (6, 2, 32, 64), (3, 4, 40, 41), (4, 5, 2, 3, 3), (64, 16, 28, 28)]
+                (16, 513), (6, 2, 32, 64), (3, 4, 40, 41), (4, 5, 2, 3, 3), (64, 16, 28, 28),
+                (16, 256, 32, 64)]     # the last: NCHW planes with more planes than block rows on a real card
+                                       # (PlaneCursor crossing planes), as on the benchmark's largest shape
 
 
 @needs_torch_gpu
