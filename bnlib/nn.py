@@ -14,7 +14,7 @@ import torch
 
 from bnlib import cuda
 from bnlib import functional as F
-from bnlib.stats import Moments, merge_moments
+from bnlib.stats import Moments, channel_shape, merge_moments, reduction_axes
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -156,7 +156,7 @@ def _backward_with_graph(dy, x, weight, eps, acc):
     """Training-mode (dx, dweight, dbias) in torch operations, in dtype `acc`: the compact formula of
     chapter 03, with the batch statistics recomputed from x, so that autograd records how the
     gradients depend on x, weight and dy (double backward). Used only when the graph is wanted."""
-    axes, shape = [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    axes, shape = reduction_axes(x.dim()), channel_shape(x.dim(), x.shape[1])
     xc, g = x.to(acc), dy.to(acc)
     mean = xc.mean(axes, keepdim=True)
     inv_std = torch.rsqrt(xc.var(axes, correction=0, keepdim=True) + eps)
@@ -164,8 +164,12 @@ def _backward_with_graph(dy, x, weight, eps, acc):
     dbias, dweight = g.sum(axes), (g * x_hat).sum(axes)
     scale = inv_std if weight is None else inv_std * weight.to(acc).reshape(shape)
     n = x.numel() // x.shape[1]
-    dx = scale * (g - dbias.reshape(shape) / n - x_hat * dweight.reshape(shape) / n)
-    return dx, dweight, dbias
+    return _dx_from_means(g, x_hat, scale, dbias / n, dweight / n, shape), dweight, dbias
+
+
+def _dx_from_means(g, x_hat, scale, mean_g, mean_g_xhat, shape):
+    """dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)) (chapter 03), the per-channel means given."""
+    return scale * (g - mean_g.reshape(shape) - x_hat * mean_g_xhat.reshape(shape))
 
 
 class BatchNormInferenceFunction(torch.autograd.Function):
@@ -496,8 +500,6 @@ def fold_batch_norm(module, bn):
 
 import torch.distributed as dist
 
-from bnlib.stats import channel_shape, reduction_axes
-
 
 def _sync_dtype(x):
     """The dtype SyncBatchNorm computes its per-element arithmetic in for input x. On the CPU, float64
@@ -601,7 +603,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         dist.all_reduce(total, group=ctx.group)                                  # sums over processes
         mean_dy, mean_dy_xhat = (total / ctx.count).to(acc)
         scale = ctx.inv_std if weight is None else ctx.inv_std * weight.to(acc)
-        dx = scale.reshape(shape) * (g - mean_dy.reshape(shape) - x_hat * mean_dy_xhat.reshape(shape))
+        dx = _dx_from_means(g, x_hat, scale.reshape(shape), mean_dy, mean_dy_xhat, shape)
         weight_dtype, bias_dtype = ctx.param_dtypes
         dweight = None if weight_dtype is None else local[1].to(weight_dtype)
         dbias = None if bias_dtype is None else local[0].to(bias_dtype)
