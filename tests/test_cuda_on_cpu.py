@@ -214,3 +214,29 @@ def test_a_changed_kernel_line_makes_these_checks_fail(emulator, monkeypatch, tm
         except AssertionError:
             failed += 1
     assert failed > 0, f"the {mutant} change went unnoticed"
+
+
+
+# The cases above run with the grids of a 1-SM card: few blocks, so most threads walk several rows
+# or vectors. A real card's grids (the plan aims at 2 x SMs x 8 blocks) put the loops at other
+# edges, and these cases take them there, with the grids an H100/H200 (132 SMs) gets or, on a
+# larger tensor, those of an 8-SM card (cheaper to emulate than a large tensor on a large card, and
+# the same edge): columns walks whose threads own less than one row each (some none) or between one
+# and two, channels-last with 98 row groups, planes cut into 2 or 22 segments of a fractional number
+# of vectors per thread, the last segment shorter.
+REAL_GRID_CASES = [((6200, 3), False, 132, "float32"),        # 0.95 rows per thread
+                   ((256, 16, 7, 7), True, 132, "bfloat16"),  # channels-last, 1.00 rows per thread, 98 row groups
+                   ((5, 4, 56, 56), False, 132, "float32"),   # 2 segments of 1.53 vectors per thread
+                   ((2400, 40), False, 8, "float32"),          # 1.17 rows per thread
+                   ((3, 2, 128, 512), False, 8, "float32")]    # 22 segments of 2.91 vectors per thread, the last shorter
+
+
+@pytest.mark.parametrize("shape,channels_last,sm_count,dtype", REAL_GRID_CASES)
+def test_kernels_on_the_cpu_with_a_real_cards_grids(on_cpu, monkeypatch, shape, channels_last, sm_count, dtype):
+    monkeypatch.setattr(cuda, "_sm_count", lambda dev: sm_count)
+    n, c, l = shape[0], shape[1], math.prod(shape[2:])
+    pl = cuda.plan(*((n * l, c, 1) if channels_last else (n, c, l)), dtype, True, sm_count)
+    one_sm = cuda.plan(*((n * l, c, 1) if channels_last else (n, c, l)), dtype, True, 1)
+    assert math.prod(pl.grid) > math.prod(one_sm.grid)          # more blocks than the cases above get
+    check_case(shape, channels_last, dtype, aligned=True)
+    assert len(on_cpu) == 7
