@@ -1,0 +1,122 @@
+"""The code that reads GPU recordings, checked on the CPU: bnlib.bench.gpu_goals on rows made to
+meet or miss each goal, and chapter 05's design-3 report on a recording shaped like the ones
+tools/gpu_check.sh writes (the chapter itself runs that report only once such a file exists, so
+without this test its first run would be the GPU session's)."""
+import copy
+import importlib.resources
+import json
+from pathlib import Path
+
+import pytest
+
+from bnlib import bench
+
+CHAPTER = Path(__file__).resolve().parents[1] / "chapters" / "05_cupy.ipynb"
+
+
+def _row(shape, dtype, layout, impl, step, floor=1.0, mb=50.0, device=None, launches=6, extra=10.0):
+    r = {"shape": list(shape), "dtype": dtype, "layout": layout, "impl": impl, "forward_ms": step / 2,
+         "step_ms": step, "floor_ms": floor, "tensor_mb": mb, "launches_per_step": launches, "peak_extra_mb": extra}
+    if device is not None:
+        r["step_device_ms"] = device
+    return r
+
+
+def _goals(rows, time="step_ms"):
+    return {text: (met, of, misses) for text, met, of, misses in bench.gpu_goals(rows, time)}
+
+
+def test_gpu_goals_count_each_goal_and_name_the_misses():
+    big, small, conv = (256, 64, 56, 56), (8192, 1024), (64, 128, 28, 28)
+    rows = [_row(big, "float32", "NCHW", "torch", 3.0, floor=0.4, mb=205, device=2.0),
+            _row(big, "float32", "NCHW", "torch.compile", 2.0, floor=0.4, mb=205),
+            _row(big, "float32", "NCHW", "bnlib", 0.39, floor=0.4, mb=205, device=0.3),   # 7.7x faster than eager, below the floor
+            _row(big, "bfloat16", "NHWC", "torch", 1.0, floor=0.2, mb=103),
+            _row(big, "bfloat16", "NHWC", "bnlib", 1.1, floor=0.2, mb=103, launches=None),  # slower; no launch count
+            _row(conv, "float32", "NCHW", "torch", 0.3, floor=0.05, device=0.1),
+            _row(conv, "float32", "NCHW", "bnlib", 0.25, floor=0.05, device=0.05),        # 1.2x: misses 1.5x
+            _row(small, "float32", "NCHW", "torch", 0.3, floor=0.06),
+            _row(small, "float32", "NCHW", "bnlib", 0.29, floor=0.06),
+            _row(small, "float32", "NCHW", "torch.compile", 0.2, floor=0.06)]              # compiled is torch's best
+    g = _goals(rows)
+    assert list(g) == [t for t, *_ in bench.gpu_goals(rows)] and len(g) == 6
+    never, x15, x25, floor80, l2, recorded = g.values()
+    assert never == (2, 4, ["(8192, 1024) float32 NCHW", "(256, 64, 56, 56) bfloat16 NHWC"])   # NCHW first
+    assert x15 == (1, 2, ["(64, 128, 28, 28) float32 NCHW"])      # 2-D shapes are not convolution shapes
+    assert x25 == (1, 1, [])                                      # 3.0 / 0.39 = 7.7
+    assert floor80 == (1, 2, ["(256, 64, 56, 56) bfloat16 NHWC"])  # over 100 MB: the two big-shape cases
+    assert l2 == (1, 2, ["(256, 64, 56, 56) bfloat16 NHWC"])       # the largest shape: 0.39 < 0.4 only
+    assert recorded == (3, 4, ["(256, 64, 56, 56) bfloat16 NHWC"])
+    # GPU-alone times: only the cases where bnlib and torch eager both have one count
+    d = _goals(rows, "step_device_ms")
+    assert d["never slower than torch's best (eager or torch.compile)"] == (2, 2, [])
+    assert d["float32 NCHW convolution shapes >= 1.5x faster than eager"] == (2, 2, [])
+    assert bench.gpu_goals([], "step_device_ms")[0][1:3] == (0, 0)
+
+
+def test_gpu_goals_on_the_recorded_design_2_run():
+    run = json.loads(importlib.resources.files("bnlib").joinpath("data", "gpu_bench_NVIDIA_H200_design2.json")
+                     .read_text())
+    goals = bench.gpu_goals(run["results"])
+    assert [(met, of) for _, met, of, _ in goals] == [(17, 27), (2, 5), (2, 2), (1, 5), (0, 5), (27, 27)]
+    text = bench.format_gpu_goals(goals)
+    assert "met in 17 of 27" in text and text.count("missed:") == 4
+
+
+def _chapter_cell(marker):
+    cells = json.loads(CHAPTER.read_text())["cells"]
+    return next("".join(c["source"]) for c in cells if c["cell_type"] == "code" and marker in "".join(c["source"]))
+
+
+def test_design_3_report_reads_a_recording_like_gpu_check_writes(capsys):
+    """Chapter 05's design3_report, run on a made-up design-3 recording with every kind of row the
+    benchmark writes (GPU-alone and host times, the CuPy launcher, the module pair, the portable code)
+    and a profile with one failed entry, as tools/gpu_check.sh would leave them in bnlib/data."""
+    data = importlib.resources.files("bnlib").joinpath("data")
+    run2 = json.loads(data.joinpath("gpu_bench_NVIDIA_H200_design2.json").read_text())
+    rows3 = []
+    for r in run2["results"]:
+        r3 = copy.deepcopy(r)
+        r3.update(step_device_ms=0.8 * r["step_ms"], forward_device_ms=0.4 * r["step_ms"], host_step_ms=0.1)
+        rows3.append(r3)
+        if r["impl"] == "bnlib":
+            rows3.append({**r3, "impl": "bnlib [cupy]", "step_ms": 1.1 * r["step_ms"]})
+            if r["dtype"] == "float32":
+                rows3.append({**r3, "impl": "cupy portable", "step_ms": 3 * r["step_ms"]})
+        if r["impl"] in ("bnlib", "torch") and r["layout"] == "NCHW":
+            rows3.append({**r3, "impl": r["impl"].split()[0] + ".nn", "step_ms": 1.5 * r["step_ms"]})
+    run3 = {"environment": {**run2["environment"], "design": 3, "launcher": "driver"}, "results": rows3}
+    profile = {"environment": run3["environment"], "cases": [
+        {"shape": [256, 64, 56, 56], "dtype": "float32", "layout": "NCHW",
+         "impls": {"bnlib [driver]": {"host_us": 40.0, "step_us": 300.0, "gpu_us": 250.0},
+                   "torch": {"host_step": {"error": "RuntimeError: made up"}}}}]}
+    files = {"gpu_bench_FAKE_design3.json": run3, "gpu_profile_FAKE_design3.json": profile}
+    ns = {"importlib": importlib, "json": json}
+    exec(_chapter_cell("def case_key(r)").split("\neager, ours, compiled, ours1")[0], ns)   # the case helpers
+    source = _chapter_cell("def design3_report")
+    assert source.rstrip().endswith("run3 = design3_report()")
+    exec(source.rstrip()[:-len("run3 = design3_report()")], ns)
+    ns.update(env=run2["environment"], TIE=0.05, order={"NCHW": 0, "NHWC": 1, "float32": 0, "float16": 1, "bfloat16": 2},
+              ours={ns["case_key"](r): r for r in run2["results"] if r["impl"] == "bnlib"},
+              gpu_goals=bench.gpu_goals, format_gpu_goals=bench.format_gpu_goals,
+              recordings=lambda kind, design: sorted(n for n in files if n.startswith(f"gpu_{kind}_")
+                                                     and n.endswith(f"_design{design}.json")),
+              recorded_run=lambda name: files[name])
+    assert ns["design3_report"]() is run3
+    out = capsys.readouterr().out
+    assert "design 3 (gpu_bench_FAKE_design3.json)" in out and "design 3 faster than torch eager in" in out
+    assert "the goals, on the recorded step times" in out and "the goals, on the GPU-alone step times" in out
+    assert "'cupy portable'" in out and "profile (gpu_profile_FAKE_design3.json)" in out
+    assert "host    40.0  step   300.0  kernels   250.0" in out
+
+
+def test_design_3_report_without_a_recording(capsys):
+    ns = {"importlib": importlib, "json": json}
+    exec(_chapter_cell("def design3_report").rstrip()[:-len("run3 = design3_report()")], ns)
+    ns["recordings"] = lambda kind, design: []
+    assert ns["design3_report"]() is None
+    assert "no recording yet" in capsys.readouterr().out
+
+
+if __name__ == "__main__":
+    raise SystemExit(pytest.main([__file__, "-q"]))
