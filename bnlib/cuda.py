@@ -2,12 +2,13 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
 import functools
 import math
 import numbers
 import os
+import re
 import struct
 import threading
 from typing import NamedTuple
@@ -840,8 +841,7 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
         s = _cdiv(lv, seg)
         p = b * s * c
         return Plan("planes", v, (c, b, s), (PLANE_THREADS, 1, 1),
-                    (np.int32(n), np.int32(c), np.int64(lv), np.int64(seg)), (), p,
-                    (np.int64(p), np.int64(b * s), np.int64(1), np.int64(1), np.int64(c), np.int64(c), np.int32(c)),
+                    (n, c, lv, seg), (), p, (p, b * s, 1, 1, c, c, c),
                     c, n * l, 3 * p + 3 * c)
     v = vfull
     w = c * l                                   # a row of the (rows, C*L) view
@@ -854,10 +854,8 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     gx = _cdiv(wf // v, TX)
     b = max(1, min(_cdiv(target, gx), _cdiv(rows_f, TY), 65535))
     p = b * wf
-    return Plan("cols", v, (gx, b, 1), (TX, TY, 1), (np.int64(total), np.int64(rfull), np.int32(wf)),
-                (np.int32(w), np.int32(l)), p,
-                (np.int64(p), np.int64(b * g * l), np.int64(g * l), np.int64(l), np.int64(wf), np.int64(w),
-                 np.int32(c)),
+    return Plan("cols", v, (gx, b, 1), (TX, TY, 1), (total, rfull, wf), (w, l), p,
+                (p, b * g * l, g * l, l, wf, w, c),
                 c, n * l, 3 * p + 3 * c)
 
 
@@ -901,34 +899,72 @@ def _function(dev: int, name: str):
 # call, which builds a Python object per argument (design 2's path). Same kernels, same stream.
 # BNLIB_CUDA_LAUNCH=cupy selects CuPy's; the benchmark records which one ran.
 LAUNCHER = os.environ.get("BNLIB_CUDA_LAUNCH", "driver")
-_ARG_CODES = {np.uint64: "Q", np.int64: "q", np.int32: "i4x", np.float32: "f4x", np.float64: "d"}
 _MAX_ARGS = 32
-_arg_structs, _thread = {}, threading.local()
+_CODES = {"ptr": "Q", "int32": "i4x", "int64": "q"}               # struct codes, one 8-byte slot each
+_NUMPY_TYPES = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64}
+_packers, _thread = {}, threading.local()
 
 
-def pack_arguments(args: tuple) -> tuple:
-    """Kernel arguments as cuLaunchKernel takes them: each value in its own 8-byte slot of one buffer
-    (an int32 or float32 in the slot's first 4 bytes: CUDA hosts are little-endian) and a table of the
-    slots' addresses. Returns (values, table, table address), one set per thread, overwritten by the
-    thread's next call (the driver copies the values during the launch). Arguments must be NumPy
-    scalars of the kernel's parameter types: numpy.uint64 (addresses), int32, int64, float32, float64."""
-    key = tuple(map(type, args))
-    packer = _arg_structs.get(key)
-    if packer is None:
-        if len(args) > _MAX_ARGS:
-            raise ValueError(f"at most {_MAX_ARGS} kernel arguments, got {len(args)}")
-        unknown = [t.__name__ for t in key if t not in _ARG_CODES]
-        if unknown:
-            raise TypeError("kernel arguments must be numpy.uint64, int64, int32, float32 or float64 scalars, "
-                            f"got {', '.join(unknown)}")
-        packer = _arg_structs[key] = struct.Struct("<" + "".join(_ARG_CODES[t] for t in key))
+@functools.lru_cache(maxsize=None)
+def kernel_parameters(source: str = None) -> dict:
+    """{kernel: (kind of each parameter, ...)} read from the kernels' declarations in `source` (default
+    KERNEL_SOURCE): "ptr" for a pointer, "int32" for int, "int64" for long long, "acc" for the
+    accumulation type (float, or double for double data)."""
+    pattern = r"__global__ void __launch_bounds__\([^)]*\)\s*(\w+)\((.*?)\)\s*\{"
+    kinds = {}
+    for name, params in re.findall(pattern, KERNEL_SOURCE if source is None else source, flags=re.S):
+        types = (" ".join(p.replace("__restrict__", "").replace("const ", "").split()[:-1]) for p in params.split(","))
+        kinds[name] = tuple("ptr" if t.endswith("*") else {"int": "int32", "long long": "int64"}.get(t, "acc")
+                            for t in types)
+    return kinds
+
+
+def _packer(name: str):
+    """(struct, parameter kinds, accumulation type) for kernel instantiation `name` ("bn_stats_cols<float, 4>"):
+    the struct packs its arguments in the types of its declaration, one 8-byte slot each."""
+    entry = _packers.get(name)
+    if entry is None:
+        base, _, template = name.partition("<")
+        kinds = kernel_parameters().get(base)
+        if kinds is None:
+            raise ValueError(f"no kernel {base!r} in KERNEL_SOURCE")
+        acc = "double" if template.startswith("double") else "float"
+        codes = "".join(("d" if acc == "double" else "f4x") if k == "acc" else _CODES[k] for k in kinds)
+        entry = _packers[name] = (struct.Struct("<" + codes), kinds, acc)
+    return entry
+
+
+def pack_arguments(name: str, args: tuple) -> tuple:
+    """Kernel `name`'s arguments as cuLaunchKernel takes them: each value in its own 8-byte slot of one
+    buffer, at the type its parameter is declared with in KERNEL_SOURCE (an int or float in the slot's
+    first 4 bytes: CUDA hosts are little-endian), and a table of the slots' addresses. Arguments are
+    Python (or NumPy) numbers: integers for addresses, int and long long parameters, floats for the
+    accumulation type. Returns (values, table, table address), one set per thread, overwritten by the
+    thread's next call (the driver copies the values during the launch). Raises ValueError when the
+    count differs from the kernel's parameters, TypeError when a value does not fit its parameter."""
+    packer, kinds, _ = _packer(name)
+    if len(args) != len(kinds):
+        raise ValueError(f"{name} takes {len(kinds)} arguments, got {len(args)}")
     buffers = getattr(_thread, "buffers", None)
     if buffers is None:
         values = np.zeros(_MAX_ARGS, np.uint64)
         table = np.uint64(values.ctypes.data) + np.uint64(8) * np.arange(_MAX_ARGS, dtype=np.uint64)
         buffers = _thread.buffers = (values, table, int(table.ctypes.data))
-    packer.pack_into(buffers[0], 0, *args)
+    try:
+        packer.pack_into(buffers[0], 0, *args)
+    except struct.error as exc:          # a float for an integer, a negative address, an int out of range
+        bad = [f"{k} {type(a).__name__} {a!r}" for k, a in zip(kinds, args)
+               if k != "acc" and (not isinstance(a, numbers.Integral) or (k == "ptr" and a < 0)
+                                  or (k == "int32" and not -2 ** 31 <= a < 2 ** 31))]
+        raise TypeError(f"{name}: arguments that do not fit their parameters: {', '.join(bad) or exc}") from None
     return buffers
+
+
+def _typed(name: str, args: tuple) -> tuple:
+    """The arguments as NumPy scalars of the parameters' types, as CuPy's kernel call needs them."""
+    _, kinds, acc = _packer(name)
+    acc_type = np.float64 if acc == "double" else np.float32
+    return tuple((acc_type if k == "acc" else _NUMPY_TYPES[k])(a) for k, a in zip(kinds, args))
 
 
 def _stream_object(dev: int, stream_ptr: int):
@@ -975,7 +1011,7 @@ def _launch_current(cupy, dev, name, grid, block, args, stream):
     if stream is None:
         stream = cupy.cuda.get_current_stream().ptr
     if LAUNCHER == "driver":
-        table = pack_arguments(args)[2]
+        table = pack_arguments(name, args)[2]
         ready = getattr(_thread, "contexts", None)
         if ready is None:
             ready = _thread.contexts = set()
@@ -985,7 +1021,7 @@ def _launch_current(cupy, dev, name, grid, block, args, stream):
         cupy.cuda.driver.launchKernel(f.ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0,
                                       stream, table, 0)
     elif LAUNCHER == "cupy":
-        f(grid, block, args, stream=_stream_object(dev, stream))
+        f(grid, block, _typed(name, args), stream=_stream_object(dev, stream))
     else:
         raise ValueError(f"bnlib.cuda.LAUNCHER (or BNLIB_CUDA_LAUNCH) must be 'driver' or 'cupy', got {LAUNCHER!r}")
 
@@ -1029,16 +1065,8 @@ def _acc_name(dtype_name):
     return "double" if dtype_name == "float64" else "float"
 
 
-def _acc_scalar(dtype_name, value):
-    return np.float64(value) if dtype_name == "float64" else np.float32(value)
-
-
 def _kernel_name(kind, pl, dtype_name):
     return f"bn_{kind}_{pl.walk}<{_TYPES[dtype_name]}, {pl.vec}>"
-
-
-def _ptr(p):
-    return np.uint64(p or 0)
 
 
 def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, eps, ws, stream=None, running=None):
@@ -1054,12 +1082,10 @@ def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, ep
     finalize = f"bn_stats_finalize<{_acc_name(dtype_name)}>"
     _ready(dev, (_kernel_name("stats", pl, dtype_name), finalize, _kernel_name("apply", pl, dtype_name)))
     _launch(dev, _kernel_name("stats", pl, dtype_name), pl.grid, pl.block,
-            (_ptr(x),) + pl.walk_args + (_ptr(ws), np.int64(pl.partials), _ptr(counter)), stream)
+            (x,) + pl.walk_args + (ws, pl.partials, counter), stream)
     _launch(dev, finalize, (pl.channels, 1, 1), (FINALIZE_THREADS, 1, 1),
-            (_ptr(ws),) + pl.finalize_args + (_acc_scalar(dtype_name, eps), _ptr(mean), _ptr(var), _ptr(inv_std),
-                                              _ptr(rm), _ptr(rv), _acc_scalar(dtype_name, -1.0 if momentum is None
-                                                                               else momentum),
-                                              _acc_scalar(dtype_name, unbias), _ptr(counter)), stream)
+            (ws,) + pl.finalize_args + (float(eps), mean, var, inv_std, rm, rv,
+                                        -1.0 if momentum is None else float(momentum), unbias, counter), stream)
     _run_apply(dev, pl, dtype_name, x, y, mean, inv_std, weight, bias, eps, from_var=False, stream=stream)
 
 
@@ -1070,9 +1096,7 @@ def _acc_size(dtype_name):
 def _run_apply(dev, pl, dtype_name, x, y, mean, stat, weight, bias, eps, from_var, stream=None):
     """y = (x - mean) * weight * inv + bias, inv = stat (inv_std) or 1/sqrt(stat + eps) (running var)."""
     _launch(dev, _kernel_name("apply", pl, dtype_name), pl.grid, pl.block,
-            (_ptr(x), _ptr(y)) + pl.walk_args + pl.geometry +
-            (_ptr(mean), _ptr(stat), _ptr(weight), _ptr(bias), _acc_scalar(dtype_name, eps), np.int32(from_var)),
-            stream)
+            (x, y) + pl.walk_args + pl.geometry + (mean, stat, weight, bias, float(eps), int(from_var)), stream)
 
 
 def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, dweight, dbias, ws, stream=None):
@@ -1081,13 +1105,12 @@ def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, dweight
     acc = _acc_size(dtype_name)
     coef = ws + 3 * pl.partials * acc
     _launch(dev, _kernel_name("backward_reduce", pl, dtype_name), pl.grid, pl.block,
-            (_ptr(dy), _ptr(x)) + pl.walk_args + pl.geometry + (_ptr(mean), _ptr(ws), np.int64(pl.partials)), stream)
+            (dy, x) + pl.walk_args + pl.geometry + (mean, ws, pl.partials), stream)
     _launch(dev, f"bn_backward_finalize<{_acc_name(dtype_name)}>", (pl.channels, 1, 1), (FINALIZE_THREADS, 1, 1),
-            (_ptr(ws),) + pl.finalize_args + (_ptr(inv_std), _ptr(weight), _acc_scalar(dtype_name, pl.count),
-                                              _ptr(dweight), _ptr(dbias), _ptr(coef)), stream)
-    channels = (np.int32(pl.channels),) if pl.walk == "cols" else ()
+            (ws,) + pl.finalize_args + (inv_std, weight, float(pl.count), dweight, dbias, coef), stream)
+    channels = (pl.channels,) if pl.walk == "cols" else ()
     _launch(dev, _kernel_name("backward_dx", pl, dtype_name), pl.grid, pl.block,
-            (_ptr(dy), _ptr(x), _ptr(dx)) + pl.walk_args + pl.geometry + channels + (_ptr(mean), _ptr(coef)), stream)
+            (dy, x, dx) + pl.walk_args + pl.geometry + channels + (mean, coef), stream)
 
 
 def _torch_dtype_name(t):

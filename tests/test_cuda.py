@@ -137,29 +137,26 @@ def test_planned_walks_read_every_value_once_and_finalize_finds_every_partial(ro
     assert pl.count == rows * length
 
 
-def _kernel_signatures():
-    """{kernel name: [parameter type, ...]} parsed from KERNEL_SOURCE."""
-    import re
-    sigs = {}
-    pattern = r"__global__ void __launch_bounds__\([^)]*\)\s*(\w+)\((.*?)\)\s*\{"
-    for name, params in re.findall(pattern, cuda.KERNEL_SOURCE, flags=re.S):
-        kinds = []
-        for p in params.split(","):
-            p = " ".join(p.replace("__restrict__", "").replace("const ", "").split()[:-1])
-            kinds.append("ptr" if p.endswith("*") else {"int": "int32", "long long": "int64"}.get(p, "acc"))
-        sigs[name] = kinds
-    return sigs
+def test_kernel_parameters_are_read_from_the_declarations():
+    """bnlib.cuda packs each launch's arguments at the types its kernel declares: check the parser on
+    two kernels written out by hand, and that every kernel the host launches is found."""
+    kinds = cuda.kernel_parameters()
+    assert len(kinds) == 10 and {n.split("<")[0] for n in cuda.kernel_names()} == set(kinds)
+    assert kinds["bn_stats_cols"] == ("ptr", "int64", "int64", "int32", "ptr", "int64", "ptr")
+    assert kinds["bn_stats_finalize"] == ("ptr",) + ("int64",) * 6 + ("int32", "acc") + ("ptr",) * 5 + ("acc", "acc", "ptr")
+    other = cuda.kernel_parameters("__global__ void __launch_bounds__(64) k(const float* __restrict__ a, "
+                                   "long long n,\n int m, A s) {}")
+    assert other == {"k": ("ptr", "int64", "int32", "acc")}
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_launch_arguments_match_the_kernel_signatures(monkeypatch, dtype):
     """Every launch of a training step and an eval forward passes as many arguments as the kernel
-    has parameters, each of the parameter's size (numpy.uint64 for pointers, int32, int64, and the
-    accumulation type for A), and a grid and block the kernel was written for."""
-    sigs = _kernel_signatures()
-    assert len(sigs) == 10
-    acc = np.float64 if dtype == "float64" else np.float32
-    expected_type = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64, "acc": acc}
+    has parameters, each of the kind its parameter is declared with (a non-negative integer for a
+    pointer, an integer in range for int and long long, a float for the accumulation type A), packs
+    at those types, and has a grid and block the kernel was written for."""
+    import numbers
+    sigs = cuda.kernel_parameters()
     launched = []
 
     def check(dev, name, grid, block, args, stream=None):
@@ -167,7 +164,12 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, dtype):
         kinds = sigs[base]
         assert len(args) == len(kinds), (name, len(args), len(kinds))
         for i, (a, k) in enumerate(zip(args, kinds)):
-            assert type(a) is expected_type[k], (name, i, type(a), k)
+            if k == "acc":
+                assert isinstance(a, float), (name, i, type(a), k)
+            else:
+                assert isinstance(a, numbers.Integral) and not isinstance(a, bool), (name, i, type(a), k)
+                assert a >= 0 if k == "ptr" else -2 ** 31 <= a < 2 ** 31 if k == "int32" else True, (name, i, a)
+        cuda.pack_arguments(name, args)
         assert name in cuda.kernel_names()
         threads = math.prod(block)
         assert threads == (cuda.FINALIZE_THREADS if "finalize" in base else
@@ -502,7 +504,7 @@ def test_driver_launch_passes_every_argument_at_its_kernel_parameter(monkeypatch
     and device. The "cupy" path hands CuPy the same arguments and the stream object."""
     import ctypes
     import types
-    sigs = _kernel_signatures()
+    sigs = cuda.kernel_parameters()
     launches, events = [], []
     current = [1]
 
@@ -571,7 +573,7 @@ def test_driver_launch_passes_every_argument_at_its_kernel_parameter(monkeypatch
                 assert s == (555 if stream is None else stream) and len(grid) == len(block) == 3
                 for k, (a, kind) in enumerate(zip(args, kinds)):
                     got = struct.unpack_from(codes[kind], raw[k])[0]
-                    assert got == a, (name, k, kind, got, a)
+                    assert got == (np.float32(a) if codes[kind] == "<f" else a), (name, k, kind, got, a)
     assert current == [1] and events.count("context") == 1                 # device 0 restored to 1
     assert events[0] == ("enter", 0) and events.count(("enter", 0)) == events.count(("exit", 0))
     monkeypatch.setattr(cuda, "LAUNCHER", "cupy")
@@ -586,16 +588,27 @@ def test_driver_launch_passes_every_argument_at_its_kernel_parameter(monkeypatch
         cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
 
 
-def test_pack_arguments_types_and_errors():
-    vals, table, addr = cuda.pack_arguments((np.uint64(2 ** 63 + 5), np.int32(-3), np.float32(0.1), np.float64(2.5),
-                                             np.int64(-2 ** 40)))
-    assert int(table[0]) == vals.ctypes.data and addr == table.ctypes.data and (np.diff(table[:5]) == 8).all()
-    assert int(vals[0]) == 2 ** 63 + 5 and vals.view(np.int32)[2] == -3 and vals.view(np.float32)[4] == np.float32(0.1)
-    assert vals.view(np.float64)[3] == 2.5 and vals.view(np.int64)[4] == -2 ** 40
-    with pytest.raises(TypeError, match="got int, float"):
-        cuda.pack_arguments((np.uint64(1), 3, 0.5))
-    with pytest.raises(ValueError, match="at most 32 kernel arguments, got 33"):
-        cuda.pack_arguments((np.int32(0),) * 33)
+def test_pack_arguments_packs_at_the_declared_types_and_refuses_what_does_not_fit():
+    name = "bn_apply_cols<float, 4>"       # ptr ptr int64 int64 int32 int32 int32 ptr ptr ptr ptr A int32
+    args = (2 ** 63 + 5, 7, -2 ** 40, 3, -3, 4, 5, 8, 9, 10, 11, 0.1, 1)
+    vals, table, addr = cuda.pack_arguments(name, args)
+    assert int(table[0]) == vals.ctypes.data and addr == table.ctypes.data and (np.diff(table[:13]) == 8).all()
+    assert int(vals[0]) == 2 ** 63 + 5 and vals.view(np.int64)[2] == -2 ** 40 and vals.view(np.int32)[8] == -3
+    assert vals.view(np.float32)[22] == np.float32(0.1) and vals.view(np.int32)[24] == 1
+    vals = cuda.pack_arguments("bn_apply_cols<double, 2>", args)[0]
+    assert vals.view(np.float64)[11] == 0.1                           # A is double for double data
+    assert cuda.pack_arguments(name, tuple(np.int64(a) if isinstance(a, int) and a < 2 ** 62 else a
+                                           for a in args))[0].view(np.int32)[8] == -3    # NumPy integers pack too
+    with pytest.raises(ValueError, match="bn_apply_cols<float, 4> takes 13 arguments, got 12"):
+        cuda.pack_arguments(name, args[:-1])
+    with pytest.raises(TypeError, match="int64 float 1.5"):
+        cuda.pack_arguments(name, args[:2] + (1.5,) + args[3:])
+    with pytest.raises(TypeError, match="ptr int -8"):
+        cuda.pack_arguments(name, (-8,) + args[1:])
+    with pytest.raises(TypeError, match="int32 int 2147483648"):
+        cuda.pack_arguments(name, args[:4] + (2 ** 31,) + args[5:])
+    with pytest.raises(ValueError, match="no kernel 'bn_nope'"):
+        cuda.pack_arguments("bn_nope<float, 4>", args)
 
 
 def test_grids_fill_the_card_on_the_benchmark_shapes():
