@@ -469,7 +469,8 @@ def fold_batch_norm(module, bn):
     With s = weight_bn / sqrt(running_var + eps) per output channel, module followed by bn equals
     one module with weight W * s (per output channel) and bias (b - running_mean) * s + bias_bn.
     Returns a new module (the inputs are not changed); grouped convolutions are fine, since each
-    output channel has its own filter.
+    output channel has its own filter. bn must be in evaluation mode, and the module's weight a plain
+    parameter (not weight_norm'ed or spectral_norm'ed): otherwise it raises.
     """
     if not isinstance(module, _FOLDABLE):
         raise TypeError(f"fold_batch_norm folds into Linear or Conv1d/2d/3d, got {type(module).__name__}")
@@ -481,6 +482,15 @@ def fold_batch_norm(module, bn):
     out_features = module.out_features if isinstance(module, torch.nn.Linear) else module.out_channels
     if bn.num_features != out_features:
         raise ValueError(f"bn has {bn.num_features} channels but {type(module).__name__} produces {out_features}")
+    if bn.training:                  # as torch.nn.utils.fuse_conv_bn_eval, which asserts it
+        raise ValueError("bn is in training mode, where it normalizes with batch statistics, which cannot be "
+                         "folded into fixed weights: call bn.eval() (or model.eval()) first")
+    if torch.nn.utils.parametrize.is_parametrized(module) or any(
+            type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in module._forward_pre_hooks.values()):
+        raise TypeError(f"{type(module).__name__} has a reparametrized weight (weight_norm or spectral_norm): "
+                        "its weight is recomputed at every call, so a folded copy would not keep the scaling; "
+                        "remove the reparametrization first (torch.nn.utils.parametrize.remove_parametrizations, or "
+                        "remove_weight_norm / remove_spectral_norm for the older hooks)")
     with torch.no_grad():
         scale = torch.rsqrt(bn.running_var.double() + bn.eps)
         if bn.weight is not None:

@@ -186,6 +186,30 @@ def test_fold_batch_norm_errors():
         bnn.fold_batch_norm(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")               # the older torch.nn.utils.weight_norm
+@pytest.mark.parametrize("reparametrize", [
+    torch.nn.utils.parametrizations.weight_norm, torch.nn.utils.parametrizations.spectral_norm,
+    torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm])
+def test_fold_batch_norm_refuses_a_training_bn_and_a_reparametrized_weight(reparametrize):
+    """A BN in training mode normalizes with batch statistics (torch's fuse_conv_bn_eval refuses it too),
+    and a weight_norm'ed or spectral_norm'ed weight is recomputed at every call, so scaling a copy of it
+    would be lost: both raise, and neither input changes."""
+    conv, bn = torch.nn.Conv2d(4, 6, 1), bnn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match="training mode"):
+        bnn.fold_batch_norm(conv, bn)
+    assert bn.training and all(torch.equal(v, bn.state_dict()[k]) for k, v in state.items())
+    bn.eval()
+    wrapped = reparametrize(torch.nn.Conv2d(4, 6, 1))
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    with pytest.raises(TypeError, match="reparametrized weight"):
+        bnn.fold_batch_norm(wrapped, bn)
+    assert all(torch.equal(v, wrapped.state_dict()[k]) for k, v in before.items())
+    fold_batch_norm_checked(conv, bn, (2, 4, 3, 3))                # the plain pair still folds
+
+
 # ----------------------------------------------------------------------------- SyncBatchNorm
 
 @pytest.mark.parametrize("splits, shape_tail", [([(4, 7), (1, 3)], ()), ([(1, 5, 3), (3, 3, 1)], (2, 2))])
