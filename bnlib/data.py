@@ -122,18 +122,21 @@ def fetch(name: str, root, sha256: str, mirrors=None, download: bool = True) -> 
     """Return root/name, verified against ``sha256``; download it from ``mirrors`` if needed.
 
     A download goes to a temporary file in ``root`` and is renamed into place only after its
-    checksum matches, so a truncated or corrupt file never stays in the cache. A cached file whose
-    checksum is wrong is deleted (and downloaded again when ``download`` is True).
+    checksum matches, so an interrupted download never leaves a partial file. A file already there
+    whose checksum is wrong is never used: with ``download`` it is replaced by a verified download
+    (and left as it was if no mirror delivers one); without, it is left alone and a ValueError says so
+    (it may be the user's own copy, re-compressed, which deleting would lose).
     """
     root, mirrors = Path(root), MNIST_MIRRORS if mirrors is None else tuple(mirrors)
     target = root / name
     if target.exists():
-        if sha256_of(target) == sha256:
+        got = sha256_of(target)
+        if got == sha256:
             return target
-        target.unlink()                              # corrupt cache entry: never keep it
         if not download:
-            raise ValueError(f"{target} had the wrong SHA-256 and was removed; "
-                             f"call again with download=True to fetch it again")
+            raise ValueError(f"{target} has SHA-256 {got}, expected {sha256} (corrupt, truncated or another "
+                             f"file); it was left in place: delete it, or call again with download=True to "
+                             f"replace it with a verified download")
     if not download:
         raise FileNotFoundError(f"{name} is not in the cache folder {root} and download=False; "
                                 f"put the MNIST files there, or use bnlib.data.load_digits(), "

@@ -115,19 +115,25 @@ def test_download_through_a_mirror_and_wrong_checksum_never_stays(tmp_path, monk
     assert sorted(p.name for p in cache.iterdir()) == sorted(table)
 
 
-def test_corrupt_cached_file_is_removed_and_fetched_again(tmp_path, monkeypatch):
+def test_corrupt_cached_file_is_never_used_kept_offline_and_replaced_by_a_verified_download(tmp_path, monkeypatch):
     mirror, cache = tmp_path / "mirror", tmp_path / "cache"
     table, _ = write_mnist_fixture(mirror)
     write_mnist_fixture(cache)
     name = "t10k-images-idx3-ubyte.gz"
-    (cache / name).write_bytes((cache / name).read_bytes()[:100])         # truncated in the cache
+    truncated = (cache / name).read_bytes()[:100]
+    (cache / name).write_bytes(truncated)                                # truncated in the cache
     monkeypatch.setattr(data, "MNIST_FILES", table)
-    with pytest.raises(ValueError, match="wrong SHA-256"):
+    with pytest.raises(ValueError, match=f"expected {table[name][0]}.*left in place"):
         data.load_mnist(root=cache, download=False)
-    assert not (cache / name).exists()                                   # never left in the cache
+    assert (cache / name).read_bytes() == truncated                       # offline: not deleted
+    monkeypatch.setattr(data, "MNIST_MIRRORS", ((tmp_path / "nowhere").as_uri() + "/",))
+    with pytest.raises(OSError, match="could not download"):
+        data.load_mnist(root=cache)
+    assert (cache / name).read_bytes() == truncated                       # no verified copy: kept as it was
     monkeypatch.setattr(data, "MNIST_MIRRORS", (mirror.as_uri() + "/",))
     data.load_mnist(root=cache)
-    assert data.sha256_of(cache / name) == table[name][0]
+    assert data.sha256_of(cache / name) == table[name][0]                # replaced by the verified download
+    assert sorted(p.name for p in cache.iterdir()) == sorted(table)      # no temporary file left
 
 
 def test_offline_without_cache_names_the_folder_and_load_digits(tmp_path, monkeypatch):
