@@ -597,45 +597,51 @@ def format_gpu_table(rows) -> str:
 GOAL_FAST_SHAPES = ((256, 64, 56, 56), (32, 32, 112, 112))      # the issue's >= 2.5x shapes (float32 NCHW)
 
 
-def gpu_goals(rows, time="step_ms") -> list:
+def gpu_goals(rows, time="step_ms", tie=0.05) -> list:
     """The goals set for the GPU kernels (issue 10), evaluated on one recording's rows. Returns a list of
     (goal, met, of, misses): how many of the cases a goal covers meet it, and the names of those that do
     not. time: "step_ms" (each call timed after a cache flush: host time included where issuing the
-    call outlasts the flush) or "step_device_ms" (GPU alone, recorded from design 3 on). A case counts
-    where bnlib and torch eager both have that time; torch's best is the faster of eager and
-    torch.compile where the compiled row exists (without it, eager alone)."""
+    call outlasts the flush) or "step_device_ms" (GPU alone, recorded from design 3 on). A case is one
+    that has rows for bnlib and torch eager; where one of them lacks that time, the case counts as a
+    miss, marked "(no time)". torch's best is the faster of eager and torch.compile where the compiled
+    row has the time (eager alone otherwise); within `tie` of it counts as not slower (the chapter's
+    rule for a single recording without spread)."""
     def by(impl):
-        return {(tuple(r["shape"]), r["dtype"], r["layout"]): r for r in rows if r["impl"] == impl and r.get(time)}
+        return {(tuple(r["shape"]), r["dtype"], r["layout"]): r for r in rows if r["impl"] == impl}
 
     ours, eager, compiled = by("bnlib"), by("torch"), by("torch.compile")
     keys = sorted(set(ours) & set(eager), key=lambda k: (k[2], k[1], -int(np.prod(k[0])), k[0]))
-    best = {k: min(eager[k][time], compiled[k][time]) if k in compiled else eager[k][time] for k in keys}
+    timed = {k for k in keys if ours[k].get(time) and eager[k].get(time)}
+    best = {k: min(eager[k][time], compiled[k][time]) if compiled.get(k, {}).get(time) else eager[k][time]
+            for k in timed}
     conv32 = [k for k in keys if k[1:] == ("float32", "NCHW") and len(k[0]) == 4]
     largest = max((int(np.prod(k[0])) for k in keys), default=0)
 
-    def goal(text, cases, ok):
-        return (text, sum(bool(ok(k)) for k in cases), len(cases),
-                [f"{k[0]} {k[1]} {k[2]}" for k in cases if not ok(k)])
+    def goal(text, cases, ok, needs_time=True):
+        met = [k for k in cases if (k in timed or not needs_time) and ok(k)]
+        return (text, len(met), len(cases), [f"{k[0]} {k[1]} {k[2]}" + ("" if k in timed or not needs_time
+                                                                        else " (no time)")
+                                             for k in cases if k not in met])
 
     speedup = lambda k: eager[k][time] / ours[k][time]
-    return [goal("never slower than torch's best (eager or torch.compile)", keys,
-                 lambda k: ours[k][time] <= best[k]),
+    return [goal(f"never slower than torch's best (eager or torch.compile; within {tie:.0%} counts)", keys,
+                 lambda k: ours[k][time] <= (1 + tie) * best[k]),
             goal("float32 NCHW convolution shapes >= 1.5x faster than eager", conv32, lambda k: speedup(k) >= 1.5),
             goal("float32 NCHW >= 2.5x on " + " and ".join(map(str, GOAL_FAST_SHAPES)),
                  [k for k in conv32 if k[0] in GOAL_FAST_SHAPES], lambda k: speedup(k) >= 2.5),
             goal(">= 80% of the 8-pass floor on tensors over 100 MB",
                  [k for k in keys if ours[k]["tensor_mb"] > 100], lambda k: ours[k]["floor_ms"] / ours[k][time] >= 0.8),
-            goal("faster than the 8-pass floor on the largest shape (L2 reuse)",
+            goal("faster than the 8-pass floor on the largest shape, every configuration (L2 reuse)",
                  [k for k in keys if int(np.prod(k[0])) == largest], lambda k: ours[k][time] < ours[k]["floor_ms"]),
-            goal("launches per step and peak extra memory recorded", keys,
-                 lambda k: ours[k].get("launches_per_step") is not None and ours[k].get("peak_extra_mb") is not None)]
+            goal("launches per step and peak extra memory recorded", keys, needs_time=False,
+                 ok=lambda k: ours[k].get("launches_per_step") is not None and ours[k].get("peak_extra_mb") is not None)]
 
 
 def format_gpu_goals(goals) -> str:
     """gpu_goals' list as lines: each goal, how many cases meet it, and the cases that miss it."""
     lines = []
     for text, met, of, misses in goals:
-        lines.append(f"  {text:70s} met in {met:2d} of {of:2d}")
+        lines.append(f"  {text:84s} met in {met:2d} of {of:2d}")
         if misses:
             lines.append("      missed: " + "; ".join(misses))
     return "\n".join(lines)

@@ -910,12 +910,22 @@ def kernel_parameters(source: str = None) -> dict:
     """{kernel: (kind of each parameter, ...)} read from the kernels' declarations in `source` (default
     KERNEL_SOURCE): "ptr" for a pointer, "int32" for int, "int64" for long long, "acc" for the
     accumulation type (float, or double for double data)."""
+    text = re.sub(r"/\*.*?\*/|//[^\n]*", "", KERNEL_SOURCE if source is None else source, flags=re.S)
     pattern = r"__global__ void __launch_bounds__\([^)]*\)\s*(\w+)\((.*?)\)\s*\{"
     kinds = {}
-    for name, params in re.findall(pattern, KERNEL_SOURCE if source is None else source, flags=re.S):
-        types = (" ".join(p.replace("__restrict__", "").replace("const ", "").split()[:-1]) for p in params.split(","))
-        kinds[name] = tuple("ptr" if t.endswith("*") else {"int": "int32", "long long": "int64"}.get(t, "acc")
-                            for t in types)
+    for name, params in re.findall(pattern, text, flags=re.S):
+        found = []
+        for param in filter(None, (p.split("=")[0].strip() for p in params.split(","))):
+            t = " ".join(param.replace("__restrict__", "").replace("const ", "").split()[:-1])
+            if "*" in param:
+                found.append("ptr")
+            elif t in ("int", "long long"):
+                found.append("int32" if t == "int" else "int64")
+            elif t == "A" or re.fullmatch(r"typename Acc<\w+>::type", t):
+                found.append("acc")
+            else:
+                raise ValueError(f"kernel {name}: parameter {param!r} has a type the launcher cannot pack")
+        kinds[name] = tuple(found)
     return kinds
 
 
@@ -928,6 +938,8 @@ def _packer(name: str):
         kinds = kernel_parameters().get(base)
         if kinds is None:
             raise ValueError(f"no kernel {base!r} in KERNEL_SOURCE")
+        if len(kinds) > _MAX_ARGS:
+            raise ValueError(f"{base} has {len(kinds)} parameters; the argument buffer holds {_MAX_ARGS}")
         acc = "double" if template.startswith("double") else "float"
         codes = "".join(("d" if acc == "double" else "f4x") if k == "acc" else _CODES[k] for k in kinds)
         entry = _packers[name] = (struct.Struct("<" + codes), kinds, acc)
@@ -950,21 +962,27 @@ def pack_arguments(name: str, args: tuple) -> tuple:
         values = np.zeros(_MAX_ARGS, np.uint64)
         table = np.uint64(values.ctypes.data) + np.uint64(8) * np.arange(_MAX_ARGS, dtype=np.uint64)
         buffers = _thread.buffers = (values, table, int(table.ctypes.data))
-    try:
-        packer.pack_into(buffers[0], 0, *args)
-    except struct.error as exc:          # a float for an integer, a negative address, an int out of range
-        bad = [f"{k} {type(a).__name__} {a!r}" for k, a in zip(kinds, args)
-               if k != "acc" and (not isinstance(a, numbers.Integral) or (k == "ptr" and a < 0)
-                                  or (k == "int32" and not -2 ** 31 <= a < 2 ** 31))]
-        raise TypeError(f"{name}: arguments that do not fit their parameters: {', '.join(bad) or exc}") from None
+    bad = [f"{k} {a!r}" for k, a in zip(kinds, args) if isinstance(a, bool)]
+    if not bad:
+        try:
+            packer.pack_into(buffers[0], 0, *args)
+        except (struct.error, OverflowError) as exc:  # a float for an integer, a negative address, out of range
+            bad = [f"{k} {type(a).__name__} {a!r}" for k, a in zip(kinds, args)
+                   if (k != "acc" and (not isinstance(a, numbers.Integral) or (k == "ptr" and a < 0)
+                                       or (k == "int32" and not -2 ** 31 <= a < 2 ** 31)))
+                   or (k == "acc" and not isinstance(a, numbers.Real))] or [str(exc)]
+    if bad:
+        raise TypeError(f"{name}: arguments that do not fit their parameters: {', '.join(bad)}")
     return buffers
 
 
 def _typed(name: str, args: tuple) -> tuple:
-    """The arguments as NumPy scalars of the parameters' types, as CuPy's kernel call needs them."""
-    _, kinds, acc = _packer(name)
+    """The arguments as NumPy scalars of the parameters' types, as CuPy's kernel call needs them: packed
+    and read back first, so that they pass the same checks as on the driver path."""
+    packer, kinds, acc = _packer(name)
+    values = packer.unpack_from(pack_arguments(name, args)[0])
     acc_type = np.float64 if acc == "double" else np.float32
-    return tuple((acc_type if k == "acc" else _NUMPY_TYPES[k])(a) for k, a in zip(kinds, args))
+    return tuple((acc_type if k == "acc" else _NUMPY_TYPES[k])(v) for k, v in zip(kinds, values))
 
 
 def _stream_object(dev: int, stream_ptr: int):

@@ -469,8 +469,8 @@ def fold_batch_norm(module, bn):
     With s = weight_bn / sqrt(running_var + eps) per output channel, module followed by bn equals
     one module with weight W * s (per output channel) and bias (b - running_mean) * s + bias_bn.
     Returns a new module (the inputs are not changed); grouped convolutions are fine, since each
-    output channel has its own filter. bn must be in evaluation mode, and the module's weight a plain
-    parameter (not weight_norm'ed or spectral_norm'ed): otherwise it raises.
+    output channel has its own filter. bn must be in evaluation mode, and the module's weight and bias
+    plain parameters (not weight_norm'ed, spectral_norm'ed or pruned): otherwise it raises.
     """
     if not isinstance(module, _FOLDABLE):
         raise TypeError(f"fold_batch_norm folds into Linear or Conv1d/2d/3d, got {type(module).__name__}")
@@ -485,12 +485,16 @@ def fold_batch_norm(module, bn):
     if bn.training:                  # as torch.nn.utils.fuse_conv_bn_eval, which asserts it
         raise ValueError("bn is in training mode, where it normalizes with batch statistics, which cannot be "
                          "folded into fixed weights: call bn.eval() (or model.eval()) first")
-    if torch.nn.utils.parametrize.is_parametrized(module) or any(
-            type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in module._forward_pre_hooks.values()):
-        raise TypeError(f"{type(module).__name__} has a reparametrized weight (weight_norm or spectral_norm): "
-                        "its weight is recomputed at every call, so a folded copy would not keep the scaling; "
-                        "remove the reparametrization first (torch.nn.utils.parametrize.remove_parametrizations, or "
-                        "remove_weight_norm / remove_spectral_norm for the older hooks)")
+    # a reparametrized tensor (parametrize, the older weight_norm/spectral_norm hooks, prune) is no longer a
+    # Parameter of the module itself; looked up without computing it (which could update spectral norm's state)
+    params = module._parameters
+    computed = [name for name in ("weight", "bias") if name not in params
+                or (params[name] is not None and type(params[name]) is not torch.nn.Parameter)]
+    if computed:
+        raise TypeError(f"{type(module).__name__}'s {' and '.join(computed)} is computed at every call "
+                        "(weight_norm, spectral_norm, pruning or another reparametrization), so a folded copy "
+                        "would not keep the scaling: remove it first (torch.nn.utils.parametrize."
+                        "remove_parametrizations, remove_weight_norm, remove_spectral_norm, prune.remove)")
     with torch.no_grad():
         scale = torch.rsqrt(bn.running_var.double() + bn.eps)
         if bn.weight is not None:

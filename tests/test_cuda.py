@@ -138,15 +138,28 @@ def test_planned_walks_read_every_value_once_and_finalize_finds_every_partial(ro
 
 
 def test_kernel_parameters_are_read_from_the_declarations():
-    """bnlib.cuda packs each launch's arguments at the types its kernel declares: check the parser on
-    two kernels written out by hand, and that every kernel the host launches is found."""
-    kinds = cuda.kernel_parameters()
-    assert len(kinds) == 10 and {n.split("<")[0] for n in cuda.kernel_names()} == set(kinds)
-    assert kinds["bn_stats_cols"] == ("ptr", "int64", "int64", "int32", "ptr", "int64", "ptr")
-    assert kinds["bn_stats_finalize"] == ("ptr",) + ("int64",) * 6 + ("int32", "acc") + ("ptr",) * 5 + ("acc", "acc", "ptr")
-    other = cuda.kernel_parameters("__global__ void __launch_bounds__(64) k(const float* __restrict__ a, "
-                                   "long long n,\n int m, A s) {}")
-    assert other == {"k": ("ptr", "int64", "int32", "acc")}
+    """bnlib.cuda packs each launch's arguments at the types its kernel declares: the parser's reading
+    of every kernel, written out here by hand from the declarations, and its refusals."""
+    p, i, q, a = "ptr", "int32", "int64", "acc"
+    expected = {
+        "bn_stats_planes": (p, i, i, q, q, p, q, p),
+        "bn_stats_cols": (p, q, q, i, p, q, p),
+        "bn_stats_finalize": (p, q, q, q, q, q, q, i, a, p, p, p, p, p, a, a, p),
+        "bn_apply_planes": (p, p, i, i, q, q, p, p, p, p, a, i),
+        "bn_apply_cols": (p, p, q, q, i, i, i, p, p, p, p, a, i),
+        "bn_backward_reduce_planes": (p, p, i, i, q, q, p, p, q),
+        "bn_backward_reduce_cols": (p, p, q, q, i, i, i, p, p, q),
+        "bn_backward_finalize": (p, q, q, q, q, q, q, i, p, p, a, p, p, p),
+        "bn_backward_dx_planes": (p, p, p, i, i, q, q, p, p),
+        "bn_backward_dx_cols": (p, p, p, q, q, i, i, i, i, p, p)}
+    assert cuda.kernel_parameters() == expected
+    assert {n.split("<")[0] for n in cuda.kernel_names()} == set(expected)
+    other = cuda.kernel_parameters("__global__ void __launch_bounds__(64) k(const float *a /* x, y */, long long n,\n"
+                                   " int m = 4, // a comment, with a comma\n A s) {}\n"
+                                   "__global__ void __launch_bounds__(64) e() {}")
+    assert other == {"k": (p, q, i, a), "e": ()}
+    with pytest.raises(ValueError, match="kernel k: parameter 'unsigned int m' has a type the launcher cannot pack"):
+        cuda.kernel_parameters("__global__ void __launch_bounds__(64) k(float* a, unsigned int m) {}")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
@@ -583,6 +596,11 @@ def test_driver_launch_passes_every_argument_at_its_kernel_parameter(monkeypatch
     cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
     cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=77)
     assert [(l[0], l[5]) for l in launches] == [("cupy", "null stream"), ("cupy", ("external", 77, 0))]
+    name = launches[0][1]                                          # CuPy gets NumPy scalars of the declared types
+    kinds = sigs[name.split("<")[0]]
+    want = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64, "acc": np.float32}
+    assert [type(a) for a in launches[0][4]] == [want[k] for k in kinds]
+    assert [float(a) for a in launches[0][4]][:2] == [256, 512] and launches[0][4][-2] == np.float32(1e-3)
     monkeypatch.setattr(cuda, "LAUNCHER", "fast")
     with pytest.raises(ValueError, match="must be 'driver' or 'cupy', got 'fast'"):
         cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
@@ -607,8 +625,21 @@ def test_pack_arguments_packs_at_the_declared_types_and_refuses_what_does_not_fi
         cuda.pack_arguments(name, (-8,) + args[1:])
     with pytest.raises(TypeError, match="int32 int 2147483648"):
         cuda.pack_arguments(name, args[:4] + (2 ** 31,) + args[5:])
+    with pytest.raises(TypeError, match="int32 True"):
+        cuda.pack_arguments(name, args[:4] + (True,) + args[5:])
+    with pytest.raises(TypeError, match="too large"):
+        cuda.pack_arguments(name, args[:11] + (1e40,) + args[12:])
     with pytest.raises(ValueError, match="no kernel 'bn_nope'"):
         cuda.pack_arguments("bn_nope<float, 4>", args)
+    typed = cuda._typed(name, args)                                   # CuPy's launcher: the same values, typed
+    assert [type(t) for t in typed] == [np.uint64] * 2 + [np.int64] * 2 + [np.int32] * 3 + [np.uint64] * 4 + \
+        [np.float32, np.int32]
+    assert [int(t) for t in typed[:11]] == list(args[:11]) and typed[11] == np.float32(0.1)
+    assert type(cuda._typed("bn_apply_cols<double, 2>", args)[11]) is np.float64
+    with pytest.raises(ValueError, match="takes 13 arguments, got 5"):
+        cuda._typed(name, args[:5])
+    with pytest.raises(TypeError, match="int64 float 1.5"):
+        cuda._typed(name, args[:2] + (1.5,) + args[3:])
 
 
 def test_grids_fill_the_card_on_the_benchmark_shapes():

@@ -224,19 +224,31 @@ def test_a_changed_kernel_line_makes_these_checks_fail(emulator, monkeypatch, tm
 # the same edge): columns walks whose threads own less than one row each (some none) or between one
 # and two, channels-last with 98 row groups, planes cut into 2 or 22 segments of a fractional number
 # of vectors per thread, the last segment shorter.
-REAL_GRID_CASES = [((6200, 3), False, 132, "float32"),        # 0.95 rows per thread
-                   ((256, 16, 7, 7), True, 132, "bfloat16"),  # channels-last, 1.00 rows per thread, 98 row groups
-                   ((5, 4, 56, 56), False, 132, "float32"),   # 2 segments of 1.53 vectors per thread
-                   ((2400, 40), False, 8, "float32"),          # 1.17 rows per thread
-                   ((3, 2, 128, 512), False, 8, "float32")]    # 22 segments of 2.91 vectors per thread, the last shorter
+REAL_GRID_CASES = [  # shape, channels-last, SMs, dtype; and the edge each case is there for, checked on its plan
+    ((6200, 3), False, 132, "float32", "cols", 0.95),         # rows per thread
+    ((256, 16, 7, 7), True, 132, "bfloat16", "cols", 1.00),   # channels-last, 98 row groups
+    ((5, 4, 56, 56), False, 132, "float32", "planes", (2, 392, 392)),   # segments, vectors per segment, last
+    ((2400, 40), False, 8, "float32", "cols", 1.17),
+    ((3, 2, 128, 512), False, 8, "float32", "planes", (22, 745, 739))]  # 2.91 vectors per thread, the last shorter
 
 
-@pytest.mark.parametrize("shape,channels_last,sm_count,dtype", REAL_GRID_CASES)
-def test_kernels_on_the_cpu_with_a_real_cards_grids(on_cpu, monkeypatch, shape, channels_last, sm_count, dtype):
+def _edge(pl):
+    """Rows per thread of a cols plan; (segments, vectors per segment, vectors in the last) of a planes plan."""
+    if pl.walk == "cols":
+        total, _, wf = pl.walk_args
+        return round(-(-total // wf) / (pl.grid[1] * cuda.TY), 2)
+    lv, seg = pl.walk_args[2:]
+    return pl.grid[2], seg, lv - seg * (pl.grid[2] - 1)
+
+
+@pytest.mark.parametrize("shape,channels_last,sm_count,dtype,walk,edge", REAL_GRID_CASES)
+def test_kernels_on_the_cpu_with_a_real_cards_grids(on_cpu, monkeypatch, shape, channels_last, sm_count, dtype,
+                                                     walk, edge):
     monkeypatch.setattr(cuda, "_sm_count", lambda dev: sm_count)
     n, c, l = shape[0], shape[1], math.prod(shape[2:])
     pl = cuda.plan(*((n * l, c, 1) if channels_last else (n, c, l)), dtype, True, sm_count)
     one_sm = cuda.plan(*((n * l, c, 1) if channels_last else (n, c, l)), dtype, True, 1)
     assert math.prod(pl.grid) > math.prod(one_sm.grid)          # more blocks than the cases above get
+    assert (pl.walk, _edge(pl)) == (walk, edge) and (shape != (256, 16, 7, 7) or pl.grid[1] == 98)
     check_case(shape, channels_last, dtype, aligned=True)
     assert len(on_cpu) == 7

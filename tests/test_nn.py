@@ -186,14 +186,25 @@ def test_fold_batch_norm_errors():
         bnn.fold_batch_norm(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
 
 
+def _pruned(conv):
+    import torch.nn.utils.prune
+    torch.nn.utils.prune.l1_unstructured(conv, "weight", 0.5)
+    return conv
+
+
+def _bias_parametrized(conv):
+    torch.nn.utils.parametrize.register_parametrization(conv, "bias", torch.nn.Identity())
+    return conv
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")               # the older torch.nn.utils.weight_norm
 @pytest.mark.parametrize("reparametrize", [
     torch.nn.utils.parametrizations.weight_norm, torch.nn.utils.parametrizations.spectral_norm,
-    torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm])
+    torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm, _pruned, _bias_parametrized])
 def test_fold_batch_norm_refuses_a_training_bn_and_a_reparametrized_weight(reparametrize):
     """A BN in training mode normalizes with batch statistics (torch's fuse_conv_bn_eval refuses it too),
-    and a weight_norm'ed or spectral_norm'ed weight is recomputed at every call, so scaling a copy of it
-    would be lost: both raise, and neither input changes."""
+    and a weight_norm'ed, spectral_norm'ed or pruned weight (or a reparametrized bias) is recomputed at
+    every call, so scaling a copy of it would be lost: both raise, and neither input changes."""
     conv, bn = torch.nn.Conv2d(4, 6, 1), bnn.BatchNorm2d(6)
     with torch.no_grad():
         bn.running_var.uniform_(0.5, 2.0)
@@ -204,7 +215,7 @@ def test_fold_batch_norm_refuses_a_training_bn_and_a_reparametrized_weight(repar
     bn.eval()
     wrapped = reparametrize(torch.nn.Conv2d(4, 6, 1))
     before = {k: v.clone() for k, v in wrapped.state_dict().items()}
-    with pytest.raises(TypeError, match="reparametrized weight"):
+    with pytest.raises(TypeError, match="is computed at every call"):
         bnn.fold_batch_norm(wrapped, bn)
     assert all(torch.equal(v, wrapped.state_dict()[k]) for k, v in before.items())
     fold_batch_norm_checked(conv, bn, (2, 4, 3, 3))                # the plain pair still folds
