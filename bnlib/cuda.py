@@ -950,8 +950,8 @@ def pack_arguments(name: str, args: tuple) -> tuple:
     """Kernel `name`'s arguments as cuLaunchKernel takes them: each value in its own 8-byte slot of one
     buffer, at the type its parameter is declared with in KERNEL_SOURCE (an int or float in the slot's
     first 4 bytes: CUDA hosts are little-endian), and a table of the slots' addresses. Arguments are
-    Python (or NumPy) numbers: integers for addresses, int and long long parameters, floats for the
-    accumulation type. Returns (values, table, table address), one set per thread, overwritten by the
+    Python (or NumPy) numbers: integers for addresses, int and long long parameters (a bool is an
+    integer, as in Python), floats for the accumulation type. Returns (values, table, table address), one set per thread, overwritten by the
     thread's next call (the driver copies the values during the launch). Raises ValueError when the
     count differs from the kernel's parameters, TypeError when a value does not fit its parameter."""
     packer, kinds, _ = _packer(name)
@@ -962,17 +962,14 @@ def pack_arguments(name: str, args: tuple) -> tuple:
         values = np.zeros(_MAX_ARGS, np.uint64)
         table = np.uint64(values.ctypes.data) + np.uint64(8) * np.arange(_MAX_ARGS, dtype=np.uint64)
         buffers = _thread.buffers = (values, table, int(table.ctypes.data))
-    bad = [f"{k} {a!r}" for k, a in zip(kinds, args) if isinstance(a, bool)]
-    if not bad:
-        try:
-            packer.pack_into(buffers[0], 0, *args)
-        except (struct.error, OverflowError) as exc:  # a float for an integer, a negative address, out of range
-            bad = [f"{k} {type(a).__name__} {a!r}" for k, a in zip(kinds, args)
-                   if (k != "acc" and (not isinstance(a, numbers.Integral) or (k == "ptr" and a < 0)
-                                       or (k == "int32" and not -2 ** 31 <= a < 2 ** 31)))
-                   or (k == "acc" and not isinstance(a, numbers.Real))] or [str(exc)]
-    if bad:
-        raise TypeError(f"{name}: arguments that do not fit their parameters: {', '.join(bad)}")
+    try:
+        packer.pack_into(buffers[0], 0, *args)
+    except (struct.error, OverflowError) as exc:    # a float for an integer, a negative address, out of range
+        bad = [f"{k} {type(a).__name__} {a!r}" for k, a in zip(kinds, args)
+               if (k != "acc" and (not isinstance(a, numbers.Integral) or (k == "ptr" and a < 0)
+                                   or (k == "int32" and not -2 ** 31 <= a < 2 ** 31)))
+               or (k == "acc" and not isinstance(a, numbers.Real))] or [str(exc)]
+        raise TypeError(f"{name}: arguments that do not fit their parameters: {', '.join(bad)}") from None
     return buffers
 
 
