@@ -635,7 +635,7 @@ class SyncBatchNorm(_BatchNorm):
 
     Args: as BatchNorm1d, plus process_group (default: the whole world).
     Shape: input (N, C, *spatial); output the same. Processes may hold different batch sizes, an
-    empty one included: it still takes part in the exchanges (so no process waits for it forever)
+    empty one included: it still takes part in the exchanges (so no process waits for it until the group's timeout)
     and contributes nothing to the statistics, as in torch.nn.SyncBatchNorm.
     Without an initialized process group (or with a group of one process) it is plain batch
     norm, as torch.nn.SyncBatchNorm is (on CUDA tensors, chapter 05's kernels). Synchronized, its
