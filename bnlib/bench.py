@@ -549,6 +549,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
         nbytes = xs[0].numel() * xs[0].element_size()
         floor8, floor5 = 8 * nbytes / bandwidth, 5 * nbytes / bandwidth
         base = [float(np.median(t)) for t in times["torch"]]
+        base_d = [float(np.median(t)) for t in device_times["torch"]] if all(device_times["torch"]) else None
         for name, (tf, ts) in times.items():
             f, s = float(np.median(tf)), float(np.median(ts))
             extra = peak_extra_mb(lambda: impls[name][1](0))
@@ -560,9 +561,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                          "floor_fraction": floor8 / s, "tensor_mb": nbytes / 1e6,
                          "copy_bandwidth_gbs": bandwidth / 1e9, "peak_extra_mb": extra,
                          "launches_per_step": launch_counts.get(name), "repeats": repeats, "rotate": rotate})
-            if holds and all(device_times[name]) and all(device_times["torch"]):
+            if holds and all(device_times[name]) and base_d:
                 fd, sd = (float(np.median(t)) for t in device_times[name])
-                base_d = [float(np.median(t)) for t in device_times["torch"]]
                 rows[-1].update(forward_device_ms=1e3 * fd, step_device_ms=1e3 * sd,
                                 step_device_ratio=sd / base_d[1], floor_fraction_device=floor8 / sd,
                                 host_forward_ms=1e3 * hosts[name][0], host_step_ms=1e3 * hosts[name][1],

@@ -242,6 +242,17 @@ __device__ __forceinline__ PlaneCursor plane_cursor(int first, int step, int N, 
     return k;
 }
 
+// The cursor of planes block (c, b, s) = blockIdx: a first pass (stats, reduce) walks planes b, b + B, ...
+// in segment s; a second pass takes the first pass's block (c, B-1-b, S-1-s) from its last plane down.
+__device__ __forceinline__ PlaneCursor block_plane_cursor(int N, int C, long long LV, long long seg, bool second) {
+    const int b = second ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+    const long long lo = (long long)(second ? gridDim.z - 1 - blockIdx.z : blockIdx.z) * seg;
+    if (!second)
+        return plane_cursor(b, gridDim.y, N, C, blockIdx.x, LV, lo, min(LV, lo + seg));
+    return plane_cursor(b + (int)(rows_of(b, N, gridDim.y) - 1) * gridDim.y, -(int)gridDim.y, N, C, blockIdx.x,
+                        LV, lo, min(LV, lo + seg));
+}
+
 // The per-channel affine map of the normalize pass, y = (x - mu) * a + beta, from either the batch
 // statistics (stat = inv_std) or the running ones (from_var: stat = running variance).
 template <typename A>
@@ -267,13 +278,11 @@ bn_stats_planes(const T* __restrict__ x, int N, int C, long long LV, long long s
     if (counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0)
         *counter += 1;                        // num_batches_tracked: one batch more (the finalize reads it)
     const int c = blockIdx.x;
-    const long long lo = (long long)blockIdx.z * seg;
-    const long long hi = min(LV, lo + seg);
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     A shift = A(0), s1 = A(0), s2 = A(0), cnt = A(0);
-    if ((int)blockIdx.y < N && lo + (long long)threadIdx.x < hi)
-        shift = to_acc(xv[((long long)blockIdx.y * C + c) * LV + lo + threadIdx.x].v[0]);
-    PlaneCursor cur = plane_cursor(blockIdx.y, gridDim.y, N, C, c, LV, lo, hi);
+    PlaneCursor cur = block_plane_cursor(N, C, LV, seg, false);
+    if (cur.valid())                          // the thread's first value: the shift of its sums
+        shift = to_acc(xv[cur.index()].v[0]);
     while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
         Vec<T, V> a[UNROLL];
         bool has[UNROLL];
@@ -447,13 +456,9 @@ bn_apply_planes(const T* __restrict__ x, T* __restrict__ y, int N, int C, long l
     const int c = blockIdx.x;
     A mu, a, beta;
     channel_coefficients(c, mean, stat, weight, bias, eps, from_var, mu, a, beta);
-    const int b = gridDim.y - 1 - blockIdx.y;               // reversed: see rows_of
-    const long long lo = (long long)(gridDim.z - 1 - blockIdx.z) * seg;
-    const long long hi = min(LV, lo + seg);
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     Vec<T, V>* __restrict__ yv = reinterpret_cast<Vec<T, V>*>(y);
-    PlaneCursor cur = plane_cursor(b + (int)(rows_of(b, N, gridDim.y) - 1) * gridDim.y, -(int)gridDim.y, N, C, c,
-                                   LV, lo, hi);     // from the last plane down
+    PlaneCursor cur = block_plane_cursor(N, C, LV, seg, true);     // reversed: from the last plane down
     while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
         Vec<T, V> v[UNROLL];
         long long at[UNROLL];
@@ -537,12 +542,10 @@ bn_backward_reduce_planes(const T* __restrict__ dy, const T* __restrict__ x, int
     typedef typename Acc<T>::type A;
     const int c = blockIdx.x;
     const A mu = mean[c];
-    const long long lo = (long long)blockIdx.z * seg;
-    const long long hi = min(LV, lo + seg);
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
     A s = A(0), t = A(0);
-    PlaneCursor cur = plane_cursor(blockIdx.y, gridDim.y, N, C, c, LV, lo, hi);
+    PlaneCursor cur = block_plane_cursor(N, C, LV, seg, false);
     while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
         Vec<T, V> xa[UNROLL], ga[UNROLL];
         bool has[UNROLL];
@@ -691,14 +694,10 @@ bn_backward_dx_planes(const T* __restrict__ dy, const T* __restrict__ x, T* __re
     typedef typename Acc<T>::type A;
     const int c = blockIdx.x;
     const A mu = mean[c], a = coef[c], b = coef[C + c], k0 = coef[2 * C + c];
-    const int bb = gridDim.y - 1 - blockIdx.y;              // reversed: see rows_of
-    const long long lo = (long long)(gridDim.z - 1 - blockIdx.z) * seg;
-    const long long hi = min(LV, lo + seg);
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
     Vec<T, V>* __restrict__ ov = reinterpret_cast<Vec<T, V>*>(dx);
-    PlaneCursor cur = plane_cursor(bb + (int)(rows_of(bb, N, gridDim.y) - 1) * gridDim.y, -(int)gridDim.y, N, C, c,
-                                   LV, lo, hi);     // from the last plane down
+    PlaneCursor cur = block_plane_cursor(N, C, LV, seg, true);     // reversed: from the last plane down
     while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
         Vec<T, V> xa[UNROLL], ga[UNROLL];
         long long at[UNROLL];
@@ -974,12 +973,12 @@ def pack_arguments(name: str, args: tuple) -> tuple:
 
 
 def _typed(name: str, args: tuple) -> tuple:
-    """The arguments as NumPy scalars of the parameters' types, as CuPy's kernel call needs them: packed
-    and read back first, so that they pass the same checks as on the driver path."""
-    packer, kinds, acc = _packer(name)
-    values = packer.unpack_from(pack_arguments(name, args)[0])
+    """The arguments as NumPy scalars of the parameters' types, as CuPy's kernel call needs them, after the
+    same checks as on the driver path."""
+    pack_arguments(name, args)                                     # raises for what does not fit
+    _, kinds, acc = _packer(name)
     acc_type = np.float64 if acc == "double" else np.float32
-    return tuple((acc_type if k == "acc" else _NUMPY_TYPES[k])(v) for k, v in zip(kinds, values))
+    return tuple((acc_type if k == "acc" else _NUMPY_TYPES[k])(a) for k, a in zip(kinds, args))
 
 
 def _stream_object(dev: int, stream_ptr: int):

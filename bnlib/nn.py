@@ -89,7 +89,8 @@ def _fusable_running(stats, dtype):
     if running is None:
         return {}
     mean, var, momentum, count = running
-    if not all(t.dtype == dtype and t.is_contiguous() for t in (mean, var)) or count is None:
+    if mean is None or var is None or count is None or not all(t.dtype == dtype and t.is_contiguous()
+                                                               for t in (mean, var)):
         return {}
     return dict(running_mean=mean, running_var=var, momentum=momentum, num_batches_tracked=count)
 
@@ -197,8 +198,7 @@ class BatchNormInferenceFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, running_mean, running_var, weight = ctx.saved_tensors
         acc = _compute_dtype(x)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        axes = [0] + list(range(2, x.dim()))
+        shape, axes = channel_shape(x.dim(), -1), reduction_axes(x.dim())
         inv_std = torch.rsqrt(running_var.to(acc) + ctx.eps).reshape(shape)
         scale = inv_std if weight is None else inv_std * weight.to(acc).reshape(shape)
         dyc = dy.to(acc)
@@ -214,7 +214,7 @@ class BatchNormInferenceFunction(torch.autograd.Function):
 
 def _inference_affine(running_mean, running_var, weight, bias, eps, dtype, ndim):
     """Per-channel (scale, shift), shaped to broadcast over (N, C, *spatial), of y = x * scale + shift."""
-    shape = (1, -1) + (1,) * (ndim - 2)
+    shape = channel_shape(ndim, -1)
     scale = torch.rsqrt(running_var.to(dtype) + eps)
     if weight is not None:
         scale = scale * weight.to(dtype)
@@ -371,7 +371,7 @@ class _BatchNorm(torch.nn.Module):
             # off but buffers kept: batch statistics, buffers untouched)
             tracking = self.training and self.track_running_stats
             buffers = (self.running_mean, self.running_var, self.momentum, self.num_batches_tracked)
-            stats = {"running": buffers} if tracking and self.running_mean is not None else {}
+            stats = {"running": buffers} if tracking else {}
             y = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, stats)
             if tracking and not stats.get("updated"):      # the CUDA kernels did it in their own launches
                 self._update_running_stats(stats["mean"], stats["var"], stats["count"])
@@ -474,7 +474,7 @@ def fold_batch_norm(module, bn):
     """
     if not isinstance(module, _FOLDABLE):
         raise TypeError(f"fold_batch_norm folds into Linear or Conv1d/2d/3d, got {type(module).__name__}")
-    if not isinstance(bn, (torch.nn.modules.batchnorm._BatchNorm, _BatchNorm)):
+    if not isinstance(bn, BATCHNORM_TYPES):
         raise TypeError(f"bn must be a torch or bnlib BatchNorm1d/2d/3d, got {type(bn).__name__}")
     if bn.running_mean is None:
         raise ValueError("bn has no running statistics (track_running_stats=False): in inference it uses "
@@ -522,9 +522,7 @@ def _sync_dtype(x):
     torch.nn.SyncBatchNorm and bnlib's own CUDA batch norm do: float64 runs at a small fraction of
     float32's speed on most GPUs, and a float64 copy of a float16 activation is four times its size.
     The C-length moments are exchanged and merged in float64 on every device."""
-    if x.is_cuda:
-        return torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.float64
+    return _compute_dtype(x) if x.is_cuda else torch.float64
 
 
 def _local_moments(x, acc) -> Moments:

@@ -862,11 +862,6 @@ def _sync_steps(layer, x, dy, steps=2):
     return out
 
 
-def _cuda_dtype_rule(x):
-    """What bnlib.nn._sync_dtype returns for a CUDA tensor x (float32, float64 for float64 input)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 # (dtype, per-process batch sizes, spatial shape after (N, C)); 4-D cases are channels-last
 SYNC_CUDA_RULE_CASES = [(torch.float32, (3, 5), (4,)), (torch.float32, (4, 0), (2, 3)),
                         (torch.bfloat16, (3, 5), (2, 3)), (torch.float16, (2, 6), (4,))]
@@ -886,7 +881,7 @@ def _cuda_rule_steps(rank):
     """_cuda_rule_worker's work: per case, what SyncBatchNorm computed; the collectives' tensors; the
     one-value error and whether the state stayed as it was."""
     dist = torch.distributed
-    bnn._sync_dtype = _cuda_dtype_rule              # this process only (spawned or forked)
+    bnn._sync_dtype = bnn._compute_dtype           # the CUDA rule, in this process only (spawned or forked)
     seen = []
     for name in ("all_gather", "all_reduce"):
         original = getattr(dist, name)
