@@ -324,7 +324,7 @@ if numba is not None:
 
 
 if numba is not None:
-    @njit(cache=True)
+    @njit(cache=True, error_model="numpy")          # 1/0 -> inf, as in NumPy (eps = 0, constant channel)
     def _forward_coefficients(mean, var, shift, gamma, beta, eps, mean_x, scale_x, beta_x, inv_std):
         """Per-channel work between the two passes, in one compiled call (a dozen tiny NumPy
         operations would cost more than the kernels on small tensors). Returns True if the shift K

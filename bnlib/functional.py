@@ -47,6 +47,9 @@ def _check_input(x, name: str = "x") -> int:
                          f"got shape {tuple(x.shape)} with {x.ndim} dimension(s)")
     if x.dtype.name not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must have dtype float16, float32 or float64, got {x.dtype}")
+    if not x.dtype.isnative:
+        raise TypeError(f"{name} must be in this machine's byte order, got {x.dtype.str} "
+                        f"({name}.astype({name}.dtype.newbyteorder('=')) converts it)")
     return x.shape[1]
 
 

@@ -13,9 +13,14 @@ from bnlib.stats import channel_shape, reduction_axes
 
 
 def _to_numpy(value):
-    """A state-dict value as a NumPy array: NumPy arrays, numbers, and torch tensors (via .numpy())."""
+    """A state-dict value as a NumPy array: NumPy arrays, numbers, and torch tensors (via .numpy()).
+    A floating-point tensor with no NumPy dtype (bfloat16, the float8 types) comes as float32,
+    which holds each of its values exactly."""
     if hasattr(value, "detach"):                       # a torch.Tensor from a torch checkpoint
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.element_size() < 4 and str(value.dtype) != "torch.float16":
+            value = value.float()
+        value = value.numpy()
     return np.asarray(value)
 
 
@@ -42,7 +47,10 @@ def _load_state(layer, state, shapes, dtype, strict=True):
     for key, shape in shapes.items():
         if key not in state:
             continue
-        value = _to_numpy(state[key])
+        try:
+            value = _to_numpy(state[key])
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:   # e.g. a meta tensor
+            raise TypeError(f"{key} cannot be read as a NumPy array ({type(state[key]).__name__}): {err}") from None
         if shape is None:
             if value.shape != () or value.dtype.kind not in "iu" or value < 0:
                 raise ValueError(f"{key} must be a non-negative integer scalar, got shape {value.shape}, "
@@ -83,6 +91,8 @@ class BatchNorm:
     gives an empty output and changes no state, in training too (torch also leaves the running
     statistics alone, though it counts the batch in num_batches_tracked); its backward gives an
     empty dx and zero parameter gradients. Training on one value per channel raises ValueError.
+    Evaluation with a NaN or infinite running statistic raises ValueError (torch would return NaN).
+    State dicts may hold NumPy arrays or torch tensors, bfloat16 ones included (read exactly as float32).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
@@ -124,10 +134,12 @@ class BatchNorm:
         return self.training or not self.track_running_stats
 
     def _check_channels(self, x):
-        if not hasattr(x, "ndim") or x.ndim < 2:
-            shape = getattr(x, "shape", None)
+        if not (hasattr(x, "ndim") and hasattr(x, "shape")):
+            raise TypeError(f"expected a NumPy array of shape (N, {self.num_features}) or "
+                            f"(N, {self.num_features}, *spatial), got {type(x).__name__}")
+        if x.ndim < 2:
             raise ValueError(f"expected input of shape (N, {self.num_features}) or (N, {self.num_features}, *spatial), "
-                             f"got {'shape ' + str(tuple(shape)) if shape is not None else type(x).__name__}")
+                             f"got shape {tuple(x.shape)}")
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels (num_features) in axis 1, "
                              f"got input of shape {tuple(x.shape)} with {x.shape[1]}")

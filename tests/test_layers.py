@@ -69,6 +69,20 @@ def test_state_dict_round_trip_with_torch():
     assert ours.running_mean[0] != 99
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_low_and_high_precision_torch_checkpoints_load_exactly(dtype):
+    theirs = torch.nn.BatchNorm2d(4)
+    theirs(torch.randn(8, 4, 3, 3) * 3 + 1)
+    state = theirs.to(dtype).state_dict()
+    for layer_dtype in (np.float32, np.float64):
+        ours = BatchNorm(4, dtype=layer_dtype).load_state_dict(state)
+        for key, value in state.items():
+            expected = value.double().numpy() if value.is_floating_point() else value.numpy()
+            np.testing.assert_array_equal(np.asarray(getattr(ours, key), np.float64), expected)
+            if value.is_floating_point():
+                assert getattr(ours, key).dtype == layer_dtype
+
+
 def snapshot(layer):
     return {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
 
@@ -86,7 +100,10 @@ def assert_unchanged(layer, before):
     (lambda l: l.forward(np.ones(3, np.float32)), ValueError, ["(3,)"]),
     (lambda l: l.forward(np.ones((4, 3), np.int32)), TypeError, ["int32"]),
     (lambda l: l.forward(np.ones((4, 3), np.complex64)), TypeError, ["complex64"]),
-    (lambda l: l.forward([[1.0, 2.0, 3.0]]), ValueError, ["list"]),
+    (lambda l: l.forward([[1.0, 2.0, 3.0]]), TypeError, ["list"]),
+    (lambda l: l.forward(np.ones((4, 3), ">f4")), TypeError, ["byte order", ">f4"]),
+    (lambda l: l.backward(np.ones((8, 3), ">f4")), TypeError, ["dy", "byte order"]),
+    (lambda l: l.load_state_dict({**snapshot(l), "weight": torch.empty(3, device="meta")}), TypeError, ["weight", "Tensor"]),
     (lambda l: l.backward(np.ones((8, 2), np.float32)), ValueError, ["dy", "(8, 3)"]),
     (lambda l: l.backward(np.ones((8, 3), np.float64)), TypeError, ["dy", "float32"]),
     (lambda l: l.load_state_dict({"weight": np.ones(3)}), ValueError, ["missing", "bias"]),
@@ -184,3 +201,30 @@ def test_one_value_per_channel_in_training_raises_like_torch(shape):
     assert_unchanged(layer, before)
     layer.eval()
     assert layer.forward(np.ones(shape, np.float32)).shape == shape          # evaluation: running statistics
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")     # NumPy's warnings for 1/0, 0 * inf
+def test_eps_zero_constant_channel_is_nan_on_every_cpu_path():
+    """eps = 0 is allowed; a channel with zero variance then divides by zero. Every CPU path gives
+    NaN for that channel (as NumPy's 0 * inf does) and the same finite values elsewhere; none raises."""
+    from bnlib import cpu
+    rng = np.random.default_rng(3)
+    for shape in [(6, 3), (6, 3, 5), (70000, 3)]:              # the last one runs numba's threaded kernels
+        x = rng.normal(size=shape).astype(np.float32)
+        x[:, 1] = 2.5                                          # channel 1 is constant
+        outputs = {}
+        previous = cpu.get_backend()
+        try:
+            for backend in cpu.available_backends():
+                cpu.set_backend(backend)
+                layer = BatchNorm(3, eps=0.0)
+                y = layer.forward(x)
+                dx = layer.backward(np.ones_like(x))
+                outputs[backend] = y, dx
+        finally:
+            cpu.set_backend(previous)
+        for backend, (y, dx) in outputs.items():
+            assert np.isnan(y[:, 1]).all(), (backend, shape)
+            assert np.isfinite(np.delete(y, 1, axis=1)).all() and np.isfinite(np.delete(dx, 1, axis=1)).all()
+            np.testing.assert_allclose(np.delete(y, 1, axis=1), np.delete(outputs["portable"][0], 1, axis=1),
+                                       rtol=1e-4, atol=1e-5)
