@@ -82,75 +82,117 @@ def _params_for_kernels(weight, bias, dtype):
     return tuple(None if p is None else p.detach().to(dtype) for p in (weight, bias))
 
 
-def _fusable_running(stats, dtype):
-    """forward_torch's keyword arguments for updating the running statistics in its own launches, or
-    {} when there are none or the kernels cannot update them in place (another dtype, strided)."""
-    running = stats.get("running") if stats else None
-    if running is None:
-        return {}
+_RUNNING_KEYS = ("running_mean", "running_var", "momentum", "num_batches_tracked")
+
+
+def _fusable_running(running, dtype):
+    """`running` = (running_mean, running_var, momentum, num_batches_tracked) if forward_torch can
+    update them in its own launches (buffers present, contiguous, of the compute dtype), else None."""
     mean, var, momentum, count = running
     if mean is None or var is None or count is None or not all(t.dtype == dtype and t.is_contiguous()
                                                                for t in (mean, var)):
-        return {}
-    return dict(running_mean=mean, running_var=var, momentum=momentum, num_batches_tracked=count)
+        return None
+    return running
+
+
+def _vmap_by_slices(function, info, in_dims, *args):
+    """A vmap rule for the Functions below: bnlib's arithmetic is NumPy or CuPy, which torch.func.vmap
+    cannot look into, so run `function` once per index of the mapped dimension and stack the results."""
+    results = [function.apply(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+               for i in range(info.batch_size)]
+    if isinstance(results[0], tuple):
+        return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
+    return torch.stack(results), 0
 
 
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm as an autograd Function around bnlib.functional.
 
-    forward(x, weight, bias, eps, stats) -> y, y in x's dtype. x may be float16/bfloat16 with
-    float32 (or same-dtype) weight and bias: the statistics are then computed in float32.
-    `stats` (a dict or None) receives the batch mean and biased variance (float32 for half
-    input) as tensors, and the count per channel, for the running-statistics update. If it holds
-    "running": (running_mean, running_var, momentum, num_batches_tracked) and x is a CUDA tensor,
-    chapter 05's kernels do that update in the same launches when they can (buffers contiguous, of
-    the compute dtype), and set stats["updated"] = True.
+    apply(x, weight, bias, eps, running=None) -> (y, mean, var, inv_std): y in x's dtype, and the
+    batch statistics per channel, (C,) in the compute dtype (float32 for float16/bfloat16 x, else
+    x's): mean, biased variance and 1/sqrt(var + eps), for the running-statistics update; they are
+    not differentiable. x may be float16/bfloat16 with float32 (or same-dtype) weight and bias.
+    `running`, for CUDA tensors that chapter 05's torch-level kernels take: (running_mean,
+    running_var, momentum, num_batches_tracked), updated in place in the same launches; the module
+    passes it only when _fusable_running allows (buffers contiguous, of the compute dtype).
 
     Twice differentiable, as torch's batch norm: a backward run with create_graph=True (gradient
     penalties, MAML) computes the gradients with torch operations that autograd records
     (_backward_with_graph) instead of bnlib's kernels, so that they can be differentiated again.
+    Written in the form torch.func needs (forward without ctx, setup_context): torch.func.grad, vjp
+    and jacrev go through that same differentiable backward, and vmap runs the Function once per slice.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, stats=None):
-        ctx.save_for_backward(x, weight)        # lets autograd detect in-place changes before backward
-        acc = ctx.acc = _compute_dtype(x)
-        ctx.eps = eps
-        ctx.param_grads = (weight is not None, bias is not None)
-        ctx.param_dtype = acc if weight is None else weight.dtype
+    def forward(x, weight, bias, eps, running=None):
+        acc = _compute_dtype(x)
         if _torch_kernels(x):                   # chapter 05's kernels, torch tensors in and out
             w, b = _params_for_kernels(weight, bias, acc)
-            running = _fusable_running(stats, acc)
-            y, mean, var, inv_std = cuda.forward_torch(x, w, b, eps, **running)
-            if running:
-                stats["updated"] = True
-            ctx.torch_state = (mean, inv_std, w)
-        else:
-            with _on_tensor_stream(x):
-                ya, cache = F.batch_norm_forward(_for_arrays(x, acc), _for_arrays(weight, acc),
-                                                 _for_arrays(bias, acc), eps=eps)
-            ctx.cache, ctx.torch_state = cache, None
-            y, mean, var = _in_format_of(_as_tensor(ya).to(x.dtype), x), _as_tensor(cache.mean), _as_tensor(cache.var)
-        if stats is not None:
-            stats.update(mean=mean, var=var, count=x.numel() // x.shape[1])
-        return y
+            return cuda.forward_torch(x, w, b, eps, **dict(zip(_RUNNING_KEYS, running or ())))
+        if running is not None:
+            raise ValueError("running statistics are updated inside the forward only by bnlib.cuda's kernels "
+                             "on CUDA tensors; pass running=None and update them from the returned mean and var")
+        with _on_tensor_stream(x):
+            ya, cache = F.batch_norm_forward(_for_arrays(x, acc), _for_arrays(weight, acc),
+                                             _for_arrays(bias, acc), eps=eps)
+        return (_in_format_of(_as_tensor(ya).to(x.dtype), x),
+                *(_as_tensor(a) for a in (cache.mean, cache.var, cache.inv_std)))
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors           # raises if x or weight was modified in place
-        if torch.is_grad_enabled():             # create_graph=True: the gradients must be differentiable
-            dx, dgamma, dbeta = _backward_with_graph(dy, x, weight, ctx.eps, ctx.acc)
-        elif ctx.torch_state is not None:
-            mean, inv_std, w = ctx.torch_state
-            dx, dgamma, dbeta = cuda.backward_torch(dy, x, mean, inv_std, w)
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs[:4]
+        _, mean, var, inv_std = output
+        ctx.mark_non_differentiable(mean, var, inv_std)
+        ctx.save_for_backward(x, weight, mean, var, inv_std)   # autograd detects in-place changes to x, weight
+        ctx.save_for_forward(x, weight, mean, inv_std)
+        ctx.acc, ctx.eps = _compute_dtype(x), eps
+        ctx.param_grads = (weight is not None, bias is not None)
+        ctx.param_dtype = ctx.acc if weight is None else weight.dtype
+
+    @staticmethod
+    def backward(ctx, dy, *_):                  # the statistics' gradients are always None
+        x, weight, mean, var, inv_std = ctx.saved_tensors
+        acc = ctx.acc
+        if torch.is_grad_enabled():             # create_graph=True, or torch.func: differentiable gradients
+            dx, dgamma, dbeta = _backward_with_graph(dy, x, weight, ctx.eps, acc)
+        elif _torch_kernels(x):
+            dx, dgamma, dbeta = cuda.backward_torch(dy, x, mean, inv_std, _params_for_kernels(weight, None, acc)[0])
         else:
-            # CuPy kernels take dy in any layout; the CPU path wants NumPy-friendly contiguous memory
-            dya = _for_arrays(dy if dy.is_cuda else dy.contiguous(), ctx.acc)
+            # the forward's cache, rebuilt from the saved tensors without copying (a float16/bfloat16 x on
+            # the CPU is converted again); CuPy kernels take dy in any layout, the CPU path wants contiguous
+            cache = F.BNCache(_for_arrays(x, acc), *(_as_array(t) for t in (mean, var, inv_std)),
+                              _for_arrays(weight, acc), ctx.eps)
+            dya = _for_arrays(dy if dy.is_cuda else dy.contiguous(), acc)
             with _on_tensor_stream(dy):
-                dx, dgamma, dbeta = (_as_tensor(a) for a in F.batch_norm_backward(dya, ctx.cache))
+                dx, dgamma, dbeta = (_as_tensor(a) for a in F.batch_norm_backward(dya, cache))
         need_w, need_b = ctx.param_grads
         return (_in_format_of(dx.to(x.dtype), x), dgamma.to(ctx.param_dtype) if need_w else None,
                 dbeta.to(ctx.param_dtype) if need_b else None, None, None)
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        """Forward mode (torch.func.jvp, jacfwd): the tangent of y, in torch operations. With
+        x_hat = (x - mean) * inv_std and g = (x_t - mean(x_t)) * inv_std, y's tangent is
+        weight * (g - x_hat * mean(x_hat * g)) + weight_t * x_hat + bias_t (means per channel)."""
+        x, weight, mean, inv_std = ctx.saved_tensors
+        axes, shape = reduction_axes(x.dim()), channel_shape(x.dim(), x.shape[1])
+        x_hat = (x.to(ctx.acc) - mean.reshape(shape)) * inv_std.reshape(shape)
+        y_t = torch.zeros_like(x_hat)
+        if x_t is not None:
+            g = x_t.to(ctx.acc)
+            g = (g - g.mean(axes, keepdim=True)) * inv_std.reshape(shape)
+            y_t = g - x_hat * (x_hat * g).mean(axes, keepdim=True)
+            if weight is not None:
+                y_t = y_t * weight.to(ctx.acc).reshape(shape)
+        if weight_t is not None:
+            y_t = y_t + weight_t.to(ctx.acc).reshape(shape) * x_hat
+        if bias_t is not None:
+            y_t = y_t + bias_t.to(ctx.acc).reshape(shape)
+        return y_t.to(x.dtype), None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_slices(BatchNormFunction, info, in_dims, *args)
 
 
 def _backward_with_graph(dy, x, weight, eps, acc):
@@ -181,9 +223,7 @@ class BatchNormInferenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, eps):
-        ctx.save_for_backward(x, running_mean, running_var, weight)
-        ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
+    def forward(x, running_mean, running_var, weight, bias, eps):
         acc = _compute_dtype(x)
         if _torch_kernels(x):
             w, b = _params_for_kernels(weight, bias, acc)
@@ -193,6 +233,13 @@ class BatchNormInferenceFunction(torch.autograd.Function):
             return (x.to(acc) * scale + shift).to(x.dtype)
         arrays = [_for_arrays(t, acc) for t in (x, running_mean, running_var, weight, bias)]
         return _in_format_of(_as_tensor(F.batch_norm_inference(*arrays, eps)).to(x.dtype), x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, running_mean, running_var, weight, bias, eps = inputs
+        ctx.save_for_backward(x, running_mean, running_var, weight)
+        ctx.save_for_forward(x, running_mean, running_var, weight)
+        ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
 
     @staticmethod
     def backward(ctx, dy):
@@ -210,6 +257,32 @@ class BatchNormInferenceFunction(torch.autograd.Function):
         if ctx.bias_dtype is not None:
             dbias = dyc.sum(axes).to(ctx.bias_dtype)
         return dx, None, None, dweight, dbias, None
+
+    @staticmethod
+    def jvp(ctx, x_t, mean_t, var_t, weight_t, bias_t, _):
+        """Forward mode: the tangent of y = (x - mean) * inv_std * weight + bias, inv_std = (var + eps)^(-1/2),
+        with respect to every tensor input (the running statistics included, as torch's)."""
+        x, running_mean, running_var, weight = ctx.saved_tensors
+        acc, shape = _compute_dtype(x), channel_shape(x.dim(), -1)
+        inv_std = torch.rsqrt(running_var.to(acc) + ctx.eps).reshape(shape)
+        w = 1.0 if weight is None else weight.to(acc).reshape(shape)
+        centered = x.to(acc) - running_mean.to(acc).reshape(shape)
+        y_t = torch.zeros_like(centered)
+        if x_t is not None:
+            y_t = y_t + x_t.to(acc) * inv_std * w
+        if mean_t is not None:
+            y_t = y_t - mean_t.to(acc).reshape(shape) * inv_std * w
+        if var_t is not None:
+            y_t = y_t - 0.5 * centered * inv_std ** 3 * var_t.to(acc).reshape(shape) * w
+        if weight_t is not None:
+            y_t = y_t + centered * inv_std * weight_t.to(acc).reshape(shape)
+        if bias_t is not None:
+            y_t = y_t + bias_t.to(acc).reshape(shape)
+        return y_t.to(x.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_slices(BatchNormInferenceFunction, info, in_dims, *args)
 
 
 def _inference_affine(running_mean, running_var, weight, bias, eps, dtype, ndim):
@@ -330,19 +403,32 @@ class _BatchNorm(torch.nn.Module):
         mean, var: (C,) tensors on the buffers' device; count: values per channel (a Python int).
         Nothing is read back to the host, except num_batches_tracked when momentum is None (as torch).
         As torch, a buffer that is None is skipped (and momentum=None without a count gives m = 0).
+        The new values are computed before any buffer is written, so an update that fails (under
+        torch.func.vmap, batched statistics cannot go into unbatched buffers) changes nothing.
         """
         with torch.no_grad():
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
             if count == 0 or self.running_mean is None or self.running_var is None:
-                return                           # an empty batch: counted, as torch does, but no statistics
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)     # an empty batch: counted, as torch does, no statistics
+                return
             if self.momentum is not None:
                 momentum = self.momentum
             else:
-                momentum = 0.0 if self.num_batches_tracked is None else 1.0 / int(self.num_batches_tracked)
+                momentum = 0.0 if self.num_batches_tracked is None else 1.0 / (int(self.num_batches_tracked) + 1)
             unbiased = var * (count / (count - 1)) if count > 1 else var
-            self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
-            self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
+            new_mean = torch.add(self.running_mean.mul(1 - momentum), mean.to(self.running_mean.dtype), alpha=momentum)
+            new_var = torch.add(self.running_var.mul(1 - momentum), unbiased.to(self.running_var.dtype), alpha=momentum)
+            try:
+                self.running_mean.copy_(new_mean)
+            except RuntimeError as err:
+                raise RuntimeError(f"{type(self).__name__} could not update its running statistics in place: {err}\n"
+                                   "Under torch.func transforms the buffers must be inputs (torch.func.functional_call); "
+                                   "under vmap, batched statistics cannot go into unbatched buffers: use evaluation "
+                                   "mode, or track_running_stats=False with running_mean and running_var set to "
+                                   "None, as for torch's batch norm") from None
+            self.running_var.copy_(new_var)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
 
     def _empty_batch(self, x):
         """As torch for a zero-size batch: an empty output still connected to the graph (so backward
@@ -370,11 +456,13 @@ class _BatchNorm(torch.nn.Module):
             # as torch, the buffers are updated only in training with track_running_stats set (the flag
             # off but buffers kept: batch statistics, buffers untouched)
             tracking = self.training and self.track_running_stats
-            buffers = (self.running_mean, self.running_var, self.momentum, self.num_batches_tracked)
-            stats = {"running": buffers} if tracking else {}
-            y = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, stats)
-            if tracking and not stats.get("updated"):      # the CUDA kernels did it in their own launches
-                self._update_running_stats(stats["mean"], stats["var"], stats["count"])
+            running = None                      # the buffers, if chapter 05's kernels update them in place
+            if tracking and _torch_kernels(x):
+                running = _fusable_running((self.running_mean, self.running_var, self.momentum,
+                                            self.num_batches_tracked), _compute_dtype(x))
+            y, mean, var, _ = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, running)
+            if tracking and running is None:
+                self._update_running_stats(mean, var, x.numel() // x.shape[1])
             return y
         return BatchNormInferenceFunction.apply(x, self.running_mean, self.running_var, self.weight, self.bias,
                                                 self.eps)

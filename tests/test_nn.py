@@ -76,7 +76,7 @@ def test_gradcheck_float64():
             layer.weight.copy_(w)
             layer.bias.copy_(b)
         assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
-    assert torch.autograd.gradcheck(lambda x, w, b: bnn.BatchNormFunction.apply(x, w, b, 1e-5, None), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: bnn.BatchNormFunction.apply(x, w, b, 1e-5)[0], (x, w, b))
 
 
 def test_cpu_tensors_are_not_copied():
@@ -391,10 +391,10 @@ def test_gradgradcheck_of_the_functions():
     w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
-    assert torch.autograd.gradgradcheck(lambda x, w, b: bnn.BatchNormFunction.apply(x, w, b, 1e-5, None), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w, b: bnn.BatchNormFunction.apply(x, w, b, 1e-5)[0], (x, w, b))
     assert torch.autograd.gradgradcheck(lambda x, w, b: bnn.BatchNormInferenceFunction.apply(x, rm, rv, w, b, 1e-5),
                                         (x, w, b))
-    assert torch.autograd.gradgradcheck(lambda x: bnn.BatchNormFunction.apply(x, None, None, 1e-5, None), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: bnn.BatchNormFunction.apply(x, None, None, 1e-5)[0], (x,))
 
 
 def test_double_backward_in_mixed_precision_keeps_dtypes():
@@ -1334,3 +1334,135 @@ def test_cuda_sync_batchnorm_two_processes_over_nccl_match_torch_sync_batchnorm(
             if ours_eval is not None:
                 torch.testing.assert_close(ours_eval, theirs_eval, atol=tol, rtol=tol,
                                            msg=lambda m: f"rank {rank}, {dtype}, batches {sizes}, evaluation: {m}")
+
+
+# ----------------------------------------------------------------------------- torch.func
+
+def _small_net(bn_class, seed=1):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), bn_class(4), torch.nn.ReLU()).double()
+
+
+def _as_dict(named):
+    return {k: v.clone() for k, v in named}
+
+
+@pytest.mark.parametrize("dims", [2, 4])
+def test_torch_func_grad_and_maml_second_order_match_torch(dims):
+    """torch.func.grad through functional_call (buffers passed in, as torch.func requires), and the
+    gradient of a loss after one inner gradient step (MAML), in training mode: gradients and the
+    updated buffers equal torch's."""
+    x = torch.randn((8, 3, 5, 5) if dims == 4 else (8, 3), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for lib in (torch.nn, bnn):
+        if dims == 4:
+            model = _small_net(lib.BatchNorm2d)
+        else:
+            torch.manual_seed(1)
+            model = torch.nn.Sequential(torch.nn.Linear(3, 4).double(), lib.BatchNorm1d(4).double(), torch.nn.Tanh())
+        params, buffers = _as_dict(model.named_parameters()), _as_dict(model.named_buffers())
+        loss = lambda p, b, x: (torch.func.functional_call(model, {**p, **b}, (x,)) ** 2).sum()
+
+        def outer(p, b, x):
+            inner = torch.func.grad(loss)(p, b, x)
+            return loss({k: p[k] - 0.1 * inner[k] for k in p}, b, x)
+        first = torch.func.grad(loss)(params, buffers, x)
+        second = torch.func.grad(outer)(params, buffers, x)
+        results.append((first, second, buffers))
+    (f_t, s_t, b_t), (f_b, s_b, b_b) = results
+    for want, got in [(f_t, f_b), (s_t, s_b), (b_t, b_b)]:
+        assert want.keys() == got.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=1e-10, msg=lambda m: f"{k}: {m}")
+    assert int(b_b["1.num_batches_tracked"]) == 3          # one forward in grad, two in the MAML step
+
+
+def test_torch_func_vmap_ensemble_and_eval_match_torch():
+    """vmap over stacked parameters (model ensembling, batch statistics) and over inputs in evaluation
+    mode: the same outputs as torch's layers; bnlib's Functions run once per slice."""
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    outputs = []
+    for lib in (torch.nn, bnn):
+        models = [_small_net(lambda c: lib.BatchNorm2d(c, track_running_stats=False), seed=s) for s in range(3)]
+        params, buffers = torch.func.stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        ensemble = torch.func.vmap(lambda p, b, x: torch.func.functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))
+        frozen = _small_net(lib.BatchNorm2d).eval()
+        with torch.no_grad():
+            frozen[1].running_mean.uniform_(-1, 1, generator=torch.Generator().manual_seed(4))
+            frozen[1].running_var.uniform_(0.5, 2, generator=torch.Generator().manual_seed(5))
+        per_example = torch.func.vmap(frozen)(x.unsqueeze(1))
+        outputs.append((ensemble(params, buffers, x), per_example, torch.stack([m(x) for m in models])))
+    (e_t, p_t, _), (e_b, p_b, loop_b) = outputs
+    torch.testing.assert_close(e_b, e_t, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(e_b, loop_b, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(p_b, p_t, atol=1e-12, rtol=1e-12)
+
+
+def test_torch_func_vmap_with_running_statistics_raises_clearly_and_changes_nothing():
+    """As torch's: training mode under vmap cannot put batched statistics into unbatched buffers."""
+    x = torch.randn(4, 6, 3, 5, 5, dtype=torch.float64)
+    for lib in (torch.nn, bnn):
+        model = _small_net(lib.BatchNorm2d)
+        params, buffers = _as_dict(model.named_parameters()), _as_dict(model.named_buffers())
+        before = {k: v.clone() for k, v in buffers.items()}
+        with pytest.raises(RuntimeError) as info:
+            torch.func.vmap(lambda b, x: torch.func.functional_call(model, {**params, **b}, (x,)),
+                            in_dims=(None, 0))(buffers, x)
+        if lib is bnn:
+            assert "running statistics" in str(info.value) and "track_running_stats=False" in str(info.value)
+            for k in before:
+                assert torch.equal(buffers[k], before[k]), k
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_func_forward_mode_matches_torch(training):
+    """jvp, jacfwd and hessian (forward over reverse) through both Functions, against torch's batch
+    norm; in evaluation also with tangents for the running statistics, against torch arithmetic."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64, generator=gen)
+    w = torch.rand(3, dtype=torch.float64, generator=gen) + 0.5
+    b = torch.randn(3, dtype=torch.float64, generator=gen)
+    rm, rv = torch.randn(3, dtype=torch.float64, generator=gen), torch.rand(3, dtype=torch.float64, generator=gen) + 0.5
+    tx, tw, tb, trm, trv = (torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in (x, w, b, rm, rv))
+    if training:
+        theirs = lambda x, w, b: torch.nn.functional.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
+        ours = lambda x, w, b: bnn.BatchNormFunction.apply(x, w, b, 1e-5)[0]
+    else:
+        theirs = lambda x, w, b: torch.nn.functional.batch_norm(x, rm, rv, w, b, training=False, eps=1e-5)
+        ours = lambda x, w, b: bnn.BatchNormInferenceFunction.apply(x, rm, rv, w, b, 1e-5)
+    close = lambda got, want: torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    close(torch.func.jvp(ours, (x, w, b), (tx, tw, tb))[1], torch.func.jvp(theirs, (x, w, b), (tx, tw, tb))[1])
+    close(torch.func.jvp(lambda x: ours(x, w, b), (x,), (tx,))[1], torch.func.jvp(lambda x: theirs(x, w, b), (x,), (tx,))[1])
+    for j_ours, j_theirs in zip(torch.func.jacfwd(ours, argnums=(0, 1, 2))(x, w, b),
+                                torch.func.jacfwd(theirs, argnums=(0, 1, 2))(x, w, b)):
+        close(j_ours, j_theirs)
+    cube = lambda f: (lambda x: (f(x, w, b) ** 3).sum())
+    close(torch.func.hessian(cube(ours))(x), torch.func.hessian(cube(theirs))(x))
+    if not training:                                       # tangents of the running statistics too
+        shape = (1, 3, 1, 1)
+        formula = lambda x, rm, rv: (x - rm.reshape(shape)) * torch.rsqrt(rv.reshape(shape) + 1e-5) * w.reshape(shape) \
+            + b.reshape(shape)
+        ours_all = lambda x, rm, rv: bnn.BatchNormInferenceFunction.apply(x, rm, rv, w, b, 1e-5)
+        close(torch.func.jvp(ours_all, (x, rm, rv), (tx, trm, trv))[1],
+              torch.func.jvp(formula, (x, rm, rv), (tx, trm, trv))[1])
+
+
+def test_torch_level_kernel_path_under_torch_func_grad(monkeypatch):
+    """The CUDA route (chapter 05's torch-level kernels, replaced here by their contract in torch) under
+    torch.func.grad: the differentiable backward is used, and the running statistics are updated once."""
+    from bnlib import cuda
+    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
+    for name, fn in [("forward_torch", _contract_forward), ("backward_torch", _contract_backward),
+                     ("inference_torch", _contract_inference)]:
+        monkeypatch.setattr(cuda, name, fn, raising=False)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    grads = []
+    for lib in (torch.nn, bnn):
+        model = _small_net(lib.BatchNorm2d)
+        params, buffers = _as_dict(model.named_parameters()), _as_dict(model.named_buffers())
+        g = torch.func.grad(lambda p, b: (torch.func.functional_call(model, {**p, **b}, (x,)) ** 2).sum())(params, buffers)
+        grads.append((g, buffers))
+    for part in range(2):
+        for k in grads[0][part]:
+            torch.testing.assert_close(grads[1][part][k], grads[0][part][k], atol=1e-10, rtol=1e-10)
