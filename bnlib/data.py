@@ -6,6 +6,7 @@ __all__ = ['Dataset', 'stratified_split', 'load_digits', 'MNIST_MIRRORS', 'MNIST
 
 import gzip
 import hashlib
+import numbers
 import os
 import tempfile
 import urllib.error
@@ -34,10 +35,13 @@ def stratified_split(y, test_fraction: float = 0.3, seed: int = 0):
     split. Returns two sorted int64 index arrays that partition range(N).
     """
     y = np.asarray(y)
+    if y.ndim == 1 and y.size == 0:
+        raise ValueError("y is empty: there are no examples to split")
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise TypeError(f"y must be a 1-D integer array of labels, got dtype {y.dtype} and shape {y.shape}")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if not (isinstance(test_fraction, numbers.Real) and not isinstance(test_fraction, bool)
+            and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
     rng = np.random.default_rng(seed)
     test = []
     for label in np.unique(y):
@@ -45,6 +49,12 @@ def stratified_split(y, test_fraction: float = 0.3, seed: int = 0):
         test.append(rng.permutation(members)[: int(round(test_fraction * members.size))])
     test = np.sort(np.concatenate(test))
     train = np.setdiff1d(np.arange(y.size), test)
+    for split, indices in (("test", test), ("training", train)):
+        if indices.size == 0:
+            counts = np.unique(y, return_counts=True)[1]
+            raise ValueError(f"test_fraction={test_fraction!r} leaves the {split} split empty: each class sends "
+                             f"round(test_fraction * count) of its examples to the test split, and the classes "
+                             f"have {counts.min()} to {counts.max()} examples")
     return train, test
 
 
@@ -54,7 +64,11 @@ def load_digits(test_fraction: float = 0.3, seed: int = 0) -> Dataset:
     Pixels (0..16) are scaled to [0, 1]; x is float32 (N, 64). The split is stratified and fixed
     by ``seed``: with the defaults, 1,258 training and 539 held-out test examples.
     """
-    from sklearn.datasets import load_digits as _sklearn_digits
+    try:
+        from sklearn.datasets import load_digits as _sklearn_digits
+    except ImportError as exc:
+        raise ImportError("bnlib.data.load_digits() reads the digits bundled with scikit-learn, which is not "
+                          "installed: pip install scikit-learn") from exc
     bunch = _sklearn_digits()
     x = (bunch.data / 16.0).astype(np.float32)
     y = bunch.target.astype(np.int64)
@@ -76,8 +90,8 @@ _IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}      # unsigned-byte IDX files: labe
 
 
 def default_cache_dir() -> Path:
-    """Where downloads are kept: $BNLIB_DATA if set, else ~/.cache/bnlib."""
-    return Path(os.environ.get("BNLIB_DATA") or Path.home() / ".cache" / "bnlib")
+    """Where downloads are kept: $BNLIB_DATA if set, else ~/.cache/bnlib (``~`` expanded in both)."""
+    return Path(os.environ.get("BNLIB_DATA") or Path.home() / ".cache" / "bnlib").expanduser()
 
 
 def sha256_of(path) -> str:
@@ -126,8 +140,14 @@ def fetch(name: str, root, sha256: str, mirrors=None, download: bool = True) -> 
     whose checksum is wrong is never used: with ``download`` it is replaced by a verified download
     (and left as it was if no mirror delivers one); without, it is left alone and a ValueError says so
     (it may be the user's own copy, re-compressed, which deleting would lose).
+
+    root: a folder (``~`` is expanded, as torchvision does); mirrors: a sequence of URL prefixes ending
+    in "/" (default MNIST_MIRRORS), tried in order; a single string is refused (TypeError).
     """
-    root, mirrors = Path(root), MNIST_MIRRORS if mirrors is None else tuple(mirrors)
+    if isinstance(mirrors, (str, bytes)):
+        raise TypeError(f"mirrors must be a sequence of URL prefixes, e.g. [{mirrors!r}], got a single "
+                        f"{type(mirrors).__name__}")
+    root, mirrors = Path(root).expanduser(), MNIST_MIRRORS if mirrors is None else tuple(mirrors)
     target = root / name
     if target.exists():
         got = sha256_of(target)
@@ -168,11 +188,11 @@ def fetch(name: str, root, sha256: str, mirrors=None, download: bool = True) -> 
 def load_mnist(root=None, download: bool = True) -> Dataset:
     """MNIST from the standard IDX files: 60,000 training and 10,000 test images of 28x28 pixels.
 
-    root: the cache folder (default ``default_cache_dir() / "mnist"``). Files are downloaded once
+    root: the cache folder (``~`` expanded; default ``default_cache_dir() / "mnist"``). Files are downloaded once
     from ``MNIST_MIRRORS`` and verified with SHA-256 (``MNIST_FILES``). The split is MNIST's own,
     fixed test set (the one the paper reports on), not re-drawn. x is float32 (N, 784) in [0, 1]; y is int64 (N,).
     """
-    root = Path(root) if root is not None else default_cache_dir() / "mnist"
+    root = Path(root).expanduser() if root is not None else default_cache_dir() / "mnist"
     arrays = {}
     for name, (digest, _size) in MNIST_FILES.items():
         path = fetch(name, root, digest, download=download)

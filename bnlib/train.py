@@ -225,13 +225,20 @@ def cross_entropy(logits, y):
     return -picked.mean(axis=1), d / n
 
 
-def check_labels(y, n, classes, name="y"):
-    """y as an int64 array of n labels in [0, classes); a ValueError/TypeError naming ``name`` otherwise."""
+def check_labels(y, n, classes, name="y", n_models=None):
+    """y as an int64 array of n labels in [0, classes); a ValueError/TypeError naming ``name`` otherwise.
+
+    y: (n,), the same labels for every model, or (n_models, n), one row of labels per model
+    (any number of rows when n_models is None).
+    """
     y = np.asarray(y)
     if y.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
-    if y.shape[-1:] != (n,) or y.ndim not in (1, 2):
-        raise ValueError(f"{name} must have shape ({n},), one label per example, got {y.shape}")
+    if y.shape[-1:] != (n,) or y.ndim not in (1, 2) or (y.ndim == 2 and n_models is not None
+                                                          and y.shape[0] != n_models):
+        per_model = f"({'M' if n_models is None else n_models}, {n})"
+        raise ValueError(f"{name} must have shape ({n},), one label per example, or {per_model}, one row "
+                         f"per model, got {y.shape}")
     if y.size and (y.min() < 0 or y.max() >= classes):
         raise ValueError(f"{name} must hold labels in [0, {classes}), got values from {y.min()} to {y.max()}")
     return y.astype(np.int64, copy=False)
@@ -243,7 +250,7 @@ def loss_and_grads(model, x, y):
     x: (N, inputs) or (n_models, N, inputs); y: (N,) or (n_models, N) labels in [0, classes).
     Labels are checked before the forward pass, so a bad call leaves the running statistics alone.
     """
-    y = check_labels(y, np.shape(x)[-2] if np.ndim(x) >= 2 else -1, model.sizes[-1])
+    y = check_labels(y, np.shape(x)[-2] if np.ndim(x) >= 2 else -1, model.sizes[-1], n_models=model.n_models)
     logits = model.forward(x)
     loss, dlogits = cross_entropy(logits, y)
     return loss, model.backward(dlogits.astype(model.dtype, copy=False))
@@ -258,9 +265,26 @@ def iid_batches(rng, y_train, batch_size):
 
 
 def class_batches(num_classes=2):
-    """A non-i.i.d. sampler: every batch is drawn from ``num_classes`` randomly chosen classes only."""
+    """A non-i.i.d. sampler: every batch is drawn from ``num_classes`` randomly chosen classes only.
+
+    Each call checks, before drawing, that y_train has at least num_classes classes and that the
+    num_classes smallest of them hold at least batch_size examples together (so that any batch can
+    be filled from the classes drawn for it); a ValueError names num_classes or batch_size otherwise.
+    """
+    if not (isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool) and num_classes >= 1):
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     def sample(rng, y_train, batch_size):
-        classes = rng.choice(np.unique(y_train), size=num_classes, replace=False)
+        labels, counts = np.unique(y_train, return_counts=True)
+        if num_classes > labels.size:
+            raise ValueError(f"class_batches(num_classes={num_classes}): the training labels hold only "
+                             f"{labels.size} classes")
+        smallest = int(np.sort(counts)[:num_classes].sum())
+        if batch_size > smallest:
+            raise ValueError(f"class_batches(num_classes={num_classes}): batch_size={batch_size} is more than the "
+                             f"{smallest} examples of the {num_classes} smallest classes (classes hold {counts.min()} "
+                             f"to {counts.max()} examples), so a batch could not always be filled: use batch_size "
+                             f"<= {smallest} or a larger num_classes")
+        classes = rng.choice(labels, size=num_classes, replace=False)
         pool = np.flatnonzero(np.isin(y_train, classes))
         return rng.choice(pool, size=batch_size, replace=False)
     return sample
@@ -282,29 +306,36 @@ class History:
 
 
 def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048):
-    """Held-out accuracy per model, (M,), for x (N, inputs) and labels y (N,).
+    """Held-out accuracy per model, (M,), for x (N, inputs) or (M, N, inputs) and labels y (N,) or (M, N).
 
-    batch_stats=False: evaluation mode (running statistics). batch_stats=True: the normalization
-    uses the statistics of test batches of ``batch_size`` examples, drawn in a random order fixed
-    by ``seed`` (as training batches are), and the layers' state (running statistics included) is
-    restored afterwards. A last batch of a single example is left out (it has no variance).
+    An example counts as correct for a model when its largest logit is at the label; an example whose
+    logits are not all finite (a diverged network: NaN or inf) counts as wrong, whatever argmax says.
+    batch_stats=False: evaluation mode (running statistics), in chunks of ``chunk`` examples.
+    batch_stats=True: the normalization uses the statistics of test batches of ``batch_size``
+    examples, drawn in a random order fixed by ``seed`` (as training batches are), and the layers'
+    state (running statistics included) is restored afterwards. A last batch of a single example is
+    left out (it has no variance). Every layer is left in the mode it was in.
     """
     x = _check_inputs(model, x, "x")
-    y = check_labels(y, x.shape[-2], model.sizes[-1])
-    n = y.size
+    y = check_labels(y, x.shape[-2], model.sizes[-1], n_models=model.n_models)
+    n = x.shape[-2]                                        # examples per model
+    if n == 0:
+        raise ValueError(f"x and y hold no examples (x has shape {x.shape}): accuracy needs at least one")
+    if not (isinstance(chunk, numbers.Integral) and not isinstance(chunk, bool) and chunk >= 1):
+        raise ValueError(f"chunk must be a positive integer (examples per forward pass), got {chunk!r}")
     if batch_stats and not (isinstance(batch_size, numbers.Integral) and 2 <= batch_size):
         raise ValueError(f"batch_stats=True needs batch_size >= 2 (a batch's own statistics), got {batch_size!r}")
     if batch_stats and n < 2:
         raise ValueError(f"batch_stats=True needs at least 2 examples, got {n}")
     if batch_stats:
         order = np.random.default_rng(seed).permutation(n)
-        x, y = x[..., order, :], y[order]
+        x, y = x[..., order, :], y[..., order]
     correct, counted = np.zeros(model.n_models), 0
     modes = [getattr(layer, "training", True) for layer in model.norm_layers()]
     if batch_stats:
         saved = [layer.state_dict() for layer in model.norm_layers()]
         model.train()
-        step = batch_size or n
+        step = batch_size
     else:
         model.eval()
         step = chunk
@@ -313,8 +344,9 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
             stop = min(start + step, n)
             if batch_stats and stop - start < 2:
                 break                                      # a 1-example batch has no variance
-            logits = model.forward(x[..., start:stop, :])
-            correct += (logits.argmax(axis=-1) == y[start:stop]).sum(axis=1)
+            logits = model.forward(x[..., start:stop, :])                       # (M, B, classes)
+            right = (logits.argmax(axis=-1) == y[..., start:stop]) & np.isfinite(logits).all(axis=-1)
+            correct += right.sum(axis=1)
             counted = stop
     finally:
         if batch_stats:
@@ -335,13 +367,30 @@ def _check_inputs(model, x, name):
     return x
 
 
+def _updates_running_stats(layer):
+    """Whether training mode updates this layer's running statistics: it has running_mean and
+    running_var, tracks them (track_running_stats, where the layer has the flag) and its momentum is
+    None (a cumulative average) or a number other than 0. Momentum 0 keeps the buffers as they are:
+    bnlib.variants.FrozenBatchNorm (pretrained statistics that training never changes) is built so."""
+    if getattr(layer, "running_mean", None) is None or getattr(layer, "running_var", None) is None:
+        return False
+    if not getattr(layer, "track_running_stats", True) or not hasattr(layer, "momentum"):
+        return False
+    return layer.momentum is None or layer.momentum != 0
+
+
 def precise_bn(model, x_train, batch_size, num_batches=200, seed=0):
     """PreciseBN (Wu & Johnson 2021): replace the running statistics by population statistics.
 
-    With the weights frozen, every normalization layer with running statistics gets momentum=None
-    (a cumulative average) and fresh buffers, and ``num_batches`` training batches of
-    ``batch_size`` are forwarded; the layers' momentum is restored afterwards.
-    x_train: (N, inputs); batch_size in [2, N]; num_batches >= 1 (checked before any buffer changes).
+    With the weights frozen, every normalization layer whose running statistics training updates
+    gets momentum=None (a cumulative average) and fresh buffers, and ``num_batches`` training
+    batches of ``batch_size`` are forwarded in training mode, as torch.optim.swa_utils.update_bn does.
+    Layers whose statistics training leaves alone (momentum 0, as bnlib.variants.FrozenBatchNorm) and
+    layers without running statistics keep their state exactly. Afterwards every layer has its
+    momentum back and is in the mode (training or evaluation) it was in; if a forward pass raises,
+    every layer's state is restored as well.
+    x_train: (N, inputs) or (n_models, N, inputs); batch_size in [2, N]; num_batches >= 1 (checked
+    before any buffer changes).
     """
     x_train = _check_inputs(model, x_train, "x_train")
     n = x_train.shape[-2]
@@ -349,32 +398,33 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0):
         raise ValueError(f"batch_size must be an integer in [2, {n}] (the training examples), got {batch_size!r}")
     if not (isinstance(num_batches, numbers.Integral) and num_batches >= 1):
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    layers = [l for l in model.norm_layers()
-              if getattr(l, "running_mean", None) is not None and getattr(l, "running_var", None) is not None]
+    norms = model.norm_layers()
+    recompute = [_updates_running_stats(l) for l in norms]
+    saved = [l.state_dict() for l in norms]
+    modes = [getattr(l, "training", None) for l in norms]
+    momenta = [l.momentum if r else None for l, r in zip(norms, recompute)]
     rng = np.random.default_rng(seed)
-    saved = [l.momentum for l in layers]
-    for l in layers:
-        l.momentum = None
-        l.running_mean[...] = 0
-        l.running_var[...] = 1
-        l.num_batches_tracked = 0
-    model.train()
+    done = False
     try:
+        for l, r in zip(norms, recompute):
+            if r:
+                l.momentum = None
+                l.running_mean[...] = 0
+                l.running_var[...] = 1
+                l.num_batches_tracked = 0
+        model.train()
         for _ in range(num_batches):
             model.forward(x_train[..., rng.choice(n, size=batch_size, replace=False), :])
+        done = True
     finally:
-        for l, m in zip(layers, saved):
-            l.momentum = m
+        for l, r, state, mode, momentum in zip(norms, recompute, saved, modes, momenta):
+            if r:
+                l.momentum = momentum
+            if not (r and done):                   # left alone, or a failed call: the state it had
+                l.load_state_dict(state)
+            if mode is not None:
+                l.train(mode)
     return model
-
-
-def _progress_bar(total, progress, desc):
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0, sampler=None,
@@ -383,7 +433,10 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
     """Train ``model`` with SGD (momentum, weight decay) on softmax cross-entropy; returns a History.
 
     data: (x_train, y_train, x_test, y_test), e.g. bnlib.data.load_digits(); accuracy is always
-        measured on the held-out (x_test, y_test) in evaluation mode.
+        measured on the held-out (x_test, y_test) in evaluation mode (see accuracy(): an example whose
+        logits are not finite, as after divergence, counts as wrong, and training goes on).
+        x_*: (N, inputs), shared by every model, or (n_models, N, inputs), one data set per model;
+        y_*: (N,) or (n_models, N). With per-model training labels the sampler sees model m's row.
     steps, lr, batch_size: number of SGD steps, learning rate, examples per step and model.
     momentum, weight_decay: PyTorch's SGD: v = momentum * v + (g + weight_decay * p); p -= lr * v.
     sampler: callable (rng, y_train, batch_size) -> indices (batch_size,), one call per model and
@@ -398,21 +451,25 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
     trainable: None (train everything) or {parameter name: True or a 0/1 mask of its shape};
         parameters not named stay frozen.
     lr_schedule: optional callable step -> multiplier of lr.
-    seed: seeds the batches (model m uses (seed, m, 1)). progress: tqdm bar; None = only on a TTY.
+    seed: seeds the batches (model m uses (seed, m, 1)).
+    progress: a tqdm bar (on stderr) when tqdm is installed, none otherwise; None = only on a TTY.
     """
     if not (isinstance(data, (tuple, list)) and len(data) == 4):
         raise ValueError(f"data must be (x_train, y_train, x_test, y_test), got "
                          f"{type(data).__name__} of length {len(data) if hasattr(data, '__len__') else '?'}")
     x_train, y_train, x_test, y_test = data
     x_train, x_test = _check_inputs(model, x_train, "x_train"), _check_inputs(model, x_test, "x_test")
-    y_train = check_labels(y_train, x_train.shape[-2], model.sizes[-1], "y_train")
-    y_test = check_labels(y_test, x_test.shape[-2], model.sizes[-1], "y_test")
+    y_train = check_labels(y_train, x_train.shape[-2], model.sizes[-1], "y_train", n_models=model.n_models)
+    y_test = check_labels(y_test, x_test.shape[-2], model.sizes[-1], "y_test", n_models=model.n_models)
+    n_train = x_train.shape[-2]                                    # training examples per model
+    if x_test.shape[-2] == 0:
+        raise ValueError(f"x_test holds no examples (shape {x_test.shape}): fit measures held-out accuracy on it")
     def real(value):
         return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
     if not (isinstance(steps, numbers.Integral) and steps >= 0):
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= y_train.size):
-        raise ValueError(f"batch_size must be an integer in [1, {y_train.size}], got {batch_size!r}")
+    if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= n_train):
+        raise ValueError(f"batch_size must be an integer in [1, {n_train}], got {batch_size!r}")
     if norm_batch_size is not None and not (isinstance(norm_batch_size, numbers.Integral)
                                             and norm_batch_size >= 1 and batch_size % norm_batch_size == 0):
         raise ValueError(f"norm_batch_size must be a positive divisor of batch_size={batch_size}, "
@@ -451,15 +508,24 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
     recorded_steps, accs, losses = [0], [accuracy(model, x_test, y_test)], [np.full(model.n_models, np.nan)]
     hook_values = {name: [] for name in hooks}
     running_loss, since = np.zeros(model.n_models), 0
-    bar = _progress_bar(steps, progress, desc)
+    models = np.arange(model.n_models)[:, None]                   # (M, 1): row m of per-model data
+    def rows(a, part, shared_ndim):                                # a batch (M, B, ...) of shared or per-model data
+        return a[part] if a.ndim == shared_ndim else a[models, part]
+    step_range = range(1, steps + 1)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if progress:
+        from bnlib.bench import _progress                           # tqdm if installed, else no bar
+        step_range = _progress(step_range, True, desc=desc, leave=False)
     model.train()
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for step in range(1, steps + 1):
-            idx = np.stack([sampler(r, y_train, batch_size) for r in rngs])     # (M, B)
+        for step in step_range:
+            idx = np.stack([sampler(r, y_train if y_train.ndim == 1 else y_train[m], batch_size)
+                            for m, r in enumerate(rngs)])                          # (M, B)
             total = {}
             for start in range(0, batch_size, group):
                 part = idx[:, start:start + group]
-                loss, grads = loss_and_grads(model, x_train[part], y_train[part])
+                loss, grads = loss_and_grads(model, rows(x_train, part, 2), rows(y_train, part, 1))
                 running_loss += loss * (group / batch_size)
                 for name, g in grads.items():
                     total[name] = total[name] + g if name in total else g
@@ -479,8 +545,6 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
                 v += g
                 p -= (rate * v).astype(p.dtype, copy=False)
             since += 1
-            if bar is not None:
-                bar.update(1)
             if step % eval_every == 0 or step == steps:
                 for name, f in hooks.items():
                     hook_values[name].append(f(model, step))
@@ -488,6 +552,4 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
                 accs.append(accuracy(model, x_test, y_test))
                 losses.append(running_loss / since)
                 running_loss, since = np.zeros(model.n_models), 0
-    if bar is not None:
-        bar.close()
     return History(np.array(recorded_steps), np.array(accs), np.array(losses), hook_values)

@@ -152,3 +152,40 @@ def test_offline_without_cache_names_the_folder_and_load_digits(tmp_path, monkey
 def test_default_cache_dir_honours_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("BNLIB_DATA", str(tmp_path))
     assert data.default_cache_dir() == tmp_path
+
+
+def test_load_digits_without_scikit_learn_says_how_to_install_it(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        data.load_digits()
+
+
+def test_home_folder_tilde_is_expanded(tmp_path, monkeypatch):
+    home, cwd, mirror = tmp_path / "home", tmp_path / "cwd", tmp_path / "mirror"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    table, _ = write_mnist_fixture(mirror)
+    name = "t10k-labels-idx1-ubyte.gz"
+    got = data.fetch(name, "~/cache", table[name][0], mirrors=[mirror.as_uri() + "/"])
+    assert got == home / "cache" / name and got.is_file()
+    monkeypatch.setattr(data, "MNIST_FILES", table)
+    monkeypatch.setattr(data, "MNIST_MIRRORS", (mirror.as_uri() + "/",))
+    assert data.load_mnist(root="~/mnist")[0].shape == (20, 784) and (home / "mnist" / name).is_file()
+    monkeypatch.setenv("BNLIB_DATA", "~/data")
+    assert data.default_cache_dir() == home / "data"
+    assert list(cwd.iterdir()) == []                                  # no literal "~" folder
+
+
+def test_split_and_fetch_arguments_are_checked():
+    with pytest.raises(ValueError, match="test_fraction must be a number"):
+        data.load_digits(test_fraction="0.3")
+    for fraction, split in [(1e-4, "test"), (0.9999, "training")]:
+        with pytest.raises(ValueError, match=f"leaves the {split} split empty"):
+            data.load_digits(test_fraction=fraction)
+    with pytest.raises(ValueError, match="empty"):
+        data.stratified_split(np.array([], dtype=int))
+    with pytest.raises(TypeError, match="mirrors must be a sequence"):
+        data.fetch("x.gz", "/nonexistent-bnlib-cache", "0" * 64, mirrors="file:///nonexistent/")

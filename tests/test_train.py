@@ -313,3 +313,126 @@ def test_accuracy_leaves_the_model_in_the_mode_it_found():
     model.train()
     train.accuracy(model, x_test, y_test)
     assert model.norm_layers()[0].training
+
+
+def test_labels_per_model_count_each_example_once():
+    """y of shape (n_models, N): one row of labels per model, accepted by every entry point alike."""
+    x_train, y_train, x_test, y_test = data = toy_data()
+    model = train.MLP([6, 8, 3], norm=BatchNorm, n_models=2)
+    train.fit(model, data, steps=10, lr=0.1, batch_size=20, progress=False)
+    shared = train.accuracy(model, x_test, y_test)
+    np.testing.assert_array_equal(train.accuracy(model, x_test, np.stack([y_test, y_test])), shared)
+    other = (y_test + 1) % 3                                         # model 1 graded against other labels
+    per_model = train.accuracy(model, x_test, np.stack([y_test, other]))
+    assert per_model[0] == shared[0] and per_model[1] == train.accuracy(model, x_test, other)[1]
+    for kwargs in (dict(), dict(batch_size=10, batch_stats=True)):
+        np.testing.assert_array_equal(train.accuracy(model, x_test, np.stack([y_test, y_test]), **kwargs),
+                                      train.accuracy(model, x_test, y_test, **kwargs))
+    runs = [train.fit(train.MLP([6, 8, 3], norm=BatchNorm, n_models=2), (x_train, yt, x_test, ys),
+                      steps=6, lr=0.1, batch_size=20, eval_every=3, progress=False)
+            for yt, ys in [(y_train, y_test), (np.stack([y_train] * 2), np.stack([y_test] * 2))]]
+    np.testing.assert_array_equal(runs[0].test_acc, runs[1].test_acc)
+    with pytest.raises(ValueError, match=r"y must have shape \(60,\).* or \(2, 60\)"):
+        train.accuracy(model, x_test, np.stack([y_test] * 3))
+    with pytest.raises(ValueError, match=r"y_test must have shape"):
+        train.fit(model, (x_train, y_train, x_test, np.stack([y_test] * 3)), steps=1, lr=0.1, progress=False)
+
+
+def test_fit_and_accuracy_take_per_model_inputs():
+    """x of shape (n_models, N, inputs), as MLP and the checks document: model m trains on row m."""
+    x_train, y_train, x_test, y_test = toy_data()
+    results = []
+    for xt, yt, xs in [(x_train, y_train, x_test), (np.stack([x_train] * 2), np.stack([y_train] * 2),
+                                                    np.stack([x_test] * 2))]:
+        model = train.MLP([6, 8, 3], norm=BatchNorm, n_models=2)
+        h = train.fit(model, (xt, yt, xs, y_test), steps=6, lr=0.1, batch_size=20, eval_every=3, progress=False)
+        results.append((h.test_acc, model.weights[0].copy()))
+        train.accuracy(model, xs, y_test, batch_size=10, batch_stats=True)
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    # different data per model: model 1 sees its inputs negated, with its own labels; the sampler sees row m
+    seen = []
+    def sampler(rng, y, batch_size):
+        seen.append(y.shape)
+        return train.iid_batches(rng, y, batch_size)
+    model = train.MLP([6, 8, 3], norm=BatchNorm, n_models=2)
+    train.fit(model, (np.stack([x_train, -x_train]), np.stack([y_train, (y_train + 1) % 3]), x_test, y_test),
+              steps=2, lr=0.1, batch_size=20, sampler=sampler, progress=False)
+    assert seen == [(120,)] * 4
+
+
+def test_precise_bn_leaves_frozen_statistics_alone_and_restores_modes():
+    from bnlib.variants import FrozenBatchNorm
+    def frozen(c):
+        layer = FrozenBatchNorm(c)
+        layer.running_mean[...], layer.running_var[...] = 3.0, 4.0
+        return layer
+    x_train = toy_data()[0]
+    model = train.MLP([6, 8, 5, 3], norm=frozen).eval()
+    train.precise_bn(model, x_train, batch_size=10, num_batches=3)
+    for layer in model.norm_layers():
+        np.testing.assert_array_equal(layer.running_mean, 3.0)        # pretrained statistics kept
+        np.testing.assert_array_equal(layer.running_var, 4.0)
+        assert not layer.training                                     # and the mode it was in
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    for mode in (False, True):
+        model.train(mode)
+        train.precise_bn(model, x_train, batch_size=10, num_batches=3)
+        layer = model.norm_layers()[0]
+        assert layer.training == mode and layer.momentum == 0.1 and layer.num_batches_tracked == 3
+
+
+def test_fit_records_a_diverged_network_and_non_finite_logits_count_as_wrong():
+    """Evaluation of a diverged network computes NaN (as torch does); fit keeps going and records it."""
+    class NaNInEval(BatchNorm):                     # evaluation with non-finite running statistics
+        def forward(self, x):
+            y = super().forward(x)
+            return y if self.training else np.full_like(y, np.nan)
+    x_train, y_train, x_test, y_test = data = toy_data()
+    model = train.MLP([6, 8, 3], norm=NaNInEval, n_models=2)
+    h = train.fit(model, data, steps=4, lr=0.1, batch_size=20, eval_every=2, progress=False)
+    assert h.test_acc.shape == (3, 2) and (h.test_acc == 0).all()    # not argmax's class 0 (a third of y)
+    assert np.isfinite(h.train_loss[1:]).all()
+    plain = train.MLP([6, 8, 3])
+    plain.weights[1][...] = np.nan
+    assert (train.accuracy(plain, x_test, np.zeros_like(y_test)) == 0).all()
+
+
+def test_progress_bar_falls_back_without_tqdm(monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setitem(sys.modules, "tqdm", None)                   # as after `pip install .` (numpy only)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    h = train.fit(train.MLP([6, 8, 3], norm=BatchNorm), toy_data(), steps=2, lr=0.1, batch_size=20)
+    assert list(h.steps) == [0, 1, 2]
+
+
+def test_class_batches_name_the_counts_they_cannot_meet():
+    y = np.repeat(np.arange(3), [10, 12, 16])
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"num_classes=5\).*only 3 classes"):
+        train.class_batches(5)(rng, y, 8)
+    with pytest.raises(ValueError, match=r"batch_size=30 is more than the 22 examples of the 2 smallest classes"):
+        train.class_batches(2)(rng, y, 30)
+    assert train.class_batches(2)(rng, y, 22).shape == (22,)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        train.class_batches(0)
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    with pytest.raises(ValueError, match="batch_size=50"):
+        train.fit(model, toy_data(), steps=1, lr=0.1, batch_size=50, sampler=train.class_batches(1), progress=False)
+
+
+def test_accuracy_rejects_zero_chunks_and_empty_test_sets():
+    x_train, y_train, x_test, y_test = toy_data()
+    model = train.MLP([6, 8, 3])
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        train.accuracy(model, x_test, y_test, chunk=0)
+    with pytest.raises(ValueError, match="no examples"):
+        train.accuracy(model, x_test[:0], y_test[:0])
+    with pytest.raises(ValueError, match="x_test holds no examples"):
+        train.fit(model, (x_train, y_train, x_test[:0], y_test[:0]), steps=1, lr=0.1, progress=False)
