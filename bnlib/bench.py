@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="--gpu: also time torch.compile'd batch norm")
     parser.add_argument("--portable", action="store_true",
                         help="--gpu only: also time chapters 02-03's portable code on CuPy arrays")
-    parser.add_argument("--compile-budget", type=float, default=60.0, metavar="S",
+    parser.add_argument("--compile-budget", type=float, default=None, metavar="S",
                         help="--gpu --compile: stop compiling new cases after S seconds in all (default 60)")
     parser.add_argument("--modules", action="store_true",
                         help="--gpu only: also time torch.nn vs bnlib.nn BatchNorm modules through autograd")
@@ -224,6 +224,17 @@ def main(argv=None) -> int:
         parser.error("--launchers chooses how CUDA kernels are launched and needs --gpu")
     if args.portable and not args.gpu:
         parser.error("--portable times CuPy arrays and needs --gpu")
+    if (args.compile or args.compile_budget is not None) and not args.gpu:
+        parser.error("--compile and --compile-budget time torch.compile on the GPU and need --gpu")
+    if args.compile_budget is not None and not args.compile_budget > 0:
+        parser.error(f"--compile-budget must be > 0 seconds, got {args.compile_budget}")
+    if args.threads is not None and (args.threads < 1 or args.gpu):
+        parser.error(f"--threads sets the CPU benchmark's threads and must be >= 1, got {args.threads}"
+                     if args.threads < 1 else "--threads sets the CPU benchmark's threads; --gpu does not use it")
+    if args.json:                                   # before the run, not after it: the results would be lost
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            parser.error(f"--json {args.json}: the folder {folder} does not exist or is not writable")
     if args.gpu:
         from bnlib import cuda                      # chapter 05; needs CuPy and a CUDA device
         if not cuda.available():
@@ -237,7 +248,8 @@ def main(argv=None) -> int:
                 with open(args.json, "w") as f:
                     json.dump({"environment": env, "partial": True, "results": rows}, f, indent=1)
         rows = gpu.bench_gpu(repeats=args.repeats, progress=not args.no_progress, compile=args.compile,
-                             compile_budget_s=args.compile_budget, modules=args.modules,
+                             compile_budget_s=60.0 if args.compile_budget is None else args.compile_budget,
+                             modules=args.modules,
                              launchers=tuple(args.launchers), on_rows=save_partial, portable=args.portable)
         table = gpu.format_gpu_table(rows)
     else:

@@ -40,8 +40,9 @@ class BNCache(NamedTuple):
 
 def _check_input(x, name: str = "x") -> int:
     """Validate an (N, C, *spatial) floating-point array; return C."""
-    if not (hasattr(x, "ndim") and hasattr(x, "dtype") and hasattr(x, "shape")):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
+    if not (hasattr(x, "ndim") and isinstance(getattr(x, "dtype", None), np.dtype) and hasattr(x, "shape")):
+        hint = " (for torch tensors, use bnlib.nn's layers)" if type(x).__name__ == "Tensor" else ""
+        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}{hint}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (N, C) or (N, C, *spatial), "
                          f"got shape {tuple(x.shape)} with {x.ndim} dimension(s)")

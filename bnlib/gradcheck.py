@@ -25,9 +25,11 @@ def numerical_gradient(f, x, dy, h: float = 1e-5):
     """
     _as_float64_array(x, "x")
     _as_float64_array(dy, "dy")
-    if not (h > 0 and np.isfinite(h)):
+    if isinstance(h, bool) or not isinstance(h, (int, float, np.floating)) or not (h > 0 and np.isfinite(h)):
         raise ValueError(f"h must be a finite number > 0, got {h!r}")
-    x = np.array(x, dtype=np.float64, copy=True)   # f sees this copy; the caller's x never changes
+    # f sees this copy (the caller's x never changes); C order, so that reshape(-1) below is a view
+    # of it and each step reaches f (a Fortran-ordered copy would be copied again by the reshape)
+    x = np.array(x, dtype=np.float64, order="C", copy=True)
     flat = x.reshape(-1)
     grad = np.empty(flat.size)
     for k in range(flat.size):

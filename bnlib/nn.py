@@ -126,6 +126,8 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, eps, running=None):
         acc = _compute_dtype(x)
+        if x.is_meta:                           # shapes only (deferred initialization, shape inference)
+            return torch.empty_like(x), *(x.new_empty(x.shape[1], dtype=acc) for _ in range(3))
         if _torch_kernels(x):                   # chapter 05's kernels, torch tensors in and out
             w, b = _params_for_kernels(weight, bias, acc)
             return cuda.forward_torch(x, w, b, eps, **dict(zip(_RUNNING_KEYS, running or ())))
@@ -225,6 +227,8 @@ class BatchNormInferenceFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, running_mean, running_var, weight, bias, eps):
         acc = _compute_dtype(x)
+        if x.is_meta:
+            return torch.empty_like(x)
         if _torch_kernels(x):
             w, b = _params_for_kernels(weight, bias, acc)
             return cuda.inference_torch(x, running_mean.to(acc), running_var.to(acc), w, b, eps)
@@ -521,25 +525,33 @@ _TORCH_TO_BNLIB = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: Batc
 
 
 def _copy_bn(source, cls, **extra):
-    """A new `cls` layer with the settings, state, device, dtype and mode of the BN layer `source`."""
+    """A new `cls` layer with the settings and mode of the BN layer `source`, holding the very same
+    parameter and buffer objects (as torch's convert_sync_batchnorm does): an optimizer built before
+    the conversion keeps training them, and nothing is copied."""
     like = source.weight if source.affine else source.running_mean
     factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
     new = cls(source.num_features, eps=source.eps, momentum=source.momentum, affine=source.affine,
               track_running_stats=source.track_running_stats, **factory, **extra,
               bias=getattr(source, "bias", None) is not None)
-    new.load_state_dict(source.state_dict())
-    for name in ("weight", "bias"):
-        if getattr(source, name) is not None:
-            getattr(new, name).requires_grad_(getattr(source, name).requires_grad)
+    for name in list(new._parameters) + list(new._buffers):
+        setattr(new, name, getattr(source, name, None))
     return new.train(source.training)
+
+
+def _check_module(module, what):
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{what} takes a torch.nn.Module, got {type(module).__name__}")
 
 
 def convert_batchnorm(module):
     """Replace every torch.nn.BatchNorm1d/2d/3d inside `module` with bnlib's, state preserved.
 
     Returns the converted module (the same object, changed in place, unless `module` itself is a
-    torch BatchNorm layer, in which case the new layer is returned).
+    torch BatchNorm layer, in which case the new layer is returned). The new layers hold the same
+    parameter and buffer objects as the old ones. Only the exact classes are replaced: a subclass
+    of torch's BatchNorm may change its forward, and is left as it is.
     """
+    _check_module(module, "convert_batchnorm")
     cls = _TORCH_TO_BNLIB.get(type(module))
     if cls is not None:
         return _copy_bn(module, cls)
@@ -755,7 +767,9 @@ class SyncBatchNorm(_BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
-        """Replace every BatchNorm1d/2d/3d (torch's or bnlib's) in `module` with SyncBatchNorm, state kept."""
+        """Replace every BatchNorm1d/2d/3d (torch's or bnlib's) in `module` with SyncBatchNorm holding the
+        same parameter and buffer objects, as torch's convert_sync_batchnorm does."""
+        _check_module(module, "convert_sync_batchnorm")
         if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
                                BatchNorm1d, BatchNorm2d, BatchNorm3d)):
             return _copy_bn(module, cls, process_group=process_group)
@@ -882,6 +896,8 @@ class FrozenBatchNorm2d(torch.nn.Module):
     @classmethod
     def from_batch_norm(cls, bn):
         """A FrozenBatchNorm2d with the eps, statistics and affine parameters of a BatchNorm2d `bn`."""
+        if not isinstance(bn, BATCHNORM_TYPES):
+            raise TypeError(f"from_batch_norm takes a batch-norm layer (torch's or bnlib's), got {type(bn).__name__}")
         if not (bn.affine and bn.track_running_stats):
             raise ValueError("from_batch_norm needs a BatchNorm with affine=True and track_running_stats=True")
         frozen = cls(bn.num_features, eps=bn.eps, device=bn.weight.device, dtype=bn.weight.dtype)

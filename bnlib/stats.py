@@ -57,7 +57,12 @@ def moments(x) -> Moments:
     """Two-pass per-channel moments of x, shape (N, C, *spatial), summed in the data's precision
     (float32 for float16/float32 data): the experiments below measure exactly that.
     batch_norm_forward goes one step further and sums its mean in float64."""
+    if not (hasattr(x, "dtype") and hasattr(x, "ndim")) or getattr(x.dtype, "kind", None) != "f":
+        raise TypeError(f"moments needs a floating-point array, got {getattr(x, 'dtype', type(x).__name__)} "
+                        "(an integer mean would be truncated: convert with .astype(np.float64))")
     axes = reduction_axes(x.ndim)
+    if x.shape[1] == 0:
+        raise ValueError(f"moments needs at least one channel, got shape {tuple(x.shape)}")
     acc = accumulation_dtype(x.dtype)
     mean = x.mean(axis=axes, dtype=acc)
     centered = x - mean.reshape(channel_shape(x.ndim, x.shape[1]))
@@ -85,8 +90,8 @@ def welford(x, chunk_size: int = 1) -> Moments:
     larger chunks merge two-pass partial moments with Chan's formula. Slow (a Python loop):
     for teaching and for checking the fast paths.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     total = Moments(0, None, None)
     for start in range(0, x.shape[0], chunk_size):
         total = merge_moments(total, moments(x[start:start + chunk_size]))

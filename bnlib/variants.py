@@ -18,9 +18,15 @@ def normalize(x, axes, eps=1e-5):
 
     x: any float array; axes: tuple of the axes that share one mean and variance.
     Returns x_hat (x's shape) and inv_std (x's shape with size 1 on `axes`), both in the
-    accumulation dtype (float32 for float16 x, x's dtype otherwise).
+    accumulation dtype (float32 for float16 x, x's dtype otherwise). An empty x comes back as it is
+    (inv_std all ones), without the warnings of a mean over nothing.
     """
+    if getattr(getattr(x, "dtype", None), "kind", None) != "f":
+        raise TypeError(f"normalize needs a floating-point NumPy array, got {getattr(x, 'dtype', type(x).__name__)}")
     acc = accumulation_dtype(x.dtype)
+    if x.size == 0:
+        reduced = {a % x.ndim for a in axes}
+        return x.astype(acc), np.ones([1 if i in reduced else n for i, n in enumerate(x.shape)], acc)
     mean = x.mean(axis=axes, keepdims=True, dtype=np.float64).astype(acc)
     x_hat = x.astype(acc) - mean                                # a new array: x is never modified
     var = (x_hat * x_hat).mean(axis=axes, keepdims=True)
@@ -36,6 +42,8 @@ def normalize_backward(dx_hat, x_hat, inv_std, axes):
     dx_hat is the gradient with respect to x_hat (dy times the scale); all arrays of x's shape
     except inv_std (size 1 on `axes`).
     """
+    if dx_hat.size == 0:                                        # nothing to differentiate, no warnings
+        return inv_std * dx_hat
     mean_g = dx_hat.mean(axis=axes, keepdims=True)
     mean_gx = (dx_hat * x_hat).mean(axis=axes, keepdims=True)
     return inv_std * (dx_hat - mean_g - x_hat * mean_gx)
@@ -315,6 +323,15 @@ class InstanceNorm(GroupNorm):
                 f"track_running_stats={self.track_running_stats}, momentum={self.momentum})")
 
 
+def _check_renorm_limits(r_max, d_max):
+    """(r_max, d_max) as floats, or ValueError: r_max >= 1 and d_max >= 0, both finite."""
+    if isinstance(r_max, bool) or not (isinstance(r_max, numbers.Real) and np.isfinite(r_max) and r_max >= 1):
+        raise ValueError(f"r_max must be a finite number >= 1, got {r_max!r}")
+    if isinstance(d_max, bool) or not (isinstance(d_max, numbers.Real) and np.isfinite(d_max) and d_max >= 0):
+        raise ValueError(f"d_max must be a finite number >= 0, got {d_max!r}")
+    return float(r_max), float(d_max)
+
+
 class BatchRenorm(BatchNorm):
     """Batch renormalization (Ioffe, 2017) for NumPy arrays, with layers.BatchNorm's interface.
 
@@ -344,11 +361,7 @@ class BatchRenorm(BatchNorm):
 
     def set_limits(self, r_max, d_max):
         """Set the clipping limits: r in [1/r_max, r_max], d in [-d_max, d_max]."""
-        if isinstance(r_max, bool) or not (isinstance(r_max, numbers.Real) and np.isfinite(r_max) and r_max >= 1):
-            raise ValueError(f"r_max must be a finite number >= 1, got {r_max!r}")
-        if isinstance(d_max, bool) or not (isinstance(d_max, numbers.Real) and np.isfinite(d_max) and d_max >= 0):
-            raise ValueError(f"d_max must be a finite number >= 0, got {d_max!r}")
-        self.r_max, self.d_max = float(r_max), float(d_max)
+        self.r_max, self.d_max = _check_renorm_limits(r_max, d_max)
         return self
 
     def correction(self, mean, var):
@@ -405,6 +418,7 @@ def batch_renorm_limits(step, warmup_steps=5000, r_max=3.0, r_max_step=40000, d_
                         ("d_max_step", d_max_step)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    r_max, d_max = _check_renorm_limits(r_max, d_max)
     if r_max_step <= warmup_steps or d_max_step <= warmup_steps:
         raise ValueError(f"r_max_step ({r_max_step}) and d_max_step ({d_max_step}) must be later than "
                          f"warmup_steps ({warmup_steps})")
@@ -443,9 +457,10 @@ class GhostBatchNorm(BatchNorm):
 
     def forward(self, x):
         """Normalize each virtual batch with its own statistics (training); BatchNorm's map in evaluation."""
-        if not self.training or getattr(x, "size", 1) == 0:   # empty: BatchNorm's empty output
-            return super().forward(x)
         self._check_channels(x)
+        F._check_input(x)                                     # a NumPy or CuPy array of a float dtype
+        if not self.training or x.size == 0:                  # empty: BatchNorm's empty output
+            return super().forward(x)
         n, vbs = x.shape[0], self.virtual_batch_size
         per_example = x.size // max(n * x.shape[1], 1)                    # values per example and channel
         last = n - (n - 1) // vbs * vbs if n else 0                        # examples in the last virtual batch

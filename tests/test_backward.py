@@ -112,3 +112,20 @@ def test_portable_backward_is_accurate_at_a_large_offset():
         assert dx.dtype == dgamma.dtype == dbeta.dtype == np.float32
         for got, want in zip((dx, dgamma, dbeta), ref):
             assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("make", [lambda a: a, lambda a: a.T, lambda a: np.asfortranarray(a), lambda a: a[:, ::2],
+                                  lambda a: a[::-1]])
+def test_numerical_gradient_for_every_memory_order(make):
+    """The perturbed copy must be the array f sees, whatever the input's memory order (a Fortran-ordered
+    copy once made every difference 0)."""
+    x = make(np.random.default_rng(0).normal(size=(4, 6)))
+    dy = np.random.default_rng(1).normal(size=x.shape)
+    grad = numerical_gradient(lambda t: t ** 2, x, dy)
+    np.testing.assert_allclose(grad, 2 * x * dy, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("h", [None, "1e-5", 0, -1e-3, float("nan"), True])
+def test_numerical_gradient_refuses_a_bad_step(h):
+    with pytest.raises(ValueError, match="h must be"):
+        numerical_gradient(lambda t: t, np.ones(2), np.ones(2), h=h)

@@ -233,3 +233,15 @@ def test_far_mean_small_sigma_regression(cpu_backend):
     assert np.abs(y - y_ref).max() < 1e-6
     assert np.abs(dx - dx_ref).max() < 2e-5 * np.abs(dx_ref).max()
     assert np.abs(dgamma - dg_ref).max() < 1e-3 and np.abs(dbeta - db_ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"), (["--gpu", "--threads", "2"], "--threads"),
+    (["--compile"], "need --gpu"), (["--compile-budget", "5"], "need --gpu"),
+    (["--gpu", "--compile", "--compile-budget", "0"], "--compile-budget"),
+    (["--json", "/nonexistent_folder_of_bnlib/out.json"], "does not exist")])
+def test_bench_command_line_refuses_bad_arguments_before_running(argv, words, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "bench_cpu", lambda **kw: pytest.fail("the benchmark must not run"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err

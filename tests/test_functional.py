@@ -301,3 +301,22 @@ def test_cupy_route_returns_early_for_an_empty_batch(monkeypatch):
         assert dgamma.dtype == dbeta.dtype == gamma.dtype and not dgamma.any() and not dbeta.any()
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             F.batch_norm_forward(np.ones((1, 3), dtype).view(stand_in), gamma, None)
+
+
+def test_torch_tensor_input_is_refused_by_name():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="got Tensor.*bnlib.nn"):
+        F.batch_norm_forward(torch.ones(4, 3))
+    with pytest.raises(TypeError, match="got Tensor"):
+        F.batch_norm_inference(torch.ones(4, 3), np.zeros(3), np.ones(3))
+
+
+def test_moments_and_welford_refuse_what_they_would_get_wrong():
+    from bnlib import stats
+    with pytest.raises(TypeError, match="floating-point"):
+        stats.moments(np.array([[0], [1]]))           # an integer mean would be truncated to 0
+    with pytest.raises(ValueError, match="channel"):
+        stats.moments(np.zeros((3, 0)))
+    for bad in (2.5, None, True, 0):
+        with pytest.raises(ValueError, match="chunk_size"):
+            stats.welford(np.ones((4, 2)), bad)

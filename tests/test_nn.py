@@ -1466,3 +1466,43 @@ def test_torch_level_kernel_path_under_torch_func_grad(monkeypatch):
     for part in range(2):
         for k in grads[0][part]:
             torch.testing.assert_close(grads[1][part][k], grads[0][part][k], atol=1e-10, rtol=1e-10)
+
+
+
+# ----------------------------------------------------------------------------- conversions and odd devices
+
+@pytest.mark.parametrize("convert", [bnn.convert_batchnorm, bnn.SyncBatchNorm.convert_sync_batchnorm])
+def test_conversion_keeps_the_parameter_and_buffer_objects(convert):
+    """As torch's convert_sync_batchnorm: an optimizer built before the conversion trains the new layer."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    old = model[1]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model = convert(model)
+    assert type(model[1]) is not type(old)
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        assert getattr(model[1], name) is getattr(old, name), name
+    model(torch.randn(6, 3)).sum().backward()
+    before = model[1].bias.detach().clone()
+    opt.step()
+    assert not torch.equal(model[1].bias, before)                  # the optimizer's parameter is the layer's
+
+
+def test_conversions_refuse_what_is_not_a_module():
+    for call in (lambda: bnn.convert_batchnorm(None), lambda: bnn.SyncBatchNorm.convert_sync_batchnorm("model")):
+        with pytest.raises(TypeError, match="torch.nn.Module"):
+            call()
+
+
+def test_convert_batchnorm_leaves_subclasses_alone():
+    class MyBN(torch.nn.BatchNorm2d):
+        pass
+    layer = MyBN(3)
+    assert bnn.convert_batchnorm(layer) is layer
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_meta_device_gives_shapes_as_torch(training):
+    for cls in (torch.nn.BatchNorm2d, bnn.BatchNorm2d):
+        layer = cls(3, device="meta").train(training)
+        y = layer(torch.empty(2, 3, 4, 4, device="meta"))
+        assert y.shape == (2, 3, 4, 4) and y.device.type == "meta"

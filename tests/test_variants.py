@@ -418,6 +418,12 @@ def test_nn_frozen_batch_norm_2d_invalid_dtypes_raise_and_change_no_state():
     (lambda: V.GroupNorm(2, 4)(np.zeros((2, 4), dtype=np.int64)), TypeError, "dtype"),
     (lambda: V.InstanceNorm(4)(np.zeros((2, 4))), ValueError, "spatial position"),
     (lambda: V.LayerNorm(4).backward(np.zeros((2, 4))), ValueError, "forward"),
+    (lambda: V.normalize(np.arange(6).reshape(2, 3), (1,)), TypeError, "floating-point"),
+    (lambda: V.batch_renorm_limits(10, r_max=0.5), ValueError, "r_max"),
+    (lambda: V.batch_renorm_limits(10, d_max=-1.0), ValueError, "d_max"),
+    (lambda: V.GhostBatchNorm(3, 4)(torch.zeros(8, 3)), TypeError, "Tensor"),
+    (lambda: V.BatchRenorm(3)(torch.zeros(8, 3)), TypeError, "Tensor"),
+    (lambda: FrozenBatchNorm2d.from_batch_norm(torch.nn.Linear(3, 3)), TypeError, "Linear"),
 ])
 def test_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
@@ -506,3 +512,14 @@ def test_renorm_and_ghost_empty_batch_return_empty_and_keep_state(make, shape):
     layer.grad_weight[...] = 7.0
     dx = layer.backward(np.zeros(shape, np.float32))
     assert dx.shape == shape and not layer.grad_weight.any() and not layer.grad_bias.any()
+
+
+@pytest.mark.filterwarnings("error")                  # torch is silent here, and so must we be
+@pytest.mark.parametrize("make, shape", [(lambda: V.GroupNorm(3, 6), (4, 6, 0)), (lambda: V.LayerNorm(4), (0, 4)),
+                                         (lambda: V.GroupNorm(2, 4), (0, 4, 3))])
+def test_zero_size_input_gives_empty_output_without_warnings(make, shape):
+    layer = make()
+    x = np.ones(shape, np.float32)
+    y = layer(x)
+    dx = layer.backward(np.ones_like(x))
+    assert y.shape == dx.shape == shape and y.dtype == dx.dtype == np.float32
