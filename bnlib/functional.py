@@ -54,7 +54,7 @@ def _check_input(x, name: str = "x") -> int:
     return x.shape[1]
 
 
-def _check_channel_vector(v, name: str, num_channels: int, x_shape, finite: bool = False):
+def _check_channel_vector(v, name: str, num_channels: int, x_shape):
     """Validate a per-channel parameter or statistic: None, or a float array of shape (C,)."""
     if v is None:
         return
@@ -66,8 +66,6 @@ def _check_channel_vector(v, name: str, num_channels: int, x_shape, finite: bool
                          f"got shape {tuple(v.shape)}")
     if v.dtype.kind != "f":
         raise TypeError(f"{name} must have a floating-point dtype, got {v.dtype}")
-    if finite and not bool(get_array_module(v).isfinite(v).all()):
-        raise ValueError(f"{name} contains NaN or inf; running statistics must be finite")
 
 
 def _check_eps(eps):
@@ -133,13 +131,15 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
 def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, eps: float = 1e-5):
     """Inference-mode batch norm (Algorithm 2): a fixed per-channel affine map.
 
-    Inputs:  x (N, C, *spatial); running_mean, running_var (C,), finite, var >= 0;
+    Inputs:  x (N, C, *spatial); running_mean, running_var (C,), var >= 0;
              gamma, beta (C,) or None.  Returns y with x's shape and dtype:
     y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
+    NaN or inf in the running statistics (a network whose training diverged) is not an error: as in
+    torch, it carries through to the output of that channel, so that the divergence can be seen.
     """
     num_channels = _check_input(x)
-    _check_channel_vector(running_mean, "running_mean", num_channels, x.shape, finite=True)
-    _check_channel_vector(running_var, "running_var", num_channels, x.shape, finite=True)
+    _check_channel_vector(running_mean, "running_mean", num_channels, x.shape)
+    _check_channel_vector(running_var, "running_var", num_channels, x.shape)
     _check_channel_vector(gamma, "gamma", num_channels, x.shape)
     _check_channel_vector(beta, "beta", num_channels, x.shape)
     _check_eps(eps)

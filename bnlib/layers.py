@@ -91,7 +91,7 @@ class BatchNorm:
     gives an empty output and changes no state, in training too (torch also leaves the running
     statistics alone, though it counts the batch in num_batches_tracked); its backward gives an
     empty dx and zero parameter gradients. Training on one value per channel raises ValueError.
-    Evaluation with a NaN or infinite running statistic raises ValueError (torch would return NaN).
+    A NaN or infinite running statistic (training diverged) gives NaN or inf in evaluation, as in torch.
     State dicts may hold NumPy arrays or torch tensors, bfloat16 ones included (read exactly as float32).
     """
 

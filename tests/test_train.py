@@ -398,6 +398,17 @@ def test_fit_records_a_diverged_network_and_non_finite_logits_count_as_wrong():
     assert (train.accuracy(plain, x_test, np.zeros_like(y_test)) == 0).all()
 
 
+def test_fit_records_a_batch_norm_network_whose_running_statistics_diverged():
+    """A learning rate far too large drives BatchNorm's running statistics to NaN or inf: evaluation
+    computes with them (as torch does) and fit returns its History instead of raising."""
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    with np.errstate(all="ignore"):
+        h = train.fit(model, toy_data(), steps=30, lr=1e6, batch_size=20, eval_every=10, progress=False)
+    layers = model.norm_layers()
+    assert not all(np.isfinite(l.running_var).all() and np.isfinite(l.running_mean).all() for l in layers)
+    assert h.test_acc.shape == (4, 1) and np.isfinite(h.test_acc).all()
+
+
 def test_progress_bar_falls_back_without_tqdm(monkeypatch):
     import io
     import sys
