@@ -18,6 +18,12 @@ from bnlib.stats import Moments, channel_shape, merge_moments, reduction_axes
 
 _HALF = (torch.float16, torch.bfloat16)
 
+# torch.compile cannot trace NumPy, CuPy or numba code: under it, the layers' forward runs as a call
+# that the compiler leaves out of its graph (a graph break), eagerly, through _eager_call. Outside a
+# compilation the check costs one function call. (torch < 2.3 has no torch.compiler.is_compiling.)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+_eager_call = torch.compiler.disable(lambda layer, x: layer.forward(x))
+
 
 def _as_array(t):
     """A tensor's data as an array without copying: a NumPy view on the CPU, a CuPy view
@@ -453,6 +459,8 @@ class _BatchNorm(torch.nn.Module):
         return self.training or (self.running_mean is None and self.running_var is None)
 
     def forward(self, x):
+        if _is_compiling():                     # under torch.compile: eagerly, outside the graph
+            return _eager_call(self, x)
         self._check_input(x)
         if x.numel() == 0:
             return self._empty_batch(x)
@@ -751,6 +759,8 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def forward(self, x):
+        if _is_compiling():
+            return _eager_call(self, x)
         self._check_input(x)
         # as torch: statistics are synchronized in training only (an evaluating process must
         # not wait for the others); evaluation without running statistics uses the local batch
@@ -911,6 +921,8 @@ class FrozenBatchNorm2d(torch.nn.Module):
                                       error_msgs)
 
     def forward(self, x):
+        if _is_compiling():                     # under torch.compile: eagerly, outside the graph (chapter 06)
+            return _eager_call(self, x)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FrozenBatchNorm2d expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.num_features:

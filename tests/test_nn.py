@@ -1506,3 +1506,23 @@ def test_meta_device_gives_shapes_as_torch(training):
         layer = cls(3, device="meta").train(training)
         y = layer(torch.empty(2, 3, 4, 4, device="meta"))
         assert y.shape == (2, 3, 4, 4) and y.device.type == "meta"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_compile_runs_the_layers_eagerly_with_the_same_results(training):
+    """torch.compile cannot trace NumPy/numba code: the layers step outside the graph (a graph break)
+    and the compiled model computes what the eager one does (backend 'eager' keeps the test quick)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1),
+                              bnn.FrozenBatchNorm2d(2), bnn.SyncBatchNorm(2)).double().train(training)
+    twin = copy.deepcopy(net)
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_()
+    y, y_twin = torch.compile(net, backend="eager")(x), twin(x_twin)
+    y.sum().backward()
+    y_twin.sum().backward()
+    torch.testing.assert_close(y, y_twin, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(x.grad, x_twin.grad, atol=1e-12, rtol=1e-12)
+    for a, b in zip(net.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
