@@ -135,7 +135,7 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
              gamma, beta (C,) or None.  Returns y with x's shape and dtype:
     y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
     NaN or inf in the running statistics (a network whose training diverged) is not an error: as in
-    torch, it carries through to the output of that channel, so that the divergence can be seen.
+    torch, a NaN gives NaN in that channel's output and an infinite variance gives beta.
     """
     num_channels = _check_input(x)
     _check_channel_vector(running_mean, "running_mean", num_channels, x.shape)
@@ -145,7 +145,8 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
     _check_eps(eps)
     xp = get_array_module(x)
     if bool((running_var < 0).any()):
-        raise ValueError("running_var must be >= 0 everywhere, got a negative entry")
+        k = int(xp.argmax(running_var < 0))
+        raise ValueError(f"running_var must be >= 0 everywhere, got {float(running_var[k])!r} at channel {k}")
     acc = accumulation_dtype(x.dtype)
     shape = channel_shape(x.ndim, num_channels)
     scale = 1.0 / xp.sqrt(running_var.astype(acc) + acc.type(eps))

@@ -18,11 +18,24 @@ from bnlib.stats import Moments, channel_shape, merge_moments, reduction_axes
 
 _HALF = (torch.float16, torch.bfloat16)
 
-# torch.compile cannot trace NumPy, CuPy or numba code: under it, the layers' forward runs as a call
-# that the compiler leaves out of its graph (a graph break), eagerly, through _eager_call. Outside a
-# compilation the check costs one function call. (torch < 2.3 has no torch.compiler.is_compiling.)
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+# torch.compile cannot follow numba's compiled kernels or CuPy, and fails on bnlib's NumPy path: while
+# Dynamo traces, the layers' forward runs as a call it leaves out of its graph (a graph break), eagerly,
+# through _eager_call. torch.export cannot leave anything out, so the layers refuse it by name. Outside
+# a compilation the checks cost two function calls. (Older torch lacks the checks: no special case.)
+_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", lambda: False)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _eager_call = torch.compiler.disable(lambda layer, x: layer.forward(x))
+
+
+def _compile_route(layer, x):
+    """None outside torch.compile and torch.export; the layer's output computed eagerly under
+    torch.compile; a TypeError under torch.export."""
+    if _is_exporting():
+        raise TypeError(f"{type(layer).__name__} cannot be exported with torch.export: its arithmetic is NumPy or "
+                        "CuPy code outside torch; export a model with torch's batch-norm layers instead")
+    if _is_compiling():
+        return _eager_call(layer, x)
+    return None
 
 
 def _as_array(t):
@@ -459,8 +472,8 @@ class _BatchNorm(torch.nn.Module):
         return self.training or (self.running_mean is None and self.running_var is None)
 
     def forward(self, x):
-        if _is_compiling():                     # under torch.compile: eagerly, outside the graph
-            return _eager_call(self, x)
+        if _is_compiling() or _is_exporting():  # torch.compile: eagerly, outside the graph; export: refused
+            return _compile_route(self, x)
         self._check_input(x)
         if x.numel() == 0:
             return self._empty_batch(x)
@@ -759,8 +772,8 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def forward(self, x):
-        if _is_compiling():
-            return _eager_call(self, x)
+        if _is_compiling() or _is_exporting():
+            return _compile_route(self, x)
         self._check_input(x)
         # as torch: statistics are synchronized in training only (an evaluating process must
         # not wait for the others); evaluation without running statistics uses the local batch
@@ -921,8 +934,8 @@ class FrozenBatchNorm2d(torch.nn.Module):
                                       error_msgs)
 
     def forward(self, x):
-        if _is_compiling():                     # under torch.compile: eagerly, outside the graph (chapter 06)
-            return _eager_call(self, x)
+        if _is_compiling() or _is_exporting():  # torch.compile: eagerly, outside the graph; export: refused
+            return _compile_route(self, x)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FrozenBatchNorm2d expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.num_features:

@@ -1508,21 +1508,47 @@ def test_meta_device_gives_shapes_as_torch(training):
         assert y.shape == (2, 3, 4, 4) and y.device.type == "meta"
 
 
+class _ConvBNConv(torch.nn.Module):
+    """A model with its own forward around each bnlib layer, so that the code between them can be compiled."""
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.conv2 = torch.nn.Conv2d(3, 4, 3), bnn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1)
+        self.frozen, self.sync = bnn.FrozenBatchNorm2d(2), bnn.SyncBatchNorm(2)
+
+    def forward(self, x):
+        return self.sync(self.frozen(self.conv2(torch.relu(self.bn(self.conv1(x)))))) * 2
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_compile_runs_the_layers_eagerly_with_the_same_results(training):
-    """torch.compile cannot trace NumPy/numba code: the layers step outside the graph (a graph break)
-    and the compiled model computes what the eager one does (backend 'eager' keeps the test quick)."""
+    """torch.compile cannot trace NumPy/numba code: each bnlib layer steps outside the graph (a graph
+    break), the code around it is compiled (the graphs are counted), and the compiled model computes
+    what the eager one does."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1),
-                              bnn.FrozenBatchNorm2d(2), bnn.SyncBatchNorm(2)).double().train(training)
+    net = _ConvBNConv().double().train(training)
     twin = copy.deepcopy(net)
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
     x = torch.randn(6, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     x_twin = x.detach().clone().requires_grad_()
-    y, y_twin = torch.compile(net, backend="eager")(x), twin(x_twin)
+    y, y_twin = torch.compile(net, backend=counting)(x), twin(x_twin)
     y.sum().backward()
     y_twin.sum().backward()
+    convs = [sum(node.op == "call_function" and "conv2d" in str(node.target) for node in g.graph.nodes) for g in graphs]
+    assert convs == [1, 1, 0], convs                 # conv1 | bn | relu, conv2 | frozen, sync | * 2
     torch.testing.assert_close(y, y_twin, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(x.grad, x_twin.grad, atol=1e-12, rtol=1e-12)
     for a, b in zip(net.state_dict().values(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_is_refused_by_name(strict):
+    with pytest.raises(Exception) as info:
+        torch.export.export(_ConvBNConv().eval(), (torch.randn(2, 3, 5, 5),), strict=strict)
+    assert not isinstance(info.value, RecursionError)
+    assert "cannot be exported" in str(info.value) or strict, str(info.value)[:300]
