@@ -114,6 +114,11 @@ def _fusable_running(running, dtype):
     return running
 
 
+_VMAP_RUNNING_STATS = ("under torch.func.vmap, batched statistics cannot go into unbatched running buffers: use evaluation "
+                       "mode, or track_running_stats=False with running_mean and running_var set to None, as for "
+                       "torch's batch norm")
+
+
 def _vmap_by_slices(function, info, in_dims, *args):
     """A vmap rule for the Functions below: bnlib's arithmetic is NumPy or CuPy, which torch.func.vmap
     cannot look into, so run `function` once per index of the mapped dimension and stack the results."""
@@ -213,6 +218,8 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, *args):
+        if len(args) > 4 and args[4] is not None:   # the CUDA kernels would update the buffers once per slice
+            raise RuntimeError(_VMAP_RUNNING_STATS)
         return _vmap_by_slices(BatchNormFunction, info, in_dims, *args)
 
 
@@ -446,9 +453,7 @@ class _BatchNorm(torch.nn.Module):
             except RuntimeError as err:
                 raise RuntimeError(f"{type(self).__name__} could not update its running statistics in place: {err}\n"
                                    "Under torch.func transforms the buffers must be inputs (torch.func.functional_call); "
-                                   "under vmap, batched statistics cannot go into unbatched buffers: use evaluation "
-                                   "mode, or track_running_stats=False with running_mean and running_var set to "
-                                   "None, as for torch's batch norm") from None
+                                   + _VMAP_RUNNING_STATS) from None
             self.running_var.copy_(new_var)
             if self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)

@@ -1552,3 +1552,19 @@ def test_torch_export_is_refused_by_name(strict):
         torch.export.export(_ConvBNConv().eval(), (torch.randn(2, 3, 5, 5),), strict=strict)
     assert not isinstance(info.value, RecursionError)
     assert "cannot be exported" in str(info.value) or strict, str(info.value)[:300]
+
+
+def test_torch_level_kernel_path_refuses_training_vmap_without_touching_the_buffers(monkeypatch):
+    """On CUDA the kernels update the running buffers inside the forward; under vmap the Function runs
+    once per slice, so it must refuse (as the CPU route does) rather than update the buffers N times."""
+    from bnlib import cuda
+    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
+    monkeypatch.setattr(cuda, "forward_torch", _contract_forward, raising=False)
+    layer = bnn.BatchNorm2d(3).double()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, 6, 3, 2, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(lambda b, x: torch.func.functional_call(layer, b, (x,)), in_dims=(None, 0))(
+            dict(layer.named_buffers()), x)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
