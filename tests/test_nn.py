@@ -1568,3 +1568,35 @@ def test_torch_level_kernel_path_refuses_training_vmap_without_touching_the_buff
             dict(layer.named_buffers()), x)
     for k, v in layer.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@needs_gpu
+def test_cuda_torch_func_and_compile_match_torch():
+    """The CUDA route (chapter 05's kernels, running buffers updated inside them) under torch.func.grad,
+    eval vmap, refused training vmap, and torch.compile: as on the CPU, against torch's layers."""
+    assert torch.cuda.is_available(), "BNLIB_REQUIRE_GPU=1 but torch sees no CUDA GPU"
+    x = torch.randn(8, 3, 9, 9, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results = []
+    for lib in (torch.nn, bnn):
+        model = _small_net(lib.BatchNorm2d).float().cuda()
+        params, buffers = _as_dict(model.named_parameters()), _as_dict(model.named_buffers())
+        grads = torch.func.grad(lambda p, b: (torch.func.functional_call(model, {**p, **b}, (x,)) ** 2).mean())(
+            params, buffers)
+        evaluated = torch.func.vmap(model.eval())(x.unsqueeze(1))
+        results.append((grads, buffers, evaluated))
+    (g_t, b_t, e_t), (g_b, b_b, e_b) = results
+    for want, got in [(g_t, g_b), (b_t, b_b)]:
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    torch.testing.assert_close(e_b, e_t, atol=1e-5, rtol=1e-5)
+    layer = bnn.BatchNorm2d(3).cuda()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(lambda b, x: torch.func.functional_call(layer, b, (x,)), in_dims=(None, 0))(
+            dict(layer.named_buffers()), torch.randn(4, 6, 3, 2, 2, device="cuda"))
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    torch._dynamo.reset()
+    net = _ConvBNConv().cuda()
+    twin = copy.deepcopy(net)
+    xc = torch.randn(6, 3, 5, 5, device="cuda")
+    torch.testing.assert_close(torch.compile(net, backend="eager")(xc), twin(xc), atol=1e-5, rtol=1e-5)
