@@ -28,14 +28,12 @@ _eager_call = torch.compiler.disable(lambda layer, x: layer.forward(x))
 
 
 def _compile_route(layer, x):
-    """None outside torch.compile and torch.export; the layer's output computed eagerly under
-    torch.compile; a TypeError under torch.export."""
+    """A layer's forward while torch traces it: a TypeError under torch.export, else (torch.compile)
+    the output computed eagerly, outside the graph."""
     if _is_exporting():
         raise TypeError(f"{type(layer).__name__} cannot be exported with torch.export: its arithmetic is NumPy or "
                         "CuPy code outside torch; export a model with torch's batch-norm layers instead")
-    if _is_compiling():
-        return _eager_call(layer, x)
-    return None
+    return _eager_call(layer, x)
 
 
 def _as_array(t):
@@ -197,19 +195,17 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_t, weight_t, bias_t, *_):
-        """Forward mode (torch.func.jvp, jacfwd): the tangent of y, in torch operations. With
-        x_hat = (x - mean) * inv_std and g = (x_t - mean(x_t)) * inv_std, y's tangent is
-        weight * (g - x_hat * mean(x_hat * g)) + weight_t * x_hat + bias_t (means per channel)."""
+        """Forward mode (torch.func.jvp, jacfwd): the tangent of y, in torch operations. The Jacobian
+        of y with respect to x is symmetric within each channel, so x_t maps to y's tangent by the
+        backward's dx formula (chapter 03) with x_t in place of dy; weight_t * x_hat + bias_t is added."""
         x, weight, mean, inv_std = ctx.saved_tensors
         axes, shape = reduction_axes(x.dim()), channel_shape(x.dim(), x.shape[1])
         x_hat = (x.to(ctx.acc) - mean.reshape(shape)) * inv_std.reshape(shape)
         y_t = torch.zeros_like(x_hat)
         if x_t is not None:
             g = x_t.to(ctx.acc)
-            g = (g - g.mean(axes, keepdim=True)) * inv_std.reshape(shape)
-            y_t = g - x_hat * (x_hat * g).mean(axes, keepdim=True)
-            if weight is not None:
-                y_t = y_t * weight.to(ctx.acc).reshape(shape)
+            scale = inv_std if weight is None else inv_std * weight.to(ctx.acc)
+            y_t = _dx_from_means(g, x_hat, scale.reshape(shape), g.mean(axes), (g * x_hat).mean(axes), shape)
         if weight_t is not None:
             y_t = y_t + weight_t.to(ctx.acc).reshape(shape) * x_hat
         if bias_t is not None:

@@ -619,6 +619,15 @@ def _contract_inference(x, running_mean, running_var, weight, bias, eps):
     return (x.to(acc) * scale + shift).to(x.dtype)
 
 
+def _use_kernel_contract(monkeypatch, wrap=lambda fn: fn):
+    """Route bnlib.nn's CUDA branch (chapter 05's torch-level kernels) to the contract above, on the CPU."""
+    from bnlib import cuda
+    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
+    for name, fn in [("forward_torch", _contract_forward), ("backward_torch", _contract_backward),
+                     ("inference_torch", _contract_inference)]:
+        monkeypatch.setattr(cuda, name, wrap(fn), raising=False)
+
+
 @pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
                                                 (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -627,7 +636,6 @@ def test_torch_level_kernel_hooks_are_used_with_their_contract(monkeypatch, dtyp
     with reference implementations of the contract (the real kernels need a GPU: -k cuda). The
     running statistics go to forward_torch when they have the compute dtype (updated there once,
     not again by the module), and are updated by the module otherwise (float16 buffers)."""
-    from bnlib import cuda
     calls, fused = [], []
 
     def spy(fn):
@@ -636,10 +644,7 @@ def test_torch_level_kernel_hooks_are_used_with_their_contract(monkeypatch, dtyp
             fused.append("running_mean" in k)
             return fn(*a, **k)
         return call
-    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
-    for name, fn in [("forward_torch", _contract_forward), ("backward_torch", _contract_backward),
-                     ("inference_torch", _contract_inference)]:
-        monkeypatch.setattr(cuda, name, spy(fn), raising=False)
+    _use_kernel_contract(monkeypatch, spy)
     theirs = torch.nn.BatchNorm2d(3, momentum=momentum).to(param_dtype)
     ours = bnn.BatchNorm2d(3, momentum=momentum).to(param_dtype)
     gen = torch.Generator().manual_seed(1)
@@ -1451,11 +1456,7 @@ def test_torch_func_forward_mode_matches_torch(training):
 def test_torch_level_kernel_path_under_torch_func_grad(monkeypatch):
     """The CUDA route (chapter 05's torch-level kernels, replaced here by their contract in torch) under
     torch.func.grad: the differentiable backward is used, and the running statistics are updated once."""
-    from bnlib import cuda
-    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
-    for name, fn in [("forward_torch", _contract_forward), ("backward_torch", _contract_backward),
-                     ("inference_torch", _contract_inference)]:
-        monkeypatch.setattr(cuda, name, fn, raising=False)
+    _use_kernel_contract(monkeypatch)
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     grads = []
     for lib in (torch.nn, bnn):
@@ -1557,9 +1558,7 @@ def test_torch_export_is_refused_by_name(strict):
 def test_torch_level_kernel_path_refuses_training_vmap_without_touching_the_buffers(monkeypatch):
     """On CUDA the kernels update the running buffers inside the forward; under vmap the Function runs
     once per slice, so it must refuse (as the CPU route does) rather than update the buffers N times."""
-    from bnlib import cuda
-    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
-    monkeypatch.setattr(cuda, "forward_torch", _contract_forward, raising=False)
+    _use_kernel_contract(monkeypatch)
     layer = bnn.BatchNorm2d(3).double()
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(4, 6, 3, 2, 2, dtype=torch.float64)
