@@ -252,3 +252,56 @@ def test_kernels_on_the_cpu_with_a_real_cards_grids(on_cpu, monkeypatch, shape, 
     assert (pl.walk, _edge(pl)) == (walk, edge) and (shape != (256, 16, 7, 7) or pl.grid[1] == 98)
     check_case(shape, channels_last, dtype, aligned=True)
     assert len(on_cpu) == 7
+
+
+@pytest.mark.parametrize("dtype, param_dtype, channels_last", [
+    (torch.float32, torch.float32, False), (torch.float16, torch.float16, True),
+    (torch.bfloat16, torch.float32, True), (torch.float64, torch.float64, False)])
+def test_bnlib_nn_layer_through_the_kernels_on_the_cpu(on_cpu, monkeypatch, dtype, param_dtype, channels_last):
+    """bnlib.nn.BatchNorm2d with its CUDA route taken: the module, its autograd Functions and bnlib.cuda's
+    host code and kernels (emulated), for two training steps and an evaluation forward, against a float64
+    torch.nn.BatchNorm2d: outputs, input and parameter gradients, running statistics. Buffers of the compute
+    dtype go to the kernels (6 launches a step); float16 buffers are updated by the module; parameters
+    reach the kernels in their own dtype (float16 here, converted by bnlib.cuda)."""
+    from bnlib import nn as bnn
+    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
+    module_updates = []
+    update = bnn._BatchNorm._update_running_stats
+    monkeypatch.setattr(bnn._BatchNorm, "_update_running_stats",
+                        lambda self, *a: (module_updates.append(1), update(self, *a))[1])
+    ours = bnn.BatchNorm2d(6).to(param_dtype)
+    ref = torch.nn.BatchNorm2d(6).double()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        w, b = torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen)
+        for m in (ours, ref):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+    tol = TOL[str(dtype).split(".")[1]]
+    for step in range(3):
+        if step == 2:
+            ours.eval(), ref.eval()
+        x = (torch.randn(4, 6, 9, 20, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype)
+        dy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
+        if channels_last:
+            x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.double().requires_grad_()
+        ya, yb = ours(xa), ref(xb)
+        ya.backward(dy)
+        yb.backward(dy.double())
+        assert ya.dtype == dtype and ya.stride() == x.stride() and xa.grad.stride() == x.stride()
+        scale = max(1.0, yb.abs().max().item())
+        assert (ya.double() - yb).abs().max() <= tol * scale
+        assert (xa.grad.double() - xb.grad).abs().max() <= 4 * tol * max(1.0, xb.grad.abs().max().item())
+        for name in ("weight", "bias"):
+            got, want = getattr(ours, name).grad, getattr(ref, name).grad
+            assert got.dtype == param_dtype
+            assert (got.double() - want).abs().max() <= 1e-3 * max(1.0, want.abs().max().item()), name
+            getattr(ours, name).grad = getattr(ref, name).grad = None
+        for name in ("running_mean", "running_var"):
+            got, want = getattr(ours, name), getattr(ref, name)
+            assert got.dtype == param_dtype
+            assert (got.double() - want).abs().max() <= 10 * tol * max(1.0, want.abs().max().item()), name
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == min(step + 1, 2)
+    assert len(on_cpu) == 2 * 6 + 1 and sum("stats_finalize" in k for k in on_cpu) == 2
+    assert len(module_updates) == (2 if param_dtype == torch.float16 else 0)   # else the finalize kernel's update

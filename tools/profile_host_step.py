@@ -10,8 +10,10 @@ measurement: on a GPU every torch operation also pays a launch, and so does ever
     OMP_NUM_THREADS=1 PYTHONPATH=. python tools/profile_host_step.py [steps] [--profile]
 
 Prints microseconds per step (best of 5 rounds) for forward_torch + backward_torch ("bare"),
-bnlib.nn.BatchNorm2d forward + backward + running-statistics update, and, for scale, an empty
-autograd.Function with a backward (the floor of any Python autograd wrapper).
+bnlib.nn.BatchNorm2d forward + backward + running-statistics update, its evaluation forward under
+torch.no_grad, and, for scale: an empty autograd.Function with a backward (the floor of any Python
+autograd wrapper), and torch.nn.BatchNorm2d's step and evaluation forward on the same CPU tensor
+(torch's host path plus its own arithmetic on 256 values: not what torch's CUDA call costs the host).
 """
 import cProfile
 import pstats
@@ -71,6 +73,8 @@ def main(steps=3000, profile=False):
     dy = torch.randn(2, 8, 4, 4, generator=gen)
     w, b = torch.ones(8), torch.zeros(8)
     module = bnn.BatchNorm2d(8).train()
+    evaluated = bnn.BatchNorm2d(8).eval()
+    torch_module, torch_evaluated = torch.nn.BatchNorm2d(8).train(), torch.nn.BatchNorm2d(8).eval()
     xr = x.clone().requires_grad_()
     wr, br = w.clone().requires_grad_(), b.clone().requires_grad_()
 
@@ -81,11 +85,25 @@ def main(steps=3000, profile=False):
     def nn_step():
         module(xr).backward(dy)
 
+    def nn_eval():
+        with torch.no_grad():
+            evaluated(x)
+
     def empty():
         _Empty.apply(xr, wr, br).backward(dy)
 
+    def torch_step():
+        torch_module(xr).backward(dy)
+
+    def torch_eval():
+        with torch.no_grad():
+            torch_evaluated(x)
+
     for name, step in (("bare forward_torch+backward_torch", bare), ("bnlib.nn.BatchNorm2d step", nn_step),
-                       ("empty autograd.Function (floor)", empty)):
+                       ("bnlib.nn.BatchNorm2d eval forward", nn_eval),
+                       ("empty autograd.Function (floor)", empty),
+                       ("torch.nn.BatchNorm2d step (CPU)", torch_step),
+                       ("torch.nn.BatchNorm2d eval (CPU)", torch_eval)):
         print(f"{name:36s} {_per_step_us(step, steps):7.1f} us/step")
     if profile:
         profiler = cProfile.Profile()
