@@ -106,6 +106,80 @@ def test_every_chapter_ends_with_exercises_and_solutions():
         assert tail.count(":::{dropdown} Solution") == tail.count("**") // 2, f"{nb.name}: an exercise lacks a solution"
 
 
+
+# Numbers in the prose that no cell prints, each with its reason: references, constants, a paper's
+# table, hand arithmetic in a solution. Everything else a chapter's prose quotes must be printed
+# (or written) by one of its code cells, so that re-executing a chapter and forgetting to update a
+# sentence fails here. An entry no longer in the prose fails too: the list stays exact.
+PROSE_NUMBERS_NOT_PRINTED = {
+    "02_forward": {"55545": "a tensorflow issue number",
+                   "1.25": "a solution's hand arithmetic (the biased variance of 1, 2, 3, 4)",
+                   "4.8": "a solution's percentage; the cell after it prints the factor it comes from"},
+    "06_pytorch": {"74944": "a pytorch pull-request number"},
+    "07_experiments": {"50,000": "the paper's MNIST step count", "20,000": "a step count the prose proposes",
+                       "110": "the depth of a cited network",
+                       # the BN paper's ImageNet table (Ioffe & Szegedy, 2015, Figure 3), quoted
+                       "72.2": "the paper's table", "0.0015": "the paper's table", "31.0": "the paper's table",
+                       "13.3": "the paper's table", "72.7": "the paper's table", "0.0075": "the paper's table",
+                       "2.1": "the paper's table", "73.0": "the paper's table", "74.8": "the paper's table",
+                       "69.8": "the paper's table", "4.9": "the paper's ensemble result"},
+    "08_variants": {"1,797": "the size of scikit-learn's digits data set"},
+    "09_faq": {"65,504": "float16's largest finite value", "100,000": "the factor in a quoted issue's example"},
+}
+_NOT_PROSE = re.compile(r"\$\$.*?\$\$|\$[^$\n]*\$|```.*?```|`[^`\n]*`|\]\([^)]*\)|https?://\S+", re.S)
+_PROSE_NUMBER = re.compile(r"(?<![\w.,])(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d{3,})(?![\w])")
+_PRINTED_NUMBER = re.compile(r"\d+(?:\.\d+)?e[+-]?\d+|\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+
+
+def _printed_forms(cells):
+    """Every number in the code cells and their text outputs, in each rounding of it a sentence may
+    quote (0.9400 also as 0.940, 0.94, 0.9 and 1; 2.7e+05 as 270000)."""
+    forms = set()
+    for cell in cells:
+        if cell["cell_type"] != "code":
+            continue
+        text = ["".join(cell["source"])]
+        for out in cell.get("outputs", []):
+            text.append("".join(out.get("text", "")))
+            text += ["".join(out.get("data", {}).get(kind, "")) for kind in ("text/plain", "text/markdown")]
+        for m in _PRINTED_NUMBER.finditer("\n".join(text)):
+            number = m.group(0).replace(",", "")
+            if "e" in number:
+                value = float(number)
+                number = str(int(value)) if value.is_integer() else repr(value)
+            forms.add(number)
+            if "." in number:
+                for digits in range(len(number.split(".")[1])):
+                    forms.add(f"{float(number):.{digits}f}")
+    return forms
+
+
+def test_every_number_in_the_prose_is_printed_by_a_cell():
+    """Decimals, thousands and numbers of three or more digits in the markdown (math, code spans and
+    links aside; years aside) occur, possibly rounded, in a code cell or a stored text output of the
+    same chapter, or are listed with their reason in PROSE_NUMBERS_NOT_PRINTED."""
+    problems = []
+    for nb in CHAPTERS:
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        printed, allowed, seen = _printed_forms(cells), PROSE_NUMBERS_NOT_PRINTED.get(nb.stem, {}), set()
+        for i, cell in enumerate(cells):
+            if cell["cell_type"] != "markdown":
+                continue
+            prose = _NOT_PROSE.sub(" ", "".join(cell["source"]))
+            for m in _PROSE_NUMBER.finditer(prose):
+                number = m.group(0)
+                if re.fullmatch(r"(19|20)\d\d", number) or number.replace(",", "") in printed:
+                    continue
+                if number in allowed:
+                    seen.add(number)
+                    continue
+                context = prose[max(0, m.start() - 60):m.end() + 20].replace("\n", " ")
+                problems.append(f"{nb.stem}, cell {i}: {number} is printed by no cell: ...{context}...")
+        problems += [f"{nb.stem}: {number!r} is listed as not printed but is no longer in the prose"
+                     for number in set(allowed) - seen]
+    assert not problems, "\n".join(problems)
+
+
 # ----------------------------------------------------------------------------- the browser test
 
 @pytest.fixture(scope="module")
