@@ -824,16 +824,20 @@ def _cdiv(a, b):
 @functools.lru_cache(maxsize=1024)
 def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, sm_count: int) -> Plan:
     """The walk for a C-contiguous (rows, channels, length) tensor: NCHW is (N, C, H*W), channels-last
-    memory is (N*H*W, C, 1), a 2-D input (N, C, 1). Large planes (length * itemsize >= 4 KB, length a
-    multiple of the vector) are walked plane by plane; everything else as columns of (rows, C*length),
-    folded so that a row holds at least TX vectors. Grids aim at 2 x SMs x 8 blocks (fewer when
+    memory is (N*H*W, C, 1), a 2-D input (N, C, 1). Large planes (length * itemsize >= 4 KB) are walked
+    plane by plane, in 16-byte vectors when length is a multiple of the vector and one value per load
+    otherwise; everything else as columns of (rows, C*length), folded so that a row holds at least TX
+    vectors. (A large plane of odd length walked as columns would give each row of the view C*length
+    columns and the finalize as many partials per channel: 12 times the tensor's size in partials for
+    (1, 3, 999, 999).) Grids aim at 2 x SMs x 8 blocks (fewer when
     the tensor has too little work for that: few planes or plane segments, or a cols walk with
     less than one row per thread)."""
     n, c, l = rows, channels, length
     vfull = _VEC[dtype_name] if aligned else 1
     target = 16 * sm_count
-    if l > 1 and l % vfull == 0 and l * _ITEMSIZE[dtype_name] >= 4096:
-        v, lv = vfull, l // vfull
+    if l > 1 and l * _ITEMSIZE[dtype_name] >= 4096:
+        v = vfull if l % vfull == 0 else 1
+        lv = l // v
         b = max(1, min(n, _cdiv(target, c), 65535))
         s = max(1, min(_cdiv(target, c * b), _cdiv(lv, 2 * PLANE_THREADS), 65535))
         seg = _cdiv(lv, s)
@@ -858,7 +862,7 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
                 c, n * l, 3 * p + 3 * c)
 
 
-_modules, _functions, _sm_counts, _streams, _workspaces = {}, {}, {}, {}, {}
+_modules, _functions, _sm_counts, _streams = {}, {}, {}, {}
 
 
 def available() -> bool:
@@ -1058,20 +1062,27 @@ def cupy_stream(torch_stream):
 
 
 def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate) -> int:
-    """A scratch buffer of at least nbytes for the partial results, kept per (owner, device, stream):
-    kernels on one stream run in order, so consecutive calls can share it. Returns its address."""
+    """A scratch buffer of at least nbytes for the partial results, kept per host thread and per
+    (owner, device, stream): kernels on one stream run in order, so one thread's consecutive calls can
+    share it. Per thread, because two threads launching on one stream can interleave their launches,
+    and one call's finalize would then merge the other call's partials. A buffer goes back to its
+    allocator (torch's or CuPy's, which reuse memory in stream order) when it is outgrown or its
+    thread ends. Returns its address."""
+    cache = getattr(_thread, "workspaces", None)
+    if cache is None:
+        cache = _thread.workspaces = {}
     key = (owner, dev, stream_ptr)
-    entry = _workspaces.get(key)
+    entry = cache.get(key)
     if entry is None or entry[1] < nbytes:
         size = max(nbytes, 1 << 20)
         buffer, ptr = allocate(size)
-        entry = _workspaces[key] = (buffer, size, ptr)
+        entry = cache[key] = (buffer, size, ptr)
     return entry[2]
 
 
 def workspace_bytes() -> int:
-    """Bytes held by the cached scratch buffers (all devices and streams)."""
-    return sum(entry[1] for entry in _workspaces.values())
+    """Bytes held by the calling thread's cached scratch buffers (all devices and streams)."""
+    return sum(entry[1] for entry in getattr(_thread, "workspaces", {}).values())
 
 
 # ----------------------------------------------------------------------------------- the passes
@@ -1372,16 +1383,16 @@ def _cupy_vector(v, acc):
 
 
 def forward(x, gamma, beta, eps):
-    """Training forward of a CuPy array on CuPy's current stream (bnlib.functional's GPU route).
-
-    Returns y (x's shape, dtype and memory layout), mean, var (biased), inv_std (accumulation dtype).
+    """Training forward of a CuPy array on CuPy's current stream of x's device (bnlib.functional's GPU
+    route). Returns y (x's shape, dtype and memory layout), mean, var (biased), inv_std (accumulation
+    dtype), all on x's device.
     """
     import cupy
-    x, _, c, acc, dev, pl, ws = _cupy_setup(x)
-    gamma, beta = _cupy_vector(gamma, acc), _cupy_vector(beta, acc)
-    y = cupy.empty_like(x)                              # order 'K': keeps channels-last strides
-    mean, var, inv_std = cupy.empty(c, acc), cupy.empty(c, acc), cupy.empty(c, acc)
-    with cupy.cuda.Device(dev):
+    with cupy.cuda.Device(x.device.id):                 # every allocation and launch on x's device
+        x, _, c, acc, dev, pl, ws = _cupy_setup(x)
+        gamma, beta = _cupy_vector(gamma, acc), _cupy_vector(beta, acc)
+        y = cupy.empty_like(x)                          # order 'K': keeps channels-last strides
+        mean, var, inv_std = cupy.empty(c, acc), cupy.empty(c, acc), cupy.empty(c, acc)
         _run_forward(dev, pl, x.dtype.name, x.data.ptr, y.data.ptr, mean.data.ptr, var.data.ptr, inv_std.data.ptr,
                      gamma.data.ptr if gamma is not None else 0, beta.data.ptr if beta is not None else 0, eps, ws)
     return y, mean, var, inv_std
@@ -1390,11 +1401,11 @@ def forward(x, gamma, beta, eps):
 def backward(dy, x, mean, inv_std, gamma):
     """Training backward of CuPy arrays: dx (x's layout), dgamma, dbeta (accumulation dtype)."""
     import cupy
-    x, dy, c, acc, dev, pl, ws = _cupy_setup(x, dy)
-    mean, inv_std, gamma = _cupy_vector(mean, acc), _cupy_vector(inv_std, acc), _cupy_vector(gamma, acc)
-    dx = cupy.empty_like(x)
-    dgamma, dbeta = cupy.empty(c, acc), cupy.empty(c, acc)
-    with cupy.cuda.Device(dev):
+    with cupy.cuda.Device(x.device.id):                 # every allocation and launch on x's device
+        x, dy, c, acc, dev, pl, ws = _cupy_setup(x, dy)
+        mean, inv_std, gamma = _cupy_vector(mean, acc), _cupy_vector(inv_std, acc), _cupy_vector(gamma, acc)
+        dx = cupy.empty_like(x)
+        dgamma, dbeta = cupy.empty(c, acc), cupy.empty(c, acc)
         _run_backward(dev, pl, x.dtype.name, dy.data.ptr, x.data.ptr, dx.data.ptr, mean.data.ptr, inv_std.data.ptr,
                       gamma.data.ptr if gamma is not None else 0, dgamma.data.ptr, dbeta.data.ptr, ws)
     return dx, dgamma, dbeta

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -119,11 +120,14 @@ def _finalize_slots(pl, c):
     (5, 3, 561, "float32", True, 2), (2, 2049, 1, "float64", True, 4), (9, 70, 9, "bfloat16", True, 2),
     (4, 5, 18, "float32", False, 2), (6, 2, 2048, "float16", True, 2), (3, 4, 1024, "float32", True, 1),
     (8, 2, 4096, "float64", True, 3), (7, 3, 1, "float32", True, 2), (40 * 3, 5, 1, "bfloat16", True, 2),
-    (2, 3, 1030, "float32", True, 2)])
+    (2, 3, 1030, "float32", True, 2), (3, 2, 1027, "float32", True, 2), (2, 2, 2050, "float16", True, 3)])
 def test_planned_walks_read_every_value_once_and_finalize_finds_every_partial(rows, channels, length, dtype,
                                                                                aligned, sms):
     pl = cuda.plan(rows, channels, length, dtype, aligned, sms)
-    assert pl.vec == (cuda._VEC[dtype] if aligned else 1)
+    large_planes = length > 1 and length * cuda._ITEMSIZE[dtype] >= 4096      # odd lengths too: scalar loads
+    assert pl.walk == ("planes" if large_planes else "cols")
+    vectors = aligned and (pl.walk == "cols" or length % cuda._VEC[dtype] == 0)
+    assert pl.vec == (cuda._VEC[dtype] if vectors else 1)
     seen, slot_channel, slot_of = _replay(pl)
     assert (seen == 1).all(), "a value read twice or never"
     channel_of = (np.arange(rows * channels * length) // length) % channels
@@ -446,8 +450,55 @@ def _emulated_torch_device(monkeypatch):
     monkeypatch.setattr(cuda, "_check_cuda_tensor", lambda x, name: None)
     monkeypatch.setattr(cuda, "_torch_stream", lambda d: 0)
     monkeypatch.setattr(cuda, "_sm_count", lambda d: 2)
-    monkeypatch.setattr(cuda, "_workspaces", {})
+    monkeypatch.setattr(cuda, "_thread", threading.local())      # no cached workspace or argument buffer
     return device
+
+
+def test_a_large_plane_of_odd_length_is_walked_as_planes_with_little_scratch():
+    """A plane of 4 KB or more whose length is not a multiple of the vector is walked as planes, one value
+    per load, not as columns: as columns each row of the view would be C * H * W values wide, and the
+    partial results (the workspace) larger than the tensor itself."""
+    for rows, c, l, dtype in [(1, 3, 999 * 999, "float32"), (8, 64, 150 * 150, "float16"), (2, 32, 225 * 225, "float32")]:
+        pl = cuda.plan(rows, c, l, dtype, True, 132)
+        assert pl.walk == "planes" and pl.vec == 1
+        assert pl.workspace_values * 8 < 0.01 * rows * c * l * cuda._ITEMSIZE[dtype]
+
+
+def test_two_host_threads_on_one_stream_have_their_own_workspace(monkeypatch):
+    """Two threads call forward_torch on the same stream and their launches interleave (both stats kernels
+    before either finalize): each call still gets its own input's statistics, because each thread keeps
+    its own scratch buffer. With one buffer per stream the first finalize merged the other call's partials."""
+    torch = pytest.importorskip("torch")
+    device = _emulated_torch_device(monkeypatch)
+    barrier, launch = threading.Barrier(2, timeout=60), device.launch
+
+    def interleaved(dev, name, grid, block, args, stream=None):
+        launch(dev, name, grid, block, args, stream)
+        if name.startswith("bn_stats_") and not name.startswith("bn_stats_finalize"):
+            barrier.wait()                      # the other thread's stats kernel runs before this finalize
+
+    monkeypatch.setattr(cuda, "_launch", interleaved)
+    xs = [torch.randn(4, 3, 5, 6, generator=torch.Generator().manual_seed(s)) * (s + 1) + 10 * s for s in range(2)]
+    results = [None, None]
+
+    def call(i):
+        try:
+            results[i] = cuda.forward_torch(xs[i], None, None, 1e-5)
+        except BaseException as exc:            # re-raised below, in the test's thread
+            results[i] = exc
+            barrier.abort()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, result in zip(xs, results):
+        if isinstance(result, BaseException):
+            raise result
+        _, mean, var, _ = result
+        torch.testing.assert_close(mean, x.mean((0, 2, 3)))
+        torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False))
 
 
 @pytest.mark.parametrize("dtype,channels_last", [("float32", False), ("bfloat16", True), ("float64", False),

@@ -88,7 +88,6 @@ def wire(emulator, monkeypatch):
     monkeypatch.setattr(cuda, "_check_cuda_tensor", lambda x, name: None)
     monkeypatch.setattr(cuda, "_torch_stream", lambda device: 0)
     monkeypatch.setattr(cuda, "_sm_count", lambda dev: 1)       # small grids: few emulated blocks
-    monkeypatch.setattr(cuda, "_workspaces", {})
     monkeypatch.setattr(cuda, "_thread", __import__("threading").local())
     return launched
 
@@ -124,7 +123,8 @@ TOL = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 2e-5, "float64": 1e-12}
 CASES = [((4, 3, 32, 64), False), ((3, 5, 7, 9), False), ((6, 3, 5, 7), True), ((40, 3), False),
          ((5, 70), False), ((2, 1, 1024, 512), False), ((3, 2, 2, 3, 300), False), ((2, 4, 3, 5, 6), True),
          ((1, 2, 1, 1031), False), ((6200, 3), False),      # threads with full rows own the partial one
-         ((5, 4, 56, 56), False)]                          # planes of 784 vectors (float32): the batch's last slot partial
+         ((5, 4, 56, 56), False),                          # planes of 784 vectors (float32): the batch's last slot partial
+         ((2, 3, 33, 35), False)]                          # planes of 1155 values: one per load (float32, float64)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
