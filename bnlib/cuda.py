@@ -874,6 +874,18 @@ def available() -> bool:
         return False
 
 
+def _require_cupy():
+    """CuPy, or an ImportError that says how to install it (torch tensors on a GPU reach the kernels
+    through CuPy, which a CUDA build of torch does not bring)."""
+    try:
+        import cupy
+    except ImportError as exc:
+        raise ImportError("bnlib's CUDA kernels run through CuPy, which is not installed: install the CuPy "
+                          "build for your CUDA version, pip install 'bnlib[gpu]' (CUDA 12) or "
+                          "'bnlib[gpu-cuda13]' (CUDA 13); Colab ships one") from exc
+    return cupy
+
+
 def module(device: int = None):
     """The kernels of KERNEL_SOURCE as one cupy.RawModule for `device` (default: the current one),
     compiled by NVRTC on first use (`.compile()` forces it) and kept."""
@@ -1191,6 +1203,7 @@ def _torch_vector(v, name, c, acc, device, required=False):
 
 def _torch_setup(x, name="x"):
     import torch
+    _require_cupy()
     x, (rows, c, l) = _torch_input(x, name)
     dtype_name = _torch_dtype_name(x)
     acc = torch.float64 if dtype_name == "float64" else torch.float32

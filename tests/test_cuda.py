@@ -464,6 +464,23 @@ def test_a_large_plane_of_odd_length_is_walked_as_planes_with_little_scratch():
         assert pl.workspace_values * 8 < 0.01 * rows * c * l * cuda._ITEMSIZE[dtype]
 
 
+def test_without_cupy_the_torch_route_says_how_to_install_it(monkeypatch):
+    """A CUDA build of torch without CuPy: forward_torch, backward_torch, inference_torch and bnlib.nn's
+    layers on the CUDA route raise an ImportError naming the package extras, before anything runs."""
+    torch = pytest.importorskip("torch")
+    from bnlib import nn as bnn
+    monkeypatch.setitem(sys.modules, "cupy", None)          # `import cupy` raises ImportError
+    monkeypatch.setattr(cuda, "_check_cuda_tensor", lambda x, name: None)
+    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
+    x, v, layer = torch.randn(4, 3, 5, 5), torch.ones(3), bnn.BatchNorm2d(3)
+    calls = [lambda: cuda.forward_torch(x), lambda: cuda.backward_torch(x, x, v, v),
+             lambda: cuda.inference_torch(x, v, v), lambda: layer(x), lambda: bnn.BatchNorm2d(3).eval()(x)]
+    for call in calls:
+        with pytest.raises(ImportError, match=r"pip install 'bnlib\[gpu\]' \(CUDA 12\)"):
+            call()
+    assert int(layer.num_batches_tracked) == 0 and not layer.running_mean.any()    # nothing changed
+
+
 def test_two_host_threads_on_one_stream_have_their_own_workspace(monkeypatch):
     """Two threads call forward_torch on the same stream and their launches interleave (both stats kernels
     before either finalize): each call still gets its own input's statistics, because each thread keeps
