@@ -11,6 +11,7 @@ import os
 import re
 import struct
 import threading
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -25,7 +26,8 @@ KERNEL_COMMON = r"""
 // kernels that load UNROLL vectors at a time across plane boundaries: PlaneCursor). T is the
 // storage type (__half, bf16_t, float,
 // double), A the accumulation type (float, or double for double data). V values of T make one
-// 16-byte vector load (V = 1: the scalar fallback for unaligned data). Two ways to walk a tensor:
+// 16-byte vector load (V = 1: the scalar fallback for unaligned data, and for planes whose length is
+// not a multiple of the vector). Two ways to walk a tensor:
 //   planes: (N, C, L) C-contiguous with large L (NCHW): block (c, b, s) owns channel c and walks
 //           planes n = b, b + B, ... and, inside each plane, its segment s of L/V vectors;
 //   cols:   the tensor as rows of Wf columns (NHWC (M, C), 2-D (N, C), or NCHW with a small L as
@@ -805,7 +807,7 @@ def instantiation_source() -> str:
 class Plan(NamedTuple):
     """How the kernels walk one tensor shape: chosen once per (shape, dtype, alignment, card)."""
     walk: str            # "planes" or "cols"
-    vec: int             # values per load (16 bytes, or 1 for unaligned data)
+    vec: int             # values per load (16 bytes; 1 for unaligned data and odd-length planes)
     grid: tuple
     block: tuple
     walk_args: tuple     # planes: (N, C, L/vec, segment); cols: (total, full rows, Wf)
@@ -828,8 +830,8 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     plane by plane, in 16-byte vectors when length is a multiple of the vector and one value per load
     otherwise; everything else as columns of (rows, C*length), folded so that a row holds at least TX
     vectors. (A large plane of odd length walked as columns would give each row of the view C*length
-    columns and the finalize as many partials per channel: 12 times the tensor's size in partials for
-    (1, 3, 999, 999).) Grids aim at 2 x SMs x 8 blocks (fewer when
+    columns and the finalize as many partials per channel: scratch of 24 times the tensor's bytes for
+    (1, 3, 999, 999) float32.) Grids aim at 2 x SMs x 8 blocks (fewer when
     the tensor has too little work for that: few planes or plane segments, or a cols walk with
     less than one row per thread)."""
     n, c, l = rows, channels, length
@@ -881,8 +883,9 @@ def _require_cupy():
         import cupy
     except ImportError as exc:
         raise ImportError("bnlib's CUDA kernels run through CuPy, which is not installed: install the CuPy "
-                          "build for your CUDA version, pip install 'bnlib[gpu]' (CUDA 12) or "
-                          "'bnlib[gpu-cuda13]' (CUDA 13); Colab ships one") from exc
+                          "wheel for your CUDA version, pip install cupy-cuda12x (CUDA 12) or cupy-cuda13x "
+                          "(CUDA 13), or bnlib's extra 'gpu' or 'gpu-cuda13' (pip install '.[gpu]' in a "
+                          "checkout); Colab ships CuPy") from exc
     return cupy
 
 
@@ -1082,7 +1085,9 @@ def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate) -> 
     thread ends. Returns its address."""
     cache = getattr(_thread, "workspaces", None)
     if cache is None:
-        cache = _thread.workspaces = {}
+        cache = _thread.workspaces = _ThreadWorkspaces()
+        with _workspace_lock:
+            _workspace_caches[id(cache)] = cache
     key = (owner, dev, stream_ptr)
     entry = cache.get(key)
     if entry is None or entry[1] < nbytes:
@@ -1092,9 +1097,20 @@ def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate) -> 
     return entry[2]
 
 
+class _ThreadWorkspaces(dict):
+    """One thread's scratch buffers, {(owner, device, stream): (buffer, bytes, address)}: a dict that
+    _workspace_caches can hold weakly (a plain dict cannot be), so that it goes with its thread."""
+
+
+_workspace_caches, _workspace_lock = weakref.WeakValueDictionary(), threading.Lock()
+
+
 def workspace_bytes() -> int:
-    """Bytes held by the calling thread's cached scratch buffers (all devices and streams)."""
-    return sum(entry[1] for entry in getattr(_thread, "workspaces", {}).values())
+    """Bytes held by the cached scratch buffers of every live thread, all devices and streams (torch
+    runs the backward of CUDA tensors on a thread of its own, which keeps its own buffers)."""
+    with _workspace_lock:
+        caches = list(_workspace_caches.values())
+    return sum(entry[1] for cache in caches for entry in list(cache.values()))
 
 
 # ----------------------------------------------------------------------------------- the passes
@@ -1203,8 +1219,8 @@ def _torch_vector(v, name, c, acc, device, required=False):
 
 def _torch_setup(x, name="x"):
     import torch
+    x, (rows, c, l) = _torch_input(x, name)        # what is wrong with x first, then what is missing
     _require_cupy()
-    x, (rows, c, l) = _torch_input(x, name)
     dtype_name = _torch_dtype_name(x)
     acc = torch.float64 if dtype_name == "float64" else torch.float32
     return x, rows, c, l, dtype_name, acc, x.device.index, _torch_stream(x.device)

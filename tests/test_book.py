@@ -1,5 +1,6 @@
 """The book as a reader gets it: it builds without warnings, and in a real browser its math is
 typeset from the local MathJax, its figures load and each chapter links to its notebook on Colab."""
+import decimal
 import functools
 import http.server
 import json
@@ -127,14 +128,32 @@ PROSE_NUMBERS_NOT_PRINTED = {
     "09_faq": {"65,504": "float16's largest finite value", "100,000": "the factor in a quoted issue's example"},
 }
 _NOT_PROSE = re.compile(r"\$\$.*?\$\$|\$[^$\n]*\$|```.*?```|`[^`\n]*`|\]\([^)]*\)|https?://\S+", re.S)
-_PROSE_NUMBER = re.compile(r"(?<![\w.,])(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d{3,})(?![\w])")
-_PRINTED_NUMBER = re.compile(r"\d+(?:\.\d+)?e[+-]?\d+|\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+# a number: thousands-grouped, or digits with an optional fraction and exponent, taken whole (atomic, so
+# that 114.8x is never read as 114); a trailing "x" (a ratio) is allowed, any other letter is not
+_NUMBER = r"(?>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:e[+-]?\d+)?)"
+_PROSE_NUMBER = re.compile(r"(?<![\w.,])" + _NUMBER + r"(?=x\b|[^\w]|$)")
+_PRINTED_NUMBER = re.compile(_NUMBER)
+_YEAR = re.compile(r"19[5-9]\d|20[0-3]\d")
 
 
-def _printed_forms(cells):
-    """Every number in the code cells and their text outputs, in each rounding of it a sentence may
-    quote (0.9400 also as 0.940, 0.94, 0.9 and 1; 2.7e+05 as 270000)."""
-    forms = set()
+def _key(text_or_decimal):
+    """A number as (value, exponent): 0.94 and 0.940 differ (a sentence quoting 31.0 needs a printed
+    31.0, not a 31), 2.7e+05 rounded to units is 270,000."""
+    d = text_or_decimal if isinstance(text_or_decimal, decimal.Decimal) else decimal.Decimal(
+        text_or_decimal.replace(",", ""))
+    return d, d.as_tuple().exponent
+
+
+def _checked(number):
+    """Prose numbers the test checks: decimals, thousands, exponents, and integers of 3 digits or more."""
+    return any(c in number for c in ".,e") or len(number) >= 3
+
+
+def _printed_values(cells):
+    """Every number in the code cells and their text outputs, with each rounding of it a sentence may
+    quote (0.9400 also as 0.940, 0.94, 0.9, 1; 4.93e-06 as 4.9e-06; 2.7e+05 as 270,000; half up, half
+    even, and as Python rounds the float), as _key pairs."""
+    values = set()
     for cell in cells:
         if cell["cell_type"] != "code":
             continue
@@ -143,32 +162,35 @@ def _printed_forms(cells):
             text.append("".join(out.get("text", "")))
             text += ["".join(out.get("data", {}).get(kind, "")) for kind in ("text/plain", "text/markdown")]
         for m in _PRINTED_NUMBER.finditer("\n".join(text)):
-            number = m.group(0).replace(",", "")
-            if "e" in number:
-                value = float(number)
-                number = str(int(value)) if value.is_integer() else repr(value)
-            forms.add(number)
-            if "." in number:
-                for digits in range(len(number.split(".")[1])):
-                    forms.add(f"{float(number):.{digits}f}")
-    return forms
+            value, exponent = _key(m.group(0))
+            values.add((value, exponent))
+            if value.adjusted() > 40:                          # nothing a sentence quotes digit by digit
+                continue
+            for digits in range(min(exponent, 0), 1):         # the roundings to 10**digits
+                step = decimal.Decimal(1).scaleb(digits)
+                with decimal.localcontext(prec=100):
+                    values.update(_key(value.quantize(step, rounding=mode))
+                                  for mode in (decimal.ROUND_HALF_UP, decimal.ROUND_HALF_EVEN))
+                values.add(_key(f"{float(value):.{-digits}f}"))  # as Python rounds the float it printed
+    return values
 
 
 def test_every_number_in_the_prose_is_printed_by_a_cell():
-    """Decimals, thousands and numbers of three or more digits in the markdown (math, code spans and
-    links aside; years aside) occur, possibly rounded, in a code cell or a stored text output of the
-    same chapter, or are listed with their reason in PROSE_NUMBERS_NOT_PRINTED."""
+    """Decimals, thousands, exponents and numbers of three or more digits in the markdown (math, code
+    spans and links aside; years 1950-2039 aside; a ratio's trailing x allowed) occur, possibly
+    rounded, in a code cell or a stored text output of the same chapter, or are listed with their
+    reason in PROSE_NUMBERS_NOT_PRINTED."""
     problems = []
     for nb in CHAPTERS:
         cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
-        printed, allowed, seen = _printed_forms(cells), PROSE_NUMBERS_NOT_PRINTED.get(nb.stem, {}), set()
+        printed, allowed, seen = _printed_values(cells), PROSE_NUMBERS_NOT_PRINTED.get(nb.stem, {}), set()
         for i, cell in enumerate(cells):
             if cell["cell_type"] != "markdown":
                 continue
             prose = _NOT_PROSE.sub(" ", "".join(cell["source"]))
             for m in _PROSE_NUMBER.finditer(prose):
                 number = m.group(0)
-                if re.fullmatch(r"(19|20)\d\d", number) or number.replace(",", "") in printed:
+                if not _checked(number) or _YEAR.fullmatch(number) or _key(number) in printed:
                     continue
                 if number in allowed:
                     seen.add(number)
@@ -179,6 +201,19 @@ def test_every_number_in_the_prose_is_printed_by_a_cell():
                      for number in set(allowed) - seen]
     assert not problems, "\n".join(problems)
 
+
+def test_the_prose_number_check_reads_numbers_as_a_reader_does():
+    """The parsing behind the test above: ratios, exponents and thousands are found whole, roundings of
+    a printed number count as printed, a number inside a word or an identifier does not count."""
+    found = [m.group(0) for m in _PROSE_NUMBER.finditer("0.33x to 114.8x; 4.9e-06, 270,000 and 1145 faults; "
+                                                        "float16 sm_90 v2.5 (0.94).")]
+    assert found == ["0.33", "114.8", "4.9e-06", "270,000", "1145", "0.94"]
+    printed = _printed_values([{"cell_type": "code", "source": [], "outputs": [
+        {"text": "0.9400 2.675 1234.5 2.7e+05 4.93e-06 114.8"}]}])
+    for number in ["0.94", "0.9", "2.68", "2.67", "1235", "1234", "270,000", "4.9e-06", "114.8", "115"]:
+        assert _key(number) in printed, number
+    for number in ["0.95", "2.69", "2.6", "1236", "114.9", "114.80"]:
+        assert _key(number) not in printed, number
 
 # ----------------------------------------------------------------------------- the browser test
 

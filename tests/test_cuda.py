@@ -451,6 +451,7 @@ def _emulated_torch_device(monkeypatch):
     monkeypatch.setattr(cuda, "_torch_stream", lambda d: 0)
     monkeypatch.setattr(cuda, "_sm_count", lambda d: 2)
     monkeypatch.setattr(cuda, "_thread", threading.local())      # no cached workspace or argument buffer
+    monkeypatch.setattr(cuda, "_require_cupy", lambda: None)      # no CuPy needed: nothing reaches it
     return device
 
 
@@ -476,9 +477,35 @@ def test_without_cupy_the_torch_route_says_how_to_install_it(monkeypatch):
     calls = [lambda: cuda.forward_torch(x), lambda: cuda.backward_torch(x, x, v, v),
              lambda: cuda.inference_torch(x, v, v), lambda: layer(x), lambda: bnn.BatchNorm2d(3).eval()(x)]
     for call in calls:
-        with pytest.raises(ImportError, match=r"pip install 'bnlib\[gpu\]' \(CUDA 12\)"):
+        with pytest.raises(ImportError, match=r"pip install cupy-cuda12x \(CUDA 12\) or cupy-cuda13x"):
             call()
     assert int(layer.num_batches_tracked) == 0 and not layer.running_mean.any()    # nothing changed
+
+
+def test_workspace_bytes_counts_the_buffers_of_every_live_thread(monkeypatch):
+    """workspace_bytes() (the benchmark's scratch memory) sums every live thread's buffers: torch runs the
+    backward of CUDA tensors on a thread of its own. A thread's buffers go when the thread ends."""
+    import gc
+    import weakref
+    monkeypatch.setattr(cuda, "_thread", threading.local())
+    monkeypatch.setattr(cuda, "_workspace_caches", weakref.WeakValueDictionary())
+    allocate = lambda nbytes: (bytearray(8), 4096)            # (buffer object, address)
+    cuda._workspace("torch", 0, 0, 10, allocate)               # this thread: the 1 MB minimum
+    ready, finish = threading.Event(), threading.Event()
+
+    def other():
+        cuda._workspace("torch", 0, 0, 3 << 20, allocate)
+        ready.set()
+        finish.wait(60)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    assert ready.wait(60)
+    assert cuda.workspace_bytes() == (1 << 20) + (3 << 20)
+    finish.set()
+    worker.join()
+    gc.collect()
+    assert cuda.workspace_bytes() == 1 << 20
 
 
 def test_two_host_threads_on_one_stream_have_their_own_workspace(monkeypatch):
