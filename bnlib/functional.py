@@ -159,12 +159,13 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
     return y.astype(x.dtype, copy=False)
 
 
-def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1, num_batches_tracked=1):
+def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1, num_batches_tracked=None):
     """New (running_mean, running_var) after one training batch, with PyTorch's conventions.
 
     running = (1 - m) * running + m * batch, with the unbiased batch variance, where
     m = momentum, or 1 / num_batches_tracked when momentum is None (a cumulative average;
-    num_batches_tracked counts the batches seen including this one). Nothing is changed in place.
+    num_batches_tracked, required then, counts the batches seen including this one). Nothing is
+    changed in place.
     A zero-size batch has no statistics: both come back unchanged (as copies), as torch leaves its
     buffers (torch.nn.BatchNorm still counts such a batch in num_batches_tracked).
     """

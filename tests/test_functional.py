@@ -138,6 +138,9 @@ X = np.ones((4, 3, 2, 2))
     (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=1.5), ValueError, ["momentum", "1.5"]),
     (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=None,
                                     num_batches_tracked=0), ValueError, ["num_batches_tracked"]),
+    # a cumulative average without the count used to be a silent copy of the batch (a default count of 1)
+    (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=None),
+     ValueError, ["num_batches_tracked", "None"]),
 ])
 def test_bad_input_names_what_was_wrong(call, error, words):
     with pytest.raises(error) as info:
