@@ -194,6 +194,11 @@ def environment() -> dict:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    try:                                   # the last-level cache, where Linux reports it
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            info["l3_cache"] = f.read().strip()
+    except OSError:
+        pass
     return info
 
 

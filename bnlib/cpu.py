@@ -59,8 +59,9 @@ def _channel_sums(a3):
     """Per-channel sum (float64, (C,)) of an (N, C, L) array through BLAS matrix-vector products.
 
     Each float32 partial sum covers one row of L values (or a block of ROW_BLOCK rows of an
-    (N, C) array); the partials are added in float64. A float32 sum of all N*L values would be
-    off by up to N*L/2 units in the last place, since NumPy adds down a column one row at a time.
+    (N, C) array); the partials are added in float64. A float32 sum of all N*L values, which NumPy
+    adds down a column one row at a time, could be off by up to about N*L/2 units in the last place
+    of the largest running sum: far more, relative to the result, when the sum cancels (centred data).
     """
     n, c, l = a3.shape
     if l == 1:
