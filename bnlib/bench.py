@@ -220,6 +220,8 @@ def main(argv=None) -> int:
                         help="--gpu only: also time torch.nn vs bnlib.nn BatchNorm modules through autograd")
     parser.add_argument("--launchers", nargs="+", default=[], choices=["driver", "cupy"],
                         help="--gpu only: also time bnlib through these launch paths of bnlib.cuda")
+    parser.add_argument("--l2-chunks", nargs="+", type=float, default=[], metavar="MB",
+                        help="--gpu only: also time bnlib with channel chunks of these sizes for the L2 cache")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -229,6 +231,10 @@ def main(argv=None) -> int:
         parser.error("--launchers chooses how CUDA kernels are launched and needs --gpu")
     if args.portable and not args.gpu:
         parser.error("--portable times CuPy arrays and needs --gpu")
+    if args.l2_chunks and not args.gpu:
+        parser.error("--l2-chunks sets the CUDA kernels' channel chunks and needs --gpu")
+    if any(not mb > 0 for mb in args.l2_chunks):
+        parser.error(f"--l2-chunks sizes must be > 0 MB, got {' '.join(f'{mb:g}' for mb in args.l2_chunks)}")
     if (args.compile or args.compile_budget is not None) and not args.gpu:
         parser.error("--compile and --compile-budget time torch.compile on the GPU and need --gpu")
     if args.compile_budget is not None and not args.compile_budget > 0:
@@ -255,7 +261,8 @@ def main(argv=None) -> int:
         rows = gpu.bench_gpu(repeats=args.repeats, progress=not args.no_progress, compile=args.compile,
                              compile_budget_s=60.0 if args.compile_budget is None else args.compile_budget,
                              modules=args.modules,
-                             launchers=tuple(args.launchers), on_rows=save_partial, portable=args.portable)
+                             launchers=tuple(args.launchers), on_rows=save_partial, portable=args.portable,
+                             l2_chunks=tuple(args.l2_chunks))
         table = gpu.format_gpu_table(rows)
     else:
         rows = bench_cpu(repeats=args.repeats, threads=args.threads, progress=not args.no_progress)
@@ -326,19 +333,21 @@ def _module_pair(torch, shape, w, b):
     return pair
 
 
-def _with_launcher(cuda, launcher, fn):
-    """fn with bnlib.cuda's launches made through `launcher` ("driver" or "cupy") during the call."""
+def _with_setting(cuda, name, value, fn):
+    """fn with bnlib.cuda's module setting `name` (LAUNCHER: the launch path; L2_CHUNK_BYTES: the channel
+    chunks for the L2 cache) set to value during the call."""
     def call(i):
-        saved, cuda.LAUNCHER = cuda.LAUNCHER, launcher
+        saved = getattr(cuda, name)
+        setattr(cuda, name, value)
         try:
             fn(i)
         finally:
-            cuda.LAUNCHER = saved
+            setattr(cuda, name, saved)
     return call
 
 
 def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, progress=True, compile=False,
-              compile_budget_s=60.0, modules=False, launchers=(), on_rows=None, portable=False):
+              compile_budget_s=60.0, modules=False, launchers=(), on_rows=None, portable=False, l2_chunks=()):
     """bnlib.cuda's kernels (forward_torch, backward_torch) against torch.nn.functional.batch_norm
     (eager, and with compile=True also torch.compile'd) on the same GPU, in one process.
 
@@ -369,6 +378,11 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     portable=True adds the row "cupy portable": chapters 02-03's array-module code run unchanged on
     CuPy views of the same tensors (float32 and float16; CuPy has no bfloat16), one CuPy operation
     per line, on torch's stream: the measured cost of not writing kernels.
+    l2_chunks (sizes in MB of 2**20 bytes, e.g. (8, 16)) adds a row "bnlib [L2 8 MB]" per size to each
+    case whose forward or backward would walk channel chunks at that size (planes walks of tensors
+    larger than it, or whose x and dy together are): bnlib's step with cuda.L2_CHUNK_BYTES set, each
+    such row carrying the size, the number of chunks of the forward and of the backward, and its step
+    time over bnlib's unchunked step (step_ratio_vs_bnlib).
     """
     import time
 
@@ -377,6 +391,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     unknown = [name for name in launchers if name not in ("driver", "cupy")]
     if unknown:
         raise ValueError(f"launchers must be 'driver' or 'cupy', got {unknown}")
+    if any(not mb > 0 for mb in l2_chunks):
+        raise ValueError(f"l2_chunks must be sizes in MB > 0, got {tuple(l2_chunks)}")
     try:
         import cupy
         pool = cupy.get_default_memory_pool()
@@ -510,7 +526,20 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             impls["cupy portable"] = (portable_fwd, portable_step)
         for launcher in (name for name in launchers if name != cuda.LAUNCHER):
             for base in [k for k in ("bnlib", "bnlib.nn") if k in impls]:
-                impls[f"{base} [{launcher}]"] = tuple(_with_launcher(cuda, launcher, fn) for fn in impls[base])
+                impls[f"{base} [{launcher}]"] = tuple(_with_setting(cuda, "LAUNCHER", launcher, fn) for fn in impls[base])
+        chunking = {}                                  # name: (MB, chunks of the forward, of the backward)
+        try:                                           # extra rows: never lose the others
+            _, (kr, kc, kl) = cuda._torch_input(xs[0], "x")
+            for mb in l2_chunks:
+                nbytes = int(mb * 2 ** 20)
+                fwd_plan, bwd_plan = (cuda.plan(kr, kc, kl, dtype, True, cuda._sm_count(xs[0].device.index), b)
+                                      for b in (nbytes, nbytes // 2))
+                if fwd_plan.chunks or bwd_plan.chunks:
+                    name = f"bnlib [L2 {mb:g} MB]"
+                    impls[name] = tuple(_with_setting(cuda, "L2_CHUNK_BYTES", nbytes, fn) for fn in impls["bnlib"])
+                    chunking[name] = (mb, len(fwd_plan.chunks), len(bwd_plan.chunks))
+        except Exception as exc:
+            print(f"no L2-chunk rows for {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
         if compiled is not None and compile_spent < compile_budget_s:
             t0 = time.perf_counter()
             try:
@@ -585,7 +614,12 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                                 host_forward_ms=1e3 * hosts[name][0], host_step_ms=1e3 * hosts[name][1],
                                 device_samples_dropped=dropped[name])
             if name.startswith("bnlib"):
-                rows[-1]["launcher"] = name.split("[")[1].rstrip("]") if "[" in name else cuda.LAUNCHER
+                tag = name.split("[")[1].rstrip("]") if "[" in name else ""
+                rows[-1]["launcher"] = tag if tag in ("driver", "cupy") else cuda.LAUNCHER
+            if name in chunking:
+                mb, nf, nb_ = chunking[name]
+                rows[-1].update(l2_chunk_mb=mb, chunks_forward=nf, chunks_backward=nb_,
+                                step_ratio_vs_bnlib=s / float(np.median(times["bnlib"][1])))
             if name in ("torch.nn", "bnlib.nn"):
                 rows[-1]["step_ratio_vs_module"] = s / float(np.median(times["torch.nn"][1]))
         del xs, dys, xs_req
@@ -671,7 +705,7 @@ def gpu_environment() -> dict:
     import torch
     from bnlib import cuda
     env = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-           "design": cuda.KERNEL_DESIGN, "launcher": cuda.LAUNCHER,
+           "design": cuda.KERNEL_DESIGN, "launcher": cuda.LAUNCHER, "l2_chunk_bytes": cuda.L2_CHUNK_BYTES,
            "torch": torch.__version__, "cuda_torch": torch.version.cuda, "numpy": np.__version__,
            "cudnn": torch.backends.cudnn.version(), "cudnn_enabled": torch.backends.cudnn.enabled,
            "sms": torch.cuda.get_device_properties(0).multi_processor_count}

@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
 import functools
 import math
@@ -810,21 +810,35 @@ class Plan(NamedTuple):
     vec: int             # values per load (16 bytes; 1 for unaligned data and odd-length planes)
     grid: tuple
     block: tuple
-    walk_args: tuple     # planes: (N, C, L/vec, segment); cols: (total, full rows, Wf)
+    walk_args: tuple     # planes: (N, C, L/vec, segment), C the plane stride; cols: (total, full rows, Wf)
     geometry: tuple      # cols: (W, L), the channel of a column is (col % W) // L; planes: ()
     partials: int        # P: partial results per array
     finalize_args: tuple # (P, Q, GL, L, Wf, W, C): where each channel's Q partials lie
     channels: int
     count: int           # values per channel
     workspace_values: int
+    chunks: tuple = ()   # channel chunks for the L2 cache: ((first channel, plan of the chunk), ...)
 
 
 def _cdiv(a, b):
     return -(-a // b)
 
 
+def _planes_plan(n, c, l, v, target, stride):
+    """The planes walk of channels 0 .. c-1 of a (n, stride, l) tensor (c = stride: all of it)."""
+    lv = l // v
+    b = max(1, min(n, _cdiv(target, c), 65535))
+    s = max(1, min(_cdiv(target, c * b), _cdiv(lv, 2 * PLANE_THREADS), 65535))
+    seg = _cdiv(lv, s)
+    s = _cdiv(lv, seg)
+    p = b * s * stride                          # slot (b * S + s) * stride + c, as the kernels write it
+    return Plan("planes", v, (c, b, s), (PLANE_THREADS, 1, 1), (n, stride, lv, seg), (), p,
+                (p, b * s, 1, 1, stride, stride, stride), c, n * l, 3 * p + 3 * stride)
+
+
 @functools.lru_cache(maxsize=1024)
-def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, sm_count: int) -> Plan:
+def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, sm_count: int,
+         chunk_bytes: int = 0) -> Plan:
     """The walk for a C-contiguous (rows, channels, length) tensor: NCHW is (N, C, H*W), channels-last
     memory is (N*H*W, C, 1), a 2-D input (N, C, 1). Large planes (length * itemsize >= 4 KB) are walked
     plane by plane, in 16-byte vectors when length is a multiple of the vector and one value per load
@@ -833,21 +847,24 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     columns and the finalize as many partials per channel: scratch of 24 times the tensor's bytes for
     (1, 3, 999, 999) float32.) Grids aim at 2 x SMs x 8 blocks (fewer when
     the tensor has too little work for that: few planes or plane segments, or a cols walk with
-    less than one row per thread)."""
+    less than one row per thread).
+
+    chunk_bytes > 0 (planes walks only): when the tensor holds more than chunk_bytes, its channels are
+    split into nearly equal chunks of at most chunk_bytes each (at least one channel), walked one chunk
+    after the other (`chunks`), so that a pass's second read of a chunk can come from the L2 cache."""
     n, c, l = rows, channels, length
     vfull = _VEC[dtype_name] if aligned else 1
     target = 16 * sm_count
     if l > 1 and l * _ITEMSIZE[dtype_name] >= 4096:
         v = vfull if l % vfull == 0 else 1
-        lv = l // v
-        b = max(1, min(n, _cdiv(target, c), 65535))
-        s = max(1, min(_cdiv(target, c * b), _cdiv(lv, 2 * PLANE_THREADS), 65535))
-        seg = _cdiv(lv, s)
-        s = _cdiv(lv, seg)
-        p = b * s * c
-        return Plan("planes", v, (c, b, s), (PLANE_THREADS, 1, 1),
-                    (n, c, lv, seg), (), p, (p, b * s, 1, 1, c, c, c),
-                    c, n * l, 3 * p + 3 * c)
+        whole = _planes_plan(n, c, l, v, target, c)
+        per_channel = n * l * _ITEMSIZE[dtype_name]
+        k = max(1, chunk_bytes // per_channel) if chunk_bytes > 0 else c
+        if k >= c:
+            return whole
+        k = _cdiv(c, _cdiv(c, k))                   # as many chunks as needed, nearly equal in size
+        parts = tuple((c0, _planes_plan(n, min(k, c - c0), l, v, target, c)) for c0 in range(0, c, k))
+        return whole._replace(chunks=parts, workspace_values=max(p.workspace_values for _, p in parts))
     v = vfull
     w = c * l                                   # a row of the (rows, C*L) view
     g = v // math.gcd(w, v)                     # fold g rows into one: Wf = g*W, a multiple of v ...
@@ -862,6 +879,11 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     return Plan("cols", v, (gx, b, 1), (TX, TY, 1), (total, rfull, wf), (w, l), p,
                 (p, b * g * l, g * l, l, wf, w, c),
                 c, n * l, 3 * p + 3 * c)
+
+
+def _pieces(pl):
+    """(first channel, plan) of each chunk of pl, in order: ((0, pl),) when pl has no chunks."""
+    return pl.chunks or ((0, pl),)
 
 
 _modules, _functions, _sm_counts, _streams = {}, {}, {}, {}
@@ -917,6 +939,24 @@ def _function(dev: int, name: str):
 # call, which builds a Python object per argument (design 2's path). Same kernels, same stream.
 # BNLIB_CUDA_LAUNCH=cupy selects CuPy's; the benchmark records which one ran.
 LAUNCHER = os.environ.get("BNLIB_CUDA_LAUNCH", "driver")
+
+
+def _chunk_bytes_from_environment() -> int:
+    text = os.environ.get("BNLIB_L2_CHUNK_MB", "0")
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:
+        raise ValueError(f"BNLIB_L2_CHUNK_MB must be a number of MB >= 0 (0: no chunks), got {text!r}")
+    return int(mb * 2 ** 20)
+
+
+# Channel chunks for the L2 cache (planes walks only, see plan): the bytes of each chunk's data that a
+# pass reads twice, x in the forward, x and dy together in the backward; 0: no chunks, one chunk of
+# all channels. Not yet measured on a GPU, so off unless BNLIB_L2_CHUNK_MB (in MB of 2**20 bytes) or
+# this variable says otherwise; the benchmark times it with --l2-chunks.
+L2_CHUNK_BYTES = _chunk_bytes_from_environment()
 _MAX_ARGS = 32
 _CODES = {"ptr": "Q", "int32": "i4x", "int64": "q"}               # struct codes, one 8-byte slot each
 _NUMPY_TYPES = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64}
@@ -1123,47 +1163,69 @@ def _kernel_name(kind, pl, dtype_name):
 
 
 def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, eps, ws, stream=None, running=None):
-    """Training forward, 3 launches: partial moments, finalize (writes mean, var, inv_std), normalize.
-    x ... ws are device addresses (weight, bias may be 0); stream as for _launch. With running =
-    (running_mean, running_var, momentum, counter) (addresses, a float or None, an address or 0), the
-    stats kernel adds 1 to the int64 at `counter` and the finalize updates the running statistics
-    (momentum None: the cumulative average over the counted batches)."""
+    """Training forward, 3 launches per chunk of pl (one chunk unless pl has channel chunks): partial
+    moments, finalize (writes mean, var, inv_std), normalize. x ... ws are device addresses (weight,
+    bias may be 0); stream as for _launch. With running = (running_mean, running_var, momentum,
+    counter) (addresses, a float or None, an address or 0), the first stats kernel adds 1 to the int64
+    at `counter` and the finalize updates the running statistics (momentum None: the cumulative
+    average over the counted batches)."""
     rm, rv, momentum, counter = running if running is not None else (0, 0, 0.0, 0)
     if momentum is None and not counter:
         raise ValueError("momentum=None (a cumulative average) needs the batch counter")
     unbias = pl.count / (pl.count - 1) if pl.count > 1 else 1.0
     finalize = f"bn_stats_finalize<{_acc_name(dtype_name)}>"
     _ready(dev, (_kernel_name("stats", pl, dtype_name), finalize, _kernel_name("apply", pl, dtype_name)))
-    _launch(dev, _kernel_name("stats", pl, dtype_name), pl.grid, pl.block,
-            (x,) + pl.walk_args + (ws, pl.partials, counter), stream)
-    _launch(dev, finalize, (pl.channels, 1, 1), (FINALIZE_THREADS, 1, 1),
-            (ws,) + pl.finalize_args + (float(eps), mean, var, inv_std, rm, rv,
-                                        -1.0 if momentum is None else float(momentum), unbias, counter), stream)
-    _run_apply(dev, pl, dtype_name, x, y, mean, inv_std, weight, bias, eps, from_var=False, stream=stream)
+    for c0, sp in _pieces(pl):
+        (x_, y_), (mean_, var_, inv_, rm_, rv_, weight_, bias_) = _offsets(
+            sp, dtype_name, c0, (x, y), (mean, var, inv_std, rm, rv, weight, bias))
+        _launch(dev, _kernel_name("stats", sp, dtype_name), sp.grid, sp.block,
+                (x_,) + sp.walk_args + (ws, sp.partials, counter if c0 == 0 else 0), stream)
+        _launch(dev, finalize, (sp.channels, 1, 1), (FINALIZE_THREADS, 1, 1),
+                (ws,) + sp.finalize_args + (float(eps), mean_, var_, inv_, rm_, rv_,
+                                            -1.0 if momentum is None else float(momentum), unbias, counter), stream)
+        _run_apply(dev, sp, dtype_name, x_, y_, mean_, inv_, weight_, bias_, eps, from_var=False, stream=stream)
 
 
 def _acc_size(dtype_name):
     return 8 if dtype_name == "float64" else 4
 
 
+def _offsets(pl, dtype_name, c0, data, vectors):
+    """The addresses of channel chunk c0 of plan pl: data arrays (x, y, dy, dx) advance by c0 planes,
+    per-channel vectors by c0 values; 0 (no vector) stays 0. Returns (data addresses, vector addresses)."""
+    if c0 == 0:
+        return data, vectors
+    plane = pl.walk_args[2] * pl.vec * _ITEMSIZE[dtype_name]
+    acc = _acc_size(dtype_name)
+    return (tuple(a + c0 * plane for a in data), tuple(a + c0 * acc if a else 0 for a in vectors))
+
+
 def _run_apply(dev, pl, dtype_name, x, y, mean, stat, weight, bias, eps, from_var, stream=None):
-    """y = (x - mean) * weight * inv + bias, inv = stat (inv_std) or 1/sqrt(stat + eps) (running var)."""
-    _launch(dev, _kernel_name("apply", pl, dtype_name), pl.grid, pl.block,
-            (x, y) + pl.walk_args + pl.geometry + (mean, stat, weight, bias, float(eps), int(from_var)), stream)
+    """y = (x - mean) * weight * inv + bias, inv = stat (inv_std) or 1/sqrt(stat + eps) (running var);
+    one launch per chunk of pl."""
+    for c0, sp in _pieces(pl):
+        (x_, y_), (mean_, stat_, weight_, bias_) = _offsets(sp, dtype_name, c0, (x, y), (mean, stat, weight, bias))
+        _launch(dev, _kernel_name("apply", sp, dtype_name), sp.grid, sp.block,
+                (x_, y_) + sp.walk_args + sp.geometry + (mean_, stat_, weight_, bias_, float(eps), int(from_var)),
+                stream)
 
 
 def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, dweight, dbias, ws, stream=None):
-    """Training backward, 3 launches: partial sums, finalize (writes dweight, dbias, and the dx
-    coefficients into the workspace), dx. All arguments after dtype_name are device addresses."""
+    """Training backward, 3 launches per chunk of pl: partial sums, finalize (writes dweight, dbias,
+    and the dx coefficients into the workspace), dx. All arguments after dtype_name are device
+    addresses."""
     acc = _acc_size(dtype_name)
-    coef = ws + 3 * pl.partials * acc
-    _launch(dev, _kernel_name("backward_reduce", pl, dtype_name), pl.grid, pl.block,
-            (dy, x) + pl.walk_args + pl.geometry + (mean, ws, pl.partials), stream)
-    _launch(dev, f"bn_backward_finalize<{_acc_name(dtype_name)}>", (pl.channels, 1, 1), (FINALIZE_THREADS, 1, 1),
-            (ws,) + pl.finalize_args + (inv_std, weight, float(pl.count), dweight, dbias, coef), stream)
-    channels = (pl.channels,) if pl.walk == "cols" else ()
-    _launch(dev, _kernel_name("backward_dx", pl, dtype_name), pl.grid, pl.block,
-            (dy, x, dx) + pl.walk_args + pl.geometry + channels + (mean, coef), stream)
+    for c0, sp in _pieces(pl):
+        (dy_, x_, dx_), (mean_, inv_, weight_, dweight_, dbias_) = _offsets(
+            sp, dtype_name, c0, (dy, x, dx), (mean, inv_std, weight, dweight, dbias))
+        coef = ws + 3 * sp.partials * acc
+        _launch(dev, _kernel_name("backward_reduce", sp, dtype_name), sp.grid, sp.block,
+                (dy_, x_) + sp.walk_args + sp.geometry + (mean_, ws, sp.partials), stream)
+        _launch(dev, f"bn_backward_finalize<{_acc_name(dtype_name)}>", (sp.channels, 1, 1), (FINALIZE_THREADS, 1, 1),
+                (ws,) + sp.finalize_args + (inv_, weight_, float(sp.count), dweight_, dbias_, coef), stream)
+        channels = (sp.channels,) if sp.walk == "cols" else ()
+        _launch(dev, _kernel_name("backward_dx", sp, dtype_name), sp.grid, sp.block,
+                (dy_, x_, dx_) + sp.walk_args + sp.geometry + channels + (mean_, coef), stream)
 
 
 def _torch_dtype_name(t):
@@ -1302,7 +1364,8 @@ def forward_torch(x, weight=None, bias=None, eps: float = 1e-5, running_mean=Non
     updated, running = _torch_running(x, c, acc, running_mean, running_var, momentum, num_batches_tracked)
     y = torch.empty_like(x)
     mean, var, inv_std = (torch.empty(c, dtype=acc, device=x.device) for _ in range(3))   # separate tensors:
-    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev))           # no shared version counter
+                                                                                      # no shared version counter
+    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev), L2_CHUNK_BYTES)
     ws = _torch_workspace(dev, stream, pl, x.device)
     _run_forward(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), mean.data_ptr(), var.data_ptr(),
                  inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0,
@@ -1331,7 +1394,8 @@ def backward_torch(dy, x, mean, inv_std, weight=None):
     weight = _torch_vector(weight, "weight", c, acc, x.device)
     dx = torch.empty_like(x)
     dweight, dbias = torch.empty(c, dtype=acc, device=x.device), torch.empty(c, dtype=acc, device=x.device)
-    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0, _sm_count(dev))
+    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0, _sm_count(dev),
+              L2_CHUNK_BYTES // 2)                 # x and dy: half the bytes of each per chunk
     ws = _torch_workspace(dev, stream, pl, x.device)
     _run_backward(dev, pl, dtype_name, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), mean.data_ptr(),
                   inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0, dweight.data_ptr(),
@@ -1396,7 +1460,7 @@ def _cupy_setup(x, dy=None):
         dy = dy_same
     dev = x.device.id
     aligned = x.data.ptr % 16 == 0 and (dy is None or dy.data.ptr % 16 == 0)
-    pl = plan(rows, c, l, x.dtype.name, aligned, _sm_count(dev))
+    pl = plan(rows, c, l, x.dtype.name, aligned, _sm_count(dev), L2_CHUNK_BYTES if dy is None else L2_CHUNK_BYTES // 2)
 
     def allocate(nbytes):
         buffer = cupy.empty(nbytes, dtype=cupy.uint8)

@@ -91,12 +91,16 @@ def test_bench_command_line_modules_flag_reaches_bench_gpu(tmp_path, monkeypatch
     assert calls[-1]["compile"] is True and calls[-1]["compile_budget_s"] == 40.0
     assert calls[-1]["portable"] is False
     assert bench.main(["--gpu", "--portable", "--no-progress"]) == 0 and calls[-1]["portable"] is True
+    assert calls[-1]["l2_chunks"] == ()
+    assert bench.main(["--gpu", "--l2-chunks", "8", "16.5", "--no-progress"]) == 0
+    assert calls[-1]["l2_chunks"] == (8.0, 16.5)
     assert calls[0]["repeats"] == 3 and calls[0]["progress"] is False and calls[0]["compile"] is False
     assert json.loads(out.read_text()) == {"environment": {"gpu": "fake"}, "results": [{"impl": "torch.nn"}]}
 
 
 @pytest.mark.parametrize("argv, flag", [(["--modules"], "--modules"), (["--cpu", "--modules"], "--modules"),
-                                        (["--launchers", "cupy"], "--launchers"), (["--portable"], "--portable")])
+                                        (["--launchers", "cupy"], "--launchers"), (["--portable"], "--portable"),
+                                        (["--l2-chunks", "8"], "--l2-chunks")])
 def test_bench_command_line_gpu_flags_without_gpu_fail_clearly(argv, flag, monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench_cpu", lambda **kw: pytest.fail("the CPU benchmark must not run"))
     with pytest.raises(SystemExit) as exit_info:
@@ -104,6 +108,13 @@ def test_bench_command_line_gpu_flags_without_gpu_fail_clearly(argv, flag, monke
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and "needs --gpu" in err
+
+
+@pytest.mark.parametrize("sizes", [["0"], ["8", "-1"], ["nan"]])
+def test_bench_command_line_rejects_l2_chunk_sizes_that_are_not_positive(sizes, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--gpu", "--l2-chunks", *sizes])
+    assert "--l2-chunks sizes must be > 0 MB, got " + " ".join(sizes) in capsys.readouterr().err
 
 
 def test_bench_command_line_rejects_an_unknown_launcher(capsys):

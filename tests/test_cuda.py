@@ -57,11 +57,13 @@ def test_kernel_names_cover_every_dtype_and_walk():
             assert f"bn_stats_{walk}<{ctype}, {cuda._VEC[dtype]}>" in names and f"bn_stats_{walk}<{ctype}, 1>" in names
 
 
-def _replay(pl):
+def _replay(pl, total=None, offset=0):
     """Replay the loops of the kernels for plan `pl` in NumPy: for every (block, thread) the flat
     indices it reads and the partial slot it writes. Returns (values read per element, the
-    channel each partial slot was written from, slot per element)."""
-    total = pl.channels * pl.count
+    channel each partial slot was written from, slot per element). A chunk's plan (channels
+    c0 .. of a larger tensor) is replayed with that tensor's size `total` and the chunk's first
+    element `offset`; its channels are numbered from 0, as the kernels number them."""
+    total = pl.channels * pl.count if total is None else total
     seen = np.zeros(total, np.int64)
     slot_channel = {}
     slot_of = np.full(total, -1, np.int64)
@@ -77,7 +79,7 @@ def _replay(pl):
                     for n in range(b, n_, gb):
                         for t in range(cuda.PLANE_THREADS):
                             for i in range(lo + t, hi, cuda.PLANE_THREADS):
-                                idx = ((n * c_ + c) * lv + i) * v + np.arange(v)
+                                idx = offset + ((n * c_ + c) * lv + i) * v + np.arange(v)
                                 seen[idx] += 1
                                 slot_of[idx] = j
                     slot_channel.setdefault(j, set()).add(c)
@@ -247,13 +249,19 @@ class _EmulatedDevice:
             return (v.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         return v.astype(np.float64)
 
-    def store(self, addr, t, values):
-        out = self.view(addr, self.STORAGE[t], values.size)
+    def store(self, addr, t, values, at=None):
+        """values into storage type t at addr, or at the elements `at` of it."""
+        at = np.arange(values.size) if at is None else at
+        out = self.view(addr, self.STORAGE[t], int(at.max()) + 1 if at.size else 0)
         if t == "bf16_t":
             import torch
-            out[:] = torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            out[at] = torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
         else:
-            out[:] = values
+            out[at] = values
+
+    def gather(self, addr, t):
+        """The values the current kernel reads at addr (its elements self.at), as float64."""
+        return self.load(addr, t, int(self.at.max()) + 1)[self.at]
 
     def launch(self, dev, name, grid, block, args, stream=None):
         kernel = name.split("<")[0]
@@ -261,24 +269,28 @@ class _EmulatedDevice:
         a = dict(zip(self.params[kernel], args))
         t, acc = targs[0], (np.float64 if targs[0] == "double" else np.float32)
         if "finalize" in kernel:
-            return getattr(self, kernel)(a, acc)
+            return getattr(self, kernel)(a, acc, grid[0])
         vec = int(targs[1])
-        if kernel.endswith("_planes"):
+        if kernel.endswith("_planes"):                      # channels 0 .. grid[0]-1, planes C apart
             n_, c_, lv, seg = (int(a[k]) for k in ("N", "C", "LV", "seg"))
-            n, c, i = np.meshgrid(np.arange(n_), np.arange(c_), np.arange(lv), indexing="ij")
+            n, c, i = np.meshgrid(np.arange(n_), np.arange(grid[0]), np.arange(lv), indexing="ij")
             slot = ((n % grid[1]) * grid[2] + i // seg) * c_ + c
+            at = ((n * c_ + c) * lv + i)[..., None] * vec + np.arange(vec)
             slot, chan = (np.repeat(s.reshape(-1), vec) for s in (slot, c))
+            at = at.reshape(-1)
         else:
             e = np.arange(int(a["total"]))
             col, wf = e % int(a["Wf"]), int(a["Wf"])
             slot = ((e // wf) // cuda.TY) % grid[1] * wf + col
             chan = (col % int(a["W"])) // int(a["L"]) if "W" in a else None
+            at = e
+        self.at = at                                        # the elements the kernel reads and writes
         getattr(self, kernel.rsplit("_", 1)[0])(a, t, acc, slot, chan)
 
     def bn_stats(self, a, t, acc, slot, chan):
         if int(a["counter"]):                               # num_batches_tracked, one batch more
             self.view(a["counter"], np.int64, 1)[0] += 1
-        x, p = self.load(a["x"], t, slot.size), int(a["P"])
+        x, p = self.gather(a["x"], t), int(a["P"])
         n = np.bincount(slot, minlength=p)
         mean = np.bincount(slot, x, minlength=p) / np.maximum(n, 1)
         m2 = np.bincount(slot, (x - mean[slot]) ** 2, minlength=p)
@@ -292,8 +304,8 @@ class _EmulatedDevice:
     def _vector(self, addr, acc, count, default):
         return self.view(addr, acc, count).astype(np.float64) if int(addr) else np.full(count, default)
 
-    def bn_stats_finalize(self, a, acc):
-        c_, p = int(a["C"]), int(a["P"])
+    def bn_stats_finalize(self, a, acc, blocks):
+        c_, p = min(int(a["C"]), blocks), int(a["P"])      # blocks c < C write channel c
         part = self.view(a["part"], acc, 3 * p).astype(np.float64)
         out = {k: self.view(a[k], acc, c_) for k in ("mean", "var", "inv_std")}
         for c in range(c_):
@@ -310,33 +322,34 @@ class _EmulatedDevice:
                 rv[c] = (1 - f) * rv[c] + f * var * float(a["unbias"])
 
     def bn_apply(self, a, t, acc, slot, chan):
-        x, c_ = self.load(a["x"], t, slot.size), int(chan.max()) + 1
+        x, c_ = self.gather(a["x"], t), int(chan.max()) + 1
         mu, stat = self._vector(a["mean"], acc, c_, 0), self._vector(a["stat"], acc, c_, 0)
         inv = 1 / np.sqrt(stat + float(a["eps"])) if int(a["from_var"]) else stat
         scale, shift = self._vector(a["weight"], acc, c_, 1.0) * inv, self._vector(a["bias"], acc, c_, 0.0)
-        self.store(a["y"], t, (x - mu[chan]) * scale[chan] + shift[chan])
+        self.store(a["y"], t, (x - mu[chan]) * scale[chan] + shift[chan], self.at)
 
     def bn_backward_reduce(self, a, t, acc, slot, chan):
-        x, dy, p = self.load(a["x"], t, slot.size), self.load(a["dy"], t, slot.size), int(a["P"])
+        x, dy, p = self.gather(a["x"], t), self.gather(a["dy"], t), int(a["P"])
         mu = self._vector(a["mean"], acc, int(chan.max()) + 1, 0)
         self.view(a["part"], acc, 2 * p)[:] = np.concatenate(
             [np.bincount(slot, dy, minlength=p), np.bincount(slot, dy * (x - mu[chan]), minlength=p)])
 
-    def bn_backward_finalize(self, a, acc):
-        c_, p, count = int(a["C"]), int(a["P"]), float(a["count"])
+    def bn_backward_finalize(self, a, acc, blocks):
+        c_, p, count = int(a["C"]), int(a["P"]), float(a["count"])   # coef: 3 arrays of C (the stride)
         part = self.view(a["part"], acc, 2 * p).astype(np.float64)
-        inv, w = self._vector(a["inv_std"], acc, c_, 0), self._vector(a["weight"], acc, c_, 1.0)
-        dw, db, coef = self.view(a["dweight"], acc, c_), self.view(a["dbias"], acc, c_), self.view(a["coef"], acc, 3 * c_)
-        for c in range(c_):
+        inv, w = self._vector(a["inv_std"], acc, blocks, 0), self._vector(a["weight"], acc, blocks, 1.0)
+        dw, db, coef = self.view(a["dweight"], acc, blocks), self.view(a["dbias"], acc, blocks), self.view(a["coef"], acc, 3 * c_)
+        for c in range(blocks):
             s = self._slots(a, c)
             dg, dbeta, av = part[p + s].sum() * inv[c], part[s].sum(), w[c] * inv[c]
             dw[c], db[c] = dg, dbeta
             coef[c], coef[c_ + c], coef[2 * c_ + c] = av, -av * inv[c] * dg / count, -av * dbeta / count
 
     def bn_backward_dx(self, a, t, acc, slot, chan):
-        x, dy, c_ = self.load(a["x"], t, slot.size), self.load(a["dy"], t, slot.size), int(chan.max()) + 1
-        mu, coef = self._vector(a["mean"], acc, c_, 0), self._vector(a["coef"], acc, 3 * c_, 0)
-        self.store(a["dx"], t, coef[chan] * dy + coef[c_ + chan] * (x - mu[chan]) + coef[2 * c_ + chan])
+        x, dy = self.gather(a["x"], t), self.gather(a["dy"], t)
+        c_ = int(a["C"])                                    # coef: 3 arrays of C (the plane stride, or C)
+        mu, coef = self._vector(a["mean"], acc, int(chan.max()) + 1, 0), self._vector(a["coef"], acc, 3 * c_, 0)
+        self.store(a["dx"], t, coef[chan] * dy + coef[c_ + chan] * (x - mu[chan]) + coef[2 * c_ + chan], self.at)
 
 
 @pytest.mark.parametrize("shape,channels_last,dtype,aligned", [
@@ -574,6 +587,110 @@ def test_forward_torch_updates_running_statistics_as_torch_does(monkeypatch, dty
         torch.testing.assert_close(rm.double(), rm64, rtol=tol, atol=tol)
         torch.testing.assert_close(rv.double(), rv64, rtol=tol, atol=tol)
         assert rm._version > versions[0] and rv._version > versions[1] and nbt._version > versions[2]
+
+
+# ------------------------------------------------------------------ channel chunks for the L2 cache
+@pytest.mark.parametrize("rows,channels,length,dtype,aligned,chunk_bytes", [
+    (3, 7, 1024, "float32", True, 30_000), (2, 5, 1155, "float32", True, 20_000), (4, 9, 2048, "float16", True, 70_000),
+    (2, 3, 1030, "float64", False, 1), (3, 64, 2048, "bfloat16", True, 200_000)])
+def test_channel_chunks_read_every_value_once_and_finalize_finds_every_partial(rows, channels, length, dtype, aligned,
+                                                                                chunk_bytes):
+    """A chunked plan: nearly equal chunks of consecutive channels, each within the byte budget (or one
+    channel), whose replayed walks together read every value of the tensor once; each chunk's finalize
+    finds exactly its own channels' slots, and the workspace holds the largest chunk's partials."""
+    pl = cuda.plan(rows, channels, length, dtype, aligned, 2, chunk_bytes)
+    whole = cuda.plan(rows, channels, length, dtype, aligned, 2)
+    per_channel = rows * length * cuda._ITEMSIZE[dtype]
+    assert pl.walk == "planes" and len(pl.chunks) == -(-channels // max(1, chunk_bytes // per_channel))
+    sizes = [sp.channels for _, sp in pl.chunks]
+    assert [c0 for c0, _ in pl.chunks] == list(np.cumsum([0] + sizes[:-1]))
+    assert sum(sizes) == channels and max(sizes) - min(sizes) <= 1
+    assert all(k * per_channel <= chunk_bytes or k == 1 for k in sizes)
+    assert pl._replace(chunks=(), workspace_values=whole.workspace_values) == whole    # the rest: the whole's
+    total = rows * channels * length
+    seen = np.zeros(total, np.int64)
+    for c0, sp in pl.chunks:
+        assert sp.walk_args[1] == channels and sp.vec == whole.vec and not sp.chunks    # planes C apart
+        part_seen, slot_channel, slot_of = _replay(sp, total, c0 * length)
+        seen += part_seen
+        channel_of = (np.arange(total) // length) % channels - c0
+        assert all(len(chs) == 1 for chs in slot_channel.values())
+        for c in range(sp.channels):
+            expected = {j for j, chs in slot_channel.items() if c in chs}
+            got = _finalize_slots(sp, c)
+            assert len(got) == len(set(got)) and set(got) == expected
+            assert set(slot_of[channel_of == c]) <= expected
+        assert max(slot_channel) < sp.partials and 3 * sp.partials + 3 * channels <= pl.workspace_values
+    assert (seen == 1).all(), "a value read twice or never"
+
+
+def test_channel_chunks_only_where_they_can_help():
+    """No chunks without a budget, for a tensor within it, or for a columns walk (whose channels are
+    not contiguous planes)."""
+    assert cuda.L2_CHUNK_BYTES == 0 or os.environ.get("BNLIB_L2_CHUNK_MB")          # off by default
+    assert not cuda.plan(256, 64, 3136, "float32", True, 132).chunks
+    assert not cuda.plan(256, 64, 3136, "float32", True, 132, 256 * 64 * 3136 * 4).chunks
+    assert len(cuda.plan(256, 64, 3136, "float32", True, 132, 256 * 64 * 3136 * 4 - 1).chunks) == 2
+    assert not cuda.plan(256 * 3136, 64, 1, "float32", True, 132, 1 << 20).chunks          # channels-last
+    assert not cuda.plan(256, 256, 196, "float32", True, 132, 1 << 20).chunks              # small planes
+    pl = cuda.plan(256, 64, 3136, "float32", True, 132, 16 << 20)
+    assert len(pl.chunks) == 13 and math.prod(pl.chunks[0][1].grid) >= 2 * 132 * 8      # each chunk fills the card
+
+
+@pytest.mark.parametrize("value,expected", [("0", 0), ("16", 16 << 20), ("0.5", 1 << 19), ("-1", None),
+                                            ("big", None), ("nan", None)])
+def test_l2_chunk_size_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("BNLIB_L2_CHUNK_MB", value)
+    if expected is None:
+        with pytest.raises(ValueError, match=f"BNLIB_L2_CHUNK_MB must be a number of MB >= 0 .*got '{value}'"):
+            cuda._chunk_bytes_from_environment()
+    else:
+        assert cuda._chunk_bytes_from_environment() == expected
+
+
+@pytest.mark.parametrize("shape,dtype,channels_last,chunk_bytes", [
+    ((3, 7, 32, 32), "float32", False, 30_000), ((2, 5, 33, 35), "float64", False, 40_000),
+    ((4, 6, 64, 32), "bfloat16", False, 50_000), ((3, 5, 32, 64), "float32", True, 30_000)])
+def test_channel_chunks_end_to_end_on_an_emulated_device(monkeypatch, shape, dtype, channels_last, chunk_bytes):
+    """forward_torch and backward_torch with L2_CHUNK_BYTES set: 3 launches per chunk in each pass (the
+    backward's chunks hold x and dy, so half the channels), the batch counted once, and the same
+    results as without chunks: outputs, statistics, gradients and running statistics."""
+    torch = pytest.importorskip("torch")
+    device = _emulated_torch_device(monkeypatch)
+    launched = []
+    monkeypatch.setattr(cuda, "_launch", lambda *a, **k: launched.append(a[1]) or device.launch(*a, **k))
+    gen = torch.Generator().manual_seed(sum(shape))
+    tdtype = getattr(torch, dtype)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3).to(tdtype)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(tdtype)
+    if channels_last:
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    acc = torch.float64 if dtype == "float64" else torch.float32
+    c = shape[1]
+    w, b = torch.rand(c, generator=gen, dtype=acc) + 0.5, torch.randn(c, generator=gen, dtype=acc)
+    results = {}
+    for budget in (0, chunk_bytes):
+        monkeypatch.setattr(cuda, "L2_CHUNK_BYTES", budget)
+        rm, rv, nbt = torch.zeros(c, dtype=acc), torch.ones(c, dtype=acc), torch.tensor(4)
+        launched.clear()
+        y, mean, var, inv_std = cuda.forward_torch(x, w, b, 1e-5, running_mean=rm, running_var=rv, momentum=None,
+                                                   num_batches_tracked=nbt)
+        forward_launches = len(launched)
+        dx, dw, db = cuda.backward_torch(dy, x, mean, inv_std, w)
+        results[budget] = (y, mean, var, inv_std, dx, dw, db, rm, rv)
+        assert int(nbt) == 5
+        rows, length = (shape[0], math.prod(shape[2:])) if not channels_last else (x.numel() // c, 1)
+        fwd = cuda.plan(rows, c, length, dtype, True, 2, budget)
+        bwd = cuda.plan(rows, c, length, dtype, True, 2, budget // 2)
+        assert forward_launches == 3 * len(cuda._pieces(fwd))
+        assert len(launched) == 3 * len(cuda._pieces(fwd)) + 3 * len(cuda._pieces(bwd))
+        if budget and not channels_last:
+            assert 1 < len(fwd.chunks) < len(bwd.chunks)
+        if channels_last:
+            assert not fwd.chunks and not bwd.chunks
+    tol = {"bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
+    for got, want in zip(results[chunk_bytes], results[0]):
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
 
 def test_forward_torch_rejects_bad_running_statistics_and_changes_nothing(monkeypatch):
@@ -1075,6 +1192,22 @@ def test_bench_gpu_launchers_add_rows_through_the_other_path():
     assert set(impls) == {"torch", "bnlib", "torch.nn", "bnlib.nn", "bnlib [cupy]", "bnlib.nn [cupy]"}
     assert impls["bnlib"]["launcher"] == cuda.LAUNCHER and impls["bnlib [cupy]"]["launcher"] == "cupy"
     assert impls["bnlib [cupy]"]["launches_per_step"] == impls["bnlib.nn [cupy]"]["launches_per_step"] == 6
+
+
+@needs_torch_gpu
+def test_bench_gpu_l2_chunk_rows_where_a_forward_walks_chunks():
+    """l2_chunks adds a row per size only to cases whose forward walks chunks at that size (a planes walk
+    of a tensor larger than the size: (4, 6, 32, 64) float32, 32 KB per channel, takes 2 forward chunks
+    of 3 channels and 6 backward chunks at 0.1 MB; the 2-D case none), with 3 launches per chunk."""
+    from bnlib import bench
+    rows = bench.bench_gpu(shapes=[(4, 6, 32, 64), (64, 16)], configs=[("float32", "NCHW")], repeats=2, rotate=2,
+                           progress=False, l2_chunks=(0.1, 64))
+    chunked = [r for r in rows if r["impl"].startswith("bnlib [L2")]
+    assert [(r["impl"], r["shape"]) for r in chunked] == [("bnlib [L2 0.1 MB]", [4, 6, 32, 64])]
+    r = chunked[0]
+    assert (r["l2_chunk_mb"], r["chunks_forward"], r["chunks_backward"], r["launches_per_step"]) == (0.1, 2, 6, 24)
+    assert r["launcher"] == cuda.LAUNCHER and r["step_ms"] > 0 and r["step_ratio_vs_bnlib"] > 0
+    assert cuda.L2_CHUNK_BYTES == 0 or os.environ.get("BNLIB_L2_CHUNK_MB")             # restored after the rows
 
 
 @needs_torch_gpu

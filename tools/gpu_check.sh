@@ -106,12 +106,13 @@ fi
 # 4. the benchmark, once: torch eager and torch.compile (its compile time is capped inside bench_gpu),
 #    bnlib's bare kernels, and the like-for-like module pair (torch.nn vs bnlib.nn, both through
 #    autograd), bnlib through both launch paths of bnlib.cuda, and chapters 02-03's portable code on
-#    CuPy arrays (--portable: what not writing kernels costs); recorded with card, date, versions,
+#    CuPy arrays (--portable: what not writing kernels costs), and bnlib with channel chunks of 8, 16
+#    and 32 MB for the L2 cache (--l2-chunks, off by default); recorded with card, date, versions,
 #    kernel design and launcher (the JSON is rewritten after every case)
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name())" | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 design=$(python3 -c "from bnlib import cuda; print(cuda.KERNEL_DESIGN)")
 json="$OUT/gpu_bench_${card}_design${design}.json"
-timeout 140 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --portable --repeats 20 --no-progress \
+timeout 140 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --portable --l2-chunks 8 16 32 --repeats 20 --no-progress \
     --json "$json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 cp "$json" bnlib/data/ 2>/dev/null || true
 # 5. where a step's time goes: host time against kernel time, per implementation and launch path
