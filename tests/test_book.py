@@ -175,11 +175,17 @@ def _printed_values(cells):
     return values
 
 
+def _percent_printed(number, printed):
+    """A percentage in the prose (52%) counts as printed when 52 or 0.52 was, possibly rounded
+    (f"{x:.0%}" prints the first, a fraction the second)."""
+    return _key(number) in printed or _key(str(decimal.Decimal(number.replace(",", "")).scaleb(-2))) in printed
+
+
 def test_every_number_in_the_prose_is_printed_by_a_cell():
-    """Decimals, thousands, exponents and numbers of three or more digits in the markdown (math, code
-    spans and links aside; years 1950-2039 aside; a ratio's trailing x allowed) occur, possibly
-    rounded, in a code cell or a stored text output of the same chapter, or are listed with their
-    reason in PROSE_NUMBERS_NOT_PRINTED."""
+    """Decimals, thousands, exponents, numbers of three or more digits and percentages in the markdown
+    (math, code spans and links aside; years 1950-2039 aside; a ratio's trailing x allowed) occur,
+    possibly rounded (a percentage also as a fraction), in a code cell or a stored text output of the
+    same chapter, or are listed with their reason in PROSE_NUMBERS_NOT_PRINTED."""
     problems = []
     for nb in CHAPTERS:
         cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
@@ -190,7 +196,10 @@ def test_every_number_in_the_prose_is_printed_by_a_cell():
             prose = _NOT_PROSE.sub(" ", "".join(cell["source"]))
             for m in _PROSE_NUMBER.finditer(prose):
                 number = m.group(0)
-                if not _checked(number) or _YEAR.fullmatch(number) or _key(number) in printed:
+                if prose[m.end():m.end() + 1] == "%":
+                    if _percent_printed(number, printed):
+                        continue
+                elif not _checked(number) or _YEAR.fullmatch(number) or _key(number) in printed:
                     continue
                 if number in allowed:
                     seen.add(number)
@@ -214,6 +223,9 @@ def test_the_prose_number_check_reads_numbers_as_a_reader_does():
         assert _key(number) in printed, number
     for number in ["0.95", "2.69", "2.6", "1236", "114.9", "114.80"]:
         assert _key(number) not in printed, number
+    percents = _printed_values([{"cell_type": "code", "source": [], "outputs": [{"text": "35% 0.9412 0.25"}]}])
+    assert all(_percent_printed(n, percents) for n in ["35", "94", "94.1", "25"])
+    assert not any(_percent_printed(n, percents) for n in ["36", "95", "94.2", "2.5"])
 
 # ----------------------------------------------------------------------------- the browser test
 
