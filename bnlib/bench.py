@@ -378,11 +378,14 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     portable=True adds the row "cupy portable": chapters 02-03's array-module code run unchanged on
     CuPy views of the same tensors (float32 and float16; CuPy has no bfloat16), one CuPy operation
     per line, on torch's stream: the measured cost of not writing kernels.
-    l2_chunks (sizes in MB of 2**20 bytes, e.g. (8, 16)) adds a row "bnlib [L2 8 MB]" per size to each
-    case whose forward or backward would walk channel chunks at that size (planes walks of tensors
-    larger than it, or whose x and dy together are): bnlib's step with cuda.L2_CHUNK_BYTES set, each
-    such row carrying the size, the number of chunks of the forward and of the backward, and its step
-    time over bnlib's unchunked step (step_ratio_vs_bnlib).
+    l2_chunks (working sets in MB of 2**20 bytes, e.g. (24, 32); see bnlib.cuda.L2_CHUNK_BYTES) adds a
+    row "bnlib [L2 24 MB]" per size to each case whose forward or backward would walk channel chunks
+    at that size (planes walks of tensors larger than a chunk): bnlib's step with cuda.L2_CHUNK_BYTES
+    set. Each such row carries the size, the number of chunks of the forward and of the backward, its
+    step time over the "bnlib" row's (step_ratio_vs_bnlib; that row runs with the L2_CHUNK_BYTES the
+    environment records, None or 0: no chunks, unless BNLIB_L2_CHUNK_MB is set) and, with GPU-alone
+    times, the same ratio of those (step_device_ratio_vs_bnlib) and the GPU-alone step in passes of the
+    tensor at the copy bandwidth (step_device_passes: 8 at the 8-pass floor, 5 at the 5-pass floor).
     """
     import time
 
@@ -391,7 +394,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     unknown = [name for name in launchers if name not in ("driver", "cupy")]
     if unknown:
         raise ValueError(f"launchers must be 'driver' or 'cupy', got {unknown}")
-    if any(not mb > 0 for mb in l2_chunks):
+    if any(not (mb > 0 and np.isfinite(mb)) for mb in l2_chunks):
         raise ValueError(f"l2_chunks must be sizes in MB > 0, got {tuple(l2_chunks)}")
     try:
         import cupy
@@ -533,11 +536,11 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             for mb in l2_chunks:
                 nbytes = int(mb * 2 ** 20)
                 fwd_plan, bwd_plan = (cuda.plan(kr, kc, kl, dtype, True, cuda._sm_count(xs[0].device.index), b)
-                                      for b in (nbytes, nbytes // 2))
+                                      for b in (nbytes // 2, nbytes // 3))      # as cuda._chunk_bytes(2), (3)
                 if fwd_plan.chunks or bwd_plan.chunks:
                     name = f"bnlib [L2 {mb:g} MB]"
                     impls[name] = tuple(_with_setting(cuda, "L2_CHUNK_BYTES", nbytes, fn) for fn in impls["bnlib"])
-                    chunking[name] = (mb, len(fwd_plan.chunks), len(bwd_plan.chunks))
+                    chunking[name] = (mb, len(cuda._pieces(fwd_plan)), len(cuda._pieces(bwd_plan)))
         except Exception as exc:
             print(f"no L2-chunk rows for {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
         if compiled is not None and compile_spent < compile_budget_s:
@@ -620,6 +623,10 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                 mb, nf, nb_ = chunking[name]
                 rows[-1].update(l2_chunk_mb=mb, chunks_forward=nf, chunks_backward=nb_,
                                 step_ratio_vs_bnlib=s / float(np.median(times["bnlib"][1])))
+                if "step_device_ms" in rows[-1] and all(device_times["bnlib"]):
+                    sd = rows[-1]["step_device_ms"] / 1e3
+                    rows[-1].update(step_device_ratio_vs_bnlib=sd / float(np.median(device_times["bnlib"][1])),
+                                    step_device_passes=8 * sd / floor8)
             if name in ("torch.nn", "bnlib.nn"):
                 rows[-1]["step_ratio_vs_module"] = s / float(np.median(times["torch.nn"][1]))
         del xs, dys, xs_req
@@ -706,6 +713,7 @@ def gpu_environment() -> dict:
     from bnlib import cuda
     env = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
            "design": cuda.KERNEL_DESIGN, "launcher": cuda.LAUNCHER, "l2_chunk_bytes": cuda.L2_CHUNK_BYTES,
+           "l2_bytes": getattr(torch.cuda.get_device_properties(0), "L2_cache_size", None),
            "torch": torch.__version__, "cuda_torch": torch.version.cuda, "numpy": np.__version__,
            "cudnn": torch.backends.cudnn.version(), "cudnn_enabled": torch.backends.cudnn.enabled,
            "sms": torch.cuda.get_device_properties(0).multi_processor_count}

@@ -850,8 +850,9 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     less than one row per thread).
 
     chunk_bytes > 0 (planes walks only): when the tensor holds more than chunk_bytes, its channels are
-    split into nearly equal chunks of at most chunk_bytes each (at least one channel), walked one chunk
-    after the other (`chunks`), so that a pass's second read of a chunk can come from the L2 cache."""
+    split into chunks of at most chunk_bytes each (at least one channel), as few as that allows, whose
+    channel counts differ by one at most, walked one chunk after the other (`chunks`), so that a pass's
+    second read of a chunk can come from the L2 cache."""
     n, c, l = rows, channels, length
     vfull = _VEC[dtype_name] if aligned else 1
     target = 16 * sm_count
@@ -862,8 +863,9 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
         k = max(1, chunk_bytes // per_channel) if chunk_bytes > 0 else c
         if k >= c:
             return whole
-        k = _cdiv(c, _cdiv(c, k))                   # as many chunks as needed, nearly equal in size
-        parts = tuple((c0, _planes_plan(n, min(k, c - c0), l, v, target, c)) for c0 in range(0, c, k))
+        m = _cdiv(c, k)                             # as few chunks as the budget allows, sizes within one
+        edges = [j * c // m for j in range(m + 1)]
+        parts = tuple((c0, _planes_plan(n, c1 - c0, l, v, target, c)) for c0, c1 in zip(edges, edges[1:]))
         return whole._replace(chunks=parts, workspace_values=max(p.workspace_values for _, p in parts))
     v = vfull
     w = c * l                                   # a row of the (rows, C*L) view
@@ -947,16 +949,29 @@ def _chunk_bytes_from_environment() -> int:
         mb = float(text)
     except ValueError:
         mb = -1.0
-    if not mb >= 0:
+    if not (mb >= 0 and math.isfinite(mb)):
         raise ValueError(f"BNLIB_L2_CHUNK_MB must be a number of MB >= 0 (0: no chunks), got {text!r}")
     return int(mb * 2 ** 20)
 
 
-# Channel chunks for the L2 cache (planes walks only, see plan): the bytes of each chunk's data that a
-# pass reads twice, x in the forward, x and dy together in the backward; 0: no chunks, one chunk of
-# all channels. Not yet measured on a GPU, so off unless BNLIB_L2_CHUNK_MB (in MB of 2**20 bytes) or
-# this variable says otherwise; the benchmark times it with --l2-chunks.
-L2_CHUNK_BYTES = _chunk_bytes_from_environment()
+# Channel chunks for the L2 cache (planes walks only, see plan): the working set of a chunk, the bytes
+# its second pass reads and writes (x and y in the forward, so chunks of half this of x; x, dy and dx in
+# the backward, a third); 0: no chunks. None: BNLIB_L2_CHUNK_MB (in MB of 2**20 bytes; 0 when unset),
+# read at the first training call, which raises a ValueError naming it if it is not a size. Not yet
+# measured on a GPU, so off unless asked for; the benchmark times chunks with --l2-chunks.
+L2_CHUNK_BYTES = None
+_environment_chunk_bytes = None
+
+
+def _chunk_bytes(arrays: int) -> int:
+    """The x bytes of one chunk for a second pass that touches `arrays` tensors (2 forward, 3 backward)."""
+    global _environment_chunk_bytes
+    budget = L2_CHUNK_BYTES
+    if budget is None:
+        if _environment_chunk_bytes is None:
+            _environment_chunk_bytes = _chunk_bytes_from_environment()
+        budget = _environment_chunk_bytes
+    return budget // arrays
 _MAX_ARGS = 32
 _CODES = {"ptr": "Q", "int32": "i4x", "int64": "q"}               # struct codes, one 8-byte slot each
 _NUMPY_TYPES = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64}
@@ -1365,7 +1380,7 @@ def forward_torch(x, weight=None, bias=None, eps: float = 1e-5, running_mean=Non
     y = torch.empty_like(x)
     mean, var, inv_std = (torch.empty(c, dtype=acc, device=x.device) for _ in range(3))   # separate tensors:
                                                                                       # no shared version counter
-    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev), L2_CHUNK_BYTES)
+    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev), _chunk_bytes(2))
     ws = _torch_workspace(dev, stream, pl, x.device)
     _run_forward(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), mean.data_ptr(), var.data_ptr(),
                  inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0,
@@ -1395,7 +1410,7 @@ def backward_torch(dy, x, mean, inv_std, weight=None):
     dx = torch.empty_like(x)
     dweight, dbias = torch.empty(c, dtype=acc, device=x.device), torch.empty(c, dtype=acc, device=x.device)
     pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0, _sm_count(dev),
-              L2_CHUNK_BYTES // 2)                 # x and dy: half the bytes of each per chunk
+              _chunk_bytes(3))
     ws = _torch_workspace(dev, stream, pl, x.device)
     _run_backward(dev, pl, dtype_name, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), mean.data_ptr(),
                   inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0, dweight.data_ptr(),
@@ -1460,7 +1475,7 @@ def _cupy_setup(x, dy=None):
         dy = dy_same
     dev = x.device.id
     aligned = x.data.ptr % 16 == 0 and (dy is None or dy.data.ptr % 16 == 0)
-    pl = plan(rows, c, l, x.dtype.name, aligned, _sm_count(dev), L2_CHUNK_BYTES if dy is None else L2_CHUNK_BYTES // 2)
+    pl = plan(rows, c, l, x.dtype.name, aligned, _sm_count(dev), _chunk_bytes(2 if dy is None else 3))
 
     def allocate(nbytes):
         buffer = cupy.empty(nbytes, dtype=cupy.uint8)

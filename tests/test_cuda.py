@@ -271,6 +271,8 @@ class _EmulatedDevice:
         if "finalize" in kernel:
             return getattr(self, kernel)(a, acc, grid[0])
         vec = int(targs[1])
+        for p in ("x", "y", "dy", "dx"):                    # a vector load needs its 16-byte boundary
+            assert vec == 1 or int(a.get(p, 0)) % 16 == 0, f"{name}: {p} at {int(a[p])} is not 16-byte aligned"
         if kernel.endswith("_planes"):                      # channels 0 .. grid[0]-1, planes C apart
             n_, c_, lv, seg = (int(a[k]) for k in ("N", "C", "LV", "seg"))
             n, c, i = np.meshgrid(np.arange(n_), np.arange(grid[0]), np.arange(lv), indexing="ij")
@@ -592,12 +594,13 @@ def test_forward_torch_updates_running_statistics_as_torch_does(monkeypatch, dty
 # ------------------------------------------------------------------ channel chunks for the L2 cache
 @pytest.mark.parametrize("rows,channels,length,dtype,aligned,chunk_bytes", [
     (3, 7, 1024, "float32", True, 30_000), (2, 5, 1155, "float32", True, 20_000), (4, 9, 2048, "float16", True, 70_000),
-    (2, 3, 1030, "float64", False, 1), (3, 64, 2048, "bfloat16", True, 200_000)])
+    (2, 3, 1030, "float64", False, 1), (3, 64, 2048, "bfloat16", True, 200_000), (2, 64, 1024, "float32", True, 81_920)])
 def test_channel_chunks_read_every_value_once_and_finalize_finds_every_partial(rows, channels, length, dtype, aligned,
                                                                                 chunk_bytes):
-    """A chunked plan: nearly equal chunks of consecutive channels, each within the byte budget (or one
-    channel), whose replayed walks together read every value of the tensor once; each chunk's finalize
-    finds exactly its own channels' slots, and the workspace holds the largest chunk's partials."""
+    """A chunked plan: as few chunks of consecutive channels as the byte budget allows (each within it, or
+    one channel), their sizes within one of each other, whose replayed walks together read every value
+    of the tensor once; each chunk's finalize finds exactly its own channels' slots, and the workspace
+    holds the largest chunk's partials."""
     pl = cuda.plan(rows, channels, length, dtype, aligned, 2, chunk_bytes)
     whole = cuda.plan(rows, channels, length, dtype, aligned, 2)
     per_channel = rows * length * cuda._ITEMSIZE[dtype]
@@ -624,21 +627,34 @@ def test_channel_chunks_read_every_value_once_and_finalize_finds_every_partial(r
     assert (seen == 1).all(), "a value read twice or never"
 
 
-def test_channel_chunks_only_where_they_can_help():
-    """No chunks without a budget, for a tensor within it, or for a columns walk (whose channels are
-    not contiguous planes)."""
-    assert cuda.L2_CHUNK_BYTES == 0 or os.environ.get("BNLIB_L2_CHUNK_MB")          # off by default
+def _unset_chunk_environment(monkeypatch, value=None):
+    """L2_CHUNK_BYTES left to the environment (its default), the cached reading cleared; value sets
+    BNLIB_L2_CHUNK_MB (None: unset)."""
+    monkeypatch.setattr(cuda, "L2_CHUNK_BYTES", None)
+    monkeypatch.setattr(cuda, "_environment_chunk_bytes", None)
+    if value is None:
+        monkeypatch.delenv("BNLIB_L2_CHUNK_MB", raising=False)
+    else:
+        monkeypatch.setenv("BNLIB_L2_CHUNK_MB", value)
+
+
+def test_channel_chunks_only_where_they_can_help(monkeypatch):
+    """Off by default; no chunks without a budget, for a tensor within it, or for a columns walk (whose
+    kernels walk whole rows); on the largest benchmark shape every chunk still fills a card's 132 SMs
+    with 8 blocks each."""
+    _unset_chunk_environment(monkeypatch)
+    assert cuda._chunk_bytes(2) == cuda._chunk_bytes(3) == 0
     assert not cuda.plan(256, 64, 3136, "float32", True, 132).chunks
     assert not cuda.plan(256, 64, 3136, "float32", True, 132, 256 * 64 * 3136 * 4).chunks
     assert len(cuda.plan(256, 64, 3136, "float32", True, 132, 256 * 64 * 3136 * 4 - 1).chunks) == 2
     assert not cuda.plan(256 * 3136, 64, 1, "float32", True, 132, 1 << 20).chunks          # channels-last
     assert not cuda.plan(256, 256, 196, "float32", True, 132, 1 << 20).chunks              # small planes
     pl = cuda.plan(256, 64, 3136, "float32", True, 132, 16 << 20)
-    assert len(pl.chunks) == 13 and math.prod(pl.chunks[0][1].grid) >= 2 * 132 * 8      # each chunk fills the card
+    assert len(pl.chunks) == 13 and min(math.prod(sp.grid) for _, sp in pl.chunks) >= 132 * 8
 
 
 @pytest.mark.parametrize("value,expected", [("0", 0), ("16", 16 << 20), ("0.5", 1 << 19), ("-1", None),
-                                            ("big", None), ("nan", None)])
+                                            ("big", None), ("nan", None), ("inf", None), ("16MB", None)])
 def test_l2_chunk_size_from_the_environment(monkeypatch, value, expected):
     monkeypatch.setenv("BNLIB_L2_CHUNK_MB", value)
     if expected is None:
@@ -648,17 +664,39 @@ def test_l2_chunk_size_from_the_environment(monkeypatch, value, expected):
         assert cuda._chunk_bytes_from_environment() == expected
 
 
-@pytest.mark.parametrize("shape,dtype,channels_last,chunk_bytes", [
-    ((3, 7, 32, 32), "float32", False, 30_000), ((2, 5, 33, 35), "float64", False, 40_000),
-    ((4, 6, 64, 32), "bfloat16", False, 50_000), ((3, 5, 32, 64), "float32", True, 30_000)])
-def test_channel_chunks_end_to_end_on_an_emulated_device(monkeypatch, shape, dtype, channels_last, chunk_bytes):
-    """forward_torch and backward_torch with L2_CHUNK_BYTES set: 3 launches per chunk in each pass (the
-    backward's chunks hold x and dy, so half the channels), the batch counted once, and the same
-    results as without chunks: outputs, statistics, gradients and running statistics."""
+def test_the_environment_sets_the_working_set_at_the_first_call_and_a_bad_value_changes_nothing(monkeypatch):
+    """BNLIB_L2_CHUNK_MB is read at the first training call (importing bnlib never fails on it), as a
+    working set: the forward's chunks hold half of it of x, the backward's a third. A value that is not
+    a size raises a ValueError naming the variable before any launch, the running statistics unchanged."""
     torch = pytest.importorskip("torch")
+    _unset_chunk_environment(monkeypatch, "24")
+    assert (cuda._chunk_bytes(2), cuda._chunk_bytes(3)) == (12 << 20, (24 << 20) // 3)
+    monkeypatch.setenv("BNLIB_L2_CHUNK_MB", "48")                   # read once: later changes are not seen
+    assert cuda._chunk_bytes(2) == 12 << 20
+    monkeypatch.setattr(cuda, "L2_CHUNK_BYTES", 6 << 20)             # the module variable wins
+    assert cuda._chunk_bytes(3) == 2 << 20
     device = _emulated_torch_device(monkeypatch)
     launched = []
     monkeypatch.setattr(cuda, "_launch", lambda *a, **k: launched.append(a[1]) or device.launch(*a, **k))
+    _unset_chunk_environment(monkeypatch, "16MB")
+    x, rm, rv, nbt = torch.randn(4, 3, 32, 32), torch.zeros(3), torch.ones(3), torch.tensor(2)
+    with pytest.raises(ValueError, match="BNLIB_L2_CHUNK_MB must be a number of MB >= 0 .*got '16MB'"):
+        cuda.forward_torch(x, None, None, 1e-5, running_mean=rm, running_var=rv, momentum=None, num_batches_tracked=nbt)
+    assert not launched and (rm == 0).all() and (rv == 1).all() and int(nbt) == 2
+
+
+@pytest.mark.parametrize("shape,dtype,channels_last", [
+    ((3, 7, 32, 32), "float32", False), ((2, 5, 33, 35), "float64", False), ((4, 6, 64, 32), "bfloat16", False),
+    ((3, 5, 32, 64), "float32", True)])
+def test_channel_chunks_end_to_end_on_an_emulated_device(monkeypatch, shape, dtype, channels_last):
+    """forward_torch and backward_torch with a working set of 4.5 channels' x: forward chunks of 2
+    channels (x and y), backward chunks of 1 (x, dy and dx). Each chunk's 3 launches in turn, its
+    addresses c0 planes in; the batch counted once; the same results as without chunks: outputs,
+    statistics, gradients and running statistics. Channels-last memory keeps one chunk."""
+    torch = pytest.importorskip("torch")
+    device = _emulated_torch_device(monkeypatch)
+    launched = []
+    monkeypatch.setattr(cuda, "_launch", lambda *a, **k: launched.append((a[1], a[4])) or device.launch(*a, **k))
     gen = torch.Generator().manual_seed(sum(shape))
     tdtype = getattr(torch, dtype)
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3).to(tdtype)
@@ -666,32 +704,35 @@ def test_channel_chunks_end_to_end_on_an_emulated_device(monkeypatch, shape, dty
     if channels_last:
         x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
     acc = torch.float64 if dtype == "float64" else torch.float32
-    c = shape[1]
+    c, length = shape[1], math.prod(shape[2:])
+    per_channel = shape[0] * length * cuda._ITEMSIZE[dtype]
     w, b = torch.rand(c, generator=gen, dtype=acc) + 0.5, torch.randn(c, generator=gen, dtype=acc)
     results = {}
-    for budget in (0, chunk_bytes):
+    for budget in (0, int(4.5 * per_channel)):
         monkeypatch.setattr(cuda, "L2_CHUNK_BYTES", budget)
         rm, rv, nbt = torch.zeros(c, dtype=acc), torch.ones(c, dtype=acc), torch.tensor(4)
         launched.clear()
         y, mean, var, inv_std = cuda.forward_torch(x, w, b, 1e-5, running_mean=rm, running_var=rv, momentum=None,
                                                    num_batches_tracked=nbt)
-        forward_launches = len(launched)
         dx, dw, db = cuda.backward_torch(dy, x, mean, inv_std, w)
         results[budget] = (y, mean, var, inv_std, dx, dw, db, rm, rv)
         assert int(nbt) == 5
-        rows, length = (shape[0], math.prod(shape[2:])) if not channels_last else (x.numel() // c, 1)
-        fwd = cuda.plan(rows, c, length, dtype, True, 2, budget)
-        bwd = cuda.plan(rows, c, length, dtype, True, 2, budget // 2)
-        assert forward_launches == 3 * len(cuda._pieces(fwd))
-        assert len(launched) == 3 * len(cuda._pieces(fwd)) + 3 * len(cuda._pieces(bwd))
+        rows, length_ = (shape[0], length) if not channels_last else (x.numel() // c, 1)
+        fwd, bwd = (cuda._pieces(cuda.plan(rows, c, length_, dtype, True, 2, budget // a)) for a in (2, 3))
+        kinds = [name.split("<")[0].split("_", 1)[1].rsplit("_", 1)[0] if "finalize" not in name else "finalize"
+                 for name, _ in launched]
+        assert kinds == ["stats", "finalize", "apply"] * len(fwd) + ["backward_reduce", "finalize", "backward_dx"] * len(bwd)
+        firsts = [args[0] for name, args in launched if "bn_stats_" in name and "finalize" not in name]
+        assert firsts == [x.data_ptr() + c0 * length_ * x.element_size() for c0, _ in fwd]     # x of each chunk
+        firsts = [args[1] for name, args in launched if "backward_reduce" in name]
+        assert firsts == [x.data_ptr() + c0 * length_ * x.element_size() for c0, _ in bwd]
         if budget and not channels_last:
-            assert 1 < len(fwd.chunks) < len(bwd.chunks)
+            assert len(fwd) == -(-c // 2) and max(sp.channels for _, sp in fwd) == 2 and len(bwd) == c
         if channels_last:
-            assert not fwd.chunks and not bwd.chunks
+            assert len(fwd) == len(bwd) == 1
     tol = {"bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
-    for got, want in zip(results[chunk_bytes], results[0]):
+    for got, want in zip(results[int(4.5 * per_channel)], results[0]):
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
-
 
 def test_forward_torch_rejects_bad_running_statistics_and_changes_nothing(monkeypatch):
     torch = pytest.importorskip("torch")
@@ -1195,19 +1236,69 @@ def test_bench_gpu_launchers_add_rows_through_the_other_path():
 
 
 @needs_torch_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_channel_chunks_match_float64_torch_on_the_gpu(monkeypatch, dtype, aligned):
+    """Channel chunks for the L2 cache on a GPU (a working set of 4.5 channels' x: forward chunks of one
+    or two channels, backward chunks of one), through both routes: forward_torch with the running
+    statistics (momentum 0.1 and None, the batch counter) and backward_torch, and bnlib.functional on
+    CuPy arrays (no bfloat16 in CuPy), against float64 torch; aligned data, and data one element past a
+    16-byte boundary (scalar loads)."""
+    import cupy
+    import torch
+    shape = (3, 7, 32, 64)
+    c = shape[1]
+    xs, dys, w, b = _torch_case(shape, dtype, False, seed=7)
+    if not aligned:
+        def shifted(t):
+            flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+            flat.copy_(t.reshape(-1))
+            return flat.view(t.shape)
+        xs, dys = shifted(xs), shifted(dys)
+        assert xs.data_ptr() % 16 != 0
+    monkeypatch.setattr(cuda, "L2_CHUNK_BYTES", int(4.5 * shape[0] * shape[2] * shape[3] * xs.element_size()))
+    acc = torch.float64 if dtype == "float64" else torch.float32
+    yr, dxr, dwr, dbr, mr, vr = _reference(xs, dys, w, b)
+    tol = TOL[dtype]
+    count = xs.numel() // c
+    dx_scale = (w.double().abs().max() * (1 / torch.sqrt(vr + 1e-5)).max() * dys.double().abs().max()).item()
+    for momentum in (0.1, None):
+        rm, rv = torch.zeros(c, dtype=acc, device="cuda"), torch.ones(c, dtype=acc, device="cuda")
+        nbt = torch.zeros((), dtype=torch.long, device="cuda")
+        y, mean, var, inv_std = cuda.forward_torch(xs, w, b, 1e-5, running_mean=rm, running_var=rv, momentum=momentum,
+                                                   num_batches_tracked=nbt)
+        dx, dw, db = cuda.backward_torch(dys, xs, mean, inv_std, w)
+        f = 1.0 if momentum is None else momentum                 # None: the first counted batch, 1 / 1
+        assert int(nbt) == 1
+        assert _close(y, yr, tol) and _close(mean, mr, tol) and _close(var, vr, tol, scale=vr.abs().max().item())
+        assert _close(rm, f * mr, tol) and _close(rv, (1 - f) + f * vr * count / (count - 1), tol)
+        assert _close(dx, dxr, tol, scale=dx_scale)
+        assert _close(dw, dwr, tol, scale=dwr.abs().max().item()) and _close(db, dbr, tol, scale=dbr.abs().max().item())
+    if dtype != "bfloat16":
+        y2, cache = F.batch_norm_forward(cupy.from_dlpack(xs), cupy.from_dlpack(w), cupy.from_dlpack(b))
+        dx2, dg2, db2 = F.batch_norm_backward(cupy.from_dlpack(dys), cache)
+        assert _close(torch.from_dlpack(y2), yr, tol) and _close(torch.from_dlpack(dx2), dxr, tol, scale=dx_scale)
+        assert _close(torch.from_dlpack(dg2), dwr, tol, scale=dwr.abs().max().item())
+
+
+@needs_torch_gpu
 def test_bench_gpu_l2_chunk_rows_where_a_forward_walks_chunks():
-    """l2_chunks adds a row per size only to cases whose forward walks chunks at that size (a planes walk
-    of a tensor larger than the size: (4, 6, 32, 64) float32, 32 KB per channel, takes 2 forward chunks
-    of 3 channels and 6 backward chunks at 0.1 MB; the 2-D case none), with 3 launches per chunk."""
+    """l2_chunks adds a row per working set only to cases that chunk at that size (a planes walk of a
+    tensor larger than a chunk: (4, 6, 32, 64) float32, 32 KB per channel, at 0.2 MB takes 2 forward
+    chunks of 3 channels and 3 backward chunks of 2; the 2-D case none), with 3 launches per chunk."""
     from bnlib import bench
+    saved = cuda.L2_CHUNK_BYTES
     rows = bench.bench_gpu(shapes=[(4, 6, 32, 64), (64, 16)], configs=[("float32", "NCHW")], repeats=2, rotate=2,
-                           progress=False, l2_chunks=(0.1, 64))
+                           progress=False, l2_chunks=(0.2, 64))
     chunked = [r for r in rows if r["impl"].startswith("bnlib [L2")]
-    assert [(r["impl"], r["shape"]) for r in chunked] == [("bnlib [L2 0.1 MB]", [4, 6, 32, 64])]
+    assert [(r["impl"], r["shape"]) for r in chunked] == [("bnlib [L2 0.2 MB]", [4, 6, 32, 64])]
     r = chunked[0]
-    assert (r["l2_chunk_mb"], r["chunks_forward"], r["chunks_backward"], r["launches_per_step"]) == (0.1, 2, 6, 24)
+    assert (r["l2_chunk_mb"], r["chunks_forward"], r["chunks_backward"], r["launches_per_step"]) == (0.2, 2, 3, 15)
     assert r["launcher"] == cuda.LAUNCHER and r["step_ms"] > 0 and r["step_ratio_vs_bnlib"] > 0
-    assert cuda.L2_CHUNK_BYTES == 0 or os.environ.get("BNLIB_L2_CHUNK_MB")             # restored after the rows
+    import torch
+    if hasattr(torch.cuda, "_sleep"):
+        assert r["step_device_ratio_vs_bnlib"] > 0 and r["step_device_passes"] > 0
+    assert cuda.L2_CHUNK_BYTES == saved                                                 # restored after the rows
 
 
 @needs_torch_gpu

@@ -98,7 +98,16 @@ def test_design_3_report_reads_a_recording_like_gpu_check_writes(capsys):
         {"shape": [256, 64, 56, 56], "dtype": "float32", "layout": "NCHW",
          "impls": {"bnlib [driver]": {"host_us": 40.0, "step_us": 300.0, "gpu_us": 250.0},
                    "torch": {"host_step": {"error": "RuntimeError: made up"}}}}]}
-    files = {"gpu_bench_FAKE_design3.json": run3, "gpu_profile_FAKE_design3.json": profile}
+    base = next(r for r in rows3 if r["impl"] == "bnlib" and r["shape"] == [256, 64, 56, 56] and r["dtype"] == "float32"
+                and r["layout"] == "NCHW")
+    sweep = {"environment": {**run3["environment"], "l2_bytes": 50 * 2 ** 20}, "results": [
+        {**base, "impl": "bnlib [L2 24 MB]", "l2_chunk_mb": 24, "chunks_forward": 22, "chunks_backward": 32,
+         "launches_per_step": 162, "step_ratio_vs_bnlib": 2.5, "step_device_ratio_vs_bnlib": 0.875,
+         "step_device_passes": 6.25},
+        {**base, "impl": "bnlib [L2 64 MB]", "l2_chunk_mb": 64, "chunks_forward": 7, "chunks_backward": 10,
+         "launches_per_step": 51, "step_ratio_vs_bnlib": 1.25}]}             # no GPU-alone times in this row
+    files = {"gpu_bench_FAKE_design3.json": run3, "gpu_profile_FAKE_design3.json": profile,
+             "gpu_l2chunks_FAKE_design3.json": sweep}
     ns = {"importlib": importlib, "json": json}
     exec(_chapter_cell("def case_key(r)").split("\neager, ours, compiled, ours1")[0], ns)   # the case helpers
     source = _chapter_cell("def design3_report")
@@ -119,6 +128,9 @@ def test_design_3_report_reads_a_recording_like_gpu_check_writes(capsys):
     assert re.search(r"counts\) +met in 27 of 27", alone_part)                  # bnlib's GPU-alone times are the lower ones
     assert "'cupy portable'" in out and "profile (gpu_profile_FAKE_design3.json)" in out
     assert "host    40.0  step   300.0  kernels   250.0" in out
+    assert "channel chunks for the L2 cache (gpu_l2chunks_FAKE_design3.json; the card's L2: 50 MB)" in out
+    assert re.search(r"24 MB, 22 \+ 32 chunks, 162 launches: GPU alone  0\.88,  6\.2 passes; recorded  2\.50", out)
+    assert re.search(r"64 MB,  7 \+ 10 chunks,  51 launches: GPU alone   n/a,  n/a passes; recorded  1\.25", out)
 
 
 def test_design_3_report_without_a_recording(capsys):

@@ -203,7 +203,6 @@ def test_batch_stats_accuracy_restores_state_and_precise_bn_gives_population_sta
 def test_chapter_full_code_path_runs_on_a_tiny_mnist_fixture(tmp_path, monkeypatch):
     """Chapter 07 with FULL = True (MNIST, long schedules), shrunk by BNLIB_SMOKE, on tiny IDX files."""
     import json
-    import os
     from pathlib import Path
 
     import matplotlib

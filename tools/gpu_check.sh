@@ -2,8 +2,8 @@
 # The GPU checks of chapter 05 in one run, for a machine with a CUDA GPU, CuPy and PyTorch
 # (e.g. the device tool: `run` this with `carry: [".whl"]` holding the nbval/ipykernel wheels that
 # tools/gpu_wheels.sh downloads). Every step has a timeout, so one slow step cannot eat the lease.
-# Writes logs and the recordings gpu_bench_<card>_design<N>.json and gpu_profile_<card>_design<N>.json
-# (results with card, date and versions; N = bnlib.cuda.KERNEL_DESIGN, so an earlier design's
+# Writes logs and the recordings gpu_bench_<card>_design<N>.json, gpu_profile_<card>_design<N>.json and
+# gpu_l2chunks_<card>_design<N>.json (results with card, date and versions; N = bnlib.cuda.KERNEL_DESIGN, so an earlier design's
 # recording is never overwritten) into $OUT as they go (the device tool brings $OUT back, even from a
 # run cut short), then copies the recordings into bnlib/data/ (package data, so a chapter run alone
 # on Colab finds them; from the device tool, commit the copies that come back in $OUT).
@@ -64,9 +64,10 @@ if [ "$rc" -ne 0 ]; then
         export BNLIB_CUDA_LAUNCH=cupy
     fi
 fi
-# Step timeouts add up to 600 s with the preflight's retry, 540 s without, within the device tool's
-# 600 s per command (the last run took a fraction of them: the tests 17 s, nbval 39 s); the steps
-# that record results write them into $OUT as they go, so a run cut short keeps what it finished.
+# Step timeouts add up to 580 s without the preflight's retry (640 s with it: then the last step, the
+# L2-chunk sweep, may be cut by the device tool's 600 s per command); the last run took a fraction of
+# them (the tests 17 s, nbval 39 s). The steps that record results write them into $OUT as they go, so
+# a run cut short keeps what it finished.
 # 1. kernels against the float64 reference (CuPy arrays and torch tensors, every dtype and layout,
 #    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
 #    the CPU-only tests of test_cuda.py (replays, emulated device, nvcc) ran where the code was written
@@ -106,17 +107,23 @@ fi
 # 4. the benchmark, once: torch eager and torch.compile (its compile time is capped inside bench_gpu),
 #    bnlib's bare kernels, and the like-for-like module pair (torch.nn vs bnlib.nn, both through
 #    autograd), bnlib through both launch paths of bnlib.cuda, and chapters 02-03's portable code on
-#    CuPy arrays (--portable: what not writing kernels costs), and bnlib with channel chunks of 8, 16
-#    and 32 MB for the L2 cache (--l2-chunks, off by default); recorded with card, date, versions,
+#    CuPy arrays (--portable: what not writing kernels costs); recorded with card, date, versions,
 #    kernel design and launcher (the JSON is rewritten after every case)
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name())" | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 design=$(python3 -c "from bnlib import cuda; print(cuda.KERNEL_DESIGN)")
 json="$OUT/gpu_bench_${card}_design${design}.json"
-timeout 140 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --portable --l2-chunks 8 16 32 --repeats 20 --no-progress \
+timeout 140 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --portable --repeats 20 --no-progress \
     --json "$json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 cp "$json" bnlib/data/ 2>/dev/null || true
 # 5. where a step's time goes: host time against kernel time, per implementation and launch path
 profile="$OUT/gpu_profile_${card}_design${design}.json"
 timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_profile.log" || status=1
 cp "$profile" bnlib/data/ 2>/dev/null || true
+# 6. last, and apart from the benchmark (a fault in the chunked path cannot cost its results; if the
+#    lease runs short, this is what is lost): channel chunks for the L2 cache, off by default, timed at
+#    working sets of 24, 32, 48 and 64 MB on the NCHW planes-walk cases (the chunked path's results are
+#    checked against float64 torch in step 1 and under the sanitizer in step 2)
+chunks="$OUT/gpu_l2chunks_${card}_design${design}.json"
+timeout 40 python3 tools/gpu_l2_chunks.py --json "$chunks" 2>&1 | tee "$OUT/gpu_l2chunks.log" || status=1
+cp "$chunks" bnlib/data/ 2>/dev/null || true
 exit $status

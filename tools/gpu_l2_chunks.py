@@ -1,0 +1,55 @@
+"""The L2 channel-chunk sweep of tools/gpu_check.sh, kept apart from the main benchmark so that a fault
+in the chunked path cannot cost the main benchmark's results.
+
+Times bnlib's training step with channel chunks for the L2 cache (bnlib.cuda.L2_CHUNK_BYTES, off by
+default) at several working-set sizes, next to the unchunked step and torch's, on the cases that chunk:
+the benchmark's NCHW shapes walked as planes, in float32 and bfloat16. Writes
+gpu_l2chunks_<card>_design<N>.json (environment with card, date, versions and the card's L2 size; the
+rows as bench_gpu gives them), rewritten after every case.
+
+    python tools/gpu_l2_chunks.py --json OUT.json [--sizes 24 32 48 64] [--repeats 20]
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = [(256, 64, 56, 56), (32, 32, 112, 112)]
+CONFIGS = [("float32", "NCHW"), ("bfloat16", "NCHW")]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--sizes", nargs="+", type=float, default=[24, 32, 48, 64], metavar="MB",
+                        help="chunk working sets in MB of 2**20 bytes (default 24 32 48 64: 64 exceeds a 50 MB L2)")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    from bnlib import bench, cuda
+    if not cuda.available():
+        print("no CUDA device visible to CuPy", file=sys.stderr)
+        return 2
+    env = bench.gpu_environment()
+
+    def save(rows, partial=True):
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "partial": partial, "results": rows}, f, indent=1)
+
+    rows = bench.bench_gpu(shapes=SHAPES, configs=CONFIGS, repeats=args.repeats, progress=False,
+                           l2_chunks=tuple(args.sizes), on_rows=save)
+    save(rows, partial=False)
+    print(bench.format_gpu_table(rows))
+    for r in rows:
+        if r.get("l2_chunk_mb"):
+            print(f"{str(tuple(r['shape'])):>18} {r['dtype']:>8} {r['l2_chunk_mb']:4g} MB: {r['chunks_forward']} + "
+                  f"{r['chunks_backward']} chunks, {r['launches_per_step']} launches, step over unchunked "
+                  f"{r['step_ratio_vs_bnlib']:.2f}, GPU alone {r.get('step_device_ratio_vs_bnlib', float('nan')):.2f} "
+                  f"({r.get('step_device_passes', float('nan')):.2f} passes)")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
