@@ -133,6 +133,48 @@ def test_design_3_report_reads_a_recording_like_gpu_check_writes(capsys):
     assert re.search(r"64 MB,  7 \+ 10 chunks,  51 launches: GPU alone   n/a,  n/a passes; recorded  1\.25", out)
 
 
+def test_the_l2_chunk_sweep_tool_writes_its_recording(tmp_path, monkeypatch, capsys):
+    """tools/gpu_l2_chunks.py (the last step of tools/gpu_check.sh) with bench_gpu faked: what it asks
+    the benchmark for, the JSON it writes (partial after each case, whole at the end), and its lines
+    for the chunked rows, with and without GPU-alone times."""
+    import importlib.util
+
+    from bnlib import cuda
+    spec = importlib.util.spec_from_file_location("gpu_l2_chunks", CHAPTER.parents[1] / "tools" / "gpu_l2_chunks.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    calls, partial = [], []
+    out = tmp_path / "sweep.json"
+    row = _row((256, 64, 56, 56), "float32", "NCHW", "bnlib", 0.5, floor=0.4)
+    row.update(forward_ratio=0.5, step_ratio=0.4, floor_fraction=0.8, peak_extra_mb=1.0)
+    chunked = [{**row, "impl": "bnlib [L2 24 MB]", "l2_chunk_mb": 24.0, "chunks_forward": 22, "chunks_backward": 32,
+                "launches_per_step": 162, "step_ratio_vs_bnlib": 2.5, "step_device_ratio_vs_bnlib": 0.9,
+                "step_device_passes": 6.4},
+               {**row, "impl": "bnlib [L2 64 MB]", "l2_chunk_mb": 64.0, "chunks_forward": 7, "chunks_backward": 11,
+                "launches_per_step": 54, "step_ratio_vs_bnlib": 1.2}]
+
+    def fake_bench_gpu(**kw):
+        calls.append(kw)
+        kw["on_rows"]([row])
+        partial.append(json.loads(out.read_text()))
+        return [row] + chunked
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    monkeypatch.setattr(bench, "bench_gpu", fake_bench_gpu)
+    monkeypatch.setattr(bench, "gpu_environment", lambda: {"card": "FAKE", "l2_bytes": 50 << 20})
+    assert tool.main(["--json", str(out), "--sizes", "24", "64", "--repeats", "3"]) == 0
+    assert calls[0]["l2_chunks"] == (24.0, 64.0) and calls[0]["repeats"] == 3
+    assert calls[0]["shapes"] == [(256, 64, 56, 56), (32, 32, 112, 112)]
+    assert calls[0]["configs"] == [("float32", "NCHW"), ("bfloat16", "NCHW")]
+    assert partial == [{"environment": {"card": "FAKE", "l2_bytes": 50 << 20}, "partial": True, "results": [row]}]
+    written = json.loads(out.read_text())
+    assert written["partial"] is False and len(written["results"]) == 3
+    text = capsys.readouterr().out
+    assert "24 MB: 22 + 32 chunks, 162 launches, step over unchunked 2.50, GPU alone 0.90 (6.40 passes)" in text
+    assert "64 MB: 7 + 11 chunks, 54 launches, step over unchunked 1.20, GPU alone n/a" in text
+    monkeypatch.setattr(cuda, "available", lambda: False)
+    assert tool.main(["--json", str(out)]) == 2
+
+
 def test_design_3_report_without_a_recording(capsys):
     ns = {"importlib": importlib, "json": json}
     exec(_chapter_cell("def design3_report").rstrip()[:-len("run3 = design3_report()")], ns)
