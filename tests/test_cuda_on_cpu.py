@@ -306,8 +306,8 @@ def test_bnlib_nn_layer_through_the_kernels_on_the_cpu(on_cpu, monkeypatch, dtyp
     assert len(module_updates) == (2 if param_dtype == torch.float16 else 0)   # else the finalize kernel's update
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
-@pytest.mark.parametrize("shape,aligned", [((3, 7, 32, 64), True), ((2, 5, 45, 47), False)])
+@pytest.mark.parametrize("shape,aligned,dtype", [((3, 7, 32, 64), True, "float32"), ((3, 7, 32, 64), True, "bfloat16"),
+                                                 ((2, 5, 45, 47), False, "float16"), ((2, 5, 45, 47), False, "float64")])
 def test_channel_chunks_on_the_cpu_match_float64_torch(on_cpu, monkeypatch, shape, aligned, dtype):
     """The kernels walking channel chunks (a working set of 4.5 channels' x: the forward in chunks of
     one or two channels, the backward, whose working set holds x, dy and dx, of one), each chunk's
