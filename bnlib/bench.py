@@ -221,7 +221,9 @@ def main(argv=None) -> int:
     parser.add_argument("--launchers", nargs="+", default=[], choices=["driver", "cupy"],
                         help="--gpu only: also time bnlib through these launch paths of bnlib.cuda")
     parser.add_argument("--l2-chunks", nargs="+", type=float, default=[], metavar="MB",
-                        help="--gpu only: also time bnlib with channel chunks of these sizes for the L2 cache")
+                        help="--gpu only: also time bnlib with channel chunks for the L2 cache at these working "
+                             "sets (MiB: the bytes a chunk's second pass reads and writes; see "
+                             "bnlib.cuda.L2_CHUNK_BYTES)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
         parser.error("--portable times CuPy arrays and needs --gpu")
     if args.l2_chunks and not args.gpu:
         parser.error("--l2-chunks sets the CUDA kernels' channel chunks and needs --gpu")
-    if any(not mb > 0 for mb in args.l2_chunks):
+    if any(not (mb > 0 and np.isfinite(mb)) for mb in args.l2_chunks):
         parser.error(f"--l2-chunks sizes must be > 0 MB, got {' '.join(f'{mb:g}' for mb in args.l2_chunks)}")
     if (args.compile or args.compile_budget is not None) and not args.gpu:
         parser.error("--compile and --compile-budget time torch.compile on the GPU and need --gpu")
@@ -713,6 +715,7 @@ def gpu_environment() -> dict:
     from bnlib import cuda
     env = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
            "design": cuda.KERNEL_DESIGN, "launcher": cuda.LAUNCHER, "l2_chunk_bytes": cuda.L2_CHUNK_BYTES,
+           "l2_chunk_mb_env": os.environ.get("BNLIB_L2_CHUNK_MB"),
            "l2_bytes": getattr(torch.cuda.get_device_properties(0), "L2_cache_size", None),
            "torch": torch.__version__, "cuda_torch": torch.version.cuda, "numpy": np.__version__,
            "cudnn": torch.backends.cudnn.version(), "cudnn_enabled": torch.backends.cudnn.enabled,

@@ -849,10 +849,11 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     the tensor has too little work for that: few planes or plane segments, or a cols walk with
     less than one row per thread).
 
-    chunk_bytes > 0 (planes walks only): when the tensor holds more than chunk_bytes, its channels are
-    split into chunks of at most chunk_bytes each (at least one channel), as few as that allows, whose
-    channel counts differ by one at most, walked one chunk after the other (`chunks`), so that a pass's
-    second read of a chunk can come from the L2 cache."""
+    chunk_bytes > 0 (planes walks only): the bytes of x one chunk may hold (the launchers pass
+    L2_CHUNK_BYTES // 2 for the forward and // 3 for the backward, see _chunk_bytes). When x holds more,
+    its channels are split into chunks of at most chunk_bytes of x each (at least one channel), as few
+    as that allows, whose channel counts differ by one at most, walked one chunk after the other
+    (`chunks`), so that a pass's second read of a chunk can come from the L2 cache."""
     n, c, l = rows, channels, length
     vfull = _VEC[dtype_name] if aligned else 1
     target = 16 * sm_count
@@ -954,11 +955,12 @@ def _chunk_bytes_from_environment() -> int:
     return int(mb * 2 ** 20)
 
 
-# Channel chunks for the L2 cache (planes walks only, see plan): the working set of a chunk, the bytes
-# its second pass reads and writes (x and y in the forward, so chunks of half this of x; x, dy and dx in
-# the backward, a third); 0: no chunks. None: BNLIB_L2_CHUNK_MB (in MB of 2**20 bytes; 0 when unset),
-# read at the first training call, which raises a ValueError naming it if it is not a size. Not yet
-# measured on a GPU, so off unless asked for; the benchmark times chunks with --l2-chunks.
+# Channel chunks for the L2 cache (planes walks only, see plan). The budget is a chunk's working set:
+# the bytes its second pass reads and writes, which should fit in L2 together. Forward: x and y, so a
+# chunk holds at most half of it of x; backward: x, dy and dx, a third (_chunk_bytes). 0: no chunks.
+# None: BNLIB_L2_CHUNK_MB (MiB, 2**20 bytes; 0 when unset), read at the first training call, which
+# raises a ValueError naming it if it is not a size. Not yet run on a GPU, so off unless asked for;
+# tools/gpu_l2_chunks.py times it (bench_gpu's l2_chunks).
 L2_CHUNK_BYTES = None
 _environment_chunk_bytes = None
 
@@ -1228,9 +1230,10 @@ def _run_apply(dev, pl, dtype_name, x, y, mean, stat, weight, bias, eps, from_va
 def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, dweight, dbias, ws, stream=None):
     """Training backward, 3 launches per chunk of pl: partial sums, finalize (writes dweight, dbias,
     and the dx coefficients into the workspace), dx. All arguments after dtype_name are device
-    addresses."""
+    addresses. Chunks go from the last channels to the first: the forward ends on the last, so the
+    backward's first reads may find some of it still in L2."""
     acc = _acc_size(dtype_name)
-    for c0, sp in _pieces(pl):
+    for c0, sp in reversed(_pieces(pl)):
         (dy_, x_, dx_), (mean_, inv_, weight_, dweight_, dbias_) = _offsets(
             sp, dtype_name, c0, (dy, x, dx), (mean, inv_std, weight, dweight, dbias))
         coef = ws + 3 * sp.partials * acc

@@ -110,7 +110,7 @@ def test_bench_command_line_gpu_flags_without_gpu_fail_clearly(argv, flag, monke
     assert flag in err and "needs --gpu" in err
 
 
-@pytest.mark.parametrize("sizes", [["0"], ["8", "-1"], ["nan"]])
+@pytest.mark.parametrize("sizes", [["0"], ["8", "-1"], ["nan"], ["inf"]])
 def test_bench_command_line_rejects_l2_chunk_sizes_that_are_not_positive(sizes, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--gpu", "--l2-chunks", *sizes])

@@ -689,9 +689,9 @@ def test_the_environment_sets_the_working_set_at_the_first_call_and_a_bad_value_
     ((3, 7, 32, 32), "float32", False), ((2, 5, 33, 35), "float64", False), ((4, 6, 64, 32), "bfloat16", False),
     ((3, 5, 32, 64), "float32", True)])
 def test_channel_chunks_end_to_end_on_an_emulated_device(monkeypatch, shape, dtype, channels_last):
-    """forward_torch and backward_torch with a working set of 4.5 channels' x: forward chunks of 2
+    """forward_torch and backward_torch with a working set of 4.5 channels' x: forward chunks of 1 or 2
     channels (x and y), backward chunks of 1 (x, dy and dx). Each chunk's 3 launches in turn, its
-    addresses c0 planes in; the batch counted once; the same results as without chunks: outputs,
+    addresses c0 planes in, the backward's chunks from the last channels; the batch counted once; the same results as without chunks: outputs,
     statistics, gradients and running statistics. Channels-last memory keeps one chunk."""
     torch = pytest.importorskip("torch")
     device = _emulated_torch_device(monkeypatch)
@@ -725,7 +725,7 @@ def test_channel_chunks_end_to_end_on_an_emulated_device(monkeypatch, shape, dty
         firsts = [args[0] for name, args in launched if "bn_stats_" in name and "finalize" not in name]
         assert firsts == [x.data_ptr() + c0 * length_ * x.element_size() for c0, _ in fwd]     # x of each chunk
         firsts = [args[1] for name, args in launched if "backward_reduce" in name]
-        assert firsts == [x.data_ptr() + c0 * length_ * x.element_size() for c0, _ in bwd]
+        assert firsts == [x.data_ptr() + c0 * length_ * x.element_size() for c0, _ in reversed(bwd)]
         if budget and not channels_last:
             assert len(fwd) == -(-c // 2) and max(sp.channels for _, sp in fwd) == 2 and len(bwd) == c
         if channels_last:

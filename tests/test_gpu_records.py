@@ -104,8 +104,8 @@ def test_design_3_report_reads_a_recording_like_gpu_check_writes(capsys):
         {**base, "impl": "bnlib [L2 24 MB]", "l2_chunk_mb": 24, "chunks_forward": 22, "chunks_backward": 32,
          "launches_per_step": 162, "step_ratio_vs_bnlib": 2.5, "step_device_ratio_vs_bnlib": 0.875,
          "step_device_passes": 6.25},
-        {**base, "impl": "bnlib [L2 64 MB]", "l2_chunk_mb": 64, "chunks_forward": 7, "chunks_backward": 10,
-         "launches_per_step": 51, "step_ratio_vs_bnlib": 1.25}]}             # no GPU-alone times in this row
+        {**base, "impl": "bnlib [L2 64 MB]", "l2_chunk_mb": 64, "chunks_forward": 7, "chunks_backward": 11,
+         "launches_per_step": 54, "step_ratio_vs_bnlib": 1.25}]}             # no GPU-alone times in this row
     files = {"gpu_bench_FAKE_design3.json": run3, "gpu_profile_FAKE_design3.json": profile,
              "gpu_l2chunks_FAKE_design3.json": sweep}
     ns = {"importlib": importlib, "json": json}
@@ -128,9 +128,9 @@ def test_design_3_report_reads_a_recording_like_gpu_check_writes(capsys):
     assert re.search(r"counts\) +met in 27 of 27", alone_part)                  # bnlib's GPU-alone times are the lower ones
     assert "'cupy portable'" in out and "profile (gpu_profile_FAKE_design3.json)" in out
     assert "host    40.0  step   300.0  kernels   250.0" in out
-    assert "channel chunks for the L2 cache (gpu_l2chunks_FAKE_design3.json; the card's L2: 50 MB)" in out
-    assert re.search(r"24 MB, 22 \+ 32 chunks, 162 launches: GPU alone  0\.88,  6\.2 passes; recorded  2\.50", out)
-    assert re.search(r"64 MB,  7 \+ 10 chunks,  51 launches: GPU alone   n/a,  n/a passes; recorded  1\.25", out)
+    assert "channel chunks for the L2 cache (gpu_l2chunks_FAKE_design3.json; the card's L2: 50 MiB)" in out
+    assert re.search(r"24 MiB, 22 \+ 32 chunks, 162 launches: GPU alone  0\.88,  6\.2 passes; recorded  2\.50", out)
+    assert re.search(r"64 MiB,  7 \+ 11 chunks,  54 launches: GPU alone   n/a,  n/a passes; recorded  1\.25", out)
 
 
 def test_the_l2_chunk_sweep_tool_writes_its_recording(tmp_path, monkeypatch, capsys):

@@ -2,7 +2,8 @@
 in the chunked path cannot cost the main benchmark's results.
 
 Times bnlib's training step with channel chunks for the L2 cache (bnlib.cuda.L2_CHUNK_BYTES, off by
-default) at several working-set sizes, next to the unchunked step and torch's, on the cases that chunk:
+default) at several working-set sizes (a chunk's working set: the bytes its second pass reads and
+writes, x and y in the forward, x, dy and dx in the backward; MiB), next to the unchunked step and torch's, on the cases that chunk:
 the benchmark's NCHW shapes walked as planes, in float32 and bfloat16. Writes
 gpu_l2chunks_<card>_design<N>.json (environment with card, date, versions and the card's L2 size; the
 rows as bench_gpu gives them), rewritten after every case.
@@ -24,7 +25,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--sizes", nargs="+", type=float, default=[24, 32, 48, 64], metavar="MB",
-                        help="chunk working sets in MB of 2**20 bytes (default 24 32 48 64: 64 exceeds a 50 MB L2)")
+                        help="chunk working sets in MiB (default 24 32 48 64: 64 exceeds a 50 MiB L2; "
+                             "reversed second passes still reuse part of it)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     from bnlib import bench, cuda

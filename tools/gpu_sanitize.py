@@ -5,8 +5,8 @@ merge trees of the columns kernels, the block reductions) and `--tool memcheck` 
 misaligned accesses: unaligned data, partial last rows, single channels). Each case takes both
 walks' kernels through forward_torch (with the running statistics), backward_torch and
 inference_torch, and checks y against float64 torch, so that a wrong result shows here too. The last
-two cases walk channel chunks for the L2 cache (bnlib.cuda.L2_CHUNK_BYTES, off by default): every
-chunk's kernels start at addresses inside the tensors.
+two cases walk channel chunks for the L2 cache (bnlib.cuda.L2_CHUNK_BYTES, off by default), so that
+memcheck sees each chunk's kernels at their offset addresses.
 Exit status 0 when every case ran and matched; the sanitizer adds its own status on an error.
 """
 import sys
