@@ -379,9 +379,10 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     on_rows, if given, is called with the rows so far after each case (to save partial results).
     portable=True adds the row "cupy portable": chapters 02-03's array-module code run unchanged on
     CuPy views of the same tensors (float32 and float16; CuPy has no bfloat16), one CuPy operation
-    per line, on torch's stream: the measured cost of not writing kernels.
+    per line, on torch's stream: the measured cost of not writing kernels. An extra row whose warm-up
+    raises (any but "torch" and "bnlib") is reported and left out of that case.
     l2_chunks (working sets in MB of 2**20 bytes, e.g. (24, 32); see bnlib.cuda.L2_CHUNK_BYTES) adds a
-    row "bnlib [L2 24 MB]" per size to each case whose forward or backward would walk channel chunks
+    row "bnlib [L2 24 MiB]" per size to each case whose forward or backward would walk channel chunks
     at that size (planes walks of tensors larger than a chunk): bnlib's step with cuda.L2_CHUNK_BYTES
     set. Each such row carries the size, the number of chunks of the forward and of the backward, its
     step time over the "bnlib" row's (step_ratio_vs_bnlib; that row runs with the L2_CHUNK_BYTES the
@@ -540,7 +541,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                 fwd_plan, bwd_plan = (cuda.plan(kr, kc, kl, dtype, True, cuda._sm_count(xs[0].device.index), b)
                                       for b in (nbytes // 2, nbytes // 3))      # as cuda._chunk_bytes(2), (3)
                 if fwd_plan.chunks or bwd_plan.chunks:
-                    name = f"bnlib [L2 {mb:g} MB]"
+                    name = f"bnlib [L2 {mb:g} MiB]"
                     impls[name] = tuple(_with_setting(cuda, "L2_CHUNK_BYTES", nbytes, fn) for fn in impls["bnlib"])
                     chunking[name] = (mb, len(cuda._pieces(fwd_plan)), len(cuda._pieces(bwd_plan)))
         except Exception as exc:
@@ -555,12 +556,19 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             except Exception as exc:                           # report, keep benchmarking the others
                 print(f"torch.compile failed on {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
             compile_spent += time.perf_counter() - t0
+        torch.cuda.synchronize()
+        for name in list(impls):                       # warm-up; an extra row that fails is reported and
+            try:                                       # dropped, so that it cannot cost the other rows
+                for i in range(rotate):
+                    impls[name][0](i), impls[name][1](i)
+                torch.cuda.synchronize()
+            except Exception as exc:
+                if name in ("torch", "bnlib"):
+                    raise
+                print(f"dropped {name} on {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
+                del impls[name]
         times = {k: ([], []) for k in impls}
         device_times = {k: ([], []) for k in impls}
-        torch.cuda.synchronize()
-        for fwd, step in impls.values():
-            for i in range(rotate):
-                fwd(i), step(i)
         hosts, holds, dropped = {}, {}, {k: 0 for k in impls}
         if cycles_per_s is not None:                   # the slower of 2 host times; hold twice that, >= 0.2 ms
             try:
@@ -629,7 +637,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                     sd = rows[-1]["step_device_ms"] / 1e3
                     rows[-1].update(step_device_ratio_vs_bnlib=sd / float(np.median(device_times["bnlib"][1])),
                                     step_device_passes=8 * sd / floor8)
-            if name in ("torch.nn", "bnlib.nn"):
+            if name in ("torch.nn", "bnlib.nn") and "torch.nn" in times:
                 rows[-1]["step_ratio_vs_module"] = s / float(np.median(times["torch.nn"][1]))
         del xs, dys, xs_req
         if on_rows is not None:

@@ -1291,7 +1291,7 @@ def test_bench_gpu_l2_chunk_rows_where_a_forward_walks_chunks():
     rows = bench.bench_gpu(shapes=[(4, 6, 32, 64), (64, 16)], configs=[("float32", "NCHW")], repeats=2, rotate=2,
                            progress=False, l2_chunks=(0.2, 64))
     chunked = [r for r in rows if r["impl"].startswith("bnlib [L2")]
-    assert [(r["impl"], r["shape"]) for r in chunked] == [("bnlib [L2 0.2 MB]", [4, 6, 32, 64])]
+    assert [(r["impl"], r["shape"]) for r in chunked] == [("bnlib [L2 0.2 MiB]", [4, 6, 32, 64])]
     r = chunked[0]
     assert (r["l2_chunk_mb"], r["chunks_forward"], r["chunks_backward"], r["launches_per_step"]) == (0.2, 2, 3, 15)
     assert r["launcher"] == cuda.LAUNCHER and r["step_ms"] > 0 and r["step_ratio_vs_bnlib"] > 0
@@ -1299,6 +1299,22 @@ def test_bench_gpu_l2_chunk_rows_where_a_forward_walks_chunks():
     if hasattr(torch.cuda, "_sleep"):
         assert r["step_device_ratio_vs_bnlib"] > 0 and r["step_device_passes"] > 0
     assert cuda.L2_CHUNK_BYTES == saved                                                 # restored after the rows
+
+
+@needs_torch_gpu
+def test_bench_gpu_drops_an_extra_row_that_fails_and_keeps_the_others(monkeypatch, capsys):
+    """An extra row whose warm-up raises (here bnlib.nn's module, made to fail) is reported and left
+    out; torch, bnlib and torch.nn are still timed."""
+    from bnlib import bench
+    from bnlib import nn as bnn
+
+    def broken(self, x):
+        raise RuntimeError("made to fail")
+    monkeypatch.setattr(bnn.BatchNorm2d, "forward", broken)
+    rows = bench.bench_gpu(shapes=[(8, 4, 8, 8)], configs=[("float32", "NCHW")], repeats=2, rotate=2,
+                           progress=False, modules=True)
+    assert {r["impl"] for r in rows} == {"torch", "bnlib", "torch.nn"}
+    assert "dropped bnlib.nn on (8, 4, 8, 8) float32 NCHW: RuntimeError: made to fail" in capsys.readouterr().out
 
 
 @needs_torch_gpu

@@ -101,10 +101,10 @@ def test_design_3_report_reads_a_recording_like_gpu_check_writes(capsys):
     base = next(r for r in rows3 if r["impl"] == "bnlib" and r["shape"] == [256, 64, 56, 56] and r["dtype"] == "float32"
                 and r["layout"] == "NCHW")
     sweep = {"environment": {**run3["environment"], "l2_bytes": 50 * 2 ** 20}, "results": [
-        {**base, "impl": "bnlib [L2 24 MB]", "l2_chunk_mb": 24, "chunks_forward": 22, "chunks_backward": 32,
+        {**base, "impl": "bnlib [L2 24 MiB]", "l2_chunk_mb": 24, "chunks_forward": 22, "chunks_backward": 32,
          "launches_per_step": 162, "step_ratio_vs_bnlib": 2.5, "step_device_ratio_vs_bnlib": 0.875,
          "step_device_passes": 6.25},
-        {**base, "impl": "bnlib [L2 64 MB]", "l2_chunk_mb": 64, "chunks_forward": 7, "chunks_backward": 11,
+        {**base, "impl": "bnlib [L2 64 MiB]", "l2_chunk_mb": 64, "chunks_forward": 7, "chunks_backward": 11,
          "launches_per_step": 54, "step_ratio_vs_bnlib": 1.25}]}             # no GPU-alone times in this row
     files = {"gpu_bench_FAKE_design3.json": run3, "gpu_profile_FAKE_design3.json": profile,
              "gpu_l2chunks_FAKE_design3.json": sweep}
@@ -147,10 +147,10 @@ def test_the_l2_chunk_sweep_tool_writes_its_recording(tmp_path, monkeypatch, cap
     out = tmp_path / "sweep.json"
     row = _row((256, 64, 56, 56), "float32", "NCHW", "bnlib", 0.5, floor=0.4)
     row.update(forward_ratio=0.5, step_ratio=0.4, floor_fraction=0.8, peak_extra_mb=1.0)
-    chunked = [{**row, "impl": "bnlib [L2 24 MB]", "l2_chunk_mb": 24.0, "chunks_forward": 22, "chunks_backward": 32,
+    chunked = [{**row, "impl": "bnlib [L2 24 MiB]", "l2_chunk_mb": 24.0, "chunks_forward": 22, "chunks_backward": 32,
                 "launches_per_step": 162, "step_ratio_vs_bnlib": 2.5, "step_device_ratio_vs_bnlib": 0.9,
                 "step_device_passes": 6.4},
-               {**row, "impl": "bnlib [L2 64 MB]", "l2_chunk_mb": 64.0, "chunks_forward": 7, "chunks_backward": 11,
+               {**row, "impl": "bnlib [L2 64 MiB]", "l2_chunk_mb": 64.0, "chunks_forward": 7, "chunks_backward": 11,
                 "launches_per_step": 54, "step_ratio_vs_bnlib": 1.2}]
 
     def fake_bench_gpu(**kw):
@@ -169,8 +169,8 @@ def test_the_l2_chunk_sweep_tool_writes_its_recording(tmp_path, monkeypatch, cap
     written = json.loads(out.read_text())
     assert written["partial"] is False and len(written["results"]) == 3
     text = capsys.readouterr().out
-    assert "24 MB: 22 + 32 chunks, 162 launches, step over unchunked 2.50, GPU alone 0.90 (6.40 passes)" in text
-    assert "64 MB: 7 + 11 chunks, 54 launches, step over unchunked 1.20, GPU alone n/a" in text
+    assert "24 MiB: 22 + 32 chunks, 162 launches, step over unchunked 2.50, GPU alone 0.90 (6.40 passes)" in text
+    assert "64 MiB: 7 + 11 chunks, 54 launches, step over unchunked 1.20, GPU alone n/a" in text
     monkeypatch.setattr(cuda, "available", lambda: False)
     assert tool.main(["--json", str(out)]) == 2
 

@@ -24,7 +24,7 @@ CONFIGS = [("float32", "NCHW"), ("bfloat16", "NCHW")]
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", required=True, help="where to write the results")
-    parser.add_argument("--sizes", nargs="+", type=float, default=[24, 32, 48, 64], metavar="MB",
+    parser.add_argument("--sizes", nargs="+", type=float, default=[24, 32, 48, 64], metavar="MiB",
                         help="chunk working sets in MiB (default 24 32 48 64: 64 exceeds a 50 MiB L2; "
                              "reversed second passes still reuse part of it)")
     parser.add_argument("--repeats", type=int, default=20)
@@ -47,7 +47,7 @@ def main(argv=None):
         if r.get("l2_chunk_mb"):
             alone = (f"{r['step_device_ratio_vs_bnlib']:.2f} ({r['step_device_passes']:.2f} passes)"
                      if r.get("step_device_ratio_vs_bnlib") is not None else "n/a")
-            print(f"{str(tuple(r['shape'])):>18} {r['dtype']:>8} {r['l2_chunk_mb']:4g} MB: {r['chunks_forward']} + "
+            print(f"{str(tuple(r['shape'])):>18} {r['dtype']:>8} {r['l2_chunk_mb']:4g} MiB: {r['chunks_forward']} + "
                   f"{r['chunks_backward']} chunks, {r['launches_per_step']} launches, step over unchunked "
                   f"{r['step_ratio_vs_bnlib']:.2f}, GPU alone {alone}")
     print(f"wrote {args.json}")
