@@ -973,6 +973,10 @@ def _chunk_bytes(arrays: int) -> int:
         if _environment_chunk_bytes is None:
             _environment_chunk_bytes = _chunk_bytes_from_environment()
         budget = _environment_chunk_bytes
+    elif type(budget) is not int or budget < 0:             # checked before anything runs
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not (budget >= 0 and math.isfinite(budget)):
+            raise ValueError(f"bnlib.cuda.L2_CHUNK_BYTES must be None or a number of bytes >= 0, got {budget!r}")
+        budget = int(budget)
     return budget // arrays
 _MAX_ARGS = 32
 _CODES = {"ptr": "Q", "int32": "i4x", "int64": "q"}               # struct codes, one 8-byte slot each

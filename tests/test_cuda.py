@@ -666,8 +666,9 @@ def test_l2_chunk_size_from_the_environment(monkeypatch, value, expected):
 
 def test_the_environment_sets_the_working_set_at_the_first_call_and_a_bad_value_changes_nothing(monkeypatch):
     """BNLIB_L2_CHUNK_MB is read at the first training call (importing bnlib never fails on it), as a
-    working set: the forward's chunks hold half of it of x, the backward's a third. A value that is not
-    a size raises a ValueError naming the variable before any launch, the running statistics unchanged."""
+    working set: the forward's chunks hold half of it of x, the backward's a third; L2_CHUNK_BYTES, when
+    set, wins, and must be a number of bytes. A value that is not a size raises a ValueError naming the
+    variable before any launch, the running statistics unchanged."""
     torch = pytest.importorskip("torch")
     _unset_chunk_environment(monkeypatch, "24")
     assert (cuda._chunk_bytes(2), cuda._chunk_bytes(3)) == (12 << 20, (24 << 20) // 3)
@@ -675,6 +676,12 @@ def test_the_environment_sets_the_working_set_at_the_first_call_and_a_bad_value_
     assert cuda._chunk_bytes(2) == 12 << 20
     monkeypatch.setattr(cuda, "L2_CHUNK_BYTES", 6 << 20)             # the module variable wins
     assert cuda._chunk_bytes(3) == 2 << 20
+    monkeypatch.setattr(cuda, "L2_CHUNK_BYTES", 6e6)                 # any real number of bytes
+    assert cuda._chunk_bytes(2) == 3_000_000
+    for bad in (-1, float("inf"), "16", True):
+        monkeypatch.setattr(cuda, "L2_CHUNK_BYTES", bad)
+        with pytest.raises(ValueError, match="L2_CHUNK_BYTES must be None or a number of bytes >= 0, got"):
+            cuda._chunk_bytes(2)
     device = _emulated_torch_device(monkeypatch)
     launched = []
     monkeypatch.setattr(cuda, "_launch", lambda *a, **k: launched.append(a[1]) or device.launch(*a, **k))
