@@ -220,7 +220,7 @@ def main(argv=None) -> int:
                         help="--gpu only: also time torch.nn vs bnlib.nn BatchNorm modules through autograd")
     parser.add_argument("--launchers", nargs="+", default=[], choices=["driver", "cupy"],
                         help="--gpu only: also time bnlib through these launch paths of bnlib.cuda")
-    parser.add_argument("--l2-chunks", nargs="+", type=float, default=[], metavar="MB",
+    parser.add_argument("--l2-chunks", nargs="+", type=float, default=[], metavar="MiB",
                         help="--gpu only: also time bnlib with channel chunks for the L2 cache at these working "
                              "sets (MiB: the bytes a chunk's second pass reads and writes; see "
                              "bnlib.cuda.L2_CHUNK_BYTES)")
