@@ -538,8 +538,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             _, (kr, kc, kl) = cuda._torch_input(xs[0], "x")
             for mb in l2_chunks:
                 nbytes = int(mb * 2 ** 20)
-                fwd_plan, bwd_plan = (cuda.plan(kr, kc, kl, dtype, True, cuda._sm_count(xs[0].device.index), b)
-                                      for b in (nbytes // 2, nbytes // 3))      # as cuda._chunk_bytes(2), (3)
+                fwd_plan, bwd_plan = (cuda.plan(kr, kc, kl, dtype, True, cuda._sm_count(xs[0].device.index),
+                                                cuda._chunk_bytes(a, nbytes)) for a in (2, 3))
                 if fwd_plan.chunks or bwd_plan.chunks:
                     name = f"bnlib [L2 {mb:g} MiB]"
                     impls[name] = tuple(_with_setting(cuda, "L2_CHUNK_BYTES", nbytes, fn) for fn in impls["bnlib"])

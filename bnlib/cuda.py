@@ -965,10 +965,12 @@ L2_CHUNK_BYTES = None
 _environment_chunk_bytes = None
 
 
-def _chunk_bytes(arrays: int) -> int:
-    """The x bytes of one chunk for a second pass that touches `arrays` tensors (2 forward, 3 backward)."""
+def _chunk_bytes(arrays: int, budget=None) -> int:
+    """The x bytes of one chunk whose second pass touches `arrays` tensors (2 forward, 3 backward), for
+    a working set of `budget` bytes (None: L2_CHUNK_BYTES, or BNLIB_L2_CHUNK_MB when that is None too)."""
     global _environment_chunk_bytes
-    budget = L2_CHUNK_BYTES
+    if budget is None:
+        budget = L2_CHUNK_BYTES
     if budget is None:
         if _environment_chunk_bytes is None:
             _environment_chunk_bytes = _chunk_bytes_from_environment()
@@ -1222,13 +1224,10 @@ def _offsets(pl, dtype_name, c0, data, vectors):
 
 
 def _run_apply(dev, pl, dtype_name, x, y, mean, stat, weight, bias, eps, from_var, stream=None):
-    """y = (x - mean) * weight * inv + bias, inv = stat (inv_std) or 1/sqrt(stat + eps) (running var);
-    one launch per chunk of pl."""
-    for c0, sp in _pieces(pl):
-        (x_, y_), (mean_, stat_, weight_, bias_) = _offsets(sp, dtype_name, c0, (x, y), (mean, stat, weight, bias))
-        _launch(dev, _kernel_name("apply", sp, dtype_name), sp.grid, sp.block,
-                (x_, y_) + sp.walk_args + sp.geometry + (mean_, stat_, weight_, bias_, float(eps), int(from_var)),
-                stream)
+    """y = (x - mean) * weight * inv + bias, inv = stat (inv_std) or 1/sqrt(stat + eps) (running var), in one
+    launch over pl's whole walk (its chunks, if any, are the forward's business: _run_forward passes each)."""
+    _launch(dev, _kernel_name("apply", pl, dtype_name), pl.grid, pl.block,
+            (x, y) + pl.walk_args + pl.geometry + (mean, stat, weight, bias, float(eps), int(from_var)), stream)
 
 
 def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, dweight, dbias, ws, stream=None):

@@ -117,6 +117,16 @@ def _finalize_slots(pl, c):
     return out
 
 
+def _assert_finalize_finds_each_channels_slots(pl, slot_channel, slot_of, channel_of):
+    """For each channel c of plan pl (numbered as its kernels number them): the finalize's slots are
+    distinct and exactly those c's blocks wrote, and every value of c went to one of them."""
+    for c in range(pl.channels):
+        expected = {j for j, chs in slot_channel.items() if c in chs}
+        got = _finalize_slots(pl, c)
+        assert len(got) == len(set(got)) and set(got) == expected
+        assert set(slot_of[channel_of == c]) <= expected
+
+
 @pytest.mark.parametrize("rows,channels,length,dtype,aligned,sms", [
     (3, 1, 35, "float32", True, 2), (2, 1, 1, "float32", True, 1), (1000, 3, 1, "float16", True, 3),
     (5, 3, 561, "float32", True, 2), (2, 2049, 1, "float64", True, 4), (9, 70, 9, "bfloat16", True, 2),
@@ -134,11 +144,7 @@ def test_planned_walks_read_every_value_once_and_finalize_finds_every_partial(ro
     assert (seen == 1).all(), "a value read twice or never"
     channel_of = (np.arange(rows * channels * length) // length) % channels
     assert all(len(chs) == 1 for chs in slot_channel.values()), "a partial slot mixes channels"
-    for c in range(channels):
-        expected = {j for j, chs in slot_channel.items() if c in chs}
-        got = _finalize_slots(pl, c)
-        assert len(got) == len(set(got)) and set(got) == expected
-        assert set(slot_of[channel_of == c]) <= expected
+    _assert_finalize_finds_each_channels_slots(pl, slot_channel, slot_of, channel_of)
     assert max(slot_channel) < pl.partials and 3 * pl.partials + 3 * channels == pl.workspace_values
     assert pl.count == rows * length
 
@@ -618,11 +624,7 @@ def test_channel_chunks_read_every_value_once_and_finalize_finds_every_partial(r
         seen += part_seen
         channel_of = (np.arange(total) // length) % channels - c0
         assert all(len(chs) == 1 for chs in slot_channel.values())
-        for c in range(sp.channels):
-            expected = {j for j, chs in slot_channel.items() if c in chs}
-            got = _finalize_slots(sp, c)
-            assert len(got) == len(set(got)) and set(got) == expected
-            assert set(slot_of[channel_of == c]) <= expected
+        _assert_finalize_finds_each_channels_slots(sp, slot_channel, slot_of, channel_of)
         assert max(slot_channel) < sp.partials and 3 * sp.partials + 3 * channels <= pl.workspace_values
     assert (seen == 1).all(), "a value read twice or never"
 
