@@ -3,10 +3,11 @@
 # (e.g. the device tool: `run` this with `carry: [".whl"]` holding the nbval/ipykernel wheels that
 # tools/gpu_wheels.sh downloads). Every step has a timeout, so one slow step cannot eat the lease.
 # Writes logs and the recordings gpu_bench_<card>_design<N>.json, gpu_profile_<card>_design<N>.json and
-# gpu_l2chunks_<card>_design<N>.json (results with card, date and versions; N = bnlib.cuda.KERNEL_DESIGN, so an earlier design's
-# recording is never overwritten) into $OUT as they go (the device tool brings $OUT back, even from a
-# run cut short), then copies the recordings into bnlib/data/ (package data, so a chapter run alone
-# on Colab finds them; from the device tool, commit the copies that come back in $OUT).
+# gpu_l2chunks_<card>_design<N>.json (results with card, date and versions; N = bnlib.cuda.KERNEL_DESIGN,
+# so an earlier design's recording is never overwritten) into $OUT as they go (the device tool brings
+# $OUT back, even from a run cut short), then copies the recordings into bnlib/data/ (package data,
+# so a chapter run alone on Colab finds them; from the device tool, commit the copies that come back
+# in $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
@@ -121,7 +122,7 @@ timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_p
 cp "$profile" bnlib/data/ 2>/dev/null || true
 # 6. last, and apart from the benchmark (a fault in the chunked path cannot cost its results; if the
 #    lease runs short, this is what is lost): channel chunks for the L2 cache, off by default, timed at
-#    working sets of 24, 32, 48 and 64 MB on the NCHW planes-walk cases (the chunked path's results are
+#    working sets of 24, 32, 48 and 64 MiB on the NCHW planes-walk cases (the chunked path's results are
 #    checked against float64 torch in step 1 and under the sanitizer in step 2)
 chunks="$OUT/gpu_l2chunks_${card}_design${design}.json"
 timeout 40 python3 tools/gpu_l2_chunks.py --json "$chunks" 2>&1 | tee "$OUT/gpu_l2chunks.log" || status=1
