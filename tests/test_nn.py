@@ -79,6 +79,29 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x, w, b: bnn.BatchNormFunction.apply(x, w, b, 1e-5)[0], (x, w, b))
 
 
+
+def test_backward_is_not_handed_zero_gradients_for_the_statistics(monkeypatch):
+    """The batch statistics are outputs without gradients: autograd hands backward None for them, not
+    materialized zero tensors (on CUDA, three allocations and fill kernels per step), and the
+    gradients still match torch's."""
+    received = []
+    backward = bnn.BatchNormFunction.backward
+
+    def recording(ctx, dy, *rest):
+        received.append(rest)
+        return backward(ctx, dy, *rest)
+
+    monkeypatch.setattr(bnn.BatchNormFunction, "backward", staticmethod(recording))
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+    ours, theirs = bnn.BatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()
+    xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn_like(x)
+    ours(xo).backward(dy)
+    theirs(xt).backward(dy)
+    assert received == [(None, None, None)]
+    torch.testing.assert_close(xo.grad, xt.grad)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+
 def test_cpu_tensors_are_not_copied():
     t = torch.randn(4, 3)
     assert bnn._as_array(t).ctypes.data == t.data_ptr()
