@@ -951,7 +951,7 @@ def _chunk_bytes_from_environment() -> int:
     except ValueError:
         mb = -1.0
     if not (mb >= 0 and math.isfinite(mb)):
-        raise ValueError(f"BNLIB_L2_CHUNK_MB must be a number of MB >= 0 (0: no chunks), got {text!r}")
+        raise ValueError(f"BNLIB_L2_CHUNK_MB must be a number of MiB >= 0 (0: no chunks), got {text!r}")
     return int(mb * 2 ** 20)
 
 

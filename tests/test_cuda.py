@@ -660,7 +660,7 @@ def test_channel_chunks_only_where_they_can_help(monkeypatch):
 def test_l2_chunk_size_from_the_environment(monkeypatch, value, expected):
     monkeypatch.setenv("BNLIB_L2_CHUNK_MB", value)
     if expected is None:
-        with pytest.raises(ValueError, match=f"BNLIB_L2_CHUNK_MB must be a number of MB >= 0 .*got '{value}'"):
+        with pytest.raises(ValueError, match=f"BNLIB_L2_CHUNK_MB must be a number of MiB >= 0 .*got '{value}'"):
             cuda._chunk_bytes_from_environment()
     else:
         assert cuda._chunk_bytes_from_environment() == expected
@@ -689,7 +689,7 @@ def test_the_environment_sets_the_working_set_at_the_first_call_and_a_bad_value_
     monkeypatch.setattr(cuda, "_launch", lambda *a, **k: launched.append(a[1]) or device.launch(*a, **k))
     _unset_chunk_environment(monkeypatch, "16MB")
     x, rm, rv, nbt = torch.randn(4, 3, 32, 32), torch.zeros(3), torch.ones(3), torch.tensor(2)
-    with pytest.raises(ValueError, match="BNLIB_L2_CHUNK_MB must be a number of MB >= 0 .*got '16MB'"):
+    with pytest.raises(ValueError, match="BNLIB_L2_CHUNK_MB must be a number of MiB >= 0 .*got '16MB'"):
         cuda.forward_torch(x, None, None, 1e-5, running_mean=rm, running_var=rv, momentum=None, num_batches_tracked=nbt)
     assert not launched and (rm == 0).all() and (rv == 1).all() and int(nbt) == 2
 
