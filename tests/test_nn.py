@@ -544,6 +544,47 @@ def test_channels_last_input_gives_channels_last_output_like_torch(dtype):
             xa.grad.is_contiguous(memory_format=torch.channels_last)
 
 
+
+def _strides_that_matter(t):
+    return [stride for stride, size in zip(t.stride(), t.shape) if size > 1]
+
+
+def _layouts(x):
+    """x in the layouts a caller may hand a layer: standard, channels-last, a permuted copy (dense,
+    neither standard nor channels-last), a slice (not dense) and an expanded batch (stride 0)."""
+    yield "standard", x
+    if x.dim() in (4, 5):
+        yield "channels-last", x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else
+                                            torch.channels_last_3d)
+    yield "permuted", x.transpose(0, -1).contiguous().transpose(0, -1)
+    yield "sliced", torch.cat([x, x])[::2]
+    yield "expanded", x[:1].expand_as(x)
+
+
+@pytest.mark.usefixtures("cpu_backend")
+@pytest.mark.parametrize("dims", [2, 3, 4, 5])
+def test_output_and_gradient_layouts_are_torchs(dims):
+    """y and dx have the strides torch's layer gives them, for every input layout: channels-last
+    stays channels-last, and anything else comes back C-contiguous. A permuted input used to give a
+    permuted y (NumPy keeps strides), on which a following .view() fails, as it does not after torch."""
+    shape = (4, 3, 5, 2, 3)[:dims]
+    base, dy = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    for name, x in _layouts(base):
+        for training in (True, False):
+            theirs, ours = TORCH_BN[dims](3).double().train(training), BNLIB_BN[dims](3).double().train(training)
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            if name == "expanded":                 # clone keeps a dense layout: take the view itself
+                xa, xb = x.detach().requires_grad_(), x.detach().requires_grad_()
+            ya, yb = theirs(xa), ours(xb)
+            ya.backward(dy)
+            yb.backward(dy)
+            torch.testing.assert_close(yb, ya)
+            torch.testing.assert_close(xb.grad, xa.grad)
+            assert _strides_that_matter(yb) == _strides_that_matter(ya), (name, training, yb.stride(), ya.stride())
+            assert _strides_that_matter(xb.grad) == _strides_that_matter(xa.grad), (name, training)
+            if ya.is_contiguous():
+                yb.view(shape[0], -1)              # raises for a permuted layout
+
 def _digits():
     from sklearn.datasets import load_digits
     x, y = load_digits(return_X_y=True)
