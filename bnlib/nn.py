@@ -727,7 +727,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(acc).reshape(shape)
         ctx.mean, ctx.inv_std = total.mean.to(acc), inv_std.to(acc)
-        return y.to(x.dtype)
+        return _in_format_of(y.to(x.dtype), x)   # torch's layout: channels-last or C-contiguous
 
     @staticmethod
     @torch.autograd.function.once_differentiable     # all_reduce is not differentiable: a second
@@ -750,7 +750,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.param_dtypes
         dweight = None if weight_dtype is None else local[1].to(weight_dtype)
         dbias = None if bias_dtype is None else local[0].to(bias_dtype)
-        return dx.to(x.dtype), dweight, dbias, None, None, None
+        return _in_format_of(dx.to(x.dtype), x), dweight, dbias, None, None, None
 
 
 def _dtype_of(t):

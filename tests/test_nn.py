@@ -450,6 +450,36 @@ def test_sync_batchnorm_double_backward_raises_clearly():
             dist.destroy_process_group()
 
 
+
+def test_synchronized_layouts_are_torchs():
+    """The synchronized Function (a one-process gloo group, called directly) gives y and dx the layouts
+    of the plain layer and of torch: channels-last for channels-last input, C-contiguous otherwise (its
+    torch arithmetic would keep a permuted input's strides), with the plain layer's values."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    base, dy = torch.randn(4, 3, 5, 2, dtype=torch.float64), torch.randn(4, 3, 5, 2, dtype=torch.float64)
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=60))
+        try:
+            for name, x in _layouts(base):
+                if name == "expanded":
+                    continue                            # a leaf view: covered by the plain layer's test
+                xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+                w = torch.rand(3, dtype=torch.float64) + 0.5
+                ys = bnn.SyncBatchNormFunction.apply(xs, w, None, 1e-5, dist.group.WORLD, {})
+                plain = bnn.BatchNorm2d(3, affine=False, track_running_stats=False).double()
+                yp = plain(xp) * w.reshape(1, 3, 1, 1)
+                ys.backward(dy)
+                yp.backward(dy)
+                torch.testing.assert_close(ys, yp)
+                torch.testing.assert_close(xs.grad, xp.grad)
+                assert _strides_that_matter(ys) == _strides_that_matter(bnn.BatchNorm2d(3).double()(x)), name
+                assert _strides_that_matter(xs.grad) == _strides_that_matter(xp.grad), name
+        finally:
+            dist.destroy_process_group()
+
 def test_batchnorm_types_select_both_libraries_layers():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), bnn.BatchNorm2d(4),
                                 bnn.SyncBatchNorm(4), torch.nn.Linear(4, 2), torch.nn.LayerNorm(2))
