@@ -1267,8 +1267,10 @@ def _torch_stream(device) -> int:
 
 
 def _torch_input(x, name):
-    """x as (tensor in kernel layout, (rows, C, L)): channels-last memory as (N*H*W, C, 1), anything
-    else C-contiguous (N, C, L) (a copy only when x is neither)."""
+    """x as (tensor in kernel layout, (rows, C, L)): torch's channels-last memory format (4D NHWC, 5D
+    NDHWC) as (N*H*W, C, 1), anything else C-contiguous (N, C, L) (a copy only when x is neither). As
+    torch's own layers do, and so y and dx come back in torch's layout: an (N, C, L) view of an (N, L, C)
+    tensor is copied, not walked as columns, since torch returns it C-contiguous."""
     _check_cuda_tensor(x, name)
     if _torch_dtype_name(x) not in _TYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
@@ -1278,7 +1280,7 @@ def _torch_input(x, name):
     l = x.numel() // (n * c) if n * c else 0
     if n * l == 0 or c == 0:
         raise ValueError(f"{name} must have at least one value per channel, got shape {tuple(x.shape)}")
-    if x.dim() > 2 and l > 1 and not x.is_contiguous() and x.permute(0, *range(2, x.dim()), 1).is_contiguous():
+    if x.dim() in (4, 5) and l > 1 and not x.is_contiguous() and x.permute(0, *range(2, x.dim()), 1).is_contiguous():
         return x, (n * l, c, 1)
     return x.contiguous(), (n, c, l)
 

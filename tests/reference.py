@@ -19,3 +19,51 @@ def random_input(rng, dtype=np.float64, max_ndim=5):
     shape = [int(rng.integers(2, 9)), int(rng.integers(1, 8))] + [int(rng.integers(1, 6)) for _ in range(ndim - 2)]
     x = rng.normal(loc=rng.uniform(-20, 20), scale=rng.uniform(0.1, 5), size=shape)
     return x.astype(dtype)
+
+
+def strides_that_matter(t):
+    """A torch tensor's strides, leaving out dimensions of size 1 (whose stride means nothing)."""
+    return [stride for stride, size in zip(t.stride(), t.shape) if size > 1]
+
+
+def tensor_layouts(x):
+    """(name, tensor): torch tensor x in the layouts a caller may hand a layer: standard, channels-last
+    (4D, 5D), a permuted copy (dense, neither standard nor channels-last), a slice (not dense) and an
+    expanded batch (stride 0)."""
+    import torch
+    yield "standard", x
+    if x.dim() in (4, 5):
+        yield "channels-last", x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else
+                                            torch.channels_last_3d)
+    if x.dim() == 3:                     # (N, C, L) seen through an (N, L, C) tensor, as in transformers
+        yield "channels-innermost", x.transpose(1, 2).contiguous().transpose(1, 2)
+    yield "permuted", x.transpose(0, -1).contiguous().transpose(0, -1)
+    yield "sliced", torch.cat([x, x])[::2]
+    yield "expanded", x[:1].expand_as(x)
+
+
+def check_layouts_like_torch(make_ours, make_theirs, shape, device="cpu", dtype=None, tol=None):
+    """For every layout of tensor_layouts (of a `dtype` tensor, float64 by default), in training and in
+    evaluation: the layer make_ours() gives the y and dx of make_theirs() (torch's), with torch's
+    strides (dimensions of size 1 aside); and where torch's y is contiguous, ours takes .view() too."""
+    import torch
+    close = {} if tol is None else {"atol": tol, "rtol": tol}
+    dtype = dtype or torch.float64
+    base = torch.randn(shape, dtype=torch.float64).to(device, dtype)
+    dy = torch.randn(shape, dtype=torch.float64).to(base)
+    for name, x in tensor_layouts(base):
+        for training in (True, False):
+            ours, theirs = (make().to(device, dtype).train(training) for make in (make_ours, make_theirs))
+            if name == "expanded":               # clone would make it dense: the view itself, twice
+                xa, xb = x.detach().requires_grad_(), x.detach().requires_grad_()
+            else:
+                xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = theirs(xa), ours(xb)
+            ya.backward(dy)
+            yb.backward(dy)
+            torch.testing.assert_close(yb, ya, **close)
+            torch.testing.assert_close(xb.grad, xa.grad, **close)
+            assert strides_that_matter(yb) == strides_that_matter(ya), (name, training, yb.stride(), ya.stride())
+            assert strides_that_matter(xb.grad) == strides_that_matter(xa.grad), (name, training)
+            if ya.is_contiguous():
+                yb.view(shape[0], -1)            # raises for a permuted layout

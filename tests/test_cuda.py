@@ -476,6 +476,21 @@ def _emulated_torch_device(monkeypatch):
     return device
 
 
+
+@pytest.mark.parametrize("dims", [2, 3, 4, 5])
+def test_nn_layers_give_torchs_layouts_on_an_emulated_device(monkeypatch, dims):
+    """bnlib.nn's layers on the CUDA route (forward_torch, backward_torch, inference_torch on the emulated
+    device) give y and dx the values and strides torch.nn's give, for every input layout: among them the
+    (N, C, L) view of an (N, L, C) tensor, walked as channels-last columns but returned C-contiguous."""
+    torch = pytest.importorskip("torch")
+    from bnlib import nn as bnn
+    from reference import check_layouts_like_torch
+    _emulated_torch_device(monkeypatch)
+    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
+    ours = {2: bnn.BatchNorm1d, 3: bnn.BatchNorm1d, 4: bnn.BatchNorm2d, 5: bnn.BatchNorm3d}[dims]
+    theirs = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[dims]
+    check_layouts_like_torch(lambda: ours(3), lambda: theirs(3), (4, 3, 5, 2, 3)[:dims], dtype=torch.float32, tol=1e-5)
+
 def test_a_large_plane_of_odd_length_is_walked_as_planes_with_little_scratch():
     """A plane of 4 KB or more whose length is not a multiple of the vector is walked as planes, one value
     per load, not as columns: as columns each row of the view would be C * H * W values wide, and the

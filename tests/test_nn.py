@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bnlib import nn as bnn
+from reference import check_layouts_like_torch, strides_that_matter, tensor_layouts
 
 TORCH_BN_HAS_BIAS = bnn._TORCH_BN_HAS_BIAS       # torch >= 2.13: BatchNorm(..., bias=False)
 
@@ -463,7 +464,7 @@ def test_synchronized_layouts_are_torchs():
         dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1,
                                 timeout=datetime.timedelta(seconds=60))
         try:
-            for name, x in _layouts(base):
+            for name, x in tensor_layouts(base):
                 if name == "expanded":
                     continue                            # a leaf view: covered by the plain layer's test
                 xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -475,8 +476,8 @@ def test_synchronized_layouts_are_torchs():
                 yp.backward(dy)
                 torch.testing.assert_close(ys, yp)
                 torch.testing.assert_close(xs.grad, xp.grad)
-                assert _strides_that_matter(ys) == _strides_that_matter(bnn.BatchNorm2d(3).double()(x)), name
-                assert _strides_that_matter(xs.grad) == _strides_that_matter(xp.grad), name
+                assert strides_that_matter(ys) == strides_that_matter(bnn.BatchNorm2d(3).double()(x)), name
+                assert strides_that_matter(xs.grad) == strides_that_matter(xp.grad), name
         finally:
             dist.destroy_process_group()
 
@@ -575,45 +576,13 @@ def test_channels_last_input_gives_channels_last_output_like_torch(dtype):
 
 
 
-def _strides_that_matter(t):
-    return [stride for stride, size in zip(t.stride(), t.shape) if size > 1]
-
-
-def _layouts(x):
-    """x in the layouts a caller may hand a layer: standard, channels-last, a permuted copy (dense,
-    neither standard nor channels-last), a slice (not dense) and an expanded batch (stride 0)."""
-    yield "standard", x
-    if x.dim() in (4, 5):
-        yield "channels-last", x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else
-                                            torch.channels_last_3d)
-    yield "permuted", x.transpose(0, -1).contiguous().transpose(0, -1)
-    yield "sliced", torch.cat([x, x])[::2]
-    yield "expanded", x[:1].expand_as(x)
-
-
 @pytest.mark.usefixtures("cpu_backend")
 @pytest.mark.parametrize("dims", [2, 3, 4, 5])
 def test_output_and_gradient_layouts_are_torchs(dims):
     """y and dx have the strides torch's layer gives them, for every input layout: channels-last
     stays channels-last, and anything else comes back C-contiguous. A permuted input used to give a
     permuted y (NumPy keeps strides), on which a following .view() fails, as it does not after torch."""
-    shape = (4, 3, 5, 2, 3)[:dims]
-    base, dy = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
-    for name, x in _layouts(base):
-        for training in (True, False):
-            theirs, ours = TORCH_BN[dims](3).double().train(training), BNLIB_BN[dims](3).double().train(training)
-            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-            if name == "expanded":                 # clone keeps a dense layout: take the view itself
-                xa, xb = x.detach().requires_grad_(), x.detach().requires_grad_()
-            ya, yb = theirs(xa), ours(xb)
-            ya.backward(dy)
-            yb.backward(dy)
-            torch.testing.assert_close(yb, ya)
-            torch.testing.assert_close(xb.grad, xa.grad)
-            assert _strides_that_matter(yb) == _strides_that_matter(ya), (name, training, yb.stride(), ya.stride())
-            assert _strides_that_matter(xb.grad) == _strides_that_matter(xa.grad), (name, training)
-            if ya.is_contiguous():
-                yb.view(shape[0], -1)              # raises for a permuted layout
+    check_layouts_like_torch(lambda: BNLIB_BN[dims](3), lambda: TORCH_BN[dims](3), (4, 3, 5, 2, 3)[:dims])
 
 def _digits():
     from sklearn.datasets import load_digits
@@ -1198,6 +1167,16 @@ def test_cuda_channels_last_keeps_layout_and_matches_torch(dtype):
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert dx.is_contiguous(memory_format=torch.channels_last)
 
+
+
+@needs_gpu
+@pytest.mark.parametrize("dims", [2, 3, 4, 5])
+def test_cuda_layouts_are_torchs(dims):
+    """On CUDA tensors too (chapter 05's kernels), y and dx have torch's layout for every input layout:
+    among them the (N, C, L) view of an (N, L, C) tensor, which the kernels walk as channels-last
+    columns but torch returns C-contiguous."""
+    check_layouts_like_torch(lambda: BNLIB_BN[dims](3), lambda: TORCH_BN[dims](3), (4, 3, 5, 2, 3)[:dims],
+                             device="cuda", dtype=torch.float32, tol=1e-4)
 
 @needs_gpu
 def test_cuda_non_default_stream_is_respected():
