@@ -93,6 +93,9 @@ class BatchNorm:
     empty dx and zero parameter gradients. Training on one value per channel raises ValueError.
     A NaN or infinite running statistic (training diverged) gives NaN or inf in evaluation, as in torch.
     State dicts may hold NumPy arrays or torch tensors, bfloat16 ones included (read exactly as float32).
+    backward() reads the forward's input itself, not a copy (functional's cache keeps x, to save a
+    pass): change x in place between forward and backward and the gradients are silently wrong.
+    torch detects that with tensor version counters; NumPy arrays have none.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,

@@ -157,9 +157,10 @@ class LayerNorm(_Normalization):
                              f"(normalized_shape), got {x.shape}")
         axes = tuple(range(x.ndim - k, x.ndim))
         x_hat, inv_std = normalize(x, axes, self.eps)                  # inv_std: (*, 1, ..., 1)
-        y = x_hat if self.weight is None else x_hat * self.weight + self.bias
         self._cache = (x_hat, inv_std, axes, x.dtype)
-        return y.astype(x.dtype, copy=False)
+        if self.weight is None:     # a copy: backward needs x_hat as it is, whatever the caller does to y
+            return x_hat.astype(x.dtype)                               # (an in-place ReLU, say)
+        return (x_hat * self.weight + self.bias).astype(x.dtype, copy=False)
 
     def backward(self, dy):
         """dx for the last forward's input; stores grad_weight and grad_bias (summed over examples)."""
@@ -224,7 +225,7 @@ class GroupNorm(_Normalization):
         x_hat = x_hat.reshape(x.shape)
         self._cache = (x_hat, inv_std, x.dtype)
         if self.weight is None:
-            return x_hat.astype(x.dtype, copy=False)
+            return x_hat.astype(x.dtype)            # a copy, not the cached x_hat (as LayerNorm)
         shape = channel_shape(x.ndim, self.num_channels)
         return (x_hat * self.weight.reshape(shape) + self.bias.reshape(shape)).astype(x.dtype, copy=False)
 
@@ -263,6 +264,8 @@ class InstanceNorm(GroupNorm):
         dtype: dtype of parameters and buffers (default float32)
 
     Shape: input (N, C, *spatial) with at least 2 positions (when instance statistics are used).
+    In evaluation with running statistics, backward() reads the forward's input itself, not a copy
+    (as layers.BatchNorm): do not change x in place between the two.
     """
 
     def __init__(self, num_features, eps=1e-5, affine=False, track_running_stats=False, momentum=0.1,

@@ -467,6 +467,23 @@ def test_output_and_gradient_keep_the_input_dtype(make, dtype):
     assert all(v.dtype in (np.float32, np.int64) for v in layer.state_dict().values())
 
 
+
+@pytest.mark.parametrize("make", [
+    lambda: V.LayerNorm(5, elementwise_affine=False), lambda: V.LayerNorm(5), lambda: V.GroupNorm(2, 4, affine=False),
+    lambda: V.GroupNorm(2, 4), lambda: V.InstanceNorm(4), lambda: V.InstanceNorm(4, affine=True)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_changing_the_output_in_place_leaves_the_gradient_alone(make, dtype):
+    """The output is the caller's to change (an in-place ReLU): it must not be the x_hat the layer keeps
+    for backward. Without affine parameters (InstanceNorm's default) it was that very array."""
+    rng = np.random.default_rng(11)
+    x, dy = rng.normal(size=(3, 4, 5)).astype(dtype), rng.normal(size=(3, 4, 5)).astype(dtype)
+    layer = make()
+    layer(x)
+    clean = layer.backward(dy)
+    y = layer(x)
+    np.maximum(y, 0, out=y)
+    np.testing.assert_array_equal(layer.backward(dy), clean)
+
 def test_a_call_runs_a_subclass_forward():
     class Scheduled(V.BatchRenorm):                      # as the chapter's scheduled renorm does it
         def forward(self, x):
