@@ -43,6 +43,8 @@ class Moments(NamedTuple):
     @property
     def var(self):
         """Biased variance M2 / count: what batch norm normalizes with."""
+        if self.count < 1:
+            raise ValueError("the variance needs at least 1 value per channel, got 0")
         return self.m2 / self.count
 
     @property

@@ -23,6 +23,8 @@ def normalize(x, axes, eps=1e-5):
     """
     if getattr(getattr(x, "dtype", None), "kind", None) != "f":
         raise TypeError(f"normalize needs a floating-point NumPy array, got {getattr(x, 'dtype', type(x).__name__)}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     acc = accumulation_dtype(x.dtype)
     if x.size == 0:
         reduced = {a % x.ndim for a in axes}

@@ -321,6 +321,8 @@ def test_moments_and_welford_refuse_what_they_would_get_wrong():
     for bad in (2.5, None, True, 0):
         with pytest.raises(ValueError, match="chunk_size"):
             stats.welford(np.ones((4, 2)), bad)
+    with pytest.raises(ValueError, match="at least 1 value per channel, got 0"):
+        stats.welford(np.ones((0, 2))).var          # no values: a clear error, not None / 0
 
 
 def test_non_finite_running_statistics_reach_the_output_as_in_torch():

@@ -419,6 +419,7 @@ def test_nn_frozen_batch_norm_2d_invalid_dtypes_raise_and_change_no_state():
     (lambda: V.InstanceNorm(4)(np.zeros((2, 4))), ValueError, "spatial position"),
     (lambda: V.LayerNorm(4).backward(np.zeros((2, 4))), ValueError, "forward"),
     (lambda: V.normalize(np.arange(6).reshape(2, 3), (1,)), TypeError, "floating-point"),
+    (lambda: V.normalize(np.ones((2, 3)), (1,), eps=-1e-3), ValueError, "eps must be a finite number >= 0"),
     (lambda: V.batch_renorm_limits(10, r_max=0.5), ValueError, "r_max"),
     (lambda: V.batch_renorm_limits(10, d_max=-1.0), ValueError, "d_max"),
     (lambda: V.GhostBatchNorm(3, 4)(torch.zeros(8, 3)), TypeError, "Tensor"),
