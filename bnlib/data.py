@@ -11,6 +11,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -113,7 +114,7 @@ def read_idx(path, ndim: int) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:    # truncated; bad header or CRC; corrupted data
             raise ValueError(f"{path}: not a complete gzip file ({exc})") from None
     if ndim not in _IDX_MAGIC:
         raise ValueError(f"ndim must be 1 (labels) or 3 (images), got {ndim!r}")

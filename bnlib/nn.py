@@ -607,9 +607,9 @@ def fold_batch_norm(module, bn):
         raise TypeError(f"fold_batch_norm folds into Linear or Conv1d/2d/3d, got {type(module).__name__}")
     if not isinstance(bn, BATCHNORM_TYPES):
         raise TypeError(f"bn must be a torch or bnlib BatchNorm1d/2d/3d, got {type(bn).__name__}")
-    if bn.running_mean is None:
-        raise ValueError("bn has no running statistics (track_running_stats=False): in inference it uses "
-                         "batch statistics, which cannot be folded into fixed weights")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("bn has no running statistics (track_running_stats=False, or a buffer set to None): in "
+                         "inference it uses batch statistics, which cannot be folded into fixed weights")
     out_features = module.out_features if isinstance(module, torch.nn.Linear) else module.out_channels
     if bn.num_features != out_features:
         raise ValueError(f"bn has {bn.num_features} channels but {type(module).__name__} produces {out_features}")
@@ -619,6 +619,9 @@ def fold_batch_norm(module, bn):
     # a reparametrized tensor (parametrize, the older weight_norm/spectral_norm hooks, prune) is no longer a
     # Parameter of the module itself; looked up without computing it (which could update spectral norm's state)
     params = module._parameters
+    if any(torch.nn.parameter.is_lazy(p) for p in params.values() if p is not None):
+        raise ValueError(f"{type(module).__name__} is a lazy layer not built yet (its weight has no shape until "
+                         "its first call): run the model on one batch first")
     computed = [name for name in ("weight", "bias") if name not in params
                 or (params[name] is not None and type(params[name]) is not torch.nn.Parameter)]
     if computed:
@@ -928,13 +931,17 @@ class FrozenBatchNorm2d(torch.nn.Module):
 
     @classmethod
     def from_batch_norm(cls, bn):
-        """A FrozenBatchNorm2d with the eps, statistics and affine parameters of a BatchNorm2d `bn`."""
+        """A FrozenBatchNorm2d with the eps, statistics and affine parameters of a BatchNorm2d `bn`
+        (a bn built with bias=False gives a zero bias)."""
         if not isinstance(bn, BATCHNORM_TYPES):
             raise TypeError(f"from_batch_norm takes a batch-norm layer (torch's or bnlib's), got {type(bn).__name__}")
         if not (bn.affine and bn.track_running_stats):
             raise ValueError("from_batch_norm needs a BatchNorm with affine=True and track_running_stats=True")
         frozen = cls(bn.num_features, eps=bn.eps, device=bn.weight.device, dtype=bn.weight.dtype)
-        frozen.load_state_dict(bn.state_dict())
+        state = bn.state_dict()
+        if getattr(bn, "bias", None) is None:                 # torch >= 2.13's BatchNorm(..., bias=False)
+            state["bias"] = torch.zeros_like(bn.weight.detach())
+        frozen.load_state_dict(state)
         return frozen
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

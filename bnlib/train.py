@@ -9,6 +9,11 @@ import sys
 
 import numpy as np
 
+
+def _is_int(value):
+    """An integer argument: Python's or NumPy's, not a bool (True would pass for 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
 INITS = ("uniform", "glorot", "he")
 
@@ -82,13 +87,13 @@ class MLP:
 
     def __init__(self, sizes, activation="relu", norm=None, init="he", n_models=1, seed=0, dtype=np.float32):
         sizes = list(sizes)
-        if len(sizes) < 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in sizes):
+        if len(sizes) < 2 or not all(_is_int(s) and s > 0 for s in sizes):
             raise ValueError(f"sizes must be a list of >= 2 positive integers, got {sizes!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if norm is not None and not callable(norm):
             raise TypeError(f"norm must be None or a callable num_features -> layer, got {type(norm).__name__}")
-        if not (isinstance(n_models, numbers.Integral) and n_models >= 1):
+        if not (_is_int(n_models) and n_models >= 1):
             raise ValueError(f"n_models must be a positive integer, got {n_models!r}")
         if np.dtype(dtype).name not in ("float32", "float64"):
             raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
@@ -271,7 +276,7 @@ def class_batches(num_classes=2):
     num_classes smallest of them hold at least batch_size examples together (so that any batch can
     be filled from the classes drawn for it); a ValueError names num_classes or batch_size otherwise.
     """
-    if not (isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool) and num_classes >= 1):
+    if not (_is_int(num_classes) and num_classes >= 1):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     def sample(rng, y_train, batch_size):
         labels, counts = np.unique(y_train, return_counts=True)
@@ -321,9 +326,9 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
     n = x.shape[-2]                                        # examples per model
     if n == 0:
         raise ValueError(f"x and y hold no examples (x has shape {x.shape}): accuracy needs at least one")
-    if not (isinstance(chunk, numbers.Integral) and not isinstance(chunk, bool) and chunk >= 1):
+    if not (_is_int(chunk) and chunk >= 1):
         raise ValueError(f"chunk must be a positive integer (examples per forward pass), got {chunk!r}")
-    if batch_stats and not (isinstance(batch_size, numbers.Integral) and 2 <= batch_size):
+    if batch_stats and not (_is_int(batch_size) and 2 <= batch_size):
         raise ValueError(f"batch_stats=True needs batch_size >= 2 (a batch's own statistics), got {batch_size!r}")
     if batch_stats and n < 2:
         raise ValueError(f"batch_stats=True needs at least 2 examples, got {n}")
@@ -394,9 +399,9 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0):
     """
     x_train = _check_inputs(model, x_train, "x_train")
     n = x_train.shape[-2]
-    if not (isinstance(batch_size, numbers.Integral) and 2 <= batch_size <= n):
+    if not (_is_int(batch_size) and 2 <= batch_size <= n):
         raise ValueError(f"batch_size must be an integer in [2, {n}] (the training examples), got {batch_size!r}")
-    if not (isinstance(num_batches, numbers.Integral) and num_batches >= 1):
+    if not (_is_int(num_batches) and num_batches >= 1):
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
     norms = model.norm_layers()
     recompute = [_updates_running_stats(l) for l in norms]
@@ -466,11 +471,11 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
         raise ValueError(f"x_test holds no examples (shape {x_test.shape}): fit measures held-out accuracy on it")
     def real(value):
         return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
-    if not (isinstance(steps, numbers.Integral) and steps >= 0):
+    if not (_is_int(steps) and steps >= 0):
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= n_train):
+    if not (_is_int(batch_size) and 1 <= batch_size <= n_train):
         raise ValueError(f"batch_size must be an integer in [1, {n_train}], got {batch_size!r}")
-    if norm_batch_size is not None and not (isinstance(norm_batch_size, numbers.Integral)
+    if norm_batch_size is not None and not (_is_int(norm_batch_size)
                                             and norm_batch_size >= 1 and batch_size % norm_batch_size == 0):
         raise ValueError(f"norm_batch_size must be a positive divisor of batch_size={batch_size}, "
                          f"got {norm_batch_size!r}")
@@ -480,7 +485,7 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
         raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
     if not (real(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    if eval_every is not None and not (isinstance(eval_every, numbers.Integral) and eval_every >= 1):
+    if eval_every is not None and not (_is_int(eval_every) and eval_every >= 1):
         raise ValueError(f"eval_every must be None or a positive integer, got {eval_every!r}")
     for what, f in [("sampler", sampler), ("lr_schedule", lr_schedule), *((f"hooks[{k!r}]", v) for k, v in (hooks or {}).items())]:
         if f is not None and not callable(f):

@@ -85,6 +85,11 @@ def test_read_idx_rejects_truncated_files(tmp_path):
     (tmp_path / "short.gz").write_bytes(gz[: len(gz) // 2])
     with pytest.raises(ValueError, match="gzip"):
         data.read_idx(tmp_path / "short.gz", ndim=3)
+    corrupted = bytearray(gzip.compress(idx_bytes(np.arange(100, dtype=np.uint8).reshape(1, 10, 10))))
+    corrupted[12] ^= 0xFF                        # inside the deflate stream: zlib.error, not OSError
+    (tmp_path / "corrupted.gz").write_bytes(bytes(corrupted))
+    with pytest.raises(ValueError, match="corrupted.gz: not a complete gzip file"):
+        data.read_idx(tmp_path / "corrupted.gz", ndim=3)
 
 
 def test_load_mnist_from_a_verified_cache(tmp_path, monkeypatch):

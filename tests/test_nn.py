@@ -208,6 +208,12 @@ def test_fold_batch_norm_errors():
         bnn.fold_batch_norm(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, track_running_stats=False))
     with pytest.raises(TypeError, match="bn must"):
         bnn.fold_batch_norm(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    no_var = torch.nn.BatchNorm1d(4).eval()
+    no_var.running_var = None                              # by hand: only the variance gone
+    with pytest.raises(ValueError, match="no running statistics"):
+        bnn.fold_batch_norm(torch.nn.Linear(3, 4), no_var)
+    with pytest.raises(ValueError, match="lazy layer not built yet"):
+        bnn.fold_batch_norm(torch.nn.LazyConv2d(4, 3), torch.nn.BatchNorm2d(4).eval())
 
 
 def _pruned(conv):

@@ -88,6 +88,7 @@ def test_fit_rejects_bad_arguments_without_changing_the_model():
     model = train.MLP([6, 8, 3], norm=BatchNorm)
     before = model.state()
     for kwargs, match in [(dict(steps=-1), "steps"), (dict(batch_size=0), "batch_size"),
+                          (dict(steps=True), "steps"), (dict(batch_size=True), "batch_size"),
                           (dict(norm_batch_size=7), "norm_batch_size"), (dict(lr=float("nan")), "lr"),
                           (dict(trainable={"W9": True}), "unknown")]:
         args = dict(steps=5, lr=0.1, batch_size=20)

@@ -9,7 +9,7 @@ import torch
 from bnlib import variants as V
 from bnlib.gradcheck import numerical_gradient, relative_error
 from bnlib.layers import BatchNorm
-from bnlib.nn import FrozenBatchNorm2d
+from bnlib.nn import _TORCH_BN_HAS_BIAS as TORCH_BN_HAS_BIAS, FrozenBatchNorm2d
 
 TOL = 1e-10
 
@@ -347,6 +347,13 @@ def test_nn_frozen_batch_norm_2d_loads_batch_norm_2d():
     _close(x.grad.numpy(), x2.grad.numpy())
     same = FrozenBatchNorm2d.from_batch_norm(bn)
     _close(same(x).detach().numpy(), frozen(x).detach().numpy())
+    if TORCH_BN_HAS_BIAS:                                       # a bn without bias: a frozen zero bias
+        from bnlib.nn import BatchNorm2d
+        for make in (torch.nn.BatchNorm2d, BatchNorm2d):
+            no_bias = make(4, bias=False, dtype=torch.float64)
+            no_bias.load_state_dict({k: v for k, v in bn.state_dict().items() if k != "bias"})
+            no_bias.eval()
+            _close(FrozenBatchNorm2d.from_batch_norm(no_bias)(x).detach().numpy(), no_bias(x).detach().numpy())
     with pytest.raises(ValueError, match=r"\(N, 4, H, W\)"):
         frozen(torch.zeros(2, 3, 4, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="dtype"):
