@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
 import functools
 import math
@@ -820,6 +820,9 @@ class Plan(NamedTuple):
     chunks: tuple = ()   # channel chunks for the L2 cache: ((first channel, plan of the chunk), ...)
 
 
+_MIN_WORKSPACE = 1 << 20         # bytes: the smallest scratch buffer a thread keeps (_workspace)
+
+
 def _cdiv(a, b):
     return -(-a // b)
 
@@ -849,6 +852,14 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     the tensor has too little work for that: few planes or plane segments, or a cols walk with
     less than one row per thread).
 
+    Columns keep 3 float64 partials per column of the (folded) view and row block, so a wide tensor of
+    few rows can need more scratch than its own bytes (96 times, for (1, 1023, 1023) float16, whose odd
+    rows are folded 8 into one), and a fold can pass the kernels' 32-bit row width (Wf) on a tensor of
+    half a GiB. When the columns' scratch would outweigh x (and the 1 MiB every workspace has anyway),
+    planes are walked instead if length > 1,
+    whichever needs less; with length 1 (channels-last, 2-D), columns of one value per load, which need
+    no fold for alignment. A row still 2**31 values wide or more raises ValueError.
+
     chunk_bytes > 0 (planes walks only): the bytes of x one chunk may hold (the launchers pass
     L2_CHUNK_BYTES // 2 for the forward and // 3 for the backward, see _chunk_bytes). When x holds more,
     its channels are split into chunks of at most chunk_bytes of x each (at least one channel), as few
@@ -858,17 +869,37 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     vfull = _VEC[dtype_name] if aligned else 1
     target = 16 * sm_count
     if l > 1 and l * _ITEMSIZE[dtype_name] >= 4096:
-        v = vfull if l % vfull == 0 else 1
-        whole = _planes_plan(n, c, l, v, target, c)
-        per_channel = n * l * _ITEMSIZE[dtype_name]
-        k = max(1, chunk_bytes // per_channel) if chunk_bytes > 0 else c
-        if k >= c:
-            return whole
-        m = _cdiv(c, k)                             # as few chunks as the budget allows, sizes within one
-        edges = [j * c // m for j in range(m + 1)]
-        parts = tuple((c0, _planes_plan(n, c1 - c0, l, v, target, c)) for c0, c1 in zip(edges, edges[1:]))
-        return whole._replace(chunks=parts, workspace_values=max(p.workspace_values for _, p in parts))
-    v = vfull
+        return _planes_walk(n, c, l, dtype_name, vfull, target, chunk_bytes)
+    cols = _cols_plan(n, c, l, vfull, target)
+    if cols.workspace_values * 8 > max(n * c * l * _ITEMSIZE[dtype_name], _MIN_WORKSPACE) or cols.walk_args[2] >= 2 ** 31:
+        if l > 1:
+            planes = _planes_walk(n, c, l, dtype_name, vfull, target, chunk_bytes)
+            if planes.workspace_values <= cols.workspace_values or cols.walk_args[2] >= 2 ** 31:
+                return planes
+        elif vfull > 1:
+            cols = min(cols, _cols_plan(n, c, l, 1, target), key=lambda p: p.workspace_values)
+    if cols.walk_args[2] >= 2 ** 31:
+        raise ValueError(f"a ({n}, {c}, {l}) tensor has rows of {c * l} values, beyond the 2**31 a row of the "
+                         f"columns kernels can hold")
+    return cols
+
+
+def _planes_walk(n, c, l, dtype_name, vfull, target, chunk_bytes):
+    """plan's planes walk of a (n, c, l) tensor, in channel chunks of chunk_bytes of x if that is > 0."""
+    v = vfull if l % vfull == 0 else 1
+    whole = _planes_plan(n, c, l, v, target, c)
+    per_channel = n * l * _ITEMSIZE[dtype_name]
+    k = max(1, chunk_bytes // per_channel) if chunk_bytes > 0 else c
+    if k >= c:
+        return whole
+    m = _cdiv(c, k)                             # as few chunks as the budget allows, sizes within one
+    edges = [j * c // m for j in range(m + 1)]
+    parts = tuple((c0, _planes_plan(n, c1 - c0, l, v, target, c)) for c0, c1 in zip(edges, edges[1:]))
+    return whole._replace(chunks=parts, workspace_values=max(p.workspace_values for _, p in parts))
+
+
+def _cols_plan(n, c, l, v, target):
+    """plan's columns walk of a (n, c, l) tensor, v values per load."""
     w = c * l                                   # a row of the (rows, C*L) view
     g = v // math.gcd(w, v)                     # fold g rows into one: Wf = g*W, a multiple of v ...
     if w * g < TX * v:                          # ... and at least TX vectors wide
@@ -882,7 +913,6 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     return Plan("cols", v, (gx, b, 1), (TX, TY, 1), (total, rfull, wf), (w, l), p,
                 (p, b * g * l, g * l, l, wf, w, c),
                 c, n * l, 3 * p + 3 * c)
-
 
 def _pieces(pl):
     """(first channel, plan) of each chunk of pl, in order: ((0, pl),) when pl has no chunks."""
@@ -1154,7 +1184,7 @@ def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate) -> 
     key = (owner, dev, stream_ptr)
     entry = cache.get(key)
     if entry is None or entry[1] < nbytes:
-        size = max(nbytes, 1 << 20)
+        size = max(nbytes, _MIN_WORKSPACE)
         buffer, ptr = allocate(size)
         entry = cache[key] = (buffer, size, ptr)
     return entry[2]
@@ -1181,6 +1211,21 @@ def _acc_name(dtype_name):
     return "double" if dtype_name == "float64" else "float"
 
 
+def _check_eps(eps):
+    """eps for the torch-level calls: a finite number >= 0 (bnlib.functional checks its own)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def _kernel_eps(eps, dtype_name):
+    """eps as the kernels take it, in the accumulation type: above float32's largest value, a float
+    kernel gets inf (as torch's kernels, which cast it), where packing it would raise between launches."""
+    if _acc_name(dtype_name) == "double":
+        return float(eps)
+    with np.errstate(over="ignore"):
+        return float(np.float32(eps))
+
+
 def _kernel_name(kind, pl, dtype_name):
     return f"bn_{kind}_{pl.walk}<{_TYPES[dtype_name]}, {pl.vec}>"
 
@@ -1204,7 +1249,7 @@ def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, ep
         _launch(dev, _kernel_name("stats", sp, dtype_name), sp.grid, sp.block,
                 (x_,) + sp.walk_args + (ws, sp.partials, counter if c0 == 0 else 0), stream)
         _launch(dev, finalize, (sp.channels, 1, 1), (FINALIZE_THREADS, 1, 1),
-                (ws,) + sp.finalize_args + (float(eps), mean_, var_, inv_, rm_, rv_,
+                (ws,) + sp.finalize_args + (_kernel_eps(eps, dtype_name), mean_, var_, inv_, rm_, rv_,
                                             -1.0 if momentum is None else float(momentum), unbias, counter), stream)
         _run_apply(dev, sp, dtype_name, x_, y_, mean_, inv_, weight_, bias_, eps, from_var=False, stream=stream)
 
@@ -1227,7 +1272,8 @@ def _run_apply(dev, pl, dtype_name, x, y, mean, stat, weight, bias, eps, from_va
     """y = (x - mean) * weight * inv + bias, inv = stat (inv_std) or 1/sqrt(stat + eps) (running var), in one
     launch over pl's whole walk (its chunks, if any, are the forward's business: _run_forward passes each)."""
     _launch(dev, _kernel_name("apply", pl, dtype_name), pl.grid, pl.block,
-            (x, y) + pl.walk_args + pl.geometry + (mean, stat, weight, bias, float(eps), int(from_var)), stream)
+            (x, y) + pl.walk_args + pl.geometry + (mean, stat, weight, bias, _kernel_eps(eps, dtype_name),
+                                                   int(from_var)), stream)
 
 
 def _run_backward(dev, pl, dtype_name, dy, x, dx, mean, inv_std, weight, dweight, dbias, ws, stream=None):
@@ -1266,11 +1312,31 @@ def _torch_stream(device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def suggested_memory_format(x):
+    """The memory format torch's layers give the output for input x: torch.channels_last (4D) or
+    torch.channels_last_3d (5D) when x's strides order it channels-last, dense or not (a channels-last
+    tensor sliced along a dimension still is), else torch.contiguous_format. Torch's own rule
+    (suggest_memory_format, c10's is_channels_last_strides_2d/3d), which Python does not expose."""
+    import torch
+    order = {4: (1, 3, 2, 0), 5: (1, 4, 3, 2, 0)}.get(x.dim())
+    sizes, strides = x.shape, x.stride()
+    if order is None or strides[1] == 0:
+        return torch.contiguous_format
+    smallest = 0
+    for d in order:
+        if sizes[d] == 0 or strides[d] < smallest or (d == 0 and smallest == strides[1]):
+            return torch.contiguous_format      # (the last: ambiguous strides count as contiguous)
+        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
 def _torch_input(x, name):
     """x as (tensor in kernel layout, (rows, C, L)): torch's channels-last memory format (4D NHWC, 5D
-    NDHWC) as (N*H*W, C, 1), anything else C-contiguous (N, C, L) (a copy only when x is neither). As
-    torch's own layers do, and so y and dx come back in torch's layout: an (N, C, L) view of an (N, L, C)
-    tensor is copied, not walked as columns, since torch returns it C-contiguous."""
+    NDHWC) as (N*H*W, C, 1), anything else C-contiguous (N, C, L) (a copy only when x is neither dense
+    layout). As torch's own layers do, and so y and dx come back in torch's layout: a channels-last
+    tensor sliced along a dimension is copied to dense channels-last, and an (N, C, L) view of an
+    (N, L, C) tensor is copied to C-contiguous, since torch returns it so."""
+    import torch
     _check_cuda_tensor(x, name)
     if _torch_dtype_name(x) not in _TYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
@@ -1280,8 +1346,12 @@ def _torch_input(x, name):
     l = x.numel() // (n * c) if n * c else 0
     if n * l == 0 or c == 0:
         raise ValueError(f"{name} must have at least one value per channel, got shape {tuple(x.shape)}")
-    if x.dim() in (4, 5) and l > 1 and not x.is_contiguous() and x.permute(0, *range(2, x.dim()), 1).is_contiguous():
-        return x, (n * l, c, 1)
+    if x.dim() in (4, 5) and l > 1 and not x.is_contiguous():
+        if x.permute(0, *range(2, x.dim()), 1).is_contiguous():
+            return x, (n * l, c, 1)
+        fmt = suggested_memory_format(x)
+        if fmt != torch.contiguous_format:
+            return x.contiguous(memory_format=fmt), (n * l, c, 1)
     return x.contiguous(), (n, c, l)
 
 
@@ -1295,6 +1365,8 @@ def _torch_vector(v, name, c, acc, device, required=False):
     if not isinstance(v, torch.Tensor) or v.device != device:
         raise TypeError(f"{name} must be a torch.Tensor on {device}, got "
                         f"{v.device if isinstance(v, torch.Tensor) else type(v).__name__}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
     if v.numel() != c:
         raise ValueError(f"{name} must have shape ({c},), got {tuple(v.shape)}")
     if v.dtype == acc and v.dim() == 1 and v.is_contiguous():     # the usual case: no new tensor object
@@ -1379,9 +1451,11 @@ def forward_torch(x, weight=None, bias=None, eps: float = 1e-5, running_mean=Non
     then averages over all counted batches, m = 1 / num_batches_tracked, read on the GPU.
     """
     import torch
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    _check_eps(eps)
     x, rows, c, l, dtype_name, acc, dev, stream = _torch_setup(x)
+    if rows * l < 2:                            # as torch, before anything runs
+        raise ValueError(f"batch norm in training needs more than 1 value per channel, got x of shape "
+                         f"{tuple(x.shape)}")
     weight = _torch_vector(weight, "weight", c, acc, x.device)
     bias = _torch_vector(bias, "bias", c, acc, x.device)
     updated, running = _torch_running(x, c, acc, running_mean, running_var, momentum, num_batches_tracked)
@@ -1430,8 +1504,7 @@ def inference_torch(x, running_mean, running_var, weight=None, bias=None, eps: f
     """Eval-mode batch norm with running statistics: one launch of the normalize kernel, no host sync.
     Returns y with x's shape, dtype and memory format."""
     import torch
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    _check_eps(eps)
     x, rows, c, l, dtype_name, acc, dev, stream = _torch_setup(x)
     running_mean = _torch_vector(running_mean, "running_mean", c, acc, x.device, required=True)
     running_var = _torch_vector(running_var, "running_var", c, acc, x.device, required=True)

@@ -69,14 +69,11 @@ def _for_arrays(t, dtype):
 
 
 def _in_format_of(t, x):
-    """t in the memory format torch's layers give for input x: channels-last for channels-last x,
-    C-contiguous for any other layout (NumPy keeps a permuted input's strides in its results, and a
-    permuted output would break a later .view(), which torch's contiguous output allows).
-    A no-op when t already has that layout."""
-    for fmt, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-        if x.dim() == ndim and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
-            return t.contiguous(memory_format=fmt)
-    return t.contiguous()
+    """t in the memory format torch's layers give for input x (chapter 05's suggested_memory_format):
+    channels-last for channels-last x, dense or sliced, C-contiguous for any other layout (NumPy keeps
+    a permuted input's strides in its results, and a permuted output would break a later .view(),
+    which torch's contiguous output allows). A no-op when t already has that layout."""
+    return t.contiguous(memory_format=cuda.suggested_memory_format(x))
 
 
 def _torch_kernels(x):

@@ -28,13 +28,15 @@ def strides_that_matter(t):
 
 def tensor_layouts(x):
     """(name, tensor): torch tensor x in the layouts a caller may hand a layer: standard, channels-last
-    (4D, 5D), a permuted copy (dense, neither standard nor channels-last), a slice (not dense) and an
-    expanded batch (stride 0)."""
+    (4D, 5D; dense, and sliced along the channels), a permuted copy (dense, neither standard nor
+    channels-last), a slice (not dense) and an expanded batch (stride 0)."""
     import torch
     yield "standard", x
     if x.dim() in (4, 5):
-        yield "channels-last", x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else
-                                            torch.channels_last_3d)
+        channels_last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        yield "channels-last", x.contiguous(memory_format=channels_last)
+        wider = torch.cat([x, x], dim=1).contiguous(memory_format=channels_last)
+        yield "channels-last, sliced", wider[:, :x.shape[1]]      # not dense, still channels-last to torch
     if x.dim() == 3:                     # (N, C, L) seen through an (N, L, C) tensor, as in transformers
         yield "channels-innermost", x.transpose(1, 2).contiguous().transpose(1, 2)
     yield "permuted", x.transpose(0, -1).contiguous().transpose(0, -1)
@@ -54,10 +56,8 @@ def check_layouts_like_torch(make_ours, make_theirs, shape, device="cpu", dtype=
     for name, x in tensor_layouts(base):
         for training in (True, False):
             ours, theirs = (make().to(device, dtype).train(training) for make in (make_ours, make_theirs))
-            if name == "expanded":               # clone would make it dense: the view itself, twice
-                xa, xb = x.detach().requires_grad_(), x.detach().requires_grad_()
-            else:
-                xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            xa, xb = x.detach().requires_grad_(), x.detach().requires_grad_()   # views: clone() would make
+            #                                                                  a sliced or expanded x dense
             ya, yb = theirs(xa), ours(xb)
             ya.backward(dy)
             yb.backward(dy)

@@ -425,7 +425,8 @@ def test_launchers_end_to_end_on_an_emulated_device(monkeypatch, shape, channels
 @pytest.mark.parametrize("shape,channels_last,dtype,param", [
     ((6, 3, 32, 64), False, "float32", "float32"), ((6, 3, 32, 64), True, "bfloat16", "float32"),
     ((5, 3, 33, 17), True, "float16", "float16"), ((40, 3), False, "float64", "float64"),
-    ((4, 5, 6, 7), False, "bfloat16", None), ((3, 4, 5), False, "float32", "float32")])
+    ((4, 5, 6, 7), False, "bfloat16", None), ((3, 4, 5), False, "float32", "float32"),
+    ((1, 255, 33), False, "float16", "float32")])        # (the last: small planes, walked as planes)
 def test_torch_interface_end_to_end_on_an_emulated_device(monkeypatch, shape, channels_last, dtype, param):
     """forward_torch, backward_torch and inference_torch with CPU tensors standing in for CUDA ones
     (the CUDA check, stream, SM count and launches replaced by the emulated device): layouts, output
@@ -785,6 +786,62 @@ def test_forward_torch_rejects_bad_running_statistics_and_changes_nothing(monkey
             cuda.forward_torch(x, None, None, 1e-5, **kwargs)
     assert launched == [] and (rm == 0).all() and (rv == 1).all() and int(nbt) == 7
 
+
+
+def test_torch_calls_refuse_before_any_launch_and_pack_any_eps(monkeypatch):
+    """eps that is not a finite number >= 0, one value per channel in training (torch refuses it too) and
+    an integer or bool weight each raise before any launch, the buffers untouched. An eps above float32's
+    largest value is taken as torch takes it, inf in float32 arithmetic (y = bias): it used to fail to
+    pack at the finalize, after the stats kernel had counted the batch. Every launch's arguments are
+    packed here as the driver path packs them (the emulated device itself does not pack)."""
+    torch = pytest.importorskip("torch")
+    device = _emulated_torch_device(monkeypatch)
+    launched = []
+
+    def launch(dev, name, grid, block, args, stream=None):
+        cuda.pack_arguments(name, args)                  # raises for what cuLaunchKernel could not be given
+        launched.append(name)
+        device.launch(dev, name, grid, block, args, stream)
+    monkeypatch.setattr(cuda, "_launch", launch)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(7)
+    running = dict(running_mean=rm, running_var=rv, num_batches_tracked=nbt)
+    x, b = torch.randn(4, 3, 5), torch.randn(3)
+    for eps in (float("nan"), float("inf"), -1e-5, "1e-5", None, True):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            cuda.forward_torch(x, None, None, eps, **running)
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            cuda.inference_torch(x, rm, rv, None, None, eps)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel, got x of shape \(1, 3\)"):
+        cuda.forward_torch(torch.randn(1, 3), None, None, 1e-5, **running)
+    for bad in (torch.ones(3, dtype=torch.int64), torch.ones(3, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+            cuda.forward_torch(x, bad, None, 1e-5, **running)
+    assert launched == [] and (rm == 0).all() and (rv == 1).all() and int(nbt) == 7
+    y, _, var, inv_std = cuda.forward_torch(x, None, b, 1e39, **running)
+    assert int(nbt) == 8 and (inv_std == 0).all()
+    torch.testing.assert_close(y, b.reshape(1, 3, 1).expand_as(x))
+    torch.testing.assert_close(cuda.inference_torch(x, rm, rv, None, b, 1e39), b.reshape(1, 3, 1).expand_as(x))
+    double = cuda.forward_torch(x.double(), None, None, 1e39)[3]       # float64 arithmetic: a finite eps
+    torch.testing.assert_close(double, torch.full((3,), 1e39 ** -0.5, dtype=torch.float64))
+
+
+def test_columns_give_way_when_their_scratch_would_outweigh_the_tensor():
+    """A wide tensor of few rows walked as columns needed scratch many times its size (96x for
+    (1, 1023, 1023) float16, whose odd rows were folded 8 into one), and folds of 16-bit tensors of half
+    a GiB passed the kernels' 32-bit row width. Such tensors are now walked as planes (or, with no
+    planes to walk, as columns of one value per load); a row of 2**31 values or more raises. The
+    benchmark's shapes keep their walks (chapter 05 prints them; nbval compares)."""
+    cases = [((1, 1023, 1023), "float16"), ((2, 255, 1999), "float16"), ((4, 511, 1001), "float16"),
+             ((2, 511, 1001), "float32"), ((1, 89478487, 3), "float16"), ((2, 131201, 2047), "float16")]
+    for (n, c, l), dtype in cases:
+        pl = cuda.plan(n, c, l, dtype, True, 132)
+        assert pl.walk == "planes", (n, c, l, dtype)
+        assert pl.workspace_values * 8 <= max(8 * n * c * l * cuda._ITEMSIZE[dtype], cuda._MIN_WORKSPACE)
+    wide = cuda.plan(2, 40961, 1, "float16", True, 132)           # (N, C): no planes, so unfolded columns
+    assert wide.walk == "cols" and wide.vec == 1 and wide.walk_args[2] == 40961
+    assert 4 * wide.workspace_values < cuda._cols_plan(2, 40961, 1, 8, 16 * 132).workspace_values
+    with pytest.raises(ValueError, match=r"rows of 2147483648 values, beyond the 2\*\*31"):
+        cuda.plan(1, 2 ** 31, 1, "float32", True, 132)
 
 def test_driver_launch_passes_every_argument_at_its_kernel_parameter(monkeypatch):
     """bnlib.cuda._launch's "driver" path with a stand-in for CuPy: each launch of a training step and
