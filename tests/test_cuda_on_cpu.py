@@ -123,7 +123,9 @@ CASES = [((4, 3, 32, 64), False), ((3, 5, 7, 9), False), ((6, 3, 5, 7), True), (
          ((5, 70), False), ((2, 1, 1024, 512), False), ((3, 2, 2, 3, 300), False), ((2, 4, 3, 5, 6), True),
          ((1, 2, 1, 1031), False), ((6200, 3), False),      # threads with full rows own the partial one
          ((5, 4, 56, 56), False),                          # planes of 784 vectors (float32): the batch's last slot partial
-         ((2, 3, 33, 35), False)]                          # planes of 1155 values: one per load (float32, float64)
+         ((2, 3, 33, 35), False),                          # planes of 1155 values: one per load (float32, float64)
+         ((1, 64, 31, 33), False)]                         # small planes walked as planes: columns would need
+#                                                            more scratch than the tensor (one row)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
