@@ -800,11 +800,13 @@ class SyncBatchNorm(_BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
-        """Replace every BatchNorm1d/2d/3d (torch's or bnlib's) in `module` with SyncBatchNorm holding the
-        same parameter and buffer objects, as torch's convert_sync_batchnorm does."""
+        """Replace every batch-norm layer in `module` (torch's or bnlib's BatchNorm1d/2d/3d, subclasses
+        included, and SyncBatchNorm of either library, which then syncs over `process_group`) with
+        bnlib's SyncBatchNorm holding the same parameter and buffer objects, as torch's
+        convert_sync_batchnorm does. A lazy layer not yet built (no shapes yet) is left as it is."""
         _check_module(module, "convert_sync_batchnorm")
-        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
-                               BatchNorm1d, BatchNorm2d, BatchNorm3d)):
+        if isinstance(module, BATCHNORM_TYPES) and not (
+                isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()):
             return _copy_bn(module, cls, process_group=process_group)
         for name, child in module.named_children():
             setattr(module, name, cls.convert_sync_batchnorm(child, process_group))

@@ -277,6 +277,20 @@ def test_sync_batchnorm_without_process_group_is_plain_bn():
     assert isinstance(converted[1], bnn.SyncBatchNorm) and isinstance(converted[2], bnn.SyncBatchNorm)
 
 
+def test_convert_sync_batchnorm_takes_every_batch_norm_as_torchs_does():
+    """As torch's converter: torch's SyncBatchNorm (which refuses CPU tensors) becomes bnlib's, and a
+    bnlib SyncBatchNorm converted again takes the new process group; an unbuilt lazy layer stays."""
+    group = object()                                   # stands for a process group: only stored here
+    torch_sync, ours = torch.nn.SyncBatchNorm(3), bnn.SyncBatchNorm(3)
+    lazy = torch.nn.LazyBatchNorm1d()
+    model = torch.nn.Sequential(torch_sync, ours, lazy)
+    converted = bnn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
+    assert type(converted[0]) is bnn.SyncBatchNorm and converted[0].weight is torch_sync.weight
+    assert converted[0].process_group is group and converted[1].process_group is group
+    assert converted[1].running_mean is ours.running_mean and converted[2] is lazy
+    assert converted[0](torch.randn(6, 3)).shape == (6, 3)        # CPU tensors: bnlib runs them
+
+
 def test_in_place_change_of_the_input_is_detected_like_torch():
     x = torch.randn(8, 3, requires_grad=True)
     for layer in (torch.nn.BatchNorm1d(3), bnn.BatchNorm1d(3)):
