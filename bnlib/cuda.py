@@ -1218,12 +1218,15 @@ def _check_eps(eps):
 
 
 def _kernel_eps(eps, dtype_name):
-    """eps as the kernels take it, in the accumulation type: above float32's largest value, a float
-    kernel gets inf (as torch's kernels, which cast it), where packing it would raise between launches."""
-    if _acc_name(dtype_name) == "double":
-        return float(eps)
-    with np.errstate(over="ignore"):
-        return float(np.float32(eps))
+    """eps as the kernels take it, in the accumulation type: beyond float32's range, a float kernel gets
+    inf (as torch's kernels, which cast it), where packing it would raise between launches."""
+    eps = float(eps)
+    if _acc_name(dtype_name) == "float":
+        try:
+            struct.pack("<f", eps)                 # rounds as a cast does; raises only if that gives inf
+        except OverflowError:
+            return math.inf
+    return eps
 
 
 def _kernel_name(kind, pl, dtype_name):
