@@ -821,6 +821,7 @@ class Plan(NamedTuple):
 
 
 _MIN_WORKSPACE = 1 << 20         # bytes: the smallest scratch buffer a thread keeps (_workspace)
+_COLS_SCRATCH = (8, 64 << 20)    # plan: columns give way when their scratch is over 8x the tensor and 64 MiB
 
 
 def _cdiv(a, b):
@@ -841,7 +842,7 @@ def _planes_plan(n, c, l, v, target, stride):
 
 @functools.lru_cache(maxsize=1024)
 def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, sm_count: int,
-         chunk_bytes: int = 0) -> Plan:
+         chunk_bytes: int = 0, scratch: bool = True) -> Plan:
     """The walk for a C-contiguous (rows, channels, length) tensor: NCHW is (N, C, H*W), channels-last
     memory is (N*H*W, C, 1), a 2-D input (N, C, 1). Large planes (length * itemsize >= 4 KB) are walked
     plane by plane, in 16-byte vectors when length is a multiple of the vector and one value per load
@@ -853,12 +854,15 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     less than one row per thread).
 
     Columns keep 3 float64 partials per column of the (folded) view and row block, so a wide tensor of
-    few rows can need more scratch than its own bytes (96 times, for (1, 1023, 1023) float16, whose odd
-    rows are folded 8 into one), and a fold can pass the kernels' 32-bit row width (Wf) on a tensor of
-    half a GiB. When the columns' scratch would outweigh x (and the 1 MiB every workspace has anyway),
-    planes are walked instead if length > 1,
-    whichever needs less; with length 1 (channels-last, 2-D), columns of one value per load, which need
-    no fold for alignment. A row still 2**31 values wide or more raises ValueError.
+    few rows can need scratch many times its own bytes (96 times, 192 MiB, for (1, 1023, 1023) float16,
+    whose odd rows are folded 8 into one), and a fold can pass the kernels' 32-bit row width (Wf) on a
+    tensor of half a GiB. When a training walk's columns would need scratch over both _COLS_SCRATCH
+    limits (8 times x and 64 MiB; common shapes, batch 1 included, stay far below: at most 12 times and
+    37 MiB from N = 1..32, C = 64..2048, 7x7..28x28), or the row passes 2**31 values in any walk, planes
+    are walked instead if length > 1 and they need less (without L2 chunks); with length 1
+    (channels-last, 2-D), columns of one value per load, which need no fold for alignment. A row still
+    2**31 values wide or more raises ValueError. scratch=False (evaluation: the normalize kernel uses
+    no scratch) applies only the row-width rule.
 
     chunk_bytes > 0 (planes walks only): the bytes of x one chunk may hold (the launchers pass
     L2_CHUNK_BYTES // 2 for the forward and // 3 for the backward, see _chunk_bytes). When x holds more,
@@ -871,10 +875,12 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     if l > 1 and l * _ITEMSIZE[dtype_name] >= 4096:
         return _planes_walk(n, c, l, dtype_name, vfull, target, chunk_bytes)
     cols = _cols_plan(n, c, l, vfull, target)
-    if cols.workspace_values * 8 > max(n * c * l * _ITEMSIZE[dtype_name], _MIN_WORKSPACE) or cols.walk_args[2] >= 2 ** 31:
+    wide = cols.walk_args[2] >= 2 ** 31
+    ratio, floor = _COLS_SCRATCH
+    if wide or (scratch and cols.workspace_values * 8 > max(ratio * n * c * l * _ITEMSIZE[dtype_name], floor)):
         if l > 1:
-            planes = _planes_walk(n, c, l, dtype_name, vfull, target, chunk_bytes)
-            if planes.workspace_values <= cols.workspace_values or cols.walk_args[2] >= 2 ** 31:
+            planes = _planes_walk(n, c, l, dtype_name, vfull, target, 0)
+            if wide or planes.workspace_values <= cols.workspace_values:
                 return planes
         elif vfull > 1:
             cols = min(cols, _cols_plan(n, c, l, 1, target), key=lambda p: p.workspace_values)
@@ -1336,9 +1342,10 @@ def suggested_memory_format(x):
 def _torch_input(x, name):
     """x as (tensor in kernel layout, (rows, C, L)): torch's channels-last memory format (4D NHWC, 5D
     NDHWC) as (N*H*W, C, 1), anything else C-contiguous (N, C, L) (a copy only when x is neither dense
-    layout). As torch's own layers do, and so y and dx come back in torch's layout: a channels-last
-    tensor sliced along a dimension is copied to dense channels-last, and an (N, C, L) view of an
-    (N, L, C) tensor is copied to C-contiguous, since torch returns it so."""
+    layout). As torch's layers do on the CPU and through cuDNN, and so y and dx come back in that layout:
+    a channels-last tensor sliced along a dimension is copied to dense channels-last, and an (N, C, L)
+    view of an (N, L, C) tensor is copied to C-contiguous. (Torch's native CUDA kernels, used for 2-D
+    input and a few other cases, keep a dense permuted input's strides instead.)"""
     import torch
     _check_cuda_tensor(x, name)
     if _torch_dtype_name(x) not in _TYPES:
@@ -1514,7 +1521,7 @@ def inference_torch(x, running_mean, running_var, weight=None, bias=None, eps: f
     weight = _torch_vector(weight, "weight", c, acc, x.device)
     bias = _torch_vector(bias, "bias", c, acc, x.device)
     y = torch.empty_like(x)
-    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev))
+    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev), scratch=False)
     _run_apply(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
                weight.data_ptr() if weight is not None else 0, bias.data_ptr() if bias is not None else 0,
                eps, from_var=True, stream=stream)

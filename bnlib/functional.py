@@ -69,7 +69,7 @@ def _check_channel_vector(v, name: str, num_channels: int, x_shape):
 
 
 def _check_eps(eps):
-    if not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 

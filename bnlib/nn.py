@@ -281,7 +281,7 @@ class BatchNormInferenceFunction(torch.autograd.Function):
         inv_std = torch.rsqrt(running_var.to(acc) + ctx.eps).reshape(shape)
         scale = inv_std if weight is None else inv_std * weight.to(acc).reshape(shape)
         dyc = dy.to(acc)
-        dx = (dyc * scale).to(x.dtype)
+        dx = _in_format_of((dyc * scale).to(x.dtype), x)     # torch's layout, not dy's
         dweight = dbias = None
         if weight is not None:
             x_hat = (x.to(acc) - running_mean.to(acc).reshape(shape)) * inv_std
@@ -803,10 +803,10 @@ class SyncBatchNorm(_BatchNorm):
         """Replace every batch-norm layer in `module` (torch's or bnlib's BatchNorm1d/2d/3d, subclasses
         included, and SyncBatchNorm of either library, which then syncs over `process_group`) with
         bnlib's SyncBatchNorm holding the same parameter and buffer objects, as torch's
-        convert_sync_batchnorm does. A lazy layer not yet built (no shapes yet) is left as it is."""
+        convert_sync_batchnorm does. A lazy layer not yet built (its class is still Lazy*: it has no number
+        of features yet) is left as it is."""
         _check_module(module, "convert_sync_batchnorm")
-        if isinstance(module, BATCHNORM_TYPES) and not (
-                isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()):
+        if isinstance(module, BATCHNORM_TYPES) and not isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
             return _copy_bn(module, cls, process_group=process_group)
         for name, child in module.named_children():
             setattr(module, name, cls.convert_sync_batchnorm(child, process_group))

@@ -46,24 +46,33 @@ def tensor_layouts(x):
 
 def check_layouts_like_torch(make_ours, make_theirs, shape, device="cpu", dtype=None, tol=None):
     """For every layout of tensor_layouts (of a `dtype` tensor, float64 by default), in training and in
-    evaluation: the layer make_ours() gives the y and dx of make_theirs() (torch's), with torch's
-    strides (dimensions of size 1 aside); and where torch's y is contiguous, ours takes .view() too."""
+    evaluation: the layer make_ours() gives the y and dx of make_theirs() (torch's), dense in the
+    memory format torch suggests for x (bnlib.cuda.suggested_memory_format), with torch's strides
+    (dimensions of size 1 aside) wherever torch's are dense in a standard format (always on the CPU;
+    torch's native CUDA kernels keep a 2-D permuted input's strides); and where torch's y is
+    contiguous, ours takes .view() too. dx is the gradient as the layer returns it (autograd.grad):
+    a leaf's .grad would have been given the leaf's own strides by autograd, whatever the layer did."""
     import torch
+    from bnlib.cuda import suggested_memory_format
     close = {} if tol is None else {"atol": tol, "rtol": tol}
     dtype = dtype or torch.float64
     base = torch.randn(shape, dtype=torch.float64).to(device, dtype)
     dy = torch.randn(shape, dtype=torch.float64).to(base)
     for name, x in tensor_layouts(base):
+        fmt = suggested_memory_format(x)
         for training in (True, False):
             ours, theirs = (make().to(device, dtype).train(training) for make in (make_ours, make_theirs))
             xa, xb = x.detach().requires_grad_(), x.detach().requires_grad_()   # views: clone() would make
             #                                                                  a sliced or expanded x dense
             ya, yb = theirs(xa), ours(xb)
-            ya.backward(dy)
-            yb.backward(dy)
+            (dxa,), (dxb,) = torch.autograd.grad(ya, xa, dy), torch.autograd.grad(yb, xb, dy)
             torch.testing.assert_close(yb, ya, **close)
-            torch.testing.assert_close(xb.grad, xa.grad, **close)
-            assert strides_that_matter(yb) == strides_that_matter(ya), (name, training, yb.stride(), ya.stride())
-            assert strides_that_matter(xb.grad) == strides_that_matter(xa.grad), (name, training)
+            torch.testing.assert_close(dxb, dxa, **close)
+            assert yb.is_contiguous(memory_format=fmt) and dxb.is_contiguous(memory_format=fmt), (name, training)
+            # torch's strides wherever torch's output is dense in a standard format: always on the CPU; on
+            # CUDA, torch's native kernels keep a 2-D permuted input's strides
+            for got, want in ((yb, ya), (dxb, dxa)):
+                if any(want.is_contiguous(memory_format=f) for f in (torch.contiguous_format, fmt)):
+                    assert strides_that_matter(got) == strides_that_matter(want), (name, training)
             if ya.is_contiguous():
                 yb.view(shape[0], -1)            # raises for a permuted layout

@@ -826,118 +826,30 @@ def test_torch_calls_refuse_before_any_launch_and_pack_any_eps(monkeypatch):
 
 
 def test_columns_give_way_when_their_scratch_would_outweigh_the_tensor():
-    """A wide tensor of few rows walked as columns needed scratch many times its size (96x for
+    """A wide tensor of few rows walked as columns needed scratch many times its size (96x, 192 MiB, for
     (1, 1023, 1023) float16, whose odd rows were folded 8 into one), and folds of 16-bit tensors of half
-    a GiB passed the kernels' 32-bit row width. Such tensors are now walked as planes (or, with no
-    planes to walk, as columns of one value per load); a row of 2**31 values or more raises. The
-    benchmark's shapes keep their walks (chapter 05 prints them; nbval compares)."""
-    cases = [((1, 1023, 1023), "float16"), ((2, 255, 1999), "float16"), ((4, 511, 1001), "float16"),
-             ((2, 511, 1001), "float32"), ((1, 89478487, 3), "float16"), ((2, 131201, 2047), "float16")]
-    for (n, c, l), dtype in cases:
+    a GiB passed the kernels' 32-bit row width. Past both _COLS_SCRATCH limits (8x the tensor and
+    64 MiB) such a training walk is now planes (or, with no planes to walk, columns of one value per
+    load); a row of 2**31 values or more takes planes in any walk, and raises where there are none.
+    Common shapes, batch 1 included, keep their columns, and evaluation (no scratch) keeps them too."""
+    ratio, floor = cuda._COLS_SCRATCH
+    for (n, c, l), dtype in [((1, 1023, 1023), "float16"), ((2, 255, 1999), "float16"), ((4, 511, 1001), "float16"),
+                             ((1, 89478487, 3), "float16"), ((2, 131201, 2047), "float16")]:
+        cols = cuda._cols_plan(n, c, l, cuda._VEC[dtype], 16 * 132)
         pl = cuda.plan(n, c, l, dtype, True, 132)
-        assert pl.walk == "planes", (n, c, l, dtype)
-        assert pl.workspace_values * 8 <= max(8 * n * c * l * cuda._ITEMSIZE[dtype], cuda._MIN_WORKSPACE)
-    wide = cuda.plan(2, 40961, 1, "float16", True, 132)           # (N, C): no planes, so unfolded columns
-    assert wide.walk == "cols" and wide.vec == 1 and wide.walk_args[2] == 40961
-    assert 4 * wide.workspace_values < cuda._cols_plan(2, 40961, 1, 8, 16 * 132).workspace_values
+        assert pl.walk == "planes" and pl.workspace_values < cols.workspace_values, (n, c, l, dtype)
+        assert cols.workspace_values * 8 > max(ratio * n * c * l * cuda._ITEMSIZE[dtype], floor) \
+            or cols.walk_args[2] >= 2 ** 31
+    assert cuda.plan(1, 1023, 1023, "float16", True, 132, scratch=False).walk == "cols"
+    assert cuda.plan(1, 89478487, 3, "float16", True, 132, scratch=False).walk == "planes"   # Wf past 2**31
+    for (n, c, l), dtype in [((2, 511, 1001), "float32"), ((1, 2048, 49), "float32"), ((1, 2048, 784), "float16"),
+                             ((32, 2048, 196), "float16")]:
+        assert cuda.plan(n, c, l, dtype, True, 132).walk == "cols", (n, c, l, dtype)
+    wide = cuda.plan(2, 4194305, 1, "float16", True, 132)         # (N, C): no planes, so unfolded columns
+    assert wide.walk == "cols" and wide.vec == 1 and wide.walk_args[2] == 4194305
+    assert 4 * wide.workspace_values < cuda._cols_plan(2, 4194305, 1, 8, 16 * 132).workspace_values
     with pytest.raises(ValueError, match=r"rows of 2147483648 values, beyond the 2\*\*31"):
         cuda.plan(1, 2 ** 31, 1, "float32", True, 132)
-
-def test_driver_launch_passes_every_argument_at_its_kernel_parameter(monkeypatch):
-    """bnlib.cuda._launch's "driver" path with a stand-in for CuPy: each launch of a training step and
-    an eval forward reaches cuLaunchKernel with 3-D sizes, the stream, and a table whose k-th entry
-    points at the k-th argument, read back here with the kernel's own parameter types; the device is
-    switched (and restored) when another is current, and a context is made current once per thread
-    and device. The "cupy" path hands CuPy the same arguments and the stream object."""
-    import ctypes
-    import types
-    sigs = cuda.kernel_parameters()
-    launches, events = [], []
-    current = [1]
-
-    class Device:
-        def __init__(self, d):
-            self.d = d
-
-        def __enter__(self):
-            events.append(("enter", self.d))
-            self.prev, current[0] = current[0], self.d
-
-        def __exit__(self, *exc):
-            current[0] = self.prev
-            events.append(("exit", self.d))
-
-    def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        # the values the table points at now (the driver copies them during the launch)
-        raw = [ctypes.string_at(ctypes.c_uint64.from_address(params + 8 * k).value, 8) for k in range(cuda._MAX_ARGS)]
-        launches.append((f, (gx, gy, gz), (bx, by, bz), shared, stream, raw, extra, current[0]))
-
-    class Function:
-        def __init__(self, name):
-            self.ptr, self.name = 1000 + len(cuda.kernel_names()) + hash(name) % 997, name
-
-        def __call__(self, grid, block, args, stream=None):
-            launches.append(("cupy", self.name, grid, block, args, stream))
-
-    fake = types.ModuleType("cupy")
-    fake.cuda = types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDevice=lambda: current[0], memGetInfo=lambda: events.append("context")),
-        driver=types.SimpleNamespace(launchKernel=launch_kernel), Device=Device,
-        get_current_stream=lambda: types.SimpleNamespace(ptr=555),
-        Stream=types.SimpleNamespace(null="null stream"), ExternalStream=lambda ptr, dev=None: ("external", ptr, dev))
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    functions = {}
-
-    class RawKernel:                 # as CuPy's: no .ptr of its own; .kernel is the Function that has one
-        def __init__(self, name):
-            self.kernel = functions.setdefault(name, Function(name))
-
-    monkeypatch.setattr(cuda, "module", lambda device=None: types.SimpleNamespace(get_function=RawKernel))
-    monkeypatch.setattr(cuda, "_functions", {})
-    monkeypatch.setattr(cuda, "_streams", {})
-    monkeypatch.setattr(cuda, "_thread", __import__("threading").local())
-    monkeypatch.setattr(cuda, "LAUNCHER", "driver")
-    import struct
-    for dtype in ("float32", "float64", "bfloat16"):
-        codes = {"ptr": "<Q", "int32": "<i", "int64": "<q", "acc": "<d" if dtype == "float64" else "<f"}
-        for rows, c, l in [(256, 64, 3136), (300, 2, 1)]:
-            pl = cuda.plan(rows, c, l, dtype, True, 132)
-            sent = []
-            record = lambda dev, name, grid, block, args, stream=None: (sent.append((name, args, stream)),
-                                                                        real(dev, name, grid, block, args, stream))
-            real = cuda._launch
-            monkeypatch.setattr(cuda, "_launch", record)
-            launches.clear()
-            cuda._run_forward(0, pl, dtype, 256, 512, 768, 1024, 1280, 1536, 0, 1e-5, 4096, 4352,
-                              running=(4608, 4864, None, 5120))
-            cuda._run_backward(0, pl, dtype, 256, 512, 768, 1024, 1280, 0, 1536, 1792, 4096, None)
-            cuda._run_apply(0, pl, dtype, 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
-            monkeypatch.setattr(cuda, "_launch", real)
-            assert len(launches) == len(sent) == 7
-            for (name, args, stream), (f, grid, block, shared, s, raw, extra, dev_then) in zip(sent, launches):
-                kinds = sigs[name.split("<")[0]]
-                assert f == functions[name].ptr and shared == 0 and extra == 0 and dev_then == 0
-                assert s == (555 if stream is None else stream) and len(grid) == len(block) == 3
-                for k, (a, kind) in enumerate(zip(args, kinds)):
-                    got = struct.unpack_from(codes[kind], raw[k])[0]
-                    assert got == (np.float32(a) if codes[kind] == "<f" else a), (name, k, kind, got, a)
-    assert current == [1] and events.count("context") == 1                 # device 0 restored to 1
-    assert events[0] == ("enter", 0) and events.count(("enter", 0)) == events.count(("exit", 0))
-    monkeypatch.setattr(cuda, "LAUNCHER", "cupy")
-    launches.clear()
-    current[0] = 0
-    pl = cuda.plan(8, 3, 1030, "float32", True, 2)
-    cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
-    cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=77)
-    assert [(l[0], l[5]) for l in launches] == [("cupy", "null stream"), ("cupy", ("external", 77, 0))]
-    name = launches[0][1]                                          # CuPy gets NumPy scalars of the declared types
-    kinds = sigs[name.split("<")[0]]
-    want = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64, "acc": np.float32}
-    assert [type(a) for a in launches[0][4]] == [want[k] for k in kinds]
-    assert [float(a) for a in launches[0][4]][:2] == [256, 512] and launches[0][4][-2] == np.float32(1e-3)
-    monkeypatch.setattr(cuda, "LAUNCHER", "fast")
-    with pytest.raises(ValueError, match="must be 'driver' or 'cupy', got 'fast'"):
-        cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
 
 
 def test_pack_arguments_packs_at_the_declared_types_and_refuses_what_does_not_fit():

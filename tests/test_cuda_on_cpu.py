@@ -123,9 +123,7 @@ CASES = [((4, 3, 32, 64), False), ((3, 5, 7, 9), False), ((6, 3, 5, 7), True), (
          ((5, 70), False), ((2, 1, 1024, 512), False), ((3, 2, 2, 3, 300), False), ((2, 4, 3, 5, 6), True),
          ((1, 2, 1, 1031), False), ((6200, 3), False),      # threads with full rows own the partial one
          ((5, 4, 56, 56), False),                          # planes of 784 vectors (float32): the batch's last slot partial
-         ((2, 3, 33, 35), False),                          # planes of 1155 values: one per load (float32, float64)
-         ((1, 64, 31, 33), False)]                         # small planes walked as planes: columns would need
-#                                                            more scratch than the tensor (one row)
+         ((2, 3, 33, 35), False)]                          # planes of 1155 values: one per load (float32, float64)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
@@ -170,6 +168,20 @@ def check_case(shape, channels_last, dtype, aligned):
                                               training=False, eps=1e-5)
     assert (y_eval.double() - ref_eval).abs().max() <= tol * scale(ref_eval)
 
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_small_planes_walked_as_planes_on_the_cpu(on_cpu, monkeypatch, dtype):
+    """Small planes take the planes walk when columns would need too much scratch (plan's _COLS_SCRATCH;
+    lowered to 0 here, so that a small tensor takes that walk): planes of 1023 values, one per load."""
+    monkeypatch.setattr(cuda, "_COLS_SCRATCH", (0, 0))
+    cuda.plan.cache_clear()
+    try:
+        assert cuda.plan(1, 64, 1023, dtype, True, 132).walk == "planes"
+        check_case((1, 64, 31, 33), False, dtype, aligned=True)
+    finally:
+        cuda.plan.cache_clear()                      # no plan made under the lowered limits outlives the test
+    assert len(on_cpu) == 7
 
 def test_a_million_values_in_one_channel_far_from_zero(on_cpu):
     """One channel of 2^20 float32 values with mean 1e4 and spread 1: the shifted sums keep the
