@@ -282,12 +282,12 @@ def test_convert_sync_batchnorm_takes_every_batch_norm_as_torchs_does():
     bnlib SyncBatchNorm converted again takes the new process group; an unbuilt lazy layer stays."""
     group = object()                                   # stands for a process group: only stored here
     torch_sync, ours = torch.nn.SyncBatchNorm(3), bnn.SyncBatchNorm(3)
-    lazy = torch.nn.LazyBatchNorm1d()
-    model = torch.nn.Sequential(torch_sync, ours, lazy)
+    lazy, bare_lazy = torch.nn.LazyBatchNorm1d(), torch.nn.LazyBatchNorm1d(affine=False, track_running_stats=False)
+    model = torch.nn.Sequential(torch_sync, ours, lazy, bare_lazy)        # (the last has no parameters at all)
     converted = bnn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
     assert type(converted[0]) is bnn.SyncBatchNorm and converted[0].weight is torch_sync.weight
     assert converted[0].process_group is group and converted[1].process_group is group
-    assert converted[1].running_mean is ours.running_mean and converted[2] is lazy
+    assert converted[1].running_mean is ours.running_mean and converted[2] is lazy and converted[3] is bare_lazy
     assert converted[0](torch.randn(6, 3)).shape == (6, 3)        # CPU tensors: bnlib runs them
 
 
