@@ -32,12 +32,18 @@ def numerical_gradient(f, x, dy, h: float = 1e-5):
     x = np.array(x, dtype=np.float64, order="C", copy=True)
     flat = x.reshape(-1)
     grad = np.empty(flat.size)
+    def loss():
+        out = f(x)
+        if np.shape(out) != dy.shape:            # f(x) * dy would broadcast: a wrong gradient, silently
+            raise ValueError(f"f(x) has shape {np.shape(out)}, but dy has shape {dy.shape}: they must match")
+        return float(np.sum(out * dy))
+
     for k in range(flat.size):
         original = flat[k]
         flat[k] = original + h
-        plus = float(np.sum(f(x) * dy))
+        plus = loss()
         flat[k] = original - h
-        minus = float(np.sum(f(x) * dy))
+        minus = loss()
         flat[k] = original
         grad[k] = (plus - minus) / (2 * h)
     return grad.reshape(x.shape)

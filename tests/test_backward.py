@@ -81,6 +81,8 @@ def test_numerical_gradient_leaves_x_alone_and_checks_input():
         numerical_gradient(np.sin, x.astype(np.float32), np.ones(3))
     with pytest.raises(ValueError, match="h must"):
         numerical_gradient(np.sin, x, np.ones(3), h=0.0)
+    with pytest.raises(ValueError, match=r"f\(x\) has shape \(3,\), but dy has shape \(2, 3\)"):
+        numerical_gradient(np.sin, x, np.ones((2, 3)))      # would broadcast to a wrong gradient, silently
     with pytest.raises(ValueError, match="shapes"):
         relative_error(np.ones(2), np.ones(3))
     assert relative_error(np.zeros(2), np.zeros(2)) == 0.0
