@@ -857,8 +857,8 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     few rows can need scratch many times its own bytes (96 times, 192 MiB, for (1, 1023, 1023) float16,
     whose odd rows are folded 8 into one), and a fold can pass the kernels' 32-bit row width (Wf) on a
     tensor of half a GiB. When a training walk's columns would need scratch over both _COLS_SCRATCH
-    limits (8 times x and 64 MiB; common shapes, batch 1 included, stay far below: at most 12 times and
-    37 MiB from N = 1..32, C = 64..2048, 7x7..28x28), or the row passes 2**31 values in any walk, planes
+    limits (8 times x and 64 MiB; common shapes, batch 1 included, never pass both: at most 12 times x
+    but 37 MiB, over N = 1..32, C = 64..2048, 7x7..28x28), or the row passes 2**31 values in any walk, planes
     are walked instead if length > 1 and they need less (without L2 chunks); with length 1
     (channels-last, 2-D), columns of one value per load, which need no fold for alignment. A row still
     2**31 values wide or more raises ValueError. scratch=False (evaluation: the normalize kernel uses
