@@ -1217,12 +1217,6 @@ def _acc_name(dtype_name):
     return "double" if dtype_name == "float64" else "float"
 
 
-def _check_eps(eps):
-    """eps for the torch-level calls: a finite number >= 0 (bnlib.functional checks its own)."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-
-
 def _kernel_eps(eps, dtype_name):
     """eps as the kernels take it, in the accumulation type: beyond float32's range, a float kernel gets
     inf (as torch's kernels, which cast it), where packing it would raise between launches."""
@@ -1461,6 +1455,7 @@ def forward_torch(x, weight=None, bias=None, eps: float = 1e-5, running_mean=Non
     then averages over all counted batches, m = 1 / num_batches_tracked, read on the GPU.
     """
     import torch
+    from bnlib.functional import _check_eps     # (here: bnlib.functional imports this module)
     _check_eps(eps)
     x, rows, c, l, dtype_name, acc, dev, stream = _torch_setup(x)
     if rows * l < 2:                            # as torch, before anything runs
@@ -1514,6 +1509,7 @@ def inference_torch(x, running_mean, running_var, weight=None, bias=None, eps: f
     """Eval-mode batch norm with running statistics: one launch of the normalize kernel, no host sync.
     Returns y with x's shape, dtype and memory format."""
     import torch
+    from bnlib.functional import _check_eps
     _check_eps(eps)
     x, rows, c, l, dtype_name, acc, dev, stream = _torch_setup(x)
     running_mean = _torch_vector(running_mean, "running_mean", c, acc, x.device, required=True)

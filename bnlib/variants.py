@@ -23,8 +23,7 @@ def normalize(x, axes, eps=1e-5):
     """
     if getattr(getattr(x, "dtype", None), "kind", None) != "f":
         raise TypeError(f"normalize needs a floating-point NumPy array, got {getattr(x, 'dtype', type(x).__name__)}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    F._check_eps(eps)
     acc = accumulation_dtype(x.dtype)
     if x.size == 0:
         reduced = {a % x.ndim for a in axes}
@@ -61,8 +60,7 @@ def _check_positive_int(value, name):
 
 
 def _check_eps_dtype(eps, dtype):
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not np.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    F._check_eps(eps)
     if np.dtype(dtype).name not in ("float32", "float64"):
         raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     return float(eps), np.dtype(dtype)
