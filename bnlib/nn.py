@@ -6,6 +6,7 @@ __all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'Ba
 
 import contextlib
 import copy
+import functools
 import inspect
 import numbers
 
@@ -18,22 +19,33 @@ from bnlib.stats import Moments, channel_shape, merge_moments, reduction_axes
 
 _HALF = (torch.float16, torch.bfloat16)
 
-# torch.compile cannot follow numba's compiled kernels or CuPy, and fails on bnlib's NumPy path: while
-# Dynamo traces, the layers' forward runs as a call it leaves out of its graph (a graph break), eagerly,
-# through _eager_call. torch.export cannot leave anything out, so the layers refuse it by name. Outside
-# a compilation the checks cost two function calls. (Older torch lacks the checks: no special case.)
-_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", lambda: False)
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-_eager_call = torch.compiler.disable(lambda layer, x: layer.forward(x))
+# torch.compile cannot follow numba's compiled kernels or CuPy, and fails on bnlib's NumPy path. So every
+# layer's forward is wrapped by _outside_torch_graphs: Dynamo never traces a function marked with
+# torch.compiler.disable, and where it meets a call to one while tracing a model it ends the graph there
+# (a graph break), runs the layer eagerly and starts a new graph after it. Outside a compilation the
+# wrapper costs about 0.3 us a call. torch.export cannot leave anything out, so the layers refuse it by name.
 
 
-def _compile_route(layer, x):
-    """A layer's forward while torch traces it: a TypeError under torch.export, else (torch.compile)
-    the output computed eagerly, outside the graph."""
-    if _is_exporting():
-        raise TypeError(f"{type(layer).__name__} cannot be exported with torch.export: its arithmetic is NumPy or "
-                        "CuPy code outside torch; export a model with torch's batch-norm layers instead")
-    return _eager_call(layer, x)
+def _is_exporting():
+    """True while torch.export traces (strict or not). It reads the flag torch.export sets: Dynamo in
+    torch 2.11 answers torch.compiler.is_exporting() with True under torch.compile as well, and a layer
+    that then raised its export error while Dynamo traced made Dynamo give up on the whole model, which
+    ran uncompiled (torch 2.13 reads this flag itself)."""
+    return getattr(torch.compiler, "_is_exporting_flag", False)
+
+
+def _outside_torch_graphs(forward):
+    """A layer's forward(self, x), run eagerly and outside any graph torch.compile builds (a graph
+    break at the layer); under torch.export, a TypeError that names the layer."""
+    eager = torch.compiler.disable(forward)
+
+    @functools.wraps(forward)
+    def wrapped(self, x):
+        if _is_exporting():
+            raise TypeError(f"{type(self).__name__} cannot be exported with torch.export: its arithmetic is NumPy "
+                            "or CuPy code outside torch; export a model with torch's batch-norm layers instead")
+        return eager(self, x)
+    return wrapped
 
 
 def _as_array(t):
@@ -281,7 +293,8 @@ class BatchNormInferenceFunction(torch.autograd.Function):
         inv_std = torch.rsqrt(running_var.to(acc) + ctx.eps).reshape(shape)
         scale = inv_std if weight is None else inv_std * weight.to(acc).reshape(shape)
         dyc = dy.to(acc)
-        dx = _in_format_of((dyc * scale).to(x.dtype), x)     # torch's layout, not dy's
+        dx = (dyc * scale).to(x.dtype)          # in torch's layout, not dy's: on CUDA, C-contiguous as the
+        dx = dx.contiguous() if x.is_cuda else _in_format_of(dx, x)   # native backward gives it in evaluation
         dweight = dbias = None
         if weight is not None:
             x_hat = (x.to(acc) - running_mean.to(acc).reshape(shape)) * inv_std
@@ -478,9 +491,8 @@ class _BatchNorm(torch.nn.Module):
         switched off after construction still has its buffers, and normalizes with them in evaluation."""
         return self.training or (self.running_mean is None and self.running_var is None)
 
+    @_outside_torch_graphs        # torch.compile: eagerly, outside the graph; torch.export: refused
     def forward(self, x):
-        if _is_compiling() or _is_exporting():  # torch.compile: eagerly, outside the graph; export: refused
-            return _compile_route(self, x)
         self._check_input(x)
         if x.numel() == 0:
             return self._empty_batch(x)
@@ -781,9 +793,8 @@ class SyncBatchNorm(_BatchNorm):
         if x.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
+    @_outside_torch_graphs
     def forward(self, x):
-        if _is_compiling() or _is_exporting():
-            return _compile_route(self, x)
         self._check_input(x)
         # as torch: statistics are synchronized in training only (an evaluating process must
         # not wait for the others); evaluation without running statistics uses the local batch
@@ -949,9 +960,8 @@ class FrozenBatchNorm2d(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    @_outside_torch_graphs        # torch.compile: eagerly, outside the graph; torch.export: refused
     def forward(self, x):
-        if _is_compiling() or _is_exporting():  # torch.compile: eagerly, outside the graph; export: refused
-            return _compile_route(self, x)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FrozenBatchNorm2d expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.num_features:

@@ -47,7 +47,8 @@ def tensor_layouts(x):
 def check_layouts_like_torch(make_ours, make_theirs, shape, device="cpu", dtype=None, tol=None):
     """For every layout of tensor_layouts (of a `dtype` tensor, float64 by default), in training and in
     evaluation: the layer make_ours() gives the y and dx of make_theirs() (torch's), dense in the
-    memory format torch suggests for x (bnlib.cuda.suggested_memory_format), with torch's strides
+    memory format torch suggests for x (bnlib.cuda.suggested_memory_format; dx C-contiguous in evaluation
+    on CUDA, as torch's native backward gives it), with torch's strides
     (dimensions of size 1 aside) wherever torch's are dense in a standard format (always on the CPU;
     torch's native CUDA kernels keep a 2-D permuted input's strides); and where torch's y is
     contiguous, ours takes .view() too. dx is the gradient as the layer returns it (autograd.grad):
@@ -68,7 +69,9 @@ def check_layouts_like_torch(make_ours, make_theirs, shape, device="cpu", dtype=
             (dxa,), (dxb,) = torch.autograd.grad(ya, xa, dy), torch.autograd.grad(yb, xb, dy)
             torch.testing.assert_close(yb, ya, **close)
             torch.testing.assert_close(dxb, dxa, **close)
-            assert yb.is_contiguous(memory_format=fmt) and dxb.is_contiguous(memory_format=fmt), (name, training)
+            # in evaluation on CUDA, torch's native backward (cuDNN's serves training only) gives dx C-contiguous
+            dx_fmt = torch.contiguous_format if (xb.is_cuda and not training) else fmt
+            assert yb.is_contiguous(memory_format=fmt) and dxb.is_contiguous(memory_format=dx_fmt), (name, training)
             # torch's strides wherever torch's output is dense in a standard format: always on the CPU; on
             # CUDA, torch's native kernels keep a 2-D permuted input's strides
             for got, want in ((yb, ya), (dxb, dxa)):

@@ -1318,8 +1318,8 @@ def test_cuda_double_backward_matches_torch(dtype):
 
 
 # ----------------------------------------------------------------------------- SyncBatchNorm on CUDA tensors over NCCL
-# GPU-ONLY. Written on a machine without a GPU: these tests have not yet run. The first needs one CUDA GPU
-# (a one-process NCCL group), the second two GPUs (NCCL will not put two processes on one device).
+# GPU-ONLY. Written on a machine without a GPU. The first needs one CUDA GPU (a one-process NCCL group;
+# it passed on an H200), the second two GPUs (NCCL will not put two processes on one device; not yet run).
 
 needs_nccl = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_nccl_available()),
                                 reason="needs torch.distributed with NCCL (a CUDA build of torch)")
@@ -1331,7 +1331,7 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="GPU-O
 @needs_nccl
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_sync_batchnorm_function_over_a_one_process_nccl_group(dtype, monkeypatch):
-    """GPU-ONLY (not yet run). A one-process NCCL group on cuda:0: the module falls back to plain
+    """GPU-ONLY (passed on an H200). A one-process NCCL group on cuda:0: the module falls back to plain
     BatchNorm (chapter 05's kernels; SyncBatchNormFunction is never called), and SyncBatchNormFunction
     called directly (all_gather and all_reduce over NCCL on CUDA tensors, float32 arithmetic for
     float32 and 16-bit input) matches torch's CUDA batch norm, channels-last input included."""
