@@ -151,7 +151,7 @@ def test_design_3_report_reads_a_recording_like_gpu_check_writes(capsys):
 
 
 def test_the_l2_chunk_sweep_tool_writes_its_recording(tmp_path, monkeypatch, capsys):
-    """tools/gpu_l2_chunks.py (the last step of tools/gpu_check.sh) with bench_gpu faked: what it asks
+    """tools/gpu_l2_chunks.py (step 6 of tools/gpu_check.sh) with bench_gpu faked: what it asks
     the benchmark for, the JSON it writes (partial after each case, whole at the end), and its lines
     for the chunked rows, with and without GPU-alone times."""
     import importlib.util
