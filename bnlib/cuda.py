@@ -995,8 +995,8 @@ def _chunk_bytes_from_environment() -> int:
 # the bytes its second pass reads and writes, which should fit in L2 together. Forward: x and y, so a
 # chunk holds at most half of it of x; backward: x, dy and dx, a third (_chunk_bytes). 0: no chunks.
 # None: BNLIB_L2_CHUNK_MB (MiB, 2**20 bytes; 0 when unset), read at the first training call, which
-# raises a ValueError naming it if it is not a size. Slower at every working set timed on an H200
-# (chapter 05's design-3 report), so off unless asked for;
+# raises a ValueError naming it if it is not a size. Slower on the GPU alone at every working set
+# timed on an H200 (chapter 05's design-3 report), so off unless asked for;
 # tools/gpu_l2_chunks.py times it (bench_gpu's l2_chunks).
 L2_CHUNK_BYTES = None
 _environment_chunk_bytes = None

@@ -132,6 +132,7 @@ def test_design_3_report_reads_a_recording_like_gpu_check_writes(capsys):
     exec(source.rstrip()[:-len("run3 = design3_report()")], ns)
     ns.update(env=run2["environment"], TIE=0.05, order={"NCHW": 0, "NHWC": 1, "float32": 0, "float16": 1, "bfloat16": 2},
               ours={ns["case_key"](r): r for r in run2["results"] if r["impl"] == "bnlib"},
+              eager={ns["case_key"](r): r for r in run2["results"] if r["impl"] == "torch"},
               gpu_goals=bench.gpu_goals, format_gpu_goals=bench.format_gpu_goals,
               recordings=lambda kind, design: sorted(n for n in files if n.startswith(f"gpu_{kind}_")
                                                      and n.endswith(f"_design{design}.json")),
