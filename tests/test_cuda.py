@@ -1322,3 +1322,30 @@ def test_bench_gpu_modules_pair_both_through_autograd():
     assert all(r["step_ratio_vs_module"] > 0 for r in pair)
     assert all(r["step_ratio_vs_module"] == 1.0 for r in pair if r["impl"] == "torch.nn")
     assert all("step_ratio_vs_module" not in r for r in rows if r["impl"] in ("torch", "bnlib"))
+
+
+def test_gpu_profile_rows_run_on_an_emulated_device(monkeypatch):
+    """tools/gpu_profile.py's steps (step 5 of tools/gpu_check.sh), each run on the emulated device with
+    CPU tensors, so that a GPU session does not find a broken row: among them the rows that take
+    bnlib.nn's module step apart (an empty autograd.Function, BatchNormFunction alone, the module's
+    forward alone). Each step leaves gradients where its backward puts them, and the steps that share
+    the input tensor clear its gradient first. (The Functions' values on this route are checked
+    against torch by the emulated-device tests above.)"""
+    torch = pytest.importorskip("torch")
+    import importlib.util
+
+    from bnlib import nn as bnn
+    _emulated_torch_device(monkeypatch)
+    monkeypatch.setattr(bnn, "_torch_kernels", lambda x: True)
+    spec = importlib.util.spec_from_file_location("gpu_profile", ROOT / "tools" / "gpu_profile.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    w, b = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
+    impls = tool.make_impls(torch, cuda, bnn, x, dy, w, b, device="cpu")
+    assert {"empty autograd.Function", "BatchNormFunction [driver]", "bnlib.nn forward [driver]"} <= set(impls)
+    for name, (step, launcher) in impls.items():
+        monkeypatch.setattr(cuda, "LAUNCHER", launcher or "driver")
+        for _ in range(2):                      # twice: a step must not depend on state the first left
+            step()

@@ -12,7 +12,11 @@ there. This script answers on the card itself, for a few shapes, for each implem
   kernels as well as torch's), and the kernels that make it up;
 - for bnlib, each of the launch paths of bnlib.cuda ("driver" and "cupy"), and the host cost of one
   bare launch through each (other rows use BNLIB_CUDA_LAUNCH, default "driver");
-- a cProfile of bnlib.nn's module step: the Python functions with the most own time.
+- a cProfile of bnlib.nn's module step: the Python functions with the most own time;
+- bnlib.nn's module step taken apart (added after the design-3 run, where it queued 548.9 us of host
+  work per step against 198.1 for the bare functions): an empty autograd.Function on the same
+  tensors (the floor of any Python autograd wrapper on CUDA, whose backward runs on autograd's device
+  thread), bnlib.nn's BatchNormFunction without the module around it, and the module's forward alone.
 
 If host_us > gpu_us, the step is host-bound: a faster kernel cannot help, fewer or cheaper host
 operations can. Usage (tools/gpu_check.sh runs it): python tools/gpu_profile.py --json PATH
@@ -37,11 +41,22 @@ CASES = [((64, 128, 28, 28), "float32", "NCHW"), ((64, 128, 28, 28), "bfloat16",
          ((256, 64, 56, 56), "float32", "NCHW")]
 
 
-def make_impls(torch, cuda, bnn, x, dy, w, b):
-    """name -> (step function, launcher or None): a training step, forward and backward."""
+def _empty_function():
+    """tools/profile_host_step.py's empty autograd.Function: it allocates its outputs and does nothing
+    else, forward and backward (the floor of any Python autograd wrapper)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from profile_host_step import EmptyFunction
+    return EmptyFunction
+
+
+def make_impls(torch, cuda, bnn, x, dy, w, b, device="cuda"):
+    """name -> (step function, launcher or None): a training step, forward and backward (for the
+    rows named "forward", the forward alone). `device` is for a test on the CPU."""
     xr = x.detach().requires_grad_()
     c = x.shape[1]
-    tnn, bnl = torch.nn.BatchNorm2d(c, device="cuda"), bnn.BatchNorm2d(c, device="cuda")
+    tnn, bnl = torch.nn.BatchNorm2d(c, device=device), bnn.BatchNorm2d(c, device=device)
+    wr, br = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    empty = _empty_function()
 
     def torch_step():
         xr.grad = None
@@ -65,6 +80,17 @@ def make_impls(torch, cuda, bnn, x, dy, w, b):
     def bnlib_forward():
         cuda.forward_torch(x, w, b, 1e-5)
 
+    def empty_step():
+        xr.grad = wr.grad = br.grad = None
+        empty.apply(xr, wr, br).backward(dy)
+
+    def function_step():
+        xr.grad = wr.grad = br.grad = None
+        bnn.BatchNormFunction.apply(xr, wr, br, 1e-5)[0].backward(dy)
+
+    def module_forward():
+        bnl(xr)
+
     # the forward alone as well: design 2's recording had bnlib's forward nearly as slow as its whole
     # step on the small tensors (0.133 against 0.154 ms), as if the forward's host work cost far more
     # than the backward's, which does the same kind of work
@@ -74,6 +100,9 @@ def make_impls(torch, cuda, bnn, x, dy, w, b):
         impls[f"bnlib [{launcher}]"] = (bnlib_step, launcher)
         impls[f"bnlib.nn [{launcher}]"] = (module_step(bnl), launcher)
     impls["bnlib forward [driver]"] = (bnlib_forward, "driver")
+    impls["empty autograd.Function"] = (empty_step, None)
+    impls["BatchNormFunction [driver]"] = (function_step, "driver")
+    impls["bnlib.nn forward [driver]"] = (module_forward, "driver")
     return impls
 
 

@@ -27,7 +27,7 @@ from bnlib import cuda
 from bnlib import nn as bnn
 
 
-class _Empty(torch.autograd.Function):
+class EmptyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
@@ -90,7 +90,7 @@ def main(steps=3000, profile=False):
             evaluated(x)
 
     def empty():
-        _Empty.apply(xr, wr, br).backward(dy)
+        EmptyFunction.apply(xr, wr, br).backward(dy)
 
     def torch_step():
         torch_module(xr).backward(dy)
