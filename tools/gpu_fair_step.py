@@ -5,7 +5,7 @@
 # backward_torch called directly). CUDA events, a 256 MB write before every timed step, medians
 # of 20, one input per case. Writes $OUT/fair.json with card, date, versions and kernel design
 # (gpu_environment(); the design-2 recording was written before this and completed by hand). bench_gpu(modules=True) (run by tools/gpu_check.sh)
-# makes the same comparison inside the benchmark; that code has not yet run on a GPU.
+# makes the same comparison inside the benchmark; that code first ran with design 3 (the module rows of gpu_bench_NVIDIA_H200_design3.json).
 import torch,numpy as np,sys,json,os
 sys.path.insert(0,os.getcwd())
 from bnlib import cuda,nn as bnn
