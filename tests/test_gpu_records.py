@@ -6,6 +6,7 @@ import copy
 import importlib.resources
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,73 @@ def test_design_3_report_without_a_recording(capsys):
     ns["recordings"] = lambda kind, design: []
     assert ns["design3_report"]() is None
     assert "no recording yet" in capsys.readouterr().out
+
+
+_NCU_OUTPUT = """==PROF== Connected to process 4242 (/usr/bin/python3.12)
+==PROF== Profiling "bn_stats_cols" - 0: 0%....50%....100% - 38 passes
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","4242","python3.12","127.0.0.1","void at::native::batch_norm_collect_statistics_channels_last_kernel<at::native::Var, c10::BFloat16, float, 4>(const T2 *, T3 *, T3 *, int *, int, int, double)","1","7","(512, 1, 1)","(128, 16, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","nsecond","24,512"
+"0","4242","python3.12","127.0.0.1","void at::native::batch_norm_collect_statistics_channels_last_kernel<at::native::Var, c10::BFloat16, float, 4>(const T2 *, T3 *, T3 *, int *, int, int, double)","1","7","(512, 1, 1)","(128, 16, 1)","0","9.0","GPU Speed Of Light Throughput","DRAM Throughput","%","12.5"
+"1","4242","python3.12","127.0.0.1","void bn_stats_cols<bf16_t, 8>(const bf16_t *, long long, long long, int, Acc<bf16_t>::type *)","1","7","(256, 1, 1)","(1, 2112, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","nsecond","28,900"
+"1","4242","python3.12","127.0.0.1","void bn_stats_cols<bf16_t, 8>(const bf16_t *, long long, long long, int, Acc<bf16_t>::type *)","1","7","(256, 1, 1)","(1, 2112, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","12,845,056"
+"1","4242","python3.12","127.0.0.1","void bn_stats_cols<bf16_t, 8>(const bf16_t *, long long, long long, int, Acc<bf16_t>::type *)","1","7","(256, 1, 1)","(1, 2112, 1)","0","9.0","Launch Statistics","Registers Per Thread","register/thread","40"
+==PROF== Disconnected from process 4242
+"""
+
+
+def _ncu_tool():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_ncu", CHAPTER.parents[1] / "tools" / "gpu_ncu.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_the_ncu_tool_parses_counters_and_records_each_case(tmp_path, monkeypatch, capsys):
+    """tools/gpu_ncu.py (Nsight Compute counters of one training step's kernels, run by
+    tools/gpu_check.sh) with ncu faked: ncu's CSV is parsed (its ==PROF== lines skipped, thousands
+    separators read), kernels are told apart (bnlib's by bnlib.cuda's kernel names), a case whose ncu
+    fails (no permission for the counters) is recorded with the error while the others still run, and
+    the JSON is written after every case."""
+    from bnlib import cuda
+    tool = _ncu_tool()
+    kernels = tool.parse_ncu_csv(_NCU_OUTPUT)
+    assert [k["id"] for k in kernels] == [0, 1] and tool.parse_ncu_csv("==PROF== no kernels") == []
+    assert kernels[1]["metrics"]["Duration"] == [28900.0, "nsecond"]
+    assert kernels[1]["metrics"]["dram__bytes_read.sum"] == [12845056.0, "byte"]
+    assert [tool.short_name(k["name"]) for k in kernels] == ["batch_norm_collect_statistics_channels_last_kernel",
+                                                            "bn_stats_cols"]
+    cmd = tool.ncu_command("ncu", 2, python="py")
+    assert cmd[:3] == ["ncu", "--csv", "--print-units"] and cmd[-4:] == ["py", str(Path(tool.__file__).resolve()),
+                                                                          "--workload", "2"]
+    assert all(s in cmd for s in tool.SECTIONS) and cmd[cmd.index("--metrics") + 1] == ",".join(tool.METRICS)
+    calls = []
+
+    def fake_run(cmd, capture_output, text, timeout=None):
+        calls.append(cmd)
+        if cmd[1] == "--version":
+            return subprocess.CompletedProcess(cmd, 0, "NVIDIA (R) Nsight Compute Command Line Profiler\nVersion 2025.3.1\n", "")
+        if cmd[-1] == "1":                               # the second case: counters not permitted
+            return subprocess.CompletedProcess(cmd, 1, "", "==ERROR== ERR_NVGPUCTRPERM - no permission\n")
+        return subprocess.CompletedProcess(cmd, 0, _NCU_OUTPUT, "")
+    monkeypatch.setattr(tool.shutil, "which", lambda name: "/opt/ncu")
+    monkeypatch.setattr(tool.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "gpu_environment", lambda: {"card": "FAKE"})
+    out = tmp_path / "ncu.json"
+    assert tool.main(["--json", str(out)]) == 1                 # one case failed
+    written = json.loads(out.read_text())
+    assert written["ncu"] == "Version 2025.3.1" and len(written["cases"]) == 3
+    assert [len(c.get("kernels", [])) for c in written["cases"]] == [2, 0, 2]
+    assert "ERR_NVGPUCTRPERM" in written["cases"][1]["error"] and "error" not in written["cases"][0]
+    assert [c[-1] for c in calls[1:]] == ["0", "1", "2"]
+    text = capsys.readouterr().out
+    assert "bnlib  bn_stats_cols" in text and "torch  batch_norm_collect_statistics_channels_last_kernel" in text
+    assert "bn_stats_cols" in {tool.short_name(n) for n in cuda.kernel_names()}
+    row = next(line for line in text.splitlines() if "bnlib  bn_stats_cols" in line)
+    assert "28.9" in row and "12.85" in row and "40" in row and "n/a" in row       # us, DRAM read MB, registers
+    monkeypatch.setattr(tool.shutil, "which", lambda name: None)
+    monkeypatch.setattr(tool.Path, "glob", lambda self, pattern: iter(()))
+    assert tool.main([]) == 2                                   # no ncu: said, nothing run
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 # The GPU checks of chapter 05 in one run, for a machine with a CUDA GPU, CuPy and PyTorch
 # (e.g. the device tool: `run` this with `carry: [".whl"]` holding the nbval/ipykernel wheels that
 # tools/gpu_wheels.sh downloads). Every step has a timeout, so one slow step cannot eat the lease.
-# Writes logs and the recordings gpu_bench_<card>_design<N>.json, gpu_profile_<card>_design<N>.json and
-# gpu_l2chunks_<card>_design<N>.json (results with card, date and versions; N = bnlib.cuda.KERNEL_DESIGN,
-# so an earlier design's recording is never overwritten) into $OUT as they go (the device tool brings
+# Writes logs and the recordings gpu_bench_<card>_design<N>.json, gpu_profile_<card>_design<N>.json,
+# gpu_l2chunks_<card>_design<N>.json and gpu_ncu_<card>_design<N>.json (results with card, date and
+# versions; N = bnlib.cuda.KERNEL_DESIGN: a run of the same design replaces that design's recordings in
+# $OUT, and a session decides whether to commit them over the earlier ones) into $OUT as they go (the device tool brings
 # $OUT back, even from a run cut short), then copies the recordings into bnlib/data/ (package data,
 # so a chapter run alone on Colab finds them; from the device tool, commit the copies that come back
 # in $OUT).
@@ -71,11 +72,11 @@ if [ "$rc" -ne 0 ]; then
         export BNLIB_CUDA_LAUNCH=cupy
     fi
 fi
-# Step timeouts add up to 740 s without the preflight's retry (800 s with it), more than the device
-# tool's 600 s per command: the last run (design 3, H200) took 320 s in all (the CUDA tests 26 s,
-# chapter 05 under nbval 57 s, the benchmark and profile most of the rest), so the limits are there for
-# a step that hangs, and the steps are ordered by what matters most; the last, chapters 06 and 08 under
-# nbval, is what a slow run loses. The steps that record results write them into $OUT as they go, so
+# Step timeouts add up to 910 s without the preflight's retry (970 s with it), more than the device
+# tool's 600 s per command: the last run (design 3, H200) took 320 s in all, before steps 7 and 8 existed
+# (the CUDA tests 26 s, chapter 05 under nbval 57 s, the benchmark and profile most of the rest), so the
+# limits are there for a step that hangs, and the steps are ordered by what matters most; the last ones
+# (Nsight Compute's counters, chapters 06 and 08 under nbval) are what a slow run loses. The steps that record results write them into $OUT as they go, so
 # a run cut short keeps what it finished.
 # 1. kernels against the float64 reference (CuPy arrays and torch tensors, every dtype and layout,
 #    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
@@ -123,14 +124,20 @@ cp "$json" bnlib/data/ 2>/dev/null || true
 profile="$OUT/gpu_profile_${card}_design${design}.json"
 timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_profile.log" || status=1
 cp "$profile" bnlib/data/ 2>/dev/null || true
-# 6. last, and apart from the benchmark (a fault in the chunked path cannot cost its results; if the
+# 6. apart from the benchmark (a fault in the chunked path cannot cost its results; if the
 #    lease runs short, this is what is lost): channel chunks for the L2 cache, off by default, timed at
 #    working sets of 24, 32, 48 and 64 MiB on the NCHW planes-walk cases (the chunked path's results are
 #    checked against float64 torch in step 1 and under the sanitizer in step 2)
 chunks="$OUT/gpu_l2chunks_${card}_design${design}.json"
 timeout 40 python3 tools/gpu_l2_chunks.py --json "$chunks" 2>&1 | tee "$OUT/gpu_l2chunks.log" || status=1
 cp "$chunks" bnlib/data/ 2>/dev/null || true
-# 7. chapters 06 and 08 under nbval (06's SyncBatchNorm check spawns processes where CUDA is present).
+# 7. Nsight Compute's counters for the kernels of one training step, bnlib's and torch's, on the profile's
+#    cases (DRAM bytes, DRAM throughput, L2 hit rate, occupancy, cycles per issued instruction): why the
+#    columns kernels are slow on the small tensors. One ncu process per case, 50 s each.
+ncu_json="$OUT/gpu_ncu_${card}_design${design}.json"
+timeout 170 python3 tools/gpu_ncu.py --json "$ncu_json" --timeout 50 2>&1 | tee "$OUT/gpu_ncu.log" || status=1
+cp "$ncu_json" bnlib/data/ 2>/dev/null || true
+# 8. chapters 06 and 08 under nbval (06's SyncBatchNorm check spawns processes where CUDA is present).
 #    Their outputs come from the CPU torch that stored them, so a difference here may be another torch
 #    version's behaviour or round-off: the logs keep each failing cell's diff. In the design-3 run chapter
 #    06 took over 40 s there (it was cut at 40 s, before pytest could say which cell failed and why).
