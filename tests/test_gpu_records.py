@@ -7,6 +7,9 @@ import importlib.resources
 import json
 import re
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -207,7 +210,7 @@ _NCU_OUTPUT = """==PROF== Connected to process 4242 (/usr/bin/python3.12)
 "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
 "0","4242","python3.12","127.0.0.1","void at::native::batch_norm_collect_statistics_channels_last_kernel<at::native::Var, c10::BFloat16, float, 4>(const T2 *, T3 *, T3 *, int *, int, int, double)","1","7","(512, 1, 1)","(128, 16, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","nsecond","24,512"
 "0","4242","python3.12","127.0.0.1","void at::native::batch_norm_collect_statistics_channels_last_kernel<at::native::Var, c10::BFloat16, float, 4>(const T2 *, T3 *, T3 *, int *, int, int, double)","1","7","(512, 1, 1)","(128, 16, 1)","0","9.0","GPU Speed Of Light Throughput","DRAM Throughput","%","12.5"
-"1","4242","python3.12","127.0.0.1","void bn_stats_cols<bf16_t, 8>(const bf16_t *, long long, long long, int, Acc<bf16_t>::type *)","1","7","(256, 1, 1)","(1, 2112, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","nsecond","28,900"
+"1","4242","python3.12","127.0.0.1","void bn_stats_cols<bf16_t, 8>(const bf16_t *, long long, long long, int, Acc<bf16_t>::type *)","1","7","(256, 1, 1)","(1, 2112, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","ns","28900"
 "1","4242","python3.12","127.0.0.1","void bn_stats_cols<bf16_t, 8>(const bf16_t *, long long, long long, int, Acc<bf16_t>::type *)","1","7","(256, 1, 1)","(1, 2112, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","12,845,056"
 "1","4242","python3.12","127.0.0.1","void bn_stats_cols<bf16_t, 8>(const bf16_t *, long long, long long, int, Acc<bf16_t>::type *)","1","7","(256, 1, 1)","(1, 2112, 1)","0","9.0","Launch Statistics","Registers Per Thread","register/thread","40"
 ==PROF== Disconnected from process 4242
@@ -223,50 +226,76 @@ def _ncu_tool():
 
 
 def test_the_ncu_tool_parses_counters_and_records_each_case(tmp_path, monkeypatch, capsys):
-    """tools/gpu_ncu.py (Nsight Compute counters of one training step's kernels, run by
+    """tools/gpu_ncu.py (Nsight Compute counters of one training step's kernels, step 7 of
     tools/gpu_check.sh) with ncu faked: ncu's CSV is parsed (its ==PROF== lines skipped, thousands
-    separators read), kernels are told apart (bnlib's by bnlib.cuda's kernel names), a case whose ncu
-    fails (no permission for the counters) is recorded with the error while the others still run, and
-    the JSON is written after every case."""
+    separators read, durations in either unit ncu versions print), kernels are told apart (bnlib's by
+    bnlib.cuda's kernel names), a case that times out is recorded (and the clocks reset) while the next
+    still runs, a refused permission to read the counters ends the run, and the JSON is written after
+    every case."""
     from bnlib import cuda
     tool = _ncu_tool()
     kernels = tool.parse_ncu_csv(_NCU_OUTPUT)
     assert [k["id"] for k in kernels] == [0, 1] and tool.parse_ncu_csv("==PROF== no kernels") == []
-    assert kernels[1]["metrics"]["Duration"] == [28900.0, "nsecond"]
+    assert kernels[1]["metrics"]["Duration"] == [28900.0, "ns"]
     assert kernels[1]["metrics"]["dram__bytes_read.sum"] == [12845056.0, "byte"]
     assert [tool.short_name(k["name"]) for k in kernels] == ["batch_norm_collect_statistics_channels_last_kernel",
                                                             "bn_stats_cols"]
-    cmd = tool.ncu_command("ncu", 2, python="py")
-    assert cmd[:3] == ["ncu", "--csv", "--print-units"] and cmd[-4:] == ["py", str(Path(tool.__file__).resolve()),
-                                                                          "--workload", "2"]
+    assert [c[0] for c in tool.CASES] == [(64, 128, 28, 28)] * 2
+    cmd = tool.ncu_command("ncu", 1, python="py", report_dir="/r")
+    assert cmd[:4] == ["ncu", "--csv", "--page", "details"] and cmd[-4:] == ["py", str(Path(tool.__file__).resolve()),
+                                                                              "--workload", "1"]
     assert all(s in cmd for s in tool.SECTIONS) and cmd[cmd.index("--metrics") + 1] == ",".join(tool.METRICS)
-    calls = []
+    assert cmd[cmd.index("-o") + 1] == "/r/ncu_case1" and "-o" not in tool.ncu_command("ncu", 0)
+    names = {tool.short_name(n) for n in cuda.kernel_names()}
+    text = "\n".join(tool.summary_lines(kernels, names))
+    torch_row, bnlib_row = text.splitlines()[1:]
+    assert torch_row.split()[:3] == ["torch", "batch_norm_collect_statistics_channels_last_kernel", "24.5"]  # nsecond
+    assert bnlib_row.split()[:4] == ["bnlib", "bn_stats_cols", "28.9", "12.85"] and " 40 " in bnlib_row       # ns
+    assert "n/a" in bnlib_row                                    # metrics ncu did not give
+    runs, others = [], []
 
-    def fake_run(cmd, capture_output, text, timeout=None):
-        calls.append(cmd)
-        if cmd[1] == "--version":
-            return subprocess.CompletedProcess(cmd, 0, "NVIDIA (R) Nsight Compute Command Line Profiler\nVersion 2025.3.1\n", "")
-        if cmd[-1] == "1":                               # the second case: counters not permitted
-            return subprocess.CompletedProcess(cmd, 1, "", "==ERROR== ERR_NVGPUCTRPERM - no permission\n")
-        return subprocess.CompletedProcess(cmd, 0, _NCU_OUTPUT, "")
+    def fake_run_case(cmd, timeout):
+        runs.append(cmd[-1])
+        return outcomes[int(cmd[-1])]
+
+    def fake_run(cmd, capture_output, text=False):
+        others.append(cmd[1:])
+        return subprocess.CompletedProcess(cmd, 0, "NVIDIA (R) Nsight Compute Command Line Profiler\nVersion 2025.3.1\n", "")
     monkeypatch.setattr(tool.shutil, "which", lambda name: "/opt/ncu")
+    monkeypatch.setattr(tool, "run_case", fake_run_case)
     monkeypatch.setattr(tool.subprocess, "run", fake_run)
     monkeypatch.setattr(bench, "gpu_environment", lambda: {"card": "FAKE"})
     out = tmp_path / "ncu.json"
-    assert tool.main(["--json", str(out)]) == 1                 # one case failed
+    outcomes = [(None, "", "==PROF== Profiling ..."), (0, _NCU_OUTPUT, "")]        # a timeout, then a good case
+    assert tool.main(["--json", str(out)]) == 1
     written = json.loads(out.read_text())
-    assert written["ncu"] == "Version 2025.3.1" and len(written["cases"]) == 3
-    assert [len(c.get("kernels", [])) for c in written["cases"]] == [2, 0, 2]
-    assert "ERR_NVGPUCTRPERM" in written["cases"][1]["error"] and "error" not in written["cases"][0]
-    assert [c[-1] for c in calls[1:]] == ["0", "1", "2"]
-    text = capsys.readouterr().out
-    assert "bnlib  bn_stats_cols" in text and "torch  batch_norm_collect_statistics_channels_last_kernel" in text
-    assert "bn_stats_cols" in {tool.short_name(n) for n in cuda.kernel_names()}
-    row = next(line for line in text.splitlines() if "bnlib  bn_stats_cols" in line)
-    assert "28.9" in row and "12.85" in row and "40" in row and "n/a" in row       # us, DRAM read MB, registers
+    assert written["ncu"] == "Version 2025.3.1" and [len(c["kernels"]) for c in written["cases"]] == [0, 2]
+    assert written["cases"][0]["error"].startswith("timed out") and "error" not in written["cases"][1]
+    assert ["--clock-control", "reset"] in others and runs == ["0", "1"]
+    assert "bnlib  bn_stats_cols" in capsys.readouterr().out
+    runs.clear()
+    outcomes = [(1, "", "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission"), (0, _NCU_OUTPUT, "")]
+    assert tool.main(["--json", str(out)]) == 1
+    assert runs == ["0"] and len(json.loads(out.read_text())["cases"]) == 1           # the run ends there
+    assert "no permission to read the GPU's counters" in capsys.readouterr().out
     monkeypatch.setattr(tool.shutil, "which", lambda name: None)
     monkeypatch.setattr(tool.Path, "glob", lambda self, pattern: iter(()))
     assert tool.main([]) == 2                                   # no ncu: said, nothing run
+
+
+def test_the_ncu_tool_kills_a_case_whole_on_its_timeout():
+    """run_case puts ncu in a process group of its own and kills the group on a timeout: a child it
+    started (the profiled Python) does not outlive it and hold the GPU for the next case."""
+    tool = _ncu_tool()
+    assert tool.run_case([sys.executable, "-c", "print('1,234.5')"], 30)[:2] == (0, "1,234.5\n")
+    marker = Path(tempfile.mkdtemp()) / "child_alive"
+    child = f"import time, pathlib; time.sleep(3); pathlib.Path({str(marker)!r}).touch()"
+    script = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"
+    t0 = time.perf_counter()
+    assert tool.run_case([sys.executable, "-c", script], 1)[0] is None
+    assert time.perf_counter() - t0 < 10
+    time.sleep(4)
+    assert not marker.exists()                                  # the grandchild was killed with the group
 
 
 if __name__ == "__main__":

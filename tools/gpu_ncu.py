@@ -7,21 +7,27 @@ the whole cause. Times cannot say why; counters can: the DRAM bytes each kernel 
 passes the planned ones?), its DRAM throughput, the L2 hit rate, the achieved occupancy, the warps'
 cycles per issued instruction, registers, grid and block.
 
-For each case of tools/gpu_profile.py this runs `ncu` on this script's --workload mode (one torch
-training step, F.batch_norm through autograd, and one bnlib step, forward_torch + backward_torch, on
-the same tensors), with ncu's standard sections SpeedOfLight, MemoryWorkloadAnalysis, Occupancy,
-LaunchStats and WarpStateStats plus dram__bytes_read.sum and dram__bytes_write.sum. ncu's defaults
-hold: caches flushed before each kernel (so the DRAM bytes are a cold kernel's) and clocks locked to
-base (so durations are longer than in the benchmark). One ncu process per case: a failure in one
-(no permission to read the counters, a timeout) is recorded and the others still run.
+For the two small-shape cases of tools/gpu_profile.py (the large one already runs at the bandwidth),
+this runs `ncu` on this script's --workload mode (one torch training step, F.batch_norm through
+autograd, and one bnlib step, forward_torch + backward_torch, on the same tensors), with ncu's
+standard sections SpeedOfLight, MemoryWorkloadAnalysis, Occupancy, LaunchStats and WarpStateStats
+plus dram__bytes_read.sum and dram__bytes_write.sum, caches flushed before each kernel (so the DRAM
+bytes are a cold kernel's) and clocks locked to base (so durations are longer than in the benchmark).
+One ncu process per case, in its own process group (killed whole on a timeout); the first case that
+fails for want of permission to read the counters (ERR_NVGPUCTRPERM: the driver restricts them to
+admin users, which a container's root may not be) ends the run, and the driver's setting is recorded.
+With --report-dir, ncu also keeps each case's full report (ncu_case<I>.ncu-rep), from which any other
+metric can be read later (ncu -i FILE --csv ...).
 
-    python tools/gpu_ncu.py --json PATH [--timeout S]      (tools/gpu_check.sh runs it)
-    python tools/gpu_ncu.py --workload I                   (what ncu runs: case I)
+    python tools/gpu_ncu.py --json PATH [--timeout S] [--report-dir DIR]   (tools/gpu_check.sh runs it)
+    python tools/gpu_ncu.py --workload I                                      (what ncu runs: case I)
 """
 import argparse
 import csv
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,13 +36,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_profile import CASES  # noqa: E402  (the same three cases as the host-time profile)
+from gpu_profile import CASES as _PROFILE_CASES  # noqa: E402
+
+CASES = [c for c in _PROFILE_CASES if c[0] == (64, 128, 28, 28)]   # the small shape, float32 NCHW and bf16 NHWC
 
 SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "LaunchStats", "WarpStateStats")
 METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum")
 KERNELS = "regex:bn_|batch_norm"        # bnlib's kernels are bn_*; torch's cuDNN bn_*, native batch_norm_*
+#                                         (matched on demangled names: also a TensorIterator kernel whose
+#                                         template arguments name batch_norm)
+TIME_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}   # -> us
 # the summary's columns: (label, metric name as ncu's sections or --metrics name it, scale, format)
-SUMMARY = (("us", "Duration", 1e-3, "8.1f"), ("DRAM rd MB", "dram__bytes_read.sum", 1e-6, "10.2f"),
+# (the duration's scale is None: by its unit, which ncu versions print as "nsecond" or "ns")
+SUMMARY = (("us", "Duration", None, "8.1f"), ("DRAM rd MB", "dram__bytes_read.sum", 1e-6, "10.2f"),
            ("DRAM wr MB", "dram__bytes_write.sum", 1e-6, "10.2f"), ("DRAM %", "DRAM Throughput", 1, "6.1f"),
            ("L2 hit %", "L2 Hit Rate", 1, "8.1f"), ("occup. %", "Achieved Occupancy", 1, "8.1f"),
            ("cyc/issue", "Warp Cycles Per Issued Instruction", 1, "9.1f"),
@@ -44,13 +56,31 @@ SUMMARY = (("us", "Duration", 1e-3, "8.1f"), ("DRAM rd MB", "dram__bytes_read.su
            ("block", "Block Size", 1, "5.0f"))
 
 
-def ncu_command(ncu, case_index, python=sys.executable):
+def ncu_command(ncu, case_index, python=sys.executable, report_dir=None):
     """The ncu command line that profiles case `case_index` of CASES."""
-    cmd = [ncu, "--csv", "--print-units", "base", "--target-processes", "all", "--kernel-name", KERNELS]
+    cmd = [ncu, "--csv", "--page", "details", "--print-units", "base", "--target-processes", "all",
+           "--cache-control", "all", "--clock-control", "base", "--kernel-name-base", "demangled",
+           "--kernel-name", KERNELS, "--print-kernel-base", "function"]
+    if report_dir is not None:
+        cmd += ["-f", "-o", str(Path(report_dir) / f"ncu_case{case_index}")]
     for section in SECTIONS:
         cmd += ["--section", section]
     cmd += ["--metrics", ",".join(METRICS), python, str(Path(__file__).resolve()), "--workload", str(case_index)]
     return cmd
+
+
+def run_case(cmd, timeout):
+    """(exit status, stdout, stderr) of ncu, in a process group of its own, killed whole after `timeout`
+    seconds (the profiled Python would otherwise outlive ncu); None as the status on a timeout."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "LC_ALL": "C"})   # "1,234.5", not "1.234,5"
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err
 
 
 def _number(text):
@@ -89,9 +119,11 @@ def summary_lines(kernels, bnlib_names):
         impl = "bnlib" if name in bnlib_names else "torch"
         cells = []
         for label, metric, scale, fmt in SUMMARY:
-            value = k["metrics"].get(metric, [None])[0]
+            value, unit = (k["metrics"].get(metric) or [None, ""])[:2]
             width = int(fmt.split(".")[0])
-            cells.append(format(value * scale, fmt) if isinstance(value, float) else "n/a".rjust(width))
+            factor = TIME_UNITS.get(unit) if scale is None else scale
+            ok = isinstance(value, float) and factor is not None
+            cells.append(format(value * factor, fmt) if ok else "n/a".rjust(width))
         lines.append(f"  {impl:6s} {name[:50]:50s} " + " ".join(cells))
     return lines
 
@@ -119,7 +151,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--workload", type=int, help="run case I's two steps (what ncu profiles)")
-    parser.add_argument("--timeout", type=float, default=60, help="seconds for each case's ncu process")
+    parser.add_argument("--timeout", type=float, default=100, help="seconds for each case's ncu process")
+    parser.add_argument("--report-dir", help="keep ncu's full report of each case here (ncu_case<I>.ncu-rep)")
     args = parser.parse_args(argv)
     if args.workload is not None:
         workload(args.workload)
@@ -130,20 +163,23 @@ def main(argv=None):
         return 2
     from bnlib import bench, cuda
     version = subprocess.run([ncu, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    params = Path("/proc/driver/nvidia/params")
+    restricted = [ln for ln in params.read_text().splitlines() if "RmProfilingAdminOnly" in ln] if params.exists() else []
     result = {"environment": bench.gpu_environment(), "ncu": version[-1] if version else None,
-              "sections": list(SECTIONS), "metrics": list(METRICS), "cases": []}
+              "sections": list(SECTIONS), "metrics": list(METRICS), "driver_profiling_admin_only": restricted,
+              "cases": []}
     bnlib_names = {short_name(n) for n in cuda.kernel_names()}
     status = 0
     for i, (shape, dtype, layout) in enumerate(CASES):
         case = {"shape": list(shape), "dtype": dtype, "layout": layout}
         t0 = time.perf_counter()
-        try:
-            run = subprocess.run(ncu_command(ncu, i), capture_output=True, text=True, timeout=args.timeout)
-            case["kernels"] = parse_ncu_csv(run.stdout)
-            if run.returncode != 0 or not case["kernels"]:
-                case["error"] = f"ncu exit {run.returncode}: " + (run.stderr + run.stdout)[-1500:]
-        except subprocess.TimeoutExpired:
-            case["error"] = f"timed out after {args.timeout:g} s"
+        code, out, err = run_case(ncu_command(ncu, i, report_dir=args.report_dir), args.timeout)
+        case["kernels"] = parse_ncu_csv(out)
+        if code is None:
+            case["error"] = f"timed out after {args.timeout:g} s: " + (err + out)[-1000:]
+            subprocess.run([ncu, "--clock-control", "reset"], capture_output=True)   # a killed ncu may leave clocks locked
+        elif code != 0 or not case["kernels"]:
+            case["error"] = f"ncu exit {code}: " + (err + out)[-1500:]
         case["seconds"] = round(time.perf_counter() - t0, 1)
         result["cases"].append(case)
         print(f"{str(shape):>18} {dtype:>8} {layout}: {len(case.get('kernels', []))} kernels in {case['seconds']} s"
@@ -153,6 +189,10 @@ def main(argv=None):
         status |= "error" in case
         if args.json:                                   # after every case: a run cut short keeps what it has
             Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+        if "ERR_NVGPUCTRPERM" in case.get("error", ""):
+            print("no permission to read the GPU's counters (driver setting: "
+                  f"{restricted or 'not readable'}): the other cases would fail the same way, not run")
+            break
     if args.json:
         print("wrote", args.json)
     return int(status)
