@@ -920,6 +920,7 @@ def _cols_plan(n, c, l, v, target):
                 (p, b * g * l, g * l, l, wf, w, c),
                 c, n * l, 3 * p + 3 * c)
 
+
 def _pieces(pl):
     """(first channel, plan) of each chunk of pl, in order: ((0, pl),) when pl has no chunks."""
     return pl.chunks or ((0, pl),)

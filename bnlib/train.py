@@ -14,6 +14,7 @@ def _is_int(value):
     """An integer argument: Python's or NumPy's, not a bool (True would pass for 1)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
+
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
 INITS = ("uniform", "glorot", "he")
 

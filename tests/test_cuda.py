@@ -477,7 +477,6 @@ def _emulated_torch_device(monkeypatch):
     return device
 
 
-
 @pytest.mark.parametrize("dims", [2, 3, 4, 5])
 def test_nn_layers_give_torchs_layouts_on_an_emulated_device(monkeypatch, dims):
     """bnlib.nn's layers on the CUDA route (forward_torch, backward_torch, inference_torch on the emulated
@@ -491,6 +490,7 @@ def test_nn_layers_give_torchs_layouts_on_an_emulated_device(monkeypatch, dims):
     ours = {2: bnn.BatchNorm1d, 3: bnn.BatchNorm1d, 4: bnn.BatchNorm2d, 5: bnn.BatchNorm3d}[dims]
     theirs = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[dims]
     check_layouts_like_torch(lambda: ours(3), lambda: theirs(3), (4, 3, 5, 2, 3)[:dims], dtype=torch.float32, tol=1e-5)
+
 
 def test_a_large_plane_of_odd_length_is_walked_as_planes_with_little_scratch():
     """A plane of 4 KB or more whose length is not a multiple of the vector is walked as planes, one value
@@ -759,6 +759,7 @@ def test_channel_chunks_end_to_end_on_an_emulated_device(monkeypatch, shape, dty
     for got, want in zip(results[int(4.5 * per_channel)], results[0]):
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
+
 def test_forward_torch_rejects_bad_running_statistics_and_changes_nothing(monkeypatch):
     torch = pytest.importorskip("torch")
     device = _emulated_torch_device(monkeypatch)
@@ -785,7 +786,6 @@ def test_forward_torch_rejects_bad_running_statistics_and_changes_nothing(monkey
         with pytest.raises(error, match=message):
             cuda.forward_torch(x, None, None, 1e-5, **kwargs)
     assert launched == [] and (rm == 0).all() and (rv == 1).all() and int(nbt) == 7
-
 
 
 def test_torch_calls_refuse_before_any_launch_and_pack_any_eps(monkeypatch):

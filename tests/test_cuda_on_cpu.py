@@ -169,7 +169,6 @@ def check_case(shape, channels_last, dtype, aligned):
     assert (y_eval.double() - ref_eval).abs().max() <= tol * scale(ref_eval)
 
 
-
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 def test_small_planes_walked_as_planes_on_the_cpu(on_cpu, monkeypatch, dtype):
     """Small planes take the planes walk when columns would need too much scratch (plan's _COLS_SCRATCH;
@@ -182,6 +181,7 @@ def test_small_planes_walked_as_planes_on_the_cpu(on_cpu, monkeypatch, dtype):
     finally:
         cuda.plan.cache_clear()                      # no plan made under the lowered limits outlives the test
     assert len(on_cpu) == 7
+
 
 def test_a_million_values_in_one_channel_far_from_zero(on_cpu):
     """One channel of 2^20 float32 values with mean 1e4 and spread 1: the shifted sums keep the
@@ -227,7 +227,6 @@ def test_a_changed_kernel_line_makes_these_checks_fail(emulator, monkeypatch, tm
         except AssertionError:
             failed += 1
     assert failed > 0, f"the {mutant} change went unnoticed"
-
 
 
 # The cases above run with the grids of a 1-SM card: few blocks, so most threads walk several rows

@@ -80,7 +80,6 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x, w, b: bnn.BatchNormFunction.apply(x, w, b, 1e-5)[0], (x, w, b))
 
 
-
 def test_backward_is_not_handed_zero_gradients_for_the_statistics(monkeypatch):
     """The batch statistics are outputs without gradients: autograd hands backward None for them, not
     materialized zero tensors (on CUDA, three allocations and fill kernels per step), and the
@@ -102,6 +101,7 @@ def test_backward_is_not_handed_zero_gradients_for_the_statistics(monkeypatch):
     assert received == [(None, None, None)]
     torch.testing.assert_close(xo.grad, xt.grad)
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+
 
 def test_cpu_tensors_are_not_copied():
     t = torch.randn(4, 3)
@@ -301,8 +301,6 @@ def test_in_place_change_of_the_input_is_detected_like_torch():
             y.sum().backward()
 
 
-
-
 def test_sync_batchnorm_in_eval_without_running_stats_uses_the_local_batch():
     x = torch.randn(5, 3)
     layer = bnn.SyncBatchNorm(3, track_running_stats=False).eval()
@@ -471,7 +469,6 @@ def test_sync_batchnorm_double_backward_raises_clearly():
             dist.destroy_process_group()
 
 
-
 def test_synchronized_layouts_are_torchs():
     """The synchronized Function (a one-process gloo group, called directly) gives y and dx the layouts
     of the plain layer and of torch: channels-last for channels-last input, C-contiguous otherwise (its
@@ -500,6 +497,7 @@ def test_synchronized_layouts_are_torchs():
                 assert strides_that_matter(dxs) == strides_that_matter(dxt), name
         finally:
             dist.destroy_process_group()
+
 
 def test_batchnorm_types_select_both_libraries_layers():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), bnn.BatchNorm2d(4),
@@ -595,7 +593,6 @@ def test_channels_last_input_gives_channels_last_output_like_torch(dtype):
             xa.grad.is_contiguous(memory_format=torch.channels_last)
 
 
-
 @pytest.mark.usefixtures("cpu_backend")
 @pytest.mark.parametrize("dims", [2, 3, 4, 5])
 def test_output_and_gradient_layouts_are_torchs(dims):
@@ -603,6 +600,7 @@ def test_output_and_gradient_layouts_are_torchs(dims):
     stays channels-last, and anything else comes back C-contiguous. A permuted input used to give a
     permuted y (NumPy keeps strides), on which a following .view() fails, as it does not after torch."""
     check_layouts_like_torch(lambda: BNLIB_BN[dims](3), lambda: TORCH_BN[dims](3), (4, 3, 5, 2, 3)[:dims])
+
 
 def _digits():
     from sklearn.datasets import load_digits
@@ -1188,8 +1186,6 @@ def test_cuda_channels_last_keeps_layout_and_matches_torch(dtype):
     assert dx.is_contiguous(memory_format=torch.channels_last)
 
 
-
-
 def test_suggested_memory_format_is_the_layout_torchs_layers_give():
     """bnlib.cuda.suggested_memory_format, a port of torch's C++ rule, against what torch's BatchNorm2d/3d
     really return, on 400 random strided 4-D and 5-D tensors: permuted, sliced with steps, some made
@@ -1207,6 +1203,7 @@ def test_suggested_memory_format_is_the_layout_torchs_layers_give():
         y = TORCH_BN[dims](x.shape[1]).eval()(x)
         assert y.is_contiguous(memory_format=cuda.suggested_memory_format(x)), (tuple(x.shape), x.stride(), y.stride())
 
+
 @needs_gpu
 @pytest.mark.parametrize("dims", [2, 3, 4, 5])
 def test_cuda_layouts_are_torchs(dims):
@@ -1215,6 +1212,7 @@ def test_cuda_layouts_are_torchs(dims):
     columns but torch returns C-contiguous."""
     check_layouts_like_torch(lambda: BNLIB_BN[dims](3), lambda: TORCH_BN[dims](3), (4, 3, 5, 2, 3)[:dims],
                              device="cuda", dtype=torch.float32, tol=1e-4)
+
 
 @needs_gpu
 def test_cuda_non_default_stream_is_respected():
@@ -1584,8 +1582,8 @@ def test_torch_level_kernel_path_under_torch_func_grad(monkeypatch):
             torch.testing.assert_close(grads[1][part][k], grads[0][part][k], atol=1e-10, rtol=1e-10)
 
 
-
 # ----------------------------------------------------------------------------- conversions and odd devices
+
 
 @pytest.mark.parametrize("convert", [bnn.convert_batchnorm, bnn.SyncBatchNorm.convert_sync_batchnorm])
 def test_conversion_keeps_the_parameter_and_buffer_objects(convert):

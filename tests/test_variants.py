@@ -475,7 +475,6 @@ def test_output_and_gradient_keep_the_input_dtype(make, dtype):
     assert all(v.dtype in (np.float32, np.int64) for v in layer.state_dict().values())
 
 
-
 @pytest.mark.parametrize("make", [
     lambda: V.LayerNorm(5, elementwise_affine=False), lambda: V.LayerNorm(5), lambda: V.GroupNorm(2, 4, affine=False),
     lambda: V.GroupNorm(2, 4), lambda: V.InstanceNorm(4), lambda: V.InstanceNorm(4, affine=True)])
@@ -491,6 +490,7 @@ def test_changing_the_output_in_place_leaves_the_gradient_alone(make, dtype):
     y = layer(x)
     np.maximum(y, 0, out=y)
     np.testing.assert_array_equal(layer.backward(dy), clean)
+
 
 def test_a_call_runs_a_subclass_forward():
     class Scheduled(V.BatchRenorm):                      # as the chapter's scheduled renorm does it

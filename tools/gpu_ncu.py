@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_profile import CASES as _PROFILE_CASES  # noqa: E402
+from gpu_profile import CASES as _PROFILE_CASES, case_tensors  # noqa: E402
 
 CASES = [c for c in _PROFILE_CASES if c[0] == (64, 128, 28, 28)]   # the small shape, float32 NCHW and bf16 NHWC
 
@@ -133,12 +133,7 @@ def workload(case_index):
     import torch
 
     from bnlib import cuda
-    shape, dtype, layout = CASES[case_index]
-    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(shape, device="cuda", generator=g).to(getattr(torch, dtype)).contiguous(memory_format=fmt)
-    dy = torch.randn(shape, device="cuda", generator=g).to(getattr(torch, dtype)).contiguous(memory_format=fmt)
-    w, b = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
+    x, dy, w, b = case_tensors(torch, *CASES[case_index])
     cuda.module().compile()                              # NVRTC before any profiled launch
     xr = x.detach().requires_grad_()
     torch.nn.functional.batch_norm(xr, None, None, w, b, training=True).backward(dy)

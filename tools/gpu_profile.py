@@ -41,6 +41,17 @@ CASES = [((64, 128, 28, 28), "float32", "NCHW"), ((64, 128, 28, 28), "bfloat16",
          ((256, 64, 56, 56), "float32", "NCHW")]
 
 
+def case_tensors(torch, shape, dtype, layout):
+    """x, dy (`dtype`, NCHW or channels-last memory) and float32 weight and bias of one case, on the GPU,
+    the same values in every run (also tools/gpu_ncu.py's)."""
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, device="cuda", generator=g).to(getattr(torch, dtype)).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, device="cuda", generator=g).to(getattr(torch, dtype)).contiguous(memory_format=fmt)
+    w, b = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
+    return x, dy, w, b
+
+
 def _empty_function():
     """tools/profile_host_step.py's empty autograd.Function: it allocates its outputs and does nothing
     else, forward and backward (the floor of any Python autograd wrapper)."""
@@ -216,11 +227,7 @@ def main(argv=None):
         print(f"one bare launch through {launcher}, host us:", result[f"launch_host_us_{launcher}"])
     save()
     for shape, dtype, layout in CASES:
-        fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(shape, device="cuda", generator=g).to(getattr(torch, dtype)).contiguous(memory_format=fmt)
-        dy = torch.randn(shape, device="cuda", generator=g).to(getattr(torch, dtype)).contiguous(memory_format=fmt)
-        w, b = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
+        x, dy, w, b = case_tensors(torch, shape, dtype, layout)
         case = {"shape": list(shape), "dtype": dtype, "layout": layout, "impls": {}}
         for name, (fn, launcher) in make_impls(torch, cuda, bnn, x, dy, w, b).items():
             cuda.LAUNCHER = launcher or default
