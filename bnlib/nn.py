@@ -116,6 +116,31 @@ def _signature_once(function):
     return function
 
 
+# What Function.apply does after binding, outside torch.func's transforms (torch >= 2.0): unwrap
+# functorch wrappers whose transform has ended, then call the C++ apply of torch._C._FunctionBase.
+try:
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead
+except ImportError:                             # a torch without them: _apply is Function.apply
+    _unwrap_dead = None
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_C_APPLY = {}
+
+
+def _apply(function, *args):
+    """function.apply(*args) for the layers' own calls, which give every argument of forward
+    positionally. Function.apply binds them to forward's signature on every call (inspect's bind,
+    for keyword arguments and defaults, which these calls never leave to it): a few microseconds of
+    each step's host time. Outside torch.func's transforms this skips the binding and does the rest
+    of what Function.apply does; under a transform, or on a torch without those internals, it is
+    Function.apply."""
+    if _unwrap_dead is None or _transforms_active is None or _transforms_active():
+        return function.apply(*args)
+    c_apply = _C_APPLY.get(function)
+    if c_apply is None:
+        c_apply = _C_APPLY[function] = super(torch.autograd.Function, function).apply
+    return c_apply(*_unwrap_dead(args))
+
+
 def _fusable_running(running, dtype):
     """`running` = (running_mean, running_var, momentum, num_batches_tracked) if forward_torch can
     update them in its own launches (buffers present, contiguous, of the compute dtype), else None."""
@@ -195,10 +220,11 @@ class BatchNormFunction(torch.autograd.Function):
         if dy is None:                          # not materialized: y received no gradient either
             return None, None, None, None, None
         x, weight, mean, var, inv_std = ctx.saved_tensors
-        acc = ctx.acc
+        acc, kernels = ctx.acc, False
         if torch.is_grad_enabled():             # create_graph=True, or torch.func: differentiable gradients
             dx, dgamma, dbeta = _backward_with_graph(dy, x, weight, ctx.eps, acc)
         elif _torch_kernels(x):                 # dx comes back in x's dtype and memory format
+            kernels = True
             dx, dgamma, dbeta = cuda.backward_torch(dy, x, mean, inv_std, weight)
         else:
             # the forward's cache, rebuilt from the saved tensors without copying (a float16/bfloat16 x on
@@ -209,7 +235,9 @@ class BatchNormFunction(torch.autograd.Function):
             with _on_tensor_stream(dy):
                 dx, dgamma, dbeta = (_as_tensor(a) for a in F.batch_norm_backward(dya, cache))
         need_w, need_b = ctx.param_grads
-        return (_in_format_of(dx.to(x.dtype), x), dgamma.to(ctx.param_dtype) if need_w else None,
+        if not kernels:                         # (bnlib.cuda's dx already has x's dtype and layout)
+            dx = _in_format_of(dx.to(x.dtype), x)
+        return (dx, dgamma.to(ctx.param_dtype) if need_w else None,
                 dbeta.to(ctx.param_dtype) if need_b else None, None, None)
 
     @staticmethod
@@ -505,11 +533,11 @@ class _BatchNorm(torch.nn.Module):
             if tracking and _torch_kernels(x):
                 running = _fusable_running((self.running_mean, self.running_var, self.momentum,
                                             self.num_batches_tracked), _compute_dtype(x))
-            y, mean, var, _ = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, running)
+            y, mean, var, _ = _apply(BatchNormFunction, x, self.weight, self.bias, self.eps, running)
             if tracking and running is None:
                 self._update_running_stats(mean, var, x.numel() // x.shape[1])
             return y
-        return BatchNormInferenceFunction.apply(x, self.running_mean, self.running_var, self.weight, self.bias,
+        return _apply(BatchNormInferenceFunction, x, self.running_mean, self.running_var, self.weight, self.bias,
                                                 self.eps)
 
 

@@ -3,6 +3,7 @@ mixed precision, empty batches, PyTorch's own ModuleInfo samples, and (on GPUs) 
 over NCCL included."""
 import copy
 import datetime
+import inspect
 import os
 import tempfile
 
@@ -1452,6 +1453,60 @@ def test_cuda_sync_batchnorm_two_processes_over_nccl_match_torch_sync_batchnorm(
             if ours_eval is not None:
                 torch.testing.assert_close(ours_eval, theirs_eval, atol=tol, rtol=tol,
                                            msg=lambda m: f"rank {rank}, {dtype}, batches {sizes}, evaluation: {m}")
+
+
+# ----------------------------------------------------------------------------- the layers' apply
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layers_call_their_functions_without_binding_arguments(training, monkeypatch):
+    """Outside torch.func, the layers skip Function.apply's per-call binding of arguments (nn._apply):
+    a step must not reach inspect's bind, and must give what Function.apply gives, gradients included."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64)
+    dy = torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64)
+    ours = bnn.BatchNorm2d(4).double().train(training)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5, generator=gen)
+        ours.bias.uniform_(-1, 1, generator=gen)
+        ours.running_mean.uniform_(-1, 1, generator=gen)
+        ours.running_var.uniform_(0.5, 2, generator=gen)
+    reference = copy.deepcopy(ours)
+    xr, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with monkeypatch.context() as m:
+        def refuse(*args, **kwargs):
+            raise AssertionError("inspect.Signature.bind called")
+        m.setattr(inspect.Signature, "bind", refuse)
+        y = ours(xr)
+        y.backward(dy)
+        with pytest.raises(AssertionError, match="bind called"):    # the public route still binds
+            (bnn.BatchNormFunction if training else bnn.BatchNormInferenceFunction).apply(
+                *((x, ours.weight, ours.bias, 1e-5) if training else
+                  (x, ours.running_mean, ours.running_var, ours.weight, ours.bias, 1e-5)))
+    monkeypatch.setattr(bnn, "_apply", lambda function, *args: function.apply(*args))
+    ys = reference(xs)
+    ys.backward(dy)
+    torch.testing.assert_close(y, ys, rtol=0, atol=0)
+    for a, b in ((xr.grad, xs.grad), (ours.weight.grad, reference.weight.grad), (ours.bias.grad, reference.bias.grad),
+                 (ours.running_mean, reference.running_mean), (ours.running_var, reference.running_var),
+                 (ours.num_batches_tracked, reference.num_batches_tracked)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_layers_forward_mode_dual_tensors_match_torch():
+    """torch.autograd.forward_ad's dual tensors reach the Functions' jvp through the C++ apply that
+    nn._apply calls directly (no functorch transform is active, so it takes its fast path)."""
+    import torch.autograd.forward_ad as fwAD
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+    tangent = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+    for training in (True, False):
+        ours, theirs = bnn.BatchNorm1d(3).double().train(training), torch.nn.BatchNorm1d(3).double().train(training)
+        with fwAD.dual_level():
+            y = fwAD.unpack_dual(ours(fwAD.make_dual(x, tangent)))
+            expected = fwAD.unpack_dual(theirs(fwAD.make_dual(x, tangent)))
+        torch.testing.assert_close(y.primal, expected.primal)
+        torch.testing.assert_close(y.tangent, expected.tangent)
 
 
 # ----------------------------------------------------------------------------- torch.func
