@@ -1004,8 +1004,8 @@ class FrozenBatchNorm2d(torch.nn.Module):
                 raise TypeError(f"input dtype {x.dtype} needs the layer's {name} in "
                                 f"{' or '.join(str(d) for d in allowed)}, got {getattr(self, name).dtype}: "
                                 f"convert the module (e.g. .to({x.dtype})) or the input")
-        return BatchNormInferenceFunction.apply(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                                self.eps)
+        return _apply(BatchNormInferenceFunction, x, self.running_mean, self.running_var, self.weight, self.bias,
+                      self.eps)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}"

@@ -1493,6 +1493,23 @@ def test_layers_call_their_functions_without_binding_arguments(training, monkeyp
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_frozen_batch_norm_calls_its_function_without_binding_arguments(monkeypatch):
+    """FrozenBatchNorm2d (dozens of layers in a detection backbone) goes through nn._apply as well."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    frozen = bnn.FrozenBatchNorm2d(3).double()
+    with torch.no_grad():
+        frozen.running_var.uniform_(0.5, 2, generator=gen)
+    expected = bnn.BatchNormInferenceFunction.apply(x, frozen.running_mean, frozen.running_var, frozen.weight,
+                                                    frozen.bias, frozen.eps)
+    with monkeypatch.context() as m:
+        m.setattr(inspect.Signature, "bind", lambda *a, **k: (_ for _ in ()).throw(AssertionError("bind called")))
+        y = frozen(x)
+        y.sum().backward()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, torch.autograd.grad(expected.sum(), x)[0], rtol=0, atol=0)
+
+
 def test_layers_forward_mode_dual_tensors_match_torch():
     """torch.autograd.forward_ad's dual tensors reach the Functions' jvp through the C++ apply that
     nn._apply calls directly (no functorch transform is active, so it takes its fast path)."""
