@@ -39,6 +39,8 @@ needs_torch_gpu = pytest.mark.skipif(not (cuda.available() and _torch_cuda()),
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
 def test_every_kernel_instantiation_compiles(tmp_path, arch):
+    # warnings as errors with any nvcc, on purpose: the tests hold the code to the book's own compiler (13.0);
+    # chapter 05's check, which readers run with whatever nvcc they have, is strict only from nvcc 13 on
     src = tmp_path / "bn.cu"
     src.write_text(cuda.instantiation_source())
     proc = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings",
