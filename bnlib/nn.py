@@ -110,8 +110,8 @@ def _signature_once(function):
     """Class decorator for the Functions below. For a Function with setup_context (the form torch.func
     needs), torch's Function.apply binds the arguments to forward's signature on every call, and
     inspect.signature builds that signature anew each time unless the function carries it in
-    __signature__. Stored once here, which saves a sizeable share of a step's host time on the CUDA
-    route (tools/profile_host_step.py times that route with the kernels stubbed out)."""
+    __signature__. Stored once here, for the calls that still bind: under torch.func's transforms and
+    from users' own Function.apply (the layers skip the binding otherwise, _apply below)."""
     function.forward.__signature__ = inspect.signature(function.forward)
     return function
 
@@ -123,7 +123,6 @@ try:
 except ImportError:                             # a torch without them: _apply is Function.apply
     _unwrap_dead = None
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-_C_APPLY = {}
 
 
 def _apply(function, *args):
@@ -135,10 +134,7 @@ def _apply(function, *args):
     Function.apply."""
     if _unwrap_dead is None or _transforms_active is None or _transforms_active():
         return function.apply(*args)
-    c_apply = _C_APPLY.get(function)
-    if c_apply is None:
-        c_apply = _C_APPLY[function] = super(torch.autograd.Function, function).apply
-    return c_apply(*_unwrap_dead(args))
+    return super(torch.autograd.Function, function).apply(*_unwrap_dead(args))
 
 
 def _fusable_running(running, dtype):
@@ -538,7 +534,7 @@ class _BatchNorm(torch.nn.Module):
                 self._update_running_stats(mean, var, x.numel() // x.shape[1])
             return y
         return _apply(BatchNormInferenceFunction, x, self.running_mean, self.running_var, self.weight, self.bias,
-                                                self.eps)
+                      self.eps)
 
 
 class BatchNorm1d(_BatchNorm):
