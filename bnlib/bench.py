@@ -349,7 +349,8 @@ def _with_setting(cuda, name, value, fn):
 
 
 def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, progress=True, compile=False,
-              compile_budget_s=60.0, modules=False, launchers=(), on_rows=None, portable=False, l2_chunks=()):
+              compile_budget_s=60.0, modules=False, launchers=(), on_rows=None, portable=False, l2_chunks=(),
+              min_vectors=()):
     """bnlib.cuda's kernels (forward_torch, backward_torch) against torch.nn.functional.batch_norm
     (eager, and with compile=True also torch.compile'd) on the same GPU, in one process.
 
@@ -389,6 +390,11 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     environment records, None or 0: no chunks, unless BNLIB_L2_CHUNK_MB is set) and, with GPU-alone
     times, the same ratio of those (step_device_ratio_vs_bnlib) and the GPU-alone step in passes of the
     tensor at the copy bandwidth (step_device_passes: 8 at the 8-pass floor, 5 at the 5-pass floor).
+    min_vectors (integers >= 1, e.g. (4, 8, 16); see bnlib.cuda.MIN_VECTORS_PER_THREAD) adds a row
+    "bnlib [>=8 vec]" per value to each case whose grid it changes: bnlib's step with
+    cuda.MIN_VECTORS_PER_THREAD set, so that a first-pass thread loads about that many vectors of x.
+    Such a row carries the value, the walk, the blocks of its grid and of the "bnlib" row's
+    (blocks, blocks_default), and the same ratios to the "bnlib" row as a chunk row.
     """
     import time
 
@@ -399,6 +405,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
         raise ValueError(f"launchers must be 'driver' or 'cupy', got {unknown}")
     if any(not (mb > 0 and np.isfinite(mb)) for mb in l2_chunks):
         raise ValueError(f"l2_chunks must be sizes in MB > 0, got {tuple(l2_chunks)}")
+    if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in min_vectors):
+        raise ValueError(f"min_vectors must be integers >= 1, got {tuple(min_vectors)}")
     try:
         import cupy
         pool = cupy.get_default_memory_pool()
@@ -546,6 +554,20 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                     chunking[name] = (mb, len(cuda._pieces(fwd_plan)), len(cuda._pieces(bwd_plan)))
         except Exception as exc:
             print(f"no L2-chunk rows for {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
+        grids = {}                                     # name: (value, walk, blocks, blocks of the "bnlib" row)
+        try:                                           # extra rows: never lose the others
+            _, (kr, kc, kl) = cuda._torch_input(xs[0], "x")
+            sms = cuda._sm_count(xs[0].device.index)
+            here = cuda.plan(kr, kc, kl, dtype, True, sms, cuda._chunk_bytes(2), min_vectors=cuda._min_vectors())
+            for k in min_vectors:
+                other = cuda.plan(kr, kc, kl, dtype, True, sms, cuda._chunk_bytes(2), min_vectors=int(k))
+                if other.grid != here.grid:
+                    name = f"bnlib [>={k} vec]"
+                    impls[name] = tuple(_with_setting(cuda, "MIN_VECTORS_PER_THREAD", int(k), fn)
+                                        for fn in impls["bnlib"])
+                    grids[name] = (int(k), other.walk, int(np.prod(other.grid)), int(np.prod(here.grid)))
+        except Exception as exc:
+            print(f"no grid rows for {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
         if compiled is not None and compile_spent < compile_budget_s:
             t0 = time.perf_counter()
             try:
@@ -631,8 +653,12 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                 rows[-1]["launcher"] = tag if tag in ("driver", "cupy") else cuda.LAUNCHER
             if name in chunking:
                 mb, nf, nb_ = chunking[name]
-                rows[-1].update(l2_chunk_mb=mb, chunks_forward=nf, chunks_backward=nb_,
-                                step_ratio_vs_bnlib=s / float(np.median(times["bnlib"][1])))
+                rows[-1].update(l2_chunk_mb=mb, chunks_forward=nf, chunks_backward=nb_)
+            if name in grids:
+                k, walk, blocks, blocks_default = grids[name]
+                rows[-1].update(min_vectors=k, walk=walk, blocks=blocks, blocks_default=blocks_default)
+            if name in chunking or name in grids:
+                rows[-1]["step_ratio_vs_bnlib"] = s / float(np.median(times["bnlib"][1]))
                 if "step_device_ms" in rows[-1] and all(device_times["bnlib"]):
                     sd = rows[-1]["step_device_ms"] / 1e3
                     rows[-1].update(step_device_ratio_vs_bnlib=sd / float(np.median(device_times["bnlib"][1])),

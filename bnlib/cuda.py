@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
 import functools
 import math
@@ -828,11 +828,12 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _planes_plan(n, c, l, v, target, stride):
+def _planes_plan(n, c, l, v, target, stride, min_vectors=1):
     """The planes walk of channels 0 .. c-1 of a (n, stride, l) tensor (c = stride: all of it)."""
     lv = l // v
-    b = max(1, min(n, _cdiv(target, c), 65535))
-    s = max(1, min(_cdiv(target, c * b), _cdiv(lv, 2 * PLANE_THREADS), 65535))
+    cap = _cdiv(n * lv, PLANE_THREADS * min_vectors)   # blocks per channel: about min_vectors loads a thread
+    b = max(1, min(n, _cdiv(target, c), cap, 65535))
+    s = max(1, min(_cdiv(target, c * b), _cdiv(lv, 2 * PLANE_THREADS), cap // b, 65535))
     seg = _cdiv(lv, s)
     s = _cdiv(lv, seg)
     p = b * s * stride                          # slot (b * S + s) * stride + c, as the kernels write it
@@ -842,7 +843,7 @@ def _planes_plan(n, c, l, v, target, stride):
 
 @functools.lru_cache(maxsize=1024)
 def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, sm_count: int,
-         chunk_bytes: int = 0, scratch: bool = True) -> Plan:
+         chunk_bytes: int = 0, scratch: bool = True, min_vectors: int = 1) -> Plan:
     """The walk for a C-contiguous (rows, channels, length) tensor: NCHW is (N, C, H*W), channels-last
     memory is (N*H*W, C, 1), a 2-D input (N, C, 1). Large planes (length * itemsize >= 4 KB) are walked
     plane by plane, in 16-byte vectors when length is a multiple of the vector and one value per load
@@ -851,7 +852,10 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     columns and the finalize as many partials per channel: scratch of 24 times the tensor's bytes for
     (1, 3, 999, 999) float32.) Grids aim at 2 x SMs x 8 blocks (fewer when
     the tensor has too little work for that: few planes or plane segments, or a cols walk with
-    less than one row per thread).
+    less than one row per thread). min_vectors > 1 caps a grid further: no more blocks than give each
+    thread of a first pass about min_vectors loads of x (a cols thread loads one vector per row of the
+    folded view); 1, the default, leaves design 3's grids as they are (the launchers pass
+    MIN_VECTORS_PER_THREAD).
 
     Columns keep 3 float64 partials per column of the (folded) view and row block, so a wide tensor of
     few rows can need scratch many times its own bytes (96 times, 192 MiB, for (1, 1023, 1023) float16,
@@ -873,38 +877,38 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     vfull = _VEC[dtype_name] if aligned else 1
     target = 16 * sm_count
     if l > 1 and l * _ITEMSIZE[dtype_name] >= 4096:
-        return _planes_walk(n, c, l, dtype_name, vfull, target, chunk_bytes)
-    cols = _cols_plan(n, c, l, vfull, target)
+        return _planes_walk(n, c, l, dtype_name, vfull, target, chunk_bytes, min_vectors)
+    cols = _cols_plan(n, c, l, vfull, target, min_vectors)
     wide = cols.walk_args[2] >= 2 ** 31
     ratio, floor = _COLS_SCRATCH
     if wide or (scratch and cols.workspace_values * 8 > max(ratio * n * c * l * _ITEMSIZE[dtype_name], floor)):
         if l > 1:
-            planes = _planes_walk(n, c, l, dtype_name, vfull, target, 0)
+            planes = _planes_walk(n, c, l, dtype_name, vfull, target, 0, min_vectors)
             if wide or planes.workspace_values <= cols.workspace_values:
                 return planes
         elif vfull > 1:
-            cols = min(cols, _cols_plan(n, c, l, 1, target), key=lambda p: p.workspace_values)
+            cols = min(cols, _cols_plan(n, c, l, 1, target, min_vectors), key=lambda p: p.workspace_values)
     if cols.walk_args[2] >= 2 ** 31:
         raise ValueError(f"a ({n}, {c}, {l}) tensor has rows of {c * l} values, beyond the 2**31 a row of the "
                          f"columns kernels can hold")
     return cols
 
 
-def _planes_walk(n, c, l, dtype_name, vfull, target, chunk_bytes):
+def _planes_walk(n, c, l, dtype_name, vfull, target, chunk_bytes, min_vectors=1):
     """plan's planes walk of a (n, c, l) tensor, in channel chunks of chunk_bytes of x if that is > 0."""
     v = vfull if l % vfull == 0 else 1
-    whole = _planes_plan(n, c, l, v, target, c)
+    whole = _planes_plan(n, c, l, v, target, c, min_vectors)
     per_channel = n * l * _ITEMSIZE[dtype_name]
     k = max(1, chunk_bytes // per_channel) if chunk_bytes > 0 else c
     if k >= c:
         return whole
     m = _cdiv(c, k)                             # as few chunks as the budget allows, sizes within one
     edges = [j * c // m for j in range(m + 1)]
-    parts = tuple((c0, _planes_plan(n, c1 - c0, l, v, target, c)) for c0, c1 in zip(edges, edges[1:]))
+    parts = tuple((c0, _planes_plan(n, c1 - c0, l, v, target, c, min_vectors)) for c0, c1 in zip(edges, edges[1:]))
     return whole._replace(chunks=parts, workspace_values=max(p.workspace_values for _, p in parts))
 
 
-def _cols_plan(n, c, l, v, target):
+def _cols_plan(n, c, l, v, target, min_vectors=1):
     """plan's columns walk of a (n, c, l) tensor, v values per load."""
     w = c * l                                   # a row of the (rows, C*L) view
     g = v // math.gcd(w, v)                     # fold g rows into one: Wf = g*W, a multiple of v ...
@@ -914,7 +918,7 @@ def _cols_plan(n, c, l, v, target):
     total = n * w
     rfull, rows_f = total // wf, _cdiv(total, wf)
     gx = _cdiv(wf // v, TX)
-    b = max(1, min(_cdiv(target, gx), _cdiv(rows_f, TY), 65535))
+    b = max(1, min(_cdiv(target, gx), _cdiv(rows_f, TY * min_vectors), 65535))
     p = b * wf
     return Plan("cols", v, (gx, b, 1), (TX, TY, 1), (total, rfull, wf), (w, l), p,
                 (p, b * g * l, g * l, l, wf, w, c),
@@ -1018,6 +1022,24 @@ def _chunk_bytes(arrays: int, budget=None) -> int:
             raise ValueError(f"bnlib.cuda.L2_CHUNK_BYTES must be None or a number of bytes >= 0, got {budget!r}")
         budget = int(budget)
     return budget // arrays
+
+
+# The fewest loads of x a thread of a first pass (statistics, backward reduction) should make before the
+# grid grows (plan's min_vectors; the second passes and the eval forward walk the same grid). 1 keeps
+# design 3's grids, which aim at 2 x SMs x 8 blocks however little each thread then does: on the
+# benchmark's smaller tensors, walked as columns, 1.3 to 5.9 vectors a thread, and up to 3.61 MB of partials
+# for the finalize. On the H200 those columns kernels ran far below the copy bandwidth (chapter 05's
+# design-3 report). Whether fewer, busier blocks help is measured by tools/gpu_grid_sweep.py
+# (bench_gpu's min_vectors); until then 1 stays. An integer >= 1, checked before anything runs.
+MIN_VECTORS_PER_THREAD = 1
+
+
+def _min_vectors() -> int:
+    """MIN_VECTORS_PER_THREAD, checked: a ValueError naming it if it is not an integer >= 1."""
+    k = MIN_VECTORS_PER_THREAD
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"bnlib.cuda.MIN_VECTORS_PER_THREAD must be an integer >= 1, got {k!r}")
+    return int(k)
 _MAX_ARGS = 32
 _CODES = {"ptr": "Q", "int32": "i4x", "int64": "q"}               # struct codes, one 8-byte slot each
 _NUMPY_TYPES = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64}
@@ -1469,7 +1491,8 @@ def forward_torch(x, weight=None, bias=None, eps: float = 1e-5, running_mean=Non
     y = torch.empty_like(x)
     mean, var, inv_std = (torch.empty(c, dtype=acc, device=x.device) for _ in range(3))   # separate tensors:
                                                                                       # no shared version counter
-    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev), _chunk_bytes(2))
+    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev), _chunk_bytes(2),
+              min_vectors=_min_vectors())
     ws = _torch_workspace(dev, stream, pl, x.device)
     _run_forward(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), mean.data_ptr(), var.data_ptr(),
                  inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0,
@@ -1499,7 +1522,7 @@ def backward_torch(dy, x, mean, inv_std, weight=None):
     dx = torch.empty_like(x)
     dweight, dbias = torch.empty(c, dtype=acc, device=x.device), torch.empty(c, dtype=acc, device=x.device)
     pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0, _sm_count(dev),
-              _chunk_bytes(3))
+              _chunk_bytes(3), min_vectors=_min_vectors())
     ws = _torch_workspace(dev, stream, pl, x.device)
     _run_backward(dev, pl, dtype_name, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), mean.data_ptr(),
                   inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0, dweight.data_ptr(),
@@ -1519,7 +1542,8 @@ def inference_torch(x, running_mean, running_var, weight=None, bias=None, eps: f
     weight = _torch_vector(weight, "weight", c, acc, x.device)
     bias = _torch_vector(bias, "bias", c, acc, x.device)
     y = torch.empty_like(x)
-    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev), scratch=False)
+    pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev), scratch=False,
+              min_vectors=_min_vectors())
     _run_apply(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
                weight.data_ptr() if weight is not None else 0, bias.data_ptr() if bias is not None else 0,
                eps, from_var=True, stream=stream)
@@ -1564,7 +1588,8 @@ def _cupy_setup(x, dy=None):
         dy = dy_same
     dev = x.device.id
     aligned = x.data.ptr % 16 == 0 and (dy is None or dy.data.ptr % 16 == 0)
-    pl = plan(rows, c, l, x.dtype.name, aligned, _sm_count(dev), _chunk_bytes(2 if dy is None else 3))
+    pl = plan(rows, c, l, x.dtype.name, aligned, _sm_count(dev), _chunk_bytes(2 if dy is None else 3),
+              min_vectors=_min_vectors())
 
     def allocate(nbytes):
         buffer = cupy.empty(nbytes, dtype=cupy.uint8)

@@ -151,6 +151,83 @@ def test_planned_walks_read_every_value_once_and_finalize_finds_every_partial(ro
     assert pl.count == rows * length
 
 
+
+@pytest.mark.parametrize("rows,channels,length,dtype,aligned,sms", [
+    (1000, 3, 1, "float16", True, 132), (40, 3, 1030, "float32", True, 132), (6200, 3, 1, "float32", True, 132),
+    (2000, 5, 9, "bfloat16", True, 132), (300, 70, 9, "float32", False, 132), (12, 2, 2048, "float16", True, 132),
+    (3, 2, 1027, "float32", True, 8)])
+def test_min_vectors_caps_the_grid_and_keeps_every_walk_whole(rows, channels, length, dtype, aligned, sms):
+    """plan's min_vectors (bnlib.cuda.MIN_VECTORS_PER_THREAD): 1 is design 3's plan; a larger value never
+    adds blocks, caps them so that a first-pass thread loads about that many vectors (columns: rows of
+    the folded view per row block; planes: a channel's vectors per block), and every plan it gives still
+    reads each value once, with the finalize finding every partial."""
+    default = cuda.plan(rows, channels, length, dtype, aligned, sms)
+    assert cuda.plan(rows, channels, length, dtype, aligned, sms, min_vectors=1) == default
+    blocks = [math.prod(default.grid)]
+    for k in (2, 8, 64):
+        pl = cuda.plan(rows, channels, length, dtype, aligned, sms, min_vectors=k)
+        assert pl.walk == default.walk and pl.vec == default.vec
+        blocks.append(math.prod(pl.grid))
+        if pl.walk == "cols":
+            total, _, wf = pl.walk_args
+            assert pl.grid[1] <= max(1, -(-(-(-total // wf)) // (cuda.TY * k)))
+        else:
+            n, _, lv, _ = pl.walk_args
+            assert pl.grid[1] * pl.grid[2] <= max(1, -(-(n * lv) // (cuda.PLANE_THREADS * k)))
+        seen, slot_channel, slot_of = _replay(pl)
+        assert (seen == 1).all(), "a value read twice or never"
+        channel_of = (np.arange(rows * channels * length) // length) % channels
+        assert all(len(chs) == 1 for chs in slot_channel.values()), "a partial slot mixes channels"
+        _assert_finalize_finds_each_channels_slots(pl, slot_channel, slot_of, channel_of)
+        assert 3 * pl.partials + 3 * channels == pl.workspace_values
+    assert blocks == sorted(blocks, reverse=True) and blocks[-1] < blocks[0], blocks
+
+
+def test_min_vectors_setting_is_checked_before_any_launch(monkeypatch):
+    """MIN_VECTORS_PER_THREAD that is not an integer >= 1 raises a ValueError naming it from every torch
+    call before any launch, the running statistics untouched; a valid value changes the grids the
+    launches get, not the results (the emulated device)."""
+    torch = pytest.importorskip("torch")
+    device = _emulated_torch_device(monkeypatch)
+    launched = []
+
+    def launch(dev, name, grid, block, args, stream=None):
+        launched.append((name, grid))
+        device.launch(dev, name, grid, block, args, stream)
+    monkeypatch.setattr(cuda, "_launch", launch)
+    monkeypatch.setattr(cuda, "_sm_count", lambda d: 132)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(7)
+    x, dy = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0)), torch.randn(4000, 3)
+    for bad in (0, -3, 2.5, "8", True, None):
+        monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", bad)
+        with pytest.raises(ValueError, match=r"bnlib.cuda.MIN_VECTORS_PER_THREAD must be an integer >= 1, got "):
+            cuda.forward_torch(x, None, None, 1e-5, running_mean=rm, running_var=rv, num_batches_tracked=nbt)
+        with pytest.raises(ValueError, match="MIN_VECTORS_PER_THREAD"):
+            cuda.backward_torch(dy, x, torch.zeros(3), torch.ones(3))
+        with pytest.raises(ValueError, match="MIN_VECTORS_PER_THREAD"):
+            cuda.inference_torch(x, rm, rv)
+    assert launched == [] and (rm == 0).all() and (rv == 1).all() and int(nbt) == 7
+    results = {}
+    for k in (1, 8):
+        monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", k)
+        launched.clear()
+        y, mean, var, inv_std = cuda.forward_torch(x, None, None, 1e-5)
+        results[k] = (y, mean, var) + cuda.backward_torch(dy, x, mean, inv_std)[:2]
+        results[k, "grid"] = launched[0][1]
+    # (4000, 3) as columns: rows of 3 folded 24 into one (72 values, 18 vectors: 2 block columns), 167 rows
+    assert results[1, "grid"] == (2, 11, 1) and results[8, "grid"] == (2, 2, 1)
+    for a, b in zip(results[1], results[8]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_gpu_refuses_bad_min_vectors_before_touching_a_gpu():
+    pytest.importorskip("torch")
+    from bnlib import bench
+    for bad in ((0,), (2.5,), (True,), ("8",)):
+        with pytest.raises(ValueError, match="min_vectors must be integers >= 1"):
+            bench.bench_gpu(min_vectors=bad)
+
+
 def test_kernel_parameters_are_read_from_the_declarations():
     """bnlib.cuda packs each launch's arguments at the types its kernel declares: the parser's reading
     of every kernel, written out here by hand from the declarations, and its refusals."""
@@ -1294,6 +1371,51 @@ def test_bench_gpu_l2_chunk_rows_where_a_forward_walks_chunks():
     if hasattr(torch.cuda, "_sleep"):
         assert r["step_device_ratio_vs_bnlib"] > 0 and r["step_device_passes"] > 0
     assert cuda.L2_CHUNK_BYTES == saved                                                 # restored after the rows
+
+
+@needs_torch_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape,channels_last", [((64, 128, 28, 28), True), ((64, 32, 14, 14), False),
+                                                 ((8, 16, 64, 64), False), ((8192, 64), False)])
+def test_busier_grids_match_float64_torch_on_the_gpu(monkeypatch, shape, channels_last, dtype):
+    """MIN_VECTORS_PER_THREAD = 8 and 32 (fewer, busier blocks than design 3's grids, tools/gpu_grid_sweep.py)
+    on a real card: forward with the running statistics and backward against float64 torch, columns and
+    planes walks."""
+    import torch
+    xs, dys, w, b = _torch_case(shape, dtype, channels_last, seed=11)
+    yr, dxr, dwr, dbr, mr, vr = _reference(xs, dys, w, b)
+    tol = TOL[dtype]
+    dx_scale = (w.double().abs().max() * (1 / torch.sqrt(vr + 1e-5)).max() * dys.double().abs().max()).item()
+    for k in (8, 32):
+        monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", k)
+        rm, rv = torch.zeros(shape[1], device="cuda"), torch.ones(shape[1], device="cuda")
+        y, mean, var, inv_std = cuda.forward_torch(xs, w, b, 1e-5, running_mean=rm, running_var=rv, momentum=1.0)
+        dx, dw, db = cuda.backward_torch(dys, xs, mean, inv_std, w)
+        assert _close(y, yr, tol) and _close(mean, mr, tol) and _close(var, vr, tol, scale=vr.abs().max().item())
+        assert _close(rm, mr, tol)
+        assert _close(dx, dxr, tol, scale=dx_scale)
+        assert _close(dw, dwr, tol, scale=dwr.abs().max().item()) and _close(db, dbr, tol, scale=dbr.abs().max().item())
+
+
+@needs_torch_gpu
+def test_bench_gpu_grid_rows_where_min_vectors_changes_the_grid():
+    """min_vectors adds a row per value only where it changes the case's grid: a (64, 8) tensor has one
+    row block already (no row); (32768, 64) float32 has 32768 rows of 16 vectors, whose grid of
+    min(16 x SMs, 2048) row blocks the value 8 caps at 256 (a row on any card of more than 16 SMs)."""
+    import torch
+    from bnlib import bench
+    if torch.cuda.get_device_properties(0).multi_processor_count <= 16:
+        pytest.skip("a card of 16 SMs or fewer already gives (32768, 64) 256 row blocks or fewer")
+    saved = cuda.MIN_VECTORS_PER_THREAD
+    rows = bench.bench_gpu(shapes=[(32768, 64), (64, 8)], configs=[("float32", "NCHW")], repeats=2, rotate=2,
+                           progress=False, min_vectors=(8,))
+    extra = [r for r in rows if r["impl"].startswith("bnlib [>=")]
+    assert [(r["impl"], r["shape"]) for r in extra] == [("bnlib [>=8 vec]", [32768, 64])]
+    assert (extra[0]["blocks"], extra[0]["blocks_default"]) == (256, min(16 * cuda._sm_count(0), 2048))
+    r = extra[0]
+    assert r["min_vectors"] == 8 and r["walk"] == "cols" and r["blocks"] < r["blocks_default"]
+    assert r["launches_per_step"] == 6 and r["step_ms"] > 0 and r["step_ratio_vs_bnlib"] > 0
+    assert cuda.MIN_VECTORS_PER_THREAD == saved                                         # restored after the rows
 
 
 @needs_torch_gpu

@@ -266,6 +266,29 @@ def test_kernels_on_the_cpu_with_a_real_cards_grids(on_cpu, monkeypatch, shape, 
     assert len(on_cpu) == 7
 
 
+# The same edges with fewer, busier blocks (MIN_VECTORS_PER_THREAD, which tools/gpu_grid_sweep.py times on
+# a GPU): a first-pass thread then walks about 8 or 32 rows or vectors instead of one or two.
+BUSIER_CASES = [  # shape, channels-last, SMs, dtype, min_vectors; and the plan's edge, as above
+    ((6200, 3), False, 132, "float32", 8, 5.4),              # rows per thread (0.95 above)
+    ((256, 16, 7, 7), True, 132, "bfloat16", 32, 24.5),      # 4 row groups (98 above)
+    ((5, 4, 56, 56), False, 132, "float32", 8, (1, 784, 784)),   # one segment (2 above)
+    ((3, 2, 128, 512), False, 8, "float16", 8, (4, 2048, 2048))]  # 4 segments (16 for 8 SMs without the cap)
+
+
+@pytest.mark.parametrize("shape,channels_last,sm_count,dtype,min_vectors,edge", BUSIER_CASES)
+def test_kernels_on_the_cpu_with_busier_grids(on_cpu, monkeypatch, shape, channels_last, sm_count, dtype,
+                                               min_vectors, edge):
+    monkeypatch.setattr(cuda, "_sm_count", lambda dev: sm_count)
+    monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", min_vectors)
+    n, c, l = shape[0], shape[1], math.prod(shape[2:])
+    view = (n * l, c, 1) if channels_last else (n, c, l)
+    pl = cuda.plan(*view, dtype, True, sm_count, min_vectors=min_vectors)
+    assert math.prod(pl.grid) < math.prod(cuda.plan(*view, dtype, True, sm_count).grid)
+    assert _edge(pl) == edge
+    check_case(shape, channels_last, dtype, aligned=True)
+    assert len(on_cpu) == 7
+
+
 @pytest.mark.parametrize("dtype, param_dtype, channels_last", [
     (torch.float32, torch.float32, False), (torch.float16, torch.float16, True),
     (torch.bfloat16, torch.float32, True), (torch.float64, torch.float64, False)])

@@ -156,7 +156,7 @@ def test_design_3_report_reads_a_recording_like_gpu_check_writes(capsys):
 
 
 def test_the_l2_chunk_sweep_tool_writes_its_recording(tmp_path, monkeypatch, capsys):
-    """tools/gpu_l2_chunks.py (step 6 of tools/gpu_check.sh) with bench_gpu faked: what it asks
+    """tools/gpu_l2_chunks.py (step 9 of tools/gpu_check.sh) with bench_gpu faked: what it asks
     the benchmark for, the JSON it writes (partial after each case, whole at the end), and its lines
     for the chunked rows, with and without GPU-alone times."""
     import importlib.util
@@ -195,6 +195,95 @@ def test_the_l2_chunk_sweep_tool_writes_its_recording(tmp_path, monkeypatch, cap
     assert "64 MiB: 7 + 11 chunks, 54 launches, step over unchunked 1.20, GPU alone n/a" in text
     monkeypatch.setattr(cuda, "available", lambda: False)
     assert tool.main(["--json", str(out)]) == 2
+
+
+def test_the_grid_sweep_tool_writes_its_recording_and_names_each_cases_best(tmp_path, monkeypatch, capsys):
+    """tools/gpu_grid_sweep.py (MIN_VECTORS_PER_THREAD, step 6 of tools/gpu_check.sh) with bench_gpu faked: what it
+    asks the benchmark for, the JSON it writes (partial after each case, whole at the end), and its line
+    per case: the best value where one beats the default on the GPU alone, the default where none does,
+    a case whose grid no value changes, and one without GPU-alone times left out."""
+    import importlib.util
+
+    from bnlib import cuda
+    spec = importlib.util.spec_from_file_location("gpu_grid_sweep", CHAPTER.parents[1] / "tools" / "gpu_grid_sweep.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    calls, partial = [], []
+    out = tmp_path / "grid.json"
+
+    def case(shape, dtype, layout, vs_torch, ratios, device=True):
+        base = _row(shape, dtype, layout, "bnlib", 0.1, device=0.1 if device else None)
+        base.update(forward_ratio=1.0, step_ratio=1.0, floor_fraction=0.5, peak_extra_mb=1.0)
+        if device:
+            base["step_device_ratio"] = vs_torch
+        extra = [{**base, "impl": f"bnlib [>={k} vec]", "min_vectors": k, "walk": "cols", "blocks": 2112 // k,
+                  "blocks_default": 2112, "step_ratio_vs_bnlib": r, **({"step_device_ratio_vs_bnlib": r} if device else {})}
+                 for k, r in ratios.items()]
+        return [base] + extra
+
+    rows = (case((64, 128, 28, 28), "float16", "NHWC", 2.3, {4: 0.8, 8: 0.6, 16: 0.65})
+            + case((128, 1024, 7, 7), "float32", "NHWC", 1.3, {8: 1.02, 16: 1.10})
+            + case((256, 64, 56, 56), "float32", "NCHW", 0.25, {})
+            + case((8192, 1024), "float32", "NCHW", None, {8: 0.9}, device=False))
+
+    def fake_bench_gpu(**kw):
+        calls.append(kw)
+        kw["on_rows"](rows[:4])
+        partial.append(json.loads(out.read_text()))
+        return rows
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    monkeypatch.setattr(bench, "bench_gpu", fake_bench_gpu)
+    monkeypatch.setattr(bench, "gpu_environment", lambda: {"card": "FAKE"})
+    assert tool.main(["--json", str(out), "--values", "4", "8", "16", "--repeats", "3"]) == 0
+    assert calls[0]["min_vectors"] == (4, 8, 16) and calls[0]["repeats"] == 3 and "shapes" not in calls[0]
+    assert partial == [{"environment": {"card": "FAKE"}, "partial": True, "results": rows[:4]}]
+    written = json.loads(out.read_text())
+    assert written["partial"] is False and written["results"] == rows
+    text = capsys.readouterr().out
+    assert "(64, 128, 28, 28)  float16  NHWC default/torch 2.30: best >= 8 vectors: 0.60" in text
+    assert "(128, 1024, 7, 7)  float32  NHWC default/torch 1.30: the default is fastest" in text
+    assert "(256, 64, 56, 56)  float32  NCHW default/torch 0.25: no value changes this grid" in text
+    assert "(8192, 1024)" not in text.split("GPU alone, per case")[1]
+    with pytest.raises(SystemExit):
+        tool.main(["--json", str(out), "--values", "1", "8"])
+    monkeypatch.setattr(cuda, "available", lambda: False)
+    assert tool.main(["--json", str(out)]) == 2
+
+
+def test_chapter_05_grid_sweep_report_reads_a_recording_like_the_sweep_writes(capsys):
+    """Chapter 05's grid_sweep_report (ch05-busier) on a made-up recording of tools/gpu_grid_sweep.py: the
+    default's GPU-alone step over torch's, each value's over the default's, "-" where a value leaves the
+    grid as it is and "n/a" where a row has no GPU-alone time; and its line when there is no recording."""
+    ns = {"importlib": importlib, "json": json}
+    exec(_chapter_cell("def case_key(r)").split("\neager, ours, compiled, ours1")[0], ns)   # the case helpers
+    source = _chapter_cell("def grid_sweep_report")
+    assert source.rstrip().endswith("grid_sweep = grid_sweep_report()")
+    exec(source.rstrip()[:-len("grid_sweep = grid_sweep_report()")], ns)
+    small, big = (64, 128, 28, 28), (256, 64, 56, 56)
+    rows = [_row(small, "float16", "NHWC", "torch", 0.2, device=0.05),
+            _row(small, "float16", "NHWC", "bnlib", 0.2, device=0.1),
+            {**_row(small, "float16", "NHWC", "bnlib [>=8 vec]", 0.2, device=0.06), "min_vectors": 8,
+             "step_device_ratio_vs_bnlib": 0.6},
+            {**_row(small, "float16", "NHWC", "bnlib [>=32 vec]", 0.2), "min_vectors": 32},
+            _row(big, "float32", "NCHW", "torch", 1.6, device=1.6),
+            _row(big, "float32", "NCHW", "bnlib", 0.4, device=0.4),
+            {**_row(big, "float32", "NCHW", "bnlib [>=32 vec]", 0.4, device=0.42), "min_vectors": 32,
+             "step_device_ratio_vs_bnlib": 1.05}]
+    files = {"gpu_grid_FAKE_design3.json": {"environment": {"card": "FAKE", "date": "2026-12-01", "torch": "2.11",
+                                                            "cupy": "14.2"}, "partial": False, "results": rows}}
+    ns.update(KERNEL_DESIGN=3, MIN_VECTORS_PER_THREAD=1, recorded_run=lambda name: files[name],
+              order={"NCHW": 0, "NHWC": 1, "float32": 0, "float16": 1, "bfloat16": 2},
+              recordings=lambda kind, design: sorted(n for n in files if n.startswith(f"gpu_{kind}_")
+                                                     and n.endswith(f"_design{design}.json")))
+    assert ns["grid_sweep_report"]() is files["gpu_grid_FAKE_design3.json"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "grid sweep (gpu_grid_FAKE_design3.json): FAKE, 2026-12-01; torch 2.11, CuPy 14.2"
+    assert lines[2].split() == ["case", "default/torch", "k", "=", "8", "k", "=", "32"]
+    assert lines[3].split() == ["(256,", "64,", "56,", "56)", "float32", "NCHW", "0.25", "-", "1.05"]
+    assert lines[4].split() == ["(64,", "128,", "28,", "28)", "float16", "NHWC", "2.00", "0.60", "n/a"]
+    ns["recordings"] = lambda kind, design: []
+    assert ns["grid_sweep_report"]() is None
+    assert "grid sweep: no recording yet" in capsys.readouterr().out
 
 
 def test_design_3_report_without_a_recording(capsys):

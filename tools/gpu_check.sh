@@ -3,7 +3,8 @@
 # (e.g. the device tool: `run` this with `carry: [".whl"]` holding the nbval/ipykernel wheels that
 # tools/gpu_wheels.sh downloads). Every step has a timeout, so one slow step cannot eat the lease.
 # Writes logs and the recordings gpu_bench_<card>_design<N>.json, gpu_profile_<card>_design<N>.json,
-# gpu_l2chunks_<card>_design<N>.json and gpu_ncu_<card>_design<N>.json (results with card, date and
+# gpu_grid_<card>_design<N>.json, gpu_ncu_<card>_design<N>.json and gpu_l2chunks_<card>_design<N>.json
+# (results with card, date and
 # versions; N = bnlib.cuda.KERNEL_DESIGN: a run of the same design replaces that design's recordings in
 # $OUT, and a session decides whether to commit them over the earlier ones) into $OUT as they go (the device tool brings
 # $OUT back, even from a run cut short), then copies the recordings into bnlib/data/ (package data,
@@ -15,7 +16,7 @@ OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT" bnlib/data
 # The device tool brings back at most 8 files from $OUT, and this script writes more logs than that: on
 # exit (a TERM from an outer timeout included, once the step then running has ended) the logs are
-# bundled into $OUT/logs.tgz, with Nsight Compute's raw reports (step 7), which leaves it and the four recordings.
+# bundled into $OUT/logs.tgz, with Nsight Compute's raw reports (step 7), which leaves it and the five recordings.
 bundle_logs() {
     (cd "$OUT" && shopt -s nullglob && files=(./*.log ./gpu*.txt ./*.ncu-rep) && [ ${#files[@]} -gt 0 ] \
         && tar czf logs.tgz --remove-files "${files[@]}") || true
@@ -75,12 +76,14 @@ if [ "$rc" -ne 0 ]; then
         export BNLIB_CUDA_LAUNCH=cupy
     fi
 fi
-# Step timeouts add up to 1070 s without the preflight's retry (1130 s with it), more than the device
-# tool's 600 s per command: the last run (design 3, H200) took 320 s in all, before steps 7 and 8 existed
-# (the CUDA tests 26 s, chapter 05 under nbval 57 s, the benchmark and profile most of the rest), so the
-# limits are there for a step that hangs, and the steps are ordered by what matters most; the last ones
-# (Nsight Compute's counters, chapters 06, 08 and 09 under nbval's lax mode) are what a slow run loses. The steps that record results write them into $OUT as they go, so
-# a run cut short keeps what it finished.
+# Step timeouts add up to 1160 s without the preflight's retry (1220 s with it), more than the device
+# tool's 600 s per command: the last run (design 3, H200) took 320 s in all, before steps 6 to 8 existed
+# and with the L2-chunk sweep (now step 9) inside it (the CUDA tests 26 s, chapter 05 under nbval 57 s,
+# the benchmark and profile most of the rest), so the limits are there for a step that hangs, and the
+# steps are ordered by what matters most; the last ones (Nsight Compute's counters, chapters 06, 08 and
+# 09 under nbval's lax mode, the L2-chunk sweep whose question design 3's run answered) are what a slow
+# run loses. The steps that record results write them into $OUT as they go, so a run cut short keeps
+# what it finished.
 # 1. kernels against the float64 reference (CuPy arrays and torch tensors, every dtype and layout,
 #    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
 #    the CPU-only tests of test_cuda.py (replays, emulated device, nvcc) ran where the code was written
@@ -127,13 +130,14 @@ cp "$json" bnlib/data/ 2>/dev/null || true
 profile="$OUT/gpu_profile_${card}_design${design}.json"
 timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_profile.log" || status=1
 cp "$profile" bnlib/data/ 2>/dev/null || true
-# 6. apart from the benchmark (a fault in the chunked path cannot cost its results; if the
-#    lease runs short, this is what is lost): channel chunks for the L2 cache, off by default, timed at
-#    working sets of 24, 32, 48 and 64 MiB on the NCHW planes-walk cases (the chunked path's results are
-#    checked against float64 torch in step 1 and under the sanitizer in step 2)
-chunks="$OUT/gpu_l2chunks_${card}_design${design}.json"
-timeout 40 python3 tools/gpu_l2_chunks.py --json "$chunks" 2>&1 | tee "$OUT/gpu_l2chunks.log" || status=1
-cp "$chunks" bnlib/data/ 2>/dev/null || true
+# 6. fewer, busier blocks: the training step with MIN_VECTORS_PER_THREAD = 4, 8, 16 and 32 (a first-pass
+#    thread loads about that many vectors; design 3's grids give the smaller tensors' columns kernels 1.3
+#    to 5.9) next to the default step and torch's, on every benchmark case whose grid a value changes,
+#    queued and on the GPU alone; apart from the benchmark, so that a fault here cannot cost its results
+#    (the busier grids' results are checked against float64 torch in step 1)
+grid="$OUT/gpu_grid_${card}_design${design}.json"
+timeout 90 python3 tools/gpu_grid_sweep.py --json "$grid" 2>&1 | tee "$OUT/gpu_grid.log" || status=1
+cp "$grid" bnlib/data/ 2>/dev/null || true
 # 7. Nsight Compute's counters for the kernels of one training step, bnlib's and torch's, on the profile's
 #    cases (DRAM bytes, DRAM throughput, L2 hit rate, occupancy, cycles per issued instruction): why the
 #    columns kernels are slow on the small tensors. One ncu process per case, (64, 128, 28, 28) in float32
@@ -156,4 +160,10 @@ if python3 -c "import nbval, ipykernel" 2>/dev/null; then
         tail -3 "$OUT/nbval_${chapter%%_*}.log"
     done
 fi
+# 9. channel chunks for the L2 cache, off by default (design 3's run: slower on the GPU alone at every
+#    working set), timed again at working sets of 24, 32, 48 and 64 MiB on the NCHW planes-walk cases (the
+#    chunked path's results are checked against float64 torch in step 1 and under the sanitizer in step 2)
+chunks="$OUT/gpu_l2chunks_${card}_design${design}.json"
+timeout 40 python3 tools/gpu_l2_chunks.py --json "$chunks" 2>&1 | tee "$OUT/gpu_l2chunks.log" || status=1
+cp "$chunks" bnlib/data/ 2>/dev/null || true
 exit $status

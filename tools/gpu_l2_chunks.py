@@ -11,11 +11,12 @@ rows as bench_gpu gives them), rewritten after every case.
     python tools/gpu_l2_chunks.py --json OUT.json [--sizes 24 32 48 64] [--repeats 20]
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_record import recorded_bench_gpu  # noqa: E402
 
 SHAPES = [(256, 64, 56, 56), (32, 32, 112, 112)]
 CONFIGS = [("float32", "NCHW"), ("bfloat16", "NCHW")]
@@ -29,19 +30,11 @@ def main(argv=None):
                              "reversed second passes still reuse part of it)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
-    from bnlib import bench, cuda
-    if not cuda.available():
-        print("no CUDA device visible to CuPy", file=sys.stderr)
+    from bnlib import bench
+    rows = recorded_bench_gpu(args.json, shapes=SHAPES, configs=CONFIGS, repeats=args.repeats, progress=False,
+                              l2_chunks=tuple(args.sizes))
+    if rows is None:
         return 2
-    env = bench.gpu_environment()
-
-    def save(rows, partial=True):
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "partial": partial, "results": rows}, f, indent=1)
-
-    rows = bench.bench_gpu(shapes=SHAPES, configs=CONFIGS, repeats=args.repeats, progress=False,
-                           l2_chunks=tuple(args.sizes), on_rows=save)
-    save(rows, partial=False)
     print(bench.format_gpu_table(rows))
     for r in rows:
         if r.get("l2_chunk_mb"):

@@ -1,0 +1,23 @@
+"""What the sweeps of tools/gpu_check.sh share (tools/gpu_grid_sweep.py, tools/gpu_l2_chunks.py): run
+bnlib.bench.bench_gpu and record its rows with the card, date and versions, rewriting the JSON after
+every case (a run cut short keeps the cases it finished, marked partial)."""
+import json
+import sys
+
+
+def recorded_bench_gpu(path, **bench_kwargs):
+    """bench_gpu(**bench_kwargs, on_rows=...) with its rows written to `path` as they come and at the end.
+    Returns the rows, or None (with a message on stderr) when CuPy sees no CUDA device."""
+    from bnlib import bench, cuda
+    if not cuda.available():
+        print("no CUDA device visible to CuPy", file=sys.stderr)
+        return None
+    env = bench.gpu_environment()
+
+    def save(rows, partial=True):
+        with open(path, "w") as f:
+            json.dump({"environment": env, "partial": partial, "results": rows}, f, indent=1)
+
+    rows = bench.bench_gpu(**bench_kwargs, on_rows=save)
+    save(rows, partial=False)
+    return rows
