@@ -393,8 +393,9 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     min_vectors (integers >= 1, e.g. (4, 8, 16); see bnlib.cuda.MIN_VECTORS_PER_THREAD) adds a row
     "bnlib [>=8 vec]" per value to each case whose grid it changes: bnlib's step with
     cuda.MIN_VECTORS_PER_THREAD set, so that a first-pass thread loads about that many vectors of x.
-    Such a row carries the value, the walk, the blocks of its grid and of the "bnlib" row's
-    (blocks, blocks_default), and the same ratios to the "bnlib" row as a chunk row.
+    A value whose grid a smaller one already gave adds no row: it is listed in that row's
+    min_vectors_same. Such a row carries the value, the walk, the blocks of its grid and of the
+    "bnlib" row's (blocks, blocks_default), and the same ratios to the "bnlib" row as a chunk row.
     """
     import time
 
@@ -554,18 +555,21 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                     chunking[name] = (mb, len(cuda._pieces(fwd_plan)), len(cuda._pieces(bwd_plan)))
         except Exception as exc:
             print(f"no L2-chunk rows for {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
-        grids = {}                                     # name: (value, walk, blocks, blocks of the "bnlib" row)
+        grids = {}                                     # name: (value, walk, blocks, the "bnlib" row's, same grid)
         try:                                           # extra rows: never lose the others
             _, (kr, kc, kl) = cuda._torch_input(xs[0], "x")
             sms = cuda._sm_count(xs[0].device.index)
             here = cuda.plan(kr, kc, kl, dtype, True, sms, cuda._chunk_bytes(2), min_vectors=cuda._min_vectors())
-            for k in min_vectors:
-                other = cuda.plan(kr, kc, kl, dtype, True, sms, cuda._chunk_bytes(2), min_vectors=int(k))
-                if other.grid != here.grid:
-                    name = f"bnlib [>={k} vec]"
-                    impls[name] = tuple(_with_setting(cuda, "MIN_VECTORS_PER_THREAD", int(k), fn)
-                                        for fn in impls["bnlib"])
-                    grids[name] = (int(k), other.walk, int(np.prod(other.grid)), int(np.prod(here.grid)))
+            given = {here.grid: None}                  # grid: the row that times it (None: the "bnlib" row)
+            for k in sorted({int(k) for k in min_vectors}):
+                other = cuda.plan(kr, kc, kl, dtype, True, sms, cuda._chunk_bytes(2), min_vectors=k)
+                if other.grid in given:                # timed already: not again
+                    if given[other.grid] is not None:
+                        grids[given[other.grid]][4].append(k)
+                    continue
+                name = given[other.grid] = f"bnlib [>={k} vec]"
+                impls[name] = tuple(_with_setting(cuda, "MIN_VECTORS_PER_THREAD", k, fn) for fn in impls["bnlib"])
+                grids[name] = (k, other.walk, int(np.prod(other.grid)), int(np.prod(here.grid)), [])
         except Exception as exc:
             print(f"no grid rows for {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
         if compiled is not None and compile_spent < compile_budget_s:
@@ -655,8 +659,9 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                 mb, nf, nb_ = chunking[name]
                 rows[-1].update(l2_chunk_mb=mb, chunks_forward=nf, chunks_backward=nb_)
             if name in grids:
-                k, walk, blocks, blocks_default = grids[name]
-                rows[-1].update(min_vectors=k, walk=walk, blocks=blocks, blocks_default=blocks_default)
+                k, walk, blocks, blocks_default, same = grids[name]
+                rows[-1].update(min_vectors=k, min_vectors_same=same, walk=walk, blocks=blocks,
+                                blocks_default=blocks_default)
             if name in chunking or name in grids:
                 rows[-1]["step_ratio_vs_bnlib"] = s / float(np.median(times["bnlib"][1]))
                 if "step_device_ms" in rows[-1] and all(device_times["bnlib"]):

@@ -857,7 +857,8 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     folded view); 1, the default, leaves design 3's grids as they are (the launchers pass
     MIN_VECTORS_PER_THREAD).
 
-    Columns keep 3 float64 partials per column of the (folded) view and row block, so a wide tensor of
+    Columns keep 3 partials per column of the (folded) view and row block (8 bytes of scratch reserved for
+    each: float64 for float64 data, float32 written otherwise), so a wide tensor of
     few rows can need scratch many times its own bytes (96 times, 192 MiB, for (1, 1023, 1023) float16,
     whose odd rows are folded 8 into one), and a fold can pass the kernels' 32-bit row width (Wf) on a
     tensor of half a GiB. When a training walk's columns would need scratch over both _COLS_SCRATCH

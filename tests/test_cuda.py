@@ -1398,23 +1398,26 @@ def test_busier_grids_match_float64_torch_on_the_gpu(monkeypatch, shape, channel
 
 
 @needs_torch_gpu
-def test_bench_gpu_grid_rows_where_min_vectors_changes_the_grid():
-    """min_vectors adds a row per value only where it changes the case's grid: a (64, 8) tensor has one
-    row block already (no row); (32768, 64) float32 has 32768 rows of 16 vectors, whose grid of
-    min(16 x SMs, 2048) row blocks the value 8 caps at 256 (a row on any card of more than 16 SMs)."""
+def test_bench_gpu_times_each_busier_grid_once():
+    """min_vectors adds a row per grid it changes, each grid timed once: a (64, 8) tensor has one row
+    block already (no row); (100, 64) float32, 100 rows, gets 7 row blocks by default and 1 at both 8
+    and 16 (one row, 16 listed as the same grid); (32768, 64) float32 has 32768 rows of 16 vectors, whose
+    grid of min(16 x SMs, 2048) row blocks 8 caps at 256 and 16 at 128 (rows on a card of more than 16 SMs)."""
     import torch
     from bnlib import bench
     if torch.cuda.get_device_properties(0).multi_processor_count <= 16:
         pytest.skip("a card of 16 SMs or fewer already gives (32768, 64) 256 row blocks or fewer")
     saved = cuda.MIN_VECTORS_PER_THREAD
-    rows = bench.bench_gpu(shapes=[(32768, 64), (64, 8)], configs=[("float32", "NCHW")], repeats=2, rotate=2,
-                           progress=False, min_vectors=(8,))
+    rows = bench.bench_gpu(shapes=[(32768, 64), (100, 64), (64, 8)], configs=[("float32", "NCHW")], repeats=2,
+                           rotate=2, progress=False, min_vectors=(16, 8))
     extra = [r for r in rows if r["impl"].startswith("bnlib [>=")]
-    assert [(r["impl"], r["shape"]) for r in extra] == [("bnlib [>=8 vec]", [32768, 64])]
-    assert (extra[0]["blocks"], extra[0]["blocks_default"]) == (256, min(16 * cuda._sm_count(0), 2048))
+    assert [(r["impl"], r["shape"], r["min_vectors_same"], r["blocks"]) for r in extra] == [
+        ("bnlib [>=8 vec]", [32768, 64], [], 256), ("bnlib [>=16 vec]", [32768, 64], [], 128),
+        ("bnlib [>=8 vec]", [100, 64], [16], 1)]
+    assert extra[0]["blocks_default"] == min(16 * cuda._sm_count(0), 2048) and extra[2]["blocks_default"] == 7
     r = extra[0]
-    assert r["min_vectors"] == 8 and r["walk"] == "cols" and r["blocks"] < r["blocks_default"]
-    assert r["launches_per_step"] == 6 and r["step_ms"] > 0 and r["step_ratio_vs_bnlib"] > 0
+    assert r["min_vectors"] == 8 and r["walk"] == "cols" and r["launches_per_step"] == 6
+    assert r["step_ms"] > 0 and r["step_ratio_vs_bnlib"] > 0
     assert cuda.MIN_VECTORS_PER_THREAD == saved                                         # restored after the rows
 
 
