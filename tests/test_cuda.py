@@ -931,6 +931,103 @@ def test_columns_give_way_when_their_scratch_would_outweigh_the_tensor():
         cuda.plan(1, 2 ** 31, 1, "float32", True, 132)
 
 
+def test_driver_launch_passes_every_argument_at_its_kernel_parameter(monkeypatch):
+    """bnlib.cuda._launch's "driver" path with a stand-in for CuPy: each launch of a training step and
+    an eval forward reaches cuLaunchKernel with 3-D sizes, the stream, and a table whose k-th entry
+    points at the k-th argument, read back here with the kernel's own parameter types; the device is
+    switched (and restored) when another is current, and a context is made current once per thread
+    and device. The "cupy" path hands CuPy the same arguments and the stream object."""
+    import ctypes
+    import types
+    sigs = cuda.kernel_parameters()
+    launches, events = [], []
+    current = [1]
+
+    class Device:
+        def __init__(self, d):
+            self.d = d
+
+        def __enter__(self):
+            events.append(("enter", self.d))
+            self.prev, current[0] = current[0], self.d
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+            events.append(("exit", self.d))
+
+    def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        # the values the table points at now (the driver copies them during the launch)
+        raw = [ctypes.string_at(ctypes.c_uint64.from_address(params + 8 * k).value, 8) for k in range(cuda._MAX_ARGS)]
+        launches.append((f, (gx, gy, gz), (bx, by, bz), shared, stream, raw, extra, current[0]))
+
+    class Function:
+        def __init__(self, name):
+            self.ptr, self.name = 1000 + len(cuda.kernel_names()) + hash(name) % 997, name
+
+        def __call__(self, grid, block, args, stream=None):
+            launches.append(("cupy", self.name, grid, block, args, stream))
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: current[0], memGetInfo=lambda: events.append("context")),
+        driver=types.SimpleNamespace(launchKernel=launch_kernel), Device=Device,
+        get_current_stream=lambda: types.SimpleNamespace(ptr=555),
+        Stream=types.SimpleNamespace(null="null stream"), ExternalStream=lambda ptr, dev=None: ("external", ptr, dev))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    functions = {}
+
+    class RawKernel:                 # as CuPy's: no .ptr of its own; .kernel is the Function that has one
+        def __init__(self, name):
+            self.kernel = functions.setdefault(name, Function(name))
+
+    monkeypatch.setattr(cuda, "module", lambda device=None: types.SimpleNamespace(get_function=RawKernel))
+    monkeypatch.setattr(cuda, "_functions", {})
+    monkeypatch.setattr(cuda, "_streams", {})
+    monkeypatch.setattr(cuda, "_thread", __import__("threading").local())
+    monkeypatch.setattr(cuda, "LAUNCHER", "driver")
+    import struct
+    for dtype in ("float32", "float64", "bfloat16"):
+        codes = {"ptr": "<Q", "int32": "<i", "int64": "<q", "acc": "<d" if dtype == "float64" else "<f"}
+        for rows, c, l in [(256, 64, 3136), (300, 2, 1)]:
+            pl = cuda.plan(rows, c, l, dtype, True, 132)
+            sent = []
+            record = lambda dev, name, grid, block, args, stream=None: (sent.append((name, args, stream)),
+                                                                        real(dev, name, grid, block, args, stream))
+            real = cuda._launch
+            monkeypatch.setattr(cuda, "_launch", record)
+            launches.clear()
+            cuda._run_forward(0, pl, dtype, 256, 512, 768, 1024, 1280, 1536, 0, 1e-5, 4096, 4352,
+                              running=(4608, 4864, None, 5120))
+            cuda._run_backward(0, pl, dtype, 256, 512, 768, 1024, 1280, 0, 1536, 1792, 4096, None)
+            cuda._run_apply(0, pl, dtype, 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
+            monkeypatch.setattr(cuda, "_launch", real)
+            assert len(launches) == len(sent) == 7
+            for (name, args, stream), (f, grid, block, shared, s, raw, extra, dev_then) in zip(sent, launches):
+                kinds = sigs[name.split("<")[0]]
+                assert f == functions[name].ptr and shared == 0 and extra == 0 and dev_then == 0
+                assert s == (555 if stream is None else stream) and len(grid) == len(block) == 3
+                for k, (a, kind) in enumerate(zip(args, kinds)):
+                    got = struct.unpack_from(codes[kind], raw[k])[0]
+                    assert got == (np.float32(a) if codes[kind] == "<f" else a), (name, k, kind, got, a)
+    assert current == [1] and events.count("context") == 1                 # device 0 restored to 1
+    assert events[0] == ("enter", 0) and events.count(("enter", 0)) == events.count(("exit", 0))
+    monkeypatch.setattr(cuda, "LAUNCHER", "cupy")
+    launches.clear()
+    current[0] = 0
+    pl = cuda.plan(8, 3, 1030, "float32", True, 2)
+    cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
+    cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=77)
+    assert [(l[0], l[5]) for l in launches] == [("cupy", "null stream"), ("cupy", ("external", 77, 0))]
+    name = launches[0][1]                                          # CuPy gets NumPy scalars of the declared types
+    kinds = sigs[name.split("<")[0]]
+    want = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64, "acc": np.float32}
+    assert [type(a) for a in launches[0][4]] == [want[k] for k in kinds]
+    assert [float(a) for a in launches[0][4]][:2] == [256, 512] and launches[0][4][-2] == np.float32(1e-3)
+    monkeypatch.setattr(cuda, "LAUNCHER", "fast")
+    with pytest.raises(ValueError, match="must be 'driver' or 'cupy', got 'fast'"):
+        cuda._run_apply(0, pl, "float32", 256, 512, 768, 1024, 0, 1280, 1e-3, from_var=True, stream=0)
+
+
 def test_pack_arguments_packs_at_the_declared_types_and_refuses_what_does_not_fit():
     name = "bn_apply_cols<float, 4>"       # ptr ptr int64 int64 int32 int32 int32 ptr ptr ptr ptr A int32
     args = (2 ** 63 + 5, 7, -2 ** 40, 3, -3, 4, 5, 8, 9, 10, 11, 0.1, 1)

@@ -77,12 +77,12 @@ if [ "$rc" -ne 0 ]; then
     fi
 fi
 # Step timeouts add up to 1160 s without the preflight's retry (1220 s with it), more than the device
-# tool's 600 s per command: the last run (design 3, H200) took 320 s in all, before steps 6 to 8 existed
-# and with the L2-chunk sweep (now step 9) inside it (the CUDA tests 26 s, chapter 05 under nbval 57 s,
-# the benchmark and profile most of the rest), so the limits are there for a step that hangs, and the
-# steps are ordered by what matters most; the last ones (Nsight Compute's counters, chapters 06, 08 and
-# 09 under nbval's lax mode, the L2-chunk sweep whose question design 3's run answered) are what a slow
-# run loses. The steps that record results write them into $OUT as they go, so a run cut short keeps
+# tool's 600 s per command: the last run (design 3, H200) took 320 s in all, before steps 6 and 7 existed,
+# with chapter 06 under nbval (now in step 8) and the L2-chunk sweep (now step 9) inside it (the CUDA
+# tests 26 s, chapter 05 under nbval 57 s, the benchmark and profile most of the rest), so the limits are
+# there for a step that hangs, and the steps are ordered by what matters most; the last ones (Nsight
+# Compute's counters, chapters 06, 08 and 09 under nbval's lax mode, the L2-chunk sweep whose question
+# design 3's run answered) are what a slow run loses. The steps that record results write them into $OUT as they go, so a run cut short keeps
 # what it finished.
 # 1. kernels against the float64 reference (CuPy arrays and torch tensors, every dtype and layout,
 #    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
@@ -148,8 +148,9 @@ timeout 230 python3 tools/gpu_ncu.py --json "$ncu_json" --timeout 100 --report-d
 cp "$ncu_json" bnlib/data/ 2>/dev/null || true
 # 8. chapters 06, 08 and 09 as a reader on this machine runs them: under nbval's lax mode, which fails a
 #    cell that raises (a failed assert included) and compares no printed output. Their stored outputs
-#    come from the CPU torch 2.13 that made them, so under the strict mode another torch's round-off
-#    failed cells that were right (the design-3 run: chapters 06 and 08, torch 2.11); what matters here is
+#    come from the CPU torch 2.13 that made them, so under the strict mode another torch's round-off can
+#    fail cells that are right (the design-3 run: cells of chapters 06 and 08 failed under torch 2.11, why
+#    was not logged; round-off is the suspected cause); what matters here is
 #    whether a chapter's claims (its asserts) and code hold with this torch and a GPU present (06's
 #    SyncBatchNorm check then spawns processes). tools/check_portability.py checks the same on a CPU under
 #    other arithmetic. In the design-3 run chapter 06 took over 40 s there.
