@@ -185,9 +185,11 @@ def test_fold_batch_norm(make):
             bn.weight.normal_()
             bn.bias.normal_()
     layer.eval(), bn.eval()
-    weight_before = layer.weight.clone()
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (layer, bn)]
     fused = fold_batch_norm_checked(layer, bn, shape)
-    assert torch.equal(layer.weight, weight_before)          # inputs untouched
+    for m, state in zip((layer, bn), before):                 # inputs untouched: weights, biases, buffers
+        after = m.state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
     assert type(fused) is type(layer)
 
 
