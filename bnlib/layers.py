@@ -91,7 +91,8 @@ class BatchNorm:
     gives an empty output and changes no state, in training too (torch also leaves the running
     statistics alone, though it counts the batch in num_batches_tracked); its backward gives an
     empty dx and zero parameter gradients. Training on one value per channel raises ValueError.
-    A NaN or infinite running statistic (training diverged) gives NaN or inf in evaluation, as in torch.
+    In evaluation, as in torch, a NaN running statistic (training diverged) gives NaN, an infinite running
+    variance gives the bias, and an infinite running mean gives an infinite output.
     State dicts may hold NumPy arrays or torch tensors, bfloat16 ones included (read exactly as float32).
     backward() reads the forward's input itself, not a copy (functional's cache keeps x, to save a
     pass): change x in place between forward and backward and the gradients are silently wrong.

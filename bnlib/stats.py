@@ -23,7 +23,8 @@ def channel_shape(ndim: int, num_channels: int) -> tuple[int, ...]:
 
 
 def accumulation_dtype(dtype) -> np.dtype:
-    """The dtype sums are carried in: float32 for float16 data, the data's own dtype otherwise."""
+    """The working dtype of the computation: float32 for float16 data, the data's own dtype otherwise (the
+    per-channel sums of batch_norm_forward are carried in float64 whatever the dtype)."""
     dtype = np.dtype(dtype)
     return np.dtype(np.float32) if dtype == np.float16 else dtype
 
