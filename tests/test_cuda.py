@@ -152,16 +152,20 @@ def test_planned_walks_read_every_value_once_and_finalize_finds_every_partial(ro
 
 
 
-@pytest.mark.parametrize("rows,channels,length,dtype,aligned,sms", [
-    (1000, 3, 1, "float16", True, 132), (40, 3, 1030, "float32", True, 132), (6200, 3, 1, "float32", True, 132),
-    (2000, 5, 9, "bfloat16", True, 132), (300, 70, 9, "float32", False, 132), (12, 2, 2048, "float16", True, 132),
-    (3, 2, 1027, "float32", True, 8)])
-def test_min_vectors_caps_the_grid_and_keeps_every_walk_whole(rows, channels, length, dtype, aligned, sms):
-    """plan's min_vectors (bnlib.cuda.MIN_VECTORS_PER_THREAD): 1 is design 3's plan; a larger value never
+@pytest.mark.parametrize("rows,channels,length,dtype,aligned,sms,design3_grid", [
+    (1000, 3, 1, "float16", True, 132, (2, 2, 1)), (40, 3, 1030, "float32", True, 132, (3, 40, 3)),
+    (6200, 3, 1, "float32", True, 132, (2, 17, 1)), (2000, 5, 9, "bfloat16", True, 132, (3, 16, 1)),
+    (300, 70, 9, "float32", False, 132, (40, 19, 1)), (12, 2, 2048, "float16", True, 132, (2, 12, 1)),
+    (3, 2, 1027, "float32", True, 8, (2, 3, 3))])
+def test_min_vectors_caps_the_grid_and_keeps_every_walk_whole(rows, channels, length, dtype, aligned, sms,
+                                                                design3_grid):
+    """plan's min_vectors (bnlib.cuda.MIN_VECTORS_PER_THREAD): 1, the default, is design 3's plan (its grids
+    frozen here as design 3's code gave them); a larger value never
     adds blocks, caps them so that a first-pass thread loads about that many vectors (columns: rows of
     the folded view per row block; planes: a channel's vectors per block), and every plan it gives still
     reads each value once, with the finalize finding every partial."""
     default = cuda.plan(rows, channels, length, dtype, aligned, sms)
+    assert default.grid == design3_grid                  # the default keeps design 3's grid (computed with 4a6a148)
     assert cuda.plan(rows, channels, length, dtype, aligned, sms, min_vectors=1) == default
     blocks = [math.prod(default.grid)]
     for k in (2, 8, 64):
