@@ -26,7 +26,7 @@ fails beyond it. Exit status 1 if any configuration has such a failure or a chap
 --keep DIR saves each executed notebook as DIR/<configuration number>/<chapter>.ipynb, to read the values
 behind a failed assert.
 
-About 11 minutes for the default four chapters on a 2-core machine. A TERM signal (`kill`, `timeout`)
+Roughly 10 minutes for the default four chapters on a 2-core machine. A TERM signal (`kill`, `timeout`)
 does not stop it while a kernel runs (the kernel is interrupted and the run goes on with the next
 chapter); stop it with ^C, or `kill -9` its process and its kernels (`pkill -9 -f ipykernel_launcher`). The chapters run in a scratch folder
 with the checkout first on PYTHONPATH, at full size (BNLIB_SMOKE unset). Passing here makes a failure on
