@@ -1027,11 +1027,10 @@ def _chunk_bytes(arrays: int, budget=None) -> int:
 
 # The fewest loads of x a thread of a first pass (statistics, backward reduction) should make before the
 # grid grows (plan's min_vectors; the second passes and the eval forward walk the same grid). 1 keeps
-# design 3's grids, which aim at 2 x SMs x 8 blocks however little each thread then does: on the
-# benchmark's smaller tensors, walked as columns, 1.3 to 5.9 vectors a thread, and up to 3.61 MB of partials
-# for the finalize. On the H200 those columns kernels ran far below the copy bandwidth (chapter 05's
-# design-3 report). Whether fewer, busier blocks help is measured by tools/gpu_grid_sweep.py
-# (bench_gpu's min_vectors); until then 1 stays. An integer >= 1, checked before anything runs.
+# design 3's grids, which aim at 2 x SMs x 8 blocks however little each thread then does (chapter 05,
+# "The next experiment", counts what that leaves the benchmark's columns walks). Whether fewer, busier
+# blocks help is measured by tools/gpu_grid_sweep.py (bench_gpu's min_vectors); until then 1 stays. An
+# integer >= 1, checked before anything runs.
 MIN_VECTORS_PER_THREAD = 1
 
 

@@ -131,8 +131,8 @@ profile="$OUT/gpu_profile_${card}_design${design}.json"
 timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_profile.log" || status=1
 cp "$profile" bnlib/data/ 2>/dev/null || true
 # 6. fewer, busier blocks: the training step with MIN_VECTORS_PER_THREAD = 4, 8, 16 and 32 (a first-pass
-#    thread loads about that many vectors; design 3's grids give the smaller tensors' columns kernels 1.3
-#    to 5.9) next to the default step and torch's, on every benchmark case whose grid a value changes,
+#    thread loads about that many vectors; chapter 05, "The next experiment", counts what design 3's
+#    grids give) next to the default step and torch's, on every benchmark case whose grid a value changes,
 #    queued and on the GPU alone; apart from the benchmark, so that a fault here cannot cost its results
 #    (the busier grids' results are checked against float64 torch in step 1)
 grid="$OUT/gpu_grid_${card}_design${design}.json"

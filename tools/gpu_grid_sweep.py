@@ -1,9 +1,8 @@
 """The grid sweep of tools/gpu_check.sh: fewer, busier blocks (bnlib.cuda.MIN_VECTORS_PER_THREAD).
 
-Design 3's plan aims every grid at 2 x SMs x 8 blocks, however little work each thread then gets: on the
-benchmark's smaller tensors, walked as columns, a thread of the statistics kernel loads 1.3 to 5.9 vectors,
-and the finalize merges up to 3.61 MB of partials. On the H200 those columns kernels ran at a fraction of
-the copy bandwidth (chapter 05's design-3 report). This times bnlib's training step with
+Design 3's plan aims every grid at 2 x SMs x 8 blocks, however little work each thread then gets (chapter
+05, "The next experiment", counts it for the benchmark's columns walks); on the H200 those columns kernels
+ran at a fraction of the copy bandwidth (chapter 05's design-3 report). This times bnlib's training step with
 MIN_VECTORS_PER_THREAD set to each value (a first-pass thread then loads about that many vectors; fewer
 blocks, fewer partials) next to the default step and torch's, on every benchmark case whose grid the
 value changes, queued (host time included where it outlasts the flush) and on the GPU alone. Writes
