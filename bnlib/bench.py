@@ -2,7 +2,7 @@
 # bnlib.bench is generated from chapters/04_numpy.ipynb, chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['SETTLE_S', 'median_ms', 'copy_bandwidth', 'CPU_SHAPES', 'peak_extra_memory', 'roofline', 'bench_cpu', 'format_table', 'environment', 'main', 'GPU_SHAPES', 'GPU_CONFIGS', 'gpu_copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'GOAL_FAST_SHAPES', 'gpu_goals', 'format_gpu_goals', 'gpu_environment']
+__all__ = ['SETTLE_S', 'median_ms', 'copy_bandwidth', 'CPU_SHAPES', 'peak_extra_memory', 'roofline', 'bench_cpu', 'format_table', 'environment', 'write_recording', 'main', 'GPU_SHAPES', 'GPU_CONFIGS', 'gpu_copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'GOAL_FAST_SHAPES', 'gpu_goals', 'format_gpu_goals', 'gpu_environment']
 
 import argparse
 import datetime
@@ -202,6 +202,13 @@ def environment() -> dict:
     return info
 
 
+def write_recording(path, env, rows, partial=False):
+    """Write a benchmark's recording as JSON: {"environment": env, "partial": partial, "results": rows}.
+    partial=True marks a run still going (or cut short): it keeps the cases finished so far."""
+    with open(path, "w") as f:
+        json.dump({"environment": env, "partial": partial, "results": rows}, f, indent=1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnlib.bench",
                                      description="bnlib batch norm against PyTorch's kernels, as ratios.")
@@ -258,8 +265,7 @@ def main(argv=None) -> int:
 
         def save_partial(rows):                     # a run cut short still leaves the cases it finished
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"environment": env, "partial": True, "results": rows}, f, indent=1)
+                write_recording(args.json, env, rows, partial=True)
         rows = gpu.bench_gpu(repeats=args.repeats, progress=not args.no_progress, compile=args.compile,
                              compile_budget_s=60.0 if args.compile_budget is None else args.compile_budget,
                              modules=args.modules,
@@ -271,8 +277,7 @@ def main(argv=None) -> int:
         env, table = environment(), format_table(rows)
     print(table)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": rows}, f, indent=1)
+        write_recording(args.json, env, rows)
         print(f"wrote {args.json}")
     return 0
 

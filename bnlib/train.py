@@ -82,7 +82,8 @@ class MLP:
 
     Shapes: inputs (N, inputs) (the same batch for every model) or (n_models, N, inputs);
     logits (n_models, N, classes). After forward(), ``activations[l]`` holds layer l's
-    activation input z (n_models, N, hidden); after backward(), ``gradients[l]`` holds d loss / d z
+    activation input z (n_models, N, hidden) and ``layer_inputs[l]`` the input of layer l's linear map
+    (n_models, N, sizes[l]; l = 0 is x); after backward(), ``gradients[l]`` holds d loss / d z
     and ``grads`` the parameter gradients, by name (see ``parameters()``).
     """
 
@@ -111,7 +112,7 @@ class MLP:
             self.biases.append(np.zeros((self.n_models, fan_out), self.dtype) if use_bias else None)
             if hidden and self.has_norm:
                 self.norms.append([norm(fan_out) for _ in range(self.n_models)])
-        self.activations, self.gradients, self.grads = [], [], {}
+        self.activations, self.layer_inputs, self.gradients, self.grads = [], [], [], {}
         self._cache = None
 
     @property
@@ -178,7 +179,7 @@ class MLP:
                 z += b[:, None, :]
             if l == self.depth:
                 self._cache = (inputs, zs, outs)
-                self.activations = zs
+                self.activations, self.layer_inputs = zs, inputs
                 return z
             if self.has_norm:
                 z = np.stack([layer.forward(z[m]) for m, layer in enumerate(self.norms[l])])

@@ -95,7 +95,8 @@ def test_bench_command_line_modules_flag_reaches_bench_gpu(tmp_path, monkeypatch
     assert bench.main(["--gpu", "--l2-chunks", "8", "16.5", "--no-progress"]) == 0
     assert calls[-1]["l2_chunks"] == (8.0, 16.5)
     assert calls[0]["repeats"] == 3 and calls[0]["progress"] is False and calls[0]["compile"] is False
-    assert json.loads(out.read_text()) == {"environment": {"gpu": "fake"}, "results": [{"impl": "torch.nn"}]}
+    assert json.loads(out.read_text()) == {"environment": {"gpu": "fake"}, "partial": False,
+                                           "results": [{"impl": "torch.nn"}]}
 
 
 @pytest.mark.parametrize("argv, flag", [(["--modules"], "--modules"), (["--cpu", "--modules"], "--modules"),

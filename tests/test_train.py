@@ -46,6 +46,22 @@ def test_gradients_match_numerical_gradient(activation, norm):
     assert model.gradients[0].shape == (2, 8, 7) and model.activations[1].shape == (2, 8, 6)
 
 
+@pytest.mark.parametrize("norm", [None, bn64])
+def test_layer_inputs_are_what_each_linear_map_reads(norm):
+    # layer_inputs[l] @ W_l (+ b_l) is layer l's linear output: the input x itself for l = 0, the previous
+    # layer's activation after that, and the last one gives the logits
+    rng = np.random.default_rng(2)
+    model = train.MLP([5, 7, 6, 3], "tanh", norm=norm, n_models=2, seed=1, dtype=np.float64)
+    x = rng.normal(size=(8, 5))
+    logits = model.forward(x)
+    assert [h.shape for h in model.layer_inputs] == [(2, 8, 5), (2, 8, 7), (2, 8, 6)]
+    np.testing.assert_array_equal(model.layer_inputs[0], np.broadcast_to(x, (2, 8, 5)))
+    for l in (1, 2):
+        np.testing.assert_allclose(model.layer_inputs[l], np.tanh(model.activations[l - 1]), rtol=1e-12)
+    np.testing.assert_allclose(np.matmul(model.layer_inputs[2], model.weights[2]) + model.biases[2][:, None],
+                               logits, rtol=1e-12)
+
+
 def test_models_side_by_side_are_independent_networks():
     x, y = toy_data()[:2]
     batch = np.stack([x[:10], x[10:20]])

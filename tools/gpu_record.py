@@ -1,7 +1,6 @@
 """What the sweeps of tools/gpu_check.sh share (tools/gpu_grid_sweep.py, tools/gpu_l2_chunks.py): run
 bnlib.bench.bench_gpu and record its rows with the card, date and versions, rewriting the JSON after
 every case (a run cut short keeps the cases it finished, marked partial)."""
-import json
 import sys
 
 
@@ -13,11 +12,6 @@ def recorded_bench_gpu(path, **bench_kwargs):
         print("no CUDA device visible to CuPy", file=sys.stderr)
         return None
     env = bench.gpu_environment()
-
-    def save(rows, partial=True):
-        with open(path, "w") as f:
-            json.dump({"environment": env, "partial": partial, "results": rows}, f, indent=1)
-
-    rows = bench.bench_gpu(**bench_kwargs, on_rows=save)
-    save(rows, partial=False)
+    rows = bench.bench_gpu(**bench_kwargs, on_rows=lambda rows: bench.write_recording(path, env, rows, partial=True))
+    bench.write_recording(path, env, rows)
     return rows
