@@ -342,7 +342,8 @@ def _module_pair(torch, shape, w, b):
 
 def _with_setting(cuda, name, value, fn):
     """fn with bnlib.cuda's module setting `name` (LAUNCHER: the launch path; L2_CHUNK_BYTES: the channel
-    chunks for the L2 cache) set to value during the call."""
+    chunks for the L2 cache; MIN_VECTORS_PER_THREAD and PLANES_MIN_BYTES: the grid and the walk) set to
+    value during the call."""
     def call(i):
         saved = getattr(cuda, name)
         setattr(cuda, name, value)
@@ -353,9 +354,37 @@ def _with_setting(cuda, name, value, fn):
     return call
 
 
+def _other_plans(plan_with, default, min_vectors=(), planes_min_bytes=()):
+    """The rows of bench_gpu's grid sweep for one case: [(row name, min_vectors k, planes_min_bytes b, plan,
+    [other values of k that give the same plan])], one per distinct plan (walk and grid) that differs from
+    the default's. plan_with(k, b) is the case's plan under those settings; default = (k0, b0), the
+    settings in force. The settings are tried in order: each k of min_vectors with b0 (rows "bnlib [>=8
+    vec]"), then each b of planes_min_bytes with k0 ("bnlib [planes >=0 B]") and with each other k ("bnlib
+    [planes >=0 B, >=8 vec]")."""
+    k0, b0 = default
+    first = plan_with(k0, b0)
+    given = {(first.walk, first.grid): None}           # (walk, grid): the row that times it (None: the default)
+    ks = sorted({int(k) for k in min_vectors})
+    settings = [(k, b0) for k in ks] + [(k, int(b)) for b in sorted({int(b) for b in planes_min_bytes})
+                                        for k in [k0] + [k for k in ks if k != k0]]
+    rows = {}
+    for k, b in settings:
+        pl = plan_with(k, b)
+        key = (pl.walk, pl.grid)
+        if key in given:                               # timed already: not again
+            same = rows.get(given[key])
+            if same is not None and k != same[1] and k not in same[4]:
+                same[4].append(k)
+            continue
+        name = given[key] = (f"bnlib [>={k} vec]" if b == b0 else f"bnlib [planes >={b} B]" if k == k0
+                             else f"bnlib [planes >={b} B, >={k} vec]")
+        rows[name] = (name, k, b, pl, [])
+    return list(rows.values())
+
+
 def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, progress=True, compile=False,
               compile_budget_s=60.0, modules=False, launchers=(), on_rows=None, portable=False, l2_chunks=(),
-              min_vectors=()):
+              min_vectors=(), planes_min_bytes=()):
     """bnlib.cuda's kernels (forward_torch, backward_torch) against torch.nn.functional.batch_norm
     (eager, and with compile=True also torch.compile'd) on the same GPU, in one process.
 
@@ -401,6 +430,11 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     A value whose grid a smaller one already gave adds no row: it is listed in that row's
     min_vectors_same. Such a row carries the value, the walk, the blocks of its grid and of the
     "bnlib" row's (blocks, blocks_default), and the same ratios to the "bnlib" row as a chunk row.
+    planes_min_bytes (integers >= 0, e.g. (0,); see bnlib.cuda.PLANES_MIN_BYTES) adds a row
+    "bnlib [planes >=0 B]" per value to each case whose walk or grid it changes (NCHW planes smaller than
+    the default's 4096 bytes, walked as planes instead of columns), and one per value of min_vectors with
+    it ("bnlib [planes >=0 B, >=8 vec]"), each distinct plan timed once, as above; these rows also carry
+    planes_min_bytes.
     """
     import time
 
@@ -413,6 +447,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
         raise ValueError(f"l2_chunks must be sizes in MB > 0, got {tuple(l2_chunks)}")
     if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in min_vectors):
         raise ValueError(f"min_vectors must be integers >= 1, got {tuple(min_vectors)}")
+    if any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 0 for b in planes_min_bytes):
+        raise ValueError(f"planes_min_bytes must be integers >= 0, got {tuple(planes_min_bytes)}")
     try:
         import cupy
         pool = cupy.get_default_memory_pool()
@@ -560,21 +596,20 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                     chunking[name] = (mb, len(cuda._pieces(fwd_plan)), len(cuda._pieces(bwd_plan)))
         except Exception as exc:
             print(f"no L2-chunk rows for {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
-        grids = {}                                     # name: (value, walk, blocks, the "bnlib" row's, same grid)
+        grids = {}                 # name: (min_vectors, planes_min_bytes, walk, blocks, the "bnlib" row's, same plan)
         try:                                           # extra rows: never lose the others
             _, (kr, kc, kl) = cuda._torch_input(xs[0], "x")
             sms = cuda._sm_count(xs[0].device.index)
-            here = cuda.plan(kr, kc, kl, dtype, True, sms, cuda._chunk_bytes(2), min_vectors=cuda._min_vectors())
-            given = {here.grid: None}                  # grid: the row that times it (None: the "bnlib" row)
-            for k in sorted({int(k) for k in min_vectors}):
-                other = cuda.plan(kr, kc, kl, dtype, True, sms, cuda._chunk_bytes(2), min_vectors=k)
-                if other.grid in given:                # timed already: not again
-                    if given[other.grid] is not None:
-                        grids[given[other.grid]][4].append(k)
-                    continue
-                name = given[other.grid] = f"bnlib [>={k} vec]"
-                impls[name] = tuple(_with_setting(cuda, "MIN_VECTORS_PER_THREAD", k, fn) for fn in impls["bnlib"])
-                grids[name] = (k, other.walk, int(np.prod(other.grid)), int(np.prod(here.grid)), [])
+            default = (cuda._min_vectors(), cuda._planes_min_bytes())
+
+            def plan_with(k, b):
+                return cuda.plan(kr, kc, kl, dtype, True, sms, cuda._chunk_bytes(2), min_vectors=k, planes_min_bytes=b)
+            blocks_default = int(np.prod(plan_with(*default).grid))
+            for name, k, b, other, same in _other_plans(plan_with, default, min_vectors, planes_min_bytes):
+                impls[name] = tuple(_with_setting(cuda, "PLANES_MIN_BYTES", b,
+                                                  _with_setting(cuda, "MIN_VECTORS_PER_THREAD", k, fn))
+                                    for fn in impls["bnlib"])
+                grids[name] = (k, b, other.walk, int(np.prod(other.grid)), blocks_default, same)
         except Exception as exc:
             print(f"no grid rows for {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
         if compiled is not None and compile_spent < compile_budget_s:
@@ -664,8 +699,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                 mb, nf, nb_ = chunking[name]
                 rows[-1].update(l2_chunk_mb=mb, chunks_forward=nf, chunks_backward=nb_)
             if name in grids:
-                k, walk, blocks, blocks_default, same = grids[name]
-                rows[-1].update(min_vectors=k, min_vectors_same=same, walk=walk, blocks=blocks,
+                k, b, walk, blocks, blocks_default, same = grids[name]
+                rows[-1].update(min_vectors=k, min_vectors_same=same, planes_min_bytes=b, walk=walk, blocks=blocks,
                                 blocks_default=blocks_default)
             if name in chunking or name in grids:
                 rows[-1]["step_ratio_vs_bnlib"] = s / float(np.median(times["bnlib"][1]))

@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
 import functools
 import math
@@ -843,10 +843,11 @@ def _planes_plan(n, c, l, v, target, stride, min_vectors=1):
 
 @functools.lru_cache(maxsize=1024)
 def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, sm_count: int,
-         chunk_bytes: int = 0, scratch: bool = True, min_vectors: int = 1) -> Plan:
+         chunk_bytes: int = 0, scratch: bool = True, min_vectors: int = 1, planes_min_bytes: int = 4096) -> Plan:
     """The walk for a C-contiguous (rows, channels, length) tensor: NCHW is (N, C, H*W), channels-last
-    memory is (N*H*W, C, 1), a 2-D input (N, C, 1). Large planes (length * itemsize >= 4 KB) are walked
-    plane by plane, in 16-byte vectors when length is a multiple of the vector and one value per load
+    memory is (N*H*W, C, 1), a 2-D input (N, C, 1). Large planes (length * itemsize >= planes_min_bytes,
+    4 KB: design 3's rule; the launchers pass PLANES_MIN_BYTES, and 0 walks every plane of more than one
+    value so) are walked plane by plane, in 16-byte vectors when length is a multiple of the vector and one value per load
     otherwise; everything else as columns of (rows, C*length), folded so that a row holds at least TX
     vectors. (A large plane of odd length walked as columns would give each row of the view C*length
     columns and the finalize as many partials per channel: scratch of 24 times the tensor's bytes for
@@ -877,7 +878,7 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     n, c, l = rows, channels, length
     vfull = _VEC[dtype_name] if aligned else 1
     target = 16 * sm_count
-    if l > 1 and l * _ITEMSIZE[dtype_name] >= 4096:
+    if l > 1 and l * _ITEMSIZE[dtype_name] >= planes_min_bytes:
         return _planes_walk(n, c, l, dtype_name, vfull, target, chunk_bytes, min_vectors)
     cols = _cols_plan(n, c, l, vfull, target, min_vectors)
     wide = cols.walk_args[2] >= 2 ** 31
@@ -1040,6 +1041,26 @@ def _min_vectors() -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"bnlib.cuda.MIN_VECTORS_PER_THREAD must be an integer >= 1, got {k!r}")
     return int(k)
+
+
+# The smallest plane (H*W values of one image and channel, in bytes) that NCHW input walks as planes
+# (plan's planes_min_bytes); smaller planes are walked as columns of the (N, C*H*W) view, whose
+# partial results grow with C*H*W (chapter 05, "The next experiment", counts them). 4096 is design 3's
+# rule; 0 walks every plane of more than one value as planes (one value per load where the plane's
+# length is not a multiple of the 16-byte vector). Whether that helps is measured by
+# tools/gpu_grid_sweep.py (bench_gpu's planes_min_bytes); until then 4096 stays. An integer >= 0,
+# checked before anything runs.
+PLANES_MIN_BYTES = 4096
+
+
+def _planes_min_bytes() -> int:
+    """PLANES_MIN_BYTES, checked: a ValueError naming it if it is not an integer >= 0."""
+    b = PLANES_MIN_BYTES
+    if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 0:
+        raise ValueError(f"bnlib.cuda.PLANES_MIN_BYTES must be an integer >= 0, got {b!r}")
+    return int(b)
+
+
 _MAX_ARGS = 32
 _CODES = {"ptr": "Q", "int32": "i4x", "int64": "q"}               # struct codes, one 8-byte slot each
 _NUMPY_TYPES = {"ptr": np.uint64, "int32": np.int32, "int64": np.int64}
@@ -1492,7 +1513,7 @@ def forward_torch(x, weight=None, bias=None, eps: float = 1e-5, running_mean=Non
     mean, var, inv_std = (torch.empty(c, dtype=acc, device=x.device) for _ in range(3))   # separate tensors:
                                                                                       # no shared version counter
     pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev), _chunk_bytes(2),
-              min_vectors=_min_vectors())
+              min_vectors=_min_vectors(), planes_min_bytes=_planes_min_bytes())
     ws = _torch_workspace(dev, stream, pl, x.device)
     _run_forward(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), mean.data_ptr(), var.data_ptr(),
                  inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0,
@@ -1522,7 +1543,7 @@ def backward_torch(dy, x, mean, inv_std, weight=None):
     dx = torch.empty_like(x)
     dweight, dbias = torch.empty(c, dtype=acc, device=x.device), torch.empty(c, dtype=acc, device=x.device)
     pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0, _sm_count(dev),
-              _chunk_bytes(3), min_vectors=_min_vectors())
+              _chunk_bytes(3), min_vectors=_min_vectors(), planes_min_bytes=_planes_min_bytes())
     ws = _torch_workspace(dev, stream, pl, x.device)
     _run_backward(dev, pl, dtype_name, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), mean.data_ptr(),
                   inv_std.data_ptr(), weight.data_ptr() if weight is not None else 0, dweight.data_ptr(),
@@ -1543,7 +1564,7 @@ def inference_torch(x, running_mean, running_var, weight=None, bias=None, eps: f
     bias = _torch_vector(bias, "bias", c, acc, x.device)
     y = torch.empty_like(x)
     pl = plan(rows, c, l, dtype_name, x.data_ptr() % 16 == 0, _sm_count(dev), scratch=False,
-              min_vectors=_min_vectors())
+              min_vectors=_min_vectors(), planes_min_bytes=_planes_min_bytes())
     _run_apply(dev, pl, dtype_name, x.data_ptr(), y.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
                weight.data_ptr() if weight is not None else 0, bias.data_ptr() if bias is not None else 0,
                eps, from_var=True, stream=stream)
@@ -1589,7 +1610,7 @@ def _cupy_setup(x, dy=None):
     dev = x.device.id
     aligned = x.data.ptr % 16 == 0 and (dy is None or dy.data.ptr % 16 == 0)
     pl = plan(rows, c, l, x.dtype.name, aligned, _sm_count(dev), _chunk_bytes(2 if dy is None else 3),
-              min_vectors=_min_vectors())
+              min_vectors=_min_vectors(), planes_min_bytes=_planes_min_bytes())
 
     def allocate(nbytes):
         buffer = cupy.empty(nbytes, dtype=cupy.uint8)

@@ -129,6 +129,17 @@ def _assert_finalize_finds_each_channels_slots(pl, slot_channel, slot_of, channe
         assert set(slot_of[channel_of == c]) <= expected
 
 
+def _assert_plan_reads_each_value_once(pl, rows, channels, length):
+    """Plan pl of a (rows, channels, length) tensor, replayed: every value read once, no partial slot mixing
+    channels, each channel's finalize finding exactly its slots, and the workspace holding them all."""
+    seen, slot_channel, slot_of = _replay(pl)
+    assert (seen == 1).all(), "a value read twice or never"
+    channel_of = (np.arange(rows * channels * length) // length) % channels
+    assert all(len(chs) == 1 for chs in slot_channel.values()), "a partial slot mixes channels"
+    _assert_finalize_finds_each_channels_slots(pl, slot_channel, slot_of, channel_of)
+    assert max(slot_channel) < pl.partials and 3 * pl.partials + 3 * channels == pl.workspace_values
+
+
 @pytest.mark.parametrize("rows,channels,length,dtype,aligned,sms", [
     (3, 1, 35, "float32", True, 2), (2, 1, 1, "float32", True, 1), (1000, 3, 1, "float16", True, 3),
     (5, 3, 561, "float32", True, 2), (2, 2049, 1, "float64", True, 4), (9, 70, 9, "bfloat16", True, 2),
@@ -142,12 +153,7 @@ def test_planned_walks_read_every_value_once_and_finalize_finds_every_partial(ro
     assert pl.walk == ("planes" if large_planes else "cols")
     vectors = aligned and (pl.walk == "cols" or length % cuda._VEC[dtype] == 0)
     assert pl.vec == (cuda._VEC[dtype] if vectors else 1)
-    seen, slot_channel, slot_of = _replay(pl)
-    assert (seen == 1).all(), "a value read twice or never"
-    channel_of = (np.arange(rows * channels * length) // length) % channels
-    assert all(len(chs) == 1 for chs in slot_channel.values()), "a partial slot mixes channels"
-    _assert_finalize_finds_each_channels_slots(pl, slot_channel, slot_of, channel_of)
-    assert max(slot_channel) < pl.partials and 3 * pl.partials + 3 * channels == pl.workspace_values
+    _assert_plan_reads_each_value_once(pl, rows, channels, length)
     assert pl.count == rows * length
 
 
@@ -178,13 +184,47 @@ def test_min_vectors_caps_the_grid_and_keeps_every_walk_whole(rows, channels, le
         else:
             n, _, lv, _ = pl.walk_args
             assert pl.grid[1] * pl.grid[2] <= max(1, -(-(n * lv) // (cuda.PLANE_THREADS * k)))
-        seen, slot_channel, slot_of = _replay(pl)
-        assert (seen == 1).all(), "a value read twice or never"
-        channel_of = (np.arange(rows * channels * length) // length) % channels
-        assert all(len(chs) == 1 for chs in slot_channel.values()), "a partial slot mixes channels"
-        _assert_finalize_finds_each_channels_slots(pl, slot_channel, slot_of, channel_of)
-        assert 3 * pl.partials + 3 * channels == pl.workspace_values
+        _assert_plan_reads_each_value_once(pl, rows, channels, length)
     assert blocks == sorted(blocks, reverse=True) and blocks[-1] < blocks[0], blocks
+
+
+def _check_setting_before_any_launch(monkeypatch, name, bad_values, message, x, good_values):
+    """bnlib.cuda's setting `name` at each of bad_values raises a ValueError (`message`, a regex) from every
+    torch call before any launch, the running statistics untouched; at each of good_values the results of a
+    training step (forward and backward, the emulated device) are the same. Returns {good value: [(kernel,
+    grid) launched by its forward]}."""
+    torch = pytest.importorskip("torch")
+    device = _emulated_torch_device(monkeypatch)
+    launched = []
+
+    def launch(dev, kernel, grid, block, args, stream=None):
+        launched.append((kernel, grid))
+        device.launch(dev, kernel, grid, block, args, stream)
+    monkeypatch.setattr(cuda, "_launch", launch)
+    monkeypatch.setattr(cuda, "_sm_count", lambda d: 132)
+    c = x.shape[1]
+    rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.tensor(7)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    for bad in bad_values:
+        monkeypatch.setattr(cuda, name, bad)
+        with pytest.raises(ValueError, match=message):
+            cuda.forward_torch(x, None, None, 1e-5, running_mean=rm, running_var=rv, num_batches_tracked=nbt)
+        with pytest.raises(ValueError, match=name):
+            cuda.backward_torch(dy, x, torch.zeros(c), torch.ones(c))
+        with pytest.raises(ValueError, match=name):
+            cuda.inference_torch(x, rm, rv)
+    assert launched == [] and (rm == 0).all() and (rv == 1).all() and int(nbt) == 7
+    results, launches = [], {}
+    for value in good_values:
+        monkeypatch.setattr(cuda, name, value)
+        launched.clear()
+        y, mean, var, inv_std = cuda.forward_torch(x, None, None, 1e-5)
+        launches[value] = list(launched)
+        results.append((y, mean, var) + cuda.backward_torch(dy, x, mean, inv_std)[:2])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    return launches
 
 
 def test_min_vectors_setting_is_checked_before_any_launch(monkeypatch):
@@ -192,36 +232,12 @@ def test_min_vectors_setting_is_checked_before_any_launch(monkeypatch):
     call before any launch, the running statistics untouched; a valid value changes the grids the
     launches get, not the results (the emulated device)."""
     torch = pytest.importorskip("torch")
-    device = _emulated_torch_device(monkeypatch)
-    launched = []
-
-    def launch(dev, name, grid, block, args, stream=None):
-        launched.append((name, grid))
-        device.launch(dev, name, grid, block, args, stream)
-    monkeypatch.setattr(cuda, "_launch", launch)
-    monkeypatch.setattr(cuda, "_sm_count", lambda d: 132)
-    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(7)
-    x, dy = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0)), torch.randn(4000, 3)
-    for bad in (0, -3, 2.5, "8", True, None):
-        monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", bad)
-        with pytest.raises(ValueError, match=r"bnlib.cuda.MIN_VECTORS_PER_THREAD must be an integer >= 1, got "):
-            cuda.forward_torch(x, None, None, 1e-5, running_mean=rm, running_var=rv, num_batches_tracked=nbt)
-        with pytest.raises(ValueError, match="MIN_VECTORS_PER_THREAD"):
-            cuda.backward_torch(dy, x, torch.zeros(3), torch.ones(3))
-        with pytest.raises(ValueError, match="MIN_VECTORS_PER_THREAD"):
-            cuda.inference_torch(x, rm, rv)
-    assert launched == [] and (rm == 0).all() and (rv == 1).all() and int(nbt) == 7
-    results = {}
-    for k in (1, 8):
-        monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", k)
-        launched.clear()
-        y, mean, var, inv_std = cuda.forward_torch(x, None, None, 1e-5)
-        results[k] = (y, mean, var) + cuda.backward_torch(dy, x, mean, inv_std)[:2]
-        results[k, "grid"] = launched[0][1]
+    x = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0))
+    launches = _check_setting_before_any_launch(
+        monkeypatch, "MIN_VECTORS_PER_THREAD", (0, -3, 2.5, "8", True, None),
+        r"bnlib.cuda.MIN_VECTORS_PER_THREAD must be an integer >= 1, got ", x, (1, 8))
     # (4000, 3) as columns: rows of 3 folded 24 into one (72 values, 18 vectors: 2 block columns), 167 rows
-    assert results[1, "grid"] == (2, 11, 1) and results[8, "grid"] == (2, 2, 1)
-    for a, b in zip(results[1], results[8]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert launches[1][0][1] == (2, 11, 1) and launches[8][0][1] == (2, 2, 1)
 
 
 def test_bench_gpu_refuses_bad_min_vectors_before_touching_a_gpu():
@@ -230,6 +246,92 @@ def test_bench_gpu_refuses_bad_min_vectors_before_touching_a_gpu():
     for bad in ((0,), (2.5,), (True,), ("8",)):
         with pytest.raises(ValueError, match="min_vectors must be integers >= 1"):
             bench.bench_gpu(min_vectors=bad)
+
+
+@pytest.mark.parametrize("rows,channels,length,dtype,aligned,sms", [
+    (5, 3, 49, "float32", True, 2), (4, 6, 196, "float32", True, 132), (3, 5, 784, "bfloat16", True, 132),
+    (6, 4, 196, "bfloat16", True, 3), (2, 7, 2, "float16", True, 1), (3, 4, 18, "float32", False, 2),
+    (64, 3, 784, "float32", True, 132), (2, 3, 255, "float64", True, 2)])
+def test_planes_min_bytes_walks_small_planes_as_planes_and_keeps_every_walk_whole(rows, channels, length, dtype,
+                                                                                    aligned, sms):
+    """plan's planes_min_bytes (bnlib.cuda.PLANES_MIN_BYTES): 4096, the default, is design 3's rule (planes under
+    4 KB walked as columns); 0 walks every plane of more than one value as planes, in 16-byte vectors when
+    the plane's length is a multiple of the vector, else one value per load; with min_vectors too. Every such
+    plan reads each value once, with the finalize finding every partial, and keeps far fewer partials than
+    the columns walk it replaces."""
+    default = cuda.plan(rows, channels, length, dtype, aligned, sms)
+    assert default.walk == "cols" and cuda.plan(rows, channels, length, dtype, aligned, sms,
+                                                  planes_min_bytes=4096) == default
+    for k in (1, 8):
+        pl = cuda.plan(rows, channels, length, dtype, aligned, sms, min_vectors=k, planes_min_bytes=0)
+        assert pl.walk == "planes"
+        assert pl.vec == (cuda._VEC[dtype] if aligned and length % cuda._VEC[dtype] == 0 else 1)
+        assert pl.partials < default.partials
+        _assert_plan_reads_each_value_once(pl, rows, channels, length)
+    # a plane between the two thresholds: planes at 0 and at its own size, columns one byte above it
+    size = length * cuda._ITEMSIZE[dtype]
+    assert cuda.plan(rows, channels, length, dtype, aligned, sms, planes_min_bytes=size).walk == "planes"
+    assert cuda.plan(rows, channels, length, dtype, aligned, sms, planes_min_bytes=size + 1).walk == "cols"
+
+
+def test_planes_min_bytes_leaves_channels_last_and_2d_input_as_columns():
+    for rows, channels in ((50176, 128), (8192, 1024), (7, 3)):
+        for dtype in ("float32", "bfloat16"):
+            assert cuda.plan(rows, channels, 1, dtype, True, 132, planes_min_bytes=0) == \
+                cuda.plan(rows, channels, 1, dtype, True, 132)
+
+
+def test_planes_min_bytes_setting_is_checked_before_any_launch(monkeypatch):
+    """PLANES_MIN_BYTES that is not an integer >= 0 raises a ValueError naming it from every torch call before
+    any launch, the running statistics untouched; 0 changes the walk the launches get (NCHW planes of 16
+    values walked as planes instead of columns), not the results (the emulated device)."""
+    torch = pytest.importorskip("torch")
+    x = torch.randn(40, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    launches = _check_setting_before_any_launch(
+        monkeypatch, "PLANES_MIN_BYTES", (-1, 2.5, "0", True, None),
+        r"bnlib.cuda.PLANES_MIN_BYTES must be an integer >= 0, got ", x, (4096, 0))
+    walks = {b: {kernel.split("<")[0].rsplit("_", 1)[1] for kernel, _ in launches[b] if "finalize" not in kernel}
+             for b in launches}
+    assert walks == {4096: {"cols"}, 0: {"planes"}}
+
+
+@pytest.mark.parametrize("view,dtype", [((64, 128, 784), "float32"), ((64, 128, 784), "bfloat16"),
+                                        ((256, 256, 196), "bfloat16"), ((50176, 128, 1), "float16"),
+                                        ((256, 64, 3136), "float32"), ((16, 32, 196), "float32"), ((100, 64, 1), "float32")])
+def test_bench_gpu_grid_rows_time_each_distinct_plan_once(view, dtype):
+    """bench_gpu's grid sweep rows (_other_plans), on benchmark-like views at 132 SMs with min_vectors (4, 8, 16, 32)
+    and planes_min_bytes (0,): every setting tried is the default's plan, a row's, or listed in that row's
+    same values; no two rows (nor a row and the default) share a walk and grid; names say the setting."""
+    from bnlib import bench
+
+    def plan_with(k, b):
+        return cuda.plan(*view, dtype, True, 132, min_vectors=k, planes_min_bytes=b)
+    ks, planes = (4, 8, 16, 32), (0,)
+    rows = bench._other_plans(plan_with, (1, 4096), ks, planes)
+    keys = [(p.walk, p.grid) for _, _, _, p, _ in rows] + [(plan_with(1, 4096).walk, plan_with(1, 4096).grid)]
+    assert len(set(keys)) == len(keys)
+    for name, k, b, pl, same in rows:
+        assert pl == plan_with(k, b)
+        assert name == (f"bnlib [>={k} vec]" if b == 4096 else f"bnlib [planes >={b} B]" if k == 1
+                        else f"bnlib [planes >={b} B, >={k} vec]")
+        for other in same:
+            assert (plan_with(other, b).walk, plan_with(other, b).grid) == (pl.walk, pl.grid) and other != k
+    for k, b in [(k, 4096) for k in ks] + [(k, b) for b in planes for k in (1,) + ks]:   # every setting is timed
+        assert (plan_with(k, b).walk, plan_with(k, b).grid) in keys, (k, b)
+    if view[2] == 1 or view[2] * cuda._ITEMSIZE[dtype] >= 4096:   # channels-last, 2-D, large planes: no planes row
+        assert not any("planes" in name for name, *_ in rows)
+    if view == (16, 32, 196):        # 784-byte planes: as planes, k = 4 caps the grid to 1 block per channel
+        assert [(name, pl.grid, same) for name, _, _, pl, same in rows] == [
+            ("bnlib [planes >=0 B]", (32, 4, 1), []), ("bnlib [planes >=0 B, >=4 vec]", (32, 1, 1), [8, 16, 32])]
+    assert bench._other_plans(plan_with, (1, 4096)) == []                  # nothing asked: no rows
+
+
+def test_bench_gpu_refuses_bad_planes_min_bytes_before_touching_a_gpu():
+    pytest.importorskip("torch")
+    from bnlib import bench
+    for bad in ((-1,), (2.5,), (True,), ("0",)):
+        with pytest.raises(ValueError, match="planes_min_bytes must be integers >= 0"):
+            bench.bench_gpu(planes_min_bytes=bad)
 
 
 def test_kernel_parameters_are_read_from_the_declarations():
@@ -1480,22 +1582,89 @@ def test_bench_gpu_l2_chunk_rows_where_a_forward_walks_chunks():
                                                  ((8, 16, 64, 64), False), ((8192, 64), False)])
 def test_busier_grids_match_float64_torch_on_the_gpu(monkeypatch, shape, channels_last, dtype):
     """MIN_VECTORS_PER_THREAD = 8 and 32 (fewer, busier blocks than design 3's grids, tools/gpu_grid_sweep.py)
-    on a real card: forward with the running statistics and backward against float64 torch, columns and
-    planes walks."""
-    import torch
+    on a real card: forward with the running statistics, backward and the eval forward against float64
+    torch, columns and planes walks."""
     xs, dys, w, b = _torch_case(shape, dtype, channels_last, seed=11)
+    check = _training_step_checker(xs, dys, w, b, dtype)
+    for k in (8, 32):
+        monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", k)
+        check()
+
+
+def _training_step_checker(xs, dys, w, b, dtype):
+    """A function that runs forward_torch (with running statistics, momentum 1) and backward_torch on the
+    case and asserts them against float64 torch, and returns (mean, var)."""
+    import torch
     yr, dxr, dwr, dbr, mr, vr = _reference(xs, dys, w, b)
     tol = TOL[dtype]
     dx_scale = (w.double().abs().max() * (1 / torch.sqrt(vr + 1e-5)).max() * dys.double().abs().max()).item()
-    for k in (8, 32):
-        monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", k)
-        rm, rv = torch.zeros(shape[1], device="cuda"), torch.ones(shape[1], device="cuda")
+
+    def check():
+        c = xs.shape[1]
+        rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
         y, mean, var, inv_std = cuda.forward_torch(xs, w, b, 1e-5, running_mean=rm, running_var=rv, momentum=1.0)
         dx, dw, db = cuda.backward_torch(dys, xs, mean, inv_std, w)
         assert _close(y, yr, tol) and _close(mean, mr, tol) and _close(var, vr, tol, scale=vr.abs().max().item())
         assert _close(rm, mr, tol)
         assert _close(dx, dxr, tol, scale=dx_scale)
         assert _close(dw, dwr, tol, scale=dwr.abs().max().item()) and _close(db, dbr, tol, scale=dbr.abs().max().item())
+        y_eval = cuda.inference_torch(xs, mean, var, w, b)
+        assert _close(y_eval, yr, tol)
+    return check
+
+
+@needs_torch_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(64, 128, 28, 28), (32, 64, 14, 14), (16, 96, 7, 7), (8, 5, 6, 6)])
+def test_small_planes_walked_as_planes_match_float64_torch_on_the_gpu(monkeypatch, shape, dtype):
+    """PLANES_MIN_BYTES = 0 (NCHW planes under 4 KB walked as planes, tools/gpu_grid_sweep.py), alone and with
+    MIN_VECTORS_PER_THREAD = 8, on a real card: forward with the running statistics, backward and the eval
+    forward against float64 torch; vector loads (28 x 28, 14 x 14) and one value per load (7 x 7, 6 x 6)."""
+    xs, dys, w, b = _torch_case(shape, dtype, False, seed=12)
+    check = _training_step_checker(xs, dys, w, b, dtype)
+    monkeypatch.setattr(cuda, "PLANES_MIN_BYTES", 0)
+    for k in (1, 8):
+        monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", k)
+        n, c = shape[:2]
+        assert cuda.plan(n, c, shape[2] * shape[3], dtype, True, cuda._sm_count(0), min_vectors=k,
+                         planes_min_bytes=0).walk == "planes"
+        check()
+
+
+@needs_torch_gpu
+def test_bench_gpu_times_each_planes_plan_once():
+    """planes_min_bytes adds a row per plan it changes, alone and with each min_vectors value, each plan timed once
+    (the rows expected are computed from plan here): NCHW (16, 32, 14, 14) float32 (784-byte planes, columns by
+    default) gets its planes rows; the same tensor channels-last, and (2, 4, 64, 64) NCHW (16 KB planes, planes
+    already), get none."""
+    import torch
+    from bnlib import bench
+    saved = (cuda.MIN_VECTORS_PER_THREAD, cuda.PLANES_MIN_BYTES)
+    shapes = [(16, 32, 14, 14), (2, 4, 64, 64)]
+    rows = bench.bench_gpu(shapes=shapes, configs=[("float32", "NCHW"), ("float32", "NHWC")], repeats=2, rotate=2,
+                           progress=False, min_vectors=(8,), planes_min_bytes=(0,))
+    sms = cuda._sm_count(0)
+    for shape in shapes:
+        for layout in ("NCHW", "NHWC"):
+            view = (shape[0], shape[1], shape[2] * shape[3]) if layout == "NCHW" else (shape[0] * shape[2] * shape[3], shape[1], 1)
+            plans = {(k, b): cuda.plan(*view, "float32", True, sms, min_vectors=k, planes_min_bytes=b)
+                     for k in (1, 8) for b in (4096, 0)}
+            expected, seen = [], {(plans[1, 4096].walk, plans[1, 4096].grid)}
+            for (k, b), name in (((8, 4096), "bnlib [>=8 vec]"), ((1, 0), "bnlib [planes >=0 B]"),
+                                 ((8, 0), "bnlib [planes >=0 B, >=8 vec]")):
+                key = (plans[k, b].walk, plans[k, b].grid)
+                if key not in seen:
+                    seen.add(key)
+                    expected.append((name, plans[k, b].walk, math.prod(plans[k, b].grid)))
+            got = [(r["impl"], r["walk"], r["blocks"]) for r in rows if r["impl"].startswith("bnlib [")
+                   and list(r["shape"]) == list(shape) and r["layout"] == layout]
+            assert got == expected, (shape, layout)
+            if layout == "NHWC" or shape == (2, 4, 64, 64):
+                assert not any("planes" in name for name, _, _ in got)
+    planes = [r for r in rows if r["impl"] == "bnlib [planes >=0 B]"]
+    assert len(planes) == 1 and planes[0]["planes_min_bytes"] == 0 and planes[0]["min_vectors"] == 1
+    assert planes[0]["launches_per_step"] == 6 and planes[0]["step_ms"] > 0 and planes[0]["step_ratio_vs_bnlib"] > 0
+    assert (cuda.MIN_VECTORS_PER_THREAD, cuda.PLANES_MIN_BYTES) == saved               # restored after the rows
 
 
 @needs_torch_gpu

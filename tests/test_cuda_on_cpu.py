@@ -289,6 +289,31 @@ def test_kernels_on_the_cpu_with_busier_grids(on_cpu, monkeypatch, shape, channe
     assert len(on_cpu) == 7
 
 
+# NCHW planes smaller than 4 KB walked as planes (PLANES_MIN_BYTES = 0, which tools/gpu_grid_sweep.py times on a
+# GPU) instead of columns: vector loads that cross many short planes, one value per load where the plane's length
+# is not a multiple of the vector (7 x 7), and with fewer, busier blocks too.
+PLANES_CASES = [  # shape, SMs, dtype, min_vectors; and the plan's (segments, vectors per segment, in the last)
+    ((4, 6, 14, 14), 132, "float32", 1, (1, 49, 49)),        # 196 values: 49 vectors of 4 per plane
+    ((3, 5, 7, 7), 132, "bfloat16", 1, (1, 49, 49)),         # 49 values: one per load
+    ((6, 4, 28, 28), 8, "bfloat16", 8, (1, 98, 98)),         # 784 values: 98 vectors of 8, busier grid
+    ((40, 3, 6, 6), 132, "float16", 1, (1, 36, 36))]         # 36 values: not a multiple of 8, one per load
+
+
+@pytest.mark.parametrize("shape,sm_count,dtype,min_vectors,edge", PLANES_CASES)
+def test_kernels_on_the_cpu_with_small_planes_walked_as_planes(on_cpu, monkeypatch, shape, sm_count, dtype,
+                                                                min_vectors, edge):
+    monkeypatch.setattr(cuda, "_sm_count", lambda dev: sm_count)
+    monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", min_vectors)
+    monkeypatch.setattr(cuda, "PLANES_MIN_BYTES", 0)
+    n, c, l = shape[0], shape[1], math.prod(shape[2:])
+    assert cuda.plan(n, c, l, dtype, True, sm_count).walk == "cols"           # design 3's rule: columns
+    pl = cuda.plan(n, c, l, dtype, True, sm_count, min_vectors=min_vectors, planes_min_bytes=0)
+    assert pl.walk == "planes" and _edge(pl) == edge
+    assert pl.vec == (cuda._VEC[dtype] if l % cuda._VEC[dtype] == 0 else 1)
+    check_case(shape, False, dtype, aligned=True)
+    assert len(on_cpu) == 7
+
+
 @pytest.mark.parametrize("dtype, param_dtype, channels_last", [
     (torch.float32, torch.float32, False), (torch.float16, torch.float16, True),
     (torch.bfloat16, torch.float32, True), (torch.float64, torch.float64, False)])

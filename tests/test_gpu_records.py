@@ -198,10 +198,11 @@ def test_the_l2_chunk_sweep_tool_writes_its_recording(tmp_path, monkeypatch, cap
 
 
 def test_the_grid_sweep_tool_writes_its_recording_and_names_each_cases_best(tmp_path, monkeypatch, capsys):
-    """tools/gpu_grid_sweep.py (MIN_VECTORS_PER_THREAD, step 6 of tools/gpu_check.sh) with bench_gpu faked: what it
-    asks the benchmark for, the JSON it writes (partial after each case, whole at the end), and its line
-    per case: the best value where one beats the default by more than 5% on the GPU alone, none otherwise,
-    a case whose grid no value changes, and one without GPU-alone times left out."""
+    """tools/gpu_grid_sweep.py (MIN_VECTORS_PER_THREAD and PLANES_MIN_BYTES, step 6 of tools/gpu_check.sh) with
+    bench_gpu faked: what it asks the benchmark for, the JSON it writes (partial after each case, whole at the
+    end), and its line per case: the best setting where one beats the default by more than 5% on the GPU
+    alone (a planes row among them), none otherwise, a case whose plan no setting changes, and one without
+    GPU-alone times left out."""
     import importlib.util
 
     from bnlib import cuda
@@ -216,15 +217,20 @@ def test_the_grid_sweep_tool_writes_its_recording_and_names_each_cases_best(tmp_
         base.update(forward_ratio=1.0, step_ratio=1.0, floor_fraction=0.5, peak_extra_mb=1.0)
         if device:
             base["step_device_ratio"] = vs_torch
-        extra = [{**base, "impl": f"bnlib [>={k} vec]", "min_vectors": k, "walk": "cols", "blocks": 2112 // k,
-                  "blocks_default": 2112, "step_ratio_vs_bnlib": r, **({"step_device_ratio_vs_bnlib": r} if device else {})}
-                 for k, r in ratios.items()]
+        extra = []
+        for (k, planes), r in ratios.items():
+            name = (f"bnlib [>={k} vec]" if planes is None else f"bnlib [planes >={planes} B]" if k == 1
+                    else f"bnlib [planes >={planes} B, >={k} vec]")
+            extra.append({**base, "impl": name, "min_vectors": k, "planes_min_bytes": 4096 if planes is None else planes,
+                          "walk": "cols" if planes is None else "planes", "blocks": 2112 // k, "blocks_default": 2112,
+                          "step_ratio_vs_bnlib": r, **({"step_device_ratio_vs_bnlib": r} if device else {})})
         return [base] + extra
 
-    rows = (case((64, 128, 28, 28), "float16", "NHWC", 2.3, {4: 0.8, 8: 0.6, 16: 0.65})
-            + case((128, 1024, 7, 7), "float32", "NHWC", 1.3, {8: 0.97, 16: 1.10})   # within 5%: no win
+    rows = (case((64, 128, 28, 28), "float16", "NHWC", 2.3, {(4, None): 0.8, (8, None): 0.6, (16, None): 0.65})
+            + case((128, 1024, 7, 7), "float32", "NHWC", 1.3, {(8, None): 0.97, (16, None): 1.10})   # within 5%
+            + case((64, 128, 28, 28), "float32", "NCHW", 1.3, {(8, None): 0.9, (1, 0): 0.7, (8, 0): 0.5})
             + case((256, 64, 56, 56), "float32", "NCHW", 0.25, {})
-            + case((8192, 1024), "float32", "NCHW", None, {8: 0.9}, device=False))
+            + case((8192, 1024), "float32", "NCHW", None, {(8, None): 0.9}, device=False))
 
     def fake_bench_gpu(**kw):
         calls.append(kw)
@@ -236,26 +242,32 @@ def test_the_grid_sweep_tool_writes_its_recording_and_names_each_cases_best(tmp_
     monkeypatch.setattr(bench, "gpu_environment", lambda: {"card": "FAKE"})
     assert tool.main(["--json", str(out), "--values", "4", "8", "16", "--repeats", "3"]) == 0
     assert calls[0]["min_vectors"] == (4, 8, 16) and calls[0]["repeats"] == 3 and "shapes" not in calls[0]
+    assert calls[0]["planes_min_bytes"] == (0,)                  # the default: every NCHW plane as planes
     assert partial == [{"environment": {"card": "FAKE"}, "partial": True, "results": rows[:4]}]
     written = json.loads(out.read_text())
     assert written["partial"] is False and written["results"] == rows
     text = capsys.readouterr().out
-    assert "(64, 128, 28, 28)  float16  NHWC default/torch 2.30: best >= 8 vectors: 0.60" in text
+    assert "(64, 128, 28, 28)  float16  NHWC default/torch 2.30: best [>=8 vec]: 0.60" in text
     assert "(128, 1024, 7, 7)  float32  NHWC default/torch 1.30: none more than 5% faster" in text
-    assert "(256, 64, 56, 56)  float32  NCHW default/torch 0.25: no value changes this grid" in text
+    assert "(64, 128, 28, 28)  float32  NCHW default/torch 1.30: best [planes >=0 B, >=8 vec]: 0.50" in text
+    assert "(256, 64, 56, 56)  float32  NCHW default/torch 0.25: no setting changes this plan" in text
     assert "(8192, 1024)" not in text.split("GPU alone, per case")[1]
     with pytest.raises(SystemExit):
         tool.main(["--json", str(out), "--values", "1", "8"])
+    for bad in (["-1"], ["4096"]):                               # 4096 is the default step; below 0 means nothing
+        with pytest.raises(SystemExit):
+            tool.main(["--json", str(out), "--planes", *bad])
+    assert tool.main(["--json", str(out), "--planes"]) == 0 and calls[-1]["planes_min_bytes"] == ()
     monkeypatch.setattr(cuda, "available", lambda: False)
     assert tool.main(["--json", str(out)]) == 2
 
 
 def test_chapter_05_grid_sweep_report_reads_a_recording_like_the_sweep_writes(capsys):
     """Chapter 05's grid_sweep_report (ch05-busier) on a made-up recording of tools/gpu_grid_sweep.py: per
-    case the default's GPU-alone step over torch's, then per busier grid its values of k (one grid timed
-    once for several), its blocks and its step over the default's, GPU alone ("n/a" without that time)
-    and queued; the count of cases where a busier grid won by more than 5%; and its line when there is
-    no recording."""
+    case the default's GPU-alone step over torch's, then per other plan (busier grids first, then planes
+    walks, each by k) its setting and values of k (one plan timed once for several), its blocks and its
+    step over the default's, GPU alone ("n/a" without that time) and queued; the count of cases where
+    another plan won by more than 5%; and its line when there is no recording."""
     ns = {"importlib": importlib, "json": json}
     exec(_chapter_cell("def case_key(r)").split("\neager, ours, compiled, ours1")[0], ns)   # the case helpers
     source = _chapter_cell("def grid_sweep_report")
@@ -263,20 +275,27 @@ def test_chapter_05_grid_sweep_report_reads_a_recording_like_the_sweep_writes(ca
     exec(source.rstrip()[:-len("grid_sweep = grid_sweep_report()")], ns)
     small, big = (64, 128, 28, 28), (256, 64, 56, 56)
 
-    def busier(shape, dtype, layout, k, blocks, default, queued, alone=None, same=()):
-        r = {**_row(shape, dtype, layout, f"bnlib [>={k} vec]", 0.2), "min_vectors": k, "min_vectors_same": list(same),
+    def busier(shape, dtype, layout, k, blocks, default, queued, alone=None, same=(), planes=None):
+        name = f"bnlib [>={k} vec]" if planes is None else f"bnlib [planes >={planes} B, >={k} vec]"
+        r = {**_row(shape, dtype, layout, name, 0.2), "min_vectors": k, "min_vectors_same": list(same),
+             "planes_min_bytes": 4096 if planes is None else planes,
              "blocks": blocks, "blocks_default": default, "step_ratio_vs_bnlib": queued}
         return {**r, "step_device_ratio_vs_bnlib": alone} if alone is not None else r
     rows = [_row(small, "float16", "NHWC", "torch", 0.2, device=0.05),
             _row(small, "float16", "NHWC", "bnlib", 0.2, device=0.1),
-            busier(small, "float16", "NHWC", 8, 392, 2112, 0.9, alone=0.6),
             busier(small, "float16", "NHWC", 32, 98, 2112, 1.1),
+            busier(small, "float16", "NHWC", 8, 392, 2112, 0.9, alone=0.6),
+            _row(small, "float32", "NCHW", "torch", 0.2, device=0.1),
+            _row(small, "float32", "NCHW", "bnlib", 0.2, device=0.1),
+            busier(small, "float32", "NCHW", 8, 896, 3136, 0.8, alone=0.97, planes=0, same=(16,)),
+            busier(small, "float32", "NCHW", 8, 1568, 3136, 0.9, alone=1.2),
             _row(big, "float32", "NCHW", "torch", 1.6, device=1.6),
             _row(big, "float32", "NCHW", "bnlib", 0.4, device=0.4),
             busier(big, "float32", "NCHW", 32, 1600, 2112, 1.0, alone=0.97, same=(64,))]
     files = {"gpu_grid_FAKE_design3.json": {"environment": {"card": "FAKE", "date": "2026-12-01", "torch": "2.11",
                                                             "cupy": "14.2"}, "partial": False, "results": rows}}
-    ns.update(KERNEL_DESIGN=3, MIN_VECTORS_PER_THREAD=1, TIE=0.05, recorded_run=lambda name: files[name],
+    ns.update(KERNEL_DESIGN=3, MIN_VECTORS_PER_THREAD=1, PLANES_MIN_BYTES=4096, TIE=0.05,
+              recorded_run=lambda name: files[name],
               order={"NCHW": 0, "NHWC": 1, "float32": 0, "float16": 1, "bfloat16": 2},
               recordings=lambda kind, design: sorted(n for n in files if n.startswith(f"gpu_{kind}_")
                                                      and n.endswith(f"_design{design}.json")))
@@ -284,12 +303,16 @@ def test_chapter_05_grid_sweep_report_reads_a_recording_like_the_sweep_writes(ca
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
     assert lines[0] == "grid sweep (gpu_grid_FAKE_design3.json): FAKE, 2026-12-01; torch 2.11, CuPy 14.2"
     assert lines[2:] == [
+        "(64, 128, 28, 28) float32 NCHW default over torch eager, GPU alone: 1.00",
+        "k = 8 1568 of 3136 blocks: GPU alone 1.20, queued 0.90",
+        "planes >= 0 B, k = 8, 16 896 of 3136 blocks: GPU alone 0.97, queued 0.80",
         "(256, 64, 56, 56) float32 NCHW default over torch eager, GPU alone: 0.25",
         "k = 32, 64 1600 of 2112 blocks: GPU alone 0.97, queued 1.00",
         "(64, 128, 28, 28) float16 NHWC default over torch eager, GPU alone: 2.00",
         "k = 8 392 of 2112 blocks: GPU alone 0.60, queued 0.90",
         "k = 32 98 of 2112 blocks: GPU alone n/a, queued 1.10",
-        "a busier grid more than 5% faster than the default on the GPU alone in 1 of 2 cases timed so"]
+        "another plan (a busier grid or planes) more than 5% faster than the default on the GPU alone in 1 of 3 "
+        "cases timed so"]
     ns["recordings"] = lambda kind, design: []
     assert ns["grid_sweep_report"]() is None
     assert "grid sweep: no recording yet" in capsys.readouterr().out

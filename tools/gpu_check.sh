@@ -76,7 +76,7 @@ if [ "$rc" -ne 0 ]; then
         export BNLIB_CUDA_LAUNCH=cupy
     fi
 fi
-# Step timeouts add up to 1160 s without the preflight's retry (1220 s with it), more than the device
+# Step timeouts add up to 1210 s without the preflight's retry (1270 s with it), more than the device
 # tool's 600 s per command: the last run (design 3, H200) took 320 s in all, before steps 6 and 7 existed,
 # with chapter 06 under nbval (now in step 8) and the L2-chunk sweep (now step 9) inside it (the CUDA
 # tests 26 s, chapter 05 under nbval 57 s, the benchmark and profile most of the rest), so the limits are
@@ -87,8 +87,8 @@ fi
 # 1. kernels against the float64 reference (CuPy arrays and torch tensors, every dtype and layout,
 #    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
 #    the CPU-only tests of test_cuda.py (replays, emulated device, nvcc) ran where the code was written
-timeout 50 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
-    -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles and not driver_launch and not min_vectors" \
+timeout 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
+    -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles and not driver_launch and not min_vectors and not planes_min_bytes" \
     2>&1 | tee "$OUT/test_cuda.log" || status=1
 timeout 40 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
     2>&1 | tee "$OUT/test_nn_cuda.log" || status=1
@@ -132,11 +132,12 @@ timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_p
 cp "$profile" bnlib/data/ 2>/dev/null || true
 # 6. fewer, busier blocks: the training step with MIN_VECTORS_PER_THREAD = 4, 8, 16 and 32 (a first-pass
 #    thread loads about that many vectors; chapter 05, "The next experiment", counts what design 3's
-#    grids give) next to the default step and torch's, on every benchmark case whose grid a value changes,
-#    queued and on the GPU alone; apart from the benchmark, so that a fault here cannot cost its results
-#    (the busier grids' results are checked against float64 torch in step 1)
+#    grids give), and NCHW planes under 4 KB walked as planes (PLANES_MIN_BYTES = 0, alone and with each
+#    of those values), next to the default step and torch's, on every benchmark case whose plan a setting
+#    changes, queued and on the GPU alone; apart from the benchmark, so that a fault here cannot cost its
+#    results (both settings' results are checked against float64 torch in step 1)
 grid="$OUT/gpu_grid_${card}_design${design}.json"
-timeout 90 python3 tools/gpu_grid_sweep.py --json "$grid" 2>&1 | tee "$OUT/gpu_grid.log" || status=1
+timeout 120 python3 tools/gpu_grid_sweep.py --json "$grid" 2>&1 | tee "$OUT/gpu_grid.log" || status=1
 cp "$grid" bnlib/data/ 2>/dev/null || true
 # 7. Nsight Compute's counters for the kernels of one training step, bnlib's and torch's, on the profile's
 #    cases (DRAM bytes, DRAM throughput, L2 hit rate, occupancy, cycles per issued instruction): why the
