@@ -1150,6 +1150,56 @@ def _compare_step(theirs, ours, x, dy, tol, param_tol=1e-4, keep_grads=False):
 
 
 @needs_gpu
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_cuda_graph_replays_a_training_step_as_eager_runs_it(momentum):
+    """A training step with bnlib.nn captured in a CUDA graph (torch.cuda.graph, after a warm-up on a side stream,
+    as torch's documentation does it), replayed on three new batches copied into the captured input, gives what
+    the same step run eagerly gives: outputs, input and parameter gradients, running statistics and the batch
+    count (momentum=None reads it on the GPU). A replay repeats the kernel launches without any host work."""
+    assert torch.cuda.is_available(), "BNLIB_REQUIRE_GPU=1 but torch sees no CUDA GPU"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), bnn.BatchNorm2d(8, momentum=momentum),
+                                torch.nn.ReLU()).cuda()
+    eager = copy.deepcopy(model)
+    batches = [torch.randn(16, 3, 10, 10, device="cuda") for _ in range(3)]
+    static_x = batches[0].clone().requires_grad_()
+
+    def step(m, x):
+        y = m(x)
+        y.square().sum().backward()
+        return y
+
+    warm = copy.deepcopy(model)                         # compiles the kernels, fills this thread's and autograd's
+    side = torch.cuda.Stream()                          # device thread's scratch buffers, outside the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(warm, batches[0].clone().requires_grad_())
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = step(model, static_x)
+    for x in batches:
+        with torch.no_grad():
+            static_x.copy_(x)
+        graph.replay()
+        eager.zero_grad(set_to_none=True)
+        xe = x.clone().requires_grad_()
+        ye = step(eager, xe)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_y, ye, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(static_x.grad, xe.grad, rtol=1e-4, atol=1e-4)
+        for (name, got), want in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-3, msg=lambda m: f"{name}: {m}")
+        bn, bn_eager = model[1], eager[1]
+        torch.testing.assert_close(bn.running_mean, bn_eager.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var, bn_eager.running_var, rtol=1e-5, atol=1e-6)
+        assert int(bn.num_batches_tracked) == int(bn_eager.num_batches_tracked)
+    assert int(model[1].num_batches_tracked) == 3
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_half_and_full_precision_train_and_eval_match_torch(dtype):
     theirs, ours = _cuda_pair(torch.nn.BatchNorm2d, bnn.BatchNorm2d, 8,

@@ -16,7 +16,10 @@ there. This script answers on the card itself, for a few shapes, for each implem
 - bnlib.nn's module step taken apart (added after the design-3 run, where it queued 548.9 us of host
   work per step against 198.1 for the bare functions): an empty autograd.Function on the same
   tensors (the floor of any Python autograd wrapper on CUDA, whose backward runs on autograd's device
-  thread), bnlib.nn's BatchNormFunction without the module around it, and the module's forward alone.
+  thread), bnlib.nn's BatchNormFunction without the module around it, and the module's forward alone;
+- the module steps of torch.nn and bnlib.nn captured in a CUDA graph (torch.cuda.graph) and replayed:
+  the same kernels without the host work of Python and autograd (rows "... [CUDA graph]", after the
+  others, so that a capture that fails costs nothing else).
 
 If host_us > gpu_us, the step is host-bound: a faster kernel cannot help, fewer or cheaper host
 operations can. Usage (tools/gpu_check.sh runs it): python tools/gpu_profile.py --json PATH
@@ -186,6 +189,32 @@ def launch_us(torch, cuda, launcher, calls=200):
         cuda.LAUNCHER = saved
 
 
+def captured_step(torch, module, x, dy):
+    """The replay of a CUDA graph holding one training step of `module` on a copy of x (forward, backward,
+    the running statistics' update), captured as torch's documentation does it: warm-up steps on a side
+    stream (on a copy of the module, so that its statistics are not moved), gradients set to None, then
+    torch.cuda.graph."""
+    import copy
+    xr = x.detach().clone().requires_grad_()
+
+    def step(m):
+        m(xr).backward(dy)
+    warm = copy.deepcopy(module)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            xr.grad = None
+            step(warm)
+    torch.cuda.current_stream().wait_stream(side)
+    xr.grad = None
+    module.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(module)
+    return graph.replay
+
+
 def profile_module(torch, step, calls=100):
     step()
     torch.cuda.synchronize()
@@ -229,7 +258,18 @@ def main(argv=None):
     for shape, dtype, layout in CASES:
         x, dy, w, b = case_tensors(torch, shape, dtype, layout)
         case = {"shape": list(shape), "dtype": dtype, "layout": layout, "impls": {}}
-        for name, (fn, launcher) in make_impls(torch, cuda, bnn, x, dy, w, b).items():
+        impls = make_impls(torch, cuda, bnn, x, dy, w, b)
+        graphs = {}                              # last: a capture that fails (or breaks the context) costs no row
+        for name, module in (("torch.nn [CUDA graph]", torch.nn.BatchNorm2d(shape[1], device="cuda")),
+                             ("bnlib.nn [CUDA graph]", bnn.BatchNorm2d(shape[1], device="cuda"))):
+            graphs[name] = lambda module=module: captured_step(torch, module, x, dy)
+        for name, entry in list(impls.items()) + list(graphs.items()):
+            if name in graphs:                   # capture now, after the other rows have run
+                guarded(case["impls"], name, entry)
+                if not callable(case["impls"][name]):
+                    continue                     # the capture's error is recorded as the row
+                entry = (case["impls"][name], None)
+            fn, launcher = entry
             cuda.LAUNCHER = launcher or default
             row = case["impls"][name] = {}
             guarded(row, "host_step", lambda: host_and_step_us(torch, fn))
