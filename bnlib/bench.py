@@ -429,7 +429,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     cuda.MIN_VECTORS_PER_THREAD set, so that a first-pass thread loads about that many vectors of x.
     A value whose grid a smaller one already gave adds no row: it is listed in that row's
     min_vectors_same. Such a row carries the value, the walk, the blocks of its grid and of the
-    "bnlib" row's (blocks, blocks_default), and the same ratios to the "bnlib" row as a chunk row.
+    "bnlib" row's (blocks, blocks_default), the kernels one of its steps launched (kernels), and the same
+    ratios to the "bnlib" row as a chunk row.
     planes_min_bytes (integers >= 0, e.g. (0,); see bnlib.cuda.PLANES_MIN_BYTES) adds a row
     "bnlib [planes >=0 B]" per value to each case whose walk or grid it changes (NCHW planes smaller than
     the default's 4096 bytes, walked as planes instead of columns), and one per value of min_vectors with
@@ -661,7 +662,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                     except Exception as exc:           # report once; the queued times go on
                         print(f"GPU-alone times dropped: {type(exc).__name__}: {exc}")
                         holds, cycles_per_s = {}, None
-        launch_counts = {}
+        launch_counts, launched = {}, {}
         real_launch = cuda._launch
         for name in [k for k in impls if k.startswith("bnlib")]:
             launches = []
@@ -670,7 +671,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                 impls[name][1](0)
             finally:
                 cuda._launch = real_launch
-            launch_counts[name] = len(launches)
+            launch_counts[name], launched[name] = len(launches), launches
         nbytes = xs[0].numel() * xs[0].element_size()
         floor8, floor5 = 8 * nbytes / bandwidth, 5 * nbytes / bandwidth
         base = [float(np.median(t)) for t in times["torch"]]
@@ -701,7 +702,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             if name in grids:
                 k, b, walk, blocks, blocks_default, same = grids[name]
                 rows[-1].update(min_vectors=k, min_vectors_same=same, planes_min_bytes=b, walk=walk, blocks=blocks,
-                                blocks_default=blocks_default)
+                                blocks_default=blocks_default, kernels=launched.get(name))
             if name in chunking or name in grids:
                 rows[-1]["step_ratio_vs_bnlib"] = s / float(np.median(times["bnlib"][1]))
                 if "step_device_ms" in rows[-1] and all(device_times["bnlib"]):

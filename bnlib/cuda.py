@@ -18,7 +18,9 @@ import numpy as np
 
 KERNEL_DESIGN = 3        # design 2 plus: running statistics in the forward's kernels, the driver launch
                          # path, merge trees in the columns reductions, reversed second passes, planes
-                         # kernels that load UNROLL vectors at a time across plane boundaries
+                         # kernels that load UNROLL vectors at a time across plane boundaries (and,
+                         # added since its H200 run, PlaneCursor's path for segments shorter than a
+                         # block, which design 3's plans walk only in blocks of one plane, alike)
 
 KERNEL_COMMON = r"""
 // Batch-norm kernels for bnlib.cuda, third design (the second's, with the running-statistics update in
@@ -28,8 +30,9 @@ KERNEL_COMMON = r"""
 // double), A the accumulation type (float, or double for double data). V values of T make one
 // 16-byte vector load (V = 1: the scalar fallback for unaligned data, and for planes whose length is
 // not a multiple of the vector). Two ways to walk a tensor:
-//   planes: (N, C, L) C-contiguous with large L (NCHW): block (c, b, s) owns channel c and walks
-//           planes n = b, b + B, ... and, inside each plane, its segment s of L/V vectors;
+//   planes: (N, C, L) C-contiguous with large L (NCHW; a small L too when PLANES_MIN_BYTES is lowered):
+//           block (c, b, s) owns channel c and walks planes n = b, b + B, ... and, inside each plane,
+//           its segment s of L/V vectors;
 //   cols:   the tensor as rows of Wf columns (NHWC (M, C), 2-D (N, C), or NCHW with a small L as
 //           (N, C*L)), rows folded so that Wf is a multiple of V and >= 16 V: a thread owns V fixed
 //           columns (so fixed channels: no per-element division) and walks rows.
@@ -224,22 +227,43 @@ __device__ __forceinline__ long long rows_of(long long first, long long end, lon
 // lo + threadIdx.x, lo + threadIdx.x + PLANE_THREADS, ... below hi. The kernels take them UNROLL at a
 // time across plane boundaries, so a thread with fewer than UNROLL vectors per plane (small planes,
 // 16-bit data) still has UNROLL loads in flight; moving on costs an add and a compare, no division.
+// A segment shorter than the block (hi - lo < PLANE_THREADS: planes under 4 KB, walked as planes only
+// when PLANES_MIN_BYTES is lowered; design 3's plans give it only to one plane, a segment's tail) would
+// leave threads lo + t >= hi idle in every plane. There the block's segments of consecutive planes are
+// read as one sequence instead: thread t starts at position t of it (plane t / len, offset t % len, two
+// divisions once) and steps PLANE_THREADS positions, skip = PLANE_THREADS / len whole planes and wrap =
+// PLANE_THREADS % len offsets, then one plane more if the offset passes hi: every thread busy, each
+// warp's loads still consecutive (two pieces where they cross into the next plane), no division per step.
 struct PlaneCursor {
     long long i, lo, hi, base, plane_stride;  // base = (n * C + c) * LV, the vector index of plane n's start
     int n, step, N;
+    int skip, wrap;                           // skip = 0: a segment of PLANE_THREADS vectors or more
     __device__ __forceinline__ bool valid() const { return i < hi && n >= 0 && n < N; }
     __device__ __forceinline__ long long index() const { return base + i; }
     __device__ __forceinline__ void next() {
-        i += PLANE_THREADS;
-        if (i >= hi) { i = lo + threadIdx.x; n += step; base += plane_stride; }
+        if (skip == 0) {
+            i += PLANE_THREADS;
+            if (i >= hi) { i = lo + threadIdx.x; n += step; base += plane_stride; }
+        } else {
+            i += wrap; n += skip * step; base += skip * plane_stride;
+            if (i >= hi) { i -= hi - lo; n += step; base += plane_stride; }
+        }
     }
 };
 
 __device__ __forceinline__ PlaneCursor plane_cursor(int first, int step, int N, int C, int c, long long LV,
                                                     long long lo, long long hi) {
     PlaneCursor k;
-    k.i = lo + threadIdx.x; k.lo = lo; k.hi = hi; k.n = first; k.step = step; k.N = N;
-    k.base = ((long long)first * C + c) * LV;
+    const int len = (int)min(hi - lo, (long long)PLANE_THREADS);
+    k.lo = lo; k.hi = hi; k.step = step; k.N = N;
+    if (len > 0 && len < PLANE_THREADS) {     // a short segment: the planes' segments as one sequence
+        k.skip = PLANE_THREADS / len; k.wrap = PLANE_THREADS % len;
+        k.i = lo + threadIdx.x % len; k.n = first + (int)(threadIdx.x / len) * step;
+    } else {
+        k.skip = 0; k.wrap = 0;
+        k.i = lo + threadIdx.x; k.n = first;
+    }
+    k.base = ((long long)k.n * C + c) * LV;
     k.plane_stride = (long long)step * C * LV;
     return k;
 }

@@ -274,6 +274,30 @@ def test_planes_min_bytes_walks_small_planes_as_planes_and_keeps_every_walk_whol
     assert cuda.plan(rows, channels, length, dtype, aligned, sms, planes_min_bytes=size + 1).walk == "cols"
 
 
+def test_design_3_plans_give_a_short_segment_only_to_blocks_of_one_plane():
+    """PlaneCursor's short-segment path (a segment of fewer vectors than a block's threads: its planes' segments
+    read as one sequence) changes nothing in design 3's plans: over a sample of shapes, dtypes, alignments, SM
+    counts and min_vectors, a planes walk has such a segment (here, the last of a very long plane) only where
+    each block has one plane, which both paths walk alike."""
+    short = 0
+    for n in (1, 2, 3, 8, 64, 256):
+        for c in (1, 3, 64, 1024):
+            for l in (1024, 1030, 3136, 4096, 50176, 262144, 998001):
+                for dtype in ("float16", "float32", "float64"):
+                    for aligned in (True, False):
+                        for sms in (1, 8, 132):
+                            for k in (1, 8):
+                                pl = cuda.plan(n, c, l, dtype, aligned, sms, min_vectors=k)
+                                if pl.walk != "planes":
+                                    continue
+                                lv, seg = pl.walk_args[2:]
+                                last = lv - seg * (pl.grid[2] - 1)
+                                if min(seg, last) < cuda.PLANE_THREADS:
+                                    short += 1
+                                    assert len(range(0, n, pl.grid[1])) == 1, (n, c, l, dtype, aligned, sms, k)
+    assert short > 0                               # the sample does reach such segments
+
+
 def test_planes_min_bytes_leaves_channels_last_and_2d_input_as_columns():
     for rows, channels in ((50176, 128), (8192, 1024), (7, 3)):
         for dtype in ("float32", "bfloat16"):
@@ -1619,16 +1643,23 @@ def _training_step_checker(xs, dys, w, b, dtype):
 def test_small_planes_walked_as_planes_match_float64_torch_on_the_gpu(monkeypatch, shape, dtype):
     """PLANES_MIN_BYTES = 0 (NCHW planes under 4 KB walked as planes, tools/gpu_grid_sweep.py), alone and with
     MIN_VECTORS_PER_THREAD = 8, on a real card: forward with the running statistics, backward and the eval
-    forward against float64 torch; vector loads (28 x 28, 14 x 14) and one value per load (7 x 7, 6 x 6)."""
+    forward against float64 torch, and the kernels launched are the planes kernels at the plan's load width:
+    16-byte vectors for 28 x 28 (both dtypes), 14 x 14 float32 and 6 x 6 float32; one value per load for
+    14 x 14 and 6 x 6 in 16 bits and for 7 x 7."""
     xs, dys, w, b = _torch_case(shape, dtype, False, seed=12)
     check = _training_step_checker(xs, dys, w, b, dtype)
     monkeypatch.setattr(cuda, "PLANES_MIN_BYTES", 0)
+    launched, real_launch = [], cuda._launch
+    monkeypatch.setattr(cuda, "_launch", lambda *a, **kw: (launched.append(a[1]), real_launch(*a, **kw))[1])
+    n, c, l = shape[0], shape[1], shape[2] * shape[3]
+    vec = cuda._VEC[dtype] if l % cuda._VEC[dtype] == 0 else 1
     for k in (1, 8):
         monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", k)
-        n, c = shape[:2]
-        assert cuda.plan(n, c, shape[2] * shape[3], dtype, True, cuda._sm_count(0), min_vectors=k,
-                         planes_min_bytes=0).walk == "planes"
+        launched.clear()
         check()
+        data = [name for name in launched if "finalize" not in name]
+        assert len(data) == 5 and all(name.split("<")[0].endswith("_planes") and name.endswith(f", {vec}>")
+                                      for name in data), data
 
 
 @needs_torch_gpu
@@ -1661,6 +1692,9 @@ def test_bench_gpu_times_each_planes_plan_once():
             assert got == expected, (shape, layout)
             if layout == "NHWC" or shape == (2, 4, 64, 64):
                 assert not any("planes" in name for name, _, _ in got)
+    for r in (r for r in rows if r["impl"].startswith("bnlib [")):          # what the row's step launched
+        data = [k for k in r["kernels"] if "finalize" not in k]
+        assert len(data) == 4 and all(k.split("<")[0].endswith("_" + r["walk"]) for k in data), (r["impl"], data)
     planes = [r for r in rows if r["impl"] == "bnlib [planes >=0 B]"]
     assert len(planes) == 1 and planes[0]["planes_min_bytes"] == 0 and planes[0]["min_vectors"] == 1
     assert planes[0]["launches_per_step"] == 6 and planes[0]["step_ms"] > 0 and planes[0]["step_ratio_vs_bnlib"] > 0

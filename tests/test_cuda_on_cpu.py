@@ -293,25 +293,56 @@ def test_kernels_on_the_cpu_with_busier_grids(on_cpu, monkeypatch, shape, channe
 # GPU) instead of columns: vector loads that cross many short planes, one value per load where the plane's length
 # is not a multiple of the vector (7 x 7), and with fewer, busier blocks too.
 PLANES_CASES = [  # shape, SMs, dtype, min_vectors; and the plan's (segments, vectors per segment, in the last)
-    ((4, 6, 14, 14), 132, "float32", 1, (1, 49, 49)),        # 196 values: 49 vectors of 4 per plane
-    ((3, 5, 7, 7), 132, "bfloat16", 1, (1, 49, 49)),         # 49 values: one per load
+    ((4, 6, 14, 14), 132, "float32", 1, (1, 49, 49)),        # 196 values: 49 vectors of 4 per plane, 4 planes a block
+    ((64, 3, 7, 7), 1, "float32", 1, (1, 49, 49)),           # 49 values, one per load; 11 planes a block
     ((6, 4, 28, 28), 8, "bfloat16", 8, (1, 98, 98)),         # 784 values: 98 vectors of 8, busier grid
-    ((40, 3, 6, 6), 132, "float16", 1, (1, 36, 36))]         # 36 values: not a multiple of 8, one per load
+    ((96, 2, 6, 6), 1, "float16", 1, (1, 36, 36)),           # 36 values: not a multiple of 8; 12 planes a block
+    ((200, 4, 7, 7), 132, "bfloat16", 8, (1, 49, 49))]       # 40 planes a block: a thread steps 7 or 8 times
 
 
 @pytest.mark.parametrize("shape,sm_count,dtype,min_vectors,edge", PLANES_CASES)
 def test_kernels_on_the_cpu_with_small_planes_walked_as_planes(on_cpu, monkeypatch, shape, sm_count, dtype,
                                                                 min_vectors, edge):
+    """Segments shorter than a block (PlaneCursor's short path: the block's segments of consecutive planes read
+    as one sequence); the kernels launched are the planes kernels at the plan's load width."""
     monkeypatch.setattr(cuda, "_sm_count", lambda dev: sm_count)
     monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", min_vectors)
     monkeypatch.setattr(cuda, "PLANES_MIN_BYTES", 0)
     n, c, l = shape[0], shape[1], math.prod(shape[2:])
     assert cuda.plan(n, c, l, dtype, True, sm_count).walk == "cols"           # design 3's rule: columns
     pl = cuda.plan(n, c, l, dtype, True, sm_count, min_vectors=min_vectors, planes_min_bytes=0)
-    assert pl.walk == "planes" and _edge(pl) == edge
+    assert pl.walk == "planes" and _edge(pl) == edge and edge[1] < cuda.PLANE_THREADS
     assert pl.vec == (cuda._VEC[dtype] if l % cuda._VEC[dtype] == 0 else 1)
     check_case(shape, False, dtype, aligned=True)
     assert len(on_cpu) == 7
+    data = [k for k in on_cpu if "finalize" not in k]
+    assert data and all(k.split("<")[0].endswith("_planes") and k.endswith(f", {pl.vec}>") for k in data), data
+
+
+# The short-segment path of PlaneCursor, changed one line at a time: each change fails the small-planes checks.
+SHORT_MUTANTS = {
+    "next plane": ("if (i >= hi) { i -= hi - lo; n += step; base += plane_stride; }",
+                   "if (i >= hi) { i -= hi - lo; n += step; }"),
+    "skip": ("k.skip = PLANE_THREADS / len;", "k.skip = PLANE_THREADS / len + 1;"),
+    "start plane": ("k.n = first + (int)(threadIdx.x / len) * step;", "k.n = first;"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(SHORT_MUTANTS))
+def test_a_changed_short_segment_line_makes_the_small_planes_checks_fail(emulator, monkeypatch, tmp_path, mutant):
+    old, new = SHORT_MUTANTS[mutant]
+    assert cuda.KERNEL_SOURCE.count(old) == 1
+    wire(build(cuda.KERNEL_SOURCE.replace(old, new), tmp_path), monkeypatch)
+    monkeypatch.setattr(cuda, "PLANES_MIN_BYTES", 0)
+    failed = 0
+    for shape, sm_count, dtype, min_vectors, _ in (PLANES_CASES[1], PLANES_CASES[4]):    # threads that step on
+        monkeypatch.setattr(cuda, "_sm_count", lambda dev, sm_count=sm_count: sm_count)
+        monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", min_vectors)
+        try:
+            check_case(shape, False, dtype, aligned=True)
+        except AssertionError:
+            failed += 1
+    assert failed > 0, f"the {mutant} change went unnoticed"
 
 
 @pytest.mark.parametrize("dtype, param_dtype, channels_last", [

@@ -59,15 +59,16 @@ def main(argv=None):
     parser.add_argument("--values", nargs="+", type=int, default=[4, 8, 16, 32], metavar="K",
                         help="MIN_VECTORS_PER_THREAD values to time (integers >= 2; default 4 8 16 32)")
     parser.add_argument("--planes", nargs="*", type=int, default=[0], metavar="BYTES",
-                        help="PLANES_MIN_BYTES values to time, alone and with each K (integers >= 0 below the "
-                             "default 4096; default 0; none: --planes with no value)")
+                        help="PLANES_MIN_BYTES values to time, alone and with each K (integers >= 0 below "
+                             "bnlib.cuda.PLANES_MIN_BYTES, 4096; default 0; none: --planes with no value)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     if any(k < 2 for k in args.values):
         parser.error(f"--values must be integers >= 2 (1 is the default step), got {args.values}")
-    if any(not 0 <= b < 4096 for b in args.planes):
-        parser.error(f"--planes must be integers in [0, 4096) (4096 is the default step), got {args.planes}")
-    from bnlib import bench
+    from bnlib import bench, cuda
+    if any(not 0 <= b < cuda.PLANES_MIN_BYTES for b in args.planes):
+        parser.error(f"--planes must be integers in [0, {cuda.PLANES_MIN_BYTES}) (PLANES_MIN_BYTES, "
+                     f"{cuda.PLANES_MIN_BYTES}, is the default step), got {args.planes}")
     rows = recorded_bench_gpu(args.json, repeats=args.repeats, progress=False, min_vectors=tuple(args.values),
                               planes_min_bytes=tuple(args.planes))
     if rows is None:
