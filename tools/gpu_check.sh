@@ -76,7 +76,7 @@ if [ "$rc" -ne 0 ]; then
         export BNLIB_CUDA_LAUNCH=cupy
     fi
 fi
-# Step timeouts add up to 1210 s without the preflight's retry (1270 s with it), more than the device
+# Step timeouts add up to 1230 s without the preflight's retry (1290 s with it), more than the device
 # tool's 600 s per command: the last run (design 3, H200) took 320 s in all, before steps 6 and 7 existed,
 # with chapter 06 under nbval (now in step 8) and the L2-chunk sweep (now step 9) inside it (the CUDA
 # tests 26 s, chapter 05 under nbval 57 s, the benchmark and profile most of the rest), so the limits are
@@ -92,13 +92,14 @@ timeout 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 -
     2>&1 | tee "$OUT/test_cuda.log" || status=1
 timeout 40 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
     2>&1 | tee "$OUT/test_nn_cuda.log" || status=1
-# 2. compute-sanitizer on small cases of both walks, every dtype, unaligned data: racecheck (shared
+# 2. compute-sanitizer on small cases of both walks, every dtype, unaligned data, channel chunks and small
+#    planes walked as planes (PlaneCursor's short-segment path, PLANES_MIN_BYTES = 0): racecheck (shared
 #    memory: the merge trees, the block reductions) and memcheck (out of bounds, misaligned); torch's
 #    caching allocator off, so that every tensor is its own allocation and a read past its end is seen
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if [ -n "$sanitizer" ]; then
     for tool in racecheck memcheck; do
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 40 "$sanitizer" --tool "$tool" --error-exitcode 9 \
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 50 "$sanitizer" --tool "$tool" --error-exitcode 9 \
             python3 tools/gpu_sanitize.py > "$OUT/sanitize_$tool.log" 2>&1 || status=1
         tail -15 "$OUT/sanitize_$tool.log"
     done

@@ -4,9 +4,12 @@ tools/gpu_check.sh runs it under `compute-sanitizer --tool racecheck` (shared-me
 merge trees of the columns kernels, the block reductions) and `--tool memcheck` (out-of-bounds and
 misaligned accesses: unaligned data, partial last rows, single channels). Each case takes both
 walks' kernels through forward_torch (with the running statistics), backward_torch and
-inference_torch, and checks y against float64 torch, so that a wrong result shows here too. The last
-two cases walk channel chunks for the L2 cache (bnlib.cuda.L2_CHUNK_BYTES, off by default), so that
-memcheck sees each chunk's kernels at their offset addresses.
+inference_torch, and checks y against float64 torch, so that a wrong result shows here too. Two cases
+walk channel chunks for the L2 cache (bnlib.cuda.L2_CHUNK_BYTES, off by default), so that memcheck sees
+each chunk's kernels at their offset addresses; the last two walk small planes as planes
+(bnlib.cuda.PLANES_MIN_BYTES = 0, off by default: PlaneCursor's path for segments shorter than a block),
+with MIN_VECTORS_PER_THREAD = 8, so that each block walks 10 or 24 planes and a thread steps on 4 to 8 times;
+one of them unaligned.
 Exit status 0 when every case ran and matched; the sanitizer adds its own status on an error.
 """
 import sys
@@ -14,18 +17,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# (shape, channels_last, aligned, chunks): planes (large planes), columns (small planes, NHWC, 2-D), one
-# channel, partial last rows, unaligned data (vector width 1), channel chunks (aligned and not)
-CASES = [((2, 3, 32, 64), False, True, False), ((3, 5, 7, 9), False, True, False), ((4, 3, 5, 7), True, True, False),
-         ((40, 3), False, True, False), ((5, 70), False, False, False), ((2, 1, 1024, 512), False, True, False),
-         ((3, 4, 6, 6), True, False, False), ((2, 5, 32, 64), False, True, True), ((2, 5, 32, 64), False, False, True)]
+# (shape, channels_last, aligned, chunks, small planes as planes): planes (large planes), columns (small planes,
+# NHWC, 2-D), one channel, partial last rows, unaligned data (vector width 1), channel chunks (aligned and not),
+# short segments (7 x 7 planes; 14 x 14 unaligned, one value per load)
+CASES = [((2, 3, 32, 64), False, True, False, False), ((3, 5, 7, 9), False, True, False, False),
+         ((4, 3, 5, 7), True, True, False, False), ((40, 3), False, True, False, False),
+         ((5, 70), False, False, False, False), ((2, 1, 1024, 512), False, True, False, False),
+         ((3, 4, 6, 6), True, False, False, False), ((2, 5, 32, 64), False, True, True, False),
+         ((2, 5, 32, 64), False, False, True, False), ((48, 3, 7, 7), False, True, False, True),
+         ((20, 2, 14, 14), False, False, False, True)]
 
 
 def main():
     import torch
     from bnlib import cuda
     failures = 0
-    for shape, channels_last, aligned, chunks in CASES:
+    for shape, channels_last, aligned, chunks, small_planes in CASES:
+        cuda.PLANES_MIN_BYTES, cuda.MIN_VECTORS_PER_THREAD = (0, 8) if small_planes else (4096, 1)
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             channel_bytes = shape[0] * (shape[2] * shape[3] if len(shape) == 4 else 1) * dtype.itemsize
             cuda.L2_CHUNK_BYTES = int(4.5 * channel_bytes) if chunks else None     # forward chunks of 1-2 channels
@@ -53,8 +61,9 @@ def main():
             ok = err < (2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4)
             failures += not ok
             print(f"{str(shape):>18} {'NHWC' if channels_last else 'NCHW'} {'aligned' if aligned else 'unaligned':9s} "
-                  f"{'chunks ' if chunks else ''}"
+                  f"{'chunks ' if chunks else ''}{'as planes ' if small_planes else ''}"
                   f"{str(dtype):15s} y error {err:.2e} {'ok' if ok else 'WRONG'}")
+    cuda.PLANES_MIN_BYTES, cuda.MIN_VECTORS_PER_THREAD = 4096, 1
     torch.cuda.synchronize()
     print(f"{failures} wrong of {len(CASES) * 4}")
     return 1 if failures else 0
