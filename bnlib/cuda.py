@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'available', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'flat_cursor', 'available', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
 import functools
 import math
@@ -19,8 +19,9 @@ import numpy as np
 KERNEL_DESIGN = 3        # design 2 plus: running statistics in the forward's kernels, the driver launch
                          # path, merge trees in the columns reductions, reversed second passes, planes
                          # kernels that load UNROLL vectors at a time across plane boundaries (and,
-                         # added since its H200 run, PlaneCursor's path for segments shorter than a
-                         # block, which design 3's plans walk only in blocks of one plane, alike)
+                         # added since its H200 run, FLAT instantiations of the planes kernels, which
+                         # plan's flat_cursor picks only for short segments shared by several planes:
+                         # no benchmarked plan; the other instantiations are design 3's code)
 
 KERNEL_COMMON = r"""
 // Batch-norm kernels for bnlib.cuda, third design (the second's, with the running-statistics update in
@@ -227,42 +228,54 @@ __device__ __forceinline__ long long rows_of(long long first, long long end, lon
 // lo + threadIdx.x, lo + threadIdx.x + PLANE_THREADS, ... below hi. The kernels take them UNROLL at a
 // time across plane boundaries, so a thread with fewer than UNROLL vectors per plane (small planes,
 // 16-bit data) still has UNROLL loads in flight; moving on costs an add and a compare, no division.
-// A segment shorter than the block (hi - lo < PLANE_THREADS: planes under 4 KB, walked as planes only
-// when PLANES_MIN_BYTES is lowered; design 3's plans give it only to one plane, a segment's tail) would
-// leave threads lo + t >= hi idle in every plane. There the block's segments of consecutive planes are
-// read as one sequence instead: thread t starts at position t of it (plane t / len, offset t % len, two
-// divisions once) and steps PLANE_THREADS positions, skip = PLANE_THREADS / len whole planes and wrap =
-// PLANE_THREADS % len offsets, then one plane more if the offset passes hi: every thread busy, each
-// warp's loads still consecutive (two pieces where they cross into the next plane), no division per step.
 struct PlaneCursor {
     long long i, lo, hi, base, plane_stride;  // base = (n * C + c) * LV, the vector index of plane n's start
     int n, step, N;
-    int skip, wrap;                           // skip = 0: a segment of PLANE_THREADS vectors or more
     __device__ __forceinline__ bool valid() const { return i < hi && n >= 0 && n < N; }
     __device__ __forceinline__ long long index() const { return base + i; }
     __device__ __forceinline__ void next() {
-        if (skip == 0) {
-            i += PLANE_THREADS;
-            if (i >= hi) { i = lo + threadIdx.x; n += step; base += plane_stride; }
-        } else {
-            i += wrap; n += skip * step; base += skip * plane_stride;
-            if (i >= hi) { i -= hi - lo; n += step; base += plane_stride; }
-        }
+        i += PLANE_THREADS;
+        if (i >= hi) { i = lo + threadIdx.x; n += step; base += plane_stride; }
     }
 };
 
 __device__ __forceinline__ PlaneCursor plane_cursor(int first, int step, int N, int C, int c, long long LV,
                                                     long long lo, long long hi) {
     PlaneCursor k;
-    const int len = (int)min(hi - lo, (long long)PLANE_THREADS);
-    k.lo = lo; k.hi = hi; k.step = step; k.N = N;
-    if (len > 0 && len < PLANE_THREADS) {     // a short segment: the planes' segments as one sequence
-        k.skip = PLANE_THREADS / len; k.wrap = PLANE_THREADS % len;
-        k.i = lo + threadIdx.x % len; k.n = first + (int)(threadIdx.x / len) * step;
-    } else {
-        k.skip = 0; k.wrap = 0;
-        k.i = lo + threadIdx.x; k.n = first;
+    k.i = lo + threadIdx.x; k.lo = lo; k.hi = hi; k.n = first; k.step = step; k.N = N;
+    k.base = ((long long)first * C + c) * LV;
+    k.plane_stride = (long long)step * C * LV;
+    return k;
+}
+
+// PlaneCursor leaves threads lo + t >= hi idle in every plane of a segment shorter than the block
+// (planes under 4 KB, walked as planes when PLANES_MIN_BYTES is lowered or when plan falls back to
+// planes for a wide tensor's scratch). The planes kernels' FLAT instantiations (plan's flat_cursor,
+// chosen only where a segment is that short and a block has several planes) take FlatPlaneCursor: the
+// block's segments of consecutive planes read as one sequence. Thread t starts at position t of it
+// (plane t / len, offset t % len: two divisions, once) and steps PLANE_THREADS positions, skip =
+// PLANE_THREADS / len whole planes and wrap = PLANE_THREADS % len offsets, then one plane more if the
+// offset passes hi; no division per step. Every thread has work when the block's planes hold
+// PLANE_THREADS positions or more; a warp's loads stay consecutive within a plane. The other
+// instantiations keep PlaneCursor, so their code is design 3's.
+struct FlatPlaneCursor {
+    long long i, lo, hi, base, plane_stride;
+    int n, step, N, skip, wrap;
+    __device__ __forceinline__ bool valid() const { return i < hi && n >= 0 && n < N; }
+    __device__ __forceinline__ long long index() const { return base + i; }
+    __device__ __forceinline__ void next() {
+        i += wrap; n += skip * step; base += skip * plane_stride;
+        if (i >= hi) { i -= hi - lo; n += step; base += plane_stride; }
     }
+};
+
+__device__ __forceinline__ FlatPlaneCursor flat_plane_cursor(int first, int step, int N, int C, int c, long long LV,
+                                                             long long lo, long long hi) {
+    FlatPlaneCursor k;
+    const long long len = hi - lo;            // > 0: plan's segments are never empty
+    k.lo = lo; k.hi = hi; k.step = step; k.N = N;
+    k.skip = (int)(PLANE_THREADS / len); k.wrap = (int)(PLANE_THREADS % len);
+    k.i = lo + threadIdx.x % len; k.n = first + (int)(threadIdx.x / len) * step;
     k.base = ((long long)k.n * C + c) * LV;
     k.plane_stride = (long long)step * C * LV;
     return k;
@@ -277,6 +290,21 @@ __device__ __forceinline__ PlaneCursor block_plane_cursor(int N, int C, long lon
         return plane_cursor(b, gridDim.y, N, C, blockIdx.x, LV, lo, min(LV, lo + seg));
     return plane_cursor(b + (int)(rows_of(b, N, gridDim.y) - 1) * gridDim.y, -(int)gridDim.y, N, C, blockIdx.x,
                         LV, lo, min(LV, lo + seg));
+}
+
+// block_plane_cursor's block and planes, walked with the cursor of the kernel's instantiation.
+template <bool FLAT>
+__device__ __forceinline__ auto block_cursor(int N, int C, long long LV, long long seg, bool second) {
+    if constexpr (!FLAT) {
+        return block_plane_cursor(N, C, LV, seg, second);
+    } else {
+        const int b = second ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+        const long long lo = (long long)(second ? gridDim.z - 1 - blockIdx.z : blockIdx.z) * seg;
+        if (!second)
+            return flat_plane_cursor(b, gridDim.y, N, C, blockIdx.x, LV, lo, min(LV, lo + seg));
+        return flat_plane_cursor(b + (int)(rows_of(b, N, gridDim.y) - 1) * gridDim.y, -(int)gridDim.y, N, C,
+                                 blockIdx.x, LV, lo, min(LV, lo + seg));
+    }
 }
 
 // The per-channel affine map of the normalize pass, y = (x - mu) * a + beta, from either the batch
@@ -296,7 +324,7 @@ __device__ __forceinline__ void channel_coefficients(int c, const A* __restrict_
 KERNEL_STATS = r"""
 // Forward, pass 1 (planes): block (c, b, s) reduces its planes' segment to one partial (n, mean, M2),
 // stored at j = (b * S + s) * C + c of the three arrays part[0:P], part[P:2P], part[2P:3P].
-template <typename T, int V>
+template <typename T, int V, bool FLAT = false>
 __global__ void __launch_bounds__(PLANE_THREADS)
 bn_stats_planes(const T* __restrict__ x, int N, int C, long long LV, long long seg,
                 typename Acc<T>::type* __restrict__ part, long long P, long long* __restrict__ counter) {
@@ -306,7 +334,7 @@ bn_stats_planes(const T* __restrict__ x, int N, int C, long long LV, long long s
     const int c = blockIdx.x;
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     A shift = A(0), s1 = A(0), s2 = A(0), cnt = A(0);
-    PlaneCursor cur = block_plane_cursor(N, C, LV, seg, false);
+    auto cur = block_cursor<FLAT>(N, C, LV, seg, false);
     if (cur.valid())                          // the thread's first value: the shift of its sums
         shift = to_acc(xv[cur.index()].v[0]);
     while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
@@ -472,7 +500,7 @@ bn_stats_finalize(const A* __restrict__ part, long long P, long long Q, long lon
 KERNEL_APPLY = r"""
 // Forward, pass 2 (and the whole eval forward): y = (x - mu) * a + beta with the channel's
 // coefficients in registers (channel_coefficients), one FMA per value, same walks as pass 1.
-template <typename T, int V>
+template <typename T, int V, bool FLAT = false>
 __global__ void __launch_bounds__(PLANE_THREADS)
 bn_apply_planes(const T* __restrict__ x, T* __restrict__ y, int N, int C, long long LV, long long seg,
                 const typename Acc<T>::type* __restrict__ mean, const typename Acc<T>::type* __restrict__ stat,
@@ -484,7 +512,7 @@ bn_apply_planes(const T* __restrict__ x, T* __restrict__ y, int N, int C, long l
     channel_coefficients(c, mean, stat, weight, bias, eps, from_var, mu, a, beta);
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     Vec<T, V>* __restrict__ yv = reinterpret_cast<Vec<T, V>*>(y);
-    PlaneCursor cur = block_plane_cursor(N, C, LV, seg, true);     // reversed: from the last plane down
+    auto cur = block_cursor<FLAT>(N, C, LV, seg, true);     // reversed: from the last plane down
     while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
         Vec<T, V> v[UNROLL];
         long long at[UNROLL];
@@ -560,7 +588,7 @@ bn_apply_cols(const T* __restrict__ x, T* __restrict__ y, long long total, long 
 KERNEL_BACKWARD_REDUCE = r"""
 // Backward, pass 1: per-channel partial sums of dy and dy * (x - mean), same walks and partial
 // layout as forward pass 1 (two arrays: part[0:P] and part[P:2P]).
-template <typename T, int V>
+template <typename T, int V, bool FLAT = false>
 __global__ void __launch_bounds__(PLANE_THREADS)
 bn_backward_reduce_planes(const T* __restrict__ dy, const T* __restrict__ x, int N, int C, long long LV,
                           long long seg, const typename Acc<T>::type* __restrict__ mean,
@@ -571,7 +599,7 @@ bn_backward_reduce_planes(const T* __restrict__ dy, const T* __restrict__ x, int
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
     A s = A(0), t = A(0);
-    PlaneCursor cur = block_plane_cursor(N, C, LV, seg, false);
+    auto cur = block_cursor<FLAT>(N, C, LV, seg, false);
     while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
         Vec<T, V> xa[UNROLL], ga[UNROLL];
         bool has[UNROLL];
@@ -712,7 +740,7 @@ bn_backward_finalize(const A* __restrict__ part, long long P, long long Q, long 
 
 KERNEL_BACKWARD_DX = r"""
 // Backward, pass 2: dx = a dy + b (x - mean) + k.
-template <typename T, int V>
+template <typename T, int V, bool FLAT = false>
 __global__ void __launch_bounds__(PLANE_THREADS)
 bn_backward_dx_planes(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int N, int C,
                       long long LV, long long seg, const typename Acc<T>::type* __restrict__ mean,
@@ -723,7 +751,7 @@ bn_backward_dx_planes(const T* __restrict__ dy, const T* __restrict__ x, T* __re
     const Vec<T, V>* __restrict__ xv = reinterpret_cast<const Vec<T, V>*>(x);
     const Vec<T, V>* __restrict__ gv = reinterpret_cast<const Vec<T, V>*>(dy);
     Vec<T, V>* __restrict__ ov = reinterpret_cast<Vec<T, V>*>(dx);
-    PlaneCursor cur = block_plane_cursor(N, C, LV, seg, true);     // reversed: from the last plane down
+    auto cur = block_cursor<FLAT>(N, C, LV, seg, true);     // reversed: from the last plane down
     while (cur.valid()) {                     // UNROLL vectors (those left), across planes, loaded, then used
         Vec<T, V> xa[UNROLL], ga[UNROLL];
         long long at[UNROLL];
@@ -816,8 +844,11 @@ PLANE_THREADS, TX, TY, FINALIZE_THREADS = 256, 16, 16, 256       # must match th
 
 
 def kernel_names() -> list:
-    """Every kernel instantiation the host code can launch ("bn_stats_cols<float, 4>", ...)."""
+    """Every kernel instantiation the host code can launch ("bn_stats_cols<float, 4>", ...), the planes
+    kernels also with FlatPlaneCursor ("bn_stats_planes<float, 4, true>", see plan's flat_cursor)."""
     names = [f"{k}<{t}, {v}>" for k in _DATA_KERNELS for d, t in _TYPES.items() for v in (_VEC[d], 1)]
+    names += [f"{k}<{t}, {v}, true>" for k in _DATA_KERNELS if k.endswith("_planes")
+              for d, t in _TYPES.items() for v in (_VEC[d], 1)]
     return names + [f"{k}<{a}>" for k in _FINALIZE_KERNELS for a in ("float", "double")]
 
 
@@ -949,6 +980,18 @@ def _cols_plan(n, c, l, v, target, min_vectors=1):
     return Plan("cols", v, (gx, b, 1), (TX, TY, 1), (total, rfull, wf), (w, l), p,
                 (p, b * g * l, g * l, l, wf, w, c),
                 c, n * l, 3 * p + 3 * c)
+
+
+def flat_cursor(pl) -> bool:
+    """Whether plan pl's planes kernels take FlatPlaneCursor (their FLAT instantiations): a segment shorter
+    than a block's PLANE_THREADS threads in a block of more than one plane, where PlaneCursor would leave
+    threads idle in every plane. Design 3's plans need it only in plan's scratch fallback (wide tensors
+    with few rows and small planes), and when PLANES_MIN_BYTES is lowered."""
+    if pl.walk != "planes":
+        return False
+    n, _, lv, seg = pl.walk_args
+    last = lv - seg * (pl.grid[2] - 1)
+    return min(seg, last) < PLANE_THREADS and n > pl.grid[1]
 
 
 def _pieces(pl):
@@ -1244,41 +1287,50 @@ def cupy_stream(torch_stream):
     return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device.index)
 
 
-def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate) -> int:
+def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate, captured: bool = False) -> int:
     """A scratch buffer of at least nbytes for the partial results, kept per host thread and per
     (owner, device, stream): kernels on one stream run in order, so one thread's consecutive calls can
     share it. Per thread, because two threads launching on one stream can interleave their launches,
     and one call's finalize would then merge the other call's partials. A buffer goes back to its
     allocator (torch's or CuPy's, which reuse memory in stream order) when it is outgrown or its
-    thread ends. Returns its address."""
+    thread ends. Returns its address.
+
+    captured=True: the call is being captured into a CUDA graph, whose replays will use the address
+    for as long as the graph lives, at times no eager call is ordered with. Such calls get buffers of
+    their own (never one an eager call on the stream uses), and a captured buffer is never given back:
+    when outgrown, it moves to _captured_workspaces, kept for the life of the process."""
     cache = getattr(_thread, "workspaces", None)
     if cache is None:
         cache = _thread.workspaces = _ThreadWorkspaces()
         with _workspace_lock:
             _workspace_caches[id(cache)] = cache
-    key = (owner, dev, stream_ptr)
+    key = (owner, dev, stream_ptr, captured)
     entry = cache.get(key)
     if entry is None or entry[1] < nbytes:
         size = max(nbytes, _MIN_WORKSPACE)
         buffer, ptr = allocate(size)
+        if captured and entry is not None:
+            with _workspace_lock:
+                _captured_workspaces.append(entry)
         entry = cache[key] = (buffer, size, ptr)
     return entry[2]
 
 
 class _ThreadWorkspaces(dict):
-    """One thread's scratch buffers, {(owner, device, stream): (buffer, bytes, address)}: a dict that
+    """One thread's scratch buffers, {(owner, device, stream, captured): (buffer, bytes, address)}: a dict that
     _workspace_caches can hold weakly (a plain dict cannot be), so that it goes with its thread."""
 
 
 _workspace_caches, _workspace_lock = weakref.WeakValueDictionary(), threading.Lock()
+_captured_workspaces = []        # outgrown buffers that a CUDA graph may still use: never given back
 
 
 def workspace_bytes() -> int:
     """Bytes held by the cached scratch buffers of every live thread, all devices and streams (torch
     runs the backward of CUDA tensors on a thread of its own, which keeps its own buffers)."""
     with _workspace_lock:
-        caches = list(_workspace_caches.values())
-    return sum(entry[1] for cache in caches for entry in list(cache.values()))
+        caches, kept = list(_workspace_caches.values()), list(_captured_workspaces)
+    return sum(entry[1] for cache in caches for entry in list(cache.values())) + sum(entry[1] for entry in kept)
 
 
 # ----------------------------------------------------------------------------------- the passes
@@ -1299,7 +1351,7 @@ def _kernel_eps(eps, dtype_name):
 
 
 def _kernel_name(kind, pl, dtype_name):
-    return f"bn_{kind}_{pl.walk}<{_TYPES[dtype_name]}, {pl.vec}>"
+    return f"bn_{kind}_{pl.walk}<{_TYPES[dtype_name]}, {pl.vec}{', true' if flat_cursor(pl) else ''}>"
 
 
 def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, eps, ws, stream=None, running=None):
@@ -1456,6 +1508,12 @@ def _torch_setup(x, name="x"):
     return x, rows, c, l, dtype_name, acc, x.device.index, _torch_stream(x.device)
 
 
+def _capturing(device) -> bool:
+    """True while torch captures work on the current stream of `device` into a CUDA graph."""
+    import torch
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _torch_workspace(dev, stream, pl, device):
     import torch
 
@@ -1463,7 +1521,7 @@ def _torch_workspace(dev, stream, pl, device):
         buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
         return buffer, buffer.data_ptr()
 
-    return _workspace("torch", dev, stream, pl.workspace_values * 8, allocate)
+    return _workspace("torch", dev, stream, pl.workspace_values * 8, allocate, captured=_capturing(device))
 
 
 def _torch_running(x, c, acc, running_mean, running_var, momentum, num_batches_tracked):

@@ -53,7 +53,7 @@ def test_every_kernel_instantiation_compiles(tmp_path, arch):
 
 def test_kernel_names_cover_every_dtype_and_walk():
     names = cuda.kernel_names()
-    assert len(names) == len(set(names)) == 8 * 4 * 2 + 2 * 2
+    assert len(names) == len(set(names)) == 8 * 4 * 2 + 4 * 4 * 2 + 2 * 2       # + the planes kernels' FLAT ones
     for dtype, ctype in [("float16", "__half"), ("bfloat16", "bf16_t"), ("float32", "float"), ("float64", "double")]:
         for walk in ("planes", "cols"):
             assert f"bn_stats_{walk}<{ctype}, {cuda._VEC[dtype]}>" in names and f"bn_stats_{walk}<{ctype}, 1>" in names
@@ -274,28 +274,38 @@ def test_planes_min_bytes_walks_small_planes_as_planes_and_keeps_every_walk_whol
     assert cuda.plan(rows, channels, length, dtype, aligned, sms, planes_min_bytes=size + 1).walk == "cols"
 
 
-def test_design_3_plans_give_a_short_segment_only_to_blocks_of_one_plane():
-    """PlaneCursor's short-segment path (a segment of fewer vectors than a block's threads: its planes' segments
-    read as one sequence) changes nothing in design 3's plans: over a sample of shapes, dtypes, alignments, SM
-    counts and min_vectors, a planes walk has such a segment (here, the last of a very long plane) only where
-    each block has one plane, which both paths walk alike."""
-    short = 0
-    for n in (1, 2, 3, 8, 64, 256):
-        for c in (1, 3, 64, 1024):
-            for l in (1024, 1030, 3136, 4096, 50176, 262144, 998001):
-                for dtype in ("float16", "float32", "float64"):
-                    for aligned in (True, False):
-                        for sms in (1, 8, 132):
-                            for k in (1, 8):
-                                pl = cuda.plan(n, c, l, dtype, aligned, sms, min_vectors=k)
-                                if pl.walk != "planes":
-                                    continue
-                                lv, seg = pl.walk_args[2:]
-                                last = lv - seg * (pl.grid[2] - 1)
-                                if min(seg, last) < cuda.PLANE_THREADS:
-                                    short += 1
-                                    assert len(range(0, n, pl.grid[1])) == 1, (n, c, l, dtype, aligned, sms, k)
-    assert short > 0                               # the sample does reach such segments
+def test_flat_cursor_is_taken_only_where_a_short_segment_shares_a_block_with_other_planes():
+    """flat_cursor(plan) (the planes kernels' FLAT instantiations, with FlatPlaneCursor) holds exactly where a
+    segment is shorter than a block's threads and a block has several planes. Over a sample of shapes, dtypes,
+    alignments, SM counts and min_vectors, design 3's default plans need it only where plan fell back from
+    columns to planes for a wide tensor's scratch (planes under 4 KB, e.g. (2, 3001, 121) float16), and none
+    of the benchmark's cases does: their kernels are design 3's."""
+    flat = short_alone = 0
+    shapes = [(n, c, l) for n in (1, 2, 3, 8, 64, 256) for c in (1, 3, 64, 1024)
+              for l in (1024, 1030, 3136, 4096, 50176, 262144, 998001)]
+    shapes += [(n, c, l) for n in (2, 3, 4) for c in (2001, 3001, 4095) for l in (49, 121, 201, 225)]
+    for n, c, l in shapes:
+        for dtype in ("float16", "float32", "float64"):
+            for aligned in (True, False):
+                for sms in (1, 8, 132):
+                    for k in (1, 8):
+                        pl = cuda.plan(n, c, l, dtype, aligned, sms, min_vectors=k)
+                        if pl.walk != "planes":
+                            assert not cuda.flat_cursor(pl)
+                            continue
+                        lv, seg = pl.walk_args[2:]
+                        short = min(seg, lv - seg * (pl.grid[2] - 1)) < cuda.PLANE_THREADS
+                        assert cuda.flat_cursor(pl) == (short and len(range(0, n, pl.grid[1])) > 1)
+                        if cuda.flat_cursor(pl):
+                            assert l * cuda._ITEMSIZE[dtype] < 4096, (n, c, l, dtype, aligned, sms, k)
+                            flat += 1
+                        short_alone += short and not cuda.flat_cursor(pl)
+    assert flat > 0 and short_alone > 0                # the sample reaches both kinds
+    assert cuda.flat_cursor(cuda.plan(2, 3001, 121, "float16", True, 132))        # the chapter's example
+    from bnlib import bench
+    for s_, d, lay in [(s_, d, lay) for s_ in bench.GPU_SHAPES for d, lay in bench.GPU_CONFIGS]:
+        view = (s_[0], s_[1], math.prod(s_[2:])) if lay == "NCHW" else (s_[0] * math.prod(s_[2:]), s_[1], 1)
+        assert not cuda.flat_cursor(cuda.plan(*view, d, True, 132))
 
 
 def test_planes_min_bytes_leaves_channels_last_and_2d_input_as_columns():
@@ -752,6 +762,39 @@ def test_workspace_bytes_counts_the_buffers_of_every_live_thread(monkeypatch):
     worker.join()
     gc.collect()
     assert cuda.workspace_bytes() == 1 << 20
+
+
+def test_a_captured_call_gets_a_workspace_no_eager_call_uses_and_never_gives_it_back(monkeypatch):
+    """While torch captures a CUDA graph (_capturing), forward_torch's scratch buffer is not the one eager calls on
+    the same stream use, so that eager calls never write where a replay of the graph does; a captured buffer
+    that a larger capture outgrows is kept alive (_captured_workspaces), not given back to the allocator, since
+    the first graph's replays still use its address. The emulated device: capture is only pretended."""
+    import gc
+    import weakref
+    torch = pytest.importorskip("torch")
+    _emulated_torch_device(monkeypatch)
+    monkeypatch.setattr(cuda, "_thread", threading.local())
+    monkeypatch.setattr(cuda, "_captured_workspaces", [])
+    capturing = [False]
+    monkeypatch.setattr(cuda, "_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(cuda, "_sm_count", lambda dev: 132)
+    small, large = torch.randn(4, 3, 5, 6), torch.randn(1000, 2000)          # scratch: the 1 MiB minimum, 3 MB
+    assert cuda.plan(1000, 2000, 1, "float32", True, 132).workspace_values * 8 > cuda._MIN_WORKSPACE
+    cuda.forward_torch(small, None, None, 1e-5)
+    eager = {k: v for k, v in cuda._thread.workspaces.items()}
+    capturing[0] = True
+    cuda.forward_torch(small, None, None, 1e-5)
+    captured = {k: v for k, v in cuda._thread.workspaces.items() if k not in eager}
+    assert len(captured) == 1 and next(iter(captured))[3] is True
+    assert next(iter(captured.values()))[2] != next(iter(eager.values()))[2]   # another address
+    first = weakref.ref(next(iter(captured.values()))[0])
+    cuda.forward_torch(large, None, None, 1e-5)                               # outgrows the captured buffer
+    gc.collect()
+    assert first() is not None and cuda._captured_workspaces[0][0] is first()  # kept, not given back
+    capturing[0] = False
+    cuda.forward_torch(small, None, None, 1e-5)                               # eager again: the eager buffer
+    assert {k: v[2] for k, v in cuda._thread.workspaces.items() if not k[3]} == {k: v[2] for k, v in eager.items()}
+    assert cuda.workspace_bytes() >= sum(v[1] for v in cuda._thread.workspaces.values()) + cuda._captured_workspaces[0][1]
 
 
 def test_two_host_threads_on_one_stream_have_their_own_workspace(monkeypatch):
@@ -1657,8 +1700,10 @@ def test_small_planes_walked_as_planes_match_float64_torch_on_the_gpu(monkeypatc
         monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", k)
         launched.clear()
         check()
+        pl = cuda.plan(n, c, l, dtype, True, cuda._sm_count(0), min_vectors=k, planes_min_bytes=0)
+        suffix = f", {vec}, true>" if cuda.flat_cursor(pl) else f", {vec}>"
         data = [name for name in launched if "finalize" not in name]
-        assert len(data) == 5 and all(name.split("<")[0].endswith("_planes") and name.endswith(f", {vec}>")
+        assert len(data) == 5 and all(name.split("<")[0].endswith("_planes") and name.endswith(suffix)
                                       for name in data), data
 
 

@@ -303,8 +303,9 @@ PLANES_CASES = [  # shape, SMs, dtype, min_vectors; and the plan's (segments, ve
 @pytest.mark.parametrize("shape,sm_count,dtype,min_vectors,edge", PLANES_CASES)
 def test_kernels_on_the_cpu_with_small_planes_walked_as_planes(on_cpu, monkeypatch, shape, sm_count, dtype,
                                                                 min_vectors, edge):
-    """Segments shorter than a block (PlaneCursor's short path: the block's segments of consecutive planes read
-    as one sequence); the kernels launched are the planes kernels at the plan's load width."""
+    """Segments shorter than a block, in blocks of several planes (all but the first case): the FLAT
+    instantiations, whose FlatPlaneCursor reads the block's segments of consecutive planes as one sequence;
+    the kernels launched are the planes kernels at the plan's load width."""
     monkeypatch.setattr(cuda, "_sm_count", lambda dev: sm_count)
     monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", min_vectors)
     monkeypatch.setattr(cuda, "PLANES_MIN_BYTES", 0)
@@ -316,14 +317,15 @@ def test_kernels_on_the_cpu_with_small_planes_walked_as_planes(on_cpu, monkeypat
     check_case(shape, False, dtype, aligned=True)
     assert len(on_cpu) == 7
     data = [k for k in on_cpu if "finalize" not in k]
-    assert data and all(k.split("<")[0].endswith("_planes") and k.endswith(f", {pl.vec}>") for k in data), data
+    suffix = f", {pl.vec}, true>" if cuda.flat_cursor(pl) else f", {pl.vec}>"      # FlatPlaneCursor or not
+    assert data and all(k.split("<")[0].endswith("_planes") and k.endswith(suffix) for k in data), data
 
 
-# The short-segment path of PlaneCursor, changed one line at a time: each change fails the small-planes checks.
+# FlatPlaneCursor, changed one line at a time: each change fails the small-planes checks.
 SHORT_MUTANTS = {
     "next plane": ("if (i >= hi) { i -= hi - lo; n += step; base += plane_stride; }",
                    "if (i >= hi) { i -= hi - lo; n += step; }"),
-    "skip": ("k.skip = PLANE_THREADS / len;", "k.skip = PLANE_THREADS / len + 1;"),
+    "skip": ("k.skip = (int)(PLANE_THREADS / len);", "k.skip = (int)(PLANE_THREADS / len) + 1;"),
     "start plane": ("k.n = first + (int)(threadIdx.x / len) * step;", "k.n = first;"),
 }
 

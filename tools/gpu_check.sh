@@ -93,7 +93,7 @@ timeout 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 -
 timeout 40 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
     2>&1 | tee "$OUT/test_nn_cuda.log" || status=1
 # 2. compute-sanitizer on small cases of both walks, every dtype, unaligned data, channel chunks and small
-#    planes walked as planes (PlaneCursor's short-segment path, PLANES_MIN_BYTES = 0): racecheck (shared
+#    planes walked as planes (PLANES_MIN_BYTES = 0: the planes kernels' FLAT instantiations): racecheck (shared
 #    memory: the merge trees, the block reductions) and memcheck (out of bounds, misaligned); torch's
 #    caching allocator off, so that every tensor is its own allocation and a read past its end is seen
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)

@@ -7,7 +7,7 @@ walks' kernels through forward_torch (with the running statistics), backward_tor
 inference_torch, and checks y against float64 torch, so that a wrong result shows here too. Two cases
 walk channel chunks for the L2 cache (bnlib.cuda.L2_CHUNK_BYTES, off by default), so that memcheck sees
 each chunk's kernels at their offset addresses; the last two walk small planes as planes
-(bnlib.cuda.PLANES_MIN_BYTES = 0, off by default: PlaneCursor's path for segments shorter than a block),
+(bnlib.cuda.PLANES_MIN_BYTES = 0, off by default: the planes kernels' FLAT instantiations, FlatPlaneCursor),
 with MIN_VECTORS_PER_THREAD = 8, so that each block walks 10 or 24 planes and a thread steps on 4 to 8 times;
 one of them unaligned.
 Exit status 0 when every case ran and matched; the sanitizer adds its own status on an error.
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # (shape, channels_last, aligned, chunks, small planes as planes): planes (large planes), columns (small planes,
 # NHWC, 2-D), one channel, partial last rows, unaligned data (vector width 1), channel chunks (aligned and not),
-# short segments (7 x 7 planes; 14 x 14 unaligned, one value per load)
+# short segments shared by several planes, the FLAT kernels (7 x 7 planes; 14 x 14 unaligned, one value per load)
 CASES = [((2, 3, 32, 64), False, True, False, False), ((3, 5, 7, 9), False, True, False, False),
          ((4, 3, 5, 7), True, True, False, False), ((40, 3), False, True, False, False),
          ((5, 70), False, False, False, False), ((2, 1, 1024, 512), False, True, False, False),
