@@ -1298,7 +1298,9 @@ def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate, cap
     captured=True: the call is being captured into a CUDA graph, whose replays will use the address
     for as long as the graph lives, at times no eager call is ordered with. Such calls get buffers of
     their own (never one an eager call on the stream uses), and a captured buffer is never given back:
-    when outgrown, it moves to _captured_workspaces, kept for the life of the process."""
+    _captured_workspaces holds each for the life of the process, outgrown or not, and whether or not
+    its thread has ended. Graphs captured on one thread and stream share that buffer, as their eager
+    calls would: replay them one after another (on one stream), not at the same time."""
     cache = getattr(_thread, "workspaces", None)
     if cache is None:
         cache = _thread.workspaces = _ThreadWorkspaces()
@@ -1309,10 +1311,10 @@ def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate, cap
     if entry is None or entry[1] < nbytes:
         size = max(nbytes, _MIN_WORKSPACE)
         buffer, ptr = allocate(size)
-        if captured and entry is not None:
+        entry = cache[key] = (buffer, size, ptr)
+        if captured:
             with _workspace_lock:
                 _captured_workspaces.append(entry)
-        entry = cache[key] = (buffer, size, ptr)
     return entry[2]
 
 
@@ -1322,7 +1324,7 @@ class _ThreadWorkspaces(dict):
 
 
 _workspace_caches, _workspace_lock = weakref.WeakValueDictionary(), threading.Lock()
-_captured_workspaces = []        # outgrown buffers that a CUDA graph may still use: never given back
+_captured_workspaces = []        # every buffer a CUDA graph's capture was given: never given back
 
 
 def workspace_bytes() -> int:
@@ -1330,7 +1332,8 @@ def workspace_bytes() -> int:
     runs the backward of CUDA tensors on a thread of its own, which keeps its own buffers)."""
     with _workspace_lock:
         caches, kept = list(_workspace_caches.values()), list(_captured_workspaces)
-    return sum(entry[1] for cache in caches for entry in list(cache.values())) + sum(entry[1] for entry in kept)
+    eager = sum(entry[1] for cache in caches for key, entry in list(cache.items()) if not key[3])
+    return eager + sum(entry[1] for entry in kept)
 
 
 # ----------------------------------------------------------------------------------- the passes
@@ -1366,7 +1369,7 @@ def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, ep
         raise ValueError("momentum=None (a cumulative average) needs the batch counter")
     unbias = pl.count / (pl.count - 1) if pl.count > 1 else 1.0
     finalize = f"bn_stats_finalize<{_acc_name(dtype_name)}>"
-    _ready(dev, (_kernel_name("stats", pl, dtype_name), finalize, _kernel_name("apply", pl, dtype_name)))
+    _ready(dev, {finalize} | {_kernel_name(kind, sp, dtype_name) for _, sp in _pieces(pl) for kind in ("stats", "apply")})
     for c0, sp in _pieces(pl):
         (x_, y_), (mean_, var_, inv_, rm_, rv_, weight_, bias_) = _offsets(
             sp, dtype_name, c0, (x, y), (mean, var, inv_std, rm, rv, weight, bias))
@@ -1509,9 +1512,15 @@ def _torch_setup(x, name="x"):
 
 
 def _capturing(device) -> bool:
-    """True while torch captures work on the current stream of `device` into a CUDA graph."""
+    """True while torch captures work on the current stream of `device` into a CUDA graph (torch asks the
+    current device's current stream, so another device is made current for the question)."""
     import torch
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if device.type != "cuda":
+        return False
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _torch_workspace(dev, stream, pl, device):

@@ -303,21 +303,21 @@ PLANES_CASES = [  # shape, SMs, dtype, min_vectors; and the plan's (segments, ve
 @pytest.mark.parametrize("shape,sm_count,dtype,min_vectors,edge", PLANES_CASES)
 def test_kernels_on_the_cpu_with_small_planes_walked_as_planes(on_cpu, monkeypatch, shape, sm_count, dtype,
                                                                 min_vectors, edge):
-    """Segments shorter than a block, in blocks of several planes (all but the first case): the FLAT
-    instantiations, whose FlatPlaneCursor reads the block's segments of consecutive planes as one sequence;
-    the kernels launched are the planes kernels at the plan's load width."""
+    """Segments shorter than a block, in blocks of several planes (4 to 40): the FLAT instantiations, whose
+    FlatPlaneCursor reads the block's segments of consecutive planes as one sequence; the kernels launched
+    are those planes kernels at the plan's load width."""
     monkeypatch.setattr(cuda, "_sm_count", lambda dev: sm_count)
     monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", min_vectors)
     monkeypatch.setattr(cuda, "PLANES_MIN_BYTES", 0)
     n, c, l = shape[0], shape[1], math.prod(shape[2:])
     assert cuda.plan(n, c, l, dtype, True, sm_count).walk == "cols"           # design 3's rule: columns
     pl = cuda.plan(n, c, l, dtype, True, sm_count, min_vectors=min_vectors, planes_min_bytes=0)
-    assert pl.walk == "planes" and _edge(pl) == edge and edge[1] < cuda.PLANE_THREADS
+    assert pl.walk == "planes" and _edge(pl) == edge and edge[1] < cuda.PLANE_THREADS and cuda.flat_cursor(pl)
     assert pl.vec == (cuda._VEC[dtype] if l % cuda._VEC[dtype] == 0 else 1)
     check_case(shape, False, dtype, aligned=True)
     assert len(on_cpu) == 7
     data = [k for k in on_cpu if "finalize" not in k]
-    suffix = f", {pl.vec}, true>" if cuda.flat_cursor(pl) else f", {pl.vec}>"      # FlatPlaneCursor or not
+    suffix = f", {pl.vec}, true>"                                                  # FlatPlaneCursor
     assert data and all(k.split("<")[0].endswith("_planes") and k.endswith(suffix) for k in data), data
 
 
@@ -340,6 +340,8 @@ def test_a_changed_short_segment_line_makes_the_small_planes_checks_fail(emulato
     for shape, sm_count, dtype, min_vectors, _ in (PLANES_CASES[1], PLANES_CASES[4]):    # threads that step on
         monkeypatch.setattr(cuda, "_sm_count", lambda dev, sm_count=sm_count: sm_count)
         monkeypatch.setattr(cuda, "MIN_VECTORS_PER_THREAD", min_vectors)
+        n, c, l = shape[0], shape[1], math.prod(shape[2:])
+        assert cuda.flat_cursor(cuda.plan(n, c, l, dtype, True, sm_count, min_vectors=min_vectors, planes_min_bytes=0))
         try:
             check_case(shape, False, dtype, aligned=True)
         except AssertionError:
