@@ -103,7 +103,7 @@ def test_every_chapter_ends_with_exercises_and_solutions():
         markdown = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
         tail = markdown[markdown.rfind("## Exercises"):]
         assert "## Exercises" in markdown, f"{nb.name} has no Exercises section"
-        assert 2 <= tail.count("**") // 2 <= 4, f"{nb.name}: expected 2-4 exercises"
+        assert 2 <= tail.count("**") // 2 <= 5, f"{nb.name}: expected 2-5 exercises"    # 5: chapter 05, the longest
         assert tail.count(":::{dropdown} Solution") == tail.count("**") // 2, f"{nb.name}: an exercise lacks a solution"
 
 
