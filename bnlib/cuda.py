@@ -902,8 +902,8 @@ def plan(rows: int, channels: int, length: int, dtype_name: str, aligned: bool, 
     """The walk for a C-contiguous (rows, channels, length) tensor: NCHW is (N, C, H*W), channels-last
     memory is (N*H*W, C, 1), a 2-D input (N, C, 1). Large planes (length * itemsize >= planes_min_bytes,
     4 KB: design 3's rule; the launchers pass PLANES_MIN_BYTES, and 0 walks every plane of more than one
-    value so) are walked plane by plane, in 16-byte vectors when length is a multiple of the vector and one value per load
-    otherwise; everything else as columns of (rows, C*length), folded so that a row holds at least TX
+    value so) are walked plane by plane, in 16-byte vectors when length is a multiple of the vector and
+    one value per load otherwise; everything else as columns of (rows, C*length), folded so that a row holds at least TX
     vectors. (A large plane of odd length walked as columns would give each row of the view C*length
     columns and the finalize as many partials per channel: scratch of 24 times the tensor's bytes for
     (1, 3, 999, 999) float32.) Grids aim at 2 x SMs x 8 blocks (fewer when
@@ -1096,23 +1096,28 @@ def _chunk_bytes(arrays: int, budget=None) -> int:
 # The fewest loads of x a thread of a first pass (statistics, backward reduction) should make before the
 # grid grows (plan's min_vectors; the second passes and the eval forward walk the same grid). 1 keeps
 # design 3's grids, which aim at 2 x SMs x 8 blocks however little each thread then does (chapter 05,
-# "The next experiment", counts what that leaves the benchmark's columns walks). Whether fewer, busier
+# "The next experiments", counts what that leaves the benchmark's columns walks). Whether fewer, busier
 # blocks help is measured by tools/gpu_grid_sweep.py (bench_gpu's min_vectors); until then 1 stays. An
 # integer >= 1, checked before anything runs.
 MIN_VECTORS_PER_THREAD = 1
 
 
+def _int_setting(name: str, minimum: int) -> int:
+    """Module setting `name` (MIN_VECTORS_PER_THREAD, PLANES_MIN_BYTES), checked: a ValueError naming it
+    if it is not an integer >= minimum."""
+    value = globals()[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"bnlib.cuda.{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def _min_vectors() -> int:
-    """MIN_VECTORS_PER_THREAD, checked: a ValueError naming it if it is not an integer >= 1."""
-    k = MIN_VECTORS_PER_THREAD
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"bnlib.cuda.MIN_VECTORS_PER_THREAD must be an integer >= 1, got {k!r}")
-    return int(k)
+    return _int_setting("MIN_VECTORS_PER_THREAD", 1)
 
 
 # The smallest plane (H*W values of one image and channel, in bytes) that NCHW input walks as planes
 # (plan's planes_min_bytes); smaller planes are walked as columns of the (N, C*H*W) view, whose
-# partial results grow with C*H*W (chapter 05, "The next experiment", counts them). 4096 is design 3's
+# partial results grow with C*H*W (chapter 05, "The next experiments", counts them). 4096 is design 3's
 # rule; 0 walks every plane of more than one value as planes (one value per load where the plane's
 # length is not a multiple of the 16-byte vector). Whether that helps is measured by
 # tools/gpu_grid_sweep.py (bench_gpu's planes_min_bytes); until then 4096 stays. An integer >= 0,
@@ -1121,11 +1126,7 @@ PLANES_MIN_BYTES = 4096
 
 
 def _planes_min_bytes() -> int:
-    """PLANES_MIN_BYTES, checked: a ValueError naming it if it is not an integer >= 0."""
-    b = PLANES_MIN_BYTES
-    if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 0:
-        raise ValueError(f"bnlib.cuda.PLANES_MIN_BYTES must be an integer >= 0, got {b!r}")
-    return int(b)
+    return _int_setting("PLANES_MIN_BYTES", 0)
 
 
 _MAX_ARGS = 32
@@ -1369,7 +1370,8 @@ def _run_forward(dev, pl, dtype_name, x, y, mean, var, inv_std, weight, bias, ep
         raise ValueError("momentum=None (a cumulative average) needs the batch counter")
     unbias = pl.count / (pl.count - 1) if pl.count > 1 else 1.0
     finalize = f"bn_stats_finalize<{_acc_name(dtype_name)}>"
-    _ready(dev, {finalize} | {_kernel_name(kind, sp, dtype_name) for _, sp in _pieces(pl) for kind in ("stats", "apply")})
+    _ready(dev, {finalize} | {_kernel_name(kind, sp, dtype_name) for _, sp in _pieces(pl)
+                              for kind in ("stats", "apply")})
     for c0, sp in _pieces(pl):
         (x_, y_), (mean_, var_, inv_, rm_, rv_, weight_, bias_) = _offsets(
             sp, dtype_name, c0, (x, y), (mean, var, inv_std, rm, rv, weight, bias))

@@ -133,7 +133,7 @@ profile="$OUT/gpu_profile_${card}_design${design}.json"
 timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_profile.log" || status=1
 cp "$profile" bnlib/data/ 2>/dev/null || true
 # 6. fewer, busier blocks: the training step with MIN_VECTORS_PER_THREAD = 4, 8, 16 and 32 (a first-pass
-#    thread loads about that many vectors; chapter 05, "The next experiment", counts what design 3's
+#    thread loads about that many vectors; chapter 05, "The next experiments", counts what design 3's
 #    grids give), and NCHW planes under 4 KB walked as planes (PLANES_MIN_BYTES = 0, alone and with each
 #    of those values), next to the default step and torch's, on every benchmark case whose plan a setting
 #    changes, queued and on the GPU alone; apart from the benchmark, so that a fault here cannot cost its

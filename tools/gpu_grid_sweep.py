@@ -3,7 +3,7 @@ NCHW planes walked as planes (bnlib.cuda.PLANES_MIN_BYTES).
 
 Design 3's plan aims every grid at 2 x SMs x 8 blocks, however little work each thread then gets, and walks
 NCHW planes under 4 KB as columns of the (N, C*H*W) view, whose partial results grow with C*H*W (chapter 05,
-"The next experiment", counts both for the benchmark's cases); on the H200 those columns kernels ran at a
+"The next experiments", counts both for the benchmark's cases); on the H200 those columns kernels ran at a
 fraction of the copy bandwidth (chapter 05's design-3 report). This times bnlib's training step with
 MIN_VECTORS_PER_THREAD set to each value (a first-pass thread then loads about that many vectors; fewer
 blocks, fewer partials), and with PLANES_MIN_BYTES set to each of its values, alone and with each
