@@ -8,8 +8,8 @@ chapters 01, 07, 08 and 09 end in different places: accuracies move by up to a f
 the seeds already disagree. A claim whose assert fails there would stop a reader's notebook (on Colab,
 say) with an AssertionError.
 
-This script runs chapters first with this machine's own routines, then under other choices, forced
-with OPENBLAS_CORETYPE (honoured by the DYNAMIC_ARCH OpenBLAS that NumPy's wheels bundle),
+This script runs chapters first as pytest does (OpenBLAS pinned to its Haswell kernels, conftest.py),
+then under other choices, forced with OPENBLAS_CORETYPE (honoured by the DYNAMIC_ARCH OpenBLAS that NumPy's wheels bundle),
 ATEN_CPU_CAPABILITY (PyTorch's vectorized CPU code) and MKL_CBWR=COMPATIBLE (MKL's portable code path;
 MKL ignores its other CBWR values and MKL_ENABLE_INSTRUCTIONS on a non-Intel CPU such as this AMD EPYC),
 with every assert made non-fatal and recorded (an IPython AST transformer turns `assert t` into
@@ -45,9 +45,11 @@ from nbclient import NotebookClient
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # name: environment; None removes a variable. The first is the baseline: the environment the stored outputs
-# were made in, untouched (this project's machine sets OPENBLAS_CORETYPE=Haswell, which the baseline keeps).
+# were made in, with OpenBLAS on its Haswell kernels as pytest pins them (conftest.py); PyTorch's CPU code
+# path and MKL as this machine picks them.
 CONFIGS = {
-    "this machine's own routines (the environment as it is)": {},
+    "OpenBLAS Haswell (as pytest pins it), torch and MKL as this machine picks them": {
+        "OPENBLAS_CORETYPE": "Haswell"},
     "OpenBLAS SkylakeX, torch AVX2": {"OPENBLAS_CORETYPE": "SkylakeX", "ATEN_CPU_CAPABILITY": "avx2",
                                       "MKL_CBWR": None},
     "OpenBLAS Sandybridge (no FMA), torch default, MKL compatible": {
