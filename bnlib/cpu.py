@@ -368,7 +368,7 @@ def _row_blocks(n):
 def numba_forward(x3, gamma, beta, eps, y3):
     """Training forward on (N, C, L) with the numba kernels, writing y3; returns mean, var, inv_std.
 
-    Two passes over memory: one read for the statistics, one read + one write for y.
+    Two loops over memory (3 passes): one read for the statistics, one read + one write for y.
     """
     k = _pick(x3)
     n, c, l = x3.shape
@@ -396,7 +396,7 @@ def numba_forward(x3, gamma, beta, eps, y3):
 def numba_backward(dy3, x3, mean, inv_std, gamma, dx3):
     """Training backward on (N, C, L) with the numba kernels, writing dx3; returns dgamma, dbeta.
 
-    Two passes: one reading x and dy for the per-channel sums (of dy, dy * (x - mean) and x - mean),
+    Two loops (5 passes): one reading x and dy for the per-channel sums (of dy, dy * (x - mean) and x - mean),
     one reading both and writing dx.
     """
     k = _pick(x3)

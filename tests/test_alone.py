@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -98,10 +99,14 @@ nbformat.write(nb, sys.argv[1])
 """
 
 
-@pytest.mark.parametrize("notebook", CHAPTERS, ids=[nb.stem for nb in CHAPTERS])
-def test_chapter_runs_alone(notebook, venv, tmp_path):
-    env_dir, _, jupyter_path = venv
-    folder = tmp_path / "alone"
+# The chapters run two at a time (one per core of a 2-core machine; fewer where there is one): they are
+# independent processes, and one at a time the nine of them took most of three minutes of the suite's ten
+# on such a machine. The first test to ask starts them all; each test then waits for its own chapter.
+WORKERS = max(1, min(2, os.cpu_count() or 1))
+
+
+def _run_alone(notebook, env_dir, jupyter_path, folder):
+    """Execute a copy of `notebook`, alone in `folder`, on the venv's kernel; returns what the test checks."""
     folder.mkdir()
     copy = folder / notebook.name
     shutil.copy2(notebook, copy)
@@ -111,13 +116,37 @@ def test_chapter_runs_alone(notebook, venv, tmp_path):
                         "source": "import bnlib\nprint('BNLIB_FROM', bnlib.__file__)"})
     copy.write_text(json.dumps(nb), encoding="utf-8")
     start = time.perf_counter()
-    _run([sys.executable, "-c", EXECUTE, copy.name], cwd=folder, timeout=900,
-         env=_clean_env(JUPYTER_PATH=str(jupyter_path), BNLIB_SMOKE="1", MPLBACKEND="Agg"))
-    seconds = time.perf_counter() - start
-    done = json.loads(copy.read_text(encoding="utf-8"))
-    # all of the cell's stdout: the kernel may deliver one print in several stream messages
-    last = "".join("".join(o.get("text", "")) for o in done["cells"][-1]["outputs"] if o.get("name") == "stdout")
+    cmd = [sys.executable, "-c", EXECUTE, copy.name]
+    try:
+        proc = subprocess.run(cmd, cwd=folder, timeout=900, capture_output=True, text=True,
+                              env=_clean_env(JUPYTER_PATH=str(jupyter_path), BNLIB_SMOKE="1", MPLBACKEND="Agg"))
+    except subprocess.TimeoutExpired as err:
+        return {"error": f"{notebook.name} did not finish in {err.timeout} s"}
+    if proc.returncode != 0:
+        return {"error": f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"}
+    return {"seconds": time.perf_counter() - start, "done": json.loads(copy.read_text(encoding="utf-8")),
+            "notebooks": sorted(p.name for p in folder.iterdir() if p.suffix == ".ipynb")}
+
+
+@pytest.fixture(scope="module")
+def alone_runs(venv, tmp_path_factory):
+    """{chapter: future of _run_alone's result}, the chapters run WORKERS at a time in the background."""
+    env_dir, _, jupyter_path = venv
+    pool = ThreadPoolExecutor(max_workers=WORKERS)
+    runs = {nb.stem: pool.submit(_run_alone, nb, env_dir, jupyter_path, tmp_path_factory.mktemp(nb.stem) / "alone")
+            for nb in CHAPTERS}
+    yield runs
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("notebook", CHAPTERS, ids=[nb.stem for nb in CHAPTERS])
+def test_chapter_runs_alone(notebook, venv, alone_runs):
+    env_dir = venv[0]
+    result = alone_runs[notebook.stem].result()
+    assert "error" not in result, result.get("error")
+    # all of the last cell's stdout: the kernel may deliver one print in several stream messages
+    last = "".join("".join(o.get("text", "")) for o in result["done"]["cells"][-1]["outputs"] if o.get("name") == "stdout")
     used = Path(last.split("BNLIB_FROM", 1)[1].strip())
     assert used.resolve().is_relative_to(env_dir.resolve()), f"{notebook.name} imported bnlib from {used}"
-    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".ipynb") == [notebook.name]
-    print(f"{notebook.name} ran alone in {seconds:.0f} s")
+    assert result["notebooks"] == [notebook.name]
+    print(f"{notebook.name} ran alone in {result['seconds']:.0f} s ({WORKERS} chapters at a time)")
