@@ -30,8 +30,8 @@ _HALF = (torch.float16, torch.bfloat16)
 def _is_exporting():
     """True while torch.export traces (strict or not). It reads the flag torch.export sets: Dynamo in
     torch 2.11 answers torch.compiler.is_exporting() with True under torch.compile as well, and a layer
-    that then raised its export error while Dynamo traced made Dynamo give up on the whole model, which
-    ran uncompiled (torch 2.13 reads this flag itself)."""
+    that then raised its export error while Dynamo traced broke the compiled run (on an H200, the CUDA
+    compile test failed with an AttributeError; torch 2.13 reads this flag itself)."""
     return getattr(torch.compiler, "_is_exporting_flag", False)
 
 

@@ -312,7 +312,7 @@ class History:
         return self.test_acc[-1]
 
 
-def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048):
+def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048, fill_last=False):
     """Held-out accuracy per model, (M,), for x (N, inputs) or (M, N, inputs) and labels y (N,) or (M, N).
 
     An example counts as correct for a model when its largest logit is at the label; an example whose
@@ -321,7 +321,10 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
     batch_stats=True: the normalization uses the statistics of test batches of ``batch_size``
     examples, drawn in a random order fixed by ``seed`` (as training batches are), and the layers'
     state (running statistics included) is restored afterwards. A last batch of a single example is
-    left out (it has no variance). Every layer is left in the mode it was in.
+    left out (it has no variance). fill_last=True: a last, partial batch is filled up to ``batch_size``
+    with examples from the start of the order, which set its statistics but are not counted again, so that
+    every example is counted once and normalized with the statistics of a full batch (with fewer than
+    ``batch_size`` examples in all, they make one batch). Every layer is left in the mode it was in.
     """
     x = _check_inputs(model, x, "x")
     y = check_labels(y, x.shape[-2], model.sizes[-1], n_models=model.n_models)
@@ -334,6 +337,8 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
         raise ValueError(f"batch_stats=True needs batch_size >= 2 (a batch's own statistics), got {batch_size!r}")
     if batch_stats and n < 2:
         raise ValueError(f"batch_stats=True needs at least 2 examples, got {n}")
+    if fill_last and not batch_stats:
+        raise ValueError("fill_last=True fills the last batch of batch_stats=True: pass batch_stats=True too")
     if batch_stats:
         order = np.random.default_rng(seed).permutation(n)
         x, y = x[..., order, :], y[..., order]
@@ -349,9 +354,13 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
     try:
         for start in range(0, n, step):
             stop = min(start + step, n)
-            if batch_stats and stop - start < 2:
+            filler = min(step - (stop - start), start) if fill_last else 0   # from the start, for the statistics only
+            if batch_stats and stop - start < 2 and not filler:
                 break                                      # a 1-example batch has no variance
-            logits = model.forward(x[..., start:stop, :])                       # (M, B, classes)
+            xb = x[..., start:stop, :]
+            if filler:
+                xb = np.concatenate([xb, x[..., :filler, :]], axis=-2)
+            logits = model.forward(xb)[..., :stop - start, :]                   # (M, B, classes)
             right = (logits.argmax(axis=-1) == y[..., start:stop]) & np.isfinite(logits).all(axis=-1)
             correct += right.sum(axis=1)
             counted = stop

@@ -217,6 +217,45 @@ def test_batch_stats_accuracy_restores_state_and_precise_bn_gives_population_sta
     assert layer.momentum == 0.1
 
 
+def test_batch_stats_accuracy_fills_the_last_partial_batch():
+    """fill_last=True: every example counted once, the last partial batch normalized with the statistics of a full
+    batch (its own examples plus the first of the order); the default leaves a last single example out."""
+    x_train, y_train, x_test, y_test = data = toy_data()
+    model = train.MLP([6, 8, 3], norm=BatchNorm, n_models=2)
+    train.fit(model, data, steps=20, lr=0.1, batch_size=20, progress=False)
+    x, y = x_test[:23], y_test[:23]                     # 23 = 2 batches of 10 + a last batch of 3
+    order = np.random.default_rng(4).permutation(23)
+    xo, yo = x[order], y[order]
+    model.train()
+    expected = np.zeros(2)
+    for start, extra in ((0, 0), (10, 0), (20, 7)):      # the last batch: 3 examples + the first 7 for its statistics
+        xb = np.concatenate([xo[start:start + 10], xo[:extra]]) if extra else xo[start:start + 10]
+        state = [layer.state_dict() for layer in model.norm_layers()]
+        logits = model.forward(xb)[:, :10 - extra if extra else 10]
+        for layer, s in zip(model.norm_layers(), state):
+            layer.load_state_dict(s)
+        expected += (logits.argmax(-1) == yo[start:start + 10]).sum(1)
+    model.eval()
+    sizes, forward = [], model.forward
+    model.forward = lambda xb: sizes.append(xb.shape[-2]) or forward(xb)     # every batch the accuracy runs
+    got = train.accuracy(model, x, y, batch_size=10, batch_stats=True, seed=4, fill_last=True)
+    del model.forward
+    np.testing.assert_allclose(got, expected / 23)
+    assert sizes == [10, 10, 10]                         # the last batch was filled up to 10
+    assert all(not layer.training for layer in model.norm_layers())
+    # without filling, 21 examples: the last one alone is left out; with filling every one of them is counted
+    x21, y21 = x_test[:21], y_test[:21]
+    plain = train.accuracy(model, x21, y21, batch_size=10, batch_stats=True)
+    assert np.all(plain * 20 == np.round(plain * 20))
+    with pytest.raises(ValueError, match="pass batch_stats=True too"):
+        train.accuracy(model, x21, y21, fill_last=True)
+    sizes.clear()                                        # fewer examples than a batch: one batch of all of them
+    model.forward = lambda xb: sizes.append(xb.shape[-2]) or forward(xb)
+    train.accuracy(model, x21, y21, batch_size=30, batch_stats=True, fill_last=True)
+    del model.forward
+    assert sizes == [21]
+
+
 def test_chapter_full_code_path_runs_on_a_tiny_mnist_fixture(tmp_path, monkeypatch):
     """Chapter 07 with FULL = True (MNIST, long schedules), shrunk by BNLIB_SMOKE, on tiny IDX files."""
     import json
