@@ -13,7 +13,7 @@ pytest starts inherit the environment; OpenBLAS reads the variable when it loads
 the notebooks' kernels start. A value already set (a maintainer's choice; tools/check_portability.py's
 configurations) is kept. Not pinned: PyTorch's CPU code path (ATEN_CPU_CAPABILITY) and numba's target,
 which no stored output has been seen to depend on. To re-execute a chapter for its stored outputs outside
-pytest, set the same variable (README, "Changing a chapter").
+pytest, set the same variable (README, "How the repository works").
 """
 import json
 import os

@@ -106,7 +106,8 @@ WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
 def _run_alone(notebook, env_dir, jupyter_path, folder):
-    """Execute a copy of `notebook`, alone in `folder`, on the venv's kernel; returns what the test checks."""
+    """Execute a copy of `notebook`, alone in `folder`, on the venv's kernel; returns (seconds, the executed
+    notebook, the notebooks in the folder). A failed or overlong run raises, through the test's result()."""
     folder.mkdir()
     copy = folder / notebook.name
     shutil.copy2(notebook, copy)
@@ -116,16 +117,10 @@ def _run_alone(notebook, env_dir, jupyter_path, folder):
                         "source": "import bnlib\nprint('BNLIB_FROM', bnlib.__file__)"})
     copy.write_text(json.dumps(nb), encoding="utf-8")
     start = time.perf_counter()
-    cmd = [sys.executable, "-c", EXECUTE, copy.name]
-    try:
-        proc = subprocess.run(cmd, cwd=folder, timeout=900, capture_output=True, text=True,
-                              env=_clean_env(JUPYTER_PATH=str(jupyter_path), BNLIB_SMOKE="1", MPLBACKEND="Agg"))
-    except subprocess.TimeoutExpired as err:
-        return {"error": f"{notebook.name} did not finish in {err.timeout} s"}
-    if proc.returncode != 0:
-        return {"error": f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"}
-    return {"seconds": time.perf_counter() - start, "done": json.loads(copy.read_text(encoding="utf-8")),
-            "notebooks": sorted(p.name for p in folder.iterdir() if p.suffix == ".ipynb")}
+    _run([sys.executable, "-c", EXECUTE, copy.name], cwd=folder, timeout=900,
+         env=_clean_env(JUPYTER_PATH=str(jupyter_path), BNLIB_SMOKE="1", MPLBACKEND="Agg"))
+    return (time.perf_counter() - start, json.loads(copy.read_text(encoding="utf-8")),
+            sorted(p.name for p in folder.iterdir() if p.suffix == ".ipynb"))
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +137,10 @@ def alone_runs(venv, tmp_path_factory):
 @pytest.mark.parametrize("notebook", CHAPTERS, ids=[nb.stem for nb in CHAPTERS])
 def test_chapter_runs_alone(notebook, venv, alone_runs):
     env_dir = venv[0]
-    result = alone_runs[notebook.stem].result()
-    assert "error" not in result, result.get("error")
+    seconds, done, notebooks = alone_runs[notebook.stem].result()
     # all of the last cell's stdout: the kernel may deliver one print in several stream messages
-    last = "".join("".join(o.get("text", "")) for o in result["done"]["cells"][-1]["outputs"] if o.get("name") == "stdout")
+    last = "".join("".join(o.get("text", "")) for o in done["cells"][-1]["outputs"] if o.get("name") == "stdout")
     used = Path(last.split("BNLIB_FROM", 1)[1].strip())
     assert used.resolve().is_relative_to(env_dir.resolve()), f"{notebook.name} imported bnlib from {used}"
-    assert result["notebooks"] == [notebook.name]
-    print(f"{notebook.name} ran alone in {result['seconds']:.0f} s ({WORKERS} chapters at a time)")
+    assert notebooks == [notebook.name]
+    print(f"{notebook.name} ran alone in {seconds:.0f} s ({WORKERS} chapters at a time)")

@@ -239,21 +239,20 @@ def test_batch_stats_accuracy_fills_the_last_partial_batch():
     sizes, forward = [], model.forward
     model.forward = lambda xb: sizes.append(xb.shape[-2]) or forward(xb)     # every batch the accuracy runs
     got = train.accuracy(model, x, y, batch_size=10, batch_stats=True, seed=4, fill_last=True)
-    del model.forward
     np.testing.assert_allclose(got, expected / 23)
     assert sizes == [10, 10, 10]                         # the last batch was filled up to 10
     assert all(not layer.training for layer in model.norm_layers())
-    # without filling, 21 examples: the last one alone is left out; with filling every one of them is counted
+    # without filling, 21 examples: the last one alone is left out (20 counted)
     x21, y21 = x_test[:21], y_test[:21]
+    sizes.clear()
     plain = train.accuracy(model, x21, y21, batch_size=10, batch_stats=True)
-    assert np.all(plain * 20 == np.round(plain * 20))
+    assert np.all(plain * 20 == np.round(plain * 20)) and sizes == [10, 10]
+    sizes.clear()                                        # fewer examples than a batch: one batch of all of them
+    train.accuracy(model, x21, y21, batch_size=30, batch_stats=True, fill_last=True)
+    assert sizes == [21]
+    del model.forward
     with pytest.raises(ValueError, match="pass batch_stats=True too"):
         train.accuracy(model, x21, y21, fill_last=True)
-    sizes.clear()                                        # fewer examples than a batch: one batch of all of them
-    model.forward = lambda xb: sizes.append(xb.shape[-2]) or forward(xb)
-    train.accuracy(model, x21, y21, batch_size=30, batch_stats=True, fill_last=True)
-    del model.forward
-    assert sizes == [21]
 
 
 def test_chapter_full_code_path_runs_on_a_tiny_mnist_fixture(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ with every assert made non-fatal and recorded (an IPython AST transformer turns 
 `if not t: record`). For each configuration and chapter it prints what the kernel really ran (OpenBLAS's
 core type, PyTorch's CPU capability, MKL_CBWR), how many code cells printed differently from the stored
 run (evidence that the arithmetic did change), and each assert that failed. The first configuration, the
-machine's own, is the baseline: an assert or error there as well is not about arithmetic (the exercise
+one pytest runs (OpenBLAS pinned to Haswell, the rest as this machine picks), is the baseline: an assert or error there as well is not about arithmetic (the exercise
 checkers' self-tests feed them wrong answers and expect an AssertionError, which a recorded assert no
 longer raises, so they report a wrong answer accepted), and the other configurations are judged on what
 fails beyond it. Exit status 1 if any configuration has such a failure or a chapter did not finish.
