@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'flat_cursor', 'available', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'flat_cursor', 'available', 'NVRTC_OPTIONS', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
 import functools
 import math
@@ -1024,6 +1024,10 @@ def _require_cupy():
     return cupy
 
 
+NVRTC_OPTIONS = ("-std=c++17",)   # how NVRTC compiles KERNEL_SOURCE (module(); tests/test_cuda.py runs the same
+                                   # compile on a machine without a GPU)
+
+
 def module(device: int = None):
     """The kernels of KERNEL_SOURCE as one cupy.RawModule for `device` (default: the current one),
     compiled by NVRTC on first use (`.compile()` forces it) and kept."""
@@ -1031,7 +1035,7 @@ def module(device: int = None):
     dev = cupy.cuda.runtime.getDevice() if device is None else device
     if dev not in _modules:
         with cupy.cuda.Device(dev):
-            _modules[dev] = cupy.RawModule(code=KERNEL_SOURCE, options=("-std=c++17",),
+            _modules[dev] = cupy.RawModule(code=KERNEL_SOURCE, options=NVRTC_OPTIONS,
                                            name_expressions=kernel_names())
     return _modules[dev]
 

@@ -36,19 +36,107 @@ needs_torch_gpu = pytest.mark.skipif(not (cuda.available() and _torch_cuda()),
 
 
 # ----------------------------------------------------------------------------- without a GPU
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
-def test_every_kernel_instantiation_compiles(tmp_path, arch):
-    # warnings as errors with any nvcc, on purpose: the tests hold the code to the book's own compiler (13.0);
-    # chapter 05's check, which readers run with whatever nvcc they have, is strict only from nvcc 13 on
-    src = tmp_path / "bn.cu"
+NVCC_ARCHS = ("sm_75", "sm_80", "sm_90")       # a Colab T4, an A100, an H100 or H200
+
+
+@pytest.fixture(scope="module")
+def nvcc_objects(tmp_path_factory):
+    """{arch: (CompletedProcess, object path)}: instantiation_source() compiled by nvcc for every arch of
+    NVCC_ARCHS, the compiles started together (each is one process on one core; on two cores that halves
+    the wait). Warnings are errors with any nvcc, on purpose: the tests hold the code to the book's own
+    compiler (13.0); chapter 05's check, which readers run with whatever nvcc they have, is strict only
+    from nvcc 13 on."""
+    from concurrent.futures import ThreadPoolExecutor
+    tmp = tmp_path_factory.mktemp("nvcc")
+    src = tmp / "bn.cu"
     src.write_text(cuda.instantiation_source())
-    proc = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings",
-                           "-c", str(src), "-o", str(tmp_path / "bn.o")], capture_output=True, text=True, timeout=600)
+
+    def build(arch):
+        obj = tmp / f"bn_{arch}.o"
+        return arch, (subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings", "-c", str(src),
+                                      "-o", str(obj)], capture_output=True, text=True, timeout=600), obj)
+
+    with ThreadPoolExecutor(max_workers=len(NVCC_ARCHS)) as pool:
+        return dict(pool.map(build, NVCC_ARCHS))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", NVCC_ARCHS)
+def test_every_kernel_instantiation_compiles(nvcc_objects, arch):
+    proc, obj = nvcc_objects[arch]
     assert proc.returncode == 0, proc.stderr
     if shutil.which("cuobjdump"):              # every kernel the host can launch is in the object file
-        listing = subprocess.run(["cuobjdump", "-symbols", str(tmp_path / "bn.o")], capture_output=True, text=True)
+        listing = subprocess.run(["cuobjdump", "-symbols", str(obj)], capture_output=True, text=True)
         assert listing.stdout.count("STT_FUNC") >= len(cuda.kernel_names()), listing.stdout[-2000:]
+
+
+def _nvrtc():
+    """(libnvrtc, include folder with cuda_fp16.h), or None. NVRTC is the compiler CuPy's RawModule runs on
+    the GPU machine; it needs no GPU. The library comes from the nvidia-cuda-nvrtc wheel (requirements.txt,
+    Linux x86-64) or a CUDA toolkit; the headers from the toolkit of the nvcc on PATH, or CUDA_HOME."""
+    import ctypes
+    import glob
+    import site
+    roots = []
+    if shutil.which("nvcc"):
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc")))))
+    roots += [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    packages = [os.path.join(d, "nvidia", "cu13") for d in site.getsitepackages() + [site.getusersitepackages()]]
+    lib_dirs = [os.path.join(d, "lib") for d in packages] + [os.path.join(r, "lib64") for r in roots if r]
+    include = next((os.path.join(r, "include") for r in roots + packages
+                    if r and os.path.exists(os.path.join(r, "include", "cuda_fp16.h"))), None)
+    for d in lib_dirs:
+        libs = sorted(glob.glob(os.path.join(d, "libnvrtc.so.*")))
+        builtins = sorted(glob.glob(os.path.join(d, "libnvrtc-builtins.so.*")))
+        if libs and builtins and include:
+            ctypes.CDLL(builtins[0], mode=ctypes.RTLD_GLOBAL)   # libnvrtc opens it by name at compile time
+            return ctypes.CDLL(libs[0]), include
+    return None
+
+
+NVRTC = _nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="no libnvrtc (pip install nvidia-cuda-nvrtc) or no CUDA headers")
+def test_nvrtc_compiles_the_module_as_cupy_will_with_every_name_expression():
+    # module() hands KERNEL_SOURCE, NVRTC_OPTIONS and kernel_names() to cupy.RawModule, which runs NVRTC on
+    # the GPU machine: one failure there breaks every kernel. The same compile, here, for a Colab T4 and an
+    # H100/H200 (the two compiles at once: ctypes releases the GIL), with every name expression lowered.
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+    lib, include = NVRTC
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+
+    def compile_for(arch):
+        prog = ctypes.c_void_p()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), cuda.KERNEL_SOURCE.encode(), b"bn.cu", 0, None, None) == 0
+        try:
+            for name in cuda.kernel_names():
+                assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0, name
+            options = [o.encode() for o in (*cuda.NVRTC_OPTIONS, f"--gpu-architecture={arch}", f"-I{include}")]
+            rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            lowered = []
+            if rc == 0:
+                for name in cuda.kernel_names():
+                    out = ctypes.c_char_p()
+                    assert lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)) == 0, name
+                    lowered.append(out.value)
+                lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+            return arch, rc, lib.nvrtcGetErrorString(rc).decode(), log.value.decode().strip(), lowered, size.value
+        finally:
+            lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(compile_for, ("sm_75", "sm_90")))
+    for arch, rc, error, log, lowered, cubin_bytes in results:
+        assert rc == 0, (arch, error, log[-3000:])
+        assert log == "", (arch, log[-3000:])                  # no warnings either
+        assert len(set(lowered)) == len(cuda.kernel_names()), arch    # one distinct kernel per name expression
+        assert cubin_bytes > 0, arch
 
 
 def test_kernel_names_cover_every_dtype_and_walk():
