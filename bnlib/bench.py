@@ -457,7 +457,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
         pool = None
     bandwidth = gpu_copy_bandwidth()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")   # larger than any L2 (50-60 MB on H100/H200)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")   # larger than any L2 (50 MB on an H100; the H200 reported 60 MiB)
     compiled = _compiled_batch_norm(torch) if compile else None
     compile_spent = 0.0
 

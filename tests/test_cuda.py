@@ -100,8 +100,9 @@ NVRTC = _nvrtc()
 @pytest.mark.skipif(NVRTC is None, reason="no libnvrtc (pip install nvidia-cuda-nvrtc) or no CUDA headers")
 def test_nvrtc_compiles_the_module_as_cupy_will_with_every_name_expression():
     # module() hands KERNEL_SOURCE, NVRTC_OPTIONS and kernel_names() to cupy.RawModule, which runs NVRTC on
-    # the GPU machine: one failure there breaks every kernel. The same compile, here, for a Colab T4 and an
-    # H100/H200 (the two compiles at once: ctypes releases the GIL), with every name expression lowered.
+    # the GPU machine: one failure there breaks every kernel. The same compile, here (with this NVRTC's
+    # version, which a GPU machine's CuPy may not share), for a Colab T4 and an H100/H200 (the two compiles
+    # at once: ctypes releases the GIL), with every name expression lowered.
     import ctypes
     from concurrent.futures import ThreadPoolExecutor
     lib, include = NVRTC
@@ -119,14 +120,14 @@ def test_nvrtc_compiles_the_module_as_cupy_will_with_every_name_expression():
             lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
             log = ctypes.create_string_buffer(size.value)
             lib.nvrtcGetProgramLog(prog, log)
-            lowered = []
+            lowered, cubin = [], ctypes.c_size_t(0)
             if rc == 0:
                 for name in cuda.kernel_names():
                     out = ctypes.c_char_p()
                     assert lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)) == 0, name
                     lowered.append(out.value)
-                lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-            return arch, rc, lib.nvrtcGetErrorString(rc).decode(), log.value.decode().strip(), lowered, size.value
+                assert lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin)) == 0, arch
+            return arch, rc, lib.nvrtcGetErrorString(rc).decode(), log.value.decode().strip(), lowered, cubin.value
         finally:
             lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
