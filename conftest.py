@@ -39,16 +39,6 @@ if platform.machine() in ("x86_64", "AMD64") and _has_avx2_fma():
 
 
 ROOT = Path(__file__).resolve().parent
-ALONE_TEST = "tests/test_alone.py::test_chapter_runs_alone"
-
-
-def pytest_collection_modifyitems(config, items):
-    """tests/test_alone.py starts the chapters' runs alone in the background (at low priority) as soon as its
-    virtual environment exists; the tests that wait for those runs go last, so that the rest of the suite,
-    which mostly keeps one core busy, runs meanwhile and the runs take the other core."""
-    waiting = [item for item in items if item.nodeid.startswith(ALONE_TEST)]
-    if waiting:
-        items[:] = [item for item in items if not item.nodeid.startswith(ALONE_TEST)] + waiting
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 
 

@@ -70,11 +70,11 @@ def test_every_kernel_instantiation_compiles(nvcc_objects, arch):
         assert listing.stdout.count("STT_FUNC") >= len(cuda.kernel_names()), listing.stdout[-2000:]
 
 
-def _nvrtc():
-    """(libnvrtc, include folder with cuda_fp16.h), or None. NVRTC is the compiler CuPy's RawModule runs on
-    the GPU machine; it needs no GPU. The library comes from the nvidia-cuda-nvrtc wheel (requirements.txt,
-    Linux x86-64) or a CUDA toolkit; the headers from the toolkit of the nvcc on PATH, or CUDA_HOME."""
-    import ctypes
+def _nvrtc_files():
+    """(libnvrtc, its builtins library, an include folder with cuda_fp16.h), or None; nothing is loaded here.
+    NVRTC is the compiler CuPy's RawModule runs on the GPU machine; it needs no GPU. The libraries come from
+    the nvidia-cuda-nvrtc wheel (requirements.txt, Linux x86-64) or a CUDA toolkit; the headers from the
+    toolkit of the nvcc on PATH, or CUDA_HOME."""
     import glob
     import site
     roots = []
@@ -89,15 +89,14 @@ def _nvrtc():
         libs = sorted(glob.glob(os.path.join(d, "libnvrtc.so.*")))
         builtins = sorted(glob.glob(os.path.join(d, "libnvrtc-builtins.so.*")))
         if libs and builtins and include:
-            ctypes.CDLL(builtins[0], mode=ctypes.RTLD_GLOBAL)   # libnvrtc opens it by name at compile time
-            return ctypes.CDLL(libs[0]), include
+            return libs[0], builtins[0], include
     return None
 
 
-NVRTC = _nvrtc()
-
-
-@pytest.mark.skipif(NVRTC is None, reason="no libnvrtc (pip install nvidia-cuda-nvrtc) or no CUDA headers")
+# Skipped on the GPU machine (tools/gpu_check.sh), where CuPy's own NVRTC compiles the module for every GPU
+# test: loading a second NVRTC into that process would test nothing more and could disturb CuPy's.
+@pytest.mark.skipif(REQUIRE_GPU or _nvrtc_files() is None,
+                    reason="no libnvrtc (pip install nvidia-cuda-nvrtc) or no CUDA headers; or the GPU machine")
 def test_nvrtc_compiles_the_module_as_cupy_will_with_every_name_expression():
     # module() hands KERNEL_SOURCE, NVRTC_OPTIONS and kernel_names() to cupy.RawModule, which runs NVRTC on
     # the GPU machine: one failure there breaks every kernel. The same compile, here (with this NVRTC's
@@ -105,7 +104,9 @@ def test_nvrtc_compiles_the_module_as_cupy_will_with_every_name_expression():
     # at once: ctypes releases the GIL), with every name expression lowered.
     import ctypes
     from concurrent.futures import ThreadPoolExecutor
-    lib, include = NVRTC
+    library, builtins, include = _nvrtc_files()
+    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)      # libnvrtc opens it by name at compile time
+    lib = ctypes.CDLL(library)
     lib.nvrtcGetErrorString.restype = ctypes.c_char_p
 
     def compile_for(arch):
