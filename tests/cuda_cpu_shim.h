@@ -1,33 +1,38 @@
 // Runs bnlib.cuda's CUDA kernels on the CPU, for tests on machines without a GPU.
 //
 // tests/test_cuda_on_cpu.py compiles KERNEL_SOURCE (minus its #include <cuda_fp16.h>) after this
-// header with g++, as ordinary C++: every CUDA thread of a block is a std::thread, __syncthreads is
-// a barrier of the block's threads, a warp shuffle is an exchange through memory between the 32
-// threads of a warp with a barrier on either side, and __shared__ variables are static (blocks run
-// one after another, so static storage is the running block's shared memory). Threads that return
-// early drop out of the barriers, as exited threads do on a GPU; a warp shuffle in a warp some of
-// whose threads have exited (undefined on a GPU with a full mask) makes the launch fail (code 3).
+// header with g++, as ordinary C++. Every CUDA thread of a block is a fiber (POSIX ucontext: its own
+// stack, switched in user space), and one OS thread runs them all: a fiber runs until it reaches a
+// barrier or returns, then the next one runs. __syncthreads is a barrier of the block's threads, a warp
+// shuffle an exchange through memory between the 32 threads of a warp with a warp barrier on either
+// side, and __shared__ variables are static (blocks run one after another, so static storage is the
+// running block's shared memory). Threads that return early drop out of the barriers, as exited
+// threads do on a GPU; a warp shuffle in a warp some of whose threads have exited (undefined on a GPU
+// with a full mask) makes the launch fail (code 3), and so do threads that wait at barriers of different
+// kinds, some of a warp in a shuffle and others at __syncthreads, which can never all open (code 4).
+// Like the GPU's, a barrier counts arrivals: two different __syncthreads calls reached by different
+// threads pass together.
+// (A first version ran one std::thread per CUDA thread: the same semantics, but 256 OS threads per
+// block on a 2-core machine spent most of their time in the scheduler.)
 // What this checks: the kernels' arithmetic, indexing, partial layouts, reductions and
-// synchronisation structure, on real data. What it cannot check: speed, races that a CPU's memory
-// model and scheduling happen to hide, the GPU memory model, and reads of shared memory a block
-// never wrote (static storage keeps the previous block's values). KERNEL_SOURCE uses no atomics,
-// no fences and no intrinsics but the ones below.
+// synchronisation structure, on real data. What it cannot check: speed, races (threads run in a fixed
+// order between barriers, so a missing barrier shows only where that order exposes it), the GPU
+// memory model, and reads of shared memory a block never wrote (static storage keeps the previous
+// block's values). KERNEL_SOURCE uses no atomics, no fences and no intrinsics but the ones below.
 #include <algorithm>
-#include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <ucontext.h>
 #include <map>
 #include <memory>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 struct dim3 { unsigned int x = 1, y = 1, z = 1; };
-thread_local dim3 threadIdx, blockIdx;
+dim3 threadIdx, blockIdx;        // the running fiber's (set before each switch to it)
 dim3 blockDim, gridDim;
 
 #define __global__
@@ -51,31 +56,56 @@ inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); 
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 
 namespace emu {
-inline std::barrier<>* block_barrier = nullptr;
-inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+enum class State { ready, at_block_barrier, at_warp_barrier, done };
+struct Fiber {
+    ucontext_t context;
+    State state = State::ready;
+    dim3 index;
+    unsigned int linear = 0;
+};
+inline std::vector<Fiber> fibers;
+inline std::vector<std::unique_ptr<char[]>> stacks;
+constexpr std::size_t stack_bytes = 64 * 1024;
+inline ucontext_t scheduler;
+inline Fiber* running = nullptr;
 inline unsigned char lanes[32][32][8];          // [warp][lane][value bytes]
-inline std::atomic<int> exited[32];              // threads of each warp that have returned
-inline std::atomic<bool> bad_shuffle{false};
+inline int exited[32];                          // threads of each warp that have returned
+inline bool bad_shuffle = false;
 inline unsigned int threads_per_block = 0;
+inline void (*kernel)(void**) = nullptr;
+inline void** params = nullptr;
 
 inline unsigned int linear_thread() {
     return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
 }
+
+// The running fiber waits at a barrier: back to the scheduler, which resumes it once the barrier opens.
+inline void wait_at(State barrier) {
+    Fiber* self = running;
+    self->state = barrier;
+    swapcontext(&self->context, &scheduler);
+}
+
+inline void fiber_main() {
+    kernel(params);
+    exited[running->linear / 32] += 1;
+    running->state = State::done;               // uc_link returns to the scheduler
+}
 }  // namespace emu
 
-inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+inline void __syncthreads() { emu::wait_at(emu::State::at_block_barrier); }
 
 template <typename T>
 inline T __shfl_down_sync(unsigned int, T value, unsigned int offset) {
     static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
     const unsigned int t = emu::linear_thread(), warp = t / 32, lane = t % 32;
     std::memcpy(emu::lanes[warp][lane], &value, sizeof(T));
-    emu::warp_barriers[warp]->arrive_and_wait();
-    if (emu::exited[warp].load() != 0) emu::bad_shuffle = true;    // lanes gone: undefined on a GPU
+    emu::wait_at(emu::State::at_warp_barrier);
+    if (emu::exited[warp] != 0) emu::bad_shuffle = true;     // lanes gone: undefined on a GPU
     T result = value;
     if (lane + offset < 32 && t + offset < emu::threads_per_block)
         std::memcpy(&result, emu::lanes[warp][lane + offset], sizeof(T));
-    emu::warp_barriers[warp]->arrive_and_wait();
+    emu::wait_at(emu::State::at_warp_barrier);
     return result;
 }
 
@@ -93,55 +123,83 @@ void emu_invoke(void (*f)(Args...), void** params) {
 using emu_kernel = void (*)(void**);
 std::map<std::string, emu_kernel>& emu_table();
 
-// cuLaunchKernel on the CPU: one std::thread per CUDA thread of a block, created once per launch;
-// the blocks run one after another, each with fresh barriers (threads that return early drop out
-// of them, as exited threads do on a GPU). Returns 0, or 1 for a kernel name the table lacks, or 2
-// for a block too large to emulate, or 3 when a warp shuffle ran in a warp with exited threads.
+namespace emu {
+// One block: every fiber runs until it waits or returns; then a warp barrier opens when every live
+// thread of its warp waits at it, and the block barrier when every live thread of the block does.
+// Returns false when some threads wait and no barrier can open (a barrier not all threads reach).
+inline bool run_block(unsigned int n) {
+    for (unsigned int t = 0; t < n; ++t) {
+        Fiber& f = fibers[t];
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = stacks[t].get();
+        f.context.uc_stack.ss_size = stack_bytes;
+        f.context.uc_link = &scheduler;
+        makecontext(&f.context, fiber_main, 0);
+        f.state = State::ready;
+    }
+    for (auto& e : exited) e = 0;
+    for (;;) {
+        for (unsigned int t = 0; t < n; ++t) {
+            Fiber& f = fibers[t];
+            if (f.state != State::ready) continue;
+            running = &f;
+            threadIdx = f.index;
+            swapcontext(&scheduler, &f.context);
+        }
+        bool live = false, opened = false, all_at_block = true;
+        for (unsigned int w = 0; 32 * w < n; ++w) {
+            bool waiting = false, all_waiting = true;
+            for (unsigned int t = 32 * w; t < std::min(n, 32 * w + 32); ++t) {
+                const State s = fibers[t].state;
+                if (s == State::done) continue;
+                live = true;
+                all_at_block = all_at_block && s == State::at_block_barrier;
+                waiting = waiting || s == State::at_warp_barrier;
+                all_waiting = all_waiting && s == State::at_warp_barrier;
+            }
+            if (waiting && all_waiting) {
+                for (unsigned int t = 32 * w; t < std::min(n, 32 * w + 32); ++t)
+                    if (fibers[t].state == State::at_warp_barrier) fibers[t].state = State::ready;
+                opened = true;
+            }
+        }
+        if (!live) return true;
+        if (!opened && all_at_block) {
+            for (unsigned int t = 0; t < n; ++t)
+                if (fibers[t].state == State::at_block_barrier) fibers[t].state = State::ready;
+            opened = true;
+        }
+        if (!opened) return false;
+    }
+}
+}  // namespace emu
+
+// cuLaunchKernel on the CPU: one fiber per CUDA thread of a block, the blocks one after another.
+// Returns 0, or 1 for a kernel name the table lacks, 2 for a block too large to emulate, 3 when a warp
+// shuffle ran in a warp with exited threads, 4 when a block's threads wait at barriers that cannot open.
 extern "C" int bn_emu_launch(const char* name, unsigned int gx, unsigned int gy, unsigned int gz,
                              unsigned int bx, unsigned int by, unsigned int bz, void** params) {
     auto it = emu_table().find(name);
     if (it == emu_table().end()) return 1;
     const unsigned int n = bx * by * bz;
     if (n == 0 || n > 1024) return 2;
-    const emu_kernel kernel = it->second;
     blockDim = dim3{bx, by, bz};
     gridDim = dim3{gx, gy, gz};
     emu::threads_per_block = n;
     emu::bad_shuffle = false;
-    std::barrier<> start(n + 1), done(n + 1);
-    bool finished = false;
-    dim3 current;
-    std::vector<std::thread> threads;
-    threads.reserve(n);
-    for (unsigned int t = 0; t < n; ++t)
-        threads.emplace_back([&, t] {
-            threadIdx = dim3{t % bx, (t / bx) % by, t / (bx * by)};
-            for (;;) {
-                start.arrive_and_wait();                 // the coordinator has set up the next block
-                if (finished) return;
-                blockIdx = current;
-                kernel(params);
-                emu::exited[t / 32] += 1;
-                emu::warp_barriers[t / 32]->arrive_and_drop();
-                emu::block_barrier->arrive_and_drop();
-                done.arrive_and_wait();
-            }
-        });
+    emu::kernel = it->second;
+    emu::params = params;
+    emu::fibers.assign(n, emu::Fiber{});
+    while (emu::stacks.size() < n) emu::stacks.emplace_back(new char[emu::stack_bytes]);
+    for (unsigned int t = 0; t < n; ++t) {
+        emu::fibers[t].index = dim3{t % bx, (t / bx) % by, t / (bx * by)};
+        emu::fibers[t].linear = t;
+    }
     for (unsigned int z = 0; z < gz; ++z)
         for (unsigned int y = 0; y < gy; ++y)
             for (unsigned int x = 0; x < gx; ++x) {
-                std::barrier<> block(n);
-                emu::block_barrier = &block;
-                emu::warp_barriers.clear();
-                for (unsigned int w = 0; w < (n + 31) / 32; ++w)
-                    emu::warp_barriers.emplace_back(new std::barrier<>(std::min(32u, n - 32 * w)));
-                for (auto& e : emu::exited) e = 0;
-                current = dim3{x, y, z};
-                start.arrive_and_wait();
-                done.arrive_and_wait();
+                blockIdx = dim3{x, y, z};
+                if (!emu::run_block(n)) return 4;
             }
-    finished = true;
-    start.arrive_and_wait();
-    for (auto& th : threads) th.join();
     return emu::bad_shuffle ? 3 : 0;
 }

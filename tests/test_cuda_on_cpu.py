@@ -1,7 +1,7 @@
 """bnlib.cuda's real CUDA kernels, run on the CPU (no GPU here).
 
-tests/cuda_cpu_shim.h turns KERNEL_SOURCE into ordinary C++ (one std::thread per CUDA thread,
-barriers for __syncthreads and warp shuffles), g++ builds it, and a stand-in for CuPy routes
+tests/cuda_cpu_shim.h turns KERNEL_SOURCE into ordinary C++ (one fiber per CUDA thread, barriers
+for __syncthreads and warp shuffles), g++ builds it, and a stand-in for CuPy routes
 bnlib.cuda's driver launches (the packed argument table included) into it. CPU torch tensors stand
 in for CUDA ones: their addresses are what the kernels read and write. So forward_torch,
 backward_torch and inference_torch run end to end, host code and kernels both, and are compared
@@ -33,7 +33,7 @@ def build(kernel_source, folder):
              + ",\n".join(f'        {{"{n}", [](void** p) {{ emu_invoke(&{n}, p); }}}}' for n in names)
              + "\n    };\n    return t;\n}\n")
     (folder / "kernels.cpp").write_text(SHIM.read_text() + kernel_source.replace("#include <cuda_fp16.h>", "") + table)
-    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-o", str(folder / "kernels.so"),
+    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(folder / "kernels.so"),
                            str(folder / "kernels.cpp")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lib = ctypes.CDLL(str(folder / "kernels.so"))
@@ -47,12 +47,75 @@ def emulator(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("g++ not installed")
     folder = tmp_path_factory.mktemp("cuda_on_cpu")
-    probe = folder / "probe.cpp"                     # the shim needs C++20's <barrier> (GCC >= 11)
-    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); return 0; }\n")
-    if subprocess.run(["g++", "-std=c++20", "-pthread", "-o", str(folder / "probe"), str(probe)],
+    probe = folder / "probe.cpp"                     # the shim's fibers need POSIX ucontext and C++20
+    probe.write_text("#include <ucontext.h>\nint main() { ucontext_t c; return getcontext(&c); }\n")
+    if subprocess.run(["g++", "-std=c++20", "-o", str(folder / "probe"), str(probe)],
                       capture_output=True, timeout=120).returncode != 0:
-        pytest.skip("this g++ cannot compile C++20's <barrier> (GCC 11 or later can)")
+        pytest.skip("this g++ cannot build the shim (C++20 and <ucontext.h> needed)")
     return build(cuda.KERNEL_SOURCE, folder)
+
+
+SHIM_PROBES = r"""
+// A block sum through shared memory and __syncthreads, then a warp sum through shuffles.
+__global__ void probe_sums(const float* x, float* out) {
+    __shared__ float s[256];
+    const unsigned int t = threadIdx.x;
+    s[t] = x[blockIdx.x * blockDim.x + t];
+    __syncthreads();
+    for (unsigned int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (t < half) s[t] += s[t + half];
+        __syncthreads();
+    }
+    float v = x[blockIdx.x * blockDim.x + t];
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    if (t == 0) out[2 * blockIdx.x] = s[0];
+    if (t % 32 == 0) out[2 * blockIdx.x + 1] += v;
+}
+// Lanes that return before a shuffle (undefined on a GPU with a full mask): launch code 3.
+__global__ void probe_exited_lanes(float* out) {
+    if (threadIdx.x % 32 == 5) return;
+    out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.0f, 1);
+}
+// Half of a warp at __syncthreads while the other half waits in a shuffle: neither can open. Launch code 4.
+__global__ void probe_split_barrier(float* out) {
+    if (threadIdx.x % 32 < 16) __syncthreads(); else out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.0f, 1);
+}
+std::map<std::string, emu_kernel>& emu_table() {
+    static std::map<std::string, emu_kernel> t = {
+        {"probe_sums", [](void** p) { emu_invoke(&probe_sums, p); }},
+        {"probe_exited_lanes", [](void** p) { emu_invoke(&probe_exited_lanes, p); }},
+        {"probe_split_barrier", [](void** p) { emu_invoke(&probe_split_barrier, p); }},
+    };
+    return t;
+}
+"""
+
+
+def test_the_shim_runs_barriers_and_shuffles_as_a_gpu_and_refuses_undefined_ones(emulator, tmp_path):
+    # The shim itself, on three small kernels: sums that need every barrier and shuffle to hold, lanes that
+    # exit before a shuffle (code 3), and a warp split between __syncthreads and a shuffle (code 4).
+    (tmp_path / "probes.cpp").write_text(SHIM.read_text() + SHIM_PROBES)
+    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(tmp_path / "probes.so"),
+                           str(tmp_path / "probes.cpp")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lib = ctypes.CDLL(str(tmp_path / "probes.so"))
+    lib.bn_emu_launch.restype = ctypes.c_int
+    lib.bn_emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [ctypes.c_void_p]
+
+    def launch(name, blocks, threads, *arrays):
+        pointers = [ctypes.c_void_p(a.data_ptr()) for a in arrays]
+        params = (ctypes.c_void_p * len(pointers))(*[ctypes.cast(ctypes.pointer(q), ctypes.c_void_p) for q in pointers])
+        return lib.bn_emu_launch(name.encode(), blocks, 1, 1, threads, 1, 1, params)
+
+    x = torch.arange(3 * 256, dtype=torch.float32)
+    out = torch.zeros(6)
+    assert launch("probe_sums", 3, 256, x, out) == 0
+    blocks = x.view(3, 256)
+    assert torch.equal(out[0::2], blocks.sum(1))                            # the shared-memory tree
+    assert torch.equal(out[1::2], blocks.view(3, 8, 32).sum(2).sum(1))      # lane 0 of each warp, added up
+    assert launch("probe_exited_lanes", 1, 64, torch.zeros(64)) == 3
+    assert launch("probe_split_barrier", 1, 128, torch.zeros(128)) == 4
+    assert launch("probe_sums", 1, 256, x, out) == 0                        # and it recovers
 
 
 @pytest.fixture
