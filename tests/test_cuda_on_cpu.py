@@ -26,20 +26,25 @@ torch = pytest.importorskip("torch")
 SHIM = Path(__file__).with_name("cuda_cpu_shim.h")
 
 
+def _compile(source, folder, stem):
+    """C++ `source` (the shim, kernels and their emu_table) built by g++ into folder/stem.so, loaded."""
+    (folder / f"{stem}.cpp").write_text(source)
+    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(folder / f"{stem}.so"),
+                           str(folder / f"{stem}.cpp")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lib = ctypes.CDLL(str(folder / f"{stem}.so"))
+    lib.bn_emu_launch.restype = ctypes.c_int
+    lib.bn_emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [ctypes.c_void_p]
+    return lib
+
+
 def build(kernel_source, folder):
     """KERNEL_SOURCE (or a changed copy) compiled with the shim into a shared library, loaded."""
     names = cuda.kernel_names()
     table = ("std::map<std::string, emu_kernel>& emu_table() {\n    static std::map<std::string, emu_kernel> t = {\n"
              + ",\n".join(f'        {{"{n}", [](void** p) {{ emu_invoke(&{n}, p); }}}}' for n in names)
              + "\n    };\n    return t;\n}\n")
-    (folder / "kernels.cpp").write_text(SHIM.read_text() + kernel_source.replace("#include <cuda_fp16.h>", "") + table)
-    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(folder / "kernels.so"),
-                           str(folder / "kernels.cpp")], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lib = ctypes.CDLL(str(folder / "kernels.so"))
-    lib.bn_emu_launch.restype = ctypes.c_int
-    lib.bn_emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [ctypes.c_void_p]
-    return lib
+    return _compile(SHIM.read_text() + kernel_source.replace("#include <cuda_fp16.h>", "") + table, folder, "kernels")
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +99,7 @@ std::map<std::string, emu_kernel>& emu_table() {
 def test_the_shim_runs_barriers_and_shuffles_as_a_gpu_and_refuses_undefined_ones(emulator, tmp_path):
     # The shim itself, on three small kernels: sums that need every barrier and shuffle to hold, lanes that
     # exit before a shuffle (code 3), and a warp split between __syncthreads and a shuffle (code 4).
-    (tmp_path / "probes.cpp").write_text(SHIM.read_text() + SHIM_PROBES)
-    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(tmp_path / "probes.so"),
-                           str(tmp_path / "probes.cpp")], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lib = ctypes.CDLL(str(tmp_path / "probes.so"))
-    lib.bn_emu_launch.restype = ctypes.c_int
-    lib.bn_emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [ctypes.c_void_p]
+    lib = _compile(SHIM.read_text() + SHIM_PROBES, tmp_path, "probes")
 
     def launch(name, blocks, threads, *arrays):
         pointers = [ctypes.c_void_p(a.data_ptr()) for a in arrays]
@@ -273,14 +272,12 @@ MUTANTS = {   # one line of a kernel changed: a merge formula, a loop bound, shu
 
 
 @pytest.mark.parametrize("mutant", list(MUTANTS))
-def test_a_changed_kernel_line_makes_these_checks_fail(emulator, monkeypatch, tmp_path, mutant):
+def test_a_changed_kernel_line_makes_these_checks_fail(mutant_libraries, monkeypatch, mutant):
     """The checks above have teeth: each one-line change of the kernel source, built and run the same
     way, fails them on at least one of five cases (columns, planes, channels-last, many rows, several planes
     per block; float32) that
     the unchanged source passes (test_kernels_on_the_cpu_match_float64_torch)."""
-    old, new = MUTANTS[mutant]
-    assert cuda.KERNEL_SOURCE.count(old) == 1
-    wire(build(cuda.KERNEL_SOURCE.replace(old, new), tmp_path), monkeypatch)
+    wire(mutant_libraries[mutant], monkeypatch)
     failed = 0
     for shape, channels_last in [((3, 5, 7, 9), False), ((4, 3, 32, 64), False), ((6, 3, 5, 7), True),
                                  ((6200, 3), False), ((5, 4, 56, 56), False)]:
@@ -393,11 +390,26 @@ SHORT_MUTANTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def mutant_libraries(emulator, tmp_path_factory):
+    """{mutant: the kernel source with that one line changed, built with the shim and loaded}, for MUTANTS
+    and SHORT_MUTANTS: nine g++ builds, two at a time (each is one process on one core)."""
+    from concurrent.futures import ThreadPoolExecutor
+    changes = {**MUTANTS, **SHORT_MUTANTS}
+    for old, _ in changes.values():
+        assert cuda.KERNEL_SOURCE.count(old) == 1, old
+
+    def build_one(item):
+        name, (old, new) = item
+        return name, build(cuda.KERNEL_SOURCE.replace(old, new), tmp_path_factory.mktemp("mutant"))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(build_one, changes.items()))
+
+
 @pytest.mark.parametrize("mutant", list(SHORT_MUTANTS))
-def test_a_changed_short_segment_line_makes_the_small_planes_checks_fail(emulator, monkeypatch, tmp_path, mutant):
-    old, new = SHORT_MUTANTS[mutant]
-    assert cuda.KERNEL_SOURCE.count(old) == 1
-    wire(build(cuda.KERNEL_SOURCE.replace(old, new), tmp_path), monkeypatch)
+def test_a_changed_short_segment_line_makes_the_small_planes_checks_fail(mutant_libraries, monkeypatch, mutant):
+    wire(mutant_libraries[mutant], monkeypatch)
     monkeypatch.setattr(cuda, "PLANES_MIN_BYTES", 0)
     failed = 0
     for shape, sm_count, dtype, min_vectors, _ in (PLANES_CASES[1], PLANES_CASES[4]):    # threads that step on
