@@ -8,16 +8,16 @@
 // side, and __shared__ variables are static (blocks run one after another, so static storage is the
 // running block's shared memory). Threads that return early drop out of the barriers, as exited
 // threads do on a GPU; a warp shuffle in a warp some of whose threads have exited (undefined on a GPU
-// with a full mask) makes the launch fail (code 3), and so do threads that wait at barriers of different
-// kinds, some of a warp in a shuffle and others at __syncthreads, which can never all open (code 4).
+// with a full mask) makes the launch fail with code 3; threads that wait at barriers of different kinds,
+// some of a warp in a shuffle and others at __syncthreads, which can never all open, fail it with code 4.
 // Like the GPU's, a barrier counts arrivals: two different __syncthreads calls reached by different
 // threads pass together.
 // (A first version ran one std::thread per CUDA thread: the same semantics, but 256 OS threads per
 // block on a 2-core machine spent most of their time in the scheduler.)
 // What this checks: the kernels' arithmetic, indexing, partial layouts, reductions and
-// synchronisation structure, on real data. What it cannot check: speed, races (threads run in a fixed
-// order between barriers, so a missing barrier shows only where that order exposes it), the GPU
-// memory model, and reads of shared memory a block never wrote (static storage keeps the previous
+// synchronisation structure, on real data. What it cannot check: speed, races (threads run between
+// barriers one after another, in thread order or in reverse, so a missing barrier shows only where one
+// of those orders exposes it), the shuffle's mask (taken as full), the GPU memory model, and reads of shared memory a block never wrote (static storage keeps the previous
 // block's values). KERNEL_SOURCE uses no atomics, no fences and no intrinsics but the ones below.
 #include <algorithm>
 #include <cmath>
@@ -124,10 +124,12 @@ using emu_kernel = void (*)(void**);
 std::map<std::string, emu_kernel>& emu_table();
 
 namespace emu {
-// One block: every fiber runs until it waits or returns; then a warp barrier opens when every live
+// One block: every fiber runs until it waits or returns (in thread order, or in reverse order, which
+// blocks alternate, so that a missing barrier shows whichever thread reads what another writes); then a
+// warp barrier opens when every live
 // thread of its warp waits at it, and the block barrier when every live thread of the block does.
 // Returns false when some threads wait and no barrier can open (a barrier not all threads reach).
-inline bool run_block(unsigned int n) {
+inline bool run_block(unsigned int n, bool descending) {
     for (unsigned int t = 0; t < n; ++t) {
         Fiber& f = fibers[t];
         getcontext(&f.context);
@@ -139,8 +141,8 @@ inline bool run_block(unsigned int n) {
     }
     for (auto& e : exited) e = 0;
     for (;;) {
-        for (unsigned int t = 0; t < n; ++t) {
-            Fiber& f = fibers[t];
+        for (unsigned int k = 0; k < n; ++k) {
+            Fiber& f = fibers[descending ? n - 1 - k : k];
             if (f.state != State::ready) continue;
             running = &f;
             threadIdx = f.index;
@@ -199,7 +201,7 @@ extern "C" int bn_emu_launch(const char* name, unsigned int gx, unsigned int gy,
         for (unsigned int y = 0; y < gy; ++y)
             for (unsigned int x = 0; x < gx; ++x) {
                 blockIdx = dim3{x, y, z};
-                if (!emu::run_block(n)) return 4;
+                if (!emu::run_block(n, (x + y + z) % 2 == 1)) return 4;
             }
     return emu::bad_shuffle ? 3 : 0;
 }

@@ -268,6 +268,13 @@ MUTANTS = {   # one line of a kernel changed: a merge formula, a loop bound, shu
     "partial index": ("return b * Wf + f * W + (long long)c * L + l;", "return b * Wf + f * W + (long long)c * L;"),
     "pair shuffle": ("theirs[j] = __shfl_down_sync(0xffffffffu, mine[j], TX);",
                      "theirs[j] = __shfl_down_sync(0xffffffffu, mine[j], TX / 2);"),
+    # a barrier removed: the shim runs a block's threads one after another between barriers, in thread
+    # order or in reverse, so a missing __syncthreads must still show
+    "block merge barrier": ("sn[warp] = n; sm[warp] = m; sq[warp] = q; }\n    __syncthreads();",
+                            "sn[warp] = n; sm[warp] = m; sq[warp] = q; }"),
+    "block sum barrier": ("ss[warp] = s; st[warp] = t; }\n    __syncthreads();", "ss[warp] = s; st[warp] = t; }"),
+    "row groups barrier": ("    __syncthreads();\n#pragma unroll\n    for (int h = TY / 4;",
+                           "#pragma unroll\n    for (int h = TY / 4;"),
 }
 
 
@@ -393,7 +400,7 @@ SHORT_MUTANTS = {
 @pytest.fixture(scope="module")
 def mutant_libraries(emulator, tmp_path_factory):
     """{mutant: the kernel source with that one line changed, built with the shim and loaded}, for MUTANTS
-    and SHORT_MUTANTS: nine g++ builds, two at a time (each is one process on one core)."""
+    and SHORT_MUTANTS: twelve g++ builds, two at a time (each is one process on one core)."""
     from concurrent.futures import ThreadPoolExecutor
     changes = {**MUTANTS, **SHORT_MUTANTS}
     for old, _ in changes.values():
