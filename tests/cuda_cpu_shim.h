@@ -1,9 +1,10 @@
 // Runs bnlib.cuda's CUDA kernels on the CPU, for tests on machines without a GPU.
 //
 // tests/test_cuda_on_cpu.py compiles KERNEL_SOURCE (minus its #include <cuda_fp16.h>) after this
-// header with g++, as ordinary C++. Every CUDA thread of a block is a fiber (POSIX ucontext: its own
-// stack, switched in user space), and one OS thread runs them all: a fiber runs until it reaches a
-// barrier or returns, then the next one runs. __syncthreads is a barrier of the block's threads, a warp
+// header with g++, as ordinary C++. Every CUDA thread of a block is a fiber (its own stack, switched in
+// user space: a few lines of assembly on x86-64, POSIX ucontext elsewhere or with EMU_UCONTEXT defined),
+// and one OS thread runs them all: a fiber runs until it reaches a barrier or returns, then the next one
+// runs. __syncthreads is a barrier of the block's threads, a warp
 // shuffle an exchange through memory between the 32 threads of a warp with a warp barrier on either
 // side, and __shared__ variables are static (blocks run one after another, so static storage is the
 // running block's shared memory). Threads that return early drop out of the barriers, as exited
@@ -56,9 +57,32 @@ inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); 
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 
 namespace emu {
+// A fiber's saved context, and the switch between two. On x86-64 a few lines of assembly save and restore
+// the callee-saved registers and the stack pointer (what a function call must preserve; the kernels change
+// no floating-point control state); elsewhere POSIX swapcontext, which also saves the signal mask with a
+// system call per switch.
+#if defined(__x86_64__) && !defined(EMU_UCONTEXT)
+extern "C" void emu_switch(void** save_sp, void* load_sp);
+asm(".text\n.globl emu_switch\n.hidden emu_switch\n.type emu_switch, @function\nemu_switch:\n"
+    "    pushq %rbp\n    pushq %rbx\n    pushq %r12\n    pushq %r13\n    pushq %r14\n    pushq %r15\n"
+    "    movq %rsp, (%rdi)\n    movq %rsi, %rsp\n"
+    "    popq %r15\n    popq %r14\n    popq %r13\n    popq %r12\n    popq %rbx\n    popq %rbp\n    ret\n"
+    ".size emu_switch, .-emu_switch\n");
+struct Context { void* sp = nullptr; };
+inline void switch_to(Context& from, Context& to) { emu_switch(&from.sp, to.sp); }
+#else
+struct Context { ucontext_t uc; };
+inline void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+// The state below is global. The tests load a dozen builds of this header into one process (the kernels,
+// their mutants, the probes); GCC gives C++17 inline variables one instance per process ("unique" symbols)
+// even across libraries loaded privately, so those builds share it: harmless while they come from the same
+// header (one layout) and no two launches overlap. A build with another Context (EMU_UCONTEXT) must not be
+// loaded beside them.
 enum class State { ready, at_block_barrier, at_warp_barrier, done };
 struct Fiber {
-    ucontext_t context;
+    Context context;
     State state = State::ready;
     dim3 index;
     unsigned int linear = 0;
@@ -66,7 +90,7 @@ struct Fiber {
 inline std::vector<Fiber> fibers;
 inline std::vector<std::unique_ptr<char[]>> stacks;
 constexpr std::size_t stack_bytes = 64 * 1024;
-inline ucontext_t scheduler;
+inline Context scheduler;
 inline Fiber* running = nullptr;
 inline unsigned char lanes[32][32][8];          // [warp][lane][value bytes]
 inline int exited[32];                          // threads of each warp that have returned
@@ -83,13 +107,35 @@ inline unsigned int linear_thread() {
 inline void wait_at(State barrier) {
     Fiber* self = running;
     self->state = barrier;
-    swapcontext(&self->context, &scheduler);
+    switch_to(self->context, scheduler);
 }
 
-inline void fiber_main() {
+// A fiber's whole life: the kernel, then back to the scheduler for good.
+extern "C" inline void emu_fiber_main() {
     kernel(params);
     exited[running->linear / 32] += 1;
-    running->state = State::done;               // uc_link returns to the scheduler
+    running->state = State::done;
+    switch_to(running->context, scheduler);
+    __builtin_unreachable();                    // a done fiber is never resumed
+}
+
+// Make `f` start at emu_fiber_main on `stack` at its next switch_to.
+inline void prepare(Fiber& f, char* stack) {
+#if defined(__x86_64__) && !defined(EMU_UCONTEXT)
+    auto top = reinterpret_cast<std::uintptr_t>(stack + stack_bytes) & ~std::uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top) - 2;        // the return address 16-byte aligned, as after a call
+    sp[0] = reinterpret_cast<void*>(&emu_fiber_main);     // where emu_switch's ret goes
+    sp[1] = nullptr;
+    sp -= 6;                                              // the six registers emu_switch pops
+    for (int k = 0; k < 6; ++k) sp[k] = nullptr;
+    f.context.sp = sp;
+#else
+    getcontext(&f.context.uc);
+    f.context.uc.uc_stack.ss_sp = stack;
+    f.context.uc.uc_stack.ss_size = stack_bytes;
+    f.context.uc.uc_link = nullptr;                       // emu_fiber_main never returns
+    makecontext(&f.context.uc, emu_fiber_main, 0);
+#endif
 }
 }  // namespace emu
 
@@ -131,13 +177,8 @@ namespace emu {
 // Returns false when some threads wait and no barrier can open (a barrier not all threads reach).
 inline bool run_block(unsigned int n, bool descending) {
     for (unsigned int t = 0; t < n; ++t) {
-        Fiber& f = fibers[t];
-        getcontext(&f.context);
-        f.context.uc_stack.ss_sp = stacks[t].get();
-        f.context.uc_stack.ss_size = stack_bytes;
-        f.context.uc_link = &scheduler;
-        makecontext(&f.context, fiber_main, 0);
-        f.state = State::ready;
+        prepare(fibers[t], stacks[t].get());
+        fibers[t].state = State::ready;
     }
     for (auto& e : exited) e = 0;
     for (;;) {
@@ -146,7 +187,7 @@ inline bool run_block(unsigned int n, bool descending) {
             if (f.state != State::ready) continue;
             running = &f;
             threadIdx = f.index;
-            swapcontext(&scheduler, &f.context);
+            switch_to(scheduler, f.context);
         }
         bool live = false, opened = false, all_at_block = true;
         for (unsigned int w = 0; 32 * w < n; ++w) {
