@@ -4,22 +4,22 @@
 // header with g++, as ordinary C++. Every CUDA thread of a block is a fiber (its own stack, switched in
 // user space: a few lines of assembly on x86-64, POSIX ucontext elsewhere or with EMU_UCONTEXT defined),
 // and one OS thread runs them all: a fiber runs until it reaches a barrier or returns, then the next one
-// runs. __syncthreads is a barrier of the block's threads, a warp
-// shuffle an exchange through memory between the 32 threads of a warp with a warp barrier on either
-// side, and __shared__ variables are static (blocks run one after another, so static storage is the
-// running block's shared memory). Threads that return early drop out of the barriers, as exited
-// threads do on a GPU; a warp shuffle in a warp some of whose threads have exited (undefined on a GPU
-// with a full mask) makes the launch fail with code 3; threads that wait at barriers of different kinds,
-// some of a warp in a shuffle and others at __syncthreads, which can never all open, fail it with code 4.
-// Like the GPU's, a barrier counts arrivals: two different __syncthreads calls reached by different
-// threads pass together.
+// runs. __syncthreads is a barrier of the block's threads, a warp shuffle an exchange through memory
+// between the 32 threads of a warp with a warp barrier on either side, and __shared__ variables are
+// static (blocks run one after another, so static storage is the running block's shared memory). Threads
+// that return early drop out of the barriers, as exited threads do on a GPU; a warp shuffle in a warp
+// some of whose threads have exited (undefined on a GPU with a full mask) makes the launch fail with
+// code 3; threads that wait at barriers of different kinds, some of a warp in a shuffle and others at
+// __syncthreads, which can never all open, fail it with code 4. Like the GPU's, a barrier counts
+// arrivals: two different __syncthreads calls reached by different threads pass together.
 // (A first version ran one std::thread per CUDA thread: the same semantics, but 256 OS threads per
 // block on a 2-core machine spent most of their time in the scheduler.)
 // What this checks: the kernels' arithmetic, indexing, partial layouts, reductions and
 // synchronisation structure, on real data. What it cannot check: speed, races (threads run between
 // barriers one after another, in thread order or in reverse, so a missing barrier shows only where one
-// of those orders exposes it), the shuffle's mask (taken as full), the GPU memory model, and reads of shared memory a block never wrote (static storage keeps the previous
-// block's values). KERNEL_SOURCE uses no atomics, no fences and no intrinsics but the ones below.
+// of those orders exposes it), the shuffle's mask (taken as full), the GPU memory model, and reads of
+// shared memory a block never wrote (static storage keeps the previous block's values). KERNEL_SOURCE
+// uses no atomics, no fences and no intrinsics but the ones below.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -85,7 +85,6 @@ struct Fiber {
     Context context;
     State state = State::ready;
     dim3 index;
-    unsigned int linear = 0;
 };
 inline std::vector<Fiber> fibers;
 inline std::vector<std::unique_ptr<char[]>> stacks;
@@ -113,7 +112,7 @@ inline void wait_at(State barrier) {
 // A fiber's whole life: the kernel, then back to the scheduler for good.
 extern "C" inline void emu_fiber_main() {
     kernel(params);
-    exited[running->linear / 32] += 1;
+    exited[linear_thread() / 32] += 1;             // threadIdx is still this fiber's
     running->state = State::done;
     switch_to(running->context, scheduler);
     __builtin_unreachable();                    // a done fiber is never resumed
@@ -172,8 +171,8 @@ std::map<std::string, emu_kernel>& emu_table();
 namespace emu {
 // One block: every fiber runs until it waits or returns (in thread order, or in reverse order, which
 // blocks alternate, so that a missing barrier shows whichever thread reads what another writes); then a
-// warp barrier opens when every live
-// thread of its warp waits at it, and the block barrier when every live thread of the block does.
+// warp barrier opens when every live thread of its warp waits at it, and the block barrier when every
+// live thread of the block does.
 // Returns false when some threads wait and no barrier can open (a barrier not all threads reach).
 inline bool run_block(unsigned int n, bool descending) {
     for (unsigned int t = 0; t < n; ++t) {
@@ -234,10 +233,7 @@ extern "C" int bn_emu_launch(const char* name, unsigned int gx, unsigned int gy,
     emu::params = params;
     emu::fibers.assign(n, emu::Fiber{});
     while (emu::stacks.size() < n) emu::stacks.emplace_back(new char[emu::stack_bytes]);
-    for (unsigned int t = 0; t < n; ++t) {
-        emu::fibers[t].index = dim3{t % bx, (t / bx) % by, t / (bx * by)};
-        emu::fibers[t].linear = t;
-    }
+    for (unsigned int t = 0; t < n; ++t) emu::fibers[t].index = dim3{t % bx, (t / bx) % by, t / (bx * by)};
     for (unsigned int z = 0; z < gz; ++z)
         for (unsigned int y = 0; y < gy; ++y)
             for (unsigned int x = 0; x < gx; ++x) {
