@@ -70,75 +70,110 @@ def test_every_kernel_instantiation_compiles(nvcc_objects, arch):
         assert listing.stdout.count("STT_FUNC") >= len(cuda.kernel_names()), listing.stdout[-2000:]
 
 
-def _nvrtc_files():
-    """(libnvrtc, its builtins library, an include folder with cuda_fp16.h), or None; nothing is loaded here.
-    NVRTC is the compiler CuPy's RawModule runs on the GPU machine; it needs no GPU. The libraries come from
-    the nvidia-cuda-nvrtc wheel (requirements.txt, Linux x86-64) or a CUDA toolkit; the headers from the
-    toolkit of the nvcc on PATH, or CUDA_HOME."""
+def _nvrtc_installs():
+    """{CUDA major version: (libnvrtc, its builtins library, an include folder with that version's cuda_fp16.h)}
+    for each NVRTC found; nothing is loaded here. NVRTC is the compiler CuPy's RawModule runs on the GPU
+    machine; it needs no GPU. CUDA 13 (CuPy's cupy-cuda13x, the GPU machine's): the libraries from the
+    nvidia-cuda-nvrtc wheel or a CUDA toolkit, the headers from the toolkit of the nvcc on PATH, CUDA_HOME
+    or the wheel. CUDA 12 (cupy-cuda12x, what a Colab T4 runs): the nvidia-cuda-nvrtc-cu12 wheel, with the
+    headers of the nvidia-cuda-runtime-cu12 wheel of the same release (requirements.txt pins the first
+    CUDA 12 release, the oldest NVRTC cupy-cuda12x can run)."""
     import glob
     import site
+    packages = [os.path.join(d, "nvidia") for d in site.getsitepackages() + [site.getusersitepackages()]]
     roots = []
     if shutil.which("nvcc"):
         roots.append(os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc")))))
     roots += [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
-    packages = [os.path.join(d, "nvidia", "cu13") for d in site.getsitepackages() + [site.getusersitepackages()]]
-    lib_dirs = [os.path.join(d, "lib") for d in packages] + [os.path.join(r, "lib64") for r in roots if r]
-    include = next((os.path.join(r, "include") for r in roots + packages
-                    if r and os.path.exists(os.path.join(r, "include", "cuda_fp16.h"))), None)
-    for d in lib_dirs:
-        libs = sorted(glob.glob(os.path.join(d, "libnvrtc.so.*")))
-        builtins = sorted(glob.glob(os.path.join(d, "libnvrtc-builtins.so.*")))
-        if libs and builtins and include:
-            return libs[0], builtins[0], include
-    return None
+    roots = [r for r in roots if r]
+    where = {   # major: (library folders, include folders)
+        13: ([os.path.join(p, "cu13", "lib") for p in packages] + [os.path.join(r, "lib64") for r in roots],
+             [os.path.join(r, "include") for r in roots] + [os.path.join(p, "cu13", "include") for p in packages]),
+        12: ([os.path.join(p, "cuda_nvrtc", "lib") for p in packages],
+             [os.path.join(p, "cuda_runtime", "include") for p in packages]),
+    }
+    found = {}
+    for major, (lib_dirs, includes) in where.items():
+        include = next((d for d in includes if os.path.exists(os.path.join(d, "cuda_fp16.h"))), None)
+        for d in lib_dirs:
+            libs = sorted(glob.glob(os.path.join(d, f"libnvrtc.so.{major}*")))
+            builtins = sorted(glob.glob(os.path.join(d, f"libnvrtc-builtins.so.{major}*")))
+            if libs and builtins and include:
+                found[major] = (libs[0], builtins[0], include)
+                break
+    return found
+
+
+# One NVRTC per process (the compile runs in a child): two NVRTC versions' builtins libraries would
+# otherwise share a process. Prints one JSON line per architecture.
+_NVRTC_COMPILE = r"""
+import ctypes, json, sys
+from concurrent.futures import ThreadPoolExecutor
+from bnlib import cuda
+library, builtins, include = sys.argv[1:4]
+ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)      # libnvrtc opens it by name at compile time
+lib = ctypes.CDLL(library)
+lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+major, minor = ctypes.c_int(), ctypes.c_int()
+assert lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) == 0
+
+
+def compile_for(arch):
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), cuda.KERNEL_SOURCE.encode(), b"bn.cu", 0, None, None) == 0
+    try:
+        for name in cuda.kernel_names():
+            assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0, name
+        options = [o.encode() for o in (*cuda.NVRTC_OPTIONS, f"--gpu-architecture={arch}", f"-I{include}")]
+        rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        lowered, cubin = [], ctypes.c_size_t(0)
+        if rc == 0:
+            for name in cuda.kernel_names():
+                out = ctypes.c_char_p()
+                assert lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)) == 0, name
+                lowered.append(out.value.decode())
+            assert lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin)) == 0, arch
+        return dict(arch=arch, version=[major.value, minor.value], rc=rc, error=lib.nvrtcGetErrorString(rc).decode(),
+                    log=log.value.decode().strip(), lowered=lowered, cubin_bytes=cubin.value)
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+with ThreadPoolExecutor(max_workers=2) as pool:     # the two compiles at once: ctypes releases the GIL
+    for result in pool.map(compile_for, sys.argv[4:]):
+        print(json.dumps(result))
+"""
 
 
 # Skipped on the GPU machine (tools/gpu_check.sh), where CuPy's own NVRTC compiles the module for every GPU
-# test: loading a second NVRTC into that process would test nothing more and could disturb CuPy's.
-@pytest.mark.skipif(REQUIRE_GPU or _nvrtc_files() is None,
-                    reason="no libnvrtc (pip install nvidia-cuda-nvrtc) or no CUDA headers; or the GPU machine")
-def test_nvrtc_compiles_the_module_as_cupy_will_with_every_name_expression():
+# test: a second NVRTC there would test nothing more.
+@pytest.mark.skipif(REQUIRE_GPU, reason="the GPU machine: CuPy's own NVRTC compiles the module there")
+@pytest.mark.parametrize("major", (12, 13))
+def test_nvrtc_compiles_the_module_as_cupy_will_with_every_name_expression(major):
     # module() hands KERNEL_SOURCE, NVRTC_OPTIONS and kernel_names() to cupy.RawModule, which runs NVRTC on
-    # the GPU machine: one failure there breaks every kernel. The same compile, here (with this NVRTC's
-    # version, which a GPU machine's CuPy may not share), for a Colab T4 and an H100/H200 (the two compiles
-    # at once: ctypes releases the GIL), with every name expression lowered.
-    import ctypes
-    from concurrent.futures import ThreadPoolExecutor
-    library, builtins, include = _nvrtc_files()
-    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)      # libnvrtc opens it by name at compile time
-    lib = ctypes.CDLL(library)
-    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-
-    def compile_for(arch):
-        prog = ctypes.c_void_p()
-        assert lib.nvrtcCreateProgram(ctypes.byref(prog), cuda.KERNEL_SOURCE.encode(), b"bn.cu", 0, None, None) == 0
-        try:
-            for name in cuda.kernel_names():
-                assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0, name
-            options = [o.encode() for o in (*cuda.NVRTC_OPTIONS, f"--gpu-architecture={arch}", f"-I{include}")]
-            rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            lowered, cubin = [], ctypes.c_size_t(0)
-            if rc == 0:
-                for name in cuda.kernel_names():
-                    out = ctypes.c_char_p()
-                    assert lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)) == 0, name
-                    lowered.append(out.value)
-                assert lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin)) == 0, arch
-            return arch, rc, lib.nvrtcGetErrorString(rc).decode(), log.value.decode().strip(), lowered, cubin.value
-        finally:
-            lib.nvrtcDestroyProgram(ctypes.byref(prog))
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(compile_for, ("sm_75", "sm_90")))
-    for arch, rc, error, log, lowered, cubin_bytes in results:
-        assert rc == 0, (arch, error, log[-3000:])
-        assert log == "", (arch, log[-3000:])                  # no warnings either
-        assert len(set(lowered)) == len(cuda.kernel_names()), arch    # one distinct kernel per name expression
-        assert cubin_bytes > 0, arch
+    # the GPU machine: one failure there breaks every kernel. The same compile, here, for a Colab T4 and an
+    # H100/H200, with every name expression lowered: with CUDA 13's NVRTC (cupy-cuda13x, the GPU machine's
+    # CuPy) and with the first CUDA 12 release's (cupy-cuda12x, as on Colab, whose CUDA 12 may be a later
+    # release: a GPU machine's CuPy may run another NVRTC than the two compiled with here).
+    import json
+    installs = _nvrtc_installs()
+    if major not in installs:
+        pytest.skip(f"no CUDA {major} NVRTC with its headers (requirements.txt's nvidia-cuda-nvrtc wheels)")
+    proc = subprocess.run([sys.executable, "-c", _NVRTC_COMPILE, *installs[major], "sm_75", "sm_90"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["arch"] for r in results] == ["sm_75", "sm_90"]
+    for r in results:
+        assert r["version"][0] == major, r["version"]
+        assert r["rc"] == 0, (r["arch"], r["error"], r["log"][-3000:])
+        assert r["log"] == "", (r["arch"], r["log"][-3000:])                 # no warnings either
+        assert len(set(r["lowered"])) == len(cuda.kernel_names()), r["arch"]   # one kernel per name expression
+        assert r["cubin_bytes"] > 0, r["arch"]
 
 
 def test_kernel_names_cover_every_dtype_and_walk():
