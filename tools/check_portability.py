@@ -4,7 +4,7 @@ The stored outputs come from one machine. On another, the compiled routines behi
 other array operations differ: NumPy's OpenBLAS picks kernels for the CPU (SSE, AVX, AVX2 with FMA,
 AVX-512), PyTorch's MKL takes another code path on another CPU, and PyTorch's own CPU code is vectorized
 for another instruction set. They round differently, and after hundreds of SGD steps the networks of
-chapters 01, 07, 08 and 09 end in different places: accuracies move by up to a few points, more where
+chapters 01, 06, 07, 08 and 09 end in different places: accuracies move by up to a few points, more where
 the seeds already disagree. A claim whose assert fails there would stop a reader's notebook (on Colab,
 say) with an AssertionError.
 
@@ -21,12 +21,13 @@ checkers' self-tests feed them wrong answers and expect an AssertionError, which
 longer raises, so they report a wrong answer accepted), and the other configurations are judged on what
 fails beyond it. Exit status 1 if any configuration has such a failure or a chapter did not finish.
 
-    python tools/check_portability.py [--keep DIR] [chapters ...]   # "08" or "08_variants"; default: 01 07 08 09
+    python tools/check_portability.py [--keep DIR] [chapters ...]   # "08" or "08_variants"; default: 01 06 07 08 09
 
 --keep DIR saves each executed notebook as DIR/<configuration number>/<chapter>.ipynb, to read the values
 behind a failed assert.
 
-Roughly 10 minutes for the default four chapters on a 2-core machine. A TERM signal (`kill`, `timeout`)
+Roughly 11 to 12 minutes for the default five chapters on a 2-core machine (chapter 06 takes about 20 s a
+configuration). A TERM signal (`kill`, `timeout`)
 does not stop it while a kernel runs (the kernel is interrupted and the run goes on with the next
 chapter); stop it with ^C, or `kill -9` its process and its kernels (`pkill -9 -f ipykernel_launcher`). The chapters run in a scratch folder
 with the checkout first on PYTHONPATH, at full size (BNLIB_SMOKE unset). Passing here makes a failure on
@@ -57,7 +58,7 @@ CONFIGS = {
     "OpenBLAS Prescott (this OpenBLAS runs it as Katmai, SSE), torch AVX-512, MKL compatible": {
         "OPENBLAS_CORETYPE": "Prescott", "ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "COMPATIBLE"},
 }
-DEFAULT_CHAPTERS = ("01_background", "07_experiments", "08_variants", "09_faq")
+DEFAULT_CHAPTERS = ("01_background", "06_pytorch", "07_experiments", "08_variants", "09_faq")
 
 SOFT_ASSERTS = r'''
 import ast as _ast, os as _os
