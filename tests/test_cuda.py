@@ -70,14 +70,28 @@ def test_every_kernel_instantiation_compiles(nvcc_objects, arch):
         assert listing.stdout.count("STT_FUNC") >= len(cuda.kernel_names()), listing.stdout[-2000:]
 
 
+NVRTC_PINNED = {12: (12, 0), 13: (13, 0)}     # the NVRTC releases requirements.txt installs (major: (major, minor))
+
+
+def _cudart_version(include):
+    """CUDART_VERSION of the headers in `include` (12000 for CUDA 12.0), or None."""
+    import re
+    path = os.path.join(include, "cuda_runtime_api.h")
+    if not (os.path.exists(path) and os.path.exists(os.path.join(include, "cuda_fp16.h"))):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        found = re.search(r"#define\s+CUDART_VERSION\s+(\d+)", f.read())
+    return int(found.group(1)) if found else None
+
+
 def _nvrtc_installs():
-    """{CUDA major version: (libnvrtc, its builtins library, an include folder with that version's cuda_fp16.h)}
-    for each NVRTC found; nothing is loaded here. NVRTC is the compiler CuPy's RawModule runs on the GPU
-    machine; it needs no GPU. CUDA 13 (CuPy's cupy-cuda13x, the GPU machine's): the libraries from the
-    nvidia-cuda-nvrtc wheel or a CUDA toolkit, the headers from the toolkit of the nvcc on PATH, CUDA_HOME
-    or the wheel. CUDA 12 (cupy-cuda12x, what a Colab T4 runs): the nvidia-cuda-nvrtc-cu12 wheel, with the
-    headers of the nvidia-cuda-runtime-cu12 wheel of the same release (requirements.txt pins the first
-    CUDA 12 release, the oldest NVRTC cupy-cuda12x can run)."""
+    """{CUDA major version: (libnvrtc, its builtins library, an include folder with that major version's
+    cuda_fp16.h)} for each NVRTC found; nothing is loaded here. NVRTC is the compiler CuPy's RawModule runs
+    on the GPU machine; it needs no GPU. CUDA 13 (cupy-cuda13x, the GPU machine's CuPy): the library from
+    the nvidia-cuda-nvrtc wheel or a CUDA toolkit, the headers from the nvidia-cuda-runtime wheel or a
+    toolkit. CUDA 12 (cupy-cuda12x, what a Colab T4 runs): the nvidia-cuda-nvrtc-cu12 wheel and the headers
+    of the nvidia-cuda-runtime-cu12 wheel. requirements.txt pins all four wheels (NVRTC_PINNED). Headers of
+    another major version are never taken (their CUDART_VERSION is read)."""
     import glob
     import site
     packages = [os.path.join(d, "nvidia") for d in site.getsitepackages() + [site.getusersitepackages()]]
@@ -86,15 +100,15 @@ def _nvrtc_installs():
         roots.append(os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc")))))
     roots += [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
     roots = [r for r in roots if r]
-    where = {   # major: (library folders, include folders)
+    where = {   # major: (library folders, include folders), the wheels' first
         13: ([os.path.join(p, "cu13", "lib") for p in packages] + [os.path.join(r, "lib64") for r in roots],
-             [os.path.join(r, "include") for r in roots] + [os.path.join(p, "cu13", "include") for p in packages]),
+             [os.path.join(p, "cu13", "include") for p in packages] + [os.path.join(r, "include") for r in roots]),
         12: ([os.path.join(p, "cuda_nvrtc", "lib") for p in packages],
              [os.path.join(p, "cuda_runtime", "include") for p in packages]),
     }
     found = {}
     for major, (lib_dirs, includes) in where.items():
-        include = next((d for d in includes if os.path.exists(os.path.join(d, "cuda_fp16.h"))), None)
+        include = next((d for d in includes if (_cudart_version(d) or 0) // 1000 == major), None)
         for d in lib_dirs:
             libs = sorted(glob.glob(os.path.join(d, f"libnvrtc.so.{major}*")))
             builtins = sorted(glob.glob(os.path.join(d, f"libnvrtc-builtins.so.{major}*")))
@@ -162,14 +176,20 @@ def test_nvrtc_compiles_the_module_as_cupy_will_with_every_name_expression(major
     import json
     installs = _nvrtc_installs()
     if major not in installs:
-        pytest.skip(f"no CUDA {major} NVRTC with its headers (requirements.txt's nvidia-cuda-nvrtc wheels)")
+        why = (f"no CUDA {major} NVRTC library with CUDA {major} headers (requirements.txt's nvidia-cuda-nvrtc and "
+               f"nvidia-cuda-runtime wheels)")
+        if os.environ.get("CI"):              # CI installs them: a missing one fails there instead of skipping
+            pytest.fail(why)
+        pytest.skip(why)
     proc = subprocess.run([sys.executable, "-c", _NVRTC_COMPILE, *installs[major], "sm_75", "sm_90"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["arch"] for r in results] == ["sm_75", "sm_90"]
+    headers = _cudart_version(installs[major][2])
     for r in results:
-        assert r["version"][0] == major, r["version"]
+        assert tuple(r["version"]) == NVRTC_PINNED[major], r["version"]           # the release named in the book
+        assert headers // 1000 == major and headers % 1000 // 10 == r["version"][1], (headers, r["version"])
         assert r["rc"] == 0, (r["arch"], r["error"], r["log"][-3000:])
         assert r["log"] == "", (r["arch"], r["log"][-3000:])                 # no warnings either
         assert len(set(r["lowered"])) == len(cuda.kernel_names()), r["arch"]   # one kernel per name expression
