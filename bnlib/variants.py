@@ -100,15 +100,31 @@ class _Normalization:
     def eval(self):
         return self.train(False)
 
-    def _init_parameters(self, shape, affine):
-        """weight = 1 and bias = 0 of `shape`, with their gradients; all None without affine."""
-        make = (lambda fill: np.full(shape, fill, self.dtype)) if affine else (lambda fill: None)
-        self.weight, self.bias, self.grad_weight, self.grad_bias = make(1), make(0), make(0), make(0)
+    def _init_parameters(self, shape, affine, bias=True):
+        """weight = 1 and (with bias) bias = 0 of `shape`, with their gradients; None where absent: all four
+        without affine, bias and grad_bias with bias=False (torch's weight-only layers)."""
+        make = lambda fill, present: np.full(shape, fill, self.dtype) if present else None
+        with_bias = bool(affine and bias)
+        self.weight, self.grad_weight = make(1, affine), make(0, affine)
+        self.bias, self.grad_bias = make(0, with_bias), make(0, with_bias)
         self._param_shape = tuple(shape) if affine else None
         self.training, self._cache = True, None
 
     def _state_shapes(self):
-        return {} if self._param_shape is None else {"weight": self._param_shape, "bias": self._param_shape}
+        shapes = {} if self._param_shape is None else {"weight": self._param_shape}
+        if self.bias is not None:
+            shapes["bias"] = self._param_shape
+        return shapes
+
+    def _affine(self, x_hat, x_dtype, shape):
+        """x_hat * weight + bias (the parameters reshaped to `shape`), in x's dtype; a copy of x_hat without
+        parameters (backward needs x_hat as it is, whatever the caller does to y, an in-place ReLU say)."""
+        if self.weight is None:
+            return x_hat.astype(x_dtype)
+        y = x_hat * self.weight.reshape(shape)
+        if self.bias is not None:
+            y += self.bias.reshape(shape)
+        return y.astype(x_dtype, copy=False)
 
     def state_dict(self):
         """Copies of the parameters and buffers, under torch's key names."""
@@ -131,13 +147,15 @@ class LayerNorm(_Normalization):
         normalized_shape: int or tuple, the trailing shape of the input that is normalized
         eps: added to the variance inside the square root (default 1e-5)
         elementwise_affine: learn weight (ones) and bias (zeros) of normalized_shape (default True)
+        bias: with elementwise_affine, whether there is a bias (default True; False: weight only, as
+            torch.nn.LayerNorm(..., bias=False), whose state dicts then load); keyword only
         dtype: dtype of the parameters (default float32)
 
     Shape: input (*, *normalized_shape); output the same. backward(dy) returns dx and stores
     grad_weight, grad_bias. A call that raises changes no state.
     """
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, dtype=np.float32):
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, dtype=np.float32, *, bias=True):
         shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else normalized_shape
         if not (isinstance(shape, (tuple, list)) and all(isinstance(s, numbers.Integral) for s in shape)):
             raise TypeError(f"normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}")
@@ -146,7 +164,7 @@ class LayerNorm(_Normalization):
             raise ValueError("normalized_shape must have at least one entry, got ()")
         self.eps, self.dtype = _check_eps_dtype(eps, dtype)
         self.normalized_shape, self.elementwise_affine = shape, bool(elementwise_affine)
-        self._init_parameters(shape, self.elementwise_affine)
+        self._init_parameters(shape, self.elementwise_affine, bias)
 
     def forward(self, x):
         """Normalize every example over its trailing normalized_shape axes."""
@@ -158,9 +176,7 @@ class LayerNorm(_Normalization):
         axes = tuple(range(x.ndim - k, x.ndim))
         x_hat, inv_std = normalize(x, axes, self.eps)                  # inv_std: (*, 1, ..., 1)
         self._cache = (x_hat, inv_std, axes, x.dtype)
-        if self.weight is None:     # a copy: backward needs x_hat as it is, whatever the caller does to y
-            return x_hat.astype(x.dtype)                               # (an in-place ReLU, say)
-        return (x_hat * self.weight + self.bias).astype(x.dtype, copy=False)
+        return self._affine(x_hat, x.dtype, self.normalized_shape)
 
     def backward(self, dy):
         """dx for the last forward's input; stores grad_weight and grad_bias (summed over examples)."""
@@ -173,11 +189,13 @@ class LayerNorm(_Normalization):
         if self.weight is not None:
             lead = tuple(range(dy.ndim - len(axes)))
             self.grad_weight[...] = (dy * x_hat).sum(axis=lead)
-            self.grad_bias[...] = dy.sum(axis=lead, dtype=x_hat.dtype)
+            if self.bias is not None:
+                self.grad_bias[...] = dy.sum(axis=lead, dtype=x_hat.dtype)
         return dx.astype(x_dtype, copy=False)
 
     def __repr__(self):
-        return f"LayerNorm({self.normalized_shape}, eps={self.eps:g}, elementwise_affine={self.elementwise_affine})"
+        no_bias = ", bias=False" if self.elementwise_affine and self.bias is None else ""
+        return f"LayerNorm({self.normalized_shape}, eps={self.eps:g}, elementwise_affine={self.elementwise_affine}{no_bias})"
 
 
 class GroupNorm(_Normalization):
@@ -192,20 +210,22 @@ class GroupNorm(_Normalization):
         num_groups: G, must divide num_channels;  num_channels: C
         eps: added to the variance inside the square root (default 1e-5)
         affine: learn per-channel weight (ones) and bias (zeros) (default True)
+        bias: with affine, whether there is a bias (default True; False: weight only, as torch's
+            bias=False, whose state dicts then load); keyword only
         dtype: dtype of the parameters (default float32)
 
     Shape: input (N, C, *spatial); output the same. No batch statistics: training and
     evaluation compute the same thing. A call that raises changes no state.
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32, *, bias=True):
         self.num_groups = _check_positive_int(num_groups, "num_groups")
         self.num_channels = _check_positive_int(num_channels, "num_channels")
         if self.num_channels % self.num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         self.eps, self.dtype = _check_eps_dtype(eps, dtype)
         self.affine = bool(affine)
-        self._init_parameters((self.num_channels,), self.affine)
+        self._init_parameters((self.num_channels,), self.affine, bias)
 
     def _check_input(self, x):
         _check_array(x)
@@ -224,10 +244,7 @@ class GroupNorm(_Normalization):
         x_hat, inv_std = normalize(self._group_view(x), (2,), self.eps)   # (N, G, M), (N, G, 1)
         x_hat = x_hat.reshape(x.shape)
         self._cache = (x_hat, inv_std, x.dtype)
-        if self.weight is None:
-            return x_hat.astype(x.dtype)            # a copy, not the cached x_hat (as LayerNorm)
-        shape = channel_shape(x.ndim, self.num_channels)
-        return (x_hat * self.weight.reshape(shape) + self.bias.reshape(shape)).astype(x.dtype, copy=False)
+        return self._affine(x_hat, x.dtype, channel_shape(x.ndim, self.num_channels))
 
     def backward(self, dy):
         """dx for the last forward's input; stores grad_weight and grad_bias (per channel)."""
@@ -240,11 +257,13 @@ class GroupNorm(_Normalization):
         dx = normalize_backward(self._group_view(dx_hat), self._group_view(x_hat), inv_std, (2,))
         if self.weight is not None:
             self.grad_weight[...] = (dy * x_hat).sum(axis=axes)
-            self.grad_bias[...] = dy.sum(axis=axes, dtype=x_hat.dtype)
+            if self.bias is not None:
+                self.grad_bias[...] = dy.sum(axis=axes, dtype=x_hat.dtype)
         return dx.reshape(dy.shape).astype(x_dtype, copy=False)
 
     def __repr__(self):
-        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps:g}, affine={self.affine})"
+        no_bias = ", bias=False" if self.affine and self.bias is None else ""
+        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps:g}, affine={self.affine}{no_bias})"
 
 
 class InstanceNorm(GroupNorm):
@@ -259,6 +278,7 @@ class InstanceNorm(GroupNorm):
     Args:
         num_features: C;  eps: inside the square root (default 1e-5)
         affine: learn per-channel weight and bias (default False, as in torch)
+        bias: with affine, whether there is a bias (default True; keyword only, as in torch)
         track_running_stats: keep running_mean / running_var (default False, as in torch)
         momentum: running = (1 - momentum) * running + momentum * batch, a number in [0, 1] (0.1)
         dtype: dtype of parameters and buffers (default float32)
@@ -269,12 +289,12 @@ class InstanceNorm(GroupNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, affine=False, track_running_stats=False, momentum=0.1,
-                 dtype=np.float32):
+                 dtype=np.float32, *, bias=True):
         if momentum is None or isinstance(momentum, bool) or not (isinstance(momentum, numbers.Real)
                                                                  and 0 <= momentum <= 1):
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r} "
                              f"(torch's InstanceNorm has no cumulative average)")
-        super().__init__(num_features, num_features, eps=eps, affine=affine, dtype=dtype)
+        super().__init__(num_features, num_features, eps=eps, affine=affine, dtype=dtype, bias=bias)
         self.num_features, self.momentum = self.num_channels, float(momentum)
         self.track_running_stats = bool(track_running_stats)
         if self.track_running_stats:
@@ -317,12 +337,15 @@ class InstanceNorm(GroupNorm):
         if self._eval_input is not None:                                 # eval: BatchNorm's fixed map
             dx, dgamma, dbeta = BatchNorm._inference_backward(self, dy, self._eval_input)
             if self.affine:
-                self.grad_weight[...], self.grad_bias[...] = dgamma, dbeta
+                self.grad_weight[...] = dgamma
+            if self.bias is not None:
+                self.grad_bias[...] = dbeta
             return dx
         return super().backward(dy)
 
     def __repr__(self):
-        return (f"InstanceNorm({self.num_features}, eps={self.eps:g}, affine={self.affine}, "
+        no_bias = ", bias=False" if self.affine and self.bias is None else ""
+        return (f"InstanceNorm({self.num_features}, eps={self.eps:g}, affine={self.affine}{no_bias}, "
                 f"track_running_stats={self.track_running_stats}, momentum={self.momentum})")
 
 

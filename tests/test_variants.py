@@ -36,6 +36,7 @@ def _close(a, b, tol=TOL):
 def _randomize(layer, rng):
     if getattr(layer, "weight", None) is not None:
         layer.weight[...] = rng.uniform(0.5, 1.5, layer.weight.shape)
+    if getattr(layer, "bias", None) is not None:
         layer.bias[...] = rng.normal(size=layer.bias.shape)
     return layer
 
@@ -52,6 +53,7 @@ def _compare_with_torch(ours, fn, module, x, dy):
     _close(dx, grads[0])
     if affine:
         _close(ours.grad_weight, grads[1])
+    if ours.bias is not None:
         _close(ours.grad_bias, grads[2])
     module.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
     _close(module(torch.from_numpy(x)).detach().numpy(), y)
@@ -65,9 +67,11 @@ def test_layer_norm_matches_torch(seed):
     k = int(rng.integers(1, len(shape)))                      # normalize the last k axes
     normalized = shape[len(shape) - k:]
     affine, eps = seed % 3 != 2, float(10 ** rng.uniform(-6, -2))
-    ours = _randomize(V.LayerNorm(normalized, eps=eps, elementwise_affine=affine, dtype=np.float64), rng)
+    bias = seed % 4 != 1                                        # seeds 1 and 5: weight only (torch's bias=False)
+    ours = _randomize(V.LayerNorm(normalized, eps=eps, elementwise_affine=affine, bias=bias, dtype=np.float64), rng)
     _compare_with_torch(ours, lambda a, *p: torch.nn.functional.layer_norm(a, normalized, *p, eps=eps),
-                        torch.nn.LayerNorm(normalized, eps=eps, elementwise_affine=affine, dtype=torch.float64),
+                        torch.nn.LayerNorm(normalized, eps=eps, elementwise_affine=affine, bias=bias,
+                                           dtype=torch.float64),
                         rng.normal(2.0, 3.0, shape), rng.normal(size=shape))
 
 
@@ -81,9 +85,10 @@ def test_group_norm_matches_torch(seed):
         groups = 1                                              # one group of all channels
     shape = _random_shape(rng, channels=c)
     affine, eps = seed % 4 != 3, float(10 ** rng.uniform(-6, -2))
-    ours = _randomize(V.GroupNorm(groups, c, eps=eps, affine=affine, dtype=np.float64), rng)
+    bias = seed % 3 != 1                                        # seeds 1, 4, 7: weight only (torch's bias=False)
+    ours = _randomize(V.GroupNorm(groups, c, eps=eps, affine=affine, bias=bias, dtype=np.float64), rng)
     _compare_with_torch(ours, lambda a, *p: torch.nn.functional.group_norm(a, groups, *p, eps=eps),
-                        torch.nn.GroupNorm(groups, c, eps=eps, affine=affine, dtype=torch.float64),
+                        torch.nn.GroupNorm(groups, c, eps=eps, affine=affine, bias=bias, dtype=torch.float64),
                         rng.normal(-1.0, 2.0, shape), rng.normal(size=shape))
 
 
@@ -96,15 +101,17 @@ def test_instance_norm_matches_torch_over_steps(seed):
     shape = _random_shape(rng, min_ndim=3)
     c = shape[1]
     affine, track = bool(seed % 2), seed % 4 >= 2
+    bias = seed not in (3, 5)                                   # affine, weight only (torch's bias=False)
     momentum, eps = float(rng.uniform(0.05, 0.9)), float(10 ** rng.uniform(-6, -2))
     ours = V.InstanceNorm(c, eps=eps, affine=affine, track_running_stats=track, momentum=momentum,
-                          dtype=np.float64)
+                          dtype=np.float64, bias=bias)
     theirs = TORCH_IN[len(shape)](c, eps=eps, affine=affine, track_running_stats=track, momentum=momentum,
-                                  dtype=torch.float64)
+                                  dtype=torch.float64, bias=bias)
     if affine:
         with torch.no_grad():
             theirs.weight.uniform_(0.5, 1.5)
-            theirs.bias.normal_()
+            if bias:
+                theirs.bias.normal_()
     ours.load_state_dict(theirs.state_dict())
     for step in range(4):
         if step == 3:
@@ -119,7 +126,10 @@ def test_instance_norm_matches_torch_over_steps(seed):
         _close(dx, xt.grad.numpy())
         if affine:
             _close(ours.grad_weight, theirs.weight.grad.numpy())
-            _close(ours.grad_bias, theirs.bias.grad.numpy())
+            if bias:
+                _close(ours.grad_bias, theirs.bias.grad.numpy())
+            else:
+                assert ours.bias is None and ours.grad_bias is None and "bias" not in ours.state_dict()
             theirs.zero_grad()
         for key, value in theirs.state_dict().items():
             _close(ours.state_dict()[key], value.numpy())
