@@ -67,7 +67,7 @@ def test_layer_norm_matches_torch(seed):
     k = int(rng.integers(1, len(shape)))                      # normalize the last k axes
     normalized = shape[len(shape) - k:]
     affine, eps = seed % 3 != 2, float(10 ** rng.uniform(-6, -2))
-    bias = seed % 4 != 1                                        # seeds 1 and 5: weight only (torch's bias=False)
+    bias = seed % 4 != 1                                        # seed 1: weight only (torch's bias=False); 5: no affine
     ours = _randomize(V.LayerNorm(normalized, eps=eps, elementwise_affine=affine, bias=bias, dtype=np.float64), rng)
     _compare_with_torch(ours, lambda a, *p: torch.nn.functional.layer_norm(a, normalized, *p, eps=eps),
                         torch.nn.LayerNorm(normalized, eps=eps, elementwise_affine=affine, bias=bias,
@@ -85,7 +85,7 @@ def test_group_norm_matches_torch(seed):
         groups = 1                                              # one group of all channels
     shape = _random_shape(rng, channels=c)
     affine, eps = seed % 4 != 3, float(10 ** rng.uniform(-6, -2))
-    bias = seed % 3 != 1                                        # seeds 1, 4, 7: weight only (torch's bias=False)
+    bias = seed % 3 != 1                                        # seeds 1, 4: weight only (torch's bias=False); 7: no affine
     ours = _randomize(V.GroupNorm(groups, c, eps=eps, affine=affine, bias=bias, dtype=np.float64), rng)
     _compare_with_torch(ours, lambda a, *p: torch.nn.functional.group_norm(a, groups, *p, eps=eps),
                         torch.nn.GroupNorm(groups, c, eps=eps, affine=affine, bias=bias, dtype=torch.float64),
@@ -145,6 +145,33 @@ def test_group_norm_limits_are_instance_and_layer_norm():
         _close(group.backward(dy), other.backward(dy))
 
 
+WEIGHT_ONLY = [  # (our class, torch's class, constructor arguments, an input shape): torch's bias=False layers
+    (V.LayerNorm, torch.nn.LayerNorm, dict(normalized_shape=4), (3, 5, 4)),
+    (V.GroupNorm, torch.nn.GroupNorm, dict(num_groups=2, num_channels=4), (3, 4, 5)),
+    (V.InstanceNorm, torch.nn.InstanceNorm1d, dict(num_features=4, affine=True, track_running_stats=True), (3, 4, 5)),
+]
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, kwargs, shape", WEIGHT_ONLY)
+def test_weight_only_layers_load_torch_state_and_refuse_the_other_kind(ours_cls, torch_cls, kwargs, shape):
+    ours, theirs = ours_cls(**kwargs, bias=False), torch_cls(**kwargs, bias=False)
+    assert ours.bias is None and ours.grad_bias is None and "bias=False" in repr(ours)
+    assert ours.load_state_dict(theirs.state_dict()).state_dict().keys() == theirs.state_dict().keys()
+    for layer, state in ((ours, torch_cls(**kwargs).state_dict()),                   # a bias where none is wanted,
+                         (ours_cls(**kwargs), theirs.state_dict())):                 # none where one is: refused,
+        before = copy.deepcopy(layer.state_dict())                                     # nothing changed
+        with pytest.raises(ValueError, match="bias"):
+            layer.load_state_dict(state)
+        assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in before.items())
+    rng = np.random.default_rng(4)
+    for dtype in (np.float16, np.float32):                      # half input keeps its dtype; float32 gradients
+        x = rng.normal(size=shape).astype(dtype)
+        y, dx = ours(x), ours.backward(np.ones_like(x))
+        assert y.dtype == dtype and dx.dtype == dtype and ours.grad_weight.dtype == np.float32
+    empty = np.zeros((0,) + shape[1:], np.float32)              # an empty batch
+    assert ours(empty).shape == empty.shape and not ours.backward(empty).size and not ours.grad_weight.any()
+
+
 # ---------------------------------------------------------------- numerical gradients
 def _check_numerical(layer, x, dy, tol=1e-6):
     layer(x)
@@ -153,8 +180,9 @@ def _check_numerical(layer, x, dy, tol=1e-6):
     if getattr(layer, "grad_weight", None) is not None:
         layer(x)
         layer.backward(dy)
-        grads = layer.grad_weight.copy(), layer.grad_bias.copy()
-        for name, grad in zip(("weight", "bias"), grads):
+        names = ("weight", "bias") if getattr(layer, "bias", None) is not None else ("weight",)
+        grads = [getattr(layer, "grad_" + name).copy() for name in names]
+        for name, grad in zip(names, grads):
             original = getattr(layer, name).copy()
 
             def f(p, name=name):
@@ -171,6 +199,10 @@ def _check_numerical(layer, x, dy, tol=1e-6):
     lambda: V.GroupNorm(1, 6, dtype=np.float64),
     lambda: V.InstanceNorm(6, affine=True, dtype=np.float64),
     lambda: V.InstanceNorm(6, affine=True, track_running_stats=True, dtype=np.float64).eval(),
+    lambda: V.LayerNorm((3, 4), dtype=np.float64, bias=False),            # weight only (torch's bias=False)
+    lambda: V.GroupNorm(3, 6, dtype=np.float64, bias=False),
+    lambda: V.InstanceNorm(6, affine=True, dtype=np.float64, bias=False),
+    lambda: V.InstanceNorm(6, affine=True, track_running_stats=True, dtype=np.float64, bias=False).eval(),
     lambda: V.GhostBatchNorm(6, 2, momentum=0.0, dtype=np.float64),
     lambda: V.FrozenBatchNorm(6, dtype=np.float64),
 ])
