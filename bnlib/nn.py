@@ -19,7 +19,7 @@ from bnlib.stats import Moments, channel_shape, merge_moments, reduction_axes
 
 _HALF = (torch.float16, torch.bfloat16)
 
-# torch.compile cannot follow numba's compiled kernels or CuPy, and fails on bnlib's NumPy path. So every
+# torch.compile cannot follow numba's compiled kernels or CuPy, nor trace these autograd Functions. So every
 # layer's forward is passed through torch.compiler.disable and called from a small wrapper,
 # _outside_torch_graphs: Dynamo traces the wrapper, never the disabled forward, and where it meets the
 # call it ends the graph (a graph break), runs the layer eagerly and starts a new graph after it. Outside
@@ -312,6 +312,9 @@ class BatchNormInferenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:   # as torch: the running statistics are constants
+            name = "running_mean" if ctx.needs_input_grad[1] else "running_var"
+            raise RuntimeError(f"batch norm is not differentiable with respect to argument '{name}'")
         x, running_mean, running_var, weight = ctx.saved_tensors
         acc = _compute_dtype(x)
         shape, axes = channel_shape(x.dim(), -1), reduction_axes(x.dim())
@@ -331,7 +334,8 @@ class BatchNormInferenceFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, x_t, mean_t, var_t, weight_t, bias_t, _):
         """Forward mode: the tangent of y = (x - mean) * inv_std * weight + bias, inv_std = (var + eps)^(-1/2),
-        with respect to every tensor input (the running statistics included, as torch's)."""
+        with respect to x, weight and bias. The running statistics are constants, with a zero tangent, as through
+        torch's module (torch.nn.functional.batch_norm refuses such tangents, and reverse mode refuses them: backward)."""
         x, running_mean, running_var, weight = ctx.saved_tensors
         acc, shape = _compute_dtype(x), channel_shape(x.dim(), -1)
         inv_std = torch.rsqrt(running_var.to(acc) + ctx.eps).reshape(shape)
@@ -340,10 +344,6 @@ class BatchNormInferenceFunction(torch.autograd.Function):
         y_t = torch.zeros_like(centered)
         if x_t is not None:
             y_t = y_t + x_t.to(acc) * inv_std * w
-        if mean_t is not None:
-            y_t = y_t - mean_t.to(acc).reshape(shape) * inv_std * w
-        if var_t is not None:
-            y_t = y_t - 0.5 * centered * inv_std ** 3 * var_t.to(acc).reshape(shape) * w
         if weight_t is not None:
             y_t = y_t + centered * inv_std * weight_t.to(acc).reshape(shape)
         if bias_t is not None:
@@ -521,6 +521,8 @@ class _BatchNorm(torch.nn.Module):
         self._check_input(x)
         if x.numel() == 0:
             return self._empty_batch(x)
+        if self._uses_batch_statistics() and not self.eps > 0:     # torch's rule and message, before any change
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         if self._uses_batch_statistics():
             # as torch, the buffers are updated only in training with track_running_stats set (the flag
             # off but buffers kept: batch statistics, buffers untouched)
@@ -626,6 +628,16 @@ def convert_batchnorm(module):
 
 
 _FOLDABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+_RANKS = {torch.nn.Linear: 1, torch.nn.Conv1d: 1, torch.nn.Conv2d: 2, torch.nn.Conv3d: 3}   # the BatchNorm{k}d each feeds
+
+
+def _bn_rank(bn):
+    """k for a BatchNorm{k}d of torch or bnlib, None for a layer of any rank (SyncBatchNorm)."""
+    for rank, classes in ((1, (torch.nn.BatchNorm1d, BatchNorm1d)), (2, (torch.nn.BatchNorm2d, BatchNorm2d)),
+                          (3, (torch.nn.BatchNorm3d, BatchNorm3d))):
+        if isinstance(bn, classes):
+            return rank
+    return None
 
 
 def fold_batch_norm(module, bn):
@@ -634,13 +646,20 @@ def fold_batch_norm(module, bn):
     With s = weight_bn / sqrt(running_var + eps) per output channel, module followed by bn equals
     one module with weight W * s (per output channel) and bias (b - running_mean) * s + bias_bn.
     Returns a new module (the inputs are not changed); grouped convolutions are fine, since each
-    output channel has its own filter. bn must be in evaluation mode, and the module's weight and bias
-    plain parameters (not weight_norm'ed, spectral_norm'ed or pruned): otherwise it raises.
+    output channel has its own filter. bn must be in evaluation mode, of the rank the module feeds (BatchNorm1d
+    after Linear or Conv1d, 2d after Conv2d, 3d after Conv3d; SyncBatchNorm after any), and the module's weight and
+    bias plain parameters (not weight_norm'ed, spectral_norm'ed or pruned): otherwise it raises. A Linear is
+    taken to feed bn its output features in dimension 1, as with (N, features) input; after a Linear applied to
+    (N, L, features), BatchNorm1d would normalize dimension 1, the L positions, and the fold would not hold.
     """
     if not isinstance(module, _FOLDABLE):
         raise TypeError(f"fold_batch_norm folds into Linear or Conv1d/2d/3d, got {type(module).__name__}")
     if not isinstance(bn, BATCHNORM_TYPES):
         raise TypeError(f"bn must be a torch or bnlib BatchNorm1d/2d/3d, got {type(bn).__name__}")
+    kind = next(k for k in _RANKS if isinstance(module, k))
+    if _bn_rank(bn) not in (None, _RANKS[kind]):
+        raise ValueError(f"{type(bn).__name__} cannot follow {type(module).__name__}, which feeds a "
+                         f"BatchNorm{_RANKS[kind]}d")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("bn has no running statistics (track_running_stats=False, or a buffer set to None): in "
                          "inference it uses batch statistics, which cannot be folded into fixed weights")
@@ -804,7 +823,8 @@ class SyncBatchNorm(_BatchNorm):
     empty one included: it still takes part in the exchanges (so no process waits for it until the group's timeout)
     and contributes nothing to the statistics, as in torch.nn.SyncBatchNorm.
     Without an initialized process group (or with a group of one process) it is plain batch
-    norm, as torch.nn.SyncBatchNorm is (on CUDA tensors, chapter 05's kernels). Synchronized, its
+    norm (on CUDA tensors, chapter 05's kernels), as torch.nn.SyncBatchNorm is on CUDA tensors; on CPU
+    tensors torch's raises once a process group is initialized, even one of one process, where this computes. Synchronized, its
     backward goes through an all-reduce, which autograd cannot differentiate: a double backward
     (create_graph=True) raises rather than leave out terms.
     """
@@ -827,6 +847,8 @@ class SyncBatchNorm(_BatchNorm):
             dist.get_world_size(self.process_group) > 1
         if not synced:
             return super().forward(x)
+        if not self.eps > 0:                                  # torch's rule and message, before any exchange
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         stats = {}
         group = self.process_group or dist.group.WORLD
         y = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, group, stats)

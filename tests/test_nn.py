@@ -217,6 +217,37 @@ def test_fold_batch_norm_errors():
         bnn.fold_batch_norm(torch.nn.Linear(3, 4), no_var)
     with pytest.raises(ValueError, match="lazy layer not built yet"):
         bnn.fold_batch_norm(torch.nn.LazyConv2d(4, 3), torch.nn.BatchNorm2d(4).eval())
+    for module, bn in [(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm1d(4)), (torch.nn.Linear(3, 4), bnn.BatchNorm3d(4)),
+                       (torch.nn.Conv1d(3, 4, 3), torch.nn.BatchNorm2d(4))]:     # pairs that cannot run in sequence
+        with pytest.raises(ValueError, match=f"cannot follow {type(module).__name__}"):
+            bnn.fold_batch_norm(module, bn.eval())
+    bnn.fold_batch_norm(torch.nn.Conv3d(3, 4, 3), bnn.SyncBatchNorm(4).eval())   # SyncBatchNorm: any rank
+
+
+def test_eps_zero_refused_with_batch_statistics_as_in_torch_allowed_in_evaluation():
+    x = torch.randn(8, 4)
+    for make in (torch.nn.BatchNorm1d, bnn.BatchNorm1d, bnn.SyncBatchNorm):
+        layer = make(4, eps=0.0)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        with pytest.raises(ValueError, match="eps must be positive during training, but got 0.0"):
+            layer(x)
+        if make is not torch.nn.BatchNorm1d:                   # bnlib: nothing changed (torch has counted the batch)
+            assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+        assert torch.isfinite(layer.eval()(x)).all()           # evaluation with running statistics: fine
+        with pytest.raises(ValueError, match="eps must be positive"):
+            make(4, eps=0.0, track_running_stats=False).eval()(x)     # no buffers: batch statistics again
+
+
+def test_eval_running_statistics_are_constants_as_in_torch():
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for module in (torch.nn.BatchNorm1d(3).double().eval(), bnn.BatchNorm1d(3).double().eval()):
+        def f(mean, module=module):
+            y = torch.func.functional_call(module, {"running_mean": mean}, (x,))
+            return (y ** 2).sum()
+        mean = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'running_mean'"):
+            f(mean).backward()
+        assert torch.func.jacfwd(f)(mean.detach()).abs().max() == 0          # forward mode: a zero tangent
 
 
 def _pruned(conv):
@@ -1668,7 +1699,8 @@ def test_torch_func_vmap_with_running_statistics_raises_clearly_and_changes_noth
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_func_forward_mode_matches_torch(training):
     """jvp, jacfwd and hessian (forward over reverse) through both Functions, against torch's batch
-    norm; in evaluation also with tangents for the running statistics, against torch arithmetic."""
+    norm; in evaluation also with tangents for the running statistics, which torch's module (and bnlib) treat as
+    constants (torch.nn.functional.batch_norm itself refuses such tangents)."""
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(6, 3, 2, 2, dtype=torch.float64, generator=gen)
     w = torch.rand(3, dtype=torch.float64, generator=gen) + 0.5
@@ -1689,13 +1721,10 @@ def test_torch_func_forward_mode_matches_torch(training):
         close(j_ours, j_theirs)
     cube = lambda f: (lambda x: (f(x, w, b) ** 3).sum())
     close(torch.func.hessian(cube(ours))(x), torch.func.hessian(cube(theirs))(x))
-    if not training:                                       # tangents of the running statistics too
-        shape = (1, 3, 1, 1)
-        formula = lambda x, rm, rv: (x - rm.reshape(shape)) * torch.rsqrt(rv.reshape(shape) + 1e-5) * w.reshape(shape) \
-            + b.reshape(shape)
+    if not training:   # tangents of the running statistics too: constants (a zero tangent), as through torch's module
         ours_all = lambda x, rm, rv: bnn.BatchNormInferenceFunction.apply(x, rm, rv, w, b, 1e-5)
         close(torch.func.jvp(ours_all, (x, rm, rv), (tx, trm, trv))[1],
-              torch.func.jvp(formula, (x, rm, rv), (tx, trm, trv))[1])
+              torch.func.jvp(lambda x: theirs(x, w, b), (x,), (tx,))[1])
 
 
 def test_torch_level_kernel_path_under_torch_func_grad(monkeypatch):
