@@ -282,6 +282,15 @@ def _dx_from_means(g, x_hat, scale, mean_g, mean_g_xhat, shape):
     return scale * (g - mean_g.reshape(shape) - x_hat * mean_g_xhat.reshape(shape))
 
 
+def _constant_statistics(running_mean, running_var):
+    """As torch, at the forward: the running statistics of an evaluation-mode batch norm cannot require grad
+    while grad is enabled (torch.nn.functional.batch_norm raises; under no_grad both compute)."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if torch.is_grad_enabled() and t is not None and t.requires_grad:
+            raise RuntimeError(f"batch norm is not differentiable with respect to argument '{name}': this input "
+                               "cannot have requires_grad True")
+
+
 @_signature_once
 class BatchNormInferenceFunction(torch.autograd.Function):
     """Evaluation-mode batch norm (a fixed per-channel affine map) with its gradients.
@@ -309,12 +318,15 @@ class BatchNormInferenceFunction(torch.autograd.Function):
         ctx.save_for_backward(x, running_mean, running_var, weight)
         ctx.save_for_forward(x, running_mean, running_var, weight)
         ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
+        ctx.set_materialize_grads(False)        # absent tangents and gradients come as None, not zeros (jvp tells them)
 
     @staticmethod
     def backward(ctx, dy):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:   # as torch: the running statistics are constants
             name = "running_mean" if ctx.needs_input_grad[1] else "running_var"
             raise RuntimeError(f"batch norm is not differentiable with respect to argument '{name}'")
+        if dy is None:                          # y received no gradient
+            return None, None, None, None, None, None
         x, running_mean, running_var, weight = ctx.saved_tensors
         acc = _compute_dtype(x)
         shape, axes = channel_shape(x.dim(), -1), reduction_axes(x.dim())
@@ -334,8 +346,11 @@ class BatchNormInferenceFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, x_t, mean_t, var_t, weight_t, bias_t, _):
         """Forward mode: the tangent of y = (x - mean) * inv_std * weight + bias, inv_std = (var + eps)^(-1/2),
-        with respect to x, weight and bias. The running statistics are constants, with a zero tangent, as through
-        torch's module (torch.nn.functional.batch_norm refuses such tangents, and reverse mode refuses them: backward)."""
+        with respect to x, weight and bias. The running statistics are constants: as in torch, a tangent for them
+        together with any other tangent raises, and alone it gives a zero tangent."""
+        if (mean_t is not None or var_t is not None) and any(t is not None for t in (x_t, weight_t, bias_t)):
+            raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot have "
+                               "forward grad defined")
         x, running_mean, running_var, weight = ctx.saved_tensors
         acc, shape = _compute_dtype(x), channel_shape(x.dim(), -1)
         inv_std = torch.rsqrt(running_var.to(acc) + ctx.eps).reshape(shape)
@@ -519,10 +534,10 @@ class _BatchNorm(torch.nn.Module):
     @_outside_torch_graphs        # torch.compile: eagerly, outside the graph; torch.export: refused
     def forward(self, x):
         self._check_input(x)
-        if x.numel() == 0:
-            return self._empty_batch(x)
         if self._uses_batch_statistics() and not self.eps > 0:     # torch's rule and message, before any change
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        if x.numel() == 0:
+            return self._empty_batch(x)
         if self._uses_batch_statistics():
             # as torch, the buffers are updated only in training with track_running_stats set (the flag
             # off but buffers kept: batch statistics, buffers untouched)
@@ -535,6 +550,7 @@ class _BatchNorm(torch.nn.Module):
             if tracking and running is None:
                 self._update_running_stats(mean, var, x.numel() // x.shape[1])
             return y
+        _constant_statistics(self.running_mean, self.running_var)
         return _apply(BatchNormInferenceFunction, x, self.running_mean, self.running_var, self.weight, self.bias,
                       self.eps)
 
@@ -824,7 +840,8 @@ class SyncBatchNorm(_BatchNorm):
     and contributes nothing to the statistics, as in torch.nn.SyncBatchNorm.
     Without an initialized process group (or with a group of one process) it is plain batch
     norm (on CUDA tensors, chapter 05's kernels), as torch.nn.SyncBatchNorm is on CUDA tensors; on CPU
-    tensors torch's raises once a process group is initialized, even one of one process, where this computes. Synchronized, its
+    tensors torch's raises in training once a process group is initialized, even one of one process, where this
+    computes. Synchronized, its
     backward goes through an all-reduce, which autograd cannot differentiate: a double backward
     (create_graph=True) raises rather than leave out terms.
     """
@@ -847,7 +864,7 @@ class SyncBatchNorm(_BatchNorm):
             dist.get_world_size(self.process_group) > 1
         if not synced:
             return super().forward(x)
-        if not self.eps > 0:                                  # torch's rule and message, before any exchange
+        if not self.eps > 0:                # as unsynchronized (torch's synced path would compute with it), before any exchange
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         stats = {}
         group = self.process_group or dist.group.WORLD

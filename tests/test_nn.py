@@ -227,6 +227,8 @@ def test_fold_batch_norm_errors():
 def test_eps_zero_refused_with_batch_statistics_as_in_torch_allowed_in_evaluation():
     x = torch.randn(8, 4)
     for make in (torch.nn.BatchNorm1d, bnn.BatchNorm1d, bnn.SyncBatchNorm):
+        with pytest.raises(ValueError, match="eps must be positive"):
+            make(4, eps=0.0)(torch.randn(0, 4))                # an empty batch too, as torch
         layer = make(4, eps=0.0)
         before = {k: v.clone() for k, v in layer.state_dict().items()}
         with pytest.raises(ValueError, match="eps must be positive during training, but got 0.0"):
@@ -246,7 +248,7 @@ def test_eval_running_statistics_are_constants_as_in_torch():
             return (y ** 2).sum()
         mean = torch.zeros(3, dtype=torch.float64, requires_grad=True)
         with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'running_mean'"):
-            f(mean).backward()
+            f(mean)                                                           # refused at the forward, as torch
         assert torch.func.jacfwd(f)(mean.detach()).abs().max() == 0          # forward mode: a zero tangent
 
 
@@ -1699,8 +1701,8 @@ def test_torch_func_vmap_with_running_statistics_raises_clearly_and_changes_noth
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_func_forward_mode_matches_torch(training):
     """jvp, jacfwd and hessian (forward over reverse) through both Functions, against torch's batch
-    norm; in evaluation also with tangents for the running statistics, which torch's module (and bnlib) treat as
-    constants (torch.nn.functional.batch_norm itself refuses such tangents)."""
+    norm; in evaluation also with tangents for the running statistics, which torch (and bnlib) refuse beside
+    other tangents and treat as constants alone."""
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(6, 3, 2, 2, dtype=torch.float64, generator=gen)
     w = torch.rand(3, dtype=torch.float64, generator=gen) + 0.5
@@ -1721,10 +1723,13 @@ def test_torch_func_forward_mode_matches_torch(training):
         close(j_ours, j_theirs)
     cube = lambda f: (lambda x: (f(x, w, b) ** 3).sum())
     close(torch.func.hessian(cube(ours))(x), torch.func.hessian(cube(theirs))(x))
-    if not training:   # tangents of the running statistics too: constants (a zero tangent), as through torch's module
+    if not training:   # tangents of the running statistics: refused beside any other tangent, zero alone (as torch)
         ours_all = lambda x, rm, rv: bnn.BatchNormInferenceFunction.apply(x, rm, rv, w, b, 1e-5)
-        close(torch.func.jvp(ours_all, (x, rm, rv), (tx, trm, trv))[1],
-              torch.func.jvp(lambda x: theirs(x, w, b), (x,), (tx,))[1])
+        theirs_all = lambda x, rm, rv: torch.nn.functional.batch_norm(x, rm, rv, w, b, training=False, eps=1e-5)
+        for f in (ours_all, theirs_all):
+            with pytest.raises(RuntimeError, match="not differentiable wrt running_mean and running_var"):
+                torch.func.jvp(f, (x, rm, rv), (tx, trm, trv))
+            close(torch.func.jvp(lambda rm, rv: f(x, rm, rv), (rm, rv), (trm, trv))[1], torch.zeros_like(x))
 
 
 def test_torch_level_kernel_path_under_torch_func_grad(monkeypatch):
