@@ -525,6 +525,11 @@ class _BatchNorm(torch.nn.Module):
             y = y + self.bias[0]
         return y
 
+    def _refuse_zero_eps(self):
+        """torch's rule and message for batch statistics (an empty batch included), checked before any change."""
+        if not self.eps > 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+
     def _uses_batch_statistics(self):
         """torch's rule: batch statistics in training, and in evaluation when the layer has no running
         buffers. It asks whether the buffers exist, not track_running_stats: a layer whose flag is
@@ -534,11 +539,12 @@ class _BatchNorm(torch.nn.Module):
     @_outside_torch_graphs        # torch.compile: eagerly, outside the graph; torch.export: refused
     def forward(self, x):
         self._check_input(x)
-        if self._uses_batch_statistics() and not self.eps > 0:     # torch's rule and message, before any change
-            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        batch_statistics = self._uses_batch_statistics()
+        if batch_statistics:
+            self._refuse_zero_eps()
         if x.numel() == 0:
             return self._empty_batch(x)
-        if self._uses_batch_statistics():
+        if batch_statistics:
             # as torch, the buffers are updated only in training with track_running_stats set (the flag
             # off but buffers kept: batch statistics, buffers untouched)
             tracking = self.training and self.track_running_stats
@@ -643,14 +649,12 @@ def convert_batchnorm(module):
     return module
 
 
-_FOLDABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _RANKS = {torch.nn.Linear: 1, torch.nn.Conv1d: 1, torch.nn.Conv2d: 2, torch.nn.Conv3d: 3}   # the BatchNorm{k}d each feeds
 
 
 def _bn_rank(bn):
     """k for a BatchNorm{k}d of torch or bnlib, None for a layer of any rank (SyncBatchNorm)."""
-    for rank, classes in ((1, (torch.nn.BatchNorm1d, BatchNorm1d)), (2, (torch.nn.BatchNorm2d, BatchNorm2d)),
-                          (3, (torch.nn.BatchNorm3d, BatchNorm3d))):
+    for rank, classes in enumerate(_TORCH_TO_BNLIB.items(), 1):      # (torch's class, bnlib's) for 1d, 2d, 3d
         if isinstance(bn, classes):
             return rank
     return None
@@ -668,14 +672,13 @@ def fold_batch_norm(module, bn):
     taken to feed bn its output features in dimension 1, as with (N, features) input; after a Linear applied to
     (N, L, features), BatchNorm1d would normalize dimension 1, the L positions, and the fold would not hold.
     """
-    if not isinstance(module, _FOLDABLE):
+    feeds = next((rank for kind, rank in _RANKS.items() if isinstance(module, kind)), None)
+    if feeds is None:
         raise TypeError(f"fold_batch_norm folds into Linear or Conv1d/2d/3d, got {type(module).__name__}")
     if not isinstance(bn, BATCHNORM_TYPES):
         raise TypeError(f"bn must be a torch or bnlib BatchNorm1d/2d/3d, got {type(bn).__name__}")
-    kind = next(k for k in _RANKS if isinstance(module, k))
-    if _bn_rank(bn) not in (None, _RANKS[kind]):
-        raise ValueError(f"{type(bn).__name__} cannot follow {type(module).__name__}, which feeds a "
-                         f"BatchNorm{_RANKS[kind]}d")
+    if _bn_rank(bn) not in (None, feeds):
+        raise ValueError(f"{type(bn).__name__} cannot follow {type(module).__name__}, which feeds a BatchNorm{feeds}d")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("bn has no running statistics (track_running_stats=False, or a buffer set to None): in "
                          "inference it uses batch statistics, which cannot be folded into fixed weights")
@@ -864,8 +867,7 @@ class SyncBatchNorm(_BatchNorm):
             dist.get_world_size(self.process_group) > 1
         if not synced:
             return super().forward(x)
-        if not self.eps > 0:                # as unsynchronized (torch's synced path would compute with it), before any exchange
-            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        self._refuse_zero_eps()             # as unsynchronized (torch's synced path would compute with it), before any exchange
         stats = {}
         group = self.process_group or dist.group.WORLD
         y = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, group, stats)

@@ -116,6 +116,10 @@ class _Normalization:
             shapes["bias"] = self._param_shape
         return shapes
 
+    def _bias_repr(self):
+        """', bias=False' for a weight without a bias (torch's bias=False), else ''."""
+        return ", bias=False" if self.weight is not None and self.bias is None else ""
+
     def _affine(self, x_hat, x_dtype, shape):
         """x_hat * weight + bias (the parameters reshaped to `shape`), in x's dtype; a copy of x_hat without
         parameters (backward needs x_hat as it is, whatever the caller does to y, an in-place ReLU say)."""
@@ -194,8 +198,8 @@ class LayerNorm(_Normalization):
         return dx.astype(x_dtype, copy=False)
 
     def __repr__(self):
-        no_bias = ", bias=False" if self.elementwise_affine and self.bias is None else ""
-        return f"LayerNorm({self.normalized_shape}, eps={self.eps:g}, elementwise_affine={self.elementwise_affine}{no_bias})"
+        return (f"LayerNorm({self.normalized_shape}, eps={self.eps:g}, elementwise_affine={self.elementwise_affine}"
+                f"{self._bias_repr()})")
 
 
 class GroupNorm(_Normalization):
@@ -262,8 +266,7 @@ class GroupNorm(_Normalization):
         return dx.reshape(dy.shape).astype(x_dtype, copy=False)
 
     def __repr__(self):
-        no_bias = ", bias=False" if self.affine and self.bias is None else ""
-        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps:g}, affine={self.affine}{no_bias})"
+        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps:g}, affine={self.affine}{self._bias_repr()})"
 
 
 class InstanceNorm(GroupNorm):
@@ -344,8 +347,7 @@ class InstanceNorm(GroupNorm):
         return super().backward(dy)
 
     def __repr__(self):
-        no_bias = ", bias=False" if self.affine and self.bias is None else ""
-        return (f"InstanceNorm({self.num_features}, eps={self.eps:g}, affine={self.affine}{no_bias}, "
+        return (f"InstanceNorm({self.num_features}, eps={self.eps:g}, affine={self.affine}{self._bias_repr()}, "
                 f"track_running_stats={self.track_running_stats}, momentum={self.momentum})")
 
 
