@@ -987,7 +987,9 @@ class FrozenBatchNorm2d(torch.nn.Module):
     state dict unchanged: its num_batches_tracked entry is dropped.
 
     Args: num_features (C), eps=1e-5 (use the eps the statistics were trained with), device, dtype.
-    Shape: input (N, C, H, W); output the same. Gradients flow to the input only. Input dtypes as
+    Shape: input (N, C, H, W); output the same. Gradients flow to the input (and to weight or bias
+    only if one is made to require grad); running statistics that require grad are refused at the
+    forward, as torch's evaluation-mode batch norm refuses them. Input dtypes as
     bnlib.nn.BatchNorm2d's: the buffers' dtype, or float16/bfloat16 input with float32 buffers
     (what autocast produces; computed in float32, output in the input's dtype).
     """
@@ -1041,6 +1043,7 @@ class FrozenBatchNorm2d(torch.nn.Module):
                 raise TypeError(f"input dtype {x.dtype} needs the layer's {name} in "
                                 f"{' or '.join(str(d) for d in allowed)}, got {getattr(self, name).dtype}: "
                                 f"convert the module (e.g. .to({x.dtype})) or the input")
+        _constant_statistics(self.running_mean, self.running_var)
         return _apply(BatchNormInferenceFunction, x, self.running_mean, self.running_var, self.weight, self.bias,
                       self.eps)
 

@@ -431,6 +431,36 @@ def test_nn_frozen_batch_norm_2d_half_input_with_float32_buffers(dtype):
         assert v.dtype == torch.float32 and torch.equal(v, before[k])
 
 
+def test_nn_frozen_batch_norm_2d_buffers_that_require_grad():
+    """weight and bias made to require grad get torch's eval-mode gradients; a running statistic that
+    requires grad is refused at the forward (as torch.nn.functional.batch_norm in eval refuses it), not
+    at the backward, and computes under no_grad."""
+    rng = np.random.default_rng(10)
+    bn = _trained_torch_bn(rng)
+    x = torch.from_numpy(rng.normal(size=(3, 4, 5, 5)))
+    dy = torch.from_numpy(rng.normal(size=(3, 4, 5, 5)))
+    frozen = FrozenBatchNorm2d.from_batch_norm(bn)
+    frozen.weight.requires_grad_(True)
+    frozen.bias.requires_grad_(True)
+    frozen(x).backward(dy)
+    bn.zero_grad()
+    bn(x).backward(dy)
+    _close(frozen.weight.grad.numpy(), bn.weight.grad.numpy())
+    _close(frozen.bias.grad.numpy(), bn.bias.grad.numpy())
+    for name in ("running_mean", "running_var"):
+        frozen = FrozenBatchNorm2d.from_batch_norm(bn)
+        getattr(frozen, name).requires_grad_(True)
+        before = {k: v.detach().clone() for k, v in frozen.state_dict().items()}
+        with pytest.raises(RuntimeError, match=f"not differentiable with respect to argument '{name}'"):
+            frozen(x)
+        with pytest.raises(RuntimeError, match=f"argument '{name}'"):
+            torch.nn.functional.batch_norm(x, frozen.running_mean, frozen.running_var, training=False)
+        for k, v in frozen.state_dict().items():
+            assert torch.equal(v, before[k]), (name, k)
+        with torch.no_grad():
+            _close(frozen(x).numpy(), bn(x).detach().numpy())
+
+
 def test_nn_frozen_batch_norm_2d_invalid_dtypes_raise_and_change_no_state():
     rng = np.random.default_rng(9)
     frozen = FrozenBatchNorm2d.from_batch_norm(_trained_torch_bn(rng).float())
