@@ -5,6 +5,7 @@
 __all__ = ['SETTLE_S', 'median_ms', 'copy_bandwidth', 'CPU_SHAPES', 'peak_extra_memory', 'roofline', 'bench_cpu', 'format_table', 'environment', 'write_recording', 'main', 'GPU_SHAPES', 'GPU_CONFIGS', 'gpu_copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'GOAL_FAST_SHAPES', 'gpu_goals', 'format_gpu_goals', 'gpu_environment']
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -94,11 +95,13 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
               copy_nbytes=256 << 20):
     """Time bnlib's CPU paths against torch.nn.functional.batch_norm, float32, training mode.
 
-    Same process, same thread count, interleaved repeats (torch, then each bnlib backend, in
-    turn), medians. Returns one dict per (shape, implementation) with forward and forward+backward
-    medians in ms, their ratios to torch, the achieved bandwidth against this machine's copy
-    bandwidth (roofline(); the copy of copy_nbytes is measured once), and bnlib's peak extra
-    memory for a training step. shapes: default CPU_SHAPES.
+    Same process, same thread count for torch, numba and NumPy's BLAS (which the numpy backend's
+    reductions call; capped through threadpoolctl where it is installed, as scikit-learn installs it,
+    else left at BLAS's own count: each row's blas_threads says which), interleaved repeats (torch,
+    then each bnlib backend, in turn), medians. Returns one dict per (shape, implementation) with
+    forward and forward+backward medians in ms, their ratios to torch, the achieved bandwidth
+    against this machine's copy bandwidth (roofline(); the copy of copy_nbytes is measured once),
+    and bnlib's peak extra memory for a training step. shapes: default CPU_SHAPES.
     """
     import torch
     threads = int(threads or torch.get_num_threads())
@@ -110,57 +113,63 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
     copy_bw = copy_bandwidth(copy_nbytes)
     rng = np.random.default_rng(seed)
     rows = []
+    try:
+        from threadpoolctl import threadpool_limits
+        blas_limit, blas_threads = threadpool_limits(limits=threads, user_api="blas"), threads
+    except ImportError:
+        blas_limit, blas_threads = contextlib.nullcontext(), None
     previous = cpu.get_backend()
     try:
-        for shape in _progress(shapes, progress, desc="CPU benchmark", unit="shape"):
-            x = rng.standard_normal(shape, dtype=np.float32)
-            dy = rng.standard_normal(shape, dtype=np.float32)
-            c = shape[1]
-            gamma, beta = rng.uniform(0.5, 1.5, c).astype(np.float32), rng.standard_normal(c, dtype=np.float32)
-            xt = torch.from_numpy(x).requires_grad_()
-            gt, bt = torch.from_numpy(gamma).requires_grad_(), torch.from_numpy(beta).requires_grad_()
-            dyt = torch.from_numpy(dy)
+        with blas_limit:
+            for shape in _progress(shapes, progress, desc="CPU benchmark", unit="shape"):
+                x = rng.standard_normal(shape, dtype=np.float32)
+                dy = rng.standard_normal(shape, dtype=np.float32)
+                c = shape[1]
+                gamma, beta = rng.uniform(0.5, 1.5, c).astype(np.float32), rng.standard_normal(c, dtype=np.float32)
+                xt = torch.from_numpy(x).requires_grad_()
+                gt, bt = torch.from_numpy(gamma).requires_grad_(), torch.from_numpy(beta).requires_grad_()
+                dyt = torch.from_numpy(dy)
 
-            def torch_forward():
-                with torch.no_grad():
-                    torch.nn.functional.batch_norm(xt, None, None, gt, bt, training=True)
+                def torch_forward():
+                    with torch.no_grad():
+                        torch.nn.functional.batch_norm(xt, None, None, gt, bt, training=True)
 
-            def torch_step():
-                xt.grad = gt.grad = bt.grad = None
-                torch.nn.functional.batch_norm(xt, None, None, gt, bt, training=True).backward(dyt)
+                def torch_step():
+                    xt.grad = gt.grad = bt.grad = None
+                    torch.nn.functional.batch_norm(xt, None, None, gt, bt, training=True).backward(dyt)
 
-            def bnlib_pair(name):
-                def forward():
-                    cpu.set_backend(name)
-                    F.batch_norm_forward(x, gamma, beta)
+                def bnlib_pair(name):
+                    def forward():
+                        cpu.set_backend(name)
+                        F.batch_norm_forward(x, gamma, beta)
 
-                def step():
-                    cpu.set_backend(name)
-                    _, cache = F.batch_norm_forward(x, gamma, beta)
-                    F.batch_norm_backward(dy, cache)
-                return forward, step
+                    def step():
+                        cpu.set_backend(name)
+                        _, cache = F.batch_norm_forward(x, gamma, beta)
+                        F.batch_norm_backward(dy, cache)
+                    return forward, step
 
-            impls = {"torch": (torch_forward, torch_step)}
-            impls.update({f"bnlib[{b}]": bnlib_pair(b) for b in backends})
-            times = {name: ([], []) for name in impls}
-            for fwd, step in impls.values():          # warm-up: compilation, caches, allocator
-                fwd(), step(), step()
-            for _ in range(repeats):                    # interleaved, so drift hits everyone alike
-                for name, (fwd, step) in impls.items():
-                    times[name][0].append(_seconds(fwd))
-                    times[name][1].append(_seconds(step))
-            out = np.empty_like(x)
-            copy_here_s = float(np.median([_seconds(lambda: np.copyto(out, x)) for _ in range(repeats)]))
-            base_f, base_s = (float(np.median(t)) for t in times["torch"])
-            for name, (tf, ts) in times.items():
-                row = {"shape": list(shape), "impl": name, "threads": threads,
-                       "forward_ms": 1e3 * float(np.median(tf)), "step_ms": 1e3 * float(np.median(ts)),
-                       "forward_ratio": float(np.median(tf)) / base_f, "step_ratio": float(np.median(ts)) / base_s}
-                row.update(roofline(x.nbytes, float(np.median(tf)), float(np.median(ts)), copy_bw, copy_here_s))
-                if name != "torch":
-                    cpu.set_backend(name[6:-1])
-                    row["extra_bytes"], row["extra_tensors"] = peak_extra_memory(x, dy, gamma, beta)
-                rows.append(row)
+                impls = {"torch": (torch_forward, torch_step)}
+                impls.update({f"bnlib[{b}]": bnlib_pair(b) for b in backends})
+                times = {name: ([], []) for name in impls}
+                for fwd, step in impls.values():          # warm-up: compilation, caches, allocator
+                    fwd(), step(), step()
+                for _ in range(repeats):                    # interleaved, so drift hits everyone alike
+                    for name, (fwd, step) in impls.items():
+                        times[name][0].append(_seconds(fwd))
+                        times[name][1].append(_seconds(step))
+                out = np.empty_like(x)
+                copy_here_s = float(np.median([_seconds(lambda: np.copyto(out, x)) for _ in range(repeats)]))
+                base_f, base_s = (float(np.median(t)) for t in times["torch"])
+                for name, (tf, ts) in times.items():
+                    row = {"shape": list(shape), "impl": name, "threads": threads, "blas_threads": blas_threads,
+                           "forward_ms": 1e3 * float(np.median(tf)), "step_ms": 1e3 * float(np.median(ts)),
+                           "forward_ratio": float(np.median(tf)) / base_f, "step_ratio": float(np.median(ts)) / base_s}
+                    row.update(roofline(x.nbytes, float(np.median(tf)), float(np.median(ts)), copy_bw, copy_here_s))
+                    if name != "torch":
+                        cpu.set_backend(name[6:-1])
+                        row["extra_bytes"], row["extra_tensors"] = peak_extra_memory(x, dy, gamma, beta)
+                    rows.append(row)
     finally:
         cpu.set_backend(previous)
     return rows

@@ -52,6 +52,32 @@ def test_bench_runs_and_reports_ratios():
     assert "fwd/torch" in table and "(32, 8)" in table
 
 
+def test_bench_gives_blas_the_same_thread_count(monkeypatch):
+    """bench_cpu(threads=t) caps NumPy's BLAS at t threads while it times (the numpy backend's reductions
+    run there), says so in each row, and gives BLAS its own count back afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from bnlib import functional as F
+
+    def blas_threads():
+        return {info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"}
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("no BLAS library that threadpoolctl sees")
+    seen, forward = [], F.batch_norm_forward
+
+    def spy(*args, **kwargs):
+        seen.append(blas_threads())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(F, "batch_norm_forward", spy)
+    rows = bench.bench_cpu(shapes=[(16, 4)], repeats=1, threads=1, backends=["numpy"], progress=False,
+                           copy_nbytes=1 << 16)
+    assert seen and all(s == {1} for s in seen)
+    assert {r["blas_threads"] for r in rows} == {1}
+    assert blas_threads() == before
+
+
 def test_bench_command_line_writes_json(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "CPU_SHAPES", [(16, 4, 2, 2)])
     out = tmp_path / "bench.json"
