@@ -96,31 +96,36 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
     """Time bnlib's CPU paths against torch.nn.functional.batch_norm, float32, training mode.
 
     Same process, same thread count for torch, numba and NumPy's BLAS (which the numpy backend's
-    reductions call; capped through threadpoolctl where it is installed, as scikit-learn installs it,
-    else left at BLAS's own count: each row's blas_threads says which), interleaved repeats (torch,
-    then each bnlib backend, in turn), medians. Returns one dict per (shape, implementation) with
-    forward and forward+backward medians in ms, their ratios to torch, the achieved bandwidth
-    against this machine's copy bandwidth (roofline(); the copy of copy_nbytes is measured once),
-    and bnlib's peak extra memory for a training step. shapes: default CPU_SHAPES.
+    reductions call; set through threadpoolctl where it is installed, as scikit-learn installs it,
+    else left at BLAS's own count: each row's blas_threads is None then), interleaved repeats
+    (torch, then each bnlib backend, in turn), medians; the three thread counts are restored on
+    return. Returns one dict per (shape, implementation) with forward and forward+backward medians
+    in ms, their ratios to torch, the achieved bandwidth against this machine's copy bandwidth
+    (roofline(); the copy of copy_nbytes is measured once), and bnlib's peak extra memory for a
+    training step. shapes: default CPU_SHAPES.
     """
     import torch
-    threads = int(threads or torch.get_num_threads())
-    torch.set_num_threads(threads)
-    if cpu.numba is not None:
-        cpu.numba.set_num_threads(min(threads, cpu.numba.config.NUMBA_NUM_THREADS))
+    torch_threads = torch.get_num_threads()
+    numba_threads = cpu.numba.get_num_threads() if cpu.numba is not None else None
+    threads = int(threads or torch_threads)
     backends = list(backends or cpu.available_backends())
     shapes = CPU_SHAPES if shapes is None else shapes
     copy_bw = copy_bandwidth(copy_nbytes)
     rng = np.random.default_rng(seed)
     rows = []
-    try:
-        from threadpoolctl import threadpool_limits
-        blas_limit, blas_threads = threadpool_limits(limits=threads, user_api="blas"), threads
-    except ImportError:
-        blas_limit, blas_threads = contextlib.nullcontext(), None
     previous = cpu.get_backend()
     try:
-        with blas_limit:
+        torch.set_num_threads(threads)
+        if cpu.numba is not None:
+            cpu.numba.set_num_threads(min(threads, cpu.numba.config.NUMBA_NUM_THREADS))
+        try:
+            import threadpoolctl
+            blas_seen = any(info["user_api"] == "blas" for info in threadpoolctl.threadpool_info())
+        except ImportError:
+            threadpoolctl, blas_seen = None, False
+        blas_threads = threads if blas_seen else None
+        with (threadpoolctl.threadpool_limits(limits=threads, user_api="blas") if blas_seen
+              else contextlib.nullcontext()):
             for shape in _progress(shapes, progress, desc="CPU benchmark", unit="shape"):
                 x = rng.standard_normal(shape, dtype=np.float32)
                 dy = rng.standard_normal(shape, dtype=np.float32)
@@ -172,6 +177,9 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
                     rows.append(row)
     finally:
         cpu.set_backend(previous)
+        torch.set_num_threads(torch_threads)
+        if numba_threads is not None:
+            cpu.numba.set_num_threads(numba_threads)
     return rows
 
 

@@ -989,7 +989,8 @@ class FrozenBatchNorm2d(torch.nn.Module):
     Args: num_features (C), eps=1e-5 (use the eps the statistics were trained with), device, dtype.
     Shape: input (N, C, H, W); output the same. Gradients flow to the input (and to weight or bias
     only if one is made to require grad); running statistics that require grad are refused at the
-    forward, as torch's evaluation-mode batch norm refuses them. Input dtypes as
+    forward, as torch's evaluation-mode batch norm refuses them (torchvision's layer, written in plain
+    tensor operations, would differentiate them instead). Input dtypes as
     bnlib.nn.BatchNorm2d's: the buffers' dtype, or float16/bfloat16 input with float32 buffers
     (what autocast produces; computed in float32, output in the input's dtype).
     """

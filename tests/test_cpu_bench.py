@@ -53,9 +53,10 @@ def test_bench_runs_and_reports_ratios():
 
 
 def test_bench_gives_blas_the_same_thread_count(monkeypatch):
-    """bench_cpu(threads=t) caps NumPy's BLAS at t threads while it times (the numpy backend's reductions
-    run there), says so in each row, and gives BLAS its own count back afterwards."""
+    """bench_cpu(threads=t) sets NumPy's BLAS to t threads while it times (the numpy backend's reductions
+    run there), says so in each row, and gives BLAS, torch and numba their own counts back afterwards."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    import torch
     from bnlib import functional as F
 
     def blas_threads():
@@ -64,6 +65,9 @@ def test_bench_gives_blas_the_same_thread_count(monkeypatch):
     before = blas_threads()
     if not before:
         pytest.skip("no BLAS library that threadpoolctl sees")
+    threads = 2 if before == {1} else 1                 # a count BLAS does not already have
+    torch_before = torch.get_num_threads()
+    numba_before = cpu.numba.get_num_threads() if cpu.numba is not None else None
     seen, forward = [], F.batch_norm_forward
 
     def spy(*args, **kwargs):
@@ -71,11 +75,13 @@ def test_bench_gives_blas_the_same_thread_count(monkeypatch):
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(F, "batch_norm_forward", spy)
-    rows = bench.bench_cpu(shapes=[(16, 4)], repeats=1, threads=1, backends=["numpy"], progress=False,
+    rows = bench.bench_cpu(shapes=[(16, 4)], repeats=1, threads=threads, backends=["numpy"], progress=False,
                            copy_nbytes=1 << 16)
-    assert seen and all(s == {1} for s in seen)
-    assert {r["blas_threads"] for r in rows} == {1}
-    assert blas_threads() == before
+    assert seen and all(s == {threads} for s in seen)
+    assert {r["blas_threads"] for r in rows} == {threads} and {r["threads"] for r in rows} == {threads}
+    assert blas_threads() == before and torch.get_num_threads() == torch_before
+    if numba_before is not None:
+        assert cpu.numba.get_num_threads() == numba_before
 
 
 def test_bench_command_line_writes_json(tmp_path, monkeypatch):
