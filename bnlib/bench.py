@@ -430,7 +430,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     launched through another path of bnlib.cuda (LAUNCHER); every bnlib row records its launcher.
     on_rows, if given, is called with the rows so far after each case (to save partial results).
     portable=True adds the row "cupy portable": chapters 02-03's array-module code run unchanged on
-    CuPy views of the same tensors (float32 and float16; CuPy has no bfloat16), one CuPy operation
+    CuPy views of the same tensors (float32 and float16; bnlib's CuPy route takes no bfloat16), one CuPy operation
     per line, on torch's stream: the measured cost of not writing kernels. An extra row whose warm-up
     raises (any but "torch" and "bnlib") is reported and left out of that case.
     l2_chunks (working sets in MB of 2**20 bytes, e.g. (24, 32); see bnlib.cuda.L2_CHUNK_BYTES) adds a

@@ -1584,7 +1584,8 @@ def _mark_modified(tensors):
 
 def forward_torch(x, weight=None, bias=None, eps: float = 1e-5, running_mean=None, running_var=None,
                   momentum=0.1, num_batches_tracked=None):
-    """Training-mode batch norm of a CUDA tensor with bnlib's kernels, 3 launches, no host sync.
+    """Training-mode batch norm of a CUDA tensor with bnlib's kernels, 3 launches (3 per channel chunk
+    when L2 chunks are on), no host sync.
 
     x: (N, C, *) float16/bfloat16/float32/float64, contiguous or channels-last; weight, bias: (C,)
     or None (float32, or x's dtype). Returns y (x's shape, dtype and memory format), mean, var
@@ -1620,7 +1621,8 @@ def forward_torch(x, weight=None, bias=None, eps: float = 1e-5, running_mean=Non
 
 
 def backward_torch(dy, x, mean, inv_std, weight=None):
-    """Gradients of forward_torch, 3 launches, no host sync: (dx, dweight, dbias).
+    """Gradients of forward_torch, 3 launches (3 per channel chunk when L2 chunks are on), no host sync:
+    (dx, dweight, dbias).
 
     dy, x: CUDA tensors of one shape and dtype (dy is copied to x's memory format if it differs);
     mean, inv_std: forward_torch's; weight: (C,) or None. dx has x's dtype and memory format;
@@ -1669,7 +1671,9 @@ def inference_torch(x, running_mean, running_var, weight=None, bias=None, eps: f
 
 
 def supports(x) -> bool:
-    """The inputs bnlib.functional sends here: CuPy arrays of float16/32/64 with 2+ dimensions."""
+    """The inputs bnlib.functional sends here: CuPy arrays of a dtype the kernels have (float16, bfloat16,
+    float32, float64) with 2+ dimensions; bnlib.functional's checks then refuse bfloat16 with a clear error
+    (CuPy's bfloat16, new and minimal in v14 through ml_dtypes, is not tested here)."""
     return type(x).__module__.split(".")[0] == "cupy" and x.dtype.name in _TYPES and x.ndim >= 2
 
 
