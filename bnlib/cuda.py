@@ -1671,9 +1671,9 @@ def inference_torch(x, running_mean, running_var, weight=None, bias=None, eps: f
 
 
 def supports(x) -> bool:
-    """The inputs bnlib.functional sends here: CuPy arrays of a dtype the kernels have (float16, bfloat16,
-    float32, float64) with 2+ dimensions; bnlib.functional's checks then refuse bfloat16 with a clear error
-    (CuPy's bfloat16, new and minimal in v14 through ml_dtypes, is not tested here)."""
+    """The CuPy arrays bnlib.functional routes to this module, before its checks: a dtype the kernels have
+    (float16, bfloat16, float32, float64) and 2+ dimensions. The checks then refuse bfloat16 with a clear
+    error (CuPy's bfloat16, new and minimal in v14 through ml_dtypes, is not tested here)."""
     return type(x).__module__.split(".")[0] == "cupy" and x.dtype.name in _TYPES and x.ndim >= 2
 
 

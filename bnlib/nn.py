@@ -72,9 +72,10 @@ def _compute_dtype(x):
 
 
 def _for_arrays(t, dtype):
-    """Tensor t (or None) as bnlib's array code takes it. NumPy has no bfloat16 and CuPy has none
-    either, so bfloat16 (and, on the CPU, float16) tensors are converted to `dtype` here, at the
-    torch boundary (a copy); CuPy's kernels read float16 directly. Other tensors are not copied."""
+    """Tensor t (or None) as bnlib's array code takes it. NumPy has no bfloat16 and bnlib's CuPy route
+    takes none (CuPy's, minimal in v14, is refused), so bfloat16 (and, on the CPU, float16) tensors are
+    converted to `dtype` here, at the torch boundary (a copy); CuPy's kernels read float16 directly.
+    Other tensors are not copied."""
     if t is None:
         return None
     keep = t.dtype == dtype or (t.is_cuda and t.dtype == torch.float16)

@@ -1743,7 +1743,7 @@ def test_channel_chunks_match_float64_torch_on_the_gpu(monkeypatch, dtype, align
     """Channel chunks for the L2 cache on a GPU (a working set of 4.5 channels' x: forward chunks of one
     or two channels, backward chunks of one), through both routes: forward_torch with the running
     statistics (momentum 0.1 and None, the batch counter) and backward_torch, and bnlib.functional on
-    CuPy arrays (no bfloat16 in CuPy), against float64 torch; aligned data, and data one element past a
+    CuPy arrays (float16/32/64: bnlib refuses CuPy's bfloat16), against float64 torch; aligned data, and data one element past a
     16-byte boundary (scalar loads)."""
     import cupy
     import torch
