@@ -383,7 +383,7 @@ def _inference_affine(running_mean, running_var, weight, bias, eps, dtype, ndim)
     return scale.reshape(shape), shift.reshape(shape)
 
 
-# torch >= 2.13 has BatchNorm's keyword-only `bias=`; older torch neither takes it nor prints it
+# torch >= 2.12 has BatchNorm's keyword-only `bias=`; older torch neither takes it nor prints it
 _TORCH_BN_HAS_BIAS = "bias" in inspect.signature(torch.nn.BatchNorm1d.__init__).parameters
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -416,7 +416,7 @@ class _BatchNorm(torch.nn.Module):
             self.weight = torch.nn.Parameter(torch.ones(num_features, **factory))
         else:
             self.register_parameter("weight", None)
-        if affine and bias:          # as torch >= 2.13: bias=False keeps the scale, drops the shift
+        if affine and bias:          # as torch >= 2.12: bias=False keeps the scale, drops the shift
             self.bias = torch.nn.Parameter(torch.zeros(num_features, **factory))
         else:
             self.register_parameter("bias", None)
@@ -1019,7 +1019,7 @@ class FrozenBatchNorm2d(torch.nn.Module):
             raise ValueError("from_batch_norm needs a BatchNorm with affine=True and track_running_stats=True")
         frozen = cls(bn.num_features, eps=bn.eps, device=bn.weight.device, dtype=bn.weight.dtype)
         state = bn.state_dict()
-        if getattr(bn, "bias", None) is None:                 # torch >= 2.13's BatchNorm(..., bias=False)
+        if getattr(bn, "bias", None) is None:                 # torch >= 2.12's BatchNorm(..., bias=False)
             state["bias"] = torch.zeros_like(bn.weight.detach())
         frozen.load_state_dict(state)
         return frozen

@@ -14,7 +14,7 @@ import torch
 from bnlib import nn as bnn
 from reference import check_layouts_like_torch, strides_that_matter, tensor_layouts
 
-TORCH_BN_HAS_BIAS = bnn._TORCH_BN_HAS_BIAS       # torch >= 2.13: BatchNorm(..., bias=False)
+TORCH_BN_HAS_BIAS = bnn._TORCH_BN_HAS_BIAS       # torch >= 2.12: BatchNorm(..., bias=False)
 
 TORCH_BN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 BNLIB_BN = {2: bnn.BatchNorm1d, 3: bnn.BatchNorm1d, 4: bnn.BatchNorm2d, 5: bnn.BatchNorm3d}
