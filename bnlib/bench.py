@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu", action="store_true", help="NumPy/numba paths vs torch on the CPU (the default)")
     parser.add_argument("--gpu", action="store_true", help="CuPy kernels vs torch on the GPU (chapter 05)")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per case (default 15)")
-    parser.add_argument("--threads", type=int, default=None, help="threads for torch and numba (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for torch, numba and NumPy's BLAS (default: torch's)")
     parser.add_argument("--json", metavar="PATH", help="also write the results and the environment as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--compile", action="store_true", help="--gpu: also time torch.compile'd batch norm")

@@ -13,7 +13,7 @@ except ImportError:                    # pragma: no cover - exercised where numb
     numba = None
 
 FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-PARALLEL_MIN_SIZE = 1 << 16            # below this many elements, threads cost more than they save
+PARALLEL_MIN_SIZE = 1 << 16            # below this many elements, threads save little (chapter 04 times it)
 _backend = "numba" if numba is not None else "numpy"
 
 

@@ -53,8 +53,8 @@ def test_bench_runs_and_reports_ratios():
 
 
 def test_bench_gives_blas_the_same_thread_count(monkeypatch):
-    """bench_cpu(threads=t) sets NumPy's BLAS to t threads while it times (the numpy backend's reductions
-    run there), says so in each row, and gives BLAS, torch and numba their own counts back afterwards."""
+    """bench_cpu(threads=t) sets NumPy's BLAS, torch and numba to t threads while it times (the numpy
+    backend's reductions run in BLAS), says so in each row, and gives all three their counts back afterwards."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     import torch
     from bnlib import functional as F
@@ -71,13 +71,15 @@ def test_bench_gives_blas_the_same_thread_count(monkeypatch):
     seen, forward = [], F.batch_norm_forward
 
     def spy(*args, **kwargs):
-        seen.append(blas_threads())
+        seen.append((blas_threads(), torch.get_num_threads(),
+                     cpu.numba.get_num_threads() if cpu.numba is not None else None))
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(F, "batch_norm_forward", spy)
     rows = bench.bench_cpu(shapes=[(16, 4)], repeats=1, threads=threads, backends=["numpy"], progress=False,
                            copy_nbytes=1 << 16)
-    assert seen and all(s == {threads} for s in seen)
+    numba_expected = min(threads, cpu.numba.config.NUMBA_NUM_THREADS) if cpu.numba is not None else None
+    assert seen and all(s == ({threads}, threads, numba_expected) for s in seen)
     assert {r["blas_threads"] for r in rows} == {threads} and {r["threads"] for r in rows} == {threads}
     assert blas_threads() == before and torch.get_num_threads() == torch_before
     if numba_before is not None:
