@@ -371,6 +371,13 @@ class BatchNormInferenceFunction(torch.autograd.Function):
         return _vmap_by_slices(BatchNormInferenceFunction, info, in_dims, *args)
 
 
+def _inference(x, running_mean, running_var, weight, bias, eps):
+    """Evaluation-mode batch norm with fixed statistics, as the layers call it: the statistics checked to be
+    constants at the forward (_constant_statistics), then BatchNormInferenceFunction."""
+    _constant_statistics(running_mean, running_var)
+    return _apply(BatchNormInferenceFunction, x, running_mean, running_var, weight, bias, eps)
+
+
 def _inference_affine(running_mean, running_var, weight, bias, eps, dtype, ndim):
     """Per-channel (scale, shift), shaped to broadcast over (N, C, *spatial), of y = x * scale + shift."""
     shape = channel_shape(ndim, -1)
@@ -557,9 +564,7 @@ class _BatchNorm(torch.nn.Module):
             if tracking and running is None:
                 self._update_running_stats(mean, var, x.numel() // x.shape[1])
             return y
-        _constant_statistics(self.running_mean, self.running_var)
-        return _apply(BatchNormInferenceFunction, x, self.running_mean, self.running_var, self.weight, self.bias,
-                      self.eps)
+        return _inference(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
 
 class BatchNorm1d(_BatchNorm):
@@ -1045,9 +1050,7 @@ class FrozenBatchNorm2d(torch.nn.Module):
                 raise TypeError(f"input dtype {x.dtype} needs the layer's {name} in "
                                 f"{' or '.join(str(d) for d in allowed)}, got {getattr(self, name).dtype}: "
                                 f"convert the module (e.g. .to({x.dtype})) or the input")
-        _constant_statistics(self.running_mean, self.running_var)
-        return _apply(BatchNormInferenceFunction, x, self.running_mean, self.running_var, self.weight, self.bias,
-                      self.eps)
+        return _inference(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}"
