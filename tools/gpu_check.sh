@@ -7,13 +7,25 @@
 # (results with card, date and
 # versions; N = bnlib.cuda.KERNEL_DESIGN: a run of the same design replaces that design's recordings in
 # $OUT, and a session decides whether to commit them over the earlier ones) into $OUT as they go (the device tool brings
-# $OUT back, even from a run cut short), then copies the recordings into bnlib/data/ (package data,
+# $OUT back, even from a run cut short), then copies each recording into bnlib/data/ (package data,
 # so a chapter run alone on Colab finds them; from the device tool, commit the copies that come back
-# in $OUT).
+# in $OUT) unless bnlib/data/ already holds one of that name: chapter 05 asserts counts read from the
+# recorded runs, and a second run of the same design would change them. Such a recording stays in
+# $OUT only; commit it over the old one with chapter 05 re-run and its prose and asserts updated, or
+# give changed kernels a new KERNEL_DESIGN.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT" bnlib/data
+keep() {   # copy a recording into bnlib/data/, never over an existing one (see above)
+    local name
+    name=$(basename "$1")
+    if [ -e "bnlib/data/$name" ]; then
+        echo "bnlib/data/$name exists (chapter 05 reads it): this run's recording is kept in $1 only"
+    elif [ -e "$1" ]; then
+        cp "$1" bnlib/data/
+    fi
+}
 # The device tool brings back at most 8 files from $OUT, and this script writes more logs than that: on
 # exit (a TERM from an outer timeout included, once the step then running has ended) the logs are
 # bundled into $OUT/logs.tgz, with Nsight Compute's raw reports (step 7), which leaves it and the five recordings.
@@ -127,11 +139,11 @@ design=$(python3 -c "from bnlib import cuda; print(cuda.KERNEL_DESIGN)")
 json="$OUT/gpu_bench_${card}_design${design}.json"
 timeout 140 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --portable --repeats 20 --no-progress \
     --json "$json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
-cp "$json" bnlib/data/ 2>/dev/null || true
+keep "$json"
 # 5. where a step's time goes: host time against kernel time, per implementation and launch path
 profile="$OUT/gpu_profile_${card}_design${design}.json"
 timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_profile.log" || status=1
-cp "$profile" bnlib/data/ 2>/dev/null || true
+keep "$profile"
 # 6. fewer, busier blocks: the training step with MIN_VECTORS_PER_THREAD = 4, 8, 16 and 32 (a first-pass
 #    thread loads about that many vectors; chapter 05, "The next experiments", counts what design 3's
 #    grids give), and NCHW planes under 4 KB walked as planes (PLANES_MIN_BYTES = 0, alone and with each
@@ -142,7 +154,7 @@ cp "$profile" bnlib/data/ 2>/dev/null || true
 #    short keeps the cases it finished)
 grid="$OUT/gpu_grid_${card}_design${design}.json"
 timeout 120 python3 tools/gpu_grid_sweep.py --json "$grid" 2>&1 | tee "$OUT/gpu_grid.log" || status=1
-cp "$grid" bnlib/data/ 2>/dev/null || true
+keep "$grid"
 # 7. Nsight Compute's counters for the kernels of one training step, bnlib's and torch's, on the profile's
 #    cases (DRAM bytes, DRAM throughput, L2 hit rate, occupancy, cycles per issued instruction): why the
 #    columns kernels are slow on the small tensors. One ncu process per case, (64, 128, 28, 28) in float32
@@ -150,7 +162,7 @@ cp "$grid" bnlib/data/ 2>/dev/null || true
 ncu_json="$OUT/gpu_ncu_${card}_design${design}.json"
 timeout 230 python3 tools/gpu_ncu.py --json "$ncu_json" --timeout 100 --report-dir "$OUT" 2>&1 \
     | tee "$OUT/gpu_ncu.log" || status=1
-cp "$ncu_json" bnlib/data/ 2>/dev/null || true
+keep "$ncu_json"
 # 8. chapters 06, 08 and 09 as a reader on this machine runs them: under nbval's lax mode, which fails a
 #    cell that raises (a failed assert included) and compares no printed output. Their stored outputs
 #    come from the CPU torch 2.13 that made them, so under the strict mode another torch's round-off can
@@ -171,5 +183,5 @@ fi
 #    chunked path's results are checked against float64 torch in step 1 and under the sanitizer in step 2)
 chunks="$OUT/gpu_l2chunks_${card}_design${design}.json"
 timeout 40 python3 tools/gpu_l2_chunks.py --json "$chunks" 2>&1 | tee "$OUT/gpu_l2chunks.log" || status=1
-cp "$chunks" bnlib/data/ 2>/dev/null || true
+keep "$chunks"
 exit $status
