@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import numbers
 import os
 import platform
 import sys
@@ -63,7 +64,9 @@ def _progress(iterable, enabled, **kwargs):
 
 def peak_extra_memory(x, dy, gamma, beta):
     """Peak bytes a bnlib training step (forward + backward) allocates beyond its outputs y and dx,
-    measured with tracemalloc (NumPy reports its allocations to it); returns (bytes, in tensors)."""
+    measured with tracemalloc (NumPy reports its allocations to it); returns (bytes, in tensors).
+    One untraced step runs first: a first call compiles numba's kernels, whose allocations are not the step's."""
+    F.batch_norm_backward(dy, F.batch_norm_forward(x, gamma, beta)[1])
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
@@ -105,11 +108,19 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
     training step. shapes: default CPU_SHAPES.
     """
     import torch
+    shapes = [tuple(s) for s in (CPU_SHAPES if shapes is None else shapes)]
+    for shape in shapes:                       # checked before any thread count changes
+        if len(shape) < 2 or not all(isinstance(n, numbers.Integral) and n >= 1 for n in shape):
+            raise ValueError(f"each shape must be (N, C, *spatial) with positive sizes, got {shape}")
+    if isinstance(repeats, bool) or not (isinstance(repeats, numbers.Integral) and repeats >= 1):
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    if threads is not None and (isinstance(threads, bool) or not (isinstance(threads, numbers.Integral)
+                                                                 and threads >= 1)):
+        raise ValueError(f"threads must be a positive integer or None (torch's count), got {threads!r}")
     torch_threads = torch.get_num_threads()
     numba_threads = cpu.numba.get_num_threads() if cpu.numba is not None else None
     threads = int(threads or torch_threads)
     backends = list(backends or cpu.available_backends())
-    shapes = CPU_SHAPES if shapes is None else shapes
     copy_bw = copy_bandwidth(copy_nbytes)
     rng = np.random.default_rng(seed)
     rows = []

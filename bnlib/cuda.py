@@ -1557,9 +1557,8 @@ def _torch_running(x, c, acc, running_mean, running_var, momentum, num_batches_t
     nbytes = c * running_mean.element_size()
     if abs(running_mean.data_ptr() - running_var.data_ptr()) < nbytes:
         raise ValueError("running_mean and running_var must not share memory (both are updated in place)")
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
-                                 or not 0 <= momentum <= 1):
-        raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
+    from bnlib.functional import _check_momentum        # functional imports this module: imported here
+    _check_momentum(momentum)
     counter = num_batches_tracked
     if counter is not None and (not isinstance(counter, torch.Tensor) or counter.device != x.device
                                 or counter.dtype != torch.int64 or counter.numel() != 1):

@@ -54,13 +54,14 @@ def _check_input(x, name: str = "x") -> int:
     return x.shape[1]
 
 
-def _check_channel_vector(v, name: str, num_channels: int, x_shape):
-    """Validate a per-channel parameter or statistic: None, or a float array of shape (C,)."""
-    if v is None:
+def _check_channel_vector(v, name: str, num_channels: int, x_shape, required: bool = False):
+    """Validate a per-channel parameter or statistic: a float array of shape (C,), or None if not required."""
+    if v is None and not required:
         return
-    if not (hasattr(v, "shape") and hasattr(v, "dtype")):
-        raise TypeError(f"{name} must be a NumPy or CuPy array of shape ({num_channels},) or None, "
-                        f"got {type(v).__name__}")
+    if not (hasattr(v, "shape") and isinstance(getattr(v, "dtype", None), np.dtype)):
+        hint = " (for torch tensors, use bnlib.nn's layers)" if type(v).__name__ == "Tensor" else ""
+        raise TypeError(f"{name} must be a NumPy or CuPy array of shape ({num_channels},)"
+                        f"{'' if required else ' or None'}, got {type(v).__name__}{hint}")
     if tuple(v.shape) != (num_channels,):
         raise ValueError(f"{name} must have shape (C,) = ({num_channels},) for x of shape {tuple(x_shape)}, "
                          f"got shape {tuple(v.shape)}")
@@ -138,8 +139,8 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
     torch, a NaN gives NaN in that channel's output and an infinite variance gives beta.
     """
     num_channels = _check_input(x)
-    _check_channel_vector(running_mean, "running_mean", num_channels, x.shape)
-    _check_channel_vector(running_var, "running_var", num_channels, x.shape)
+    _check_channel_vector(running_mean, "running_mean", num_channels, x.shape, required=True)
+    _check_channel_vector(running_var, "running_var", num_channels, x.shape, required=True)
     _check_channel_vector(gamma, "gamma", num_channels, x.shape)
     _check_channel_vector(beta, "beta", num_channels, x.shape)
     _check_eps(eps)
@@ -159,6 +160,14 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
     return y.astype(x.dtype, copy=False)
 
 
+def _check_momentum(momentum):
+    """momentum: a number in [0, 1], or None for a cumulative average. A bool is refused, though torch takes
+    True as 1: BatchNorm2d(64, 1e-3, True) meant affine=True."""
+    if momentum is not None and (isinstance(momentum, bool) or not (isinstance(momentum, numbers.Real)
+                                                                  and 0.0 <= momentum <= 1.0)):
+        raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
+
+
 def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1, num_batches_tracked=None):
     """New (running_mean, running_var) after one training batch, with PyTorch's conventions.
 
@@ -168,13 +177,17 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
     changed in place.
     A zero-size batch has no statistics: both come back unchanged (as copies), as torch leaves its
     buffers (torch.nn.BatchNorm still counts such a batch in num_batches_tracked).
+    The new values have running_mean's dtype; running_mean and running_var must be float arrays (C,).
     """
+    if not isinstance(cache, BNCache):
+        raise TypeError(f"cache must be the BNCache returned by batch_norm_forward, got {type(cache).__name__}")
+    for stat, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        _check_channel_vector(stat, name, cache.x.shape[1], cache.x.shape, required=True)
+    _check_momentum(momentum)
     if momentum is None:
         if not (isinstance(num_batches_tracked, numbers.Integral) and num_batches_tracked >= 1):
             raise ValueError(f"num_batches_tracked must be an integer >= 1 with momentum=None, got {num_batches_tracked!r}")
         momentum = 1.0 / num_batches_tracked
-    elif not (isinstance(momentum, numbers.Real) and 0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
     if cache.x.size == 0:
         return running_mean.copy(), running_var.copy()
     count = cache.x.size // cache.x.shape[1]
@@ -293,7 +306,7 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
 
 
 def batch_norm_backward(dy, cache: BNCache):
-    """Gradients of training-mode batch norm: dx (x's dtype and layout), dgamma, dbeta (C,).
+    """Gradients of training-mode batch norm: dx (x's dtype; C-contiguous from the NumPy paths), dgamma, dbeta (C,).
 
     dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over all axes but 1.
     A zero-size batch launches no kernel: an empty dx and zero dgamma, dbeta (chapter 03).

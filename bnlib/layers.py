@@ -53,7 +53,8 @@ def _load_state(layer, state, shapes, dtype, strict=True):
             raise TypeError(f"{key} cannot be read as a NumPy array ({type(state[key]).__name__}): {err}") from None
         if shape is None:
             if value.shape != () or value.dtype.kind not in "iu" or value < 0:
-                raise ValueError(f"{key} must be a non-negative integer scalar, got shape {value.shape}, "
+                shown = f"{value.item()!r} of " if value.size == 1 else ""
+                raise ValueError(f"{key} must be a non-negative integer scalar, got {shown}shape {value.shape}, "
                                  f"dtype {value.dtype}")
             staged[key] = int(value)
         elif value.shape != shape:
@@ -68,6 +69,15 @@ def _load_state(layer, state, shapes, dtype, strict=True):
         else:
             getattr(layer, key)[...] = value
     return layer
+
+
+def _check_dy(dy, x):
+    """dy for the forward input x: an array of x's shape and dtype (as batch_norm_backward checks it)."""
+    F._check_input(dy, "dy")
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy must have the shape of the forward input {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have the dtype of the forward input ({x.dtype}), got {dy.dtype}")
 
 
 class BatchNorm:
@@ -103,12 +113,14 @@ class BatchNorm:
                  dtype=np.float32):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-        if momentum is not None and not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
-            raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
-        if np.dtype(dtype).name not in ("float32", "float64"):
-            raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+        F._check_eps(eps)                                 # a finite number >= 0, not a bool
+        F._check_momentum(momentum)                       # in [0, 1] or None, not a bool
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:                                 # e.g. torch.float32
+            name = None
+        if name not in ("float32", "float64"):
+            raise TypeError(f"dtype must be NumPy's float32 or float64, got {dtype!r}")
         self.num_features, self.eps, self.momentum = int(num_features), float(eps), momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         self.dtype = np.dtype(dtype)
@@ -178,11 +190,7 @@ class BatchNorm:
             raise ValueError("backward() needs a forward() first: no cached input")
         kind, saved = self._cache
         if kind == "empty":
-            if not (hasattr(dy, "shape") and tuple(dy.shape) == tuple(saved.shape)):
-                raise ValueError(f"dy must have the shape of the forward input {tuple(saved.shape)}, "
-                                 f"got {getattr(dy, 'shape', type(dy).__name__)}")
-            if dy.dtype != saved.dtype:
-                raise TypeError(f"dy must have the dtype of the forward input ({saved.dtype}), got {dy.dtype}")
+            _check_dy(dy, saved)
             if self.affine:
                 self.grad_weight[...], self.grad_bias[...] = 0, 0
             return dy.copy()
@@ -196,11 +204,7 @@ class BatchNorm:
 
     def _inference_backward(self, dy, x):
         """Gradients of the fixed affine map of evaluation mode (chapter 03, exercise 1)."""
-        if not (hasattr(dy, "shape") and tuple(dy.shape) == tuple(x.shape)):
-            raise ValueError(f"dy must have the shape of the forward input {tuple(x.shape)}, "
-                             f"got {tuple(getattr(dy, 'shape', ())) or type(dy).__name__}")
-        if dy.dtype != x.dtype:
-            raise TypeError(f"dy must have the dtype of the forward input ({x.dtype}), got {dy.dtype}")
+        _check_dy(dy, x)
         shape, axes = channel_shape(x.ndim, self.num_features), reduction_axes(x.ndim)
         inv_std = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         x_hat = (x - self.running_mean.reshape(shape)) * inv_std.reshape(shape)

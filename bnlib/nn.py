@@ -49,6 +49,14 @@ def _outside_torch_graphs(forward):
     return wrapped
 
 
+def _refuse_scripting(self):
+    """Every layer's __prepare_scriptable__: torch.jit.script calls it on each module of a model before it
+    compiles anything, so scripting a model that holds a bnlib layer stops with a message that names it
+    (TorchScript would otherwise fail deep inside the forward's wrapper)."""
+    raise TypeError(f"{type(self).__name__} cannot be compiled by torch.jit.script: its arithmetic is NumPy or "
+                    "CuPy code outside torch; script a model with torch's batch-norm layers instead")
+
+
 def _as_array(t):
     """A tensor's data as an array without copying: a NumPy view on the CPU, a CuPy view
     (DLPack) on CUDA. The array keeps the tensor's memory alive."""
@@ -284,8 +292,9 @@ def _dx_from_means(g, x_hat, scale, mean_g, mean_g_xhat, shape):
 
 
 def _constant_statistics(running_mean, running_var):
-    """As torch, at the forward: the running statistics of an evaluation-mode batch norm cannot require grad
-    while grad is enabled (torch.nn.functional.batch_norm raises; under no_grad both compute)."""
+    """As torch, at the forward: the running statistics a batch norm reads (evaluation) or updates (training)
+    cannot require grad while grad is enabled (torch.nn.functional.batch_norm raises; under no_grad both
+    compute). Checked before anything changes (torch has already counted the batch when it raises)."""
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if torch.is_grad_enabled() and t is not None and t.requires_grad:
             raise RuntimeError(f"batch norm is not differentiable with respect to argument '{name}': this input "
@@ -403,19 +412,21 @@ class _BatchNorm(torch.nn.Module):
     _BatchNorm) is False, so code that picks batch-norm layers that way (weight-decay groups,
     torch.nn.SyncBatchNorm.convert_sync_batchnorm) passes bnlib's by. Test for both:
     isinstance(m, bnlib.nn.BATCHNORM_TYPES).
+    One difference in evaluation: on CPU tensors a negative running_var raises ValueError (naming the
+    channel) where torch gives NaN in that channel; on CUDA tensors nothing is checked on the host (a
+    check would cost a synchronization).
     """
 
     _version = 2                      # as torch's: state dicts carry num_batches_tracked
+    __prepare_scriptable__ = _refuse_scripting    # torch.jit.script: refused by name (torch.export: forward)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, *, bias=True):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if momentum is not None and not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
-            raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
-        if not (isinstance(eps, numbers.Real) and np.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        F._check_momentum(momentum)     # a bool is refused (torch takes it): BatchNorm2d(64, 1e-3, True) meant affine=True
+        F._check_eps(eps)
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.momentum = int(num_features), float(eps), momentum
         self.affine, self.track_running_stats = affine, track_running_stats
@@ -509,8 +520,11 @@ class _BatchNorm(torch.nn.Module):
             else:
                 momentum = 0.0 if self.num_batches_tracked is None else 1.0 / (int(self.num_batches_tracked) + 1)
             unbiased = var * (count / (count - 1)) if count > 1 else var
-            new_mean = torch.add(self.running_mean.mul(1 - momentum), mean.to(self.running_mean.dtype), alpha=momentum)
-            new_var = torch.add(self.running_var.mul(1 - momentum), unbiased.to(self.running_var.dtype), alpha=momentum)
+            # in float32 for float16/bfloat16 buffers, rounded once by copy_ (as torch's kernels do): two
+            # roundings per step in the buffer's dtype let a float16 running_var drift
+            acc = torch.float32 if self.running_mean.dtype in _HALF else self.running_mean.dtype
+            new_mean = torch.add(self.running_mean.to(acc).mul(1 - momentum), mean.to(acc), alpha=momentum)
+            new_var = torch.add(self.running_var.to(acc).mul(1 - momentum), unbiased.to(acc), alpha=momentum)
             try:
                 self.running_mean.copy_(new_mean)
             except RuntimeError as err:
@@ -556,6 +570,8 @@ class _BatchNorm(torch.nn.Module):
             # as torch, the buffers are updated only in training with track_running_stats set (the flag
             # off but buffers kept: batch statistics, buffers untouched)
             tracking = self.training and self.track_running_stats
+            if tracking:
+                _constant_statistics(self.running_mean, self.running_var)
             running = None                      # the buffers, if chapter 05's kernels update them in place
             if tracking and _torch_kernels(x):
                 running = _fusable_running((self.running_mean, self.running_var, self.momentum,
@@ -1001,12 +1017,13 @@ class FrozenBatchNorm2d(torch.nn.Module):
     (what autocast produces; computed in float32, output in the input's dtype).
     """
 
+    __prepare_scriptable__ = _refuse_scripting    # torch.jit.script: refused by name
+
     def __init__(self, num_features, eps=1e-5, device=None, dtype=None):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if not (isinstance(eps, numbers.Real) and np.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        F._check_eps(eps)
         self.num_features, self.eps = int(num_features), float(eps)
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("weight", torch.ones(num_features, **factory))
@@ -1016,8 +1033,9 @@ class FrozenBatchNorm2d(torch.nn.Module):
 
     @classmethod
     def from_batch_norm(cls, bn):
-        """A FrozenBatchNorm2d with the eps, statistics and affine parameters of a BatchNorm2d `bn`
-        (a bn built with bias=False gives a zero bias)."""
+        """A FrozenBatchNorm2d with the eps, statistics and affine parameters of a batch-norm layer `bn`
+        (torch's or bnlib's BatchNorm1d/2d/3d: the statistics are per channel whatever the input's rank;
+        the frozen layer takes 4-D input; a bn built with bias=False gives a zero bias)."""
         if not isinstance(bn, BATCHNORM_TYPES):
             raise TypeError(f"from_batch_norm takes a batch-norm layer (torch's or bnlib's), got {type(bn).__name__}")
         if not (bn.affine and bn.track_running_stats):

@@ -525,9 +525,7 @@ class GhostBatchNorm(BatchNorm):
         caches = self._cache[1]
         n = sum(c.x.shape[0] for c in caches)
         full_shape = (n,) + caches[0].x.shape[1:]
-        if not (isinstance(dy, np.ndarray) and dy.shape == full_shape):
-            raise ValueError(f"dy must have the shape of the forward input {full_shape}, "
-                             f"got {getattr(dy, 'shape', type(dy).__name__)}")
+        _check_dy(dy, full_shape, caches[0].x.dtype)
         dxs, grad_w, grad_b, start = [], 0, 0, 0
         for cache in caches:
             dx, dw, db = F.batch_norm_backward(dy[start:start + cache.x.shape[0]], cache)

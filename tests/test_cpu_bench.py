@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from bnlib import bench, cpu
 from conftest import ROOT
@@ -50,6 +51,38 @@ def test_bench_runs_and_reports_ratios():
             assert r["extra_tensors"] >= 0
     table = bench.format_table(rows)
     assert "fwd/torch" in table and "(32, 8)" in table
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(shapes=[(16,)]), ["shape", "(16,)"]),                    # was an IndexError at shape[1]
+    (dict(shapes=[(4, 0)]), ["shape", "(4, 0)"]),
+    (dict(repeats=0), ["repeats", "0"]),                           # was rows of NaN
+    (dict(threads=-1), ["threads", "-1"]),
+])
+def test_bench_refuses_bad_arguments_before_changing_thread_counts(kwargs, words):
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError) as info:
+        bench.bench_cpu(**{"shapes": [(8, 4)], "progress": False, **kwargs})
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert torch.get_num_threads() == before
+
+
+def test_peak_extra_memory_runs_one_step_untraced_first(monkeypatch):
+    """A first call of a numba path compiles, and its allocations (27 MB for a 32 KB tensor, in one review)
+    were counted as the step's. Here a first forward that allocates 32 MiB and frees it at once stands for
+    that compilation: it must not reach the measurement."""
+    real, first = bench.F.batch_norm_forward, [True]
+
+    def forward(*args):
+        if first.pop() if first else False:
+            np.ones(1 << 22)                                   # 32 MiB, freed at once
+        return real(*args)
+
+    monkeypatch.setattr(bench.F, "batch_norm_forward", forward)
+    rng = np.random.default_rng(0)
+    x, dy = (rng.normal(size=(16, 8, 4, 4)).astype(np.float32) for _ in range(2))
+    extra, _ = bench.peak_extra_memory(x, dy, np.ones(8, np.float32), np.zeros(8, np.float32))
+    assert not first and extra < 1 << 20, extra
 
 
 def test_bench_gives_blas_the_same_thread_count(monkeypatch):

@@ -136,11 +136,27 @@ X = np.ones((4, 3, 2, 2))
     (lambda: F.batch_norm_inference(X, np.zeros(3), np.array([1, -1.0, 1])), ValueError, ["running_var", "-1.0", "channel 1"]),
     (lambda: F.batch_norm_inference(np.ones(3), np.zeros(3), np.ones(3)), ValueError, ["x", "(3,)"]),
     (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=1.5), ValueError, ["momentum", "1.5"]),
+    (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=True), ValueError,
+     ["momentum", "True"]),
     (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=None,
                                     num_batches_tracked=0), ValueError, ["num_batches_tracked"]),
     # a cumulative average without the count used to be a silent copy of the batch (a default count of 1)
     (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=None),
      ValueError, ["num_batches_tracked", "None"]),
+    # running statistics of the wrong kind used to be truncated (integers), broadcast (shape (1,)) or
+    # raise AttributeError (a list; a cache that is a plain tuple)
+    (lambda: F.update_running_stats(np.zeros(3, np.int64), np.ones(3), F.batch_norm_forward(X)[1]), TypeError,
+     ["running_mean", "int64"]),
+    (lambda: F.update_running_stats(np.zeros(3), np.ones(1), F.batch_norm_forward(X)[1]), ValueError,
+     ["running_var", "(3,)", "(1,)"]),
+    (lambda: F.update_running_stats([0.0] * 3, np.ones(3), F.batch_norm_forward(X)[1]), TypeError,
+     ["running_mean", "list"]),
+    (lambda: F.update_running_stats(np.zeros(3), np.ones(3), tuple(F.batch_norm_forward(X)[1])), TypeError,
+     ["cache", "BNCache", "tuple"]),
+    # a torch tensor, or None, where an array belongs (AttributeError and a comparison error before)
+    (lambda: F.batch_norm_forward(X, torch.ones(3)), TypeError, ["gamma", "Tensor", "bnlib.nn"]),
+    (lambda: F.batch_norm_inference(X, None, np.ones(3)), TypeError, ["running_mean", "NoneType"]),
+    (lambda: F.batch_norm_inference(X, np.zeros(3), None), TypeError, ["running_var", "NoneType"]),
 ])
 def test_bad_input_names_what_was_wrong(call, error, words):
     with pytest.raises(error) as info:

@@ -94,6 +94,12 @@ def assert_unchanged(layer, before):
         np.testing.assert_array_equal(before[k], after[k])
 
 
+def _eval_backward(layer, dy):
+    """An evaluation-mode forward (it changes no state), then backward(dy) through its fixed affine map."""
+    layer.eval().forward(np.ones((8, 3), np.float32))
+    return layer.backward(dy)
+
+
 @pytest.mark.parametrize("call, error, words", [
     (lambda l: l.forward(np.ones((4, 5), np.float32)), ValueError, ["3 channels", "(4, 5)"]),
     (lambda l: l.forward(np.ones((1, 3), np.float32)), ValueError, ["more than 1 value per channel"]),
@@ -113,6 +119,13 @@ def assert_unchanged(layer, before):
     (lambda l: l.load_state_dict({**snapshot(l), "num_batches_tracked": np.ones(2, np.int64)}), ValueError,
      ["num_batches_tracked"]),
     (lambda l: l.load_state_dict([1, 2]), TypeError, ["mapping"]),
+    (lambda l: l.load_state_dict({**snapshot(l), "num_batches_tracked": np.int64(-1)}), ValueError,
+     ["num_batches_tracked", "-1"]),
+    # dy of the wrong kind: a tensor was reported as a dtype mismatch ("got torch.float32"), a list as a shape one
+    (lambda l: l.backward(torch.ones(8, 3)), TypeError, ["dy", "Tensor", "bnlib.nn"]),
+    (lambda l: l.backward([[1.0] * 3] * 8), TypeError, ["dy", "list"]),
+    (lambda l: _eval_backward(l, torch.ones(8, 3)), TypeError, ["dy", "Tensor"]),    # evaluation's own backward
+    (lambda l: _eval_backward(l, np.ones((8, 2), np.float32)), ValueError, ["dy", "(8, 3)", "(8, 2)"]),
 ])
 def test_failing_calls_raise_clearly_and_change_nothing(call, error, words):
     layer = BatchNorm(3)
@@ -140,6 +153,9 @@ def test_partial_load_with_bad_value_changes_nothing():
     (dict(num_features=0), ["num_features"]), (dict(num_features=2.5), ["num_features"]),
     (dict(num_features=3, eps=-1), ["eps"]), (dict(num_features=3, momentum=1.5), ["momentum"]),
     (dict(num_features=3, dtype=np.int32), ["dtype"]),
+    # bools are refused (BatchNorm(3, 1e-3, True) meant affine=True), and a torch dtype is named
+    (dict(num_features=3, eps=True), ["eps", "True"]), (dict(num_features=3, momentum=True), ["momentum", "True"]),
+    (dict(num_features=3, dtype=torch.float32), ["dtype", "torch.float32"]),
 ])
 def test_constructor_checks(kwargs, words):
     with pytest.raises((ValueError, TypeError)) as info:

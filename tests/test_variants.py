@@ -480,6 +480,12 @@ def test_nn_frozen_batch_norm_2d_invalid_dtypes_raise_and_change_no_state():
 
 
 # ---------------------------------------------------------------- errors and state on error
+def _ghost_after_forward():
+    ghost = V.GhostBatchNorm(3, 4)
+    ghost(np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32))
+    return ghost
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda: V.LayerNorm(0), ValueError, "normalized_shape"),
     (lambda: V.LayerNorm("4"), TypeError, "normalized_shape"),
@@ -504,6 +510,10 @@ def test_nn_frozen_batch_norm_2d_invalid_dtypes_raise_and_change_no_state():
     (lambda: V.GhostBatchNorm(3, 4)(torch.zeros(8, 3)), TypeError, "Tensor"),
     (lambda: V.BatchRenorm(3)(torch.zeros(8, 3)), TypeError, "Tensor"),
     (lambda: FrozenBatchNorm2d.from_batch_norm(torch.nn.Linear(3, 3)), TypeError, "Linear"),
+    (lambda: FrozenBatchNorm2d(3, eps=True), ValueError, "eps"),
+    (lambda: torch.jit.script(torch.nn.Sequential(FrozenBatchNorm2d(3))), TypeError, "FrozenBatchNorm2d cannot be compiled"),
+    # a tensor dy used to be reported as a shape mismatch ("got torch.Size([8, 3])")
+    (lambda: _ghost_after_forward().backward(torch.zeros(8, 3)), TypeError, "dy must be a NumPy array, got Tensor"),
 ])
 def test_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
