@@ -177,12 +177,13 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
     changed in place.
     A zero-size batch has no statistics: both come back unchanged (as copies), as torch leaves its
     buffers (torch.nn.BatchNorm still counts such a batch in num_batches_tracked).
-    The new values have running_mean's dtype; running_mean and running_var must be float arrays (C,).
+    The new values have running_mean's dtype; running_mean and running_var must be float arrays of the
+    shape of the cache's statistics, (C,) (a caller may narrow those: chapter 07 keeps one group's).
     """
     if not isinstance(cache, BNCache):
         raise TypeError(f"cache must be the BNCache returned by batch_norm_forward, got {type(cache).__name__}")
     for stat, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-        _check_channel_vector(stat, name, cache.x.shape[1], cache.x.shape, required=True)
+        _check_channel_vector(stat, name, len(cache.mean), cache.x.shape, required=True)
     _check_momentum(momentum)
     if momentum is None:
         if not (isinstance(num_batches_tracked, numbers.Integral) and num_batches_tracked >= 1):

@@ -94,7 +94,7 @@ class BatchNorm:
         affine: learn a per-channel scale `weight` and shift `bias` (default True)
         track_running_stats: keep running_mean / running_var / num_batches_tracked (default True);
             if False, batch statistics are used in evaluation too
-        dtype: dtype of parameters and running statistics (default float32, as in torch)
+        dtype: dtype of parameters and running statistics (default float32, as in torch; None too)
 
     Shape: input (N, C) or (N, C, *spatial); output the same. Gradients of the last backward()
     are in grad_weight and grad_bias. A call that raises changes no state. An empty batch (size 0)
@@ -115,6 +115,8 @@ class BatchNorm:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
         F._check_eps(eps)                                 # a finite number >= 0, not a bool
         F._check_momentum(momentum)                       # in [0, 1] or None, not a bool
+        if dtype is None:                                 # as torch's dtype=None: the default, float32
+            dtype = np.float32
         try:
             name = np.dtype(dtype).name
         except TypeError:                                 # e.g. torch.float32

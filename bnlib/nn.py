@@ -520,8 +520,9 @@ class _BatchNorm(torch.nn.Module):
             else:
                 momentum = 0.0 if self.num_batches_tracked is None else 1.0 / (int(self.num_batches_tracked) + 1)
             unbiased = var * (count / (count - 1)) if count > 1 else var
-            # in float32 for float16/bfloat16 buffers, rounded once by copy_ (as torch's kernels do): two
-            # roundings per step in the buffer's dtype let a float16 running_var drift
+            # in float32 for float16/bfloat16 buffers, rounded once by copy_: two roundings per step in the
+            # buffer's dtype let a float16 running_var drift (float16: torch's CPU buffers bit for bit; torch's
+            # bfloat16 CPU path rounds twice, and its buffers drift further from the exact average than these)
             acc = torch.float32 if self.running_mean.dtype in _HALF else self.running_mean.dtype
             new_mean = torch.add(self.running_mean.to(acc).mul(1 - momentum), mean.to(acc), alpha=momentum)
             new_var = torch.add(self.running_var.to(acc).mul(1 - momentum), unbiased.to(acc), alpha=momentum)
@@ -1034,7 +1035,7 @@ class FrozenBatchNorm2d(torch.nn.Module):
     @classmethod
     def from_batch_norm(cls, bn):
         """A FrozenBatchNorm2d with the eps, statistics and affine parameters of a batch-norm layer `bn`
-        (torch's or bnlib's BatchNorm1d/2d/3d: the statistics are per channel whatever the input's rank;
+        (torch's or bnlib's BatchNorm1d/2d/3d or SyncBatchNorm: the statistics are per channel whatever the input's rank;
         the frozen layer takes 4-D input; a bn built with bias=False gives a zero bias)."""
         if not isinstance(bn, BATCHNORM_TYPES):
             raise TypeError(f"from_batch_norm takes a batch-norm layer (torch's or bnlib's), got {type(bn).__name__}")

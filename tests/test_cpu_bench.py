@@ -59,12 +59,16 @@ def test_bench_runs_and_reports_ratios():
     (dict(repeats=0), ["repeats", "0"]),                           # was rows of NaN
     (dict(threads=-1), ["threads", "-1"]),
 ])
-def test_bench_refuses_bad_arguments_before_changing_thread_counts(kwargs, words):
-    before = torch.get_num_threads()
+def test_bench_refuses_bad_arguments_before_changing_thread_counts(kwargs, words, monkeypatch):
+    """Checked first: no thread count is set (restoring them afterwards would hide that) and the 256 MiB copy
+    that measures the bandwidth does not run."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("torch threads", n)))
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *a, **k: calls.append("copy_bandwidth") or 1e10)
     with pytest.raises(ValueError) as info:
         bench.bench_cpu(**{"shapes": [(8, 4)], "progress": False, **kwargs})
     assert all(w in str(info.value) for w in words), str(info.value)
-    assert torch.get_num_threads() == before
+    assert calls == []
 
 
 def test_peak_extra_memory_runs_one_step_untraced_first(monkeypatch):

@@ -100,6 +100,12 @@ def _eval_backward(layer, dy):
     return layer.backward(dy)
 
 
+def _empty_backward(layer, dy):
+    """A forward of an empty batch (it changes no state), then backward(dy)."""
+    layer.forward(np.ones((0, 3), np.float32))
+    return layer.backward(dy)
+
+
 @pytest.mark.parametrize("call, error, words", [
     (lambda l: l.forward(np.ones((4, 5), np.float32)), ValueError, ["3 channels", "(4, 5)"]),
     (lambda l: l.forward(np.ones((1, 3), np.float32)), ValueError, ["more than 1 value per channel"]),
@@ -121,11 +127,13 @@ def _eval_backward(layer, dy):
     (lambda l: l.load_state_dict([1, 2]), TypeError, ["mapping"]),
     (lambda l: l.load_state_dict({**snapshot(l), "num_batches_tracked": np.int64(-1)}), ValueError,
      ["num_batches_tracked", "-1"]),
-    # dy of the wrong kind: a tensor was reported as a dtype mismatch ("got torch.float32"), a list as a shape one
-    (lambda l: l.backward(torch.ones(8, 3)), TypeError, ["dy", "Tensor", "bnlib.nn"]),
-    (lambda l: l.backward([[1.0] * 3] * 8), TypeError, ["dy", "list"]),
-    (lambda l: _eval_backward(l, torch.ones(8, 3)), TypeError, ["dy", "Tensor"]),    # evaluation's own backward
+    # dy of the wrong kind after an evaluation or an empty batch (training's backward checked it already): a
+    # tensor was reported as a dtype mismatch ("got torch.float32"), a list as a shape mismatch
+    (lambda l: _eval_backward(l, torch.ones(8, 3)), TypeError, ["dy", "Tensor", "bnlib.nn"]),
+    (lambda l: _eval_backward(l, [[1.0] * 3] * 8), TypeError, ["dy", "list"]),
     (lambda l: _eval_backward(l, np.ones((8, 2), np.float32)), ValueError, ["dy", "(8, 3)", "(8, 2)"]),
+    (lambda l: _empty_backward(l, torch.ones(0, 3)), TypeError, ["dy", "Tensor", "bnlib.nn"]),
+    (lambda l: _empty_backward(l, []), TypeError, ["dy", "list"]),
 ])
 def test_failing_calls_raise_clearly_and_change_nothing(call, error, words):
     layer = BatchNorm(3)
@@ -161,6 +169,12 @@ def test_constructor_checks(kwargs, words):
     with pytest.raises((ValueError, TypeError)) as info:
         BatchNorm(**kwargs)
     assert all(w in str(info.value) for w in words)
+
+
+def test_dtype_none_is_the_default_as_in_torch():
+    """np.dtype(None) is float64; the layer reads dtype=None as torch does, the default float32."""
+    layer = BatchNorm(3, dtype=None)
+    assert layer.dtype == np.float32 and layer.weight.dtype == np.float32 and layer.running_var.dtype == np.float32
 
 
 def test_float16_noncontiguous_and_fortran_inputs():

@@ -20,9 +20,11 @@ mkdir -p "$OUT" bnlib/data
 keep() {   # copy a recording into bnlib/data/, never over an existing one (see above)
     local name
     name=$(basename "$1")
-    if [ -e "bnlib/data/$name" ]; then
+    if [ ! -e "$1" ]; then
+        echo "no recording $1 (its step wrote none)"
+    elif [ -e "bnlib/data/$name" ]; then
         echo "bnlib/data/$name exists (chapter 05 reads it): this run's recording is kept in $1 only"
-    elif [ -e "$1" ]; then
+    else
         cp "$1" bnlib/data/
     fi
 }

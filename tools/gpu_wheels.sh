@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Download, on a machine with internet access to PyPI, the wheels that tools/gpu_check.sh needs on
 # a GPU machine whose image has PyTorch, CuPy and pytest but no notebook stack (nbval, ipykernel and
-# their dependencies), for Python 3.12 on x86-64. They land in .whl/ (keep it out of git:
-# `echo /.whl/ >> .git/info/exclude`) and travel with the device tool's `carry: [".whl"]`.
+# their dependencies), for Python 3.12 on x86-64. They land in .whl/ (git-ignored by .gitignore) and
+# travel with the device tool's `carry: [".whl"]`.
 # pytest and its own plugins are left out so that the image's pytest is the one that runs.
 # The versions are pinned to requirements.txt's; packages the image already has (pytest and its
 # plugins, packaging, psutil, pygments, attrs, dateutil, typing-extensions, CuPy's cuda-pathfinder)
