@@ -776,7 +776,7 @@ def _gather_moments(local: Moments, group) -> Moments:
     gloo CPU ones): its count (repeated over the channels), mean and M2. The merge runs in float64
     on that device; the counts are read back to the host (on a GPU one synchronization, as in
     torch.nn.SyncBatchNorm, which skips it while a CUDA graph is being captured; this read-back does not, so a
-    SyncBatchNorm step cannot be captured), since the merge weights and the error check need them as numbers.
+    synchronized step cannot be captured), since the merge weights and the error check need them as numbers.
     """
     count = torch.full_like(local.mean, local.count, dtype=torch.float64)
     packed = torch.stack([count, local.mean.double(), local.m2.double()])             # (3, C)

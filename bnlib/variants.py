@@ -372,7 +372,7 @@ class BatchRenorm(BatchNorm):
     is BatchNorm, bit for bit. Running statistics are updated as BatchNorm's (momentum, unbiased
     variance); evaluation uses them, as BatchNorm's. (The paper averages sigma itself; keeping
     running_var keeps torch's BatchNorm state-dict keys. The two differ most at small batches: with
-    2 values per channel the average of sigma_B is about 0.56 sigma, so r here is smaller.)
+    2 values per channel the average of sigma_B is about sigma / sqrt(pi), so r here tends to be smaller.)
 
     Args:
         num_features: C;  eps: inside the square root (1e-5);  momentum: as BatchNorm's (0.1)
