@@ -112,11 +112,9 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
     for shape in shapes:                       # checked before any thread count changes
         if len(shape) < 2 or not all(isinstance(n, numbers.Integral) and n >= 1 for n in shape):
             raise ValueError(f"each shape must be (N, C, *spatial) with positive sizes, got {shape}")
-    if isinstance(repeats, bool) or not (isinstance(repeats, numbers.Integral) and repeats >= 1):
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
-    if threads is not None and (isinstance(threads, bool) or not (isinstance(threads, numbers.Integral)
-                                                                 and threads >= 1)):
-        raise ValueError(f"threads must be a positive integer or None (torch's count), got {threads!r}")
+    repeats = F._check_positive_int(repeats, "repeats")
+    if threads is not None:
+        F._check_positive_int(threads, "threads (or None: torch's count)")
     torch_threads = torch.get_num_threads()
     numba_threads = cpu.numba.get_num_threads() if cpu.numba is not None else None
     threads = int(threads or torch_threads)

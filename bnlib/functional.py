@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bnlib.stats import accumulation_dtype, channel_shape, reduction_axes
+from bnlib.stats import _check_positive_int, accumulation_dtype, channel_shape, reduction_axes
 
 SUPPORTED_DTYPES = ("float16", "float32", "float64")
 
@@ -186,9 +186,7 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
         _check_channel_vector(stat, name, len(cache.mean), cache.x.shape, required=True)
     _check_momentum(momentum)
     if momentum is None:
-        if not (isinstance(num_batches_tracked, numbers.Integral) and num_batches_tracked >= 1):
-            raise ValueError(f"num_batches_tracked must be an integer >= 1 with momentum=None, got {num_batches_tracked!r}")
-        momentum = 1.0 / num_batches_tracked
+        momentum = 1.0 / _check_positive_int(num_batches_tracked, "num_batches_tracked (needed with momentum=None)")
     if cache.x.size == 0:
         return running_mean.copy(), running_var.copy()
     count = cache.x.size // cache.x.shape[1]
@@ -199,15 +197,21 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
     return new_mean, new_var
 
 
+def _check_dy(dy, x_shape, x_dtype):
+    """dy for a forward input of shape x_shape and dtype x_dtype: an array of that shape and dtype.
+    (The layers of chapters 04 and 08 check their dy with it too.)"""
+    _check_input(dy, "dy")
+    if tuple(dy.shape) != tuple(x_shape):
+        raise ValueError(f"dy must have the shape of the forward input {tuple(x_shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != x_dtype:
+        raise TypeError(f"dy must have the dtype of the forward input ({x_dtype}), got {dy.dtype}")
+
+
 def _check_backward_args(dy, cache):
     """Validate dy against the cache of the forward pass it belongs to."""
     if not isinstance(cache, BNCache):
         raise TypeError(f"cache must be the BNCache returned by batch_norm_forward, got {type(cache).__name__}")
-    _check_input(dy, "dy")
-    if tuple(dy.shape) != tuple(cache.x.shape):
-        raise ValueError(f"dy must have the shape of the forward input {tuple(cache.x.shape)}, got {tuple(dy.shape)}")
-    if dy.dtype != cache.x.dtype:
-        raise TypeError(f"dy must have the dtype of the forward input ({cache.x.dtype}), got {dy.dtype}")
+    _check_dy(dy, cache.x.shape, cache.x.dtype)
 
 
 def batch_norm_backward(dy, cache: BNCache):

@@ -4,8 +4,6 @@
 
 __all__ = ['BatchNorm']
 
-import numbers
-
 import numpy as np
 
 from bnlib import functional as F
@@ -71,15 +69,6 @@ def _load_state(layer, state, shapes, dtype, strict=True):
     return layer
 
 
-def _check_dy(dy, x):
-    """dy for the forward input x: an array of x's shape and dtype (as batch_norm_backward checks it)."""
-    F._check_input(dy, "dy")
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"dy must have the shape of the forward input {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have the dtype of the forward input ({x.dtype}), got {dy.dtype}")
-
-
 class BatchNorm:
     """Batch normalization layer for NumPy arrays, with PyTorch's conventions.
 
@@ -111,8 +100,7 @@ class BatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  dtype=np.float32):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        num_features = F._check_positive_int(num_features, "num_features")   # not a bool either
         F._check_eps(eps)                                 # a finite number >= 0, not a bool
         F._check_momentum(momentum)                       # in [0, 1] or None, not a bool
         if dtype is None:                                 # as torch's dtype=None: the default, float32
@@ -123,7 +111,7 @@ class BatchNorm:
             name = None
         if name not in ("float32", "float64"):
             raise TypeError(f"dtype must be NumPy's float32 or float64, got {dtype!r}")
-        self.num_features, self.eps, self.momentum = int(num_features), float(eps), momentum
+        self.num_features, self.eps, self.momentum = num_features, float(eps), momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         self.dtype = np.dtype(dtype)
         c = self.num_features
@@ -192,7 +180,7 @@ class BatchNorm:
             raise ValueError("backward() needs a forward() first: no cached input")
         kind, saved = self._cache
         if kind == "empty":
-            _check_dy(dy, saved)
+            F._check_dy(dy, saved.shape, saved.dtype)
             if self.affine:
                 self.grad_weight[...], self.grad_bias[...] = 0, 0
             return dy.copy()
@@ -206,7 +194,7 @@ class BatchNorm:
 
     def _inference_backward(self, dy, x):
         """Gradients of the fixed affine map of evaluation mode (chapter 03, exercise 1)."""
-        _check_dy(dy, x)
+        F._check_dy(dy, x.shape, x.dtype)
         shape, axes = channel_shape(x.ndim, self.num_features), reduction_axes(x.ndim)
         inv_std = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         x_hat = (x - self.running_mean.reshape(shape)) * inv_std.reshape(shape)

@@ -8,7 +8,6 @@ import contextlib
 import copy
 import functools
 import inspect
-import numbers
 
 import numpy as np
 import torch
@@ -423,12 +422,11 @@ class _BatchNorm(torch.nn.Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, *, bias=True):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        num_features = F._check_positive_int(num_features, "num_features")   # not a bool either
         F._check_momentum(momentum)     # a bool is refused (torch takes it): BatchNorm2d(64, 1e-3, True) meant affine=True
         F._check_eps(eps)
         factory = {"device": device, "dtype": dtype}
-        self.num_features, self.eps, self.momentum = int(num_features), float(eps), momentum
+        self.num_features, self.eps, self.momentum = num_features, float(eps), momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         if affine:
             self.weight = torch.nn.Parameter(torch.ones(num_features, **factory))
@@ -1023,10 +1021,9 @@ class FrozenBatchNorm2d(torch.nn.Module):
 
     def __init__(self, num_features, eps=1e-5, device=None, dtype=None):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        num_features = F._check_positive_int(num_features, "num_features")   # not a bool either
         F._check_eps(eps)
-        self.num_features, self.eps = int(num_features), float(eps)
+        self.num_features, self.eps = num_features, float(eps)
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("weight", torch.ones(num_features, **factory))
         self.register_buffer("bias", torch.zeros(num_features, **factory))

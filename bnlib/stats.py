@@ -29,6 +29,7 @@ def accumulation_dtype(dtype) -> np.dtype:
     return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
+import numbers
 from typing import NamedTuple
 
 
@@ -86,6 +87,14 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     return Moments(n, mean, m2)
 
 
+def _check_positive_int(value, name: str) -> int:
+    """A count (chunk_size here; num_features, num_groups, repeats, ... in later chapters) as an int: an
+    integer >= 1, NumPy's integers included, and not a bool, which Python counts as one (True == 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def welford(x, chunk_size: int = 1) -> Moments:
     """Stream x through Welford's update, `chunk_size` examples (rows of axis 0) at a time.
 
@@ -93,8 +102,7 @@ def welford(x, chunk_size: int = 1) -> Moments:
     larger chunks merge two-pass partial moments with Chan's formula. Slow (a Python loop):
     for teaching and for checking the fast paths.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = _check_positive_int(chunk_size, "chunk_size")
     total = Moments(0, None, None)
     for start in range(0, x.shape[0], chunk_size):
         total = merge_moments(total, moments(x[start:start + chunk_size]))

@@ -53,12 +53,6 @@ def normalize_backward(dx_hat, x_hat, inv_std, axes):
 _FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _check_eps_dtype(eps, dtype):
     F._check_eps(eps)
     if np.dtype(dtype).name not in ("float32", "float64"):
@@ -74,11 +68,8 @@ def _check_array(x, name="x"):
 
 
 def _check_dy(dy, x_shape, x_dtype):
-    _check_array(dy, "dy")
-    if dy.shape != tuple(x_shape):
-        raise ValueError(f"dy must have the shape of the forward input {tuple(x_shape)}, got {dy.shape}")
-    if dy.dtype != x_dtype:
-        raise TypeError(f"dy must have the dtype of the forward input ({x_dtype}), got {dy.dtype}")
+    _check_array(dy, "dy")                             # a NumPy array, as the variants' inputs are
+    F._check_dy(dy, x_shape, x_dtype)                  # of the forward input's shape and dtype
 
 
 class _Normalization:
@@ -163,7 +154,7 @@ class LayerNorm(_Normalization):
         shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else normalized_shape
         if not (isinstance(shape, (tuple, list)) and all(isinstance(s, numbers.Integral) for s in shape)):
             raise TypeError(f"normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}")
-        shape = tuple(_check_positive_int(s, "every entry of normalized_shape") for s in shape)
+        shape = tuple(F._check_positive_int(s, "every entry of normalized_shape") for s in shape)
         if not shape:
             raise ValueError("normalized_shape must have at least one entry, got ()")
         self.eps, self.dtype = _check_eps_dtype(eps, dtype)
@@ -223,8 +214,8 @@ class GroupNorm(_Normalization):
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32, *, bias=True):
-        self.num_groups = _check_positive_int(num_groups, "num_groups")
-        self.num_channels = _check_positive_int(num_channels, "num_channels")
+        self.num_groups = F._check_positive_int(num_groups, "num_groups")
+        self.num_channels = F._check_positive_int(num_channels, "num_channels")
         if self.num_channels % self.num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         self.eps, self.dtype = _check_eps_dtype(eps, dtype)
@@ -297,6 +288,7 @@ class InstanceNorm(GroupNorm):
                                                                  and 0 <= momentum <= 1):
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r} "
                              f"(torch's InstanceNorm has no cumulative average)")
+        num_features = F._check_positive_int(num_features, "num_features")   # named as the caller named it
         super().__init__(num_features, num_features, eps=eps, affine=affine, dtype=dtype, bias=bias)
         self.num_features, self.momentum = self.num_channels, float(momentum)
         self.track_running_stats = bool(track_running_stats)
@@ -480,7 +472,7 @@ class GhostBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features, virtual_batch_size, eps=1e-5, momentum=0.1, dtype=np.float32):
-        self.virtual_batch_size = _check_positive_int(virtual_batch_size, "virtual_batch_size")
+        self.virtual_batch_size = F._check_positive_int(virtual_batch_size, "virtual_batch_size")
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True,
                          dtype=dtype)
 

@@ -352,3 +352,52 @@ def test_non_finite_running_statistics_reach_the_output_as_in_torch():
     want = torch.nn.functional.batch_norm(*(torch.from_numpy(a) for a in (x, rm, rv, g, b))).numpy()
     np.testing.assert_allclose(y, want, rtol=1e-12, equal_nan=True)
     assert np.isnan(y[:, [1, 3]]).all() and (y[:, 2] == -1.0).all() and np.isfinite(y[:, 0]).all()
+
+
+def _count_arguments():
+    """(name, build(value)) for every count a constructor or helper of bnlib takes; all go through
+    bnlib.stats._check_positive_int, so the refusals and their messages are one rule."""
+    from bnlib import bench, layers, nn, variants as V
+    X = np.ones((4, 3))
+    cache = F.batch_norm_forward(X)[1]
+    return [
+        ("chunk_size", lambda v: stats.welford(X, v)),
+        ("num_batches_tracked", lambda v: F.update_running_stats(np.zeros(3), np.ones(3), cache, momentum=None,
+                                                                 num_batches_tracked=v)),
+        ("num_features", lambda v: layers.BatchNorm(v)),
+        ("num_features", lambda v: nn.BatchNorm2d(v)),
+        ("num_features", lambda v: nn.FrozenBatchNorm2d(v)),
+        ("num_features", lambda v: V.InstanceNorm(v)),          # was reported as num_groups (GroupNorm's)
+        ("num_features", lambda v: V.FrozenBatchNorm(v)),
+        ("num_features", lambda v: V.BatchRenorm(v)),
+        ("num_groups", lambda v: V.GroupNorm(v, 4)),
+        ("num_channels", lambda v: V.GroupNorm(1, v)),
+        ("normalized_shape", lambda v: V.LayerNorm(v)),
+        ("virtual_batch_size", lambda v: V.GhostBatchNorm(3, v)),
+        ("repeats", lambda v: bench.bench_cpu([(8, 4)], repeats=v, progress=False)),
+        ("threads", lambda v: bench.bench_cpu([(8, 4)], threads=v, progress=False)),
+    ]
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 2.5, "3", None])
+def test_every_count_argument_refuses_what_is_not_a_positive_integer(bad, monkeypatch):
+    from bnlib import bench
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *a, **k: pytest.fail("ran before its arguments were checked"))
+    for name, build in _count_arguments():
+        if bad is None and name in ("threads",):
+            continue                                  # threads=None means torch's own count
+        with pytest.raises((ValueError, TypeError)) as info:
+            build(bad)
+        message = str(info.value)
+        assert name in message and repr(bad) in message, (name, bad, message)
+
+
+def test_counts_accept_numpy_integers_and_store_python_ints():
+    from bnlib import layers, nn, variants as V
+    two = np.int64(2)
+    assert F._check_positive_int is stats._check_positive_int
+    assert stats.welford(np.ones((4, 3)), two).count == 4
+    for layer in (layers.BatchNorm(two), nn.BatchNorm2d(two), nn.FrozenBatchNorm2d(two), V.InstanceNorm(two),
+                  V.GhostBatchNorm(two, two)):
+        assert type(layer.num_features) is int and layer.num_features == 2
+    assert type(V.GroupNorm(two, 4).num_groups) is int
