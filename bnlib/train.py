@@ -395,12 +395,18 @@ def _updates_running_stats(layer):
     return layer.momentum is None or layer.momentum != 0
 
 
-def precise_bn(model, x_train, batch_size, num_batches=200, seed=0):
+def precise_bn(model, x_train, batch_size, num_batches=200, seed=0, variance="pooled"):
     """PreciseBN (Wu & Johnson 2021): replace the running statistics by population statistics.
 
-    With the weights frozen, every normalization layer whose running statistics training updates
-    gets momentum=None (a cumulative average) and fresh buffers, and ``num_batches`` training
-    batches of ``batch_size`` are forwarded in training mode, as torch.optim.swa_utils.update_bn does.
+    With the weights frozen, ``num_batches`` training batches of ``batch_size`` are forwarded in
+    training mode, and every normalization layer whose running statistics training updates gets new ones:
+    variance="pooled" (the default; Wu and Johnson's code, fvcore's update_bn_stats): the mean and the
+        variance of every value the layer received in the pass, per channel, the batches pooled, so the
+        spread between the batches' means counts (the variance divides by the number of values);
+    variance="batch" (the batch-norm paper's estimator, as torch.optim.swa_utils.update_bn computes it):
+        momentum=None, a cumulative average of the batch means and of the batches' unbiased variances.
+    For equal batches the means are the same; the variances differ where the batches differ from one
+    another (chapter 09, Q11) or are small. num_batches_tracked counts the pass's batches either way.
     Layers whose statistics training leaves alone (momentum 0, as bnlib.variants.FrozenBatchNorm) and
     layers without running statistics keep their state exactly. Afterwards every layer has its
     momentum back and is in the mode (training or evaluation) it was in; if a forward pass raises,
@@ -414,26 +420,49 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0):
         raise ValueError(f"batch_size must be an integer in [2, {n}] (the training examples), got {batch_size!r}")
     if not (_is_int(num_batches) and num_batches >= 1):
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    if variance not in ("pooled", "batch"):
+        raise ValueError(f'variance must be "pooled" (Wu and Johnson) or "batch" (update_bn), got {variance!r}')
     norms = model.norm_layers()
     recompute = [_updates_running_stats(l) for l in norms]
     saved = [l.state_dict() for l in norms]
     modes = [getattr(l, "training", None) for l in norms]
     momenta = [l.momentum if r else None for l, r in zip(norms, recompute)]
+    pooled = {}                                    # layer index -> [values per channel, sum, sum of squares]
+
+    def recording(i, forward):
+        def forward_and_record(x):
+            axes = tuple(a for a in range(x.ndim) if a != 1)
+            totals = pooled[i]
+            totals[0] += x.size // x.shape[1]
+            totals[1] = totals[1] + x.sum(axis=axes, dtype=np.float64)
+            totals[2] = totals[2] + np.square(x, dtype=np.float64).sum(axis=axes)
+            return forward(x)
+        return forward_and_record
+
     rng = np.random.default_rng(seed)
     done = False
     try:
-        for l, r in zip(norms, recompute):
+        for i, (l, r) in enumerate(zip(norms, recompute)):
             if r:
                 l.momentum = None
                 l.running_mean[...] = 0
                 l.running_var[...] = 1
                 l.num_batches_tracked = 0
+                if variance == "pooled":
+                    pooled[i] = [0, 0.0, 0.0]
+                    l.forward = recording(i, l.forward)    # an instance attribute, deleted below
         model.train()
         for _ in range(num_batches):
             model.forward(x_train[..., rng.choice(n, size=batch_size, replace=False), :])
+        for i, (count, total, total_sq) in pooled.items():
+            mean = total / count
+            norms[i].running_mean[...] = mean
+            norms[i].running_var[...] = np.maximum(total_sq / count - mean * mean, 0.0)
         done = True
     finally:
-        for l, r, state, mode, momentum in zip(norms, recompute, saved, modes, momenta):
+        for i, (l, r, state, mode, momentum) in enumerate(zip(norms, recompute, saved, modes, momenta)):
+            if i in pooled:
+                del l.forward                      # the class's forward again
             if r:
                 l.momentum = momentum
             if not (r and done):                   # left alone, or a failed call: the state it had

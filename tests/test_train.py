@@ -1,4 +1,6 @@
 """bnlib.train: gradients (checked numerically), the normalization slot, batch sources, the loop."""
+import copy
+
 import numpy as np
 import pytest
 
@@ -501,3 +503,78 @@ def test_accuracy_rejects_zero_chunks_and_empty_test_sets():
         train.accuracy(model, x_test[:0], y_test[:0])
     with pytest.raises(ValueError, match="x_test holds no examples"):
         train.fit(model, (x_train, y_train, x_test[:0], y_test[:0]), steps=1, lr=0.1, progress=False)
+
+
+def _replayed_norm_inputs(model, x_train, batch_size, num_batches, seed):
+    """The inputs each normalization layer received in precise_bn's pass, batch by batch: the same batches (the same
+    generator), forwarded in training mode on a copy (weights frozen; running statistics do not enter training mode)."""
+    net = copy.deepcopy(model).train()
+    rng = np.random.default_rng(seed)
+    per_layer = [[] for _ in range(net.depth)]                   # layer l -> list of (n_models, batch, width)
+    for _ in range(num_batches):
+        net.forward(x_train[rng.choice(x_train.shape[0], size=batch_size, replace=False)])
+        for l in range(net.depth):
+            z = np.matmul(net.layer_inputs[l], net.weights[l])
+            per_layer[l].append(z if net.biases[l] is None else z + net.biases[l][:, None, :])
+    return [np.stack(batches) for batches in per_layer]          # (batches, n_models, batch, width)
+
+
+@pytest.mark.parametrize("variance", ["pooled", "batch"])
+def test_precise_bn_estimators_are_what_their_docstring_says(variance):
+    """pooled: mean and variance (over the count) of every value a layer received; batch: the average of the batch
+    means and of the unbiased batch variances (torch's update_bn). Two normalization layers, two stacked models."""
+    x_train, y_train, x_test, y_test = data = toy_data()
+    model = train.MLP([6, 8, 5, 3], norm=BatchNorm, n_models=2, seed=3)
+    train.fit(model, data, steps=10, lr=0.1, batch_size=20, progress=False)
+    inputs = _replayed_norm_inputs(model, x_train, batch_size=4, num_batches=50, seed=7)
+    train.precise_bn(model, x_train, batch_size=4, num_batches=50, seed=7, variance=variance)
+    for l, z in enumerate(inputs):
+        for m in range(2):
+            layer, zm = model.norms[l][m], z[:, m].astype(np.float64)          # (batches, batch, width)
+            if variance == "pooled":
+                flat = zm.reshape(-1, zm.shape[-1])
+                mean, var = flat.mean(0), flat.var(0)
+            else:
+                mean, var = zm.mean(1).mean(0), zm.var(1, ddof=1).mean(0)
+            np.testing.assert_allclose(layer.running_mean, mean, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(layer.running_var, var, rtol=1e-4, atol=1e-6)
+            assert layer.num_batches_tracked == 50 and layer.momentum == 0.1 and "forward" not in vars(layer)
+
+
+def test_precise_bn_pooled_and_batch_differ_as_expected_on_small_batches():
+    """The same means; at 4 examples per batch the second layer's batch means hardly vary (its inputs come out of a
+    batch-normalized layer), so the pooled variance is near the biased within-batch one, (4 - 1) / 4 of the average."""
+    x_train, y_train, x_test, y_test = data = toy_data()
+    model = train.MLP([6, 16, 16, 3], norm=BatchNorm, seed=1)
+    train.fit(model, data, steps=20, lr=0.1, batch_size=20, progress=False)
+    pooled = train.precise_bn(copy.deepcopy(model), x_train, batch_size=4, num_batches=300, variance="pooled")
+    batch = train.precise_bn(copy.deepcopy(model), x_train, batch_size=4, num_batches=300, variance="batch")
+    for lp, lb in zip(pooled.norm_layers(), batch.norm_layers()):
+        np.testing.assert_allclose(lp.running_mean, lb.running_mean, rtol=1e-4, atol=1e-5)
+    ratio = np.median(pooled.norm_layers()[1].running_var / batch.norm_layers()[1].running_var)
+    assert 0.7 < ratio < 0.85, ratio
+
+
+def test_precise_bn_pooled_restores_everything_when_a_forward_raises():
+    class Failing(BatchNorm):
+        calls = None                                  # counting (and failing at the third call) once set to 0
+        def forward(self, x):
+            if Failing.calls is not None:
+                Failing.calls += 1
+                if Failing.calls == 3:
+                    raise RuntimeError("boom")
+            return super().forward(x)
+    x_train, y_train, x_test, y_test = data = toy_data()
+    model = train.MLP([6, 8, 3], norm=Failing)
+    train.fit(model, data, steps=2, lr=0.1, batch_size=20, progress=False)
+    model.eval()
+    before = model.state()
+    Failing.calls = 0
+    with pytest.raises(RuntimeError, match="boom"):
+        train.precise_bn(model, x_train, batch_size=10, num_batches=5)
+    assert _unchanged(before, model.state())
+    layer = model.norm_layers()[0]
+    assert "forward" not in vars(layer) and not layer.training and layer.momentum == 0.1
+    with pytest.raises(ValueError, match='variance must be "pooled"'):
+        train.precise_bn(model, x_train, batch_size=10, variance="population")
+    assert _unchanged(before, model.state())
