@@ -405,8 +405,13 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0, variance="po
         spread between the batches' means counts (the variance divides by the number of values);
     variance="batch" (the batch-norm paper's estimator, as torch.optim.swa_utils.update_bn computes it):
         momentum=None, a cumulative average of the batch means and of the batches' unbiased variances.
-    For equal batches the means are the same; the variances differ where the batches differ from one
-    another (chapter 09, Q11) or are small. num_batches_tracked counts the pass's batches either way.
+    For batches of equal size the means are the same. The variances differ where a batch's values are not
+    independent: one source per batch (pooled larger: chapter 09, Q11), or after a batch-normalized layer,
+    where small batches have nearly equal means (pooled smaller, down to (n - 1) / n of the batch average
+    for n values per batch: half at 2). num_batches_tracked counts the pass's batches either way. During
+    the pass the layers normalize with batch statistics; a layer whose training output also depends on its
+    running statistics (bnlib.variants.BatchRenorm with relaxed limits) sees them rebuilt from reset values.
+    A layer listed twice in model.norm_layers() is refused.
     Layers whose statistics training leaves alone (momentum 0, as bnlib.variants.FrozenBatchNorm) and
     layers without running statistics keep their state exactly. Afterwards every layer has its
     momentum back and is in the mode (training or evaluation) it was in; if a forward pass raises,
@@ -426,16 +431,22 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0, variance="po
     recompute = [_updates_running_stats(l) for l in norms]
     saved = [l.state_dict() for l in norms]
     modes = [getattr(l, "training", None) for l in norms]
+    if len({id(l) for l in norms}) != len(norms):
+        raise ValueError("precise_bn: a normalization layer appears more than once in model.norm_layers()")
     momenta = [l.momentum if r else None for l, r in zip(norms, recompute)]
-    pooled = {}                                    # layer index -> [values per channel, sum, sum of squares]
+    pooled = {}                                    # layer index -> [values per channel, shift, sum, sum of squares]
+    own_forward = {}                               # layer index -> a forward the instance itself had, restored below
 
     def recording(i, forward):
         def forward_and_record(x):
             axes = tuple(a for a in range(x.ndim) if a != 1)
             totals = pooled[i]
+            if totals[1] is None:                  # sums of x - shift: no cancellation for a mean far from 0
+                totals[1] = x.mean(axis=axes, dtype=np.float64)
+            d = x - totals[1].reshape((1, -1) + (1,) * (x.ndim - 2))
             totals[0] += x.size // x.shape[1]
-            totals[1] = totals[1] + x.sum(axis=axes, dtype=np.float64)
-            totals[2] = totals[2] + np.square(x, dtype=np.float64).sum(axis=axes)
+            totals[2] = totals[2] + d.sum(axis=axes)
+            totals[3] = totals[3] + np.square(d).sum(axis=axes)
             return forward(x)
         return forward_and_record
 
@@ -449,20 +460,25 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0, variance="po
                 l.running_var[...] = 1
                 l.num_batches_tracked = 0
                 if variance == "pooled":
-                    pooled[i] = [0, 0.0, 0.0]
-                    l.forward = recording(i, l.forward)    # an instance attribute, deleted below
+                    pooled[i] = [0, None, 0.0, 0.0]
+                    if "forward" in vars(l):
+                        own_forward[i] = vars(l)["forward"]
+                    l.forward = recording(i, l.forward)    # an instance attribute, removed below
         model.train()
         for _ in range(num_batches):
             model.forward(x_train[..., rng.choice(n, size=batch_size, replace=False), :])
-        for i, (count, total, total_sq) in pooled.items():
-            mean = total / count
-            norms[i].running_mean[...] = mean
-            norms[i].running_var[...] = np.maximum(total_sq / count - mean * mean, 0.0)
+        for i, (count, shift, total, total_sq) in pooled.items():
+            offset = total / count                 # the mean minus the shift
+            norms[i].running_mean[...] = shift + offset
+            norms[i].running_var[...] = np.maximum(total_sq / count - offset * offset, 0.0)
         done = True
     finally:
         for i, (l, r, state, mode, momentum) in enumerate(zip(norms, recompute, saved, modes, momenta)):
             if i in pooled:
-                del l.forward                      # the class's forward again
+                if i in own_forward:
+                    l.forward = own_forward[i]     # the instance's own forward, as it was
+                else:
+                    del l.forward                  # the class's forward again
             if r:
                 l.momentum = momentum
             if not (r and done):                   # left alone, or a failed call: the state it had

@@ -578,3 +578,28 @@ def test_precise_bn_pooled_restores_everything_when_a_forward_raises():
     with pytest.raises(ValueError, match='variance must be "pooled"'):
         train.precise_bn(model, x_train, batch_size=10, variance="population")
     assert _unchanged(before, model.state())
+
+
+def test_precise_bn_pooled_keeps_an_instance_forward_refuses_a_shared_layer_and_handles_a_far_mean():
+    x_train, y_train, x_test, y_test = data = toy_data()
+    model = train.MLP([6, 8, 5, 3], norm=BatchNorm, seed=2)
+    train.fit(model, data, steps=5, lr=0.1, batch_size=20, progress=False)
+    first, second = model.norm_layers()
+    calls = []
+    def own(x, forward=first.forward):                  # a per-instance forward the user had set
+        calls.append(x.shape)
+        return forward(x)
+    first.forward = own
+    train.precise_bn(model, x_train, batch_size=10, num_batches=4)
+    assert vars(first)["forward"] is own and len(calls) == 4 and "forward" not in vars(second)
+    shared = train.MLP([6, 8, 3], norm=BatchNorm, seed=2)
+    shared.norms[0].append(shared.norms[0][0])          # one layer object listed twice
+    before = shared.state()
+    with pytest.raises(ValueError, match="more than once"):
+        train.precise_bn(shared, x_train, batch_size=10, num_batches=2)
+    assert _unchanged(before, shared.state())
+    far = train.MLP([6, 8, 3], norm=BatchNorm, seed=2, dtype=np.float64)  # inputs whose mean is 1e7 standard deviations out
+    far_x = (x_train.astype(np.float64) - x_train.mean(0)) * 1e-3 + 1e4
+    inputs = _replayed_norm_inputs(far, far_x, batch_size=10, num_batches=30, seed=0)[0][:, 0].reshape(-1, 8)
+    train.precise_bn(far, far_x, batch_size=10, num_batches=30)
+    np.testing.assert_allclose(far.norm_layers()[0].running_var, inputs.var(0), rtol=1e-6)
