@@ -2,7 +2,7 @@
 # bnlib.nn is generated from chapters/06_pytorch.ipynb, chapters/08_variants.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'BATCHNORM_TYPES', 'convert_batchnorm', 'fold_batch_norm', 'SyncBatchNormFunction', 'SyncBatchNorm', 'sync_batchnorm_check', 'FrozenBatchNorm2d']
+__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'BATCHNORM_TYPES', 'convert_batchnorm', 'fold_batch_norm', 'precise_bn', 'SyncBatchNormFunction', 'SyncBatchNorm', 'sync_batchnorm_check', 'FrozenBatchNorm2d']
 
 import contextlib
 import copy
@@ -737,6 +737,80 @@ def fold_batch_norm(module, bn):
             fused.bias = torch.nn.Parameter(torch.empty(out_features, dtype=w.dtype, device=w.device))
         fused.bias.copy_(bias.to(w.dtype))
     return fused
+
+
+def _bn_layers(model):
+    """model's batch-norm layers (torch's and bnlib's) that keep running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, BATCHNORM_TYPES) and m.track_running_stats and m.running_mean is not None]
+
+
+def precise_bn(model, batches, variance="pooled", device=None):
+    """PreciseBN: recompute the running statistics of model's batch-norm layers with the weights as they are.
+
+    batches: an iterable of inputs, each a tensor or a tuple/list whose first item is the input (as a
+    DataLoader yields (x, y)); model(x) is run on each in training mode under torch.no_grad(), after x is
+    moved to `device` if one is given. Every batch-norm layer (torch's or bnlib's, track_running_stats=True)
+    that the batches reach then holds:
+    variance="pooled" (the default; Wu and Johnson's PreciseBN, fvcore's update_bn_stats): the mean and the
+        variance of every value the layer received, per channel, the batches pooled (divided by the count);
+    variance="batch" (torch.optim.swa_utils.update_bn's estimate): the average of the batch means and of
+        the batches' unbiased variances.
+    num_batches_tracked counts the layer's batches; momentum is kept. A layer no batch reaches keeps its
+    statistics. Every module is left in the mode (train or eval) it was in; if a forward raises, every layer
+    gets its buffers back. Statistics are this process's own (no synchronization across processes).
+    Returns model.
+    """
+    if variance not in ("pooled", "batch"):
+        raise ValueError(f'variance must be "pooled" (Wu and Johnson) or "batch" (update_bn), got {variance!r}')
+    layers = _bn_layers(model)
+    saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
+    momenta = [layer.momentum for layer in layers]
+    modes = [(m, m.training) for m in model.modules()]
+    totals = {layer: [0, None, 0.0, 0.0] for layer in layers}         # values per channel, shift, sums of d, d**2
+
+    def record(layer, inputs):
+        x = inputs[0].detach()
+        values = x.transpose(0, 1).reshape(x.shape[1], -1).double()   # (C, values)
+        t = totals[layer]
+        if t[1] is None:                                               # the shift: the first batch's mean
+            t[1] = values.mean(1)
+        d = values - t[1][:, None]
+        t[0] += values.shape[1]
+        t[2] = t[2] + d.sum(1)
+        t[3] = t[3] + (d * d).sum(1)
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    done = False
+    try:
+        for layer in layers:
+            layer.reset_running_stats()
+            layer.momentum = None                                      # a cumulative average
+        model.train()
+        count = 0
+        with torch.no_grad():
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x if device is None else x.to(device))
+                count += 1
+        if count == 0:
+            raise ValueError("precise_bn needs at least one batch, got an empty iterable")
+        for layer, (n, shift, s1, s2) in totals.items():
+            if n and variance == "pooled":
+                offset = s1 / n
+                layer.running_mean.copy_(shift + offset)
+                layer.running_var.copy_((s2 / n - offset * offset).clamp_min(0))
+        done = True
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, momentum, state in zip(layers, momenta, saved):
+            layer.momentum = momentum
+            if not done or totals[layer][0] == 0:                     # a failed call, or a layer never reached
+                layer.load_state_dict(state)
+        for m, mode in modes:
+            m.train(mode)
+    return model
 
 
 import torch.distributed as dist

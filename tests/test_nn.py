@@ -1927,3 +1927,102 @@ def test_cuda_torch_func_and_compile_match_torch():
     twin = copy.deepcopy(net)
     xc = torch.randn(6, 3, 5, 5, device="cuda")
     torch.testing.assert_close(torch.compile(net, backend="eager")(xc), twin(xc), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- precise_bn
+
+def _pbn_model(seed=0, bnlib_first=True):
+    torch.manual_seed(seed)
+    first = bnn.BatchNorm2d(6) if bnlib_first else torch.nn.BatchNorm2d(6)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, bias=False), first, torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                               torch.nn.Conv2d(6, 5, 1, bias=False), torch.nn.BatchNorm2d(5))
+
+
+def _bn_inputs(model, batches):
+    """Each batch-norm layer's inputs over the batches, recorded on a copy in training mode (as precise_bn runs)."""
+    net = copy.deepcopy(model).train()
+    seen = {name: [] for name, m in net.named_modules() if isinstance(m, bnn.BATCHNORM_TYPES)}
+    hooks = [m.register_forward_pre_hook(lambda m, i, name=name: seen[name].append(i[0].detach().double()))
+             for name, m in net.named_modules() if name in seen]
+    torch.manual_seed(99)
+    with torch.no_grad():
+        for b in batches:
+            net(b)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_precise_bn_pooled_is_the_variance_of_every_value_and_batch_is_update_bn(channels_last):
+    model = _pbn_model().eval()
+    model[3].p = 0.0                                     # no dropout: the recorded inputs are the ones precise_bn saw
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    batches = [(torch.randn(8, 3, 7, 7) * (1 + k % 3) + k % 4).contiguous(memory_format=fmt) for k in range(12)]
+    seen = _bn_inputs(model, batches)
+    pooled = bnn.precise_bn(copy.deepcopy(model), batches)
+    batch = bnn.precise_bn(copy.deepcopy(model), [(b, None) for b in batches], variance="batch")   # (x, y) pairs
+    for name, xs in seen.items():
+        layer_p, layer_b = pooled.get_submodule(name), batch.get_submodule(name)
+        allx = torch.cat(xs)
+        torch.testing.assert_close(layer_p.running_mean.double(), allx.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer_p.running_var.double(), allx.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+        means = torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0)
+        variances = torch.stack([x.var((0, 2, 3)) for x in xs]).mean(0)                # unbiased, per batch
+        torch.testing.assert_close(layer_b.running_mean.double(), means, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer_b.running_var.double(), variances, rtol=1e-5, atol=1e-6)
+        assert int(layer_p.num_batches_tracked) == int(layer_b.num_batches_tracked) == 12
+        assert layer_p.momentum == 0.1 and not layer_p._forward_pre_hooks
+    torch_only = _pbn_model(bnlib_first=False).eval()
+    torch_only[3].p = 0.0
+    ours = bnn.precise_bn(copy.deepcopy(torch_only), batches, variance="batch")
+    theirs = copy.deepcopy(torch_only)
+    torch.optim.swa_utils.update_bn(batches, theirs)
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not any(m.training for m in pooled.modules())
+
+
+def test_precise_bn_restores_modes_and_buffers_keeps_unreached_layers_and_checks_its_arguments():
+    class WithSpare(torch.nn.Module):                    # a batch-norm layer that forward never calls
+        def __init__(self):
+            super().__init__()
+            self.body, self.spare = _pbn_model(), bnn.BatchNorm1d(4)
+        def forward(self, x):
+            return self.body(x)
+    model = WithSpare().train()
+    model.body[3].eval()                                 # a mix of modes, restored one module at a time
+    model.spare.running_mean.fill_(2.0)
+    body = model.body
+    before = copy.deepcopy(model.state_dict())
+    modes = {name: m.training for name, m in model.named_modules()}
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(3)]
+    bnn.precise_bn(model, batches)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert torch.equal(model.spare.running_mean, torch.full((4,), 2.0))
+    assert int(model.spare.num_batches_tracked) == int(before["spare.num_batches_tracked"])
+    assert not torch.equal(body[1].running_mean, before["body.1.running_mean"])
+    model.load_state_dict(before)
+
+    class Boom(Exception):
+        pass
+    calls = []
+    def fail_on_third(module, inputs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Boom
+    handle = body[4].register_forward_pre_hook(fail_on_third)
+    with pytest.raises(Boom):
+        bnn.precise_bn(model, batches)
+    handle.remove()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert body[1].momentum == 0.1 and body[5].momentum == 0.1
+    with pytest.raises(ValueError, match='variance must be "pooled"'):
+        bnn.precise_bn(model, batches, variance="population")
+    with pytest.raises(ValueError, match="at least one batch"):
+        bnn.precise_bn(model, [])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
