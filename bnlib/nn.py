@@ -741,24 +741,31 @@ def fold_batch_norm(module, bn):
 
 def _bn_layers(model):
     """model's batch-norm layers (torch's and bnlib's) that keep running statistics."""
-    return [m for m in model.modules()
-            if isinstance(m, BATCHNORM_TYPES) and m.track_running_stats and m.running_mean is not None]
+    layers = [m for m in model.modules()
+              if isinstance(m, BATCHNORM_TYPES) and m.track_running_stats and m.running_mean is not None]
+    for m in layers:
+        if isinstance(m.running_mean, torch.nn.parameter.UninitializedBuffer):
+            raise ValueError(f"{type(m).__name__} has not been built yet (a lazy layer): run the model once first")
+    return layers
 
 
 def precise_bn(model, batches, variance="pooled", device=None):
     """PreciseBN: recompute the running statistics of model's batch-norm layers with the weights as they are.
 
     batches: an iterable of inputs, each a tensor or a tuple/list whose first item is the input (as a
-    DataLoader yields (x, y)); model(x) is run on each in training mode under torch.no_grad(), after x is
-    moved to `device` if one is given. Every batch-norm layer (torch's or bnlib's, track_running_stats=True)
-    that the batches reach then holds:
+    DataLoader yields (x, y)); model(x) is run on each under torch.no_grad(), after x is moved to `device` if
+    one is given. The whole model runs in training mode for the pass, as in torch.optim.swa_utils.update_bn:
+    dropout draws random numbers, and other modules that keep statistics in training mode update them.
+    Every batch-norm layer (torch's or bnlib's, track_running_stats=True) that the batches reach then holds:
     variance="pooled" (the default; Wu and Johnson's PreciseBN, fvcore's update_bn_stats): the mean and the
-        variance of every value the layer received, per channel, the batches pooled (divided by the count);
-    variance="batch" (torch.optim.swa_utils.update_bn's estimate): the average of the batch means and of
-        the batches' unbiased variances.
-    num_batches_tracked counts the layer's batches; momentum is kept. A layer no batch reaches keeps its
-    statistics. Every module is left in the mode (train or eval) it was in; if a forward raises, every layer
-    gets its buffers back. Statistics are this process's own (no synchronization across processes).
+        variance of every value the layer received, per channel, the batches (and the calls of a layer used
+        more than once per forward) pooled, divided by the count; each call's moments are taken in float32
+        (float64 for float64 input) and merged in float64 (Chan et al.);
+    variance="batch" (update_bn's estimate): the average of the calls' means and unbiased variances.
+    num_batches_tracked counts the layer's calls; momentum is kept; a layer no batch reaches keeps its
+    statistics, and calls on empty batches are skipped. Every module is left in the mode (train or eval) it
+    was in; if a forward raises, every layer gets its buffers back. The pooled statistics are this process's
+    own; with variance="batch" a SyncBatchNorm in a group of several processes synchronizes as in training.
     Returns model.
     """
     if variance not in ("pooled", "batch"):
@@ -767,20 +774,27 @@ def precise_bn(model, batches, variance="pooled", device=None):
     saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
     momenta = [layer.momentum for layer in layers]
     modes = [(m, m.training) for m in model.modules()]
-    totals = {layer: [0, None, 0.0, 0.0] for layer in layers}         # values per channel, shift, sums of d, d**2
+    totals = {layer: [0, None, None] for layer in layers}              # values per channel, mean, M2 (float64)
 
-    def record(layer, inputs):
-        x = inputs[0].detach()
-        values = x.transpose(0, 1).reshape(x.shape[1], -1).double()   # (C, values)
+    def record(layer, args, kwargs):
+        x = (args[0] if args else next(iter(kwargs.values()))).detach()   # input= (torch), x= (bnlib)
+        n = x.numel() // x.shape[1] if x.ndim > 1 else 0
+        if n == 0:
+            return                                                     # an empty batch: nothing to count
         t = totals[layer]
-        if t[1] is None:                                               # the shift: the first batch's mean
-            t[1] = values.mean(1)
-        d = values - t[1][:, None]
-        t[0] += values.shape[1]
-        t[2] = t[2] + d.sum(1)
-        t[3] = t[3] + (d * d).sum(1)
+        if variance == "pooled":
+            axes = [0] + list(range(2, x.ndim))
+            var, mean = torch.var_mean(x if x.dtype == torch.float64 else x.float(), dim=axes, correction=0)
+            mean, m2 = mean.double(), var.double() * n
+            if t[1] is None:
+                t[1], t[2] = mean, m2
+            else:                                                      # Chan, Golub & LeVeque's merge
+                delta = mean - t[1]
+                t[1] = t[1] + delta * (n / (t[0] + n))
+                t[2] = t[2] + m2 + delta * delta * (t[0] * n / (t[0] + n))
+        t[0] += n
 
-    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
     done = False
     try:
         for layer in layers:
@@ -795,11 +809,10 @@ def precise_bn(model, batches, variance="pooled", device=None):
                 count += 1
         if count == 0:
             raise ValueError("precise_bn needs at least one batch, got an empty iterable")
-        for layer, (n, shift, s1, s2) in totals.items():
+        for layer, (n, mean, m2) in totals.items():
             if n and variance == "pooled":
-                offset = s1 / n
-                layer.running_mean.copy_(shift + offset)
-                layer.running_var.copy_((s2 / n - offset * offset).clamp_min(0))
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(m2 / n)
         done = True
     finally:
         for hook in hooks:

@@ -2026,3 +2026,48 @@ def test_precise_bn_restores_modes_and_buffers_keeps_unreached_layers_and_checks
         bnn.precise_bn(model, [])
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class _Twice(torch.nn.Module):
+    """One batch-norm layer called twice per forward (by keyword the second time), a second one that only inputs
+    with 3 dimensions reach, and one without running statistics."""
+    def __init__(self, bn, rare, plain):
+        super().__init__()
+        self.bn, self.rare, self.plain = bn, rare, plain
+        self.keyword = "x" if isinstance(bn, bnn.BATCHNORM_TYPES[1]) else "input"   # bnlib's forward(x), torch's forward(input)
+    def forward(self, x):
+        y = self.bn(x) + self.bn(**{self.keyword: x * 2 + 1})
+        if x.ndim == 3:
+            self.rare(x)
+        return self.plain(y)
+
+
+@pytest.mark.parametrize("kind", ["torch", "bnlib", "sync"])
+def test_precise_bn_pools_every_call_skips_empty_batches_and_leaves_untracked_layers(kind):
+    make = {"torch": torch.nn.BatchNorm1d, "bnlib": bnn.BatchNorm1d, "sync": torch.nn.SyncBatchNorm}[kind]
+    model = _Twice(make(3), make(3), make(3, track_running_stats=False))
+    torch.manual_seed(1)
+    batches = ([torch.randn(0, 3, 5)] + [torch.randn(6, 3) * 0.01 + 1e4 for _ in range(3)]      # 2-D, far from 0
+               + [torch.randn(4, 3, 5) for _ in range(2)])                                     # 3-D: reach `rare`
+    bnn.precise_bn(model, batches, device="cpu")
+    seen = [x for x in batches if x.shape[0]] + [x * 2 + 1 for x in batches if x.shape[0]]
+    flat = torch.cat([x.double().transpose(0, 1).reshape(3, -1) for x in seen], dim=1)
+    torch.testing.assert_close(model.bn.running_mean.double(), flat.mean(1), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(model.bn.running_var.double(), flat.var(1, unbiased=False), rtol=1e-4, atol=1e-6)
+    assert int(model.bn.num_batches_tracked) == 12                 # its calls: 2 per batch, the empty one too
+    rare = torch.cat([x.double().transpose(0, 1).reshape(3, -1) for x in batches[-2:]], dim=1)
+    torch.testing.assert_close(model.rare.running_var.double(), rare.var(1, unbiased=False), rtol=1e-5, atol=1e-6)
+    assert model.plain.running_mean is None and not torch.isnan(model.bn.running_mean).any()
+    batch = bnn.precise_bn(model, batches, variance="batch")
+    assert batch.bn.momentum == 0.1 and batch.rare.momentum == 0.1
+
+
+def test_precise_bn_keeps_half_buffers_half_handles_5d_input_and_explains_lazy_layers():
+    bn = bnn.BatchNorm3d(2).half()
+    x = torch.randn(3, 2, 2, 3, 4)
+    bnn.precise_bn(torch.nn.Sequential(bn), [x.half(), (x * 3).half()])
+    assert bn.running_var.dtype == torch.float16
+    both = torch.cat([x.half(), (x * 3).half()]).double().transpose(0, 1).reshape(2, -1)
+    torch.testing.assert_close(bn.running_var.double(), both.var(1, unbiased=False), rtol=2e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="lazy"):
+        bnn.precise_bn(torch.nn.Sequential(torch.nn.LazyBatchNorm1d()), [torch.randn(4, 3)])
