@@ -740,13 +740,14 @@ def fold_batch_norm(module, bn):
 
 
 def _bn_layers(model):
-    """model's batch-norm layers (torch's and bnlib's) that keep running statistics."""
+    """model's batch-norm layers (torch's and bnlib's) that keep running statistics, as two lists: those whose
+    statistics training updates, and those with momentum 0, whose statistics training never changes."""
     layers = [m for m in model.modules()
               if isinstance(m, BATCHNORM_TYPES) and m.track_running_stats and m.running_mean is not None]
     for m in layers:
         if isinstance(m.running_mean, torch.nn.parameter.UninitializedBuffer):
             raise ValueError(f"{type(m).__name__} has not been built yet (a lazy layer): run the model once first")
-    return layers
+    return [m for m in layers if m.momentum != 0], [m for m in layers if m.momentum == 0]
 
 
 def precise_bn(model, batches, variance="pooled", device=None):
@@ -763,15 +764,18 @@ def precise_bn(model, batches, variance="pooled", device=None):
         (float64 for float64 input) and merged in float64 (Chan et al.);
     variance="batch" (update_bn's estimate): the average of the calls' means and unbiased variances.
     num_batches_tracked counts the layer's calls; momentum is kept; a layer no batch reaches keeps its
-    statistics, and calls on empty batches are skipped. Every module is left in the mode (train or eval) it
+    statistics, and calls on empty batches are skipped. A layer with momentum 0, whose statistics training
+    never changes, is left exactly as it was (num_batches_tracked too), as bnlib.train.precise_bn leaves
+    it (update_bn would recompute it). Every module is left in the mode (train or eval) it
     was in; if a forward raises, every layer gets its buffers back. The pooled statistics are this process's
     own; with variance="batch" a SyncBatchNorm in a group of several processes synchronizes as in training.
     Returns model.
     """
     if variance not in ("pooled", "batch"):
         raise ValueError(f'variance must be "pooled" (Wu and Johnson) or "batch" (update_bn), got {variance!r}')
-    layers = _bn_layers(model)
+    layers, frozen = _bn_layers(model)
     saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
+    frozen_saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in frozen]
     momenta = [layer.momentum for layer in layers]
     modes = [(m, m.training) for m in model.modules()]
     totals = {layer: [0, None, None] for layer in layers}              # values per channel, mean, M2 (float64)
@@ -821,6 +825,8 @@ def precise_bn(model, batches, variance="pooled", device=None):
             layer.momentum = momentum
             if not done or totals[layer][0] == 0:                     # a failed call, or a layer never reached
                 layer.load_state_dict(state)
+        for layer, state in zip(frozen, frozen_saved):                # the pass counted its batches: undone
+            layer.load_state_dict(state)
         for m, mode in modes:
             m.train(mode)
     return model

@@ -2071,3 +2071,12 @@ def test_precise_bn_keeps_half_buffers_half_handles_5d_input_and_explains_lazy_l
     torch.testing.assert_close(bn.running_var.double(), both.var(1, unbiased=False), rtol=2e-3, atol=1e-3)
     with pytest.raises(ValueError, match="lazy"):
         bnn.precise_bn(torch.nn.Sequential(torch.nn.LazyBatchNorm1d()), [torch.randn(4, 3)])
+
+
+def test_precise_bn_leaves_layers_with_momentum_zero_alone():
+    frozen = torch.nn.BatchNorm1d(3, momentum=0.0)
+    frozen.running_mean.fill_(5.0)
+    model = torch.nn.Sequential(bnn.BatchNorm1d(3), frozen)
+    bnn.precise_bn(model, [torch.randn(8, 3) for _ in range(3)])
+    assert torch.equal(frozen.running_mean, torch.full((3,), 5.0)) and int(frozen.num_batches_tracked) == 0
+    assert int(model[0].num_batches_tracked) == 3
