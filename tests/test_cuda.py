@@ -1984,3 +1984,24 @@ def test_gpu_profile_rows_run_on_an_emulated_device(monkeypatch):
         monkeypatch.setattr(cuda, "LAUNCHER", launcher or "driver")
         for _ in range(2):                      # twice: a step must not depend on state the first left
             step()
+
+
+@needs_torch_gpu
+def test_precise_bn_on_cuda_tensors_matches_the_cpu():
+    """bnlib.nn.precise_bn on a CUDA model (bnlib's layers on the CuPy kernels, torch's on cuDNN), both estimators,
+    against the same model and batches on the CPU (added before any GPU run; not yet run on a GPU)."""
+    import copy
+    import torch
+    from bnlib import nn as bnn
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), bnn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.BatchNorm2d(4)).eval()
+    batches = [torch.randn(8, 3, 9, 9) + k for k in range(4)]
+    for variance in ("pooled", "batch"):
+        on_cpu = bnn.precise_bn(copy.deepcopy(model), batches, variance=variance)
+        on_gpu = bnn.precise_bn(copy.deepcopy(model).cuda(), [(b, None) for b in batches], variance=variance,
+                                device="cuda")
+        assert not any(m.training for m in on_gpu.modules())
+        for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
+            assert b.is_cuda, name
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5, msg=f"{variance}: {name}")
