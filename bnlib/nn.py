@@ -2,7 +2,7 @@
 # bnlib.nn is generated from chapters/06_pytorch.ipynb, chapters/08_variants.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'BATCHNORM_TYPES', 'convert_batchnorm', 'fold_batch_norm', 'precise_bn', 'SyncBatchNormFunction', 'SyncBatchNorm', 'sync_batchnorm_check', 'FrozenBatchNorm2d']
+__all__ = ['BatchNormFunction', 'BatchNormInferenceFunction', 'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'BATCHNORM_TYPES', 'convert_batchnorm', 'fold_batch_norm', 'SyncBatchNormFunction', 'SyncBatchNorm', 'sync_batchnorm_check', 'precise_bn', 'FrozenBatchNorm2d']
 
 import contextlib
 import copy
@@ -739,99 +739,6 @@ def fold_batch_norm(module, bn):
     return fused
 
 
-def _bn_layers(model):
-    """model's batch-norm layers (torch's and bnlib's) that keep running statistics, as two lists: those whose
-    statistics training updates, and those with momentum 0, whose statistics training never changes."""
-    layers = [m for m in model.modules()
-              if isinstance(m, BATCHNORM_TYPES) and m.track_running_stats and m.running_mean is not None]
-    for m in layers:
-        if isinstance(m.running_mean, torch.nn.parameter.UninitializedBuffer):
-            raise ValueError(f"{type(m).__name__} has not been built yet (a lazy layer): run the model once first")
-    return [m for m in layers if m.momentum != 0], [m for m in layers if m.momentum == 0]
-
-
-def precise_bn(model, batches, variance="pooled", device=None):
-    """PreciseBN: recompute the running statistics of model's batch-norm layers with the weights as they are.
-
-    batches: an iterable of inputs, each a tensor or a tuple/list whose first item is the input (as a
-    DataLoader yields (x, y)); model(x) is run on each under torch.no_grad(), after x is moved to `device` if
-    one is given. The whole model runs in training mode for the pass, as in torch.optim.swa_utils.update_bn:
-    dropout draws random numbers, and other modules that keep statistics in training mode update them.
-    Every batch-norm layer (torch's or bnlib's, track_running_stats=True) that the batches reach then holds:
-    variance="pooled" (the default; Wu and Johnson's PreciseBN, fvcore's update_bn_stats): the mean and the
-        variance of every value the layer received, per channel, the batches (and the calls of a layer used
-        more than once per forward) pooled, divided by the count; each call's moments are taken in float32
-        (float64 for float64 input) and merged in float64 (Chan et al.);
-    variance="batch" (update_bn's estimate): the average of the calls' means and unbiased variances.
-    num_batches_tracked counts the layer's calls; momentum is kept; a layer no batch reaches keeps its
-    statistics, and calls on empty batches are skipped. A layer with momentum 0, whose statistics training
-    never changes, is left exactly as it was (num_batches_tracked too), as bnlib.train.precise_bn leaves
-    it (update_bn would recompute it). Every module is left in the mode (train or eval) it
-    was in; if a forward raises, every layer gets its buffers back. The pooled statistics are this process's
-    own; with variance="batch" a SyncBatchNorm in a group of several processes synchronizes as in training.
-    Returns model.
-    """
-    if variance not in ("pooled", "batch"):
-        raise ValueError(f'variance must be "pooled" (Wu and Johnson) or "batch" (update_bn), got {variance!r}')
-    layers, frozen = _bn_layers(model)
-    saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
-    frozen_saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in frozen]
-    momenta = [layer.momentum for layer in layers]
-    modes = [(m, m.training) for m in model.modules()]
-    totals = {layer: [0, None, None] for layer in layers}              # values per channel, mean, M2 (float64)
-
-    def record(layer, args, kwargs):
-        x = (args[0] if args else next(iter(kwargs.values()))).detach()   # input= (torch), x= (bnlib)
-        n = x.numel() // x.shape[1] if x.ndim > 1 else 0
-        if n == 0:
-            return                                                     # an empty batch: nothing to count
-        t = totals[layer]
-        if variance == "pooled":
-            axes = [0] + list(range(2, x.ndim))
-            var, mean = torch.var_mean(x if x.dtype == torch.float64 else x.float(), dim=axes, correction=0)
-            mean, m2 = mean.double(), var.double() * n
-            if t[1] is None:
-                t[1], t[2] = mean, m2
-            else:                                                      # Chan, Golub & LeVeque's merge
-                delta = mean - t[1]
-                t[1] = t[1] + delta * (n / (t[0] + n))
-                t[2] = t[2] + m2 + delta * delta * (t[0] * n / (t[0] + n))
-        t[0] += n
-
-    hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
-    done = False
-    try:
-        for layer in layers:
-            layer.reset_running_stats()
-            layer.momentum = None                                      # a cumulative average
-        model.train()
-        count = 0
-        with torch.no_grad():
-            for batch in batches:
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(x if device is None else x.to(device))
-                count += 1
-        if count == 0:
-            raise ValueError("precise_bn needs at least one batch, got an empty iterable")
-        for layer, (n, mean, m2) in totals.items():
-            if n and variance == "pooled":
-                layer.running_mean.copy_(mean)
-                layer.running_var.copy_(m2 / n)
-        done = True
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for layer, momentum, state in zip(layers, momenta, saved):
-            layer.momentum = momentum
-            if not done or totals[layer][0] == 0:                     # a failed call, or a layer never reached
-                layer.load_state_dict(state)
-        for layer, state in zip(frozen, frozen_saved):                # the pass counted its batches: undone
-            layer.load_state_dict(state)
-        for m, mode in modes:
-            m.train(mode)
-    return model
-
-
 import torch.distributed as dist
 
 
@@ -1090,6 +997,89 @@ def sync_batchnorm_check(splits, shape_tail=(), momentum=None, start_method=None
         if isinstance(report, str):
             raise RuntimeError(report)
     return [max(per_split) for per_split in zip(*reports)]
+
+
+def _bn_layers(model):
+    """model's batch-norm layers (torch's and bnlib's) that keep running statistics, as two lists: those whose
+    statistics training updates, and those with momentum 0, whose statistics training never changes."""
+    layers = [m for m in model.modules()
+              if isinstance(m, BATCHNORM_TYPES) and m.track_running_stats and m.running_mean is not None]
+    for m in layers:
+        if isinstance(m.running_mean, torch.nn.parameter.UninitializedBuffer):
+            raise ValueError(f"{type(m).__name__} has not been built yet (a lazy layer): run the model once first")
+    return [m for m in layers if m.momentum != 0], [m for m in layers if m.momentum == 0]
+
+
+def precise_bn(model, batches, variance="pooled", device=None):
+    """PreciseBN: recompute the running statistics of model's batch-norm layers with the weights as they are.
+
+    batches: an iterable of inputs, each a tensor or a tuple/list whose first item is the input (as a
+    DataLoader yields (x, y)); model(x) is run on each under torch.no_grad(), after x is moved to `device` if
+    one is given. The whole model runs in training mode for the pass, as in torch.optim.swa_utils.update_bn:
+    dropout draws random numbers, and other modules that keep statistics in training mode update them.
+    Every batch-norm layer (torch's or bnlib's, track_running_stats=True) that the batches reach then holds:
+    variance="pooled" (the default; Wu and Johnson's PreciseBN, fvcore's update_bn_stats): the mean and the
+        variance of every value the layer received, per channel, the batches (and the calls of a layer used
+        more than once per forward) pooled, divided by the count; each call's moments are taken as
+        SyncBatchNorm takes them (float32, float64 for float64 input) and merged in float64 with Chan's formula;
+    variance="batch" (update_bn's estimate): the average of the calls' means and unbiased variances.
+    num_batches_tracked counts the layer's calls; momentum is kept; a layer no batch reaches keeps its
+    statistics, and calls on empty batches are skipped. A layer with momentum 0, whose statistics training
+    never changes, is left exactly as it was (num_batches_tracked too), as bnlib.train.precise_bn leaves
+    it (update_bn would recompute it). Every module is left in the mode (train or eval) it
+    was in; if a forward raises, every layer gets its buffers back. The pooled statistics are this process's
+    own; with variance="batch" a SyncBatchNorm in a group of several processes synchronizes as in training.
+    Returns model.
+    """
+    if variance not in ("pooled", "batch"):
+        raise ValueError(f'variance must be "pooled" (Wu and Johnson) or "batch" (update_bn), got {variance!r}')
+    layers, frozen = _bn_layers(model)
+    saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
+    frozen_saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in frozen]
+    momenta = [layer.momentum for layer in layers]
+    modes = [(m, m.training) for m in model.modules()]
+    totals = {layer: Moments(0, None, None) for layer in layers}      # what each layer received (float64)
+
+    def record(layer, args, kwargs):
+        x = (args[0] if args else next(iter(kwargs.values()))).detach()   # input= (torch), x= (bnlib)
+        if variance == "batch":                                        # only whether the layer was reached
+            totals[layer] = totals[layer]._replace(count=totals[layer].count + x.numel() // x.shape[1])
+            return
+        local = _local_moments(x, torch.float64 if x.dtype == torch.float64 else torch.float32)   # SyncBatchNorm's
+        totals[layer] = merge_moments(totals[layer], Moments(local.count, local.mean.double(), local.m2.double()))
+
+    hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    done = False
+    try:
+        for layer in layers:
+            layer.reset_running_stats()
+            layer.momentum = None                                      # a cumulative average
+        model.train()
+        count = 0
+        with torch.no_grad():
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x if device is None else x.to(device))
+                count += 1
+        if count == 0:
+            raise ValueError("precise_bn needs at least one batch, got an empty iterable")
+        for layer, total in totals.items():
+            if total.count and variance == "pooled":
+                layer.running_mean.copy_(total.mean)
+                layer.running_var.copy_(total.var)
+        done = True
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, momentum, state in zip(layers, momenta, saved):
+            layer.momentum = momentum
+            if not done or totals[layer].count == 0:                  # a failed call, or a layer never reached
+                layer.load_state_dict(state)
+        for layer, state in zip(frozen, frozen_saved):                # the pass counted its batches: undone
+            layer.load_state_dict(state)
+        for m, mode in modes:
+            m.train(mode)
+    return model
 
 
 class FrozenBatchNorm2d(torch.nn.Module):

@@ -265,6 +265,8 @@ def loss_and_grads(model, x, y):
 
 from dataclasses import dataclass, field
 
+from bnlib.stats import Moments, merge_moments, moments
+
 
 def iid_batches(rng, y_train, batch_size):
     """The usual sampler: batch_size distinct training indices, uniformly at random."""
@@ -434,19 +436,12 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0, variance="po
     if len({id(l) for l in norms}) != len(norms):
         raise ValueError("precise_bn: a normalization layer appears more than once in model.norm_layers()")
     momenta = [l.momentum if r else None for l, r in zip(norms, recompute)]
-    pooled = {}                                    # layer index -> [values per channel, shift, sum, sum of squares]
+    pooled = {}                                    # layer index -> Moments of the values it received (float64)
     own_forward = {}                               # layer index -> a forward the instance itself had, restored below
 
     def recording(i, forward):
-        def forward_and_record(x):
-            axes = tuple(a for a in range(x.ndim) if a != 1)
-            totals = pooled[i]
-            if totals[1] is None:                  # sums of x - shift: no cancellation for a mean far from 0
-                totals[1] = x.mean(axis=axes, dtype=np.float64)
-            d = x - totals[1].reshape((1, -1) + (1,) * (x.ndim - 2))
-            totals[0] += x.size // x.shape[1]
-            totals[2] = totals[2] + d.sum(axis=axes)
-            totals[3] = totals[3] + np.square(d).sum(axis=axes)
+        def forward_and_record(x):                 # chapter 02: two-pass moments per call, Chan's merge across calls
+            pooled[i] = merge_moments(pooled[i], moments(np.asarray(x, dtype=np.float64)))
             return forward(x)
         return forward_and_record
 
@@ -460,17 +455,16 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0, variance="po
                 l.running_var[...] = 1
                 l.num_batches_tracked = 0
                 if variance == "pooled":
-                    pooled[i] = [0, None, 0.0, 0.0]
+                    pooled[i] = Moments(0, None, None)
                     if "forward" in vars(l):
                         own_forward[i] = vars(l)["forward"]
                     l.forward = recording(i, l.forward)    # an instance attribute, removed below
         model.train()
         for _ in range(num_batches):
             model.forward(x_train[..., rng.choice(n, size=batch_size, replace=False), :])
-        for i, (count, shift, total, total_sq) in pooled.items():
-            offset = total / count                 # the mean minus the shift
-            norms[i].running_mean[...] = shift + offset
-            norms[i].running_var[...] = np.maximum(total_sq / count - offset * offset, 0.0)
+        for i, total in pooled.items():
+            norms[i].running_mean[...] = total.mean
+            norms[i].running_var[...] = total.var
         done = True
     finally:
         for i, (l, r, state, mode, momentum) in enumerate(zip(norms, recompute, saved, modes, momenta)):
