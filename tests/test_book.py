@@ -123,7 +123,7 @@ PROSE_NUMBERS_NOT_PRINTED = {
                        "13.3": "the paper's table", "72.7": "the paper's table", "0.0075": "the paper's table",
                        "2.1": "the paper's table", "73.0": "the paper's table", "74.8": "the paper's table",
                        "69.8": "the paper's table", "4.9": "the paper's ensemble result"},
-    "09_faq": {"65,504": "float16's largest finite value"},
+    "09_faq": {"65,504": "float16's largest finite value", "74944": "a pytorch pull-request number"},
 }
 _NOT_PROSE = re.compile(r"\$\$.*?\$\$|\$[^$\n]*\$|```.*?```|`[^`\n]*`|\]\([^)]*\)|https?://\S+", re.S)
 # a number: thousands-grouped, or digits with an optional fraction and exponent, taken whole (atomic, so
