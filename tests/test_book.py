@@ -123,9 +123,7 @@ PROSE_NUMBERS_NOT_PRINTED = {
                        "13.3": "the paper's table", "72.7": "the paper's table", "0.0075": "the paper's table",
                        "2.1": "the paper's table", "73.0": "the paper's table", "74.8": "the paper's table",
                        "69.8": "the paper's table", "4.9": "the paper's ensemble result"},
-    "08_variants": {"128": "the ghost batch of Hoffer et al.'s MNIST run (their code)",
-                    "4096": "the batch of Hoffer et al.'s MNIST run (their code)",
-                    "50,000": "the size of the CIFAR training sets, the smallest of the paper's large-batch data"},
+    "08_variants": {"50,000": "the size of the CIFAR training sets, the smallest of the paper's large-batch data"},
     "09_faq": {"65,504": "float16's largest finite value", "74944": "a pytorch pull-request number"},
 }
 _NOT_PROSE = re.compile(r"\$\$.*?\$\$|\$[^$\n]*\$|```.*?```|`[^`\n]*`|\]\([^)]*\)|https?://\S+", re.S)
