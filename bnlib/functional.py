@@ -234,19 +234,23 @@ def batch_norm_backward(dy, cache: BNCache):
         return xp.empty_like(x), xp.zeros(num_channels, param_dtype), xp.zeros(num_channels, param_dtype)
     count = x.size // num_channels
     axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
-    x_hat = x - cache.mean.reshape(shape)                                    # (N, C, *spatial)
-    # below float64, cache.mean is the float64 mean rounded to acc, and every x_hat of a channel is off by
-    # the same delta = mean(x - cache.mean) / s, which the sums below take back out (negligible in float64)
-    delta = 0.0 if acc == np.float64 else x_hat.mean(axis=axes, dtype=acc) * cache.inv_std   # (C,)
+    x_hat = x - cache.mean.reshape(shape)                                    # (N, C, *spatial), in acc
+    # Below float64, cache.mean is the float64 mean rounded to acc, and every x_hat of a channel is off by
+    # the same delta = mean(x - cache.mean) / s, which the sums below take back out. For float64 data
+    # cache.mean is the computed mean itself (no rounded copy), so there is nothing to take out.
+    # The per-channel sums run in float64, as chapter 02's: a float32 running sum drifts.
+    delta = 0.0 if acc == np.float64 else x_hat.mean(axis=axes, dtype=np.float64) * cache.inv_std   # (C,)
     x_hat *= cache.inv_std.reshape(shape)                                    # recomputed in place
-    dbeta = dy.sum(axis=axes, dtype=acc)                                     # (C,)  sum of g
-    dgamma = (dy * x_hat).sum(axis=axes, dtype=acc) - delta * dbeta          # (C,)  sum of g * (x_hat - delta)
+    dbeta = dy.sum(axis=axes, dtype=np.float64)                              # (C,)  sum of g
+    dgamma = (dy * x_hat).sum(axis=axes, dtype=np.float64) - delta * dbeta   # (C,)  sum of g * (x_hat - delta)
+    mean_g_xhat = dgamma / count                                             # (C,)  mean of g * x_hat
+    mean_g = dbeta / count - delta * mean_g_xhat                             # (C,)  mean of g, and delta's share
     scale = cache.inv_std if cache.gamma is None else cache.gamma.astype(acc) * cache.inv_std
-    k = dgamma / count                                                       # (C,)
-    x_hat *= k.reshape(shape)                                                # reuse the buffer
-    dx = dy - x_hat
-    dx -= (dbeta / count - delta * k).reshape(shape)
-    dx *= scale.reshape(shape)
+    dx = x_hat                                                               # the buffer becomes dx:
+    dx *= -mean_g_xhat.astype(acc).reshape(shape)                            #   - x_hat * mean(g x_hat)
+    dx += dy                                                                 #   + g
+    dx -= mean_g.astype(acc).reshape(shape)                                  #   - mean(g)
+    dx *= scale.reshape(shape)                                               #   times gamma / s
     return dx.astype(x.dtype, copy=False), dgamma.astype(param_dtype), dbeta.astype(param_dtype)
 
 
@@ -313,7 +317,7 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
 def batch_norm_backward(dy, cache: BNCache):
     """Gradients of training-mode batch norm: dx (x's dtype; C-contiguous from the NumPy paths), dgamma, dbeta (C,).
 
-    dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over all axes but 1.
+    dx = gamma / s * (dy - mean(dy) - x_hat * mean(dy * x_hat)), s = sqrt(var + eps), means over all axes but 1.
     A zero-size batch launches no kernel: an empty dx and zero dgamma, dbeta (chapter 03).
     """
     _check_backward_args(dy, cache)

@@ -4,6 +4,9 @@
 
 __all__ = ['numerical_gradient', 'relative_error']
 
+import math
+import numbers
+
 import numpy as np
 
 
@@ -18,14 +21,15 @@ def _as_float64_array(a, name: str):
 def numerical_gradient(f, x, dy, h: float = 1e-5):
     """Central-difference gradient of L(x) = sum(f(x) * dy) with respect to x, in float64.
 
-    f:  a function of one array, returning an array of dy's shape
+    f:  a function of one array, returning a float64 array of dy's shape (a lower precision would
+        limit the check's accuracy silently, so it is refused)
     x:  float64 array (not modified: f sees a perturbed copy);  dy: float64 array, the upstream gradient
     h:  the step, > 0. Costs 2 * x.size calls of f: meant for small checks.
     Returns an array of x's shape.
     """
     _as_float64_array(x, "x")
     _as_float64_array(dy, "dy")
-    if isinstance(h, bool) or not isinstance(h, (int, float, np.floating)) or not (h > 0 and np.isfinite(h)):
+    if isinstance(h, (bool, np.bool_)) or not isinstance(h, numbers.Real) or not (h > 0 and math.isfinite(h)):
         raise ValueError(f"h must be a finite number > 0, got {h!r}")
     # f sees this copy (the caller's x never changes); C order, so that reshape(-1) below is a view
     # of it and each step reaches f (a Fortran-ordered copy would be copied again by the reshape)
@@ -36,6 +40,9 @@ def numerical_gradient(f, x, dy, h: float = 1e-5):
         out = f(x)
         if np.shape(out) != dy.shape:            # f(x) * dy would broadcast: a wrong gradient, silently
             raise ValueError(f"f(x) has shape {np.shape(out)}, but dy has shape {dy.shape}: they must match")
+        if np.asarray(out).dtype != np.float64:  # float32: about 2 correct digits at h = 1e-5 (chapter 03)
+            raise TypeError(f"f(x) returned {np.asarray(out).dtype} values: a finite-difference check needs "
+                            f"float64 (compute f in float64)")
         return float(np.sum(out * dy))
 
     for k in range(flat.size):
