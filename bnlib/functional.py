@@ -134,7 +134,9 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
 
     Inputs:  x (N, C, *spatial); running_mean, running_var (C,), var >= 0;
              gamma, beta (C,) or None.  Returns y with x's shape and dtype:
-    y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
+    y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta, centred first: folded into
+    x * scale + shift, the two terms cancel when |running_mean| is large against the spread, and
+    float32 loses digits (chapter 02 measures it).
     NaN or inf in the running statistics (a network whose training diverged) is not an error: as in
     torch, a NaN gives NaN in that channel's output and an infinite variance gives beta.
     """
@@ -153,10 +155,10 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
     scale = 1.0 / xp.sqrt(running_var.astype(acc) + acc.type(eps))
     if gamma is not None:
         scale = scale * gamma.astype(acc)
-    shift = -running_mean.astype(acc) * scale
+    y = x - running_mean.astype(acc).reshape(shape)          # (N, C, *spatial), in acc: a new array
+    y *= scale.reshape(shape)
     if beta is not None:
-        shift = shift + beta.astype(acc)
-    y = x * scale.reshape(shape) + shift.reshape(shape)
+        y += beta.astype(acc).reshape(shape)
     return y.astype(x.dtype, copy=False)
 
 
@@ -177,7 +179,7 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
     changed in place.
     A zero-size batch has no statistics: both come back unchanged (as copies), as torch leaves its
     buffers (torch.nn.BatchNorm still counts such a batch in num_batches_tracked).
-    The new values have running_mean's dtype; running_mean and running_var must be float arrays of the
+    Each new value keeps its buffer's dtype; running_mean and running_var must be float arrays of the
     shape of the cache's statistics, (C,) (a caller may narrow those: chapter 07 keeps one group's).
     """
     if not isinstance(cache, BNCache):
@@ -191,9 +193,8 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
         return running_mean.copy(), running_var.copy()
     count = cache.x.size // cache.x.shape[1]
     unbiased_var = cache.var * (count / (count - 1))
-    dtype = running_mean.dtype
-    new_mean = ((1 - momentum) * running_mean + momentum * cache.mean).astype(dtype, copy=False)
-    new_var = ((1 - momentum) * running_var + momentum * unbiased_var).astype(dtype, copy=False)
+    new_mean = ((1 - momentum) * running_mean + momentum * cache.mean).astype(running_mean.dtype, copy=False)
+    new_var = ((1 - momentum) * running_var + momentum * unbiased_var).astype(running_var.dtype, copy=False)
     return new_mean, new_var
 
 
