@@ -155,10 +155,18 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
     scale = 1.0 / xp.sqrt(running_var.astype(acc) + acc.type(eps))
     if gamma is not None:
         scale = scale * gamma.astype(acc)
-    y = x - running_mean.astype(acc).reshape(shape)          # (N, C, *spatial), in acc: a new array
+    mean = running_mean.astype(acc)                          # (C,)
+    y = x - mean.reshape(shape)                              # (N, C, *spatial), in acc: a new array
     y *= scale.reshape(shape)
+    shift = None
+    if running_mean.dtype.itemsize > acc.itemsize:           # a wider running mean (float64 for float32 data):
+        residual = running_mean - mean                       # put back what rounding it to acc lost, as the
+        residual = xp.where(xp.isfinite(residual), residual, 0)   # training forward does (NaN or inf: nothing)
+        shift = (-residual * scale).astype(acc)
     if beta is not None:
-        y += beta.astype(acc).reshape(shape)
+        shift = beta.astype(acc) if shift is None else shift + beta.astype(acc)
+    if shift is not None:
+        y += shift.reshape(shape)
     return y.astype(x.dtype, copy=False)
 
 

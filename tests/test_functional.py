@@ -97,6 +97,29 @@ def test_portable_forward_output_is_accurate_at_a_large_offset():
         np.testing.assert_allclose(cache.mean, mu, rtol=1e-7)
 
 
+def test_inference_is_accurate_at_a_large_offset():
+    """Mean 1e4, std 0.1 in float32: the folded form x * scale + shift would be off by ~7e-3; centred first,
+    with float32 or float64 running statistics (the wider mean's residual put back), the error is float32's."""
+    x = (1e4 + 0.1 * np.random.default_rng(5).normal(size=(16, 3, 8, 8))).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mean64, var64 = x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3))
+    gamma, beta = np.array([1.5, -0.5, 2.0]), np.array([0.3, 0.0, -1.0])
+    shape = (1, 3, 1, 1)
+    for dtype in (np.float32, np.float64):
+        rm, rv, g, b = (a.astype(dtype) for a in (mean64, var64, gamma, beta))
+        ref = ((x64 - rm.astype(np.float64).reshape(shape)) / np.sqrt(rv.astype(np.float64).reshape(shape) + 1e-5)
+               * g.astype(np.float64).reshape(shape) + b.astype(np.float64).reshape(shape))
+        y = F.batch_norm_inference(x, rm, rv, g, b)
+        assert y.dtype == np.float32
+        assert np.abs(y - ref).max() < 1e-5, dtype
+
+
+def test_update_running_stats_keeps_each_buffers_dtype():
+    _, cache = F.batch_norm_forward(np.random.default_rng(6).normal(size=(8, 3)).astype(np.float32))
+    new_mean, new_var = F.update_running_stats(np.zeros(3, np.float32), np.ones(3, np.float64), cache)
+    assert new_mean.dtype == np.float32 and new_var.dtype == np.float64
+
+
 def test_stats_welford_and_chan_agree_with_two_pass():
     rng = np.random.default_rng(3)
     x = rng.normal(loc=5.0, size=(37, 3, 2))

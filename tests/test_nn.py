@@ -785,8 +785,8 @@ def _contract_backward(dy, x, mean, inv_std, weight):
 def _contract_inference(x, running_mean, running_var, weight, bias, eps):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     assert all(t is None or t.dtype in (acc, x.dtype) for t in (running_mean, running_var, weight, bias))
-    scale, shift = bnn._inference_affine(running_mean, running_var, weight, bias, eps, acc, x.dim())
-    return (x.to(acc) * scale + shift).to(x.dtype)
+    mean, scale, shift = bnn._inference_affine(running_mean, running_var, weight, bias, eps, acc, x.dim())
+    return ((x.to(acc) - mean) * scale + shift).to(x.dtype)          # centred first, as the kernels
 
 
 def _use_kernel_contract(monkeypatch, wrap=lambda fn: fn):
