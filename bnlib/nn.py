@@ -968,13 +968,15 @@ def sync_batchnorm_check(splits, shape_tail=(), momentum=None, start_method=None
 
     Starts len(splits[0]) CPU processes with torch.multiprocessing; process r holds splits[k][r]
     examples (0 allowed) of shape (C=3, *shape_tail) in split k, for 3 training steps per split.
-    start_method: "fork" (fast: nothing to re-import) or "spawn"; by default fork, except where
-    torch sees a GPU, since autograd's GPU threads do not survive a fork.
+    start_method: "fork" (fast: nothing to re-import) or "spawn"; by default fork on Linux, spawn where
+    torch sees a GPU (autograd's GPU threads do not survive a fork) and on other systems (Windows has no
+    fork; macOS's is unsafe with threads).
     Returns, per split, the largest difference over all processes in outputs, input gradients,
     summed parameter gradients, running statistics and num_batches_tracked.
     """
     import datetime
     import os
+    import sys
     import tempfile
 
     import torch.multiprocessing as mp
@@ -983,7 +985,8 @@ def sync_batchnorm_check(splits, shape_tail=(), momentum=None, start_method=None
     with tempfile.TemporaryDirectory() as tmp:
         args = (list(splits), tuple(shape_tail), momentum, os.path.join(tmp, "rendezvous"), tmp)
         if start_method is None:
-            start_method = "spawn" if torch.cuda.is_available() else "fork"
+            fork_ok = sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
+            start_method = "fork" if fork_ok and not torch.cuda.is_available() else "spawn"
         context = mp.start_processes(_sync_check_worker, args=args, nprocs=len(splits[0]), join=False,
                                      start_method=start_method)
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
