@@ -2,7 +2,7 @@
 # bnlib.cpu is generated from chapters/04_numpy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'ROW_BLOCK', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward']
+__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'ROW_BLOCK', 'L_BLOCK', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward']
 
 import numpy as np
 
@@ -47,6 +47,7 @@ def as_ncl(a):
 
 
 ROW_BLOCK = 64                         # rows per float32 partial sum of an (N, C) reduction
+L_BLOCK = 4096                         # values per float32 partial sum along a long row of an (N, C, L) array
 
 
 def _row_blocks_nc(a2):
@@ -55,31 +56,47 @@ def _row_blocks_nc(a2):
     return a2[:whole].reshape(-1, ROW_BLOCK, a2.shape[1]), a2[whole:]
 
 
+def _l_blocks(a3):
+    """(N, C, L) -> ((N, C, L // B, B) view of the whole blocks, (N, C, L % B) view of the rest), B = L_BLOCK."""
+    n, c, l = a3.shape
+    whole = l - l % L_BLOCK
+    return a3[:, :, :whole].reshape(n, c, -1, L_BLOCK), a3[:, :, whole:]
+
+
 def _channel_sums(a3):
     """Per-channel sum (float64, (C,)) of an (N, C, L) array through BLAS matrix-vector products.
 
-    Each float32 partial sum covers one row of L values (or a block of ROW_BLOCK rows of an
-    (N, C) array); the partials are added in float64. A float32 sum of all N*L values, which NumPy
+    Each float32 partial sum covers at most L_BLOCK values of one row (or a block of ROW_BLOCK rows of
+    an (N, C) array); the partials are added in float64. A float32 sum of all N*L values, which NumPy
     adds down a column one row at a time, could be off by up to about N*L/2 units in the last place
-    of the largest running sum: far more, relative to the result, when the sum cancels (centred data).
+    of the largest running sum: far more, relative to the result, when the sum cancels (centred data);
+    so could one partial sum over a whole row of a large image, hence the blocks along L.
     """
     n, c, l = a3.shape
     if l == 1:
         blocks, rest = _row_blocks_nc(a3.reshape(n, c))
         partial = np.matmul(np.ones(ROW_BLOCK, dtype=a3.dtype), blocks)            # (N // B, C)
         return partial.sum(axis=0, dtype=np.float64) + rest.sum(axis=0, dtype=np.float64)
-    return np.matmul(a3, np.ones(l, dtype=a3.dtype)).sum(axis=0, dtype=np.float64)
+    if l <= L_BLOCK:
+        return np.matmul(a3, np.ones(l, dtype=a3.dtype)).sum(axis=0, dtype=np.float64)
+    blocks, rest = _l_blocks(a3)
+    total = np.matmul(blocks, np.ones(L_BLOCK, dtype=a3.dtype)).sum(axis=(0, 2), dtype=np.float64)
+    return total + np.matmul(rest, np.ones(rest.shape[2], dtype=a3.dtype)).sum(axis=0, dtype=np.float64)
 
 
 def _channel_dots(a3, b3):
     """Per-channel sum (float64, (C,)) of a * b over N and L, without a tensor-sized temporary,
-    in float32 partial sums of one row (or block of rows) each, added in float64."""
+    in float32 partial sums of at most L_BLOCK values of a row (or a block of rows) each, added in float64."""
     n, c, l = a3.shape
     if l == 1:
         (ab, ar), (bb, br) = _row_blocks_nc(a3.reshape(n, c)), _row_blocks_nc(b3.reshape(n, c))
         partial = np.einsum("kbc,kbc->kc", ab, bb)                                   # (N // B, C)
         return partial.sum(axis=0, dtype=np.float64) + np.einsum("nc,nc->c", ar, br).astype(np.float64)
-    return np.matmul(a3[:, :, None, :], b3[:, :, :, None]).sum(axis=(0, 2, 3), dtype=np.float64)
+    if l <= L_BLOCK:
+        return np.matmul(a3[:, :, None, :], b3[:, :, :, None]).sum(axis=(0, 2, 3), dtype=np.float64)
+    (ab, ar), (bb, br) = _l_blocks(a3), _l_blocks(b3)
+    total = np.matmul(ab[..., None, :], bb[..., :, None]).sum(axis=(0, 2, 3, 4), dtype=np.float64)
+    return total + np.matmul(ar[:, :, None, :], br[:, :, :, None]).sum(axis=(0, 2, 3), dtype=np.float64)
 
 
 def _layout(a3):
