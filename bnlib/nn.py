@@ -520,7 +520,7 @@ class _BatchNorm(torch.nn.Module):
             unbiased = var * (count / (count - 1)) if count > 1 else var
             # in float32 for float16/bfloat16 buffers, rounded once by copy_: two roundings per step in the
             # buffer's dtype let a float16 running_var drift (float16: torch's CPU buffers bit for bit; torch's
-            # bfloat16 CPU path rounds twice, and its buffers drift further from the exact average than these)
+            # bfloat16 CPU path rounds otherwise, and its buffers drift further from the exact average than these)
             acc = torch.float32 if self.running_mean.dtype in _HALF else self.running_mean.dtype
             new_mean = torch.add(self.running_mean.to(acc).mul(1 - momentum), mean.to(acc), alpha=momentum)
             new_var = torch.add(self.running_var.to(acc).mul(1 - momentum), unbiased.to(acc), alpha=momentum)
