@@ -160,7 +160,8 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
     y *= scale.reshape(shape)
     shift = None
     if running_mean.dtype.itemsize > acc.itemsize:           # a wider running mean (float64 for float32 data):
-        residual = running_mean - mean                       # put back what rounding it to acc lost, as the
+        with np.errstate(invalid="ignore"):                  # inf - inf (a diverged network): NaN, set to 0 below
+            residual = running_mean - mean                   # put back what rounding it to acc lost, as the
         residual = xp.where(xp.isfinite(residual), residual, 0)   # training forward does (NaN or inf: nothing)
         shift = (-residual * scale).astype(acc)
     if beta is not None:

@@ -316,8 +316,9 @@ class BatchNormInferenceFunction(torch.autograd.Function):
         if _torch_kernels(x):
             return cuda.inference_torch(x, running_mean, running_var, weight, bias, eps)
         if x.is_cuda:       # torch arithmetic: F.batch_norm_inference checks values on the host (a sync)
-            mean, scale, shift = _inference_affine(running_mean, running_var, weight, bias, eps, acc, x.dim())
-            return ((x.to(acc) - mean) * scale + shift).to(x.dtype)
+            mean, scale, shift = _inference_coefficients(running_mean, running_var, weight, bias, eps, acc, x.dim())
+            y = (x.to(acc) - mean) * scale
+            return (y if shift is None else y + shift).to(x.dtype)
         arrays = [_for_arrays(t, acc) for t in (x, running_mean, running_var, weight, bias)]
         return _in_format_of(_as_tensor(F.batch_norm_inference(*arrays, eps)).to(x.dtype), x)
 
@@ -386,16 +387,16 @@ def _inference(x, running_mean, running_var, weight, bias, eps):
     return _apply(BatchNormInferenceFunction, x, running_mean, running_var, weight, bias, eps)
 
 
-def _inference_affine(running_mean, running_var, weight, bias, eps, dtype, ndim):
-    """Per-channel (mean, scale, shift), shaped to broadcast over (N, C, *spatial), of
-    y = (x - mean) * scale + shift: centred first, as chapter 05's kernels and chapter 02's batch_norm_inference
+def _inference_coefficients(running_mean, running_var, weight, bias, eps, dtype, ndim):
+    """Per-channel (mean, scale, shift or None), shaped to broadcast over (N, C, *spatial), of
+    y = (x - mean) * scale (+ shift): centred first, as chapter 05's kernels and chapter 02's batch_norm_inference
     (folded into one scale and shift, float32 would lose about |mean| * scale times its rounding)."""
     shape = channel_shape(ndim, -1)
     scale = torch.rsqrt(running_var.to(dtype) + eps)
     if weight is not None:
         scale = scale * weight.to(dtype)
-    shift = torch.zeros_like(scale) if bias is None else bias.to(dtype)
-    return running_mean.to(dtype).reshape(shape), scale.reshape(shape), shift.reshape(shape)
+    shift = None if bias is None else bias.to(dtype).reshape(shape)
+    return running_mean.to(dtype).reshape(shape), scale.reshape(shape), shift
 
 
 # torch >= 2.12 has BatchNorm's keyword-only `bias=`; older torch neither takes it nor prints it

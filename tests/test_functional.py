@@ -1,4 +1,6 @@
 """bnlib.stats and bnlib.functional (chapter 02) against a float64 reference and PyTorch."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,16 @@ def test_inference_is_accurate_at_a_large_offset():
         assert np.abs(y - ref).max() < 1e-5, dtype
 
 
+def test_inference_with_wider_statistics_passes_non_finite_values_through_quietly():
+    """float32 x, float64 running statistics holding inf and NaN (a diverged network): no warning, and the
+    channels come out as torch's rule says (inf mean: -inf or inf from x - inf; NaN mean: NaN)."""
+    x = np.ones((4, 3), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = F.batch_norm_inference(x, np.array([0.0, np.inf, np.nan]), np.ones(3))
+    assert y.dtype == np.float32 and np.isfinite(y[:, 0]).all() and np.isneginf(y[:, 1]).all() and np.isnan(y[:, 2]).all()
+
+
 def test_update_running_stats_keeps_each_buffers_dtype():
     _, cache = F.batch_norm_forward(np.random.default_rng(6).normal(size=(8, 3)).astype(np.float32))
     new_mean, new_var = F.update_running_stats(np.zeros(3, np.float32), np.ones(3, np.float64), cache)
@@ -126,7 +138,7 @@ def test_forward_and_backward_stay_accurate_along_a_long_row(length):
     off by about 1e-6 and dgamma by about 5e-3 in the NumPy path; its partial sums cover at most
     bnlib.cpu.L_BLOCK values (the other lengths take the blocks' remainder branch)."""
     rng = np.random.default_rng(7)
-    x = (3 + rng.normal(size=(1, 2, length))).astype(np.float32)
+    x = (3 + rng.normal(size=(3, 2, length))).astype(np.float32)            # N = 3: the sums over the batch too
     dy = rng.normal(size=x.shape).astype(np.float32)
     _, cache = F.batch_norm_forward(x)
     x64 = x.astype(np.float64)
@@ -134,8 +146,10 @@ def test_forward_and_backward_stay_accurate_along_a_long_row(length):
     assert (np.abs(cache.var - var64) / var64).max() < 3e-7
     _, dgamma, dbeta = F.batch_norm_backward(dy, cache)
     x_hat = (x64 - x64.mean(axis=(0, 2))[None, :, None]) / np.sqrt(var64 + 1e-5)[None, :, None]
-    np.testing.assert_allclose(dbeta, dy.astype(np.float64).sum(axis=(0, 2)), rtol=0, atol=1e-3)
-    np.testing.assert_allclose(dgamma, (dy * x_hat).sum(axis=(0, 2)), rtol=0, atol=1e-3)
+    # dgamma is what the blocks fixed (3.2e-3 off before, 4.4e-4 after, at N = 3); dbeta, a sum of dy alone, was
+    # never off by much, and its tolerance only guards against gross mistakes
+    np.testing.assert_allclose(dgamma, (dy * x_hat).sum(axis=(0, 2)), rtol=0, atol=2e-3)
+    np.testing.assert_allclose(dbeta, dy.astype(np.float64).sum(axis=(0, 2)), rtol=0, atol=1e-2)
 
 
 def test_stats_welford_and_chan_agree_with_two_pass():

@@ -277,7 +277,8 @@ def test_half_running_statistics_round_once_per_step():
     """Buffers in float16/bfloat16 (a module converted with .half()): each update is computed in float32 and
     rounded once. Rounded twice per step in the buffer's dtype (as before), a float16 running_var drifted to 6x
     torch's error over 300 steps at momentum 0.01; now the float16 buffers are torch's CPU ones bit for bit.
-    torch's bfloat16 CPU path rounds twice: one step whose two roundings differ from one shows bnlib's rule."""
+    torch's bfloat16 CPU path rounds otherwise (in the step below, twice): one step whose two roundings differ
+    from one shows bnlib's rule, and torch's."""
     gen = torch.Generator().manual_seed(0)
     ours, theirs = bnn.BatchNorm1d(8, momentum=0.01).half(), torch.nn.BatchNorm1d(8, momentum=0.01).half()
     for _ in range(300):
@@ -291,6 +292,11 @@ def test_half_running_statistics_round_once_per_step():
     # 0.99 * 1 + 0.01 * 3 = 1.02: one rounding to bfloat16 gives 1.0234375; rounding 0.99 first (0.98828125)
     # and then the sum (1.01828125) gives 1.015625
     assert layer.running_mean.item() == 1.0234375
+    torch_layer = torch.nn.BatchNorm1d(1, momentum=0.01).to(torch.bfloat16)
+    with torch.no_grad():
+        torch_layer.running_mean.fill_(1.0)
+    torch_layer(torch.tensor([[2.0], [4.0]], dtype=torch.bfloat16))
+    assert torch_layer.running_mean.item() == 1.015625                # torch: two roundings in this step
 
 
 def test_torch_jit_script_is_refused_by_name():
@@ -785,8 +791,9 @@ def _contract_backward(dy, x, mean, inv_std, weight):
 def _contract_inference(x, running_mean, running_var, weight, bias, eps):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     assert all(t is None or t.dtype in (acc, x.dtype) for t in (running_mean, running_var, weight, bias))
-    mean, scale, shift = bnn._inference_affine(running_mean, running_var, weight, bias, eps, acc, x.dim())
-    return ((x.to(acc) - mean) * scale + shift).to(x.dtype)          # centred first, as the kernels
+    mean, scale, shift = bnn._inference_coefficients(running_mean, running_var, weight, bias, eps, acc, x.dim())
+    y = (x.to(acc) - mean) * scale                                   # centred first, as the kernels
+    return (y if shift is None else y + shift).to(x.dtype)
 
 
 def _use_kernel_contract(monkeypatch, wrap=lambda fn: fn):
