@@ -29,7 +29,7 @@ def numerical_gradient(f, x, dy, h: float = 1e-5):
     """
     _as_float64_array(x, "x")
     _as_float64_array(dy, "dy")
-    if isinstance(h, (bool, np.bool_)) or not isinstance(h, numbers.Real) or not (h > 0 and math.isfinite(h)):
+    if isinstance(h, bool) or not isinstance(h, numbers.Real) or not (h > 0 and math.isfinite(h)):
         raise ValueError(f"h must be a finite number > 0, got {h!r}")
     # f sees this copy (the caller's x never changes); C order, so that reshape(-1) below is a view
     # of it and each step reaches f (a Fortran-ordered copy would be copied again by the reshape)
@@ -40,9 +40,9 @@ def numerical_gradient(f, x, dy, h: float = 1e-5):
         out = f(x)
         if np.shape(out) != dy.shape:            # f(x) * dy would broadcast: a wrong gradient, silently
             raise ValueError(f"f(x) has shape {np.shape(out)}, but dy has shape {dy.shape}: they must match")
-        if np.asarray(out).dtype != np.float64:  # float32: about 2 correct digits at h = 1e-5 (chapter 03)
-            raise TypeError(f"f(x) returned {np.asarray(out).dtype} values: a finite-difference check needs "
-                            f"float64 (compute f in float64)")
+        dtype = np.asarray(out).dtype
+        if dtype != np.float64:                  # float32: about 2 correct digits at h = 1e-5 (chapter 03)
+            raise TypeError(f"f(x) returned {dtype} values: a finite-difference check needs float64 (compute f in float64)")
         return float(np.sum(out * dy))
 
     for k in range(flat.size):
