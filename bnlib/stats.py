@@ -68,6 +68,8 @@ def moments(x) -> Moments:
     if x.shape[1] == 0:
         raise ValueError(f"moments needs at least one channel, got shape {tuple(x.shape)}")
     acc = accumulation_dtype(x.dtype)
+    if x.size == 0:                    # no values: count 0 and zeros (what merge_moments skips), no NaN warning
+        return Moments(0, np.zeros(x.shape[1], acc), np.zeros(x.shape[1], acc))
     mean = x.mean(axis=axes, dtype=acc)
     centered = x - mean.reshape(channel_shape(x.ndim, x.shape[1]))
     m2 = (centered * centered).sum(axis=axes, dtype=acc)
@@ -80,6 +82,9 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
         return b
     if b.count == 0:
         return a
+    if np.shape(a.mean) != np.shape(b.mean):           # broadcasting would merge 1 channel into 4 without a word
+        raise ValueError(f"merge_moments needs the moments of the same channels, got means of shapes "
+                         f"{np.shape(a.mean)} and {np.shape(b.mean)}")
     n = a.count + b.count
     delta = b.mean - a.mean
     mean = a.mean + delta * (b.count / n)

@@ -396,6 +396,32 @@ def test_moments_and_welford_refuse_what_they_would_get_wrong():
         stats.welford(np.ones((0, 2))).var          # no values: a clear error, not None / 0
 
 
+@pytest.mark.parametrize("shape", [(0, 3), (4, 3, 0), (0, 3, 5, 5)])
+def test_moments_of_no_values_are_count_zero_and_merge_away(shape):
+    """An empty batch (or empty spatial extent) has count 0 and zero moments, with no NaN and no warning,
+    so that merging it into other moments changes nothing (as SyncBatchNorm's empty processes do)."""
+    import warnings
+    from bnlib import stats
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        empty = stats.moments(np.zeros(shape, np.float32))
+    assert empty.count == 0 and empty.mean.shape == (3,) and empty.mean.dtype == np.float32
+    assert not np.any(empty.mean) and not np.any(empty.m2)
+    full = stats.moments(np.random.default_rng(0).normal(size=(6, 3)))
+    for merged in (stats.merge_moments(empty, full), stats.merge_moments(full, empty)):
+        assert merged.count == 6 and np.array_equal(merged.mean, full.mean) and np.array_equal(merged.m2, full.m2)
+    with pytest.raises(ValueError, match="got 0"):
+        empty.var
+
+
+def test_merge_moments_refuses_moments_of_other_channels():
+    from bnlib import stats
+    rng = np.random.default_rng(0)
+    for other in ((5, 1), (5, 3)):                      # (5, 1) would broadcast silently
+        with pytest.raises(ValueError, match=r"same channels.*\(4,\) and \(%d,\)" % other[1]):
+            stats.merge_moments(stats.moments(rng.normal(size=(4, 4))), stats.moments(rng.normal(size=other)))
+
+
 def test_non_finite_running_statistics_reach_the_output_as_in_torch():
     """A diverged network's NaN or inf running statistics are not an error in evaluation: as torch's
     batch_norm, the affected channels come out NaN (NaN mean or variance) or 0 (infinite variance)."""
