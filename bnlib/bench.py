@@ -464,6 +464,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     it ("bnlib [planes >=0 B, >=8 vec]"), each distinct plan timed once, as above; these rows also carry
     planes_min_bytes.
     """
+    import threading
     import time
 
     import torch
@@ -689,16 +690,28 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                     except Exception as exc:           # report once; the queued times go on
                         print(f"GPU-alone times dropped: {type(exc).__name__}: {exc}")
                         holds, cycles_per_s = {}, None
-        launch_counts, launched = {}, {}
-        real_launch = cuda._launch
+        launch_counts, launched, scratch = {}, {}, {}
+        real_launch, real_workspace = cuda._launch, cuda._workspace
         for name in [k for k in impls if k.startswith("bnlib")]:
-            launches = []
+            launches, requested = [], {}
             cuda._launch = lambda *a: (launches.append(a[1]), real_launch(*a))
+
+
+            def counting_workspace(owner, dev, stream_ptr, nbytes, allocate, captured=False, requested=requested):
+                """cuda._workspace, noting the largest request per buffer: one per host thread and (owner, device,
+                stream, captured), since torch runs bnlib.nn's backward on its autograd thread, with a buffer of its own."""
+                key = (threading.get_ident(), owner, dev, stream_ptr, captured)
+                requested[key] = max(requested.get(key, 0), nbytes, cuda._MIN_WORKSPACE)
+                return real_workspace(owner, dev, stream_ptr, nbytes, allocate, captured=captured)
+
+            cuda._workspace = counting_workspace
             try:
                 impls[name][1](0)
             finally:
-                cuda._launch = real_launch
-            launch_counts[name], launched[name] = len(launches), launches
+                cuda._launch, cuda._workspace = real_launch, real_workspace
+            # the scratch this case's step asks for (per buffer, the largest of its calls): the cached buffer a
+            # thread keeps is the largest any earlier case needed, so counting it would charge this case for another's
+            launch_counts[name], launched[name], scratch[name] = len(launches), launches, sum(requested.values())
         nbytes = xs[0].numel() * xs[0].element_size()
         floor8, floor5 = 8 * nbytes / bandwidth, 5 * nbytes / bandwidth
         base = [float(np.median(t)) for t in times["torch"]]
@@ -706,8 +719,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
         for name, (tf, ts) in times.items():
             f, s = float(np.median(tf)), float(np.median(ts))
             extra = peak_extra_mb(lambda: impls[name][1](0))
-            if name in launch_counts:
-                extra += cuda.workspace_bytes() / 1e6
+            if name in scratch:
+                extra += scratch[name] / 1e6
             rows.append({"shape": list(shape), "dtype": dtype, "layout": layout, "impl": name,
                          "forward_ms": 1e3 * f, "step_ms": 1e3 * s, "forward_ratio": f / base[0],
                          "step_ratio": s / base[1], "floor_ms": 1e3 * floor8, "floor5_ms": 1e3 * floor5,
