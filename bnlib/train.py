@@ -61,6 +61,17 @@ def init_weights(rng, fan_in, fan_out, init, dtype=np.float32):
     return w.astype(dtype)
 
 
+def _norm_layer(norm, num_features):
+    """norm(num_features), checked for the methods the trainer calls, so that a wrong factory fails here, naming norm."""
+    layer = norm(num_features)
+    missing = [m for m in ("forward", "backward", "train", "state_dict", "load_state_dict")
+               if not callable(getattr(layer, m, None))]
+    if missing:
+        raise TypeError(f"norm({num_features}) must return a layer with BatchNorm's interface; what it returned, of "
+                        f"type {type(layer).__name__}, has no {', '.join(m + '()' for m in missing)}")
+    return layer
+
+
 class MLP:
     """A fully connected classifier, optionally with a normalization layer after every hidden linear map.
 
@@ -93,8 +104,11 @@ class MLP:
             raise ValueError(f"sizes must be a list of >= 2 positive integers, got {sizes!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if norm is not None and not callable(norm):
-            raise TypeError(f"norm must be None or a callable num_features -> layer, got {type(norm).__name__}")
+        is_layer = not isinstance(norm, type) and hasattr(norm, "forward")          # BatchNorm(7), not BatchNorm
+        if norm is not None and (not callable(norm) or is_layer):
+            raise TypeError(f"norm must be None or a callable num_features -> layer (a class such as BatchNorm, or "
+                            f"lambda c: BatchNorm(c, momentum=0.01)), got {type(norm).__name__}"
+                            + (" instance: MLP makes one layer per hidden layer and model" if is_layer else ""))
         if not (_is_int(n_models) and n_models >= 1):
             raise ValueError(f"n_models must be a positive integer, got {n_models!r}")
         if np.dtype(dtype).name not in ("float32", "float64"):
@@ -111,7 +125,7 @@ class MLP:
             use_bias = not (hidden and self.has_norm)
             self.biases.append(np.zeros((self.n_models, fan_out), self.dtype) if use_bias else None)
             if hidden and self.has_norm:
-                self.norms.append([norm(fan_out) for _ in range(self.n_models)])
+                self.norms.append([_norm_layer(norm, fan_out) for _ in range(self.n_models)])
         self.activations, self.layer_inputs, self.gradients, self.grads = [], [], [], {}
         self._cache = None
 
@@ -572,11 +586,14 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
     if progress:
         from bnlib.bench import _progress                           # tqdm if installed, else no bar
         step_range = _progress(step_range, True, desc=desc, leave=False)
+    def draw():
+        return np.stack([sampler(r, y_train if y_train.ndim == 1 else y_train[m], batch_size)
+                         for m, r in enumerate(rngs)])                             # (M, B)
+    first = draw() if steps else None          # a sampler that refuses its arguments raises before any change
     model.train()
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for step in step_range:
-            idx = np.stack([sampler(r, y_train if y_train.ndim == 1 else y_train[m], batch_size)
-                            for m, r in enumerate(rngs)])                          # (M, B)
+            idx = first if step == 1 else draw()
             total = {}
             for start in range(0, batch_size, group):
                 part = idx[:, start:start + group]

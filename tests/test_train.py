@@ -489,9 +489,18 @@ def test_class_batches_name_the_counts_they_cannot_meet():
     assert train.class_batches(2)(rng, y, 22).shape == (22,)
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         train.class_batches(0)
-    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    model = train.MLP([6, 8, 3], norm=BatchNorm).eval()
     with pytest.raises(ValueError, match="batch_size=50"):
         train.fit(model, toy_data(), steps=1, lr=0.1, batch_size=50, sampler=train.class_batches(1), progress=False)
+    assert not any(layer.training for layer in model.norm_layers())     # the refused call left the mode alone
+
+
+def test_mlp_names_norm_when_it_is_given_a_layer_or_a_wrong_factory():
+    with pytest.raises(TypeError, match="norm must be .*got BatchNorm instance"):
+        train.MLP([4, 5, 2], norm=BatchNorm(5))                # a layer, not a factory: a common torch habit
+    with pytest.raises(TypeError, match=r"norm\(5\) must return a layer .*has no forward\(\)"):
+        train.MLP([4, 5, 2], norm=lambda c: object())
+    assert len(train.MLP([4, 5, 2], norm=lambda c: BatchNorm(c, momentum=0.01)).norm_layers()) == 1
 
 
 def test_accuracy_rejects_zero_chunks_and_empty_test_sets():
