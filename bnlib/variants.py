@@ -13,21 +13,37 @@ from bnlib.layers import BatchNorm, _load_state, _state_copies
 from bnlib.stats import accumulation_dtype, channel_shape, reduction_axes
 
 
+def _axes_of(axes, ndim):
+    """`axes` (one axis, or a sequence of distinct axes, negative ones counted from the end) as a sorted tuple of
+    non-negative axes of an array of `ndim` dimensions; anything else is refused, naming axes."""
+    items = (axes,) if isinstance(axes, numbers.Integral) else axes
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = None
+    if (not items or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in items)
+            or any(not -ndim <= a < ndim for a in items) or len({int(a) % ndim for a in items}) != len(items)):
+        raise ValueError(f"axes must be an axis or a non-empty sequence of distinct axes of an array of {ndim} "
+                         f"dimensions, got {axes!r}")
+    return tuple(sorted(int(a) % ndim for a in items))
+
+
 def normalize(x, axes, eps=1e-5):
     """Standardize x over `axes`: x_hat = (x - mean) / sqrt(var + eps), biased var, two passes.
 
-    x: any float array; axes: tuple of the axes that share one mean and variance.
+    x: any float array; axes: the axes that share one mean and variance (an axis, or a sequence of distinct
+    axes, negative ones counted from the end; anything else is a ValueError that names axes).
     Returns x_hat (x's shape) and inv_std (x's shape with size 1 on `axes`), both in the
     accumulation dtype (float32 for float16 x, x's dtype otherwise). An empty x comes back as it is
     (inv_std all ones), without the warnings of a mean over nothing.
     """
     if getattr(getattr(x, "dtype", None), "kind", None) != "f":
         raise TypeError(f"normalize needs a floating-point NumPy array, got {getattr(x, 'dtype', type(x).__name__)}")
+    axes = _axes_of(axes, x.ndim)
     F._check_eps(eps)
     acc = accumulation_dtype(x.dtype)
     if x.size == 0:
-        reduced = {a % x.ndim for a in axes}
-        return x.astype(acc), np.ones([1 if i in reduced else n for i, n in enumerate(x.shape)], acc)
+        return x.astype(acc), np.ones([1 if i in axes else n for i, n in enumerate(x.shape)], acc)
     mean = x.mean(axis=axes, keepdims=True, dtype=np.float64).astype(acc)
     x_hat = x.astype(acc) - mean                                # a new array: x is never modified
     var = (x_hat * x_hat).mean(axis=axes, keepdims=True)

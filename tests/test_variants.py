@@ -630,3 +630,16 @@ def test_zero_size_input_gives_empty_output_without_warnings(make, shape):
     y = layer(x)
     dx = layer.backward(np.ones_like(x))
     assert y.shape == dx.shape == shape and y.dtype == dx.dtype == np.float32
+
+
+def test_normalize_takes_an_axis_or_distinct_axes_and_names_axes_otherwise():
+    normalize = V.normalize
+    x = np.random.default_rng(0).normal(size=(3, 4, 5))
+    want, _ = normalize(x, (0, 2))
+    for same in ([0, 2], (2, 0), (0, -1), np.array([0, 2])):
+        np.testing.assert_array_equal(normalize(x, same)[0], want)
+    np.testing.assert_array_equal(normalize(x, 1)[0], normalize(x, (1,))[0])
+    assert normalize(np.ones((0, 3)), 1)[1].shape == (0, 1)          # an empty x takes the same axes
+    for bad in ((2, 2), (), "a", (True,), 3, (0.5,), None):
+        with pytest.raises(ValueError, match="axes must be"):
+            normalize(x, bad)
