@@ -78,13 +78,14 @@ def moments(x) -> Moments:
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
     """Chan, Golub & LeVeque's merge of the moments of two disjoint sets of values."""
+    if a.mean is not None and b.mean is not None and np.shape(a.mean) != np.shape(b.mean):
+        # broadcasting would merge 1 channel into 4 without a word (None: welford's start, no channels yet)
+        raise ValueError(f"merge_moments needs the moments of the same channels, got means of shapes "
+                         f"{np.shape(a.mean)} and {np.shape(b.mean)}")
     if a.count == 0:
         return b
     if b.count == 0:
         return a
-    if np.shape(a.mean) != np.shape(b.mean):           # broadcasting would merge 1 channel into 4 without a word
-        raise ValueError(f"merge_moments needs the moments of the same channels, got means of shapes "
-                         f"{np.shape(a.mean)} and {np.shape(b.mean)}")
     n = a.count + b.count
     delta = b.mean - a.mean
     mean = a.mean + delta * (b.count / n)

@@ -420,6 +420,9 @@ def test_merge_moments_refuses_moments_of_other_channels():
     for other in ((5, 1), (5, 3)):                      # (5, 1) would broadcast silently
         with pytest.raises(ValueError, match=r"same channels.*\(4,\) and \(%d,\)" % other[1]):
             stats.merge_moments(stats.moments(rng.normal(size=(4, 4))), stats.moments(rng.normal(size=other)))
+    with pytest.raises(ValueError, match="same channels"):              # an empty side has its channels too
+        stats.merge_moments(stats.moments(np.zeros((0, 1))), stats.moments(rng.normal(size=(5, 4))))
+    assert stats.merge_moments(stats.Moments(0, None, None), stats.moments(rng.normal(size=(5, 4)))).count == 5
 
 
 def test_non_finite_running_statistics_reach_the_output_as_in_torch():
