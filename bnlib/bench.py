@@ -434,7 +434,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     runs: kernels and the gaps between them, no host time (None where torch has no _sleep). Each row gives the 8-pass
     and 5-pass DRAM floors of a training step (passes x tensor bytes / copy bandwidth), the fraction
     of the 8-pass floor reached, kernel launches per step (bnlib) and the peak extra memory of a step
-    (torch's allocator and CuPy's pool, beyond the inputs; bnlib's includes its cached workspace).
+    (torch's allocator and CuPy's pool, beyond the inputs; bnlib's adds the scratch its own step requests, per
+    thread and stream, not the buffers that earlier cases left cached).
     Compiling stops after `compile_budget_s` seconds; later cases then have no compiled row.
     `launchers` (e.g. ("cupy",)) adds rows "bnlib [cupy]" (and "bnlib.nn [cupy]"): the same calls
     launched through another path of bnlib.cuda (LAUNCHER); every bnlib row records its launcher.

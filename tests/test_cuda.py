@@ -892,7 +892,7 @@ def test_without_cupy_the_torch_route_says_how_to_install_it(monkeypatch):
 
 
 def test_workspace_bytes_counts_the_buffers_of_every_live_thread(monkeypatch):
-    """workspace_bytes() (the benchmark's scratch memory) sums every live thread's buffers: torch runs the
+    """workspace_bytes() (every buffer held, for a memory report) sums every live thread's buffers: torch runs the
     backward of CUDA tensors on a thread of its own. A thread's buffers go when the thread ends."""
     import gc
     import weakref
