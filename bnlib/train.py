@@ -580,16 +580,16 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
     models = np.arange(model.n_models)[:, None]                   # (M, 1): row m of per-model data
     def rows(a, part, shared_ndim):                                # a batch (M, B, ...) of shared or per-model data
         return a[part] if a.ndim == shared_ndim else a[models, part]
+    def draw():
+        return np.stack([sampler(r, y_train if y_train.ndim == 1 else y_train[m], batch_size)
+                         for m, r in enumerate(rngs)])                             # (M, B)
+    first = draw() if steps else None          # a sampler that refuses its arguments raises before any change
     step_range = range(1, steps + 1)
     if progress is None:
         progress = sys.stderr.isatty()
     if progress:
         from bnlib.bench import _progress                           # tqdm if installed, else no bar
         step_range = _progress(step_range, True, desc=desc, leave=False)
-    def draw():
-        return np.stack([sampler(r, y_train if y_train.ndim == 1 else y_train[m], batch_size)
-                         for m, r in enumerate(rngs)])                             # (M, B)
-    first = draw() if steps else None          # a sampler that refuses its arguments raises before any change
     model.train()
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for step in step_range:
