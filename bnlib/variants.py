@@ -5,6 +5,7 @@
 __all__ = ['normalize', 'normalize_backward', 'LayerNorm', 'GroupNorm', 'InstanceNorm', 'BatchRenorm', 'batch_renorm_limits', 'GhostBatchNorm', 'FrozenBatchNorm']
 
 import numbers
+import operator
 
 import numpy as np
 
@@ -16,16 +17,20 @@ from bnlib.stats import accumulation_dtype, channel_shape, reduction_axes
 def _axes_of(axes, ndim):
     """`axes` (one axis, or a sequence of distinct axes, negative ones counted from the end) as a sorted tuple of
     non-negative axes of an array of `ndim` dimensions; anything else is refused, naming axes."""
-    items = (axes,) if isinstance(axes, numbers.Integral) else axes
+    def index(a):                      # what NumPy takes as an axis (an int, a NumPy integer), but not a bool
+        return None if isinstance(a, (bool, np.bool_)) else operator.index(a)
     try:
-        items = tuple(items)
+        items = (index(axes),)
     except TypeError:
-        items = None
-    if (not items or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in items)
-            or any(not -ndim <= a < ndim for a in items) or len({int(a) % ndim for a in items}) != len(items)):
+        try:
+            items = tuple(index(a) for a in axes)
+        except TypeError:
+            items = ()
+    if (not items or None in items or any(not -ndim <= a < ndim for a in items)
+            or len({a % ndim for a in items}) != len(items)):
         raise ValueError(f"axes must be an axis or a non-empty sequence of distinct axes of an array of {ndim} "
                          f"dimensions, got {axes!r}")
-    return tuple(sorted(int(a) % ndim for a in items))
+    return tuple(sorted(a % ndim for a in items))
 
 
 def normalize(x, axes, eps=1e-5):
