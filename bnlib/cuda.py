@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'Plan', 'plan', 'flat_cursor', 'available', 'NVRTC_OPTIONS', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'nvcc_version', 'ptxas_usage', 'PTXAS_RECORDING', 'recorded_ptxas_usage', 'Plan', 'plan', 'flat_cursor', 'available', 'NVRTC_OPTIONS', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
 import functools
 import math
@@ -857,6 +857,54 @@ def instantiation_source() -> str:
     compiler (nvcc) builds each one, as NVRTC does from the name expressions."""
     table = ",\n".join(f"    (void*)&{n}" for n in kernel_names())
     return KERNEL_SOURCE + f"\nvoid* bnlib_kernels[] = {{\n{table}\n}};\n"
+
+
+def nvcc_version(nvcc):
+    """(major, minor) of the nvcc at path `nvcc`, from `nvcc --version` (None if it does not say)."""
+    import subprocess
+    found = re.search(r"release (\d+)\.(\d+)", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def ptxas_usage(arch="sm_90"):
+    """(registers per thread, static shared memory bytes per block) of every kernel instantiation
+    (nvcc --resource-usage); None without nvcc."""
+    import pathlib
+    import shutil
+    import subprocess
+    import tempfile
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp) / "bn.cu"
+        src.write_text(instantiation_source())
+        proc = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "--resource-usage", "-c", str(src), "-o",
+                               str(pathlib.Path(tmp) / "bn.o")], capture_output=True, text=True, check=True)
+    usage, name = {}, None
+    for line in proc.stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            name = m.group(1)
+        if (m := re.search(r"Used (\d+) registers", line)) and name:
+            smem = re.search(r"(\d+) bytes smem", line)
+            usage[name] = (int(m.group(1)), int(smem.group(1)) if smem else 0)
+    return usage
+
+
+PTXAS_RECORDING = "ptxas_sm90_nvcc13.0.json"   # bnlib/data: ptxas_usage() as nvcc 13.0 gave it (tools/record_ptxas.py)
+
+
+def recorded_ptxas_usage():
+    """The recorded {kernel symbol: (registers, shared bytes)} for sm_90 and the SHA-256 of the instantiation
+    source it was compiled from, so that a page without nvcc 13.0 (Colab's is older) uses the same counts."""
+    import hashlib
+    import importlib.resources
+    import json
+    saved = json.loads(importlib.resources.files("bnlib").joinpath("data", PTXAS_RECORDING).read_text())
+    current = hashlib.sha256(instantiation_source().encode()).hexdigest()
+    if saved["source_sha256"] != current:
+        raise RuntimeError(f"{PTXAS_RECORDING} was compiled from other kernels than these: rerun tools/record_ptxas.py")
+    return {name: tuple(v) for name, v in saved["usage"].items()}, saved
 
 
 class Plan(NamedTuple):
