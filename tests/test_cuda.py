@@ -70,6 +70,22 @@ def test_every_kernel_instantiation_compiles(nvcc_objects, arch):
         assert listing.stdout.count("STT_FUNC") >= len(cuda.kernel_names()), listing.stdout[-2000:]
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None or cuda.nvcc_version(shutil.which("nvcc")) != (13, 0),
+                    reason="needs nvcc 13.0, the version the recording is of")
+def test_the_recorded_register_counts_are_what_nvcc_13_gives_for_these_kernels():
+    """Chapter 05's occupancy model reads bnlib/data/ptxas_sm90_nvcc13.0.json (tools/record_ptxas.py); it must be
+    of these kernels (its source hash, checked by recorded_ptxas_usage) and agree with the compiler here."""
+    usage, record = cuda.recorded_ptxas_usage()
+    assert record["nvcc"] == "13.0" and record["arch"] == "sm_90" and len(usage) == len(cuda.kernel_names())
+    assert cuda.ptxas_usage("sm_90") == usage, "run tools/record_ptxas.py"
+
+
+def test_a_recording_of_other_kernels_is_refused(monkeypatch):
+    monkeypatch.setattr(cuda, "instantiation_source", lambda: "// other kernels")
+    with pytest.raises(RuntimeError, match="other kernels than these: rerun tools/record_ptxas.py"):
+        cuda.recorded_ptxas_usage()
+
+
 NVRTC_PINNED = {12: (12, 0), 13: (13, 0)}     # the NVRTC releases requirements.txt installs (major: (major, minor))
 
 
