@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of chapter 05 in one run, for a machine with a CUDA GPU, CuPy and PyTorch
+# The GPU checks of chapters 05, 06, 08 and 09 in one run (chapter 05's kernels, tests, sanitizer, benchmark
+# and sweeps; bnlib.nn on CUDA tensors; chapters 06, 08 and 09 under nbval's lax mode), for a machine with a
+# CUDA GPU, CuPy and PyTorch
 # (e.g. the device tool: `run` this with `carry: [".whl"]` holding the nbval/ipykernel wheels that
 # tools/gpu_wheels.sh downloads). Every step has a timeout, so one slow step cannot eat the lease.
 # Writes logs and the recordings gpu_bench_<card>_design<N>.json, gpu_profile_<card>_design<N>.json,
