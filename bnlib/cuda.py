@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'nvcc_version', 'ptxas_usage', 'PTXAS_RECORDING', 'recorded_ptxas_usage', 'Plan', 'plan', 'flat_cursor', 'available', 'NVRTC_OPTIONS', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'nvcc_version', 'ptxas_usage', 'resource_usage', 'PTXAS_RECORDING', 'recorded_ptxas_usage', 'Plan', 'plan', 'flat_cursor', 'available', 'NVRTC_OPTIONS', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
 import functools
 import math
@@ -881,8 +881,14 @@ def ptxas_usage(arch="sm_90"):
         src.write_text(instantiation_source())
         proc = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "--resource-usage", "-c", str(src), "-o",
                                str(pathlib.Path(tmp) / "bn.o")], capture_output=True, text=True, check=True)
+    return resource_usage(proc.stderr)
+
+
+def resource_usage(nvcc_output):
+    """{kernel symbol: (registers per thread, static shared memory bytes per block)} from what
+    nvcc --resource-usage prints (on stderr)."""
     usage, name = {}, None
-    for line in proc.stderr.splitlines():
+    for line in nvcc_output.splitlines():
         if m := re.search(r"Compiling entry function '(\w+)'", line):
             name = m.group(1)
         if (m := re.search(r"Used (\d+) registers", line)) and name:

@@ -104,7 +104,7 @@ fi
 #    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
 #    the CPU-only tests of test_cuda.py (replays, emulated device, nvcc) ran where the code was written
 timeout 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
-    -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles and not driver_launch and not min_vectors and not planes_min_bytes" \
+    -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles and not driver_launch and not min_vectors and not planes_min_bytes and not recorded_register_counts" \
     2>&1 | tee "$OUT/test_cuda.log" || status=1
 timeout 40 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
     2>&1 | tee "$OUT/test_nn_cuda.log" || status=1

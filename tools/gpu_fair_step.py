@@ -6,8 +6,8 @@
 # of 20, one input per case. Writes $OUT/fair.json with card, date, versions and kernel design
 # (gpu_environment(); the design-2 recording was written before this and completed by hand). bench_gpu(modules=True) (run by tools/gpu_check.sh)
 # makes the same comparison inside the benchmark; that code first ran with design 3 (the module rows of gpu_bench_NVIDIA_H200_design3.json).
-# The recording of that run, completed by hand, ships as bnlib/data/gpu_fair_NVIDIA_H200_design2.json (chapters 05 and 09
-# read it). Not run by tools/gpu_check.sh.
+# This script's own run of 2026-11-28 (design 2) ships as bnlib/data/gpu_fair_NVIDIA_H200_design2.json, which chapters 05
+# and 09 read. Not run by tools/gpu_check.sh.
 import torch,numpy as np,sys,json,os
 sys.path.insert(0,os.getcwd())
 from bnlib import cuda,nn as bnn
