@@ -43,6 +43,9 @@ def _check_input(x, name: str = "x") -> int:
     if not (hasattr(x, "ndim") and isinstance(getattr(x, "dtype", None), np.dtype) and hasattr(x, "shape")):
         hint = " (for torch tensors, use bnlib.nn's layers)" if type(x).__name__ == "Tensor" else ""
         raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}{hint}")
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array: batch normalization would use the masked values too (and drop "
+                        f"the mask); pass the values to normalize as a plain array")
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (N, C) or (N, C, *spatial), "
                          f"got shape {tuple(x.shape)} with {x.ndim} dimension(s)")

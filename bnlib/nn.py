@@ -58,8 +58,9 @@ def _refuse_scripting(self):
 
 def _as_array(t):
     """A tensor's data as an array without copying: a NumPy view on the CPU, a CuPy view
-    (DLPack) on CUDA. The array keeps the tensor's memory alive."""
-    t = t.detach()
+    (DLPack) on CUDA. The array keeps the tensor's memory alive. A tensor with its negative bit set
+    (torch's lazy view of -t, which neither NumPy nor DLPack can read) is resolved first: a copy."""
+    t = t.detach().resolve_neg()
     if t.is_cuda:
         import cupy
         return cupy.from_dlpack(t)
@@ -1028,13 +1029,15 @@ def precise_bn(model, batches, variance="pooled", device=None):
         SyncBatchNorm takes them (float32, float64 for float64 input) and merged in float64 with Chan's formula;
     variance="batch" (update_bn's estimate): the average of the calls' means and unbiased variances.
     num_batches_tracked counts the layer's calls; momentum is kept; a layer no batch reaches keeps its
-    statistics, and calls on empty batches are skipped. A layer with momentum 0, whose statistics training
+    statistics, and calls on empty batches are skipped (not counted either, unless a SyncBatchNorm's group had
+    values). A layer with momentum 0, whose statistics training
     never changes, is left exactly as it was (num_batches_tracked too), as bnlib.train.precise_bn leaves
     it (update_bn would recompute it). Every module is left in the mode (train or eval) it
     was in; if a forward raises, every layer gets its buffers back. The pooled statistics are this process's
     own; with variance="batch" a SyncBatchNorm in a group of several processes synchronizes as in training.
     Returns model.
     """
+    _check_module(model, "precise_bn")
     if variance not in ("pooled", "batch"):
         raise ValueError(f'variance must be "pooled" (Wu and Johnson) or "batch" (update_bn), got {variance!r}')
     layers, frozen = _bn_layers(model)
@@ -1044,15 +1047,28 @@ def precise_bn(model, batches, variance="pooled", device=None):
     modes = [(m, m.training) for m in model.modules()]
     totals = {layer: Moments(0, None, None) for layer in layers}      # what each layer received (float64)
 
+    empty_before = {}                                                  # layer: running_mean before an empty call
+
     def record(layer, args, kwargs):
         x = (args[0] if args else next(iter(kwargs.values()))).detach()   # input= (torch), x= (bnlib)
+        if x.numel() == 0:
+            empty_before[layer] = layer.running_mean.clone()
         if variance == "batch":                                        # only whether the layer was reached
             totals[layer] = totals[layer]._replace(count=totals[layer].count + x.numel() // x.shape[1])
             return
         local = _local_moments(x, torch.float64 if x.dtype == torch.float64 else torch.float32)   # SyncBatchNorm's
         totals[layer] = merge_moments(totals[layer], Moments(local.count, local.mean.double(), local.m2.double()))
 
+    def uncount_empty(layer, args, kwargs, output):
+        """An empty call that left the statistics as they were (every empty call but a SyncBatchNorm's whose group
+        had values) is not counted: torch's layers and bnlib's count it, and with momentum=None the count sets
+        the weight of every later call (A, empty, B would average A's and B's means as 2/3 and 1/3)."""
+        before = empty_before.pop(layer, None)
+        if before is not None and layer.num_batches_tracked is not None and torch.equal(before, layer.running_mean):
+            layer.num_batches_tracked.sub_(1)
+
     hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    hooks += [layer.register_forward_hook(uncount_empty, with_kwargs=True) for layer in layers]
     done = False
     try:
         for layer in layers:

@@ -79,7 +79,7 @@ def moments(x) -> Moments:
 def merge_moments(a: Moments, b: Moments) -> Moments:
     """Chan, Golub & LeVeque's merge of the moments of two disjoint sets of values."""
     if a.mean is not None and b.mean is not None and np.shape(a.mean) != np.shape(b.mean):
-        # broadcasting would merge 1 channel into 4 without a word (None: welford's start, no channels yet)
+        # broadcasting would merge 1 channel into 4 without a word (None: a start with no channels yet, as precise_bn's)
         raise ValueError(f"merge_moments needs the moments of the same channels, got means of shapes "
                          f"{np.shape(a.mean)} and {np.shape(b.mean)}")
     if a.count == 0:
@@ -109,7 +109,7 @@ def welford(x, chunk_size: int = 1) -> Moments:
     for teaching and for checking the fast paths.
     """
     chunk_size = _check_positive_int(chunk_size, "chunk_size")
-    total = Moments(0, None, None)
+    total = moments(x[:0])                  # count 0 and zeros, as moments of no values; checks x's type too
     for start in range(0, x.shape[0], chunk_size):
         total = merge_moments(total, moments(x[start:start + chunk_size]))
     return total

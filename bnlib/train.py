@@ -15,6 +15,12 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _check_seed(seed, name="seed"):
+    """A seed argument: an integer >= 0 (NumPy's generators are seeded with it, alone or with a model's index)."""
+    if not (_is_int(seed) and seed >= 0):
+        raise ValueError(f"{name} must be an integer >= 0, got {seed!r}")
+
+
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
 INITS = ("uniform", "glorot", "he")
 
@@ -111,6 +117,7 @@ class MLP:
                             + (" instance: MLP makes one layer per hidden layer and model" if is_layer else ""))
         if not (_is_int(n_models) and n_models >= 1):
             raise ValueError(f"n_models must be a positive integer, got {n_models!r}")
+        _check_seed(seed)
         if np.dtype(dtype).name not in ("float32", "float64"):
             raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
         init_weights(np.random.default_rng(0), 1, 1, init)           # validates init before any state
@@ -166,11 +173,34 @@ class MLP:
                 [layer.state_dict() for layer in self.norm_layers()])
 
     def load_state(self, state):
+        """Load what state() returned, from a model of the same sizes, norm and n_models. Every name, shape and
+        the number of normalization layers are checked before anything is assigned, and a layer that refuses
+        its state dict puts everything back: a state that does not fit raises and changes nothing."""
+        if not (isinstance(state, (tuple, list)) and len(state) == 2 and isinstance(state[0], dict)):
+            raise TypeError(f"state must be (parameters, normalization layer states), as state() returns, got "
+                            f"{type(state).__name__}")
         params, norm_states = state
-        for name, p in self.parameters():
-            p[...] = params[name]
-        for layer, s in zip(self.norm_layers(), norm_states):
-            layer.load_state_dict(s)
+        mine, layers = dict(self.parameters()), self.norm_layers()
+        missing, unexpected = sorted(set(mine) - set(params)), sorted(set(params) - set(mine))
+        if missing or unexpected:
+            raise ValueError(f"state does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, p in mine.items():
+            if np.shape(params[name]) != p.shape:          # no broadcasting: one model's (1, ...) into n_models
+                raise ValueError(f"state's {name} has shape {np.shape(params[name])}, this model's {p.shape}")
+        if len(norm_states) != len(layers):
+            raise ValueError(f"state holds {len(norm_states)} normalization layer states, this model has {len(layers)}")
+        saved = self.state()
+        try:
+            for name, p in mine.items():
+                p[...] = params[name]
+            for layer, s in zip(layers, norm_states):
+                layer.load_state_dict(s)
+        except BaseException:
+            for name, p in self.parameters():
+                p[...] = saved[0][name]
+            for layer, s in zip(layers, saved[1]):
+                layer.load_state_dict(s)
+            raise
 
     # ---------------------------------------------------------------- forward / backward
     def _inputs(self, x):
@@ -233,9 +263,12 @@ class MLP:
 def cross_entropy(logits, y):
     """Mean softmax cross-entropy per model and its gradient.
 
-    logits: (M, N, classes); y: (N,) or (M, N) int labels. Returns (loss (M,), dlogits (M, N, classes)),
-    dlogits being the gradient of the per-model mean loss.
+    logits: (M, N, classes); y: (N,) or (M, N) int labels in [0, classes) (checked). Returns (loss (M,),
+    dlogits (M, N, classes)), dlogits being the gradient of the per-model mean loss.
     """
+    if np.ndim(logits) != 3:
+        raise ValueError(f"logits must have shape (M, N, classes), got {np.shape(logits)}")
+    y = check_labels(y, logits.shape[1], logits.shape[2], n_models=logits.shape[0])
     z = logits - logits.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     y = np.broadcast_to(y, logits.shape[:2])
@@ -265,13 +298,24 @@ def check_labels(y, n, classes, name="y", n_models=None):
     return y.astype(np.int64, copy=False)
 
 
+def _check_inputs(model, x, name):
+    """x as an array of shape (N, inputs) or (n_models, N, inputs) for ``model``, else a ValueError/TypeError."""
+    if not hasattr(x, "shape"):
+        raise TypeError(f"{name} must be a NumPy array of shape (N, {model.sizes[0]}), got {type(x).__name__}")
+    if x.ndim not in (2, 3) or x.shape[-1] != model.sizes[0] or (x.ndim == 3 and x.shape[0] != model.n_models):
+        raise ValueError(f"{name} must have shape (N, {model.sizes[0]}) or ({model.n_models}, N, {model.sizes[0]}), "
+                         f"got {x.shape}")
+    return x
+
+
 def loss_and_grads(model, x, y):
     """Training-mode forward and backward on one batch: (loss per model (M,), grads by name).
 
     x: (N, inputs) or (n_models, N, inputs); y: (N,) or (n_models, N) labels in [0, classes).
     Labels are checked before the forward pass, so a bad call leaves the running statistics alone.
     """
-    y = check_labels(y, np.shape(x)[-2] if np.ndim(x) >= 2 else -1, model.sizes[-1], n_models=model.n_models)
+    x = _check_inputs(model, x, "x")
+    y = check_labels(y, x.shape[-2], model.sizes[-1], n_models=model.n_models)
     logits = model.forward(x)
     loss, dlogits = cross_entropy(logits, y)
     return loss, model.backward(dlogits.astype(model.dtype, copy=False))
@@ -355,6 +399,7 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
         raise ValueError(f"batch_stats=True needs at least 2 examples, got {n}")
     if fill_last and not batch_stats:
         raise ValueError("fill_last=True fills the last batch of batch_stats=True: pass batch_stats=True too")
+    _check_seed(seed)
     if batch_stats:
         order = np.random.default_rng(seed).permutation(n)
         x, y = x[..., order, :], y[..., order]
@@ -387,16 +432,6 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
         for layer, mode in zip(model.norm_layers(), modes):   # back to the mode the model was in
             layer.train(mode)
     return correct / counted
-
-
-def _check_inputs(model, x, name):
-    """x as an array of shape (N, inputs) or (n_models, N, inputs) for ``model``, else a ValueError/TypeError."""
-    if not hasattr(x, "shape"):
-        raise TypeError(f"{name} must be a NumPy array of shape (N, {model.sizes[0]}), got {type(x).__name__}")
-    if x.ndim not in (2, 3) or x.shape[-1] != model.sizes[0] or (x.ndim == 3 and x.shape[0] != model.n_models):
-        raise ValueError(f"{name} must have shape (N, {model.sizes[0]}) or ({model.n_models}, N, {model.sizes[0]}), "
-                         f"got {x.shape}")
-    return x
 
 
 def _updates_running_stats(layer):
@@ -443,7 +478,15 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0, variance="po
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
     if variance not in ("pooled", "batch"):
         raise ValueError(f'variance must be "pooled" (Wu and Johnson) or "batch" (update_bn), got {variance!r}')
+    _check_seed(seed)
     norms = model.norm_layers()
+    from bnlib.variants import InstanceNorm                # chapter 08; imported here, as train comes first
+    for i, l in enumerate(norms):
+        if isinstance(l, InstanceNorm) and _updates_running_stats(l):
+            raise ValueError(f"precise_bn recomputes batch statistics; normalization layer {i} is an InstanceNorm, "
+                             f"whose running statistics average per-example ones (and which, as torch's, has no "
+                             f"cumulative average): recompute it by training it, or build it with "
+                             f"track_running_stats=False")
     recompute = [_updates_running_stats(l) for l in norms]
     saved = [l.state_dict() for l in norms]
     modes = [getattr(l, "training", None) for l in norms]
@@ -554,6 +597,7 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
     for what, f in [("sampler", sampler), ("lr_schedule", lr_schedule), *((f"hooks[{k!r}]", v) for k, v in (hooks or {}).items())]:
         if f is not None and not callable(f):
             raise TypeError(f"{what} must be callable, got {type(f).__name__}")
+    _check_seed(seed)
     if trainable is not None and not isinstance(trainable, dict):
         raise TypeError(f"trainable must be None or a dict {{parameter name: True or mask}}, got {type(trainable).__name__}")
     sampler = sampler or iid_batches
@@ -581,8 +625,14 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
     def rows(a, part, shared_ndim):                                # a batch (M, B, ...) of shared or per-model data
         return a[part] if a.ndim == shared_ndim else a[models, part]
     def draw():
-        return np.stack([sampler(r, y_train if y_train.ndim == 1 else y_train[m], batch_size)
-                         for m, r in enumerate(rngs)])                             # (M, B)
+        idx = [np.asarray(sampler(r, y_train if y_train.ndim == 1 else y_train[m], batch_size))
+               for m, r in enumerate(rngs)]
+        for got in idx:                        # a wrong sampler would train on other batches, or fail in indexing
+            if got.shape != (batch_size,) or got.dtype.kind not in "iu" or not 0 <= got.min() <= got.max() < n_train:
+                values = f", values from {got.min()} to {got.max()}" if got.size and got.dtype.kind in "iuf" else ""
+                raise ValueError(f"sampler must return {batch_size} integer indices in [0, {n_train}) (batch_size "
+                                 f"training examples), got shape {got.shape}, dtype {got.dtype}{values}")
+        return np.stack(idx)                                                       # (M, B)
     first = draw() if steps else None          # a sampler that refuses its arguments raises before any change
     step_range = range(1, steps + 1)
     if progress is None:

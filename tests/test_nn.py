@@ -2061,12 +2061,17 @@ def test_precise_bn_pools_every_call_skips_empty_batches_and_leaves_untracked_la
     flat = torch.cat([x.double().transpose(0, 1).reshape(3, -1) for x in seen], dim=1)
     torch.testing.assert_close(model.bn.running_mean.double(), flat.mean(1), rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(model.bn.running_var.double(), flat.var(1, unbiased=False), rtol=1e-4, atol=1e-6)
-    assert int(model.bn.num_batches_tracked) == 12                 # its calls: 2 per batch, the empty one too
+    assert int(model.bn.num_batches_tracked) == 10                 # its calls: 2 per non-empty batch
     rare = torch.cat([x.double().transpose(0, 1).reshape(3, -1) for x in batches[-2:]], dim=1)
     torch.testing.assert_close(model.rare.running_var.double(), rare.var(1, unbiased=False), rtol=1e-5, atol=1e-6)
     assert model.plain.running_mean is None and not torch.isnan(model.bn.running_mean).any()
     batch = bnn.precise_bn(model, batches, variance="batch")
     assert batch.bn.momentum == 0.1 and batch.rare.momentum == 0.1
+    # the empty call first: counted (as torch's and bnlib's layers count it), it would give the first call a weight
+    # of 1/2 and every call after it less than its share of the average
+    call_means = torch.stack([x.double().transpose(0, 1).reshape(3, -1).mean(1) for x in seen])
+    torch.testing.assert_close(batch.bn.running_mean.double(), call_means.mean(0), rtol=1e-6, atol=1e-3)
+    assert int(batch.bn.num_batches_tracked) == 10
 
 
 def test_precise_bn_keeps_half_buffers_half_handles_5d_input_and_explains_lazy_layers():
@@ -2087,3 +2092,32 @@ def test_precise_bn_leaves_layers_with_momentum_zero_alone():
     bnn.precise_bn(model, [torch.randn(8, 3) for _ in range(3)])
     assert torch.equal(frozen.running_mean, torch.full((3,), 5.0)) and int(frozen.num_batches_tracked) == 0
     assert int(model[0].num_batches_tracked) == 3
+
+
+def test_precise_bn_names_a_model_that_is_no_module_and_layers_read_tensors_with_the_negative_bit():
+    with pytest.raises(TypeError, match="precise_bn takes a torch.nn.Module, got function"):
+        bnn.precise_bn(lambda x: x, [torch.randn(4, 3)])
+    x = torch._neg_view(torch.randn(6, 3, 4))                       # a lazy -t: NumPy cannot read it directly
+    assert x.is_neg()
+    ours, theirs = bnn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+class _GroupHadValues(bnn.BatchNorm1d):
+    """Stands for a SyncBatchNorm whose rank got an empty batch while the group had values: the call updates the
+    running statistics with the group's (here, fixed) values."""
+    group_values = torch.arange(12.0).reshape(4, 3)
+
+    def forward(self, x):
+        return super().forward(self.group_values)[:0] if x.shape[0] == 0 else super().forward(x)
+
+
+def test_precise_bn_counts_an_empty_call_that_changed_the_statistics():
+    layer = _GroupHadValues(3)
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 3), torch.randn(5, 3) + 3
+    bnn.precise_bn(torch.nn.Sequential(layer), [a, torch.randn(0, 3), b], variance="batch")
+    expected = torch.stack([a.mean(0), _GroupHadValues.group_values.mean(0), b.mean(0)]).mean(0)
+    torch.testing.assert_close(layer.running_mean, expected)              # three calls of equal weight
+    assert int(layer.num_batches_tracked) == 3

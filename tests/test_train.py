@@ -329,7 +329,10 @@ def _unchanged(before, after):
     (dict(momentum=-0.5), ValueError, "momentum"), (dict(weight_decay=-1.0), ValueError, "weight_decay"),
     (dict(lr="0.1"), ValueError, "lr"), (dict(eval_every=-3), ValueError, "eval_every"),
     (dict(hooks={"h": 3}), TypeError, "hooks"), (dict(sampler="iid"), TypeError, "sampler"),
-    (dict(trainable=["W0"]), TypeError, "trainable")])
+    (dict(trainable=["W0"]), TypeError, "trainable"), (dict(seed=-1), ValueError, "seed must be an integer"),
+    (dict(sampler=lambda rng, y, b: rng.choice(y.size, 3, replace=False)), ValueError, r"sampler must return 20 .*\(3,\)"),
+    (dict(sampler=lambda rng, y, b: np.arange(b) + 110), ValueError, r"sampler .* values from 110 to 129"),
+    (dict(sampler=lambda rng, y, b: np.zeros(b)), ValueError, "sampler .* dtype float64")])
 def test_fit_rejects_bad_data_and_options_before_touching_the_model(change, error, match):
     data = toy_data()
     model = train.MLP([6, 8, 3], norm=BatchNorm)
@@ -612,3 +615,83 @@ def test_precise_bn_pooled_keeps_an_instance_forward_refuses_a_shared_layer_and_
     inputs = _replayed_norm_inputs(far, far_x, batch_size=10, num_batches=30, seed=0)[0][:, 0].reshape(-1, 8)
     train.precise_bn(far, far_x, batch_size=10, num_batches=30)
     np.testing.assert_allclose(far.norm_layers()[0].running_var, inputs.var(0), rtol=1e-6)
+
+
+def test_load_state_checks_everything_before_it_assigns_anything():
+    """A state of another model (n_models, sizes, norm layers) raises and changes nothing: no broadcasting of one
+    model's (1, ...) parameters over three, no norm layer states dropped by a zip."""
+    three = train.MLP([6, 8, 3], norm=BatchNorm, n_models=3, seed=1)
+    one, plain_one = train.MLP([6, 8, 3], norm=BatchNorm, n_models=1), train.MLP([6, 8, 3], n_models=1)
+    before = three.state()
+    params, norms = three.state()
+    wrong_layer_state = [dict(s) for s in norms]
+    wrong_layer_state[2]["running_mean"] = np.zeros(5, np.float32)      # the last layer refuses its state dict
+    for bad, error, match in [(one.state(), ValueError, "missing"), ((params, norms[:1]), ValueError, "holds 1"),
+                              ((params, wrong_layer_state), ValueError, "running_mean"), (params, TypeError, "state must be")]:
+        with pytest.raises(error, match=match):
+            three.load_state(bad)
+        assert _unchanged(before, three.state())
+    plain_three = train.MLP([6, 8, 3], n_models=3, seed=1)
+    with pytest.raises(ValueError, match=r"W0 has shape \(1, 6, 8\), this model's \(3, 6, 8\)"):
+        plain_three.load_state(plain_one.state())
+    three.load_state(train.MLP([6, 8, 3], norm=BatchNorm, n_models=3, seed=7).state())    # one that fits loads
+    assert not np.array_equal(three.state()[0]["W0"], before[0]["W0"])
+
+
+def test_cross_entropy_and_loss_and_grads_name_what_is_wrong():
+    model = train.MLP([6, 8, 3])
+    with pytest.raises(ValueError, match=r"y must hold labels in \[0, 3\), got values from -1"):
+        train.cross_entropy(np.zeros((1, 2, 3)), np.array([0, -1]))           # would wrap around to class 2
+    with pytest.raises(TypeError, match="integer class labels"):
+        train.cross_entropy(np.zeros((1, 2, 3)), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"logits must have shape \(M, N, classes\)"):
+        train.cross_entropy(np.zeros((2, 3)), np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 6\)"):      # x is named, not y
+        train.loss_and_grads(model, np.zeros(6), np.zeros(1, np.int64))
+    loss, d = train.cross_entropy(np.zeros((1, 2, 3)), np.array([0, 2]))
+    np.testing.assert_allclose(loss, [np.log(3)])
+    np.testing.assert_allclose(d.sum(-1), 0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [None, -1, 1.5, True])
+def test_seeds_are_checked_by_name(seed):
+    data = toy_data()
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        train.MLP([6, 8, 3], seed=seed)
+    model = train.MLP([6, 8, 3], norm=BatchNorm)
+    before = model.state()
+    for call in (lambda: train.accuracy(model, data[2], data[3], batch_size=10, batch_stats=True, seed=seed),
+                 lambda: train.precise_bn(model, data[0], 10, num_batches=2, seed=seed)):
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            call()
+        assert _unchanged(before, model.state())
+
+
+def test_precise_bn_refuses_an_instance_norm_with_running_statistics_before_any_change():
+    """bnlib.variants.InstanceNorm's running statistics average per-example statistics, and it has no cumulative
+    average (momentum=None): precise_bn refuses it, naming the layer, instead of failing inside its forward."""
+    from bnlib.variants import InstanceNorm
+
+    class Images:                                       # the smallest model precise_bn accepts: 6 inputs as (2, 3)
+        sizes, n_models = [6, 6], 1
+
+        def __init__(self, track):
+            self.norm = InstanceNorm(2, track_running_stats=track)
+
+        def norm_layers(self):
+            return [self.norm]
+
+        def train(self, mode=True):
+            self.norm.train(mode)
+            return self
+
+        def forward(self, x):
+            return self.norm.forward(x.reshape(len(x), 2, 3))
+
+    x = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
+    model = Images(track=True)
+    before = model.norm.state_dict()
+    with pytest.raises(ValueError, match="layer 0 is an InstanceNorm"):
+        train.precise_bn(model, x, 5, num_batches=2)
+    assert all(np.array_equal(v, model.norm.state_dict()[k]) for k, v in before.items()) and model.norm.momentum == 0.1
+    train.precise_bn(Images(track=False), x, 5, num_batches=2)          # nothing to recompute: accepted
