@@ -38,12 +38,15 @@ def _seconds(fn):
 
 def median_ms(fn, repeats=7):
     """Median wall time of fn in milliseconds over `repeats` calls, each timed in steady state."""
+    repeats = F._check_positive_int(repeats, "repeats")
     return 1e3 * float(np.median([_seconds(fn) for _ in range(repeats)]))
 
 
 def copy_bandwidth(nbytes=256 << 20, repeats=5):
     """This machine's copy bandwidth in bytes/s: bytes read + bytes written per second by np.copyto
     between two arrays of nbytes (default 256 MiB, larger than CPU caches), on one thread."""
+    if F._check_positive_int(nbytes, "nbytes") < 4:
+        raise ValueError(f"nbytes must be at least 4 (one float32 value), got {nbytes}")
     src = np.ones(nbytes // 4, dtype=np.float32)
     dst = np.zeros_like(src)                  # both touched once already: no page faults in the timing
     return 2 * src.nbytes / (median_ms(lambda: np.copyto(dst, src), repeats) / 1e3)
@@ -108,17 +111,29 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
     training step. shapes: default CPU_SHAPES.
     """
     import torch
-    shapes = [tuple(s) for s in (CPU_SHAPES if shapes is None else shapes)]
-    for shape in shapes:                       # checked before any thread count changes
-        if len(shape) < 2 or not all(isinstance(n, numbers.Integral) and n >= 1 for n in shape):
-            raise ValueError(f"each shape must be (N, C, *spatial) with positive sizes, got {shape}")
+    shapes = CPU_SHAPES if shapes is None else shapes
+    for shape in shapes:                       # everything is checked before any timing or thread count changes
+        if (not isinstance(shape, (tuple, list)) or len(shape) < 2
+                or not all(isinstance(n, numbers.Integral) and n >= 1 for n in shape)):
+            raise ValueError(f"shapes must be a list of shapes (N, C, *spatial) with positive sizes, got {shape!r} "
+                             f"in it")
+        if np.prod(shape) // shape[1] < 2:     # torch refuses a training batch of one value per channel
+            raise ValueError(f"shape {tuple(shape)} has 1 value per channel: batch statistics need at least 2")
+    shapes = [tuple(s) for s in shapes]
     repeats = F._check_positive_int(repeats, "repeats")
     if threads is not None:
         F._check_positive_int(threads, "threads (or None: torch's count)")
+    if isinstance(backends, str):
+        raise TypeError(f"backends must be a list of backend names, e.g. [{backends!r}], got the string {backends!r}")
+    backends = list(backends or cpu.available_backends())
+    unknown = [b for b in backends if b not in cpu.available_backends()]
+    if unknown:
+        raise ValueError(f"backends must be among {cpu.available_backends()} (here), got {unknown}")
+    if F._check_positive_int(copy_nbytes, "copy_nbytes") < 4:
+        raise ValueError(f"copy_nbytes must be at least 4 (one float32 value), got {copy_nbytes}")
     torch_threads = torch.get_num_threads()
     numba_threads = cpu.numba.get_num_threads() if cpu.numba is not None else None
     threads = int(threads or torch_threads)
-    backends = list(backends or cpu.available_backends())
     copy_bw = copy_bandwidth(copy_nbytes)
     rng = np.random.default_rng(seed)
     rows = []
@@ -465,7 +480,6 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     it ("bnlib [planes >=0 B, >=8 vec]"), each distinct plan timed once, as above; these rows also carry
     planes_min_bytes.
     """
-    import threading
     import time
 
     import torch
@@ -692,24 +706,15 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                         print(f"GPU-alone times dropped: {type(exc).__name__}: {exc}")
                         holds, cycles_per_s = {}, None
         launch_counts, launched, scratch = {}, {}, {}
-        real_launch, real_workspace = cuda._launch, cuda._workspace
+        real_launch = cuda._launch
         for name in [k for k in impls if k.startswith("bnlib")]:
-            launches, requested = [], {}
+            launches = []
             cuda._launch = lambda *a: (launches.append(a[1]), real_launch(*a))
-
-
-            def counting_workspace(owner, dev, stream_ptr, nbytes, allocate, captured=False, requested=requested):
-                """cuda._workspace, noting the largest request per buffer: one per host thread and (owner, device,
-                stream, captured), since torch runs bnlib.nn's backward on its autograd thread, with a buffer of its own."""
-                key = (threading.get_ident(), owner, dev, stream_ptr, captured)
-                requested[key] = max(requested.get(key, 0), nbytes, cuda._MIN_WORKSPACE)
-                return real_workspace(owner, dev, stream_ptr, nbytes, allocate, captured=captured)
-
-            cuda._workspace = counting_workspace
             try:
-                impls[name][1](0)
+                with cuda._requested_workspace() as requested:     # per buffer: one per host thread (torch runs
+                    impls[name][1](0)                              # bnlib.nn's backward on its autograd thread)
             finally:
-                cuda._launch, cuda._workspace = real_launch, real_workspace
+                cuda._launch = real_launch
             # the scratch this case's step asks for (per buffer, the largest of its calls): the cached buffer a
             # thread keeps is the largest any earlier case needed, so counting it would charge this case for another's
             launch_counts[name], launched[name], scratch[name] = len(launches), launches, sum(requested.values())

@@ -4,6 +4,7 @@
 
 __all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'nvcc_version', 'ptxas_usage', 'resource_usage', 'PTXAS_RECORDING', 'recorded_ptxas_usage', 'Plan', 'plan', 'flat_cursor', 'available', 'NVRTC_OPTIONS', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
 
+import contextlib
 import functools
 import math
 import numbers
@@ -1346,6 +1347,26 @@ def cupy_stream(torch_stream):
     return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device.index)
 
 
+_workspace_requests = None       # a dict while _requested_workspace() counts
+
+
+@contextlib.contextmanager
+def _requested_workspace():
+    """Count the scratch that the calls inside the block ask for. Yields a dict {(host thread, owner, device,
+    stream, captured): bytes}: per buffer, the size of the largest request, that is, the buffers the calls
+    would keep if no thread had one yet. bench_gpu reports it per case, where workspace_bytes() (every buffer
+    held) would charge a case with the largest buffer any earlier case needed. Every thread's requests count
+    (torch runs the backward of CUDA tensors on a thread of its own); not reentrant."""
+    global _workspace_requests
+    if _workspace_requests is not None:
+        raise RuntimeError("_requested_workspace() is already counting")
+    _workspace_requests = counted = {}
+    try:
+        yield counted
+    finally:
+        _workspace_requests = None
+
+
 def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate, captured: bool = False) -> int:
     """A scratch buffer of at least nbytes for the partial results, kept per host thread and per
     (owner, device, stream): kernels on one stream run in order, so one thread's consecutive calls can
@@ -1366,6 +1387,9 @@ def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate, cap
         with _workspace_lock:
             _workspace_caches[id(cache)] = cache
     key = (owner, dev, stream_ptr, captured)
+    if _workspace_requests is not None:                    # _requested_workspace() is counting
+        counted = (threading.get_ident(),) + key
+        _workspace_requests[counted] = max(_workspace_requests.get(counted, 0), nbytes, _MIN_WORKSPACE)
     entry = cache.get(key)
     if entry is None or entry[1] < nbytes:
         size = max(nbytes, _MIN_WORKSPACE)

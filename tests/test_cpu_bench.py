@@ -58,6 +58,10 @@ def test_bench_runs_and_reports_ratios():
     (dict(shapes=[(4, 0)]), ["shape", "(4, 0)"]),
     (dict(repeats=0), ["repeats", "0"]),                           # was rows of NaN
     (dict(threads=-1), ["threads", "-1"]),
+    (dict(shapes=[8]), ["shapes", "8"]),                            # was a TypeError from tuple(8)
+    (dict(shapes=[(1, 4)]), ["(1, 4)", "1 value per channel"]),     # was torch's error, after the timing began
+    (dict(backends=["cuda"]), ["backends", "cuda"]),                # was checked only inside the timing loop
+    (dict(copy_nbytes=0), ["copy_nbytes", "0"]),                    # was a ZeroDivisionError
 ])
 def test_bench_refuses_bad_arguments_before_changing_thread_counts(kwargs, words, monkeypatch):
     """Checked first: no thread count is set (restoring them afterwards would hide that) and the 256 MiB copy
@@ -69,6 +73,14 @@ def test_bench_refuses_bad_arguments_before_changing_thread_counts(kwargs, words
         bench.bench_cpu(**{"shapes": [(8, 4)], "progress": False, **kwargs})
     assert all(w in str(info.value) for w in words), str(info.value)
     assert calls == []
+
+
+def test_bench_refuses_a_backend_name_given_as_a_string_and_median_ms_zero_repeats(monkeypatch):
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *a, **k: pytest.fail("timed before the check"))
+    with pytest.raises(TypeError, match=r"backends must be a list .*\['numpy'\], got the string 'numpy'"):
+        bench.bench_cpu(shapes=[(8, 4)], backends="numpy", progress=False)    # was read letter by letter: 'n'
+    with pytest.raises(ValueError, match="repeats must be a positive integer, got 0"):
+        bench.median_ms(lambda: None, repeats=0)                             # was NaN and a warning
 
 
 def test_peak_extra_memory_runs_one_step_untraced_first(monkeypatch):

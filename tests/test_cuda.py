@@ -935,6 +935,40 @@ def test_workspace_bytes_counts_the_buffers_of_every_live_thread(monkeypatch):
     assert cuda.workspace_bytes() == 1 << 20
 
 
+def test_requested_workspace_counts_each_calls_own_scratch_per_thread_not_the_cached_buffer(monkeypatch):
+    """bench_gpu's memory column adds the scratch a case's step asks for, counted by _requested_workspace: per
+    host thread and buffer, the largest request inside the block. The buffer a thread keeps is the largest any
+    earlier call needed (workspace_bytes()), which would charge a small case with a large one's scratch. The
+    backward on another thread (as torch's autograd thread) is a buffer of its own. The emulated device."""
+    torch = pytest.importorskip("torch")
+    _emulated_torch_device(monkeypatch)
+    monkeypatch.setattr(cuda, "_sm_count", lambda dev: 132)
+    import weakref
+    monkeypatch.setattr(cuda, "_workspace_caches", weakref.WeakValueDictionary())
+    small, large = torch.randn(4, 3, 5, 6), torch.randn(1000, 2000)          # scratch: the 1 MiB minimum, 3 MB
+    cuda.forward_torch(large, None, None, 1e-5)                               # this thread now keeps 3 MB
+    kept = cuda.workspace_bytes()
+    assert kept > cuda._MIN_WORKSPACE
+    with cuda._requested_workspace() as requested:
+        _, mean, _, inv_std = cuda.forward_torch(small, None, None, 1e-5)
+        done = []
+        worker = threading.Thread(target=lambda: done.append(cuda.backward_torch(torch.randn_like(small), small,
+                                                                                 mean, inv_std, None)))
+        worker.start()
+        worker.join(60)
+        assert done
+    assert sorted(requested.values()) == [cuda._MIN_WORKSPACE] * 2            # not the 3 MB kept from before
+    assert len({key[0] for key in requested}) == 2 and threading.get_ident() in {key[0] for key in requested}
+    assert {key[1:] for key in requested} == {("torch", small.device.index, 0, False)}
+    with cuda._requested_workspace() as requested:                           # a large call counts what it needs
+        cuda.forward_torch(large, None, None, 1e-5)
+    assert list(requested.values()) == [kept]
+    with pytest.raises(RuntimeError, match="already counting"), cuda._requested_workspace():
+        with cuda._requested_workspace():
+            pass
+    assert cuda._workspace_requests is None                                   # reset after the error too
+
+
 def test_a_captured_call_gets_a_workspace_no_eager_call_uses_and_never_gives_it_back(monkeypatch):
     """While torch captures a CUDA graph (_capturing), forward_torch's scratch buffer is not the one eager calls on
     the same stream use, so that eager calls never write where a replay of the graph does; a captured buffer
