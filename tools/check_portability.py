@@ -172,7 +172,15 @@ def _stems(names, chapter_dir=os.path.join(REPO, "chapters")):
 
 
 if __name__ == "__main__":
-    args, keep_dir = sys.argv[1:], None
-    if args[:1] == ["--keep"]:
-        keep_dir, args = os.path.abspath(args[1]), args[2:]
-    sys.exit(check(_stems(args) if args else list(DEFAULT_CHAPTERS), keep=keep_dir))
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("chapters", nargs="*", help='chapters to run, "08" or "08_variants" (default: '
+                        + " ".join(DEFAULT_CHAPTERS) + ")")
+    parser.add_argument("--keep", metavar="DIR", help="save each executed notebook as DIR/<configuration>/<chapter>.ipynb")
+    args = parser.parse_args()
+    stems = _stems(args.chapters) if args.chapters else list(DEFAULT_CHAPTERS)
+    known = sorted(p[:-6] for p in os.listdir(os.path.join(REPO, "chapters")) if p.endswith(".ipynb"))
+    unknown = [s for s in stems if s not in known]
+    if unknown:                                        # before any chapter runs, not when its turn comes
+        parser.error(f"no chapter {', '.join(unknown)}; chapters are {', '.join(known)}")
+    sys.exit(check(stems, keep=args.keep and os.path.abspath(args.keep)))

@@ -1,13 +1,16 @@
-# The like-for-like check of chapter 05 (run once on an H200 through the device tool, 2026-11-28):
-# one training step through autograd for torch.nn.BatchNorm and bnlib.nn.BatchNorm (parameters
-# requiring gradients, running statistics updated), beside the two steps bench_gpu records
-# ("torch": functional batch_norm + .backward(), no parameter gradients; "bnlib": forward_torch +
-# backward_torch called directly). CUDA events, a 256 MB write before every timed step, medians
-# of 20, one input per case. Writes $OUT/fair.json with card, date, versions and kernel design
-# (gpu_environment(); the design-2 recording was written before this and completed by hand). bench_gpu(modules=True) (run by tools/gpu_check.sh)
-# makes the same comparison inside the benchmark; that code first ran with design 3 (the module rows of gpu_bench_NVIDIA_H200_design3.json).
-# This script's own run of 2026-11-28 (design 2) ships as bnlib/data/gpu_fair_NVIDIA_H200_design2.json, which chapters 05
-# and 09 read. Not run by tools/gpu_check.sh.
+"""The like-for-like check of chapter 05 (run once on an H200 through the device tool, 2026-11-28):
+one training step through autograd for torch.nn.BatchNorm and bnlib.nn.BatchNorm (parameters
+requiring gradients, running statistics updated), beside the two steps bench_gpu records
+("torch": functional batch_norm + .backward(), no parameter gradients; "bnlib": forward_torch +
+backward_torch called directly). CUDA events, a 256 MB write before every timed step, medians
+of 20, one input per case. Writes $OUT/fair.json with card, date, versions and kernel design
+(gpu_environment(); the design-2 recording was written before this and completed by hand). bench_gpu(modules=True) (run by tools/gpu_check.sh)
+makes the same comparison inside the benchmark; that code first ran with design 3 (the module rows of gpu_bench_NVIDIA_H200_design3.json).
+This script's own run of 2026-11-28 (design 2) ships as bnlib/data/gpu_fair_NVIDIA_H200_design2.json, which chapters 05
+and 09 read. Not run by tools/gpu_check.sh.
+"""
+import argparse
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 import torch,numpy as np,sys,json,os
 sys.path.insert(0,os.getcwd())
 from bnlib import cuda,nn as bnn

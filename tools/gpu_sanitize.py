@@ -12,6 +12,7 @@ with MIN_VECTORS_PER_THREAD = 8, so that each block walks 10 or 24 planes and a 
 one of them unaligned.
 Exit status 0 when every case ran and matched; the sanitizer adds its own status on an error.
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -28,7 +29,8 @@ CASES = [((2, 3, 32, 64), False, True, False, False), ((3, 5, 7, 9), False, True
          ((20, 2, 14, 14), False, False, False, True)]
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     import torch
     from bnlib import cuda
     failures = 0

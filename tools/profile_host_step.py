@@ -15,6 +15,7 @@ torch.no_grad, and, for scale: an empty autograd.Function with a backward (the f
 autograd wrapper), and torch.nn.BatchNorm2d's step and evaluation forward on the same CPU tensor
 (torch's host path plus its own arithmetic on 256 values: not what torch's CUDA call costs the host).
 """
+import argparse
 import cProfile
 import pstats
 import sys
@@ -114,6 +115,17 @@ def main(steps=3000, profile=False):
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(int(args[0]) if args else 3000, "--profile" in sys.argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("steps", nargs="?", type=_positive_int, default=3000,
+                        help="training steps per timing round (a positive integer; default 3000)")
+    parser.add_argument("--profile", action="store_true", help="also profile bnlib.nn's step with cProfile")
+    args = parser.parse_args()
+    main(args.steps, args.profile)

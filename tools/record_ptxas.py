@@ -8,6 +8,7 @@ where there is one. Rerun this after changing the kernels (it needs nvcc 13.0 an
 
     python tools/record_ptxas.py
 """
+import argparse
 import datetime
 import hashlib
 import json
@@ -21,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 from bnlib import cuda  # noqa: E402
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     nvcc = shutil.which("nvcc")
     if nvcc is None or cuda.nvcc_version(nvcc) != (13, 0):
         sys.exit(f"needs nvcc 13.0 on the PATH, found {nvcc and cuda.nvcc_version(nvcc)}")
