@@ -293,10 +293,14 @@ def main(argv=None) -> int:
     if args.threads is not None and (args.threads < 1 or args.gpu):
         parser.error(f"--threads sets the CPU benchmark's threads and must be >= 1, got {args.threads}"
                      if args.threads < 1 else "--threads sets the CPU benchmark's threads; --gpu does not use it")
-    if args.json:                                   # before the run, not after it: the results would be lost
+    if args.json is not None:                       # before the run, not after it: the results would be lost
         folder = os.path.dirname(os.path.abspath(args.json))
+        if not args.json or args.json.endswith(("/", os.sep)) or os.path.isdir(args.json):
+            parser.error(f"--json {args.json!r}: give a file name (the JSON is written to it), not a folder")
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             parser.error(f"--json {args.json}: the folder {folder} does not exist or is not writable")
+        if os.path.exists(args.json) and not os.access(args.json, os.W_OK):
+            parser.error(f"--json {args.json}: the file exists and is not writable")
     if args.gpu:
         from bnlib import cuda                      # chapter 05; needs CuPy and a CUDA device
         if not cuda.available():

@@ -43,6 +43,8 @@ def stratified_split(y, test_fraction: float = 0.3, seed: int = 0):
     if not (isinstance(test_fraction, numbers.Real) and not isinstance(test_fraction, bool)
             and 0 < test_fraction < 1):
         raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(seed)
     test = []
     for label in np.unique(y):

@@ -36,7 +36,8 @@ def _load_state(layer, state, shapes, dtype, strict=True):
     Values may be NumPy arrays, numbers or torch tensors; arrays are stored in `dtype`."""
     if not hasattr(state, "keys"):
         raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
-    missing = [k for k in shapes if k not in state]
+    # as torch: a state dict without num_batches_tracked (saved before torch had it) loads; the layer keeps its count
+    missing = [k for k in shapes if k not in state and k != "num_batches_tracked"]
     unexpected = [k for k in state if k not in shapes]
     if strict and (missing or unexpected):
         raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected} "
@@ -81,6 +82,8 @@ class BatchNorm:
         momentum: running = (1 - momentum) * running + momentum * batch (default 0.1);
             None for a cumulative average over all batches seen
         affine: learn a per-channel scale `weight` and shift `bias` (default True)
+        bias: with affine, whether there is a shift `bias` (default True; False: `weight` only, as
+            torch.nn.BatchNorm2d(..., bias=False), whose state dicts then load); keyword only
         track_running_stats: keep running_mean / running_var / num_batches_tracked (default True);
             if False, batch statistics are used in evaluation too
         dtype: dtype of parameters and running statistics (default float32, as in torch; None too)
@@ -99,9 +102,11 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32):
+                 dtype=np.float32, *, bias=True):
         num_features = F._check_positive_int(num_features, "num_features")   # not a bool either
-        F._check_eps(eps)                                 # a finite number >= 0, not a bool
+        F._check_eps(eps)                                 # a finite number >= 0, not a bool (0: evaluation only)
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"bias must be True or False, got {bias!r}")
         F._check_momentum(momentum)                       # in [0, 1] or None, not a bool
         if dtype is None:                                 # as torch's dtype=None: the default, float32
             dtype = np.float32
@@ -116,9 +121,9 @@ class BatchNorm:
         self.dtype = np.dtype(dtype)
         c = self.num_features
         self.weight = np.ones(c, self.dtype) if affine else None
-        self.bias = np.zeros(c, self.dtype) if affine else None
+        self.bias = np.zeros(c, self.dtype) if affine and bias else None
         self.grad_weight = np.zeros(c, self.dtype) if affine else None
-        self.grad_bias = np.zeros(c, self.dtype) if affine else None
+        self.grad_bias = np.zeros(c, self.dtype) if affine and bias else None
         if track_running_stats:
             self.running_mean = np.zeros(c, self.dtype)
             self.running_var = np.ones(c, self.dtype)
@@ -149,6 +154,9 @@ class BatchNorm:
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels (num_features) in axis 1, "
                              f"got input of shape {tuple(x.shape)} with {x.shape[1]}")
+        if self._uses_batch_stats() and not self.eps > 0:     # as torch: a constant channel would give 0 / 0
+            raise ValueError(f"eps must be > 0 when batch statistics are used (training, or "
+                             f"track_running_stats=False), got {self.eps:g}: a constant channel would give NaN")
 
     # ---------------------------------------------------------------- forward / backward
     def forward(self, x):
@@ -181,15 +189,18 @@ class BatchNorm:
         kind, saved = self._cache
         if kind == "empty":
             F._check_dy(dy, saved.shape, saved.dtype)
-            if self.affine:
-                self.grad_weight[...], self.grad_bias[...] = 0, 0
+            for grad in (self.grad_weight, self.grad_bias):
+                if grad is not None:
+                    grad[...] = 0
             return dy.copy()
         if kind == "train":
             dx, dgamma, dbeta = F.batch_norm_backward(dy, saved)
         else:
             dx, dgamma, dbeta = self._inference_backward(dy, saved)
-        if self.affine:
-            self.grad_weight[...], self.grad_bias[...] = dgamma, dbeta
+        if self.grad_weight is not None:
+            self.grad_weight[...] = dgamma
+        if self.grad_bias is not None:
+            self.grad_bias[...] = dbeta
         return dx
 
     def _inference_backward(self, dy, x):
@@ -204,7 +215,7 @@ class BatchNorm:
 
     # ---------------------------------------------------------------- state
     def _state_keys(self):
-        keys = ["weight", "bias"] if self.affine else []
+        keys = [k for k in ("weight", "bias") if getattr(self, k) is not None]
         if self.track_running_stats:
             keys += ["running_mean", "running_var", "num_batches_tracked"]
         return keys
@@ -226,4 +237,5 @@ class BatchNorm:
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats})")
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+                f"{', bias=False' if self.affine and self.bias is None else ''})")

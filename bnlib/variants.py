@@ -76,21 +76,34 @@ _FLOAT_DTYPES = ("float16", "float32", "float64")
 
 def _check_eps_dtype(eps, dtype):
     F._check_eps(eps)
-    if np.dtype(dtype).name not in ("float32", "float64"):
-        raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+    if dtype is None:                                  # as torch's dtype=None (and layers.BatchNorm): float32
+        dtype = np.float32
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:                                  # e.g. torch.float32
+        name = None
+    if name not in ("float32", "float64"):
+        raise TypeError(f"dtype must be NumPy's float32 or float64, got {dtype!r}")
     return float(eps), np.dtype(dtype)
 
 
 def _check_array(x, name="x"):
     if not (isinstance(x, np.ndarray)):
         raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array: normalization would use the masked values too (and drop the "
+                        f"mask); pass the values to normalize as a plain array")
     if x.dtype.name not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float16, float32 or float64, got {x.dtype}")
 
 
 def _check_dy(dy, x_shape, x_dtype):
-    _check_array(dy, "dy")                             # a NumPy array, as the variants' inputs are
-    F._check_dy(dy, x_shape, x_dtype)                  # of the forward input's shape and dtype
+    """dy: a NumPy array of the forward input's shape and dtype (of any rank: LayerNorm takes unbatched input)."""
+    _check_array(dy, "dy")
+    if tuple(dy.shape) != tuple(x_shape):
+        raise ValueError(f"dy must have the shape of the forward input {tuple(x_shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != x_dtype:
+        raise TypeError(f"dy must have the dtype of the forward input ({x_dtype}), got {dy.dtype}")
 
 
 class _Normalization:
@@ -392,13 +405,15 @@ class BatchRenorm(BatchNorm):
         r_max >= 1, d_max >= 0: the clipping limits (default 1 and 0: plain BN); change them
             during training with set_limits(), e.g. from batch_renorm_limits(step)
         dtype: dtype of parameters and buffers (float32)
+        bias: whether there is a shift (default True; False: weight only, as BatchNorm's); keyword only
 
     Shape: input (N, C) or (N, C, *spatial); output the same. A call that raises changes no state.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, r_max=1.0, d_max=0.0, dtype=np.float32):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, r_max=1.0, d_max=0.0, dtype=np.float32, *,
+                 bias=True):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True,
-                         dtype=dtype)
+                         dtype=dtype, bias=bias)
         self.set_limits(r_max, d_max)
 
     def set_limits(self, r_max, d_max):
@@ -420,7 +435,9 @@ class BatchRenorm(BatchNorm):
         self._check_channels(x)
         _, stats = F.batch_norm_forward(x, None, None, self.eps)          # batch mean and variance
         r, d = self.correction(stats.mean, stats.var)
-        scale, shift = self.weight * r, self.weight * d + self.bias        # r = 1, d = 0: weight, bias exactly
+        scale, shift = self.weight * r, self.weight * d                    # r = 1, d = 0: weight, bias exactly
+        if self.bias is not None:
+            shift = shift + self.bias
         y, cache = F.batch_norm_forward(x, scale, shift, self.eps)
         steps = self.num_batches_tracked + 1
         mean, var = F.update_running_stats(self.running_mean, self.running_var, cache, self.momentum,
@@ -440,12 +457,13 @@ class BatchRenorm(BatchNorm):
         cache, r, d = self._cache[1]
         dx, sum_dy_xhat, sum_dy = F.batch_norm_backward(dy, cache)        # (C,): sum dy*x_hat, sum dy
         self.grad_weight[...] = r * sum_dy_xhat + d * sum_dy             # y = weight * (r x_hat + d) + bias
-        self.grad_bias[...] = sum_dy
+        if self.grad_bias is not None:
+            self.grad_bias[...] = sum_dy
         return dx
 
     def __repr__(self):
         return (f"BatchRenorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
-                f"r_max={self.r_max:g}, d_max={self.d_max:g})")
+                f"r_max={self.r_max:g}, d_max={self.d_max:g}{', bias=False' if self.bias is None else ''})")
 
 
 def batch_renorm_limits(step, warmup_steps=5000, r_max=3.0, r_max_step=40000, d_max=5.0, d_max_step=25000):
@@ -487,15 +505,16 @@ class GhostBatchNorm(BatchNorm):
 
     Args:
         num_features: C;  virtual_batch_size: examples per virtual batch
-        eps (1e-5), momentum (0.1; None: cumulative average), dtype (float32): as BatchNorm's
+        eps (1e-5), momentum (0.1; None: cumulative average), dtype (float32), bias (True; keyword only):
+            as BatchNorm's
 
     Shape: input (N, C) or (N, C, *spatial); output the same. A call that raises changes no state.
     """
 
-    def __init__(self, num_features, virtual_batch_size, eps=1e-5, momentum=0.1, dtype=np.float32):
+    def __init__(self, num_features, virtual_batch_size, eps=1e-5, momentum=0.1, dtype=np.float32, *, bias=True):
         self.virtual_batch_size = F._check_positive_int(virtual_batch_size, "virtual_batch_size")
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True,
-                         dtype=dtype)
+                         dtype=dtype, bias=bias)
 
     def forward(self, x):
         """Normalize each virtual batch with its own statistics (training); BatchNorm's map in evaluation."""
@@ -544,12 +563,14 @@ class GhostBatchNorm(BatchNorm):
             dx, dw, db = F.batch_norm_backward(dy[start:start + cache.x.shape[0]], cache)
             dxs.append(dx)
             grad_w, grad_b, start = grad_w + dw, grad_b + db, start + cache.x.shape[0]
-        self.grad_weight[...], self.grad_bias[...] = grad_w, grad_b
+        self.grad_weight[...] = grad_w
+        if self.grad_bias is not None:
+            self.grad_bias[...] = grad_b
         return np.concatenate(dxs, axis=0)
 
     def __repr__(self):
         return (f"GhostBatchNorm({self.num_features}, virtual_batch_size={self.virtual_batch_size}, "
-                f"eps={self.eps:g}, momentum={self.momentum})")
+                f"eps={self.eps:g}, momentum={self.momentum}{', bias=False' if self.bias is None else ''})")
 
 
 class FrozenBatchNorm(BatchNorm):
@@ -562,12 +583,14 @@ class FrozenBatchNorm(BatchNorm):
     (num_batches_tracked, if present, is ignored); state_dict() has weight, bias, running_mean,
     running_var.
 
-    Args: num_features (C), eps (1e-5; use the eps the statistics were trained with), dtype (float32).
+    Args: num_features (C), eps (1e-5; use the eps the statistics were trained with), dtype (float32),
+    bias (True; False for the state dict of a BatchNorm without a shift; keyword only).
     Shape: input (N, C) or (N, C, *spatial); output the same.
     """
 
-    def __init__(self, num_features, eps=1e-5, dtype=np.float32):
-        super().__init__(num_features, eps=eps, momentum=0.0, affine=True, track_running_stats=True, dtype=dtype)
+    def __init__(self, num_features, eps=1e-5, dtype=np.float32, *, bias=True):
+        super().__init__(num_features, eps=eps, momentum=0.0, affine=True, track_running_stats=True, dtype=dtype,
+                         bias=bias)
         self.grad_weight = self.grad_bias = None
         self.num_batches_tracked = None
 
@@ -575,7 +598,7 @@ class FrozenBatchNorm(BatchNorm):
         return False
 
     def _state_keys(self):
-        return ["weight", "bias", "running_mean", "running_var"]
+        return ["weight"] + (["bias"] if self.bias is not None else []) + ["running_mean", "running_var"]
 
     def load_state_dict(self, state, strict: bool = True):
         if hasattr(state, "keys") and "num_batches_tracked" in state:
@@ -590,4 +613,4 @@ class FrozenBatchNorm(BatchNorm):
         return dx
 
     def __repr__(self):
-        return f"FrozenBatchNorm({self.num_features}, eps={self.eps:g})"
+        return f"FrozenBatchNorm({self.num_features}, eps={self.eps:g}{', bias=False' if self.bias is None else ''})"

@@ -334,7 +334,10 @@ def test_far_mean_small_sigma_regression(cpu_backend):
     (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"), (["--gpu", "--threads", "2"], "--threads"),
     (["--compile"], "need --gpu"), (["--compile-budget", "5"], "need --gpu"),
     (["--gpu", "--compile", "--compile-budget", "0"], "--compile-budget"),
-    (["--json", "/nonexistent_folder_of_bnlib/out.json"], "does not exist")])
+    (["--json", "/nonexistent_folder_of_bnlib/out.json"], "does not exist"),
+    # a folder passed the check (its parent exists), and the JSON was lost after the whole run; "" wrote nothing
+    (["--json", "/tmp"], "not a folder"), (["--json", "/tmp/bnlib_no_such_folder/"], "not a folder"),
+    (["--json", ""], "not a folder")])
 def test_bench_command_line_refuses_bad_arguments_before_running(argv, words, monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench_cpu", lambda **kw: pytest.fail("the benchmark must not run"))
     with pytest.raises(SystemExit) as exit_info:

@@ -55,6 +55,11 @@ def test_stratified_split_checks_arguments():
         data.stratified_split(np.arange(10), test_fraction=1.5)
     with pytest.raises(TypeError, match="integer"):
         data.stratified_split(np.linspace(0, 1, 10))
+    for seed in (1.5, -1, None, True):                  # NumPy's own errors did not name the argument
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            data.stratified_split(np.arange(10) % 2, seed=seed)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        data.load_digits(seed=-1)
 
 
 def test_read_idx_valid_plain_and_gzip(tmp_path):

@@ -69,6 +69,53 @@ def test_state_dict_round_trip_with_torch():
     assert ours.running_mean[0] != 99
 
 
+def test_bias_false_is_torchs_weight_only_layer_and_its_state_dict_loads_both_ways():
+    theirs = torch.nn.BatchNorm2d(3, bias=False)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+    x = torch.randn(6, 3, 4, 4, requires_grad=True)
+    dy = torch.randn(6, 3, 4, 4)
+    ours = BatchNorm(3, bias=False).load_state_dict(theirs.state_dict())          # strict: no 'bias' key
+    assert ours.bias is None and ours.grad_bias is None and list(ours.state_dict()) == list(theirs.state_dict())
+    y = ours.forward(x.detach().numpy())
+    theirs(x).backward(dy)
+    np.testing.assert_allclose(y, theirs(x.detach()).detach().numpy(), atol=1e-5)   # (a second step for torch's stats)
+    dx = ours.backward(dy.numpy())
+    np.testing.assert_allclose(dx, x.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(ours.grad_weight, theirs.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+    assert "bias=False" in repr(ours)
+    torch.nn.BatchNorm2d(3, bias=False).load_state_dict({k: torch.as_tensor(v) for k, v in ours.state_dict().items()})
+    with pytest.raises(ValueError, match=r"unexpected keys \['bias'\]"):
+        BatchNorm(3, bias=False).load_state_dict(torch.nn.BatchNorm2d(3).state_dict())
+    with pytest.raises(TypeError, match="bias must be True or False"):
+        BatchNorm(3, bias=None)
+
+
+def test_a_state_dict_without_num_batches_tracked_loads_as_in_torch():
+    """torch loads a state dict saved before num_batches_tracked existed, strict or not, keeping the layer's count."""
+    old = {k: v for k, v in torch.nn.BatchNorm2d(3).state_dict().items() if k != "num_batches_tracked"}
+    old["running_mean"] = torch.full((3,), 2.0)
+    ours, theirs = BatchNorm(3), torch.nn.BatchNorm2d(3)
+    ours.num_batches_tracked = 7
+    theirs.num_batches_tracked.fill_(7)
+    ours.load_state_dict(old)
+    theirs.load_state_dict(old)
+    assert ours.num_batches_tracked == int(theirs.num_batches_tracked) == 7
+    np.testing.assert_array_equal(ours.running_mean, [2.0] * 3)
+
+
+def test_eps_zero_is_refused_with_batch_statistics_as_in_torch_and_allowed_in_evaluation():
+    x = np.ones((4, 2), np.float32)
+    for layer in (BatchNorm(2, eps=0.0), BatchNorm(2, eps=0.0, track_running_stats=False).eval()):
+        before = snapshot(layer)
+        with pytest.raises(ValueError, match="eps must be > 0 when batch statistics are used"):
+            layer.forward(x)                        # was NaN for the constant channels, without a word
+        assert_unchanged(layer, before)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        torch.nn.BatchNorm1d(2, eps=0.0)(torch.from_numpy(x))
+    np.testing.assert_array_equal(BatchNorm(2, eps=0.0).eval().forward(x), x)       # running var 1: finite
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_low_and_high_precision_torch_checkpoints_load_exactly(dtype):
     theirs = torch.nn.BatchNorm2d(4)
@@ -235,8 +282,10 @@ def test_one_value_per_channel_in_training_raises_like_torch(shape):
 
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")     # NumPy's warnings for 1/0, 0 * inf
 def test_eps_zero_constant_channel_is_nan_on_every_cpu_path():
-    """eps = 0 is allowed; a channel with zero variance then divides by zero. Every CPU path gives
-    NaN for that channel (as NumPy's 0 * inf does) and the same finite values elsewhere; none raises."""
+    """eps = 0 is allowed by the functional API (the layer refuses it with batch statistics, as torch); a channel
+    with zero variance then divides by zero. Every CPU path gives NaN for that channel (as NumPy's 0 * inf does)
+    and the same finite values elsewhere; none raises."""
+    from bnlib import functional as F
     from bnlib import cpu
     rng = np.random.default_rng(3)
     for shape in [(6, 3), (6, 3, 5), (70000, 3)]:              # the last one runs numba's threaded kernels
@@ -247,9 +296,8 @@ def test_eps_zero_constant_channel_is_nan_on_every_cpu_path():
         try:
             for backend in cpu.available_backends():
                 cpu.set_backend(backend)
-                layer = BatchNorm(3, eps=0.0)
-                y = layer.forward(x)
-                dx = layer.backward(np.ones_like(x))
+                y, cache = F.batch_norm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32), eps=0.0)
+                dx = F.batch_norm_backward(np.ones_like(x), cache)[0]
                 outputs[backend] = y, dx
         finally:
             cpu.set_backend(previous)

@@ -486,12 +486,56 @@ def _ghost_after_forward():
     return ghost
 
 
+def test_layer_norm_takes_unbatched_input_both_ways_and_dtype_none_is_float32():
+    """torch.nn.LayerNorm takes input of just normalized_shape (no batch axis), and so does the forward here; the
+    backward used to refuse the same shape for dy (it checked dy as batch-norm input, of 2 or more axes)."""
+    rng = np.random.default_rng(0)
+    ours, theirs = V.LayerNorm(5, dtype=np.float64), torch.nn.LayerNorm(5, dtype=torch.float64)
+    x, dy = rng.normal(1.0, 2.0, 5), rng.normal(size=5)
+    xt = torch.from_numpy(x).requires_grad_()
+    theirs(xt).backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(ours.forward(x), theirs(xt).detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(ours.backward(dy), xt.grad.numpy(), atol=1e-12)
+    np.testing.assert_allclose(ours.grad_weight, theirs.weight.grad.numpy(), atol=1e-12)
+    with pytest.raises(ValueError, match=r"dy must have the shape of the forward input \(5,\), got \(1, 5\)"):
+        ours.backward(dy[None])
+    for layer in (V.LayerNorm(3, dtype=None), V.GroupNorm(1, 3, dtype=None), V.InstanceNorm(3, affine=True, dtype=None)):
+        assert layer.weight.dtype == np.float32                 # as torch's dtype=None and layers.BatchNorm's
+
+
+@pytest.mark.parametrize("make", [lambda: V.BatchRenorm(3, bias=False), lambda: V.GhostBatchNorm(3, 8, bias=False)])
+def test_batch_norm_variants_without_a_bias_are_batch_norm_without_one(make):
+    """bias=False (torch.nn.BatchNorm2d's, a weight-only layer): BatchRenorm at r = 1, d = 0 and GhostBatchNorm with
+    one virtual batch are then BatchNorm(bias=False) bit for bit, with no bias gradient and no 'bias' key."""
+    rng = np.random.default_rng(0)
+    x, dy = rng.normal(size=(8, 3, 2)).astype(np.float32), rng.normal(size=(8, 3, 2)).astype(np.float32)
+    ours, plain = make(), BatchNorm(3, bias=False)
+    np.testing.assert_array_equal(ours.forward(x), plain.forward(x))
+    np.testing.assert_array_equal(ours.backward(dy), plain.backward(dy))
+    np.testing.assert_allclose(ours.grad_weight, plain.grad_weight, rtol=1e-6)
+    assert ours.grad_bias is None and "bias" not in ours.state_dict() and "bias=False" in repr(ours)
+
+
+def test_frozen_batch_norm_loads_a_weight_only_checkpoint():
+    theirs = torch.nn.BatchNorm2d(3, bias=False).eval()
+    with torch.no_grad():
+        theirs.running_var.uniform_(0.5, 2.0)
+        theirs.running_mean.normal_()
+        theirs.weight.uniform_(0.5, 1.5)
+    frozen = V.FrozenBatchNorm(3, bias=False).load_state_dict(theirs.state_dict())     # strict
+    x = np.random.default_rng(1).normal(size=(2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(frozen.forward(x), theirs(torch.from_numpy(x)).detach().numpy(), atol=1e-6)
+    assert list(frozen.state_dict()) == ["weight", "running_mean", "running_var"]
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda: V.LayerNorm(0), ValueError, "normalized_shape"),
     (lambda: V.LayerNorm("4"), TypeError, "normalized_shape"),
     (lambda: V.GroupNorm(4, 6), ValueError, "divisible"),
     (lambda: V.GroupNorm(2, 6, eps=-1), ValueError, "eps"),
     (lambda: V.GroupNorm(2, 6, dtype=np.int32), TypeError, "dtype"),
+    (lambda: V.LayerNorm(3, dtype=torch.float32), TypeError, "dtype must be NumPy's float32 or float64, got torch"),
+    (lambda: V.LayerNorm(2)(np.ma.masked_array(np.ones((3, 2)), mask=[[0, 1]] * 3)), TypeError, "x is a masked array"),
     (lambda: V.InstanceNorm(3, momentum=None), ValueError, "momentum"),
     (lambda: V.BatchRenorm(3, r_max=0.5), ValueError, "r_max"),
     (lambda: V.BatchRenorm(3, d_max=-1), ValueError, "d_max"),
