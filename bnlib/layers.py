@@ -70,6 +70,20 @@ def _load_state(layer, state, shapes, dtype, strict=True):
     return layer
 
 
+def _check_param_dtype(dtype):
+    """The dtype of a layer's parameters and buffers: NumPy's float32 or float64 (None: float32, as torch's
+    dtype=None), else a TypeError naming dtype (a torch dtype such as torch.float32 included)."""
+    if dtype is None:
+        dtype = np.float32
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:                                 # e.g. torch.float32
+        name = None
+    if name not in ("float32", "float64"):
+        raise TypeError(f"dtype must be NumPy's float32 or float64, got {dtype!r}")
+    return np.dtype(dtype)
+
+
 class BatchNorm:
     """Batch normalization layer for NumPy arrays, with PyTorch's conventions.
 
@@ -108,14 +122,7 @@ class BatchNorm:
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be True or False, got {bias!r}")
         F._check_momentum(momentum)                       # in [0, 1] or None, not a bool
-        if dtype is None:                                 # as torch's dtype=None: the default, float32
-            dtype = np.float32
-        try:
-            name = np.dtype(dtype).name
-        except TypeError:                                 # e.g. torch.float32
-            name = None
-        if name not in ("float32", "float64"):
-            raise TypeError(f"dtype must be NumPy's float32 or float64, got {dtype!r}")
+        dtype = _check_param_dtype(dtype)
         self.num_features, self.eps, self.momentum = num_features, float(eps), momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         self.dtype = np.dtype(dtype)

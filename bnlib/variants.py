@@ -10,7 +10,7 @@ import operator
 import numpy as np
 
 from bnlib import functional as F
-from bnlib.layers import BatchNorm, _load_state, _state_copies
+from bnlib.layers import BatchNorm, _check_param_dtype, _load_state, _state_copies
 from bnlib.stats import accumulation_dtype, channel_shape, reduction_axes
 
 
@@ -76,15 +76,7 @@ _FLOAT_DTYPES = ("float16", "float32", "float64")
 
 def _check_eps_dtype(eps, dtype):
     F._check_eps(eps)
-    if dtype is None:                                  # as torch's dtype=None (and layers.BatchNorm): float32
-        dtype = np.float32
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:                                  # e.g. torch.float32
-        name = None
-    if name not in ("float32", "float64"):
-        raise TypeError(f"dtype must be NumPy's float32 or float64, got {dtype!r}")
-    return float(eps), np.dtype(dtype)
+    return float(eps), _check_param_dtype(dtype)       # float32 or float64; None: float32, as layers.BatchNorm
 
 
 def _check_array(x, name="x"):
