@@ -111,15 +111,15 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
     training step. shapes: default CPU_SHAPES.
     """
     import torch
-    shapes = CPU_SHAPES if shapes is None else shapes
+    shapes = list(CPU_SHAPES if shapes is None else shapes)      # (a generator is read once, here)
     for shape in shapes:                       # everything is checked before any timing or thread count changes
-        if (not isinstance(shape, (tuple, list)) or len(shape) < 2
+        if (not isinstance(shape, (tuple, list, np.ndarray)) or len(shape) < 2
                 or not all(isinstance(n, numbers.Integral) and n >= 1 for n in shape)):
             raise ValueError(f"shapes must be a list of shapes (N, C, *spatial) with positive sizes, got {shape!r} "
                              f"in it")
         if np.prod(shape) // shape[1] < 2:     # torch refuses a training batch of one value per channel
             raise ValueError(f"shape {tuple(shape)} has 1 value per channel: batch statistics need at least 2")
-    shapes = [tuple(s) for s in shapes]
+    shapes = [tuple(int(n) for n in s) for s in shapes]
     repeats = F._check_positive_int(repeats, "repeats")
     if threads is not None:
         F._check_positive_int(threads, "threads (or None: torch's count)")

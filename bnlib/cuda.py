@@ -1356,7 +1356,8 @@ def _requested_workspace():
     stream, captured): bytes}: per buffer, the size of the largest request, that is, the buffers the calls
     would keep if no thread had one yet. bench_gpu reports it per case, where workspace_bytes() (every buffer
     held) would charge a case with the largest buffer any earlier case needed. Every thread's requests count
-    (torch runs the backward of CUDA tensors on a thread of its own); not reentrant."""
+    (torch runs the backward of CUDA tensors on a thread of its own) while the block is open: open it around
+    calls whose threads end inside it (autograd's backward() waits for its thread); not reentrant."""
     global _workspace_requests
     if _workspace_requests is not None:
         raise RuntimeError("_requested_workspace() is already counting")
@@ -1387,9 +1388,10 @@ def _workspace(owner: str, dev: int, stream_ptr: int, nbytes: int, allocate, cap
         with _workspace_lock:
             _workspace_caches[id(cache)] = cache
     key = (owner, dev, stream_ptr, captured)
-    if _workspace_requests is not None:                    # _requested_workspace() is counting
+    requests = _workspace_requests                         # read once: another thread may end the count
+    if requests is not None:                               # _requested_workspace() is counting
         counted = (threading.get_ident(),) + key
-        _workspace_requests[counted] = max(_workspace_requests.get(counted, 0), nbytes, _MIN_WORKSPACE)
+        requests[counted] = max(requests.get(counted, 0), nbytes, _MIN_WORKSPACE)
     entry = cache.get(key)
     if entry is None or entry[1] < nbytes:
         size = max(nbytes, _MIN_WORKSPACE)

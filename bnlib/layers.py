@@ -32,7 +32,8 @@ def _state_copies(layer, shapes):
 def _load_state(layer, state, shapes, dtype, strict=True):
     """load_state_dict() of a NumPy layer. `shapes`: key -> expected shape, or None for a non-negative
     integer scalar. Every key, shape and dtype is checked before anything is assigned, so a load that
-    raises changes nothing; strict=False ignores missing and unexpected keys (shapes still checked).
+    raises changes nothing; strict=False ignores missing and unexpected keys (shapes still checked), and a
+    missing num_batches_tracked is allowed either way (the layer keeps its count).
     Values may be NumPy arrays, numbers or torch tensors; arrays are stored in `dtype`."""
     if not hasattr(state, "keys"):
         raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
@@ -92,7 +93,8 @@ class BatchNorm:
 
     Args:
         num_features: C, the number of channels of the (N, C, *spatial) input
-        eps: added to the variance inside the square root (default 1e-5)
+        eps: added to the variance inside the square root (default 1e-5); 0 only where running
+            statistics are used (as torch, batch statistics need eps > 0)
         momentum: running = (1 - momentum) * running + momentum * batch (default 0.1);
             None for a cumulative average over all batches seen
         affine: learn a per-channel scale `weight` and shift `bias` (default True)
@@ -118,7 +120,7 @@ class BatchNorm:
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  dtype=np.float32, *, bias=True):
         num_features = F._check_positive_int(num_features, "num_features")   # not a bool either
-        F._check_eps(eps)                                 # a finite number >= 0, not a bool (0: evaluation only)
+        F._check_eps(eps)                                 # a finite number >= 0, not a bool (0: with running statistics only)
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be True or False, got {bias!r}")
         F._check_momentum(momentum)                       # in [0, 1] or None, not a bool
@@ -238,7 +240,9 @@ class BatchNorm:
         """Load a state dict (NumPy arrays or torch tensors, e.g. from torch.nn.BatchNorm2d).
 
         Every key, shape and dtype is checked before anything is assigned: a load that raises
-        changes nothing. strict=False ignores missing and unexpected keys (shapes still checked).
+        changes nothing. strict=False ignores missing and unexpected keys (shapes still checked). A state
+        dict without num_batches_tracked loads either way, the layer keeping its count, as torch loads one
+        without its version record (torch refuses a current state_dict() with the key deleted).
         """
         return _load_state(self, state, self._state_shapes(), self.dtype, strict)
 

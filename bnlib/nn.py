@@ -1030,7 +1030,8 @@ def precise_bn(model, batches, variance="pooled", device=None):
     variance="batch" (update_bn's estimate): the average of the calls' means and unbiased variances.
     num_batches_tracked counts the layer's calls; momentum is kept; a layer no batch reaches keeps its
     statistics, and calls on empty batches are skipped (not counted either, unless a SyncBatchNorm's group had
-    values). A layer with momentum 0, whose statistics training
+    values). A layer the batches reach only in evaluation mode (a model whose train() keeps it so) keeps its
+    statistics with variance="batch" (it updates nothing) and gets those of what it received with "pooled". A layer with momentum 0, whose statistics training
     never changes, is left exactly as it was (num_batches_tracked too), as bnlib.train.precise_bn leaves
     it (update_bn would recompute it). Every module is left in the mode (train or eval) it
     was in; if a forward raises, every layer gets its buffers back. The pooled statistics are this process's
@@ -1047,12 +1048,14 @@ def precise_bn(model, batches, variance="pooled", device=None):
     modes = [(m, m.training) for m in model.modules()]
     totals = {layer: Moments(0, None, None) for layer in layers}      # what each layer received (float64)
 
-    empty_before = {}                                                  # layer: running_mean before an empty call
+    empty_before = {}                    # layer: (running_mean, running_var, num_batches_tracked) before an empty call
 
     def record(layer, args, kwargs):
         x = (args[0] if args else next(iter(kwargs.values()))).detach()   # input= (torch), x= (bnlib)
-        if x.numel() == 0:
-            empty_before[layer] = layer.running_mean.clone()
+        empty_before.pop(layer, None)                                  # (an earlier call that raised)
+        if x.numel() == 0 and layer.num_batches_tracked is not None:
+            empty_before[layer] = (layer.running_mean.clone(), layer.running_var.clone(),
+                                   int(layer.num_batches_tracked))
         if variance == "batch":                                        # only whether the layer was reached
             totals[layer] = totals[layer]._replace(count=totals[layer].count + x.numel() // x.shape[1])
             return
@@ -1060,11 +1063,17 @@ def precise_bn(model, batches, variance="pooled", device=None):
         totals[layer] = merge_moments(totals[layer], Moments(local.count, local.mean.double(), local.m2.double()))
 
     def uncount_empty(layer, args, kwargs, output):
-        """An empty call that left the statistics as they were (every empty call but a SyncBatchNorm's whose group
-        had values) is not counted: torch's layers and bnlib's count it, and with momentum=None the count sets
-        the weight of every later call (A, empty, B would average A's and B's means as 2/3 and 1/3)."""
+        """An empty call that counted itself and left the statistics as they were (every empty call in training
+        mode but a SyncBatchNorm's whose group had values) is not counted: torch's layers and bnlib's count it,
+        and with momentum=None the count sets the weight of every later call (A, empty, B would average A's and
+        B's means as 2/3 and 1/3). A layer that stayed in evaluation mode counted nothing and is left alone."""
         before = empty_before.pop(layer, None)
-        if before is not None and layer.num_batches_tracked is not None and torch.equal(before, layer.running_mean):
+        if before is None:
+            return
+        mean, var, count = before
+        same = all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+                   for a, b in ((mean, layer.running_mean), (var, layer.running_var)))
+        if same and int(layer.num_batches_tracked) == count + 1:
             layer.num_batches_tracked.sub_(1)
 
     hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
@@ -1093,7 +1102,9 @@ def precise_bn(model, batches, variance="pooled", device=None):
             hook.remove()
         for layer, momentum, state in zip(layers, momenta, saved):
             layer.momentum = momentum
-            if not done or totals[layer].count == 0:                  # a failed call, or a layer never reached
+            untrained = (variance == "batch" and layer.num_batches_tracked is not None
+                         and int(layer.num_batches_tracked) == 0)     # reached only in evaluation mode
+            if not done or totals[layer].count == 0 or untrained:     # a failed call, or a layer never reached
                 layer.load_state_dict(state)
         for layer, state in zip(frozen, frozen_saved):                # the pass counted its batches: undone
             layer.load_state_dict(state)

@@ -109,7 +109,11 @@ def welford(x, chunk_size: int = 1) -> Moments:
     for teaching and for checking the fast paths.
     """
     chunk_size = _check_positive_int(chunk_size, "chunk_size")
-    total = moments(x[:0])                  # count 0 and zeros, as moments of no values; checks x's type too
+    if not (hasattr(x, "dtype") and hasattr(x, "ndim")):
+        raise TypeError(f"welford needs an array of shape (N, C, *spatial), got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"welford needs an array of shape (N, C, *spatial), got shape {x.shape}")
+    total = moments(x[:0])                  # count 0 and zeros, as moments of no values (and its dtype check)
     for start in range(0, x.shape[0], chunk_size):
         total = merge_moments(total, moments(x[start:start + chunk_size]))
     return total

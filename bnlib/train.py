@@ -462,7 +462,8 @@ def precise_bn(model, x_train, batch_size, num_batches=200, seed=0, variance="po
     for n values per batch: half at 2). num_batches_tracked counts the pass's batches either way. During
     the pass the layers normalize with batch statistics; a layer whose training output also depends on its
     running statistics (bnlib.variants.BatchRenorm with relaxed limits) sees them rebuilt from reset values.
-    A layer listed twice in model.norm_layers() is refused.
+    A layer listed twice in model.norm_layers() is refused, and so is a bnlib.variants.InstanceNorm with
+    running statistics (they average per-example statistics, and it has no cumulative average).
     Layers whose statistics training leaves alone (momentum 0, as bnlib.variants.FrozenBatchNorm) and
     layers without running statistics keep their state exactly. Afterwards every layer has its
     momentum back and is in the mode (training or evaluation) it was in; if a forward pass raises,

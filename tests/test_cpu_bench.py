@@ -75,6 +75,15 @@ def test_bench_refuses_bad_arguments_before_changing_thread_counts(kwargs, words
     assert calls == []
 
 
+def test_bench_takes_shapes_from_a_generator_and_as_array_rows(monkeypatch):
+    """The checks read the shapes before the run: a generator must still give its shapes to the run (checking
+    used it up once, and the benchmark timed nothing), and rows of a NumPy array are shapes too."""
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *a, **k: 1e10)
+    for shapes in ((s for s in [(8, 4)]), np.array([[8, 4]])):
+        rows = bench.bench_cpu(shapes=shapes, repeats=1, backends=["numpy"], progress=False)
+        assert [r["shape"] for r in rows] == [[8, 4], [8, 4]] and all(type(n) is int for n in rows[0]["shape"])
+
+
 def test_bench_refuses_a_backend_name_given_as_a_string_and_median_ms_zero_repeats(monkeypatch):
     monkeypatch.setattr(bench, "copy_bandwidth", lambda *a, **k: pytest.fail("timed before the check"))
     with pytest.raises(TypeError, match=r"backends must be a list .*\['numpy'\], got the string 'numpy'"):

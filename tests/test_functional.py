@@ -396,8 +396,14 @@ def test_moments_and_welford_refuse_what_they_would_get_wrong():
         stats.welford(np.ones((0, 2))).var          # no values: a clear error, not None / 0
     empty = stats.welford(np.ones((0, 2)))          # as moments of no values: count 0 and zeros (was None)
     assert empty.count == 0 and np.array_equal(empty.mean, np.zeros(2)) and np.array_equal(empty.m2, np.zeros(2))
-    with pytest.raises(TypeError, match="floating-point array, got list"):
+    with pytest.raises(TypeError, match="welford needs an array of shape .*, got list"):
         stats.welford([[1.0, 2.0]])                 # was an AttributeError on .shape
+    with pytest.raises(TypeError, match="welford needs an array .*, got int"):
+        stats.welford(5)
+    with pytest.raises(ValueError, match=r"welford needs an array .*, got shape \(3,\)"):
+        stats.welford(np.ones(3))
+    with pytest.raises(TypeError, match="floating-point"):
+        stats.welford(np.ones((4, 2), np.int64))     # moments' dtype check, before any chunk
     masked = np.ma.masked_array(np.arange(8.0).reshape(4, 2), mask=[[0, 0], [0, 0], [0, 0], [1, 0]])
     with pytest.raises(TypeError, match="x is a masked array"):
         F.batch_norm_forward(masked)                # its mask would be ignored: the masked 6.0 in the statistics

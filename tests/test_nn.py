@@ -2121,3 +2121,39 @@ def test_precise_bn_counts_an_empty_call_that_changed_the_statistics():
     expected = torch.stack([a.mean(0), _GroupHadValues.group_values.mean(0), b.mean(0)]).mean(0)
     torch.testing.assert_close(layer.running_mean, expected)              # three calls of equal weight
     assert int(layer.num_batches_tracked) == 3
+
+
+class _KeepsBatchNormInEval(torch.nn.Sequential):
+    """A model whose train() keeps its batch norm in evaluation mode (frozen statistics while the rest trains)."""
+
+    def train(self, mode=True):
+        super().train(mode)
+        self[0].eval()
+        return self
+
+
+@pytest.mark.parametrize("make", [torch.nn.BatchNorm1d, bnn.BatchNorm1d])
+def test_precise_bn_leaves_a_layer_kept_in_evaluation_mode_alone_with_batch_variance(make):
+    """Reached only in evaluation mode, the layer updates and counts nothing: with variance="batch" it keeps its
+    statistics (it used to be reset to 0 and 1), and empty calls, which it did not count, are not uncounted (its
+    count went to -2). With "pooled" it gets the moments of what it received."""
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3) + 1, torch.randn(0, 3), torch.randn(0, 3)]
+    model = _KeepsBatchNormInEval(make(3))
+    with torch.no_grad():
+        model[0].running_mean.fill_(3.0)
+    model[0].num_batches_tracked.fill_(5)
+    bnn.precise_bn(model, batches, variance="batch")
+    torch.testing.assert_close(model[0].running_mean, torch.full((3,), 3.0))
+    assert int(model[0].num_batches_tracked) == 5
+    bnn.precise_bn(model, batches)
+    torch.testing.assert_close(model[0].running_mean, batches[0].mean(0))
+    assert int(model[0].num_batches_tracked) >= 0
+
+
+def test_precise_bn_uncounts_an_empty_call_after_a_nan_batch():
+    """The empty call leaves NaN statistics as they were: it is not counted (a bitwise comparison, NaN != NaN,
+    counted it)."""
+    model = torch.nn.Sequential(bnn.BatchNorm1d(3))
+    bnn.precise_bn(model, [torch.full((4, 3), float("nan")), torch.randn(0, 3), torch.randn(4, 3)], variance="batch")
+    assert int(model[0].num_batches_tracked) == 2

@@ -623,7 +623,9 @@ def test_load_state_checks_everything_before_it_assigns_anything():
     three = train.MLP([6, 8, 3], norm=BatchNorm, n_models=3, seed=1)
     one, plain_one = train.MLP([6, 8, 3], norm=BatchNorm, n_models=1), train.MLP([6, 8, 3], n_models=1)
     before = three.state()
-    params, norms = three.state()
+    params, norms = train.MLP([6, 8, 3], norm=BatchNorm, n_models=3, seed=5).state()   # another model's state
+    for s in norms:
+        s["running_mean"] = s["running_mean"] + 1.0                  # so that a half-done load would show
     wrong_layer_state = [dict(s) for s in norms]
     wrong_layer_state[2]["running_mean"] = np.zeros(5, np.float32)      # the last layer refuses its state dict
     for bad, error, match in [(one.state(), ValueError, "missing"), ((params, norms[:1]), ValueError, "holds 1"),

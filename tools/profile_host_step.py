@@ -116,9 +116,12 @@ def main(steps=3000, profile=False):
 
 
 def _positive_int(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"steps must be a positive integer, got {text!r}")
     return value
 
 
