@@ -859,7 +859,8 @@ def _dtype_of(t):
 class SyncBatchNorm(_BatchNorm):
     r"""Batch normalization with statistics over all processes of a torch.distributed group:
     torch.nn.SyncBatchNorm's drop-in, for CPU tensors (gloo backend) and CUDA tensors (NCCL backend;
-    that path passed its one-GPU test, a one-process group, on an H200; across two GPUs it has not run).
+    that path passed its one-GPU test, a one-process group, on an H200 on 2026-11-28, by our reading of the
+    record, which keeps counts; across two GPUs it has not run).
 
     Args: as BatchNorm1d, plus process_group (default: the whole world).
     Shape: input (N, C, *spatial); output the same. Processes may hold different batch sizes, an
@@ -1025,13 +1026,15 @@ def precise_bn(model, batches, variance="pooled", device=None):
     Every batch-norm layer (torch's or bnlib's, track_running_stats=True) that the batches reach then holds:
     variance="pooled" (the default; Wu and Johnson's PreciseBN, fvcore's update_bn_stats): the mean and the
         variance of every value the layer received, per channel, the batches (and the calls of a layer used
-        more than once per forward) pooled, divided by the count; each call's moments are taken as
-        SyncBatchNorm takes them (float32, float64 for float64 input) and merged in float64 with Chan's formula;
+        more than once per forward) pooled, divided by the count; each call's moments are taken in float32
+        (float64 for float64 input) and merged in float64 with Chan's formula;
     variance="batch" (update_bn's estimate): the average of the calls' means and unbiased variances.
     num_batches_tracked counts the layer's calls; momentum is kept; a layer no batch reaches keeps its
     statistics, and calls on empty batches are skipped (not counted either, unless a SyncBatchNorm's group had
-    values). A layer the batches reach only in evaluation mode (a model whose train() keeps it so) keeps its
-    statistics with variance="batch" (it updates nothing) and gets those of what it received with "pooled". A layer with momentum 0, whose statistics training
+    values). A layer that model.train() leaves in evaluation mode (a model whose train() keeps a frozen part so)
+    is left exactly as it was and normalizes with its own statistics during the pass, as fvcore's
+    get_bn_modules selects only layers in training mode (update_bn would reset it, and it would normalize with
+    0 and 1 for the layers after it). A layer with momentum 0, whose statistics training
     never changes, is left exactly as it was (num_batches_tracked too), as bnlib.train.precise_bn leaves
     it (update_bn would recompute it). Every module is left in the mode (train or eval) it
     was in; if a forward raises, every layer gets its buffers back. The pooled statistics are this process's
@@ -1041,11 +1044,19 @@ def precise_bn(model, batches, variance="pooled", device=None):
     _check_module(model, "precise_bn")
     if variance not in ("pooled", "batch"):
         raise ValueError(f'variance must be "pooled" (Wu and Johnson) or "batch" (update_bn), got {variance!r}')
-    layers, frozen = _bn_layers(model)
+    candidates, frozen = _bn_layers(model)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train()                                  # as update_bn; then only the layers in training mode
+        layers = [layer for layer in candidates if layer.training]
+        frozen = frozen + [layer for layer in candidates if not layer.training]   # kept in evaluation: left alone
+    except BaseException:
+        for m, mode in modes:
+            m.train(mode)
+        raise
     saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
     frozen_saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in frozen]
     momenta = [layer.momentum for layer in layers]
-    modes = [(m, m.training) for m in model.modules()]
     totals = {layer: Moments(0, None, None) for layer in layers}      # what each layer received (float64)
 
     empty_before = {}                    # layer: (running_mean, running_var, num_batches_tracked) before an empty call
@@ -1083,7 +1094,6 @@ def precise_bn(model, batches, variance="pooled", device=None):
         for layer in layers:
             layer.reset_running_stats()
             layer.momentum = None                                      # a cumulative average
-        model.train()
         count = 0
         with torch.no_grad():
             for batch in batches:
@@ -1103,7 +1113,7 @@ def precise_bn(model, batches, variance="pooled", device=None):
         for layer, momentum, state in zip(layers, momenta, saved):
             layer.momentum = momentum
             untrained = (variance == "batch" and layer.num_batches_tracked is not None
-                         and int(layer.num_batches_tracked) == 0)     # reached only in evaluation mode
+                         and int(layer.num_batches_tracked) == 0)     # switched to evaluation mode during the pass
             if not done or totals[layer].count == 0 or untrained:     # a failed call, or a layer never reached
                 layer.load_state_dict(state)
         for layer, state in zip(frozen, frozen_saved):                # the pass counted its batches: undone

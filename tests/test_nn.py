@@ -2124,31 +2124,36 @@ def test_precise_bn_counts_an_empty_call_that_changed_the_statistics():
 
 
 class _KeepsBatchNormInEval(torch.nn.Sequential):
-    """A model whose train() keeps its batch norm in evaluation mode (frozen statistics while the rest trains)."""
+    """A model whose train() keeps its first batch norm (a frozen part) in evaluation mode."""
 
     def train(self, mode=True):
         super().train(mode)
-        self[0].eval()
+        self[1].eval()
         return self
 
 
-@pytest.mark.parametrize("make", [torch.nn.BatchNorm1d, bnn.BatchNorm1d])
-def test_precise_bn_leaves_a_layer_kept_in_evaluation_mode_alone_with_batch_variance(make):
-    """Reached only in evaluation mode, the layer updates and counts nothing: with variance="batch" it keeps its
-    statistics (it used to be reset to 0 and 1), and empty calls, which it did not count, are not uncounted (its
-    count went to -2). With "pooled" it gets the moments of what it received."""
+@pytest.mark.parametrize("make", [torch.nn.BatchNorm2d, bnn.BatchNorm2d])
+@pytest.mark.parametrize("variance", ["batch", "pooled"])
+def test_precise_bn_leaves_a_layer_kept_in_evaluation_mode_alone_and_recomputes_the_next(make, variance):
+    """A layer the model's train() keeps in evaluation mode is not selected (as fvcore's get_bn_modules): it keeps
+    its statistics and normalizes with them during the pass, so that the next layer's recomputed statistics are
+    those of the activations the model produces. It used to be reset to 0 and 1 (update_bn's way) for the pass,
+    which also corrupted the next layer's statistics, and with "pooled" it was overwritten."""
     torch.manual_seed(0)
-    batches = [torch.randn(4, 3) + 1, torch.randn(0, 3), torch.randn(0, 3)]
-    model = _KeepsBatchNormInEval(make(3))
+    model = _KeepsBatchNormInEval(torch.nn.Conv2d(3, 3, 1), make(3), torch.nn.Conv2d(3, 3, 1), make(3))
     with torch.no_grad():
-        model[0].running_mean.fill_(3.0)
-    model[0].num_batches_tracked.fill_(5)
-    bnn.precise_bn(model, batches, variance="batch")
-    torch.testing.assert_close(model[0].running_mean, torch.full((3,), 3.0))
-    assert int(model[0].num_batches_tracked) == 5
-    bnn.precise_bn(model, batches)
-    torch.testing.assert_close(model[0].running_mean, batches[0].mean(0))
-    assert int(model[0].num_batches_tracked) >= 0
+        model[1].running_mean.fill_(5.0)
+        model[1].running_var.fill_(9.0)
+    model[1].num_batches_tracked.fill_(7)
+    batches = [torch.randn(8, 3, 4, 4) for _ in range(6)] + [torch.randn(0, 3, 4, 4)]
+    bnn.precise_bn(model, batches, variance=variance)
+    torch.testing.assert_close(model[1].running_mean, torch.full((3,), 5.0))
+    torch.testing.assert_close(model[1].running_var, torch.full((3,), 9.0))
+    assert int(model[1].num_batches_tracked) == 7 and int(model[3].num_batches_tracked) == 6
+    with torch.no_grad():
+        model.eval()
+        inputs = torch.cat([model[2](model[1](model[0](b))) for b in batches])       # what the next layer sees
+    torch.testing.assert_close(model[3].running_mean, inputs.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
 
 
 def test_precise_bn_uncounts_an_empty_call_after_a_nan_batch():
