@@ -29,6 +29,13 @@ class Dataset(NamedTuple):
     y_test: np.ndarray
 
 
+def _check_seed(seed, name="seed"):
+    """A seed argument: an integer >= 0 (NumPy's generators are seeded with it, alone or with a model's index;
+    bnlib.train checks its seeds with this too)."""
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
+        raise ValueError(f"{name} must be an integer >= 0, got {seed!r}")
+
+
 def stratified_split(y, test_fraction: float = 0.3, seed: int = 0):
     """Indices (train, test) with each class split in the same proportion, fixed by ``seed``.
 
@@ -43,8 +50,7 @@ def stratified_split(y, test_fraction: float = 0.3, seed: int = 0):
     if not (isinstance(test_fraction, numbers.Real) and not isinstance(test_fraction, bool)
             and 0 < test_fraction < 1):
         raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
-    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    _check_seed(seed)
     rng = np.random.default_rng(seed)
     test = []
     for label in np.unique(y):

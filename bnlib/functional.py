@@ -212,8 +212,13 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
 
 def _check_dy(dy, x_shape, x_dtype):
     """dy for a forward input of shape x_shape and dtype x_dtype: an array of that shape and dtype.
-    (The layers of chapters 04 and 08 check their dy with it too.)"""
+    (The layers of chapter 04 check their dy with it too.)"""
     _check_input(dy, "dy")
+    _check_like_input(dy, x_shape, x_dtype)
+
+
+def _check_like_input(dy, x_shape, x_dtype):
+    """The shape and dtype half of _check_dy (chapter 08's layers, which take inputs of any rank, use it alone)."""
     if tuple(dy.shape) != tuple(x_shape):
         raise ValueError(f"dy must have the shape of the forward input {tuple(x_shape)}, got {tuple(dy.shape)}")
     if dy.dtype != x_dtype:

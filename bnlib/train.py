@@ -9,16 +9,12 @@ import sys
 
 import numpy as np
 
+from bnlib.data import _check_seed
+
 
 def _is_int(value):
     """An integer argument: Python's or NumPy's, not a bool (True would pass for 1)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_seed(seed, name="seed"):
-    """A seed argument: an integer >= 0 (NumPy's generators are seeded with it, alone or with a model's index)."""
-    if not (_is_int(seed) and seed >= 0):
-        raise ValueError(f"{name} must be an integer >= 0, got {seed!r}")
 
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
@@ -268,7 +264,11 @@ def cross_entropy(logits, y):
     """
     if np.ndim(logits) != 3:
         raise ValueError(f"logits must have shape (M, N, classes), got {np.shape(logits)}")
-    y = check_labels(y, logits.shape[1], logits.shape[2], n_models=logits.shape[0])
+    return _cross_entropy(logits, check_labels(y, logits.shape[1], logits.shape[2], n_models=logits.shape[0]))
+
+
+def _cross_entropy(logits, y):
+    """cross_entropy for labels already checked (loss_and_grads checks them before the forward pass)."""
     z = logits - logits.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     y = np.broadcast_to(y, logits.shape[:2])
@@ -317,7 +317,7 @@ def loss_and_grads(model, x, y):
     x = _check_inputs(model, x, "x")
     y = check_labels(y, x.shape[-2], model.sizes[-1], n_models=model.n_models)
     logits = model.forward(x)
-    loss, dlogits = cross_entropy(logits, y)
+    loss, dlogits = _cross_entropy(logits, y)
     return loss, model.backward(dlogits.astype(model.dtype, copy=False))
 
 

@@ -92,10 +92,7 @@ def _check_array(x, name="x"):
 def _check_dy(dy, x_shape, x_dtype):
     """dy: a NumPy array of the forward input's shape and dtype (of any rank: LayerNorm takes unbatched input)."""
     _check_array(dy, "dy")
-    if tuple(dy.shape) != tuple(x_shape):
-        raise ValueError(f"dy must have the shape of the forward input {tuple(x_shape)}, got {tuple(dy.shape)}")
-    if dy.dtype != x_dtype:
-        raise TypeError(f"dy must have the dtype of the forward input ({x_dtype}), got {dy.dtype}")
+    F._check_like_input(dy, x_shape, x_dtype)
 
 
 class _Normalization:
@@ -590,7 +587,7 @@ class FrozenBatchNorm(BatchNorm):
         return False
 
     def _state_keys(self):
-        return ["weight"] + (["bias"] if self.bias is not None else []) + ["running_mean", "running_var"]
+        return [k for k in super()._state_keys() if k != "num_batches_tracked"]   # BatchNorm's keys but the count
 
     def load_state_dict(self, state, strict: bool = True):
         if hasattr(state, "keys") and "num_batches_tracked" in state:

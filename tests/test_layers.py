@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bnlib.layers import BatchNorm
+from bnlib.nn import _TORCH_BN_HAS_BIAS
 
 pytestmark = pytest.mark.usefixtures("cpu_backend")
 
@@ -69,8 +70,7 @@ def test_state_dict_round_trip_with_torch():
     assert ours.running_mean[0] != 99
 
 
-@pytest.mark.skipif("bias" not in __import__("inspect").signature(torch.nn.BatchNorm2d.__init__).parameters,
-                    reason="torch.nn.BatchNorm2d has bias= from torch 2.12 on")
+@pytest.mark.skipif(not _TORCH_BN_HAS_BIAS, reason="torch.nn.BatchNorm2d has bias= from torch 2.12 on")
 def test_bias_false_is_torchs_weight_only_layer_and_its_state_dict_loads_both_ways():
     theirs = torch.nn.BatchNorm2d(3, bias=False)
     with torch.no_grad():
