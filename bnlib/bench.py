@@ -2,7 +2,7 @@
 # bnlib.bench is generated from chapters/04_numpy.ipynb, chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['SETTLE_S', 'median_ms', 'copy_bandwidth', 'CPU_SHAPES', 'peak_extra_memory', 'roofline', 'bench_cpu', 'format_table', 'environment', 'write_recording', 'main', 'GPU_SHAPES', 'GPU_CONFIGS', 'gpu_copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'GOAL_FAST_SHAPES', 'gpu_goals', 'format_gpu_goals', 'gpu_environment']
+__all__ = ['SETTLE_S', 'median_ms', 'copy_bandwidth', 'peak_extra_memory', 'CPU_SHAPES', 'roofline', 'bench_cpu', 'format_table', 'environment', 'write_recording', 'main', 'GPU_SHAPES', 'GPU_CONFIGS', 'gpu_copy_bandwidth', 'bench_gpu', 'format_gpu_table', 'GOAL_FAST_SHAPES', 'gpu_goals', 'format_gpu_goals', 'gpu_environment']
 
 import argparse
 import contextlib
@@ -52,6 +52,28 @@ def copy_bandwidth(nbytes=256 << 20, repeats=5):
     return 2 * src.nbytes / (median_ms(lambda: np.copyto(dst, src), repeats) / 1e3)
 
 
+def peak_extra_memory(x, dy, gamma, beta, forward=None, backward=None):
+    """Peak bytes a training step (forward + backward) allocates beyond its outputs y and dx, measured with
+    tracemalloc (NumPy reports its allocations to it); returns (bytes, in tensors). forward(x, gamma, beta)
+    returns (y, cache) and backward(dy, cache) returns (dx, dgamma, dbeta): by default bnlib's
+    F.batch_norm_forward and F.batch_norm_backward. One untraced step runs first: a first call compiles
+    numba's kernels, whose allocations are not the step's."""
+    forward = F.batch_norm_forward if forward is None else forward
+    backward = F.batch_norm_backward if backward is None else backward
+    backward(dy, forward(x, gamma, beta)[1])
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        y, cache = forward(x, gamma, beta)
+        dx, _, _ = backward(dy, cache)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    extra = max(peak - y.nbytes - dx.nbytes, 0)
+    return extra, extra / x.nbytes
+
+
 CPU_SHAPES = [(64, 64, 28, 28), (128, 32, 32, 32), (32, 128, 14, 14), (256, 512), (4096, 1024)]
 
 
@@ -63,24 +85,6 @@ def _progress(iterable, enabled, **kwargs):
     except ImportError:
         return iterable
     return tqdm(iterable, **kwargs)
-
-
-def peak_extra_memory(x, dy, gamma, beta):
-    """Peak bytes a bnlib training step (forward + backward) allocates beyond its outputs y and dx,
-    measured with tracemalloc (NumPy reports its allocations to it); returns (bytes, in tensors).
-    One untraced step runs first: a first call compiles numba's kernels, whose allocations are not the step's."""
-    F.batch_norm_backward(dy, F.batch_norm_forward(x, gamma, beta)[1])
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        y, cache = F.batch_norm_forward(x, gamma, beta)
-        dx, _, _ = F.batch_norm_backward(dy, cache)
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-    extra = max(peak - y.nbytes - dx.nbytes, 0)
-    return extra, extra / x.nbytes
 
 
 def roofline(nbytes, forward_s, step_s, copy_bw, copy_here_s):

@@ -85,6 +85,11 @@ def _check_param_dtype(dtype):
     return np.dtype(dtype)
 
 
+def _bias_repr(weight, bias):
+    """', bias=False' for a layer with a weight but no bias (torch's bias=False), else '': the end of its repr."""
+    return ", bias=False" if weight is not None and bias is None else ""
+
+
 class BatchNorm:
     """Batch normalization layer for NumPy arrays, with PyTorch's conventions.
 
@@ -127,7 +132,7 @@ class BatchNorm:
         dtype = _check_param_dtype(dtype)
         self.num_features, self.eps, self.momentum = num_features, float(eps), momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
-        self.dtype = np.dtype(dtype)
+        self.dtype = dtype
         c = self.num_features
         self.weight = np.ones(c, self.dtype) if affine else None
         self.bias = np.zeros(c, self.dtype) if affine and bias else None
@@ -249,4 +254,4 @@ class BatchNorm:
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}"
-                f"{', bias=False' if self.affine and self.bias is None else ''})")
+                f"{_bias_repr(self.weight, self.bias)})")

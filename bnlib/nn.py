@@ -1034,7 +1034,8 @@ def precise_bn(model, batches, variance="pooled", device=None):
     values). A layer that model.train() leaves in evaluation mode (a model whose train() keeps a frozen part so)
     is left exactly as it was and normalizes with its own statistics during the pass, as fvcore's
     get_bn_modules selects only layers in training mode (update_bn would reset it, and it would normalize with
-    0 and 1 for the layers after it). A layer with momentum 0, whose statistics training
+    0 and 1 for the layers after it). A layer that the model's forward itself switches to evaluation mode
+    counts no call and gets its statistics back too. A layer with momentum 0, whose statistics training
     never changes, is left exactly as it was (num_batches_tracked too), as bnlib.train.precise_bn leaves
     it (update_bn would recompute it). Every module is left in the mode (train or eval) it
     was in; if a forward raises, every layer gets its buffers back. The pooled statistics are this process's
@@ -1112,7 +1113,7 @@ def precise_bn(model, batches, variance="pooled", device=None):
             hook.remove()
         for layer, momentum, state in zip(layers, momenta, saved):
             layer.momentum = momentum
-            untrained = (variance == "batch" and layer.num_batches_tracked is not None
+            untrained = (layer.num_batches_tracked is not None
                          and int(layer.num_batches_tracked) == 0)     # switched to evaluation mode during the pass
             if not done or totals[layer].count == 0 or untrained:     # a failed call, or a layer never reached
                 layer.load_state_dict(state)

@@ -205,7 +205,10 @@ class MLP:
                              f"got {getattr(x, 'shape', type(x).__name__)}")
         if x.ndim == 3 and x.shape[0] != self.n_models:
             raise ValueError(f"x of shape {x.shape} has {x.shape[0]} models in axis 0, expected {self.n_models}")
-        x = np.asarray(x, self.dtype)
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":                  # complex, strings, objects: not a real-valued input
+            raise TypeError(f"x must hold real numbers (a float, integer or bool dtype), got dtype {x.dtype}")
+        x = x.astype(self.dtype, copy=False)
         return np.broadcast_to(x, (self.n_models,) + x.shape) if x.ndim == 2 else x
 
     def forward(self, x):

@@ -10,7 +10,7 @@ import operator
 import numpy as np
 
 from bnlib import functional as F
-from bnlib.layers import BatchNorm, _check_param_dtype, _load_state, _state_copies
+from bnlib.layers import BatchNorm, _bias_repr, _check_param_dtype, _load_state, _state_copies
 from bnlib.stats import accumulation_dtype, channel_shape, reduction_axes
 
 
@@ -130,10 +130,6 @@ class _Normalization:
             shapes["bias"] = self._param_shape
         return shapes
 
-    def _bias_repr(self):
-        """', bias=False' for a weight without a bias (torch's bias=False), else ''."""
-        return ", bias=False" if self.weight is not None and self.bias is None else ""
-
     def _affine(self, x_hat, x_dtype, shape):
         """x_hat * weight + bias (the parameters reshaped to `shape`), in x's dtype; a copy of x_hat without
         parameters (backward needs x_hat as it is, whatever the caller does to y, an in-place ReLU say)."""
@@ -213,7 +209,7 @@ class LayerNorm(_Normalization):
 
     def __repr__(self):
         return (f"LayerNorm({self.normalized_shape}, eps={self.eps:g}, elementwise_affine={self.elementwise_affine}"
-                f"{self._bias_repr()})")
+                f"{_bias_repr(self.weight, self.bias)})")
 
 
 class GroupNorm(_Normalization):
@@ -280,7 +276,7 @@ class GroupNorm(_Normalization):
         return dx.reshape(dy.shape).astype(x_dtype, copy=False)
 
     def __repr__(self):
-        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps:g}, affine={self.affine}{self._bias_repr()})"
+        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps:g}, affine={self.affine}{_bias_repr(self.weight, self.bias)})"
 
 
 class InstanceNorm(GroupNorm):
@@ -362,7 +358,7 @@ class InstanceNorm(GroupNorm):
         return super().backward(dy)
 
     def __repr__(self):
-        return (f"InstanceNorm({self.num_features}, eps={self.eps:g}, affine={self.affine}{self._bias_repr()}, "
+        return (f"InstanceNorm({self.num_features}, eps={self.eps:g}, affine={self.affine}{_bias_repr(self.weight, self.bias)}, "
                 f"track_running_stats={self.track_running_stats}, momentum={self.momentum})")
 
 
@@ -452,7 +448,7 @@ class BatchRenorm(BatchNorm):
 
     def __repr__(self):
         return (f"BatchRenorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
-                f"r_max={self.r_max:g}, d_max={self.d_max:g}{', bias=False' if self.bias is None else ''})")
+                f"r_max={self.r_max:g}, d_max={self.d_max:g}{_bias_repr(self.weight, self.bias)})")
 
 
 def batch_renorm_limits(step, warmup_steps=5000, r_max=3.0, r_max_step=40000, d_max=5.0, d_max_step=25000):
@@ -559,7 +555,7 @@ class GhostBatchNorm(BatchNorm):
 
     def __repr__(self):
         return (f"GhostBatchNorm({self.num_features}, virtual_batch_size={self.virtual_batch_size}, "
-                f"eps={self.eps:g}, momentum={self.momentum}{', bias=False' if self.bias is None else ''})")
+                f"eps={self.eps:g}, momentum={self.momentum}{_bias_repr(self.weight, self.bias)})")
 
 
 class FrozenBatchNorm(BatchNorm):
@@ -602,4 +598,4 @@ class FrozenBatchNorm(BatchNorm):
         return dx
 
     def __repr__(self):
-        return f"FrozenBatchNorm({self.num_features}, eps={self.eps:g}{', bias=False' if self.bias is None else ''})"
+        return f"FrozenBatchNorm({self.num_features}, eps={self.eps:g}{_bias_repr(self.weight, self.bias)})"

@@ -2156,6 +2156,34 @@ def test_precise_bn_leaves_a_layer_kept_in_evaluation_mode_alone_and_recomputes_
     torch.testing.assert_close(model[3].running_mean, inputs.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
 
 
+class _SwitchesToEvalInForward(torch.nn.Sequential):
+    """A model whose forward puts its first layer in evaluation mode before calling it."""
+
+    def forward(self, x):
+        self[0].eval()
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("make", [torch.nn.BatchNorm1d, bnn.BatchNorm1d])
+@pytest.mark.parametrize("variance", ["batch", "pooled"])
+def test_precise_bn_gives_a_layer_the_forward_switches_to_evaluation_its_statistics_back(make, variance):
+    """Such a layer is selected (model.train() leaves it in training mode), reset, and then counts no call: it
+    gets its statistics back, with either estimator. With "pooled" it used to keep the pooled statistics of
+    inputs it had normalized with 0 and 1, and a count of 0."""
+    torch.manual_seed(0)
+    model = _SwitchesToEvalInForward(make(3), make(3))
+    with torch.no_grad():
+        model[0].running_mean.fill_(5.0)
+        model[0].running_var.fill_(9.0)
+    model[0].num_batches_tracked.fill_(7)
+    batches = [torch.randn(8, 3) for _ in range(4)]
+    bnn.precise_bn(model, batches, variance=variance)
+    torch.testing.assert_close(model[0].running_mean, torch.full((3,), 5.0))
+    torch.testing.assert_close(model[0].running_var, torch.full((3,), 9.0))
+    assert int(model[0].num_batches_tracked) == 7 and int(model[1].num_batches_tracked) == 4
+    assert model[0].training and model[1].training                          # modes restored as they were
+
+
 def test_precise_bn_uncounts_an_empty_call_after_a_nan_batch():
     """The empty call leaves NaN statistics as they were: it is not counted (a bitwise comparison, NaN != NaN,
     counted it)."""

@@ -655,6 +655,18 @@ def test_cross_entropy_and_loss_and_grads_name_what_is_wrong():
     np.testing.assert_allclose(d.sum(-1), 0, atol=1e-12)
 
 
+def test_mlp_refuses_input_that_is_not_real_and_takes_integers_and_float64():
+    """A complex x lost its imaginary part with only NumPy's ComplexWarning; strings and objects gave NumPy's
+    conversion errors, which do not name x."""
+    model = train.MLP([6, 8, 3], seed=0)
+    x = np.random.default_rng(0).normal(size=(4, 6))
+    for bad in (x + 1j, x.astype(str), x.astype(object)):
+        with pytest.raises(TypeError, match=f"x must hold real numbers .*got dtype {bad.dtype}"):
+            model.forward(bad)
+    np.testing.assert_array_equal(model.forward(x.round().astype(np.int64)), model.forward(x.round()))
+    assert model.forward(x).dtype == model.dtype
+
+
 @pytest.mark.parametrize("seed", [None, -1, 1.5, True])
 def test_seeds_are_checked_by_name(seed):
     data = toy_data()
