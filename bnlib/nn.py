@@ -1035,7 +1035,8 @@ def precise_bn(model, batches, variance="pooled", device=None):
     is left exactly as it was and normalizes with its own statistics during the pass, as fvcore's
     get_bn_modules selects only layers in training mode (update_bn would reset it, and it would normalize with
     0 and 1 for the layers after it). A layer that the model's forward itself switches to evaluation mode
-    counts no call and gets its statistics back too. A layer with momentum 0, whose statistics training
+    normalizes with its own statistics in those calls, as a layer kept in evaluation mode does, and records
+    nothing from them; if no call reaches it in training mode, it keeps its statistics. A layer with momentum 0, whose statistics training
     never changes, is left exactly as it was (num_batches_tracked too), as bnlib.train.precise_bn leaves
     it (update_bn would recompute it). Every module is left in the mode (train or eval) it
     was in; if a forward raises, every layer gets its buffers back. The pooled statistics are this process's
@@ -1061,10 +1062,26 @@ def precise_bn(model, batches, variance="pooled", device=None):
     totals = {layer: Moments(0, None, None) for layer in layers}      # what each layer received (float64)
 
     empty_before = {}                    # layer: (running_mean, running_var, num_batches_tracked) before an empty call
+    original = dict(zip(layers, saved))  # layer: its state before the pass
+    in_eval = {}                         # layer: the pass's statistics, set aside while a call in evaluation mode runs
+
+    def swap_back(layer):
+        """The pass's statistics back into a layer after a call in evaluation mode (or one that raised)."""
+        statistics = in_eval.pop(layer, None)
+        if statistics is not None:
+            layer.running_mean.copy_(statistics[0])
+            layer.running_var.copy_(statistics[1])
+        return statistics is not None
 
     def record(layer, args, kwargs):
         x = (args[0] if args else next(iter(kwargs.values()))).detach()   # input= (torch), x= (bnlib)
         empty_before.pop(layer, None)                                  # (an earlier call that raised)
+        swap_back(layer)
+        if not layer.training:           # the model's forward switched it to evaluation mode: like a layer kept in
+            in_eval[layer] = (layer.running_mean.clone(), layer.running_var.clone())   # evaluation, it normalizes
+            layer.running_mean.copy_(original[layer]["running_mean"])              # with its own statistics and
+            layer.running_var.copy_(original[layer]["running_var"])                # records nothing
+            return
         if x.numel() == 0 and layer.num_batches_tracked is not None:
             empty_before[layer] = (layer.running_mean.clone(), layer.running_var.clone(),
                                    int(layer.num_batches_tracked))
@@ -1079,6 +1096,8 @@ def precise_bn(model, batches, variance="pooled", device=None):
         mode but a SyncBatchNorm's whose group had values) is not counted: torch's layers and bnlib's count it,
         and with momentum=None the count sets the weight of every later call (A, empty, B would average A's and
         B's means as 2/3 and 1/3). A layer that stayed in evaluation mode counted nothing and is left alone."""
+        if swap_back(layer):
+            return
         before = empty_before.pop(layer, None)
         if before is None:
             return
@@ -1113,10 +1132,8 @@ def precise_bn(model, batches, variance="pooled", device=None):
             hook.remove()
         for layer, momentum, state in zip(layers, momenta, saved):
             layer.momentum = momentum
-            untrained = (layer.num_batches_tracked is not None
-                         and int(layer.num_batches_tracked) == 0)     # switched to evaluation mode during the pass
-            if not done or totals[layer].count == 0 or untrained:     # a failed call, or a layer never reached
-                layer.load_state_dict(state)
+            if not done or totals[layer].count == 0:                  # a failed call, or a layer never reached
+                layer.load_state_dict(state)                           # in training mode
         for layer, state in zip(frozen, frozen_saved):                # the pass counted its batches: undone
             layer.load_state_dict(state)
         for m, mode in modes:

@@ -2182,6 +2182,38 @@ def test_precise_bn_gives_a_layer_the_forward_switches_to_evaluation_its_statist
     torch.testing.assert_close(model[0].running_var, torch.full((3,), 9.0))
     assert int(model[0].num_batches_tracked) == 7 and int(model[1].num_batches_tracked) == 4
     assert model[0].training and model[1].training                          # modes restored as they were
+    # during the pass the first layer normalized with its own statistics (5, 9), not with 0 and 1: the next
+    # layer's statistics are those of what the model really feeds it
+    fed = torch.cat([(b - 5.0) / torch.sqrt(torch.tensor(9.0) + model[0].eps) for b in batches])
+    torch.testing.assert_close(model[1].running_mean, fed.mean(0), rtol=1e-5, atol=1e-5)
+
+
+class _EvalOnOddCalls(torch.nn.Sequential):
+    """A model whose forward puts its first layer in evaluation mode on every other call."""
+
+    def __init__(self, *layers):
+        super().__init__(*layers)
+        self.calls = 0
+
+    def forward(self, x):
+        self[0].train(self.calls % 2 == 0)
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("variance", ["batch", "pooled"])
+def test_precise_bn_records_only_the_training_mode_calls_of_a_layer_the_forward_switches(variance):
+    """The calls in evaluation mode normalize with the layer's own statistics and leave the pass's statistics (the
+    cumulative average with "batch") as they were; the training-mode calls alone make the result."""
+    torch.manual_seed(0)
+    model = _EvalOnOddCalls(bnn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[0].running_mean.fill_(5.0)
+    batches = [torch.randn(8, 3) + k for k in range(6)]
+    bnn.precise_bn(model, batches, variance=variance)
+    trained = torch.stack([b.mean(0) for b in batches[::2]])               # the calls in training mode
+    torch.testing.assert_close(model[0].running_mean, trained.mean(0), rtol=1e-5, atol=1e-5)
+    assert int(model[0].num_batches_tracked) == 3
 
 
 def test_precise_bn_uncounts_an_empty_call_after_a_nan_batch():
