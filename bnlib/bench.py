@@ -788,11 +788,11 @@ def format_gpu_table(rows) -> str:
                         if device else ""))
     return "\n".join(lines)
 
-GOAL_FAST_SHAPES = ((256, 64, 56, 56), (32, 32, 112, 112))      # the issue's >= 2.5x shapes (float32 NCHW)
+GOAL_FAST_SHAPES = ((256, 64, 56, 56), (32, 32, 112, 112))      # the shapes with a >= 2.5x goal (float32 NCHW)
 
 
 def gpu_goals(rows, time="step_ms", tie=0.05) -> list:
-    """The goals set for the GPU kernels (issue 10), evaluated on one recording's rows. Returns a list of
+    """The goals set for the GPU kernels (chapter 05, "The goals"), evaluated on one recording's rows. Returns a list of
     (goal, met, of, misses): how many of the cases a goal covers meet it, and the names of those that do
     not. time: "step_ms" (each call timed after a cache flush: host time included where issuing the
     call outlasts the flush) or "step_device_ms" (GPU alone, recorded from design 3 on). A case is one
