@@ -29,10 +29,15 @@ class Dataset(NamedTuple):
     y_test: np.ndarray
 
 
+def _is_int(value):
+    """An integer argument: Python's or NumPy's, not a bool (True would pass for 1). bnlib.train uses it too."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_seed(seed, name="seed"):
     """A seed argument: an integer >= 0 (NumPy's generators are seeded with it, alone or with a model's index;
     bnlib.train checks its seeds with this too)."""
-    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
+    if not (_is_int(seed) and seed >= 0):
         raise ValueError(f"{name} must be an integer >= 0, got {seed!r}")
 
 

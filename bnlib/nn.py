@@ -1056,13 +1056,12 @@ def precise_bn(model, batches, variance="pooled", device=None):
         for m, mode in modes:
             m.train(mode)
         raise
-    saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
+    saved = {layer: {k: v.clone() for k, v in layer.state_dict().items()} for layer in layers}   # before the pass
     frozen_saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in frozen]
     momenta = [layer.momentum for layer in layers]
     totals = {layer: Moments(0, None, None) for layer in layers}      # what each layer received (float64)
 
     empty_before = {}                    # layer: (running_mean, running_var, num_batches_tracked) before an empty call
-    original = dict(zip(layers, saved))  # layer: its state before the pass
     in_eval = {}                         # layer: the pass's statistics, set aside while a call in evaluation mode runs
 
     def swap_back(layer):
@@ -1079,8 +1078,8 @@ def precise_bn(model, batches, variance="pooled", device=None):
         swap_back(layer)
         if not layer.training:           # the model's forward switched it to evaluation mode: like a layer kept in
             in_eval[layer] = (layer.running_mean.clone(), layer.running_var.clone())   # evaluation, it normalizes
-            layer.running_mean.copy_(original[layer]["running_mean"])              # with its own statistics and
-            layer.running_var.copy_(original[layer]["running_var"])                # records nothing
+            layer.running_mean.copy_(saved[layer]["running_mean"])                 # with its own statistics and
+            layer.running_var.copy_(saved[layer]["running_var"])                   # records nothing
             return
         if x.numel() == 0 and layer.num_batches_tracked is not None:
             empty_before[layer] = (layer.running_mean.clone(), layer.running_var.clone(),
@@ -1130,10 +1129,10 @@ def precise_bn(model, batches, variance="pooled", device=None):
     finally:
         for hook in hooks:
             hook.remove()
-        for layer, momentum, state in zip(layers, momenta, saved):
+        for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
             if not done or totals[layer].count == 0:                  # a failed call, or a layer never reached
-                layer.load_state_dict(state)                           # in training mode
+                layer.load_state_dict(saved[layer])                    # in training mode
         for layer, state in zip(frozen, frozen_saved):                # the pass counted its batches: undone
             layer.load_state_dict(state)
         for m, mode in modes:

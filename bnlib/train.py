@@ -9,12 +9,7 @@ import sys
 
 import numpy as np
 
-from bnlib.data import _check_seed
-
-
-def _is_int(value):
-    """An integer argument: Python's or NumPy's, not a bool (True would pass for 1)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+from bnlib.data import _check_seed, _is_int
 
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
