@@ -1,19 +1,32 @@
-"""The repository root's conftest: pytest loads it before any test file or notebook. It pins NumPy's BLAS
-kernels (below) and holds the shared fixtures: the repository root, the chapter notebooks, the book built
+"""The repository root's conftest: pytest loads it before any test file or notebook. It pins the numerical
+libraries' CPU code paths (below) and holds the shared fixtures: the repository root, the chapter notebooks, the book built
 once per run. Test modules import it as `conftest` (pyproject puts the root on sys.path).
 
-Pinned kernels. The stored outputs of the chapters were made with NumPy's OpenBLAS running its Haswell
-kernels (AVX2 with FMA): the machine that made them set OPENBLAS_CORETYPE=Haswell. Left to itself, the
-DYNAMIC_ARCH OpenBLAS of NumPy's wheels picks kernels for the CPU it finds (SkylakeX on an AVX-512 CPU),
-which round float32 dot and matrix products differently; the training chapters (07, 08) and chapter 04's
-cancellation table then print other last digits, and nbval's strict comparison fails though every assert
-holds (on 2026-11-29, on an AVX-512 AMD EPYC: 12 cells of chapters 04, 07 and 08). So a test run asks for
-the same kernels on any x86-64 CPU that has them. nbval's kernels, test_alone's and every other process
-pytest starts inherit the environment; OpenBLAS reads the variable when it loads, so it is set here, before
-the notebooks' kernels start. A value already set (a maintainer's choice; tools/check_portability.py's
-configurations) is kept. Not pinned: PyTorch's CPU code path (ATEN_CPU_CAPABILITY) and numba's target,
-which no stored output has been seen to depend on. To re-execute a chapter for its stored outputs outside
-pytest, set the same variable (README, "How the repository works").
+Pinned kernels. The stored outputs of the chapters were made with each numerical library on a code path
+fixed by an environment variable, so that every x86-64 CPU with AVX2 and FMA computes them alike:
+
+- NumPy's OpenBLAS on its Haswell kernels (OPENBLAS_CORETYPE=Haswell). Left to itself, the DYNAMIC_ARCH
+  OpenBLAS of NumPy's wheels picks kernels for the CPU it finds (SkylakeX on an AVX-512 CPU), which round
+  float32 dot and matrix products differently (on 2026-11-29, on an AVX-512 AMD EPYC: 12 cells of chapters
+  04, 07 and 08 printed other last digits, every assert holding).
+- PyTorch's own vectorized CPU code on its AVX2 build (ATEN_CPU_CAPABILITY=avx2), MKL's matrix products on
+  their AVX2 code path (MKL_CBWR=AVX2: honoured on an Intel CPU; on an AMD CPU, where MKL takes that path
+  anyway, it changes no result: checked on 2026-11-30. MKL_CBWR=COMPATIBLE, its portable path, the one
+  setting MKL honours on an AMD CPU, changes the products, and with them two asserted conclusions:
+  tools/check_portability.py runs it),
+  oneDNN's convolutions on AVX2 kernels (ONEDNN_MAX_CPU_ISA=AVX2), NumPy's own SIMD loops on their
+  x86-64-v3 versions (NPY_ENABLE_CPU_FEATURES=X86_V3) and numba's code generated for Haswell
+  (NUMBA_CPU_NAME=haswell). The outputs stored until 2026-11-30 were made on an AVX-512 AMD EPYC with these
+  left to the machine; on an AVX2-only AMD EPYC (2026-11-30) 8 cells of chapters 01, 04, 07 and 09 printed
+  otherwise, the accuracies of chapter 01's torch-trained networks by up to 0.05 (one of the 8, chapter 07's
+  gradient check, is NumPy-only). The outputs are now made with all of them pinned.
+
+So a test run asks for the same code paths on any x86-64 CPU that has them. nbval's kernels, test_alone's
+and every other process pytest starts inherit the environment; each library reads its variable when it
+loads, so they are set here, before the notebooks' kernels start. A value already set (a maintainer's
+choice; tools/check_portability.py's configurations) is kept. On a CPU without x86-64-v3 (or not x86) nothing
+is pinned, and nbval may report other last digits. To re-execute a chapter for its stored
+outputs outside pytest, set the same variables (README, "How the repository works"; `PINNED` below).
 """
 import json
 import os
@@ -25,17 +38,27 @@ from pathlib import Path
 import pytest
 
 
-def _has_avx2_fma() -> bool:
+# x86-64-v3 (Haswell and later, AMD's Zen): AVX2, FMA and the bit-manipulation extensions that NumPy's X86_V3
+# target needs (NumPy refuses, at import, a target the CPU lacks)
+_X86_V3_FLAGS = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}
+
+
+def _has_x86_v3() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = next((line.split() for line in f if line.startswith("flags")), [])
     except OSError:
         return False
-    return "avx2" in flags and "fma" in flags
+    return _X86_V3_FLAGS <= set(flags)
 
 
-if platform.machine() in ("x86_64", "AMD64") and _has_avx2_fma():
-    os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
+# the code paths the stored outputs were made with (see the docstring)
+PINNED = {"OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
+          "ONEDNN_MAX_CPU_ISA": "AVX2", "NPY_ENABLE_CPU_FEATURES": "X86_V3", "NUMBA_CPU_NAME": "haswell"}
+
+if platform.machine() in ("x86_64", "AMD64") and _has_x86_v3():
+    for _name, _value in PINNED.items():
+        os.environ.setdefault(_name, _value)
 
 
 ROOT = Path(__file__).resolve().parent

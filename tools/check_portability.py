@@ -8,7 +8,7 @@ chapters 01, 06, 07, 08 and 09 end in different places: accuracies move by up to
 the seeds already disagree. A claim whose assert fails there would stop a reader's notebook (on Colab,
 say) with an AssertionError.
 
-This script runs chapters first as pytest does (OpenBLAS pinned to its Haswell kernels, conftest.py),
+This script runs chapters first as pytest does (every library's code path pinned, conftest.py),
 then under other choices, forced with OPENBLAS_CORETYPE (honoured by the DYNAMIC_ARCH OpenBLAS that NumPy's wheels bundle),
 ATEN_CPU_CAPABILITY (PyTorch's vectorized CPU code) and MKL_CBWR=COMPATIBLE (MKL's portable code path;
 MKL ignores its other CBWR values and MKL_ENABLE_INSTRUCTIONS on a non-Intel CPU such as this AMD EPYC),
@@ -16,7 +16,7 @@ with every assert made non-fatal and recorded (an IPython AST transformer turns 
 `if not t: record`). For each configuration and chapter it prints what the kernel really ran (OpenBLAS's
 core type, PyTorch's CPU capability, MKL_CBWR), how many code cells printed differently from the stored
 run (evidence that the arithmetic did change), and each assert that failed. The first configuration, the
-one pytest runs (OpenBLAS pinned to Haswell, the rest as this machine picks), is the baseline: an assert or error there as well is not about arithmetic (the exercise
+one pytest runs (the pins of conftest.py), is the baseline: an assert or error there as well is not about arithmetic (the exercise
 checkers' self-tests feed them wrong answers and expect an AssertionError, which a recorded assert no
 longer raises, so they report a wrong answer accepted), and the other configurations are judged on what
 fails beyond it. Exit status 1 if any configuration has such a failure or a chapter did not finish.
@@ -46,17 +46,23 @@ from nbclient import NotebookClient
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # name: environment; None removes a variable. The first is the baseline: the environment the stored outputs
-# were made in, with OpenBLAS on its Haswell kernels as pytest pins them (conftest.py); PyTorch's CPU code
-# path and MKL as this machine picks them.
+# were made in, every library on the code path pytest pins (conftest.PINNED: OpenBLAS Haswell, PyTorch AVX2, MKL
+# AVX2, oneDNN AVX2, NumPy x86-64-v3, numba Haswell). The others leave NumPy's SIMD loops, oneDNN and numba to
+# the machine and force other OpenBLAS, PyTorch and MKL paths.
+sys.path.insert(0, REPO)
+from conftest import PINNED  # noqa: E402  (the repository root's conftest.py: the pins, one place)
+
+_MACHINE_PICKS = {"NPY_ENABLE_CPU_FEATURES": None, "ONEDNN_MAX_CPU_ISA": None, "NUMBA_CPU_NAME": None}
 CONFIGS = {
-    "OpenBLAS Haswell (as pytest pins it), torch and MKL as this machine picks them": {
-        "OPENBLAS_CORETYPE": "Haswell"},
-    "OpenBLAS SkylakeX, torch AVX2": {"OPENBLAS_CORETYPE": "SkylakeX", "ATEN_CPU_CAPABILITY": "avx2",
-                                      "MKL_CBWR": None},
+    "every library pinned as pytest pins it (conftest.py)": dict(PINNED),
+    "OpenBLAS SkylakeX, torch AVX2, MKL unpinned": {"OPENBLAS_CORETYPE": "SkylakeX", "ATEN_CPU_CAPABILITY": "avx2",
+                                                   "MKL_CBWR": None, **_MACHINE_PICKS},
     "OpenBLAS Sandybridge (no FMA), torch default, MKL compatible": {
-        "OPENBLAS_CORETYPE": "Sandybridge", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"},
+        "OPENBLAS_CORETYPE": "Sandybridge", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE",
+        **_MACHINE_PICKS},
     "OpenBLAS Prescott (this OpenBLAS runs it as Katmai, SSE), torch AVX-512, MKL compatible": {
-        "OPENBLAS_CORETYPE": "Prescott", "ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "COMPATIBLE"},
+        "OPENBLAS_CORETYPE": "Prescott", "ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "COMPATIBLE",
+        **_MACHINE_PICKS},
 }
 DEFAULT_CHAPTERS = ("01_background", "06_pytorch", "07_experiments", "08_variants", "09_faq")
 
