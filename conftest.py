@@ -10,10 +10,9 @@ fixed by an environment variable, so that every x86-64 CPU with AVX2 and FMA com
   float32 dot and matrix products differently (on 2026-11-29, on an AVX-512 AMD EPYC: 12 cells of chapters
   04, 07 and 08 printed other last digits, every assert holding).
 - PyTorch's own vectorized CPU code on its AVX2 build (ATEN_CPU_CAPABILITY=avx2), MKL's matrix products on
-  their AVX2 code path (MKL_CBWR=AVX2: honoured on an Intel CPU; on an AMD CPU, where MKL takes that path
-  anyway, it changes no result: checked on 2026-11-30. MKL_CBWR=COMPATIBLE, its portable path, the one
-  setting MKL honours on an AMD CPU, changes the products, and with them two asserted conclusions:
-  tools/check_portability.py runs it),
+  its portable code path (MKL_CBWR=COMPATIBLE, the one setting of MKL's reproducibility mode that gives the
+  same results on Intel and AMD CPUs; MKL_CBWR=AVX2 is honoured on Intel only, and on this AMD EPYC it
+  changed float64 products against MKL's default, checked on 2026-11-30),
   oneDNN's convolutions on AVX2 kernels (ONEDNN_MAX_CPU_ISA=AVX2), NumPy's own SIMD loops on their
   x86-64-v3 versions (NPY_ENABLE_CPU_FEATURES=X86_V3) and numba's code generated for Haswell
   (NUMBA_CPU_NAME=haswell). The outputs stored until 2026-11-30 were made on an AVX-512 AMD EPYC with these
@@ -53,7 +52,7 @@ def _has_x86_v3() -> bool:
 
 
 # the code paths the stored outputs were made with (see the docstring)
-PINNED = {"OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
+PINNED = {"OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE",
           "ONEDNN_MAX_CPU_ISA": "AVX2", "NPY_ENABLE_CPU_FEATURES": "X86_V3", "NUMBA_CPU_NAME": "haswell"}
 
 if platform.machine() in ("x86_64", "AMD64") and _has_x86_v3():

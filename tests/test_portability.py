@@ -59,3 +59,16 @@ def test_check_judges_each_configuration_against_the_first(monkeypatch, tmp_path
     assert tool.check(["ch"], configs, runner([[known], [known, (3, 1, "acc > 0.9")]]), str(tmp_path)) == 1
     seen.clear()
     assert tool.check(["ch"], configs, runner([[known], None]), str(tmp_path)) == 1      # did not finish
+
+
+def test_the_pins_are_one_set_in_conftest_the_tool_and_the_readme():
+    """conftest.PINNED is what pytest sets; the tool's baseline and the README's export line must be the same set,
+    or a maintainer who re-executes a chapter as the README says stores outputs that nbval then rejects."""
+    from conftest import PINNED, ROOT
+
+    assert list(_tool().CONFIGS.values())[0] == PINNED
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("export OPENBLAS_CORETYPE=")
+    line = readme[start:readme.index("```", start)].replace("\\\n", " ")
+    assigned = dict(token.split("=", 1) for token in line.split()[1:])
+    assert assigned == PINNED

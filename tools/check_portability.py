@@ -10,9 +10,9 @@ say) with an AssertionError.
 
 This script runs chapters first as pytest does (every library's code path pinned, conftest.py),
 then under other choices, forced with OPENBLAS_CORETYPE (honoured by the DYNAMIC_ARCH OpenBLAS that NumPy's wheels bundle),
-ATEN_CPU_CAPABILITY (PyTorch's vectorized CPU code) and MKL_CBWR=COMPATIBLE (MKL's portable code path;
-MKL ignores its other CBWR values and MKL_ENABLE_INSTRUCTIONS on a non-Intel CPU such as this AMD EPYC),
-with every assert made non-fatal and recorded (an IPython AST transformer turns `assert t` into
+ATEN_CPU_CAPABILITY (PyTorch's vectorized CPU code) and MKL_CBWR (unset: MKL's default path; COMPATIBLE, its
+portable path, is the baseline's; on an AMD EPYC, MKL_VERBOSE=1 shows MKL running an instruction-set value such as
+MKL_CBWR=AVX2 as CNR:AUTO, another path again), with every assert made non-fatal and recorded (an IPython AST transformer turns `assert t` into
 `if not t: record`). For each configuration and chapter it prints what the kernel really ran (OpenBLAS's
 core type, PyTorch's CPU capability, MKL_CBWR), how many code cells printed differently from the stored
 run (evidence that the arithmetic did change), and each assert that failed. The first configuration, the
@@ -47,7 +47,7 @@ from nbclient import NotebookClient
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # name: environment; None removes a variable. The first is the baseline: the environment the stored outputs
 # were made in, every library on the code path pytest pins (conftest.PINNED: OpenBLAS Haswell, PyTorch AVX2, MKL
-# AVX2, oneDNN AVX2, NumPy x86-64-v3, numba Haswell). The others leave NumPy's SIMD loops, oneDNN and numba to
+# compatible, oneDNN AVX2, NumPy x86-64-v3, numba Haswell). The others leave NumPy's SIMD loops, oneDNN and numba to
 # the machine and force other OpenBLAS, PyTorch and MKL paths.
 sys.path.insert(0, REPO)
 from conftest import PINNED  # noqa: E402  (the repository root's conftest.py: the pins, one place)
