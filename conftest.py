@@ -59,6 +59,13 @@ if platform.machine() in ("x86_64", "AMD64") and _has_x86_v3():
     for _name, _value in PINNED.items():
         os.environ.setdefault(_name, _value)
 
+# Not a pin (no result depends on it): OpenMP threads that find no work sleep at once instead of spinning. pytest
+# runs one worker per core (pytest-xdist) and tests/test_alone.py two chapter kernels beside them, so the cores are
+# shared; a spinning thread then burns the time another process needs. On 2026-11-30, on 2 cores, chapter 06's
+# autocast cell (PyTorch on 2 threads) took 154 s under the shared load against 27 s alone, and a 2-thread
+# training loop beside one busy process ran 1.8 times as fast with the threads sleeping (alone, 1.6 times as slow).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 ROOT = Path(__file__).resolve().parent
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
