@@ -53,15 +53,32 @@ sys.path.insert(0, REPO)
 from conftest import PINNED  # noqa: E402  (the repository root's conftest.py: the pins, one place)
 
 _MACHINE_PICKS = {"NPY_ENABLE_CPU_FEATURES": None, "ONEDNN_MAX_CPU_ISA": None, "NUMBA_CPU_NAME": None}
+
+
+def _cpu_has(flag):
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return flag in next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+
+
+# OpenBLAS's SkylakeX kernels and PyTorch's AVX-512 code need AVX-512: on a CPU without it the kernel dies (seen on
+# an AVX2-only AMD EPYC, 2026-11-30), so there the second configuration takes OpenBLAS's SSE4.2 kernels (Nehalem)
+# instead, and the fourth PyTorch's AVX2 code
+_AVX512 = _cpu_has("avx512f")
+_OTHER_CORE = "SkylakeX" if _AVX512 else "Nehalem"
+_WIDEST_TORCH = "avx512" if _AVX512 else "avx2"
 CONFIGS = {
     "every library pinned as pytest pins it (conftest.py)": dict(PINNED),
-    "OpenBLAS SkylakeX, torch AVX2, MKL unpinned": {"OPENBLAS_CORETYPE": "SkylakeX", "ATEN_CPU_CAPABILITY": "avx2",
-                                                   "MKL_CBWR": None, **_MACHINE_PICKS},
+    f"OpenBLAS {_OTHER_CORE}, torch AVX2, MKL unpinned": {"OPENBLAS_CORETYPE": _OTHER_CORE,
+                                                         "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": None,
+                                                         **_MACHINE_PICKS},
     "OpenBLAS Sandybridge (no FMA), torch default, MKL compatible": {
         "OPENBLAS_CORETYPE": "Sandybridge", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE",
         **_MACHINE_PICKS},
-    "OpenBLAS Prescott (this OpenBLAS runs it as Katmai, SSE), torch AVX-512, MKL compatible": {
-        "OPENBLAS_CORETYPE": "Prescott", "ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "COMPATIBLE",
+    f"OpenBLAS Prescott (this OpenBLAS runs it as Katmai, SSE), torch {_WIDEST_TORCH}, MKL compatible": {
+        "OPENBLAS_CORETYPE": "Prescott", "ATEN_CPU_CAPABILITY": _WIDEST_TORCH, "MKL_CBWR": "COMPATIBLE",
         **_MACHINE_PICKS},
 }
 DEFAULT_CHAPTERS = ("01_background", "06_pytorch", "07_experiments", "08_variants", "09_faq")
