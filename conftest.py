@@ -42,13 +42,18 @@ import pytest
 _X86_V3_FLAGS = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}
 
 
-def _has_x86_v3() -> bool:
+def cpu_flags() -> set:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is no such file);
+    tools/check_portability.py reads them too."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
+            return set(next((line.split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
-    return _X86_V3_FLAGS <= set(flags)
+        return set()
+
+
+def _has_x86_v3() -> bool:
+    return _X86_V3_FLAGS <= cpu_flags()
 
 
 # the code paths the stored outputs were made with (see the docstring)

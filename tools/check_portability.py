@@ -50,23 +50,15 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 # compatible, oneDNN AVX2, NumPy x86-64-v3, numba Haswell). The others leave NumPy's SIMD loops, oneDNN and numba to
 # the machine and force other OpenBLAS, PyTorch and MKL paths.
 sys.path.insert(0, REPO)
-from conftest import PINNED  # noqa: E402  (the repository root's conftest.py: the pins, one place)
+from conftest import PINNED, cpu_flags  # noqa: E402  (the repository root's conftest.py: the pins, one place)
 
 _MACHINE_PICKS = {"NPY_ENABLE_CPU_FEATURES": None, "ONEDNN_MAX_CPU_ISA": None, "NUMBA_CPU_NAME": None}
-
-
-def _cpu_has(flag):
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return flag in next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
 
 
 # OpenBLAS's SkylakeX kernels and PyTorch's AVX-512 code need AVX-512: on a CPU without it the kernel dies (seen on
 # an AVX2-only AMD EPYC, 2026-11-30), so there the second configuration takes OpenBLAS's SSE4.2 kernels (Nehalem)
 # instead, and the fourth PyTorch's AVX2 code
-_AVX512 = _cpu_has("avx512f")
+_AVX512 = "avx512f" in cpu_flags()
 _OTHER_CORE = "SkylakeX" if _AVX512 else "Nehalem"
 _WIDEST_TORCH = "avx512" if _AVX512 else "avx2"
 CONFIGS = {
