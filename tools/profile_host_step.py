@@ -22,10 +22,32 @@ import sys
 import time
 import types
 
-import torch
 
-from bnlib import cuda
-from bnlib import nn as bnn
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"steps must be a positive integer, got {text!r}")
+    return value
+
+
+def _arguments():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("steps", nargs="?", type=_positive_int, default=3000,
+                        help="training steps per timing round (a positive integer; default 3000)")
+    parser.add_argument("--profile", action="store_true", help="also profile bnlib.nn's step with cProfile")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":       # --help and a bad option are answered before torch and bnlib load (8 s on a
+    ARGS = _arguments()          # 2-core machine); tools/gpu_profile.py imports this module for EmptyFunction
+
+import torch  # noqa: E402
+
+from bnlib import cuda  # noqa: E402
+from bnlib import nn as bnn  # noqa: E402
 
 
 class EmptyFunction(torch.autograd.Function):
@@ -115,20 +137,5 @@ def main(steps=3000, profile=False):
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"steps must be a positive integer, got {text!r}")
-    return value
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("steps", nargs="?", type=_positive_int, default=3000,
-                        help="training steps per timing round (a positive integer; default 3000)")
-    parser.add_argument("--profile", action="store_true", help="also profile bnlib.nn's step with cProfile")
-    args = parser.parse_args()
-    main(args.steps, args.profile)
+    main(ARGS.steps, ARGS.profile)
