@@ -108,6 +108,25 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("cpu_backend", cpu.available_backends(), indirect=True)
 
 
+# The files in the order pytest-xdist hands them out, the longest first, so that the workers of a 2-core machine
+# finish together. xdist (--dist loadfile) would otherwise order the files by their number of tests (pyproject
+# turns that off: --no-loadscope-reorder), which put tests/test_alone.py, 152 s in 11 tests, last: in a clean-clone
+# run on 2026-11-30 one worker ran it alone at the end, pytest 632.6 s for 1146 s of test time. The order is by
+# each file's summed durations in that run (07 183 s, 08 153, test_alone 152, 01 96, test_cuda 95, test_book 59,
+# 06 58, 09 56, test_nn 50, test_functional 46, test_cuda_on_cpu 43, 04 36, test_train 30, 05 24); the other
+# files, each under 10 s, follow in collection order. A test checks that every name here is a file.
+LONGEST_FIRST = ["chapters/07_experiments.ipynb", "chapters/08_variants.ipynb", "tests/test_alone.py",
+                 "chapters/01_background.ipynb", "tests/test_cuda.py", "tests/test_book.py", "chapters/06_pytorch.ipynb",
+                 "chapters/09_faq.ipynb", "tests/test_nn.py", "tests/test_functional.py", "tests/test_cuda_on_cpu.py",
+                 "chapters/04_numpy.ipynb", "tests/test_train.py", "chapters/05_cupy.ipynb"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the files of LONGEST_FIRST first, in its order; a stable sort keeps each file's tests (a notebook's
+    cells) in their order, and the other files in theirs."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
 @pytest.fixture(autouse=True)
 def _global_generators_seeded_per_test(request):
     """Seed the global random generators (Python's, NumPy's legacy one, torch's if loaded) at the start of

@@ -72,3 +72,12 @@ def test_the_pins_are_one_set_in_conftest_the_tool_and_the_readme():
     line = readme[start:readme.index("```", start)].replace("\\\n", " ")
     assigned = dict(token.split("=", 1) for token in line.split()[1:])
     assert assigned == PINNED
+
+
+def test_the_longest_first_order_names_files_of_the_suite():
+    """conftest.LONGEST_FIRST orders the files xdist hands out; a name that is no file (renamed, removed) would
+    silently fall back to collection order."""
+    from conftest import LONGEST_FIRST, ROOT
+
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+    assert [p for p in LONGEST_FIRST if not (ROOT / p).is_file()] == []
