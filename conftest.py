@@ -26,6 +26,11 @@ loads, so they are set here, before the notebooks' kernels start. A value alread
 choice; tools/check_portability.py's configurations) is kept. On a CPU without x86-64-v3 (or not x86) nothing
 is pinned, and nbval may report other last digits. To re-execute a chapter for its stored
 outputs outside pytest, set the same variables (README, "How the repository works"; `PINNED` below).
+
+Order and randomness. pytest_collection_modifyitems runs the longest files first (LONGEST_FIRST), so that
+pytest-xdist's workers finish together; an autouse fixture seeds the global random generators before every test
+function, from its id, so that no test's data depends on which tests ran before it in its worker (module- and
+session-scoped fixtures are set up before that seeding: none of them draws random numbers).
 """
 import json
 import os
@@ -126,6 +131,7 @@ def pytest_collection_modifyitems(config, items):
     cells) in their order, and the other files in theirs."""
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
 
 @pytest.fixture(autouse=True)
 def _global_generators_seeded_per_test(request):
