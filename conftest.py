@@ -143,10 +143,10 @@ def _global_generators_seeded_per_test(request):
     drawn before). Now each test sees the same draws whatever the order, and a failure can be re-run."""
     import random
     import zlib
+
     import numpy as np
     seed = zlib.crc32(request.node.nodeid.encode())
     random.seed(seed)
     np.random.seed(seed)
-    if "torch" in sys.modules:
+    if "torch" in sys.modules:                 # not imported here: a test without torch must not pay for it
         sys.modules["torch"].manual_seed(seed)
-    yield

@@ -867,9 +867,10 @@ def nvcc_version(nvcc):
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
-def ptxas_usage(arch="sm_90"):
-    """(registers per thread, static shared memory bytes per block) of every kernel instantiation
-    (nvcc --resource-usage); None without nvcc."""
+def _compile_instantiations(arch="sm_90", flags=()):
+    """nvcc's finished process (returncode, stderr) for every kernel instantiation (instantiation_source())
+    compiled for `arch` with --resource-usage and `flags`, into an object file in a temporary folder; None
+    without nvcc. ptxas_usage runs it, and so does the compile check below."""
     import pathlib
     import shutil
     import subprocess
@@ -880,8 +881,17 @@ def ptxas_usage(arch="sm_90"):
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp) / "bn.cu"
         src.write_text(instantiation_source())
-        proc = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "--resource-usage", "-c", str(src), "-o",
-                               str(pathlib.Path(tmp) / "bn.o")], capture_output=True, text=True, check=True)
+        return subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "--resource-usage", *flags, "-c", str(src),
+                               "-o", str(pathlib.Path(tmp) / "bn.o")], capture_output=True, text=True)
+
+
+def ptxas_usage(arch="sm_90"):
+    """(registers per thread, static shared memory bytes per block) of every kernel instantiation
+    (nvcc --resource-usage); None without nvcc, CalledProcessError if the compile fails."""
+    proc = _compile_instantiations(arch)
+    if proc is None:
+        return None
+    proc.check_returncode()
     return resource_usage(proc.stderr)
 
 
