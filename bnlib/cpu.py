@@ -2,7 +2,7 @@
 # bnlib.cpu is generated from chapters/04_numpy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'ROW_BLOCK', 'L_BLOCK', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward']
+__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'ROW_BLOCK', 'L_BLOCK', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward', 'inference']
 
 import numpy as np
 
@@ -457,3 +457,21 @@ def backward(dy, x3, mean, inv_std, gamma):
     run = numba_backward if _backend == "numba" else numpy_backward
     dgamma, dbeta = run(dy3, x3, mean, inv_std, g, dx.reshape(x3.shape))
     return dx, dgamma, dbeta
+
+
+def inference(x, mean, scale, shift):
+    """Evaluation-mode batch norm of NumPy float32/float64 x with the numba kernels: y = (x - mean) * scale + shift
+    per channel, the training forward's second loop, in one pass (a read of x and a write of y) where chapter 02's
+    NumPy code makes three. mean, scale and shift (None: nothing to add) are (C,) arrays of x's dtype, as
+    bnlib.functional's _inference_map returns them. A missing shift is applied as -0.0, which leaves every
+    value as it is (x + 0.0 would turn -0.0 into 0.0): y is bit for bit chapter 02's result, C-contiguous."""
+    x3 = as_ncl(x)
+    n, c, l = x3.shape
+    y = np.empty(x.shape, dtype=x.dtype)
+    b = np.full(c, -0.0, dtype=x.dtype) if shift is None else shift
+    k = _pick(x3)
+    if l == 1:
+        k["affine_nc"](x3.reshape(n, c), mean, scale, b, y.reshape(n, c))
+    else:
+        k["affine"](x3, mean, scale, b, y.reshape(x3.shape))
+    return y

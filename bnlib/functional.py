@@ -2,7 +2,7 @@
 # bnlib.functional is generated from chapters/02_forward.ipynb, chapters/03_backward.ipynb, chapters/04_numpy.ipynb, chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['SUPPORTED_DTYPES', 'get_array_module', 'BNCache', 'batch_norm_forward', 'batch_norm_inference', 'update_running_stats', 'batch_norm_backward', 'portable_batch_norm_forward', 'portable_batch_norm_backward']
+__all__ = ['SUPPORTED_DTYPES', 'get_array_module', 'BNCache', 'batch_norm_forward', 'batch_norm_inference', 'update_running_stats', 'batch_norm_backward', 'portable_batch_norm_forward', 'portable_batch_norm_backward', 'portable_batch_norm_inference']
 
 import numbers
 from typing import NamedTuple
@@ -146,6 +146,19 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
     NaN or inf in the running statistics (a network whose training diverged) is not an error: as in
     torch, a NaN gives NaN in that channel's output and an infinite variance gives beta.
     """
+    mean, scale, shift = _inference_map(x, running_mean, running_var, gamma, beta, eps)
+    shape = channel_shape(x.ndim, x.shape[1])
+    y = x - mean.reshape(shape)                              # (N, C, *spatial), in acc: a new array
+    y *= scale.reshape(shape)
+    if shift is not None:
+        y += shift.reshape(shape)
+    return y.astype(x.dtype, copy=False)
+
+
+def _inference_map(x, running_mean, running_var, gamma, beta, eps):
+    """batch_norm_inference's arguments checked, and its map y = (x - mean) * scale (+ shift): mean, scale and
+    shift (None when there is nothing to add), (C,) arrays in the working dtype. (Chapter 04's one-pass
+    kernel applies the same map.)"""
     num_channels = _check_input(x)
     _check_channel_vector(running_mean, "running_mean", num_channels, x.shape, required=True)
     _check_channel_vector(running_var, "running_var", num_channels, x.shape, required=True)
@@ -157,13 +170,10 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
         k = int(xp.argmax(running_var < 0))
         raise ValueError(f"running_var must be >= 0 everywhere, got {float(running_var[k])!r} at channel {k}")
     acc = accumulation_dtype(x.dtype)
-    shape = channel_shape(x.ndim, num_channels)
     scale = 1.0 / xp.sqrt(running_var.astype(acc) + acc.type(eps))
     if gamma is not None:
         scale = scale * gamma.astype(acc)
     mean = running_mean.astype(acc)                          # (C,)
-    y = x - mean.reshape(shape)                              # (N, C, *spatial), in acc: a new array
-    y *= scale.reshape(shape)
     shift = None
     if running_mean.dtype.itemsize > acc.itemsize:           # a wider running mean (float64 for float32 data):
         with np.errstate(invalid="ignore"):                  # inf - inf (a diverged network): NaN, set to 0 below
@@ -172,9 +182,7 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
         shift = (-residual * scale).astype(acc)
     if beta is not None:
         shift = beta.astype(acc) if shift is None else shift + beta.astype(acc)
-    if shift is not None:
-        y += shift.reshape(shape)
-    return y.astype(x.dtype, copy=False)
+    return mean, scale, shift
 
 
 def _check_momentum(momentum):
@@ -279,6 +287,7 @@ from bnlib import cpu
 
 portable_batch_norm_forward = batch_norm_forward       # chapters 02-03: any array library, float16 too
 portable_batch_norm_backward = batch_norm_backward
+portable_batch_norm_inference = batch_norm_inference
 
 
 def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
@@ -311,6 +320,18 @@ def batch_norm_backward(dy, cache: BNCache):
                                      cache.inv_std.astype(np.float64), cache.gamma)
     param_dtype = cache.x.dtype if cache.gamma is None else cache.gamma.dtype
     return dx, dgamma.astype(param_dtype), dbeta.astype(param_dtype)
+
+
+def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, eps: float = 1e-5):
+    """Inference-mode batch norm (Algorithm 2): y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
+
+    Inputs and checks as portable_batch_norm_inference (chapter 02). NumPy float32/float64 input on the numba
+    backend runs bnlib.cpu.inference: the same map, applied in one pass, the same values bit for bit; anything
+    else (the numpy and portable backends, float16, CuPy arrays, a zero-size batch) chapter 02's NumPy code.
+    """
+    if not cpu.supports(x) or cpu.get_backend() != "numba" or x.size == 0:
+        return portable_batch_norm_inference(x, running_mean, running_var, gamma, beta, eps)
+    return cpu.inference(x, *_inference_map(x, running_mean, running_var, gamma, beta, eps))
 
 
 from bnlib import cuda

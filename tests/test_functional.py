@@ -126,6 +126,42 @@ def test_inference_with_wider_statistics_passes_non_finite_values_through_quietl
     assert y.dtype == np.float32 and np.isfinite(y[:, 0]).all() and np.isneginf(y[:, 1]).all() and np.isnan(y[:, 2]).all()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_inference_fast_path_equals_the_portable_code_bit_for_bit(seed):
+    """On the numba backend NumPy float32/float64 input takes bnlib.cpu.inference (one pass); it must give
+    chapter 02's values exactly, zeros' signs included: random shapes and layouts (C- and Fortran-ordered),
+    statistics of x's dtype or another, NaN and inf statistics, gamma or beta absent, eps 0, and sizes on
+    both sides of PARALLEL_MIN_SIZE (serial and threaded kernels)."""
+    from bnlib import cpu
+    rng = np.random.default_rng(seed)
+    for case in range(25):
+        dtype = (np.float32, np.float64)[case % 2]
+        shape = [int(rng.integers(1, 9)), int(rng.integers(1, 7))] + [int(rng.integers(1, 6))
+                                                                     for _ in range(int(rng.integers(0, 3)))]
+        if case == 0:
+            shape = [3000, 40] if seed % 2 else [64, 32, 40]             # over PARALLEL_MIN_SIZE values
+            assert np.prod(shape) > cpu.PARALLEL_MIN_SIZE
+        x = (rng.normal(size=shape) * rng.uniform(0.1, 10) + rng.uniform(-50, 50)).astype(dtype)
+        x.flat[::7] = 0.0                                                # some exact zeros: x - 0 = 0, * -1 = -0
+        if case % 3 == 0 and x.ndim >= 3:
+            x = np.asfortranarray(x)
+        c = shape[1]
+        stat = (dtype, np.float64, np.float32)[case % 3]
+        rm, rv = (rng.normal(size=c) * 30).astype(stat), rng.uniform(0, 5, size=c).astype(stat)
+        rm[-1] = 0.0
+        if case % 5 == 0:
+            rm[0], rv[-1] = np.nan, np.inf
+        g = None if case % 4 == 0 else np.where(rng.random(c) < 0.2, -1.0, rng.normal(size=c)).astype(dtype)
+        b = None if case % 5 == 1 else rng.normal(size=c).astype(dtype)
+        eps = (0.0, 1e-5, 1e-3)[case % 3]
+        with np.errstate(all="ignore"):
+            fast = F.batch_norm_inference(x, rm, rv, g, b, eps)
+            slow = F.portable_batch_norm_inference(x, rm, rv, g, b, eps)
+        assert fast.shape == slow.shape and fast.dtype == slow.dtype == dtype
+        bits = f"u{np.dtype(dtype).itemsize}"
+        assert np.array_equal(np.ascontiguousarray(fast).view(bits), np.ascontiguousarray(slow).view(bits)), (shape, case)
+
+
 def test_update_running_stats_keeps_each_buffers_dtype():
     _, cache = F.batch_norm_forward(np.random.default_rng(6).normal(size=(8, 3)).astype(np.float32))
     new_mean, new_var = F.update_running_stats(np.zeros(3, np.float32), np.ones(3, np.float64), cache)
