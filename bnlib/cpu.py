@@ -2,7 +2,7 @@
 # bnlib.cpu is generated from chapters/04_numpy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'ROW_BLOCK', 'L_BLOCK', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward', 'inference']
+__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'ROW_BLOCK', 'L_BLOCK', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward', 'channels_last', 'inference']
 
 import numpy as np
 
@@ -459,19 +459,36 @@ def backward(dy, x3, mean, inv_std, gamma):
     return dx, dgamma, dbeta
 
 
+
+def channels_last(x) -> bool:
+    """True for an (N, C, *spatial) array stored channels-last: its values in the order of an (N, *spatial, C)
+    C-contiguous array (NumPy's view of a torch tensor in torch.channels_last, for instance), and not C-contiguous."""
+    return x.ndim > 2 and not x.flags.c_contiguous and x.transpose(0, *range(2, x.ndim), 1).flags.c_contiguous
+
+
 def inference(x, mean, scale, shift):
     """Evaluation-mode batch norm of NumPy float32/float64 x with the numba kernels: y = (x - mean) * scale + shift
     per channel, the training forward's second loop, in one pass (a read of x and a write of y) where chapter 02's
     NumPy code makes three. mean, scale and shift (None: nothing to add) are (C,) arrays of x's dtype, as
-    bnlib.functional's _inference_map returns them. A missing shift is applied as -0.0, which leaves every
-    value as it is (x + 0.0 would turn -0.0 into 0.0): y is bit for bit chapter 02's result, C-contiguous."""
-    x3 = as_ncl(x)
-    n, c, l = x3.shape
-    y = np.empty(x.shape, dtype=x.dtype)
+    bnlib.functional's _inference_map returns them. x must be C-contiguous, read as (N, C, L), or channels-last
+    (channels_last(x)), read as (N * L, C) rows; y has x's layout. A missing shift is applied as -0.0, which leaves
+    every value as it is (x + 0.0 would turn -0.0 into 0.0): every output that is not NaN is bit for bit
+    chapter 02's (a NaN may carry the other sign bit)."""
+    n, c = x.shape[0], x.shape[1]
     b = np.full(c, -0.0, dtype=x.dtype) if shift is None else shift
-    k = _pick(x3)
-    if l == 1:
-        k["affine_nc"](x3.reshape(n, c), mean, scale, b, y.reshape(n, c))
-    else:
-        k["affine"](x3, mean, scale, b, y.reshape(x3.shape))
-    return y
+    k = _pick(x)
+    if x.flags.c_contiguous:
+        y = np.empty(x.shape, dtype=x.dtype)
+        x3, y3 = x.reshape(n, c, -1), y.reshape(n, c, -1)             # views: no copy
+        if x3.shape[2] == 1:
+            k["affine_nc"](x3.reshape(n, c), mean, scale, b, y3.reshape(n, c))
+        else:
+            k["affine"](x3, mean, scale, b, y3)
+        return y
+    if not channels_last(x):
+        raise ValueError(f"inference needs C-contiguous or channels-last x, got strides {x.strides} for shape {x.shape}")
+    last = (0, *range(2, x.ndim), 1)                                  # (N, C, *spatial) -> (N, *spatial, C)
+    rows = x.transpose(last).reshape(-1, c)                           # a view: that transpose is C-contiguous
+    y_rows = np.empty(rows.shape, dtype=x.dtype)
+    k["affine_nc"](rows, mean, scale, b, y_rows)
+    return y_rows.reshape(x.transpose(last).shape).transpose(np.argsort(last))   # y in x's layout, a view of y_rows

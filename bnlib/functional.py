@@ -326,10 +326,12 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
     """Inference-mode batch norm (Algorithm 2): y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
 
     Inputs and checks as portable_batch_norm_inference (chapter 02). NumPy float32/float64 input on the numba
-    backend runs bnlib.cpu.inference: the same map, applied in one pass, the same values bit for bit; anything
-    else (the numpy and portable backends, float16, CuPy arrays, a zero-size batch) chapter 02's NumPy code.
+    backend, C-contiguous or channels-last, runs bnlib.cpu.inference: the same map in one pass, every output that is
+    not NaN the same bit for bit (NaN where chapter 02 gives NaN), y in x's layout. Anything else (the numpy and
+    portable backends, other layouts, float16, CuPy arrays, a zero-size batch) runs chapter 02's code.
     """
-    if not cpu.supports(x) or cpu.get_backend() != "numba" or x.size == 0:
+    if (not cpu.supports(x) or cpu.get_backend() != "numba" or x.size == 0
+            or not (x.flags.c_contiguous or cpu.channels_last(x))):
         return portable_batch_norm_inference(x, running_mean, running_var, gamma, beta, eps)
     return cpu.inference(x, *_inference_map(x, running_mean, running_var, gamma, beta, eps))
 

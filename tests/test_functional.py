@@ -127,39 +127,61 @@ def test_inference_with_wider_statistics_passes_non_finite_values_through_quietl
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_inference_fast_path_equals_the_portable_code_bit_for_bit(seed):
-    """On the numba backend NumPy float32/float64 input takes bnlib.cpu.inference (one pass); it must give
-    chapter 02's values exactly, zeros' signs included: random shapes and layouts (C- and Fortran-ordered),
-    statistics of x's dtype or another, NaN and inf statistics, gamma or beta absent, eps 0, and sizes on
-    both sides of PARALLEL_MIN_SIZE (serial and threaded kernels)."""
+def test_inference_fast_path_equals_the_portable_code_bit_for_bit(seed, monkeypatch):
+    """On the numba backend, C-contiguous and channels-last NumPy float32/float64 input takes bnlib.cpu.inference
+    (one pass). Every output that is not NaN must be chapter 02's bit for bit, zeros' signs included, NaN must
+    stand where chapter 02 has NaN (its sign bit may differ: of two NaN factors, the CPU returns one, by operand
+    order), and y must have chapter 02's layout. Random shapes; C-contiguous, channels-last and Fortran-ordered
+    input; statistics of x's dtype or another; NaN and inf in the statistics and in x; gamma or beta absent;
+    eps 0; and sizes on both sides of PARALLEL_MIN_SIZE (the serial and the threaded kernels, both dtypes,
+    with and without a shift)."""
     from bnlib import cpu
+    fast_calls = []
+    if cpu.get_backend() == "numba":
+        real = cpu.inference
+        monkeypatch.setattr(cpu, "inference", lambda *a: fast_calls.append(a[0].shape) or real(*a))
     rng = np.random.default_rng(seed)
+    expected_fast = 0
     for case in range(25):
-        dtype = (np.float32, np.float64)[case % 2]
+        dtype = (np.float32, np.float64)[(case + seed) % 2]
         shape = [int(rng.integers(1, 9)), int(rng.integers(1, 7))] + [int(rng.integers(1, 6))
                                                                      for _ in range(int(rng.integers(0, 3)))]
-        if case == 0:
-            shape = [3000, 40] if seed % 2 else [64, 32, 40]             # over PARALLEL_MIN_SIZE values
+        if case < 2:                                                     # over PARALLEL_MIN_SIZE values
+            shape = [3000, 40] if (seed + case) % 2 else [64, 32, 40]
             assert np.prod(shape) > cpu.PARALLEL_MIN_SIZE
         x = (rng.normal(size=shape) * rng.uniform(0.1, 10) + rng.uniform(-50, 50)).astype(dtype)
-        x.flat[::7] = 0.0                                                # some exact zeros: x - 0 = 0, * -1 = -0
-        if case % 3 == 0 and x.ndim >= 3:
+        x.flat[::7] = 0.0                                                # exact zeros: (0 - 0) * -1 = -0
+        x.flat[3::11] = np.nan if case % 4 == 3 else x.flat[3::11]       # NaN input, with NaN statistics too below
+        layout = ("C", "channels-last", "F")[case % 3] if x.ndim >= 3 else "C"
+        if layout == "channels-last":                                    # the values of an (N, *spatial, C) array
+            x = np.ascontiguousarray(np.moveaxis(x, 1, -1)).transpose(0, x.ndim - 1, *range(1, x.ndim - 1))
+            assert cpu.channels_last(x) or x.flags.c_contiguous            # (C-contiguous too if dims are 1)
+        elif layout == "F":
             x = np.asfortranarray(x)
         c = shape[1]
         stat = (dtype, np.float64, np.float32)[case % 3]
         rm, rv = (rng.normal(size=c) * 30).astype(stat), rng.uniform(0, 5, size=c).astype(stat)
         rm[-1] = 0.0
-        if case % 5 == 0:
+        if case % 4 == 3:
             rm[0], rv[-1] = np.nan, np.inf
-        g = None if case % 4 == 0 else np.where(rng.random(c) < 0.2, -1.0, rng.normal(size=c)).astype(dtype)
-        b = None if case % 5 == 1 else rng.normal(size=c).astype(dtype)
+        g = None if (case + seed) % 4 == 0 else np.where(rng.random(c) < 0.2, -1.0, rng.normal(size=c)).astype(dtype)
+        if case % 4 == 3 and g is not None:
+            g[c // 2] = np.nan                                           # NaN times NaN
+        b = None if (case + seed) % 5 < 2 else rng.normal(size=c).astype(dtype)
         eps = (0.0, 1e-5, 1e-3)[case % 3]
         with np.errstate(all="ignore"):
             fast = F.batch_norm_inference(x, rm, rv, g, b, eps)
             slow = F.portable_batch_norm_inference(x, rm, rv, g, b, eps)
+        expected_fast += bool(x.flags.c_contiguous or cpu.channels_last(x))   # else chapter 02's code
         assert fast.shape == slow.shape and fast.dtype == slow.dtype == dtype
+        layout_of = lambda a: [st for st, n in zip(a.strides, a.shape) if n > 1]   # a dim of size 1 has any stride
+        assert layout_of(fast) == layout_of(slow), (layout, fast.strides, slow.strides)
+        nan = np.isnan(slow)
+        assert np.array_equal(np.isnan(fast), nan), (shape, case)
         bits = f"u{np.dtype(dtype).itemsize}"
-        assert np.array_equal(np.ascontiguousarray(fast).view(bits), np.ascontiguousarray(slow).view(bits)), (shape, case)
+        assert np.array_equal(np.where(nan, 0, fast).view(bits), np.where(nan, 0, slow).view(bits)), (shape, case)
+    if cpu.get_backend() == "numba":                                     # the fast path did run, where it should
+        assert len(fast_calls) == expected_fast > 0
 
 
 def test_update_running_stats_keeps_each_buffers_dtype():
