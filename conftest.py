@@ -20,7 +20,7 @@ fixed by an environment variable, so that every x86-64 CPU with AVX2 and FMA com
   otherwise, the accuracies of chapter 01's torch-trained networks by up to 0.05 (one of the 8, chapter 07's
   gradient check, is NumPy-only). The outputs are now made with all of them pinned.
 
-So a test run asks for the same code paths on any x86-64 CPU that has them. nbval's kernels, test_alone's
+So a test run asks for the same code paths on any x86-64 CPU that has them. nbval's kernels (AloneKernel, below)
 and every other process pytest starts inherit the environment; each library reads its variable when it
 loads, so they are set here, before the notebooks' kernels start. A value already set (a maintainer's
 choice; tools/check_portability.py's configurations) is kept. On a CPU without x86-64-v3 (or not x86) nothing
@@ -70,7 +70,7 @@ if platform.machine() in ("x86_64", "AMD64") and _has_x86_v3():
         os.environ.setdefault(_name, _value)
 
 # Not a pin (no result depends on it): OpenMP threads that find no work sleep at once instead of spinning. pytest
-# runs one worker per core (pytest-xdist) and tests/test_alone.py two chapter kernels beside them, so the cores are
+# runs one worker per core (pytest-xdist), and a notebook's kernel is a process beside its worker, so the cores are
 # shared; a spinning thread then burns the time another process needs. On 2026-11-30, on 2 cores, chapter 06's
 # autocast cell (PyTorch on 2 threads) took 154 s under the shared load against 27 s alone, and a 2-thread
 # training loop beside one busy process ran 1.8 times as fast with the threads sleeping (alone, 1.6 times as slow).
@@ -79,6 +79,158 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parent
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
+
+
+# ----------------------------------------------------------------------------- the chapters run alone
+# nbval's run of every chapter is also the test that it runs ALONE, as on Colab: its kernel is the Python of a
+# fresh virtual environment into which a wheel built from this checkout is installed (--system-site-packages:
+# torch, numba, ipykernel and the rest come from this environment; no network), started in an empty folder
+# outside the checkout. So the chapter's first cell finds no checkout above it and imports the installed
+# bnlib, and a chapter that read a file of the checkout (instead of bnlib's package data) would fail, at full
+# size, with its outputs compared. Until 2026-11-30 tests/test_alone.py ran every chapter a second time for
+# that, shrunk (BNLIB_SMOKE=1): 190 s of a 620 s suite on 2 cores. The environment is built once per pytest
+# run, by whichever pytest-xdist worker first needs it (a lock keeps the other waiting), in a folder the
+# controlling process makes and removes.
+_ALONE_DIR = "_BNLIB_PYTEST_ALONE_DIR"          # set by the controlling process, inherited by xdist's workers
+_ALONE_CREATED = pytest.StashKey[str]()
+ALONE_KERNEL = "bnlib-alone"
+
+
+def clean_env(**extra) -> dict:
+    """The environment of a reader's machine: nothing that points Python at the checkout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(extra)
+    return env
+
+
+def _run(cmd, **kwargs) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def alone_env() -> tuple:
+    """(wheel, venv folder, its python): a wheel of bnlib built from the checkout's files (in a copy, so no
+    build/ lands in the checkout) and a fresh venv with it installed. Built on the first call of the pytest run,
+    under a lock; later calls, in any worker, find it."""
+    import fcntl
+    import shutil
+    base = Path(os.environ.get(_ALONE_DIR) or _make_alone_dir())
+    python = base / "env" / "bin" / "python"
+    with open(base / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / "ready").exists():
+            src = base / "src"
+            for name in ("pyproject.toml", "README.md"):
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, src / name)
+            shutil.copytree(ROOT / "bnlib", src / "bnlib", ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+            _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                  "-w", str(base / "wheel"), str(src)], timeout=300, env=clean_env())
+            _run([sys.executable, "-m", "venv", "--system-site-packages", str(base / "env")], timeout=300)
+            (wheel,) = (base / "wheel").glob("bnlib-*.whl")
+            _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q", str(wheel)],
+                 timeout=300, env=clean_env())
+            (base / "ready").write_text(str(wheel))
+    return Path((base / "ready").read_text()), base / "env", python
+
+
+def _make_alone_dir() -> str:
+    """The folder for alone_env(), made by the process that has none (pytest_configure makes it first)."""
+    import tempfile
+    os.environ[_ALONE_DIR] = tempfile.mkdtemp(prefix="bnlib-pytest-alone-")
+    return os.environ[_ALONE_DIR]
+
+
+def pytest_configure(config):
+    """The controlling process (or the only one) makes the folder of the alone environment, before xdist
+    starts its workers, which inherit its name; it removes it at the end (pytest_unconfigure)."""
+    if not hasattr(config, "workerinput") and not os.environ.get(_ALONE_DIR):
+        config.stash[_ALONE_CREATED] = _make_alone_dir()
+
+
+def pytest_unconfigure(config):
+    import shutil
+    created = config.stash.get(_ALONE_CREATED, None)
+    if created:
+        shutil.rmtree(created, ignore_errors=True)
+        os.environ.pop(_ALONE_DIR, None)
+
+
+try:
+    import nbval.kernel
+    import nbval.plugin
+    from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+    from jupyter_client.manager import KernelManager
+except ImportError:                    # pragma: no cover - without nbval no notebook is collected
+    nbval = None
+else:
+    class _AloneSpecs(KernelSpecManager):
+        """The one kernel spec AloneKernel starts: ipykernel on the alone environment's python."""
+        python = None
+
+        def get_kernel_spec(self, kernel_name):
+            return KernelSpec(argv=[str(self.python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                              display_name="bnlib from the wheel", language="python")
+
+    class AloneKernel(nbval.kernel.RunningKernel):
+        """nbval's kernel for a chapter (conftest puts this class in nbval's place): the alone environment's
+        python, started in a new empty folder, with no PYTHONPATH. Before it stops, it asks the kernel where its
+        bnlib came from, and fails the chapter's last test unless it is the alone environment's."""
+
+        def __init__(self, kernel_name, cwd=None, startup_timeout=60):
+            import tempfile
+            _, self.env_dir, python = alone_env()
+            self.folder = Path(tempfile.mkdtemp(prefix="chapter-", dir=os.environ[_ALONE_DIR]))
+            specs = _AloneSpecs()
+            specs.python = python
+            self.km = KernelManager(kernel_name=ALONE_KERNEL, kernel_spec_manager=specs)
+            self.km.start_kernel(stderr=open(os.devnull, "w"), cwd=str(self.folder), env=clean_env())
+            self.kc = self.km.client()
+            self.kc.start_channels()
+            try:
+                self.kc.wait_for_ready(timeout=startup_timeout)
+            except RuntimeError:
+                self.kc.stop_channels()
+                self.km.shutdown_kernel()
+                raise
+            self._ensure_iopub_up()
+
+        def run_and_read(self, code, timeout=60) -> str:
+            """Run `code` in the kernel; its stdout."""
+            msg_id = self.kc.execute(code, store_history=False, allow_stdin=False)
+            out = []
+            while True:
+                msg = self.kc.get_iopub_msg(timeout=timeout)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+                    out.append(msg["content"]["text"])
+                elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    return "".join(out)
+
+        def bnlib_origin(self):
+            """The file of the bnlib the kernel imported ('None' if it imported none); None if the kernel is dead."""
+            from queue import Empty
+            if not self.km.is_alive():
+                return None
+            try:
+                return self.run_and_read("import sys; print(getattr(sys.modules.get('bnlib'), '__file__', None))",
+                                         timeout=30).strip()
+            except Empty:
+                return None
+
+        def stop(self):
+            import shutil
+            try:
+                used = self.bnlib_origin()
+            finally:
+                super().stop()
+                shutil.rmtree(self.folder, ignore_errors=True)
+            if used is not None and not Path(used).resolve().is_relative_to(self.env_dir.resolve()):
+                raise AssertionError(f"the chapter imported bnlib from {used}, not from the wheel installed in {self.env_dir}")
+
+    nbval.plugin.RunningKernel = AloneKernel
 
 
 def code_cells(notebook: Path) -> list[dict]:
@@ -115,15 +267,18 @@ def pytest_generate_tests(metafunc):
 
 # The files in the order pytest-xdist hands them out, the longest first, so that the workers of a 2-core machine
 # finish together. xdist (--dist loadfile) would otherwise order the files by their number of tests (pyproject
-# turns that off: --no-loadscope-reorder), which put tests/test_alone.py, 152 s in 11 tests, last: in a clean-clone
-# run on 2026-11-30 one worker ran it alone at the end, pytest 632.6 s for 1146 s of test time. The order is by
-# each file's summed durations in that run (07 183 s, 08 153, test_alone 152, 01 96, test_cuda 95, test_book 59,
-# 06 58, 09 56, test_nn 50, test_functional 46, test_cuda_on_cpu 43, 04 36, test_train 30, 05 24); the other
-# files, each under 10 s, follow in collection order. A test checks that every name here is a file.
-LONGEST_FIRST = ["chapters/07_experiments.ipynb", "chapters/08_variants.ipynb", "tests/test_alone.py",
-                 "chapters/01_background.ipynb", "tests/test_cuda.py", "tests/test_book.py", "chapters/06_pytorch.ipynb",
-                 "chapters/09_faq.ipynb", "tests/test_nn.py", "tests/test_functional.py", "tests/test_cuda_on_cpu.py",
-                 "chapters/04_numpy.ipynb", "tests/test_train.py", "chapters/05_cupy.ipynb"]
+# turns that off: --no-loadscope-reorder), which put a long file with few tests last: in a clean-clone run on
+# 2026-11-30 one worker ran tests/test_alone.py (then 152 s in 11 tests) alone at the end, pytest 632.6 s for
+# 1146 s of test time. The order is by each file's summed durations in a clean-clone run of 2026-11-30 (07 192 s,
+# 08 162, test_cuda 121, 01 86, test_book 74, 06 64, 09 61, test_cuda_on_cpu 57, test_nn 51, 04 41,
+# test_functional 38, 05 29, test_train 21, test_cpu_bench 14), with one change: tests/test_cuda.py comes second,
+# so that the second worker starts on it while the first builds the environment every chapter's kernel needs
+# (14 s, alone_env; with two chapters first, both waited). The other files, each under 10 s, follow in
+# collection order. A test checks that every name here is a file.
+LONGEST_FIRST = ["chapters/07_experiments.ipynb", "tests/test_cuda.py", "chapters/08_variants.ipynb",
+                 "chapters/01_background.ipynb", "tests/test_book.py", "chapters/06_pytorch.ipynb",
+                 "chapters/09_faq.ipynb", "tests/test_cuda_on_cpu.py", "tests/test_nn.py", "chapters/04_numpy.ipynb",
+                 "tests/test_functional.py", "chapters/05_cupy.ipynb", "tests/test_train.py", "tests/test_cpu_bench.py"]
 
 
 def pytest_collection_modifyitems(config, items):
