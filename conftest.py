@@ -110,36 +110,53 @@ def _run(cmd, **kwargs) -> str:
 
 
 def alone_env() -> tuple:
-    """(wheel, venv folder, its python): a wheel of bnlib built from the checkout's files (in a copy, so no
-    build/ lands in the checkout) and a fresh venv with it installed. Built on the first call of the pytest run,
-    under a lock; later calls, in any worker, find it."""
+    """(wheel, venv folder, its python): a wheel of bnlib built from the working tree's files (uncommitted ones
+    too; in a copy, so no build/ lands in the checkout) and a fresh venv with it installed. Built on the first
+    call of the pytest run, under a lock; later calls, in any worker, find it. A failed build is not retried:
+    every later call raises its error."""
     import fcntl
     import shutil
+    import tempfile
     base = Path(os.environ.get(_ALONE_DIR) or _make_alone_dir())
-    python = base / "env" / "bin" / "python"
+    base.mkdir(parents=True, exist_ok=True)
+    env_dir = base / "env"
     with open(base / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if (base / "failed").exists():
+            raise RuntimeError("building the chapters' environment failed (first attempt's error):\n"
+                               + (base / "failed").read_text())
         if not (base / "ready").exists():
-            src = base / "src"
-            for name in ("pyproject.toml", "README.md"):
-                (src / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / name, src / name)
-            shutil.copytree(ROOT / "bnlib", src / "bnlib", ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
-            _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                  "-w", str(base / "wheel"), str(src)], timeout=300, env=clean_env())
-            _run([sys.executable, "-m", "venv", "--system-site-packages", str(base / "env")], timeout=300)
-            (wheel,) = (base / "wheel").glob("bnlib-*.whl")
-            _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q", str(wheel)],
-                 timeout=300, env=clean_env())
+            try:
+                work = Path(tempfile.mkdtemp(prefix="build-", dir=base))
+                src = work / "src"
+                src.mkdir()
+                for name in ("pyproject.toml", "README.md"):
+                    shutil.copy2(ROOT / name, src / name)
+                shutil.copytree(ROOT / "bnlib", src / "bnlib", ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+                _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                      "-w", str(base / "wheel"), str(src)], timeout=300, env=clean_env())
+                (wheel,) = (base / "wheel").glob("bnlib-*.whl")
+                _run([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)], timeout=300)
+                _run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index",
+                      "--force-reinstall", "-q", str(wheel)], timeout=300, env=clean_env())
+            except BaseException as error:
+                (base / "failed").write_text(f"{type(error).__name__}: {error}")
+                raise
             (base / "ready").write_text(str(wheel))
-    return Path((base / "ready").read_text()), base / "env", python
+    return Path((base / "ready").read_text()), env_dir, env_dir / "bin" / "python"
 
 
 def _make_alone_dir() -> str:
-    """The folder for alone_env(), made by the process that has none (pytest_configure makes it first)."""
+    """The folder for alone_env(), made by the process that has none (pytest_configure makes it first). It must
+    be outside the checkout: a chapter's first cell looks for the checkout in its folder's parents."""
     import tempfile
-    os.environ[_ALONE_DIR] = tempfile.mkdtemp(prefix="bnlib-pytest-alone-")
-    return os.environ[_ALONE_DIR]
+    folder = tempfile.mkdtemp(prefix="bnlib-pytest-alone-")
+    if Path(folder).resolve().is_relative_to(ROOT):
+        os.rmdir(folder)
+        raise pytest.UsageError(f"the temporary folder {folder} is inside the checkout {ROOT}: set TMPDIR elsewhere, "
+                                "so that the chapters' kernels start outside it")
+    os.environ[_ALONE_DIR] = folder
+    return folder
 
 
 def pytest_configure(config):
@@ -197,11 +214,16 @@ else:
             self._ensure_iopub_up()
 
         def run_and_read(self, code, timeout=60) -> str:
-            """Run `code` in the kernel; its stdout."""
+            """Run `code` in the kernel; its stdout. Raises queue.Empty if the kernel is not done within `timeout` s."""
+            import time
+            from queue import Empty
             msg_id = self.kc.execute(code, store_history=False, allow_stdin=False)
-            out = []
+            out, deadline = [], time.monotonic() + timeout
             while True:
-                msg = self.kc.get_iopub_msg(timeout=timeout)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Empty
+                msg = self.kc.get_iopub_msg(timeout=left)
                 if msg["parent_header"].get("msg_id") != msg_id:
                     continue
                 if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
@@ -209,16 +231,28 @@ else:
                 elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                     return "".join(out)
 
-        def bnlib_origin(self):
-            """The file of the bnlib the kernel imported ('None' if it imported none); None if the kernel is dead."""
+        def bnlib_origin(self, timeout=30):
+            """The file of the bnlib module the kernel holds ('None' if it never imported one), read from the shell
+            reply's user_expressions (a chapter that redirected stdout cannot hide it); None if the kernel is dead
+            or does not answer within `timeout` s (a chapter stopped by nbval's cell timeout: that is its failure)."""
+            import ast
+            import time
             from queue import Empty
-            if not self.km.is_alive():
+            if not getattr(self, "km", None) or not self.km.is_alive():
                 return None
+            expression = "getattr(__import__('sys').modules.get('bnlib'), '__file__', None)"
+            msg_id = self.kc.execute("", silent=True, store_history=False, allow_stdin=False,
+                                     user_expressions={"file": expression})
+            deadline = time.monotonic() + timeout
             try:
-                return self.run_and_read("import sys; print(getattr(sys.modules.get('bnlib'), '__file__', None))",
-                                         timeout=30).strip()
+                while (left := deadline - time.monotonic()) > 0:
+                    msg = self.kc.get_shell_msg(timeout=left)
+                    if msg["parent_header"].get("msg_id") == msg_id:
+                        found = msg["content"].get("user_expressions", {}).get("file", {})
+                        return str(ast.literal_eval(found["data"]["text/plain"])) if found.get("status") == "ok" else None
             except Empty:
-                return None
+                pass
+            return None
 
         def stop(self):
             import shutil
@@ -227,6 +261,8 @@ else:
             finally:
                 super().stop()
                 shutil.rmtree(self.folder, ignore_errors=True)
+            if used == "None":
+                raise AssertionError("the chapter never imported bnlib")
             if used is not None and not Path(used).resolve().is_relative_to(self.env_dir.resolve()):
                 raise AssertionError(f"the chapter imported bnlib from {used}, not from the wheel installed in {self.env_dir}")
 

@@ -488,7 +488,7 @@ def inference(x, mean, scale, shift):
     if not channels_last(x):
         raise ValueError(f"inference needs C-contiguous or channels-last x, got strides {x.strides} for shape {x.shape}")
     last = (0, *range(2, x.ndim), 1)                                  # (N, C, *spatial) -> (N, *spatial, C)
-    rows = x.transpose(last).reshape(-1, c)                           # a view: that transpose is C-contiguous
-    y_rows = np.empty(rows.shape, dtype=x.dtype)
-    k["affine_nc"](rows, mean, scale, b, y_rows)
-    return y_rows.reshape(x.transpose(last).shape).transpose(np.argsort(last))   # y in x's layout, a view of y_rows
+    x_last = x.transpose(last)                                        # C-contiguous (channels_last(x))
+    y_rows = np.empty((x.size // c, c), dtype=x.dtype)
+    k["affine_nc"](x_last.reshape(-1, c), mean, scale, b, y_rows)     # rows of C values: views, no copy
+    return y_rows.reshape(x_last.shape).transpose(np.argsort(last))   # y in x's layout, a view of y_rows

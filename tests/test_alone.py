@@ -78,3 +78,20 @@ def test_the_alone_kernel_fails_a_chapter_that_imported_another_bnlib(tmp_path):
     kernel.run_and_read(f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import bnlib")
     with pytest.raises(AssertionError, match="imported bnlib from .*, not from the wheel"):
         kernel.stop()
+
+
+def test_the_alone_kernel_fails_a_chapter_that_never_imported_bnlib_and_reads_past_redirected_stdout():
+    kernel = conftest.AloneKernel("python3")
+    assert kernel.bnlib_origin() == "None"
+    kernel.run_and_read("import io, sys; sys.stdout = io.StringIO()")
+    with pytest.raises(AssertionError, match="never imported bnlib"):
+        kernel.stop()
+
+
+def test_a_failed_build_of_the_environment_is_reported_not_retried(tmp_path, monkeypatch):
+    """The first failure's error, written beside the lock, is what every later chapter reports."""
+    monkeypatch.setenv(conftest._ALONE_DIR, str(tmp_path))
+    (tmp_path / "failed").write_text("CalledProcessError: pip wheel failed")
+    with pytest.raises(RuntimeError, match=r"first attempt's error\):\n.*pip wheel failed"):
+        alone_env()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failed", "lock"]     # nothing built again
