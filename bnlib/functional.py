@@ -49,6 +49,9 @@ def _check_input(x, name: str = "x") -> int:
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(f"{name} is a masked array: batch normalization would use the masked values too (and drop "
                         f"the mask); pass the values to normalize as a plain array")
+    if isinstance(x, np.matrix):                   # its * is a matrix product and it stays 2-D after a reduction
+        raise TypeError(f"{name} is a np.matrix, which NumPy's array code does not handle as an array: "
+                        f"pass np.asarray({name})")
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (N, C) or (N, C, *spatial), "
                          f"got shape {tuple(x.shape)} with {x.ndim} dimension(s)")

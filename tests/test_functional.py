@@ -467,6 +467,24 @@ def test_moments_and_welford_refuse_what_they_would_get_wrong():
         F.batch_norm_forward(masked)                # its mask would be ignored: the masked 6.0 in the statistics
 
 
+def test_a_numpy_matrix_is_refused_by_every_function_on_every_backend(cpu_backend):
+    """np.matrix (NumPy's deprecated 2-D subclass: * is a matrix product, reductions stay 2-D) once gave an
+    ndarray from the numba training forward, an IndexError from its evaluation path and a misleading shape error
+    from the portable code; now the same TypeError everywhere, before any work."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        m = np.matrix(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
+    plain = np.asarray(m)
+    stats = (np.zeros(4, np.float32), np.ones(4, np.float32))
+    for call in (lambda: F.batch_norm_forward(m), lambda: F.batch_norm_inference(m, *stats),
+                 lambda: F.batch_norm_backward(m, F.batch_norm_forward(plain)[1])):
+        with pytest.raises(TypeError, match=r"is a np.matrix, .*: pass np.asarray\((x|dy)\)"):
+            call()
+    y, cache = F.batch_norm_forward(plain)           # the advice works
+    assert type(y) is np.ndarray and type(F.batch_norm_inference(plain, *stats)) is np.ndarray
+
+
 @pytest.mark.parametrize("shape", [(0, 3), (4, 3, 0), (0, 3, 5, 5)])
 def test_moments_of_no_values_are_count_zero_and_merge_away(shape):
     """An empty batch (or empty spatial extent) has count 0 and zero moments, with no NaN and no warning,
