@@ -152,6 +152,8 @@ def test_inference_fast_path_equals_the_portable_code_bit_for_bit(seed, monkeypa
         x = (rng.normal(size=shape) * rng.uniform(0.1, 10) + rng.uniform(-50, 50)).astype(dtype)
         x.flat[::7] = 0.0                                                # exact zeros: (0 - 0) * -1 = -0
         x.flat[3::11] = np.nan if case % 4 == 3 else x.flat[3::11]       # NaN input, with NaN statistics too below
+        if case % 4 == 1:                                                # infinite input: (inf - m) * s + t
+            x.flat[5::13], x.flat[6::17] = np.inf, -np.inf
         layout = ("C", "channels-last", "F")[case % 3] if x.ndim >= 3 else "C"
         if layout == "channels-last":                                    # the values of an (N, *spatial, C) array
             x = np.ascontiguousarray(np.moveaxis(x, 1, -1)).transpose(0, x.ndim - 1, *range(1, x.ndim - 1))
