@@ -95,3 +95,16 @@ def test_a_failed_build_of_the_environment_is_reported_not_retried(tmp_path, mon
     with pytest.raises(RuntimeError, match=r"first attempt's error\):\n.*pip wheel failed"):
         alone_env()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["failed", "lock"]     # nothing built again
+
+
+def test_the_gpu_check_keeps_nbvals_own_kernel():
+    """tools/gpu_check.sh sets BNLIB_NBVAL_IN_CHECKOUT=1 (the GPU image may lack venv and ipykernel outside the
+    carried wheels); with it, conftest leaves nbval's kernel in place, and without it puts AloneKernel there."""
+    import subprocess
+    import sys
+    assert "BNLIB_NBVAL_IN_CHECKOUT=1" in (ROOT / "tools" / "gpu_check.sh").read_text(encoding="utf-8")
+    code = "import conftest, nbval.plugin; print(nbval.plugin.RunningKernel is conftest.AloneKernel)"
+    for value, patched in (("1", "False"), ("0", "True")):
+        out = conftest._run([sys.executable, "-c", code], cwd=ROOT, timeout=120,
+                            env=clean_env(BNLIB_NBVAL_IN_CHECKOUT=value, PYTHONPATH=str(ROOT)))
+        assert out.strip() == patched, (value, out)

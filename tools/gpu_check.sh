@@ -43,7 +43,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 BNLIB_REQUIRE_GPU=1
+# BNLIB_NBVAL_IN_CHECKOUT=1: nbval's kernels on this python, in the checkout (conftest.py's alone environment, a
+# venv built per pytest run without PYTHONPATH, would lack the carried ipykernel and cost time; CI tests that)
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 BNLIB_REQUIRE_GPU=1 BNLIB_NBVAL_IN_CHECKOUT=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 # 0. preflight: CuPy and torch see the GPU, NVRTC really compiles the kernels (CuPy 14's RawModule
 #    is lazy: .compile() forces it), and one forward with the running statistics is right. Through
