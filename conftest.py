@@ -88,9 +88,10 @@ CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 # outside the checkout. So the chapter's first cell finds no checkout above it and imports the installed
 # bnlib, and a chapter that read a file of the checkout (instead of bnlib's package data) would fail, at full
 # size, with its outputs compared. Until 2026-11-30 tests/test_alone.py ran every chapter a second time for
-# that, shrunk (BNLIB_SMOKE=1): 190 s of a 620 s suite on 2 cores. The environment is built once per pytest
-# run, by whichever pytest-xdist worker first needs it (a lock keeps the other waiting), in a folder the
-# controlling process makes and removes.
+# that, shrunk (BNLIB_SMOKE=1): 186.6 s of the 1190.1 s of test time of a clean-clone run on 2 cores (pytest
+# 621.8 s; 504.6 s to 559.0 s without it, the same day). The environment is built once per pytest run, by
+# whichever process first needs it (a lock keeps the other xdist worker waiting), in a folder the controlling
+# process makes and removes. BNLIB_NBVAL_IN_CHECKOUT=1 turns all this off (below).
 _ALONE_DIR = "_BNLIB_PYTEST_ALONE_DIR"          # set by the controlling process, inherited by xdist's workers
 _ALONE_CREATED = pytest.StashKey[str]()
 ALONE_KERNEL = "bnlib-alone"
