@@ -40,7 +40,7 @@ def test_every_chapter_is_in_the_toc():
 
 
 # The first code cell of every chapter, verbatim (chapters to come included). In a checkout it puts
-# the repository root on sys.path; alone (Colab, or tests/test_alone.py) it uses an installed bnlib
+# the repository root on sys.path; alone (Colab, or nbval's kernel: conftest.AloneKernel) it uses an installed bnlib
 # and pip-installs from the repository of _config.yml only when there is none.
 FIRST_CELL = f'''# Setup: make `bnlib` importable. In a checkout of the course the
 # repository root goes on sys.path; elsewhere (Colab) an installed bnlib
