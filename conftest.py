@@ -89,7 +89,7 @@ CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 # bnlib, and a chapter that read a file of the checkout (instead of bnlib's package data) would fail, at full
 # size, with its outputs compared. Until 2026-11-30 tests/test_alone.py ran every chapter a second time for
 # that, shrunk (BNLIB_SMOKE=1): 186.6 s of the 1190.1 s of test time of a clean-clone run on 2 cores (pytest
-# 621.8 s; 504.6 s to 559.0 s without it, the same day). The environment is built once per pytest run, by
+# 621.8 s; 504.6 s to 564.4 s without it, the same day). The environment is built once per pytest run, by
 # whichever process first needs it (a lock keeps the other xdist worker waiting), in a folder the controlling
 # process makes and removes. BNLIB_NBVAL_IN_CHECKOUT=1 turns all this off (below).
 _ALONE_DIR = "_BNLIB_PYTEST_ALONE_DIR"          # set by the controlling process, inherited by xdist's workers
