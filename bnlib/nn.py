@@ -103,13 +103,18 @@ def _torch_kernels(x):
     return x.is_cuda and hasattr(cuda, "forward_torch")
 
 
-@contextlib.contextmanager
+_NO_STREAM = contextlib.nullcontext()
+
+
 def _on_tensor_stream(t):
-    """Run CuPy work on the CUDA device and current stream of tensor t, so that it is ordered with
-    PyTorch's kernels on that stream; a no-op for CPU tensors."""
-    if not t.is_cuda:
-        yield
-        return
+    """A context manager that runs CuPy work on the CUDA device and current stream of tensor t, so that
+    it is ordered with PyTorch's kernels on that stream; for CPU tensors a shared null context (the
+    layers enter this on every call: no generator is built for the CPU path)."""
+    return _cuda_stream_of(t) if t.is_cuda else _NO_STREAM
+
+
+@contextlib.contextmanager
+def _cuda_stream_of(t):
     import cupy
     with cupy.cuda.Device(t.device.index), cuda.cupy_stream(torch.cuda.current_stream(t.device)):
         yield
@@ -144,6 +149,18 @@ def _apply(function, *args):
     if _unwrap_dead is None or _transforms_active is None or _transforms_active():
         return function.apply(*args)
     return super(torch.autograd.Function, function).apply(*_unwrap_dead(args))
+
+
+def _needs_autograd(*tensors):
+    """False when a layer's call can skip its autograd Function and call the Function's forward directly:
+    no tensor of `tensors` (None allowed) requires grad while grad is enabled (evaluation under torch.no_grad
+    or torch.inference_mode, a frozen layer on a frozen input), no torch.func transform is active (its
+    wrapped tensors need the Function's vmap and jvp rules) and no forward-mode AD level is open
+    (torch.autograd.forward_ad: tangents travel whether or not grad is enabled). The Function would record
+    nothing in that case, but its apply costs tens of microseconds per call (the per-call cost table below)."""
+    if _transforms_active is None or _transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _fusable_running(running, dtype):
@@ -383,8 +400,11 @@ class BatchNormInferenceFunction(torch.autograd.Function):
 
 def _inference(x, running_mean, running_var, weight, bias, eps):
     """Evaluation-mode batch norm with fixed statistics, as the layers call it: the statistics checked to be
-    constants at the forward (_constant_statistics), then BatchNormInferenceFunction."""
+    constants at the forward (_constant_statistics), then BatchNormInferenceFunction, or only its forward when
+    nothing needs a gradient (_needs_autograd)."""
     _constant_statistics(running_mean, running_var)
+    if not _needs_autograd(x, weight, bias):      # (the statistics cannot require grad here: checked above)
+        return BatchNormInferenceFunction.forward(x, running_mean, running_var, weight, bias, eps)
     return _apply(BatchNormInferenceFunction, x, running_mean, running_var, weight, bias, eps)
 
 
@@ -520,10 +540,19 @@ class _BatchNorm(torch.nn.Module):
             else:
                 momentum = 0.0 if self.num_batches_tracked is None else 1.0 / (int(self.num_batches_tracked) + 1)
             unbiased = var * (count / (count - 1)) if count > 1 else var
+            running_mean, running_var = self.running_mean, self.running_var
+            if running_mean.dtype not in _HALF and not (_transforms_active and _transforms_active()):
+                # the operations below, in place: the same values, without two new tensors and two copies
+                # (under torch.func, where an update can fail halfway, the path below computes first)
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)
+                return
             # in float32 for float16/bfloat16 buffers, rounded once by copy_: two roundings per step in the
             # buffer's dtype let a float16 running_var drift (float16: torch's CPU buffers bit for bit; torch's
             # bfloat16 CPU path rounds otherwise, and its buffers drift further from the exact average than these)
-            acc = torch.float32 if self.running_mean.dtype in _HALF else self.running_mean.dtype
+            acc = torch.float32 if running_mean.dtype in _HALF else running_mean.dtype
             new_mean = torch.add(self.running_mean.to(acc).mul(1 - momentum), mean.to(acc), alpha=momentum)
             new_var = torch.add(self.running_var.to(acc).mul(1 - momentum), unbiased.to(acc), alpha=momentum)
             try:
@@ -577,7 +606,11 @@ class _BatchNorm(torch.nn.Module):
             if tracking and _torch_kernels(x):
                 running = _fusable_running((self.running_mean, self.running_var, self.momentum,
                                             self.num_batches_tracked), _compute_dtype(x))
-            y, mean, var, _ = _apply(BatchNormFunction, x, self.weight, self.bias, self.eps, running)
+            args = (x, self.weight, self.bias, self.eps, running)
+            if _needs_autograd(x, self.weight, self.bias):
+                y, mean, var, _ = _apply(BatchNormFunction, *args)
+            else:                               # nothing to record (torch.no_grad, frozen parameters and input)
+                y, mean, var, _ = BatchNormFunction.forward(*args)
             if tracking and running is None:
                 self._update_running_stats(mean, var, x.numel() // x.shape[1])
             return y

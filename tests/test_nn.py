@@ -1659,6 +1659,82 @@ def test_frozen_batch_norm_calls_its_function_without_binding_arguments(monkeypa
     torch.testing.assert_close(x.grad, torch.autograd.grad(expected.sum(), x)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_call_that_records_nothing_skips_the_function_with_the_same_bits(monkeypatch, dtype, training):
+    """Under torch.no_grad (and for frozen parameters on a frozen input) a layer calls its Function's forward
+    directly, not Function.apply (nn._needs_autograd): the same output and running buffers, bit for bit, as the
+    call through autograd; FrozenBatchNorm2d too."""
+    gen = torch.Generator().manual_seed(7)
+    for shape in [(16, 5), (8, 3, 4, 4)]:
+        x = torch.randn(shape, generator=gen, dtype=dtype)
+        through = BNLIB_BN[len(shape)](shape[1]).to(dtype).train(training)
+        with torch.no_grad():
+            through.running_mean.uniform_(-1, 1, generator=gen)
+            through.running_var.uniform_(0.5, 2, generator=gen)
+            through.weight.uniform_(0.5, 2, generator=gen)
+        direct, frozen = copy.deepcopy(through), copy.deepcopy(through).requires_grad_(False)
+        expected = [through(x.clone().requires_grad_()).detach() for _ in range(2)]   # weight requires grad: apply
+        with monkeypatch.context() as m:
+            m.setattr(bnn, "_apply", lambda *a: pytest.fail("Function.apply called for a call that records nothing"))
+            with torch.no_grad():
+                got = [direct(x) for _ in range(2)]
+            got_frozen = [frozen(x) for _ in range(2)]                                 # grad enabled, nothing requires it
+            if len(shape) == 4:
+                folded = bnn.FrozenBatchNorm2d.from_batch_norm(through.eval())
+                with torch.no_grad():
+                    got_folded = folded(x)
+        for want, a, b in zip(expected, got, got_frozen):
+            assert torch.equal(a, want) and torch.equal(b, want) and not b.requires_grad
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(direct, name), getattr(through, name)), name
+            assert torch.equal(getattr(frozen, name), getattr(through, name)), name
+        if len(shape) == 4:
+            assert torch.equal(got_folded, through.eval()(x.clone().requires_grad_()).detach())
+
+
+def test_calls_under_no_grad_still_go_through_the_function_for_tangents_and_vmap():
+    """torch.no_grad does not stop forward-mode AD, and torch.func.vmap's wrapped tensors need the Functions'
+    rules: both still reach them (the same tangents and outputs as torch's layers)."""
+    import torch.autograd.forward_ad as fwAD
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+    tangent = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+    for training in (True, False):
+        ours, theirs = bnn.BatchNorm1d(3).double().train(training), torch.nn.BatchNorm1d(3).double().train(training)
+        with torch.no_grad(), fwAD.dual_level():
+            y = fwAD.unpack_dual(ours(fwAD.make_dual(x, tangent)))
+            expected = fwAD.unpack_dual(theirs(fwAD.make_dual(x, tangent)))
+        assert y.tangent is not None
+        torch.testing.assert_close(y.primal, expected.primal)
+        torch.testing.assert_close(y.tangent, expected.tangent)
+        if not training:
+            with torch.no_grad():
+                torch.testing.assert_close(torch.func.vmap(ours)(x.unsqueeze(1)), torch.func.vmap(theirs)(x.unsqueeze(1)))
+
+
+@pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64])
+def test_the_in_place_running_update_gives_the_bits_of_compute_then_copy(stat_dtype):
+    """_update_running_stats updates float32/float64 buffers in place; the values are those of the same
+    operations computed first and copied (the path kept for 16-bit buffers and torch.func), bit for bit,
+    also for float64 statistics (SyncBatchNorm's on the CPU) going into float32 buffers."""
+    gen = torch.Generator().manual_seed(9)
+    for momentum, count in [(0.1, 64), (0.37, 5), (None, 2)]:
+        layer = bnn.BatchNorm2d(7, momentum=momentum)
+        with torch.no_grad():
+            layer.running_mean.uniform_(-1, 1, generator=gen)
+            layer.running_var.uniform_(0.5, 2, generator=gen)
+            layer.num_batches_tracked.fill_(3)
+        mean, var = torch.randn(7, generator=gen, dtype=stat_dtype), torch.rand(7, generator=gen, dtype=stat_dtype)
+        m = momentum if momentum is not None else 1 / 4
+        unbiased = var * (count / (count - 1))
+        want_mean = torch.add(layer.running_mean.mul(1 - m), mean.to(torch.float32), alpha=m)
+        want_var = torch.add(layer.running_var.mul(1 - m), unbiased.to(torch.float32), alpha=m)
+        layer._update_running_stats(mean, var, count)
+        assert torch.equal(layer.running_mean, want_mean) and torch.equal(layer.running_var, want_var)
+        assert int(layer.num_batches_tracked) == 4
+
+
 def test_layers_forward_mode_dual_tensors_match_torch():
     """torch.autograd.forward_ad's dual tensors reach the Functions' jvp through the C++ apply that
     nn._apply calls directly (no functorch transform is active, so it takes its fast path)."""
