@@ -78,6 +78,22 @@ def test_every_chapter_opens_with_its_title_and_a_hidden_setup_cell():
             f"{nb.name}: the setup cell is not tagged hide-input"
 
 
+SMOKE_LINE = 'SMOKE = os.environ.get("BNLIB_SMOKE") == "1"'
+
+
+def test_every_chapter_reads_bnlib_smoke_the_same_way():
+    """README: BNLIB_SMOKE=1 shrinks a chapter's heavy experiments. Every chapter that reads the variable reads
+    it with the same line, so that one value means the same in all of them ("1" on, anything else off)."""
+    readers = []
+    for nb in CHAPTERS:
+        source = "\n".join("".join(c["source"]) for c in code_cells(nb))
+        if "BNLIB_SMOKE" in source.replace("# BNLIB_SMOKE", ""):
+            readers.append(nb.name)
+            lines = [line.split("#")[0].strip() for line in source.splitlines() if "os.environ" in line and "SMOKE" in line]
+            assert lines == [SMOKE_LINE], f"{nb.name}: reads BNLIB_SMOKE with {lines}, not {SMOKE_LINE!r}"
+    assert len(readers) >= 7, readers
+
+
 def test_notebooks_are_stored_after_one_clean_run():
     for nb in CHAPTERS:
         counts = [c["execution_count"] for c in code_cells(nb)]
