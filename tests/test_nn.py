@@ -1676,7 +1676,10 @@ def test_a_call_that_records_nothing_skips_the_function_with_the_same_bits(monke
         direct, frozen = copy.deepcopy(through), copy.deepcopy(through).requires_grad_(False)
         expected = [through(x.clone().requires_grad_()).detach() for _ in range(2)]   # weight requires grad: apply
         with monkeypatch.context() as m:
-            m.setattr(bnn, "_apply", lambda *a: pytest.fail("Function.apply called for a call that records nothing"))
+            refuse = lambda *a: pytest.fail("Function.apply called for a call that records nothing")
+            m.setattr(bnn, "_apply", refuse)
+            for function in (bnn.BatchNormFunction, bnn.BatchNormInferenceFunction):   # apply always calls it
+                m.setattr(function, "setup_context", staticmethod(refuse))
             with torch.no_grad():
                 got = [direct(x) for _ in range(2)]
             got_frozen = [frozen(x) for _ in range(2)]                                 # grad enabled, nothing requires it
@@ -1713,26 +1716,51 @@ def test_calls_under_no_grad_still_go_through_the_function_for_tangents_and_vmap
                 torch.testing.assert_close(torch.func.vmap(ours)(x.unsqueeze(1)), torch.func.vmap(theirs)(x.unsqueeze(1)))
 
 
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64])
-def test_the_in_place_running_update_gives_the_bits_of_compute_then_copy(stat_dtype):
-    """_update_running_stats updates float32/float64 buffers in place; the values are those of the same
-    operations computed first and copied (the path kept for 16-bit buffers and torch.func), bit for bit,
-    also for float64 statistics (SyncBatchNorm's on the CPU) going into float32 buffers."""
+def test_the_in_place_running_update_gives_the_bits_of_compute_then_copy(monkeypatch, buffer_dtype, stat_dtype):
+    """_update_running_stats updates float32/float64 buffers in place (each buffer's version counter moves by 2: mul_,
+    add_); the values are those of the compute-then-copy path, which runs under torch.func and for 16-bit buffers
+    (forced here through _transforms_active), bit for bit: 37 channels (the vectorized loops and their tail),
+    float64 statistics (SyncBatchNorm's on the CPU) into float32 buffers included."""
     gen = torch.Generator().manual_seed(9)
-    for momentum, count in [(0.1, 64), (0.37, 5), (None, 2)]:
-        layer = bnn.BatchNorm2d(7, momentum=momentum)
+    for momentum, count in [(0.1, 64), (0.37, 5), (None, 2), (1.0, 3), (0.0, 3)]:
+        layers = [bnn.BatchNorm2d(37, momentum=momentum).to(buffer_dtype) for _ in range(2)]
         with torch.no_grad():
-            layer.running_mean.uniform_(-1, 1, generator=gen)
-            layer.running_var.uniform_(0.5, 2, generator=gen)
-            layer.num_batches_tracked.fill_(3)
-        mean, var = torch.randn(7, generator=gen, dtype=stat_dtype), torch.rand(7, generator=gen, dtype=stat_dtype)
-        m = momentum if momentum is not None else 1 / 4
-        unbiased = var * (count / (count - 1))
-        want_mean = torch.add(layer.running_mean.mul(1 - m), mean.to(torch.float32), alpha=m)
-        want_var = torch.add(layer.running_var.mul(1 - m), unbiased.to(torch.float32), alpha=m)
-        layer._update_running_stats(mean, var, count)
-        assert torch.equal(layer.running_mean, want_mean) and torch.equal(layer.running_var, want_var)
-        assert int(layer.num_batches_tracked) == 4
+            layers[0].running_mean.uniform_(-1, 1, generator=gen)
+            layers[0].running_var.uniform_(0.5, 2, generator=gen)
+            layers[0].num_batches_tracked.fill_(3)
+        layers[1].load_state_dict(layers[0].state_dict())
+        mean, var = torch.randn(37, generator=gen, dtype=stat_dtype), torch.rand(37, generator=gen, dtype=stat_dtype)
+        versions = [layers[0].running_mean._version, layers[0].running_var._version]
+        layers[0]._update_running_stats(mean, var, count)
+        assert [layers[0].running_mean._version, layers[0].running_var._version] == [v + 2 for v in versions]
+        with monkeypatch.context() as m:
+            m.setattr(bnn, "_transforms_active", lambda: True)           # the compute-then-copy path
+            layers[1]._update_running_stats(mean, var, count)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(layers[0], name), getattr(layers[1], name)), (momentum, name)
+        assert int(layers[0].num_batches_tracked) == 4
+
+
+def test_a_running_update_that_cannot_apply_changes_nothing():
+    """Statistics that cannot go into the buffers (a meta-device batch's; the wrong length; a float16 running_var
+    beside a float32 running_mean, which must not be updated in float16) never take the in-place path: the
+    meta and length cases raise with the buffers and the count as they were; the mixed case rounds once."""
+    layer = bnn.BatchNorm1d(4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        layer(torch.empty(8, 4, device="meta"))                      # torch's in-place add would skip these silently
+    with pytest.raises(RuntimeError):
+        layer._update_running_stats(torch.zeros(1), torch.ones(5), 8)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    mixed = bnn.BatchNorm1d(4)
+    mixed.running_var = mixed.running_var.half()
+    var = torch.tensor([0.3, 1.7, 2.9, 0.01])
+    mixed._update_running_stats(torch.zeros(4), var, 8)
+    once = torch.add(torch.ones(4).mul(0.9), var * (8 / 7), alpha=0.1).half()      # in float32, rounded once
+    assert mixed.running_var.dtype == torch.float16 and torch.equal(mixed.running_var, once)
 
 
 def test_layers_forward_mode_dual_tensors_match_torch():
