@@ -104,7 +104,8 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def _run(cmd, **kwargs) -> str:
+def run_checked(cmd, **kwargs) -> str:
+    """Run cmd; its stdout, or an AssertionError with the end of its output if it failed."""
     proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
@@ -134,11 +135,11 @@ def alone_env() -> tuple:
                 for name in ("pyproject.toml", "README.md"):
                     shutil.copy2(ROOT / name, src / name)
                 shutil.copytree(ROOT / "bnlib", src / "bnlib", ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
-                _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                run_checked([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
                       "-w", str(base / "wheel"), str(src)], timeout=300, env=clean_env())
                 (wheel,) = (base / "wheel").glob("bnlib-*.whl")
-                _run([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)], timeout=300)
-                _run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index",
+                run_checked([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)], timeout=300)
+                run_checked([str(env_dir / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index",
                       "--force-reinstall", "-q", str(wheel)], timeout=300, env=clean_env())
             except BaseException as error:
                 (base / "failed").write_text(f"{type(error).__name__}: {error}")

@@ -555,22 +555,20 @@ class _BatchNorm(torch.nn.Module):
                 # the operations below, in place: the same values, without two new tensors and two copies
                 running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
                 running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-                if self.num_batches_tracked is not None:
-                    self.num_batches_tracked.add_(1)
-                return
-            # in float32 for float16/bfloat16 buffers, rounded once by copy_: two roundings per step in the
-            # buffer's dtype let a float16 running_var drift (float16: torch's CPU buffers bit for bit; torch's
-            # bfloat16 CPU path rounds otherwise, and its buffers drift further from the exact average than these)
-            acc = torch.float32 if running_mean.dtype in _HALF else running_mean.dtype
-            new_mean = torch.add(self.running_mean.to(acc).mul(1 - momentum), mean.to(acc), alpha=momentum)
-            new_var = torch.add(self.running_var.to(acc).mul(1 - momentum), unbiased.to(acc), alpha=momentum)
-            try:
-                self.running_mean.copy_(new_mean)
-            except RuntimeError as err:
-                raise RuntimeError(f"{type(self).__name__} could not update its running statistics in place: {err}\n"
-                                   "Under torch.func transforms the buffers must be inputs (torch.func.functional_call); "
-                                   + _VMAP_RUNNING_STATS) from None
-            self.running_var.copy_(new_var)
+            else:
+                # in float32 for float16/bfloat16 buffers, rounded once by copy_: two roundings per step in the
+                # buffer's dtype let a float16 running_var drift (float16: torch's CPU buffers bit for bit; torch's
+                # bfloat16 CPU path rounds otherwise, and its buffers drift further from the exact average than these)
+                acc = torch.float32 if running_mean.dtype in _HALF else running_mean.dtype
+                new_mean = torch.add(running_mean.to(acc).mul(1 - momentum), mean.to(acc), alpha=momentum)
+                new_var = torch.add(running_var.to(acc).mul(1 - momentum), unbiased.to(acc), alpha=momentum)
+                try:
+                    running_mean.copy_(new_mean)
+                except RuntimeError as err:
+                    raise RuntimeError(f"{type(self).__name__} could not update its running statistics in place: "
+                                       f"{err}\nUnder torch.func transforms the buffers must be inputs "
+                                       "(torch.func.functional_call); " + _VMAP_RUNNING_STATS) from None
+                running_var.copy_(new_var)
             if self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)
 

@@ -34,7 +34,7 @@ def test_venv_imports_bnlib_from_the_wheel_with_its_data(alone, tmp_path):
     _, env_dir, python = alone
     code = ("import bnlib, importlib.resources as r; print(bnlib.__file__); "
             "print(sorted(p.name for p in r.files('bnlib').joinpath('data').iterdir() if p.name.endswith('.json')))")
-    out = conftest._run([str(python), "-c", code], cwd=tmp_path, env=clean_env(), timeout=120).splitlines()
+    out = conftest.run_checked([str(python), "-c", code], cwd=tmp_path, env=clean_env(), timeout=120).splitlines()
     assert Path(out[0]).resolve().is_relative_to(env_dir.resolve()), f"bnlib came from {out[0]}, not the venv"
     assert out[1] == str(PACKAGE_DATA)
 
@@ -105,6 +105,6 @@ def test_the_gpu_check_keeps_nbvals_own_kernel():
     assert "BNLIB_NBVAL_IN_CHECKOUT=1" in (ROOT / "tools" / "gpu_check.sh").read_text(encoding="utf-8")
     code = "import conftest, nbval.plugin; print(nbval.plugin.RunningKernel is conftest.AloneKernel)"
     for value, patched in (("1", "False"), ("0", "True")):
-        out = conftest._run([sys.executable, "-c", code], cwd=ROOT, timeout=120,
+        out = conftest.run_checked([sys.executable, "-c", code], cwd=ROOT, timeout=120,
                             env=clean_env(BNLIB_NBVAL_IN_CHECKOUT=value, PYTHONPATH=str(ROOT)))
         assert out.strip() == patched, (value, out)
