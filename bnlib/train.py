@@ -9,7 +9,10 @@ import sys
 
 import numpy as np
 
+from bnlib import cpu
+from bnlib import functional as F
 from bnlib.data import _check_seed, _is_int
+from bnlib.layers import BatchNorm
 
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
@@ -69,6 +72,91 @@ def _norm_layer(norm, num_features):
     return layer
 
 
+# One call for all models' layers. Model m's BatchNorm normalizes its own (N, C) activations, channel by channel;
+# the models' activations side by side, (N, models * C), are one batch of models * C channels, and one BatchNorm
+# call on them does the work of the models' calls for the fixed cost of one (about 0.1 ms, which on small
+# activations is most of a call). It is the same computation, bit for bit, under these conditions
+# (tests/test_train.py compares whole training runs):
+# - the layers are bnlib.layers.BatchNorm itself (a subclass, or an instance whose forward or backward was replaced,
+#   as precise_bn does, may compute something else) with the same settings and the same number of batches seen;
+# - the numba backend: its kernels sum each column down the rows alone, in an order that depends only on N (the
+#   NumPy backend's BLAS sums and its per-call choice to re-centre the data offer no such promise);
+# - with batch statistics, N <= 1001 rows: the kernel re-centres every channel of a call if one channel's first value
+#   K lies over 100 standard deviations from its mean, and (mean - K)^2 <= (N - 1) * var for any value K of the
+#   channel (Samuelson's inequality), so with N - 1 <= 1000 that is ten times out of reach and no call re-centres.
+# The joint call is made only below cpu.PARALLEL_MIN_SIZE values, where it runs the serial kernels as each model's
+# call would: the parallel kernels, right after a NumPy matrix product (as the trainer's normalizations come), can
+# wait milliseconds for the BLAS library's threads to let go of the cores. Larger activations gain little anyway.
+_JOINT_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats", "training", "dtype",
+                   "num_batches_tracked")
+_JOINT_MAX_ROWS = 1001
+
+
+def _joint_call(layers, z):
+    """Whether the models' layers can normalize z (models, N, C) in one call (see the conditions above)."""
+    if len(layers) < 2 or cpu.get_backend() != "numba" or not 0 < z.size < cpu.PARALLEL_MIN_SIZE:
+        return False
+    if not all(type(layer) is BatchNorm and "forward" not in vars(layer) and "backward" not in vars(layer)
+               for layer in layers):
+        return False
+    first = layers[0]
+    if z.dtype != first.dtype or any(getattr(layer, name) != getattr(first, name)
+                                     for layer in layers[1:] for name in _JOINT_SETTINGS):
+        return False
+    if any((getattr(layer, name) is None) != (getattr(first, name) is None)
+           for layer in layers[1:] for name in ("weight", "bias")):
+        return False
+    if first._uses_batch_stats():
+        return first.eps > 0 and 2 <= z.shape[1] <= _JOINT_MAX_ROWS   # else each layer raises its own error
+    return True
+
+
+def _joint_forward(layers, z):
+    """Every model's layers[m].forward(z[m]) in one call, leaving every layer's state (running statistics, batch
+    count, the cache its own backward() reads) as that call leaves it. Returns y (models, N, C) and the joint
+    cache (None in evaluation mode)."""
+    first = layers[0]
+    m, n, c = z.shape
+    columns = np.ascontiguousarray(z.transpose(1, 0, 2)).reshape(n, m * c)   # column k * C + j: model k's channel j
+    def joined(name):
+        return None if getattr(first, name) is None else np.concatenate([getattr(layer, name) for layer in layers])
+    gamma, beta = joined("weight"), joined("bias")
+    parts = [slice(k * c, (k + 1) * c) for k in range(m)]
+    if first._uses_batch_stats():
+        y, cache = F.batch_norm_forward(columns, gamma, beta, first.eps)
+        if first.training and first.track_running_stats:
+            steps = first.num_batches_tracked + 1
+            mean, var = F.update_running_stats(joined("running_mean"), joined("running_var"), cache, first.momentum,
+                                               num_batches_tracked=steps)
+            for layer, part in zip(layers, parts):
+                layer.running_mean[...], layer.running_var[...] = mean[part], var[part]
+                layer.num_batches_tracked = steps
+        for k, (layer, part) in enumerate(zip(layers, parts)):
+            layer._cache = ("train", F.BNCache(z[k], cache.mean[part], cache.var[part], cache.inv_std[part],
+                                               layer.weight, cache.eps))
+    else:
+        y = F.batch_norm_inference(columns, joined("running_mean"), joined("running_var"), gamma, beta, first.eps)
+        cache = None
+        for k, layer in enumerate(layers):
+            layer._cache = ("eval", z[k])
+    return np.ascontiguousarray(y.reshape(n, m, c).transpose(1, 0, 2)), cache
+
+
+def _joint_backward(layers, cache, dz):
+    """Every model's layers[m].backward(dz[m]) in one call, after _joint_forward in training: dx (models, N, C),
+    and each layer's grad_weight and grad_bias filled as its own backward() fills them."""
+    m, n, c = dz.shape
+    columns = np.ascontiguousarray(dz.transpose(1, 0, 2)).reshape(n, m * c)
+    dx, dgamma, dbeta = F.batch_norm_backward(columns, cache)
+    for k, layer in enumerate(layers):
+        part = slice(k * c, (k + 1) * c)
+        if layer.grad_weight is not None:
+            layer.grad_weight[...] = dgamma[part]
+        if layer.grad_bias is not None:
+            layer.grad_bias[...] = dbeta[part]
+    return np.ascontiguousarray(dx.reshape(n, m, c).transpose(1, 0, 2))
+
+
 class MLP:
     """A fully connected classifier, optionally with a normalization layer after every hidden linear map.
 
@@ -125,7 +213,7 @@ class MLP:
             if hidden and self.has_norm:
                 self.norms.append([_norm_layer(norm, fan_out) for _ in range(self.n_models)])
         self.activations, self.layer_inputs, self.gradients, self.grads = [], [], [], {}
-        self._cache = None
+        self._cache, self._joint = None, {}
 
     @property
     def depth(self):
@@ -210,6 +298,7 @@ class MLP:
         """Logits (n_models, N, classes) for inputs x (N, inputs) or (n_models, N, inputs)."""
         h = self._inputs(x)
         inputs, zs, outs = [], [], []
+        self._joint = {}                     # hidden layer -> (joint cache, the cache each layer was left), training
         for l, (w, b) in enumerate(zip(self.weights, self.biases)):
             inputs.append(h)
             z = np.matmul(h, w)                                        # (M, N, out)
@@ -219,7 +308,11 @@ class MLP:
                 self._cache = (inputs, zs, outs)
                 self.activations, self.layer_inputs = zs, inputs
                 return z
-            if self.has_norm:
+            if self.has_norm and _joint_call(self.norms[l], z):
+                z, cache = _joint_forward(self.norms[l], z)
+                if cache is not None:
+                    self._joint[l] = (cache, [layer._cache for layer in self.norms[l]])
+            elif self.has_norm:
                 z = np.stack([layer.forward(z[m]) for m, layer in enumerate(self.norms[l])])
             h = _activate(self.activation, z)
             zs.append(z)
@@ -242,14 +335,19 @@ class MLP:
             dz = _activation_grad(self.activation, zs[l - 1], outs[l - 1], dh)
             gradients[l - 1] = dz
             if self.has_norm:
-                dz_in = []
-                for m, layer in enumerate(self.norms[l - 1]):
-                    dz_in.append(layer.backward(np.ascontiguousarray(dz[m])))
+                layers = self.norms[l - 1]
+                cache, kept = self._joint.get(l - 1, (None, ()))
+                # the joint cache while every layer still holds what _joint_forward left it (no forward of its own
+                # since); else each layer's own backward, which reads its own cache
+                if cache is not None and all(layer._cache is k for layer, k in zip(layers, kept)):
+                    dz = _joint_backward(layers, cache, dz)
+                else:
+                    dz = np.stack([layer.backward(np.ascontiguousarray(dz[m])) for m, layer in enumerate(layers)])
+                for m, layer in enumerate(layers):
                     for attr in ("weight", "bias"):
                         g = getattr(layer, f"grad_{attr}", None)
                         if g is not None:
                             grads[f"norm{l - 1}.{m}.{attr}"] = np.array(g, copy=True)
-                dz = np.stack(dz_in)
         self.grads, self.gradients = grads, gradients
         return grads
 

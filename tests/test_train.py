@@ -709,3 +709,148 @@ def test_precise_bn_refuses_an_instance_norm_with_running_statistics_before_any_
         train.precise_bn(model, x, 5, num_batches=2)
     assert all(np.array_equal(v, model.norm.state_dict()[k]) for k, v in before.items()) and model.norm.momentum == 0.1
     train.precise_bn(Images(track=False), x, 5, num_batches=2)          # nothing to recompute: accepted
+
+
+# ---------------------------------------------------------------- one BatchNorm call for all models (bnlib.train)
+class OwnCalls(BatchNorm):
+    """BatchNorm itself under another name: a subclass, so the trainer calls each model's layer on its own."""
+
+
+def _joint_calls(monkeypatch):
+    """Count the trainer's joint calls (so that a test of the joint path knows it ran)."""
+    calls = []
+    original = train._joint_forward
+    def counting(layers, z):
+        calls.append((len(layers), z.shape))
+        return original(layers, z)
+    monkeypatch.setattr(train, "_joint_forward", counting)
+    return calls
+
+
+def _assert_same_bits(a, b, what):
+    a, b = np.atleast_1d(np.asarray(a)), np.atleast_1d(np.asarray(b))
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), what         # the bytes: NaN == NaN, -0.0 != 0.0
+
+
+def _assert_same_state(joint, own):
+    for (name, p), (name_own, q) in zip(joint.parameters(), own.parameters()):
+        assert name == name_own
+        _assert_same_bits(p, q, name)
+    for k, (a, b) in enumerate(zip(joint.norm_layers(), own.norm_layers())):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            _assert_same_bits(sa[key], sb[key], f"layer {k} {key}")
+        for attr in ("grad_weight", "grad_bias"):
+            if getattr(a, attr) is not None:
+                _assert_same_bits(getattr(a, attr), getattr(b, attr), f"layer {k} {attr}")
+
+
+STACK_CASES = [   # (hidden widths, batch, models, layer kwargs, fit kwargs); the widths x batch set the groups
+    ([20, 12], 16, 3, {}, {}),
+    ([20, 12], 7, 2, dict(momentum=None), {}),
+    ([9], 2, 4, dict(affine=False), {}),
+    ([15, 11], 12, 3, dict(bias=False, eps=1e-3), dict(norm_batch_size=4)),
+    ([14], 10, 3, dict(track_running_stats=False), dict(weight_decay=1e-3)),
+    ([20], 60, 50, {}, {}),                   # 60,000 values in all: one call
+    ([200], 60, 3, {}, {}),                   # 36,000 values: one call; 546 in evaluation (45 x 200 x 3 = 27,000)
+    ([600], 60, 3, {}, {}),                   # 108,000 values: each model's call alone (the serial kernels)
+    ([400], 200, 3, {}, {}),                  # 240,000 values: each model's call alone (the parallel kernels)
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(STACK_CASES)))
+def test_one_call_for_all_models_trains_bit_for_bit_as_each_models_own(case, dtype, monkeypatch):
+    """fit() with BatchNorm (the models' layers share a call) and with a subclass (each layer its own call): the same
+    parameters, running statistics, batch counts, gradients and history, bit for bit."""
+    hidden, batch, models, layer_kw, fit_kw = STACK_CASES[case]
+    calls = _joint_calls(monkeypatch)
+    data = toy_data(n_train=max(240, batch * 2), n_test=45, d=6)
+    nets = {}
+    for kind, cls in (("joint", BatchNorm), ("own", OwnCalls)):
+        net = train.MLP([6, *hidden, 3], "relu", norm=lambda c, cls=cls: cls(c, dtype=dtype, **layer_kw),
+                        n_models=models, seed=case, dtype=dtype)
+        nets[kind] = (net, train.fit(net, data, steps=6, lr=0.05, batch_size=batch, eval_every=2, seed=case,
+                                     progress=False, **fit_kw))
+        if kind == "joint":
+            training_calls = [shape for _, shape in calls if shape[1] == (fit_kw.get("norm_batch_size") or batch)]
+            assert (len(training_calls) > 0) == (models * hidden[0] * batch < 65_536), calls   # PARALLEL_MIN_SIZE
+    (joint, h_joint), (own, h_own) = nets["joint"], nets["own"]
+    _assert_same_state(joint, own)
+    for field in ("steps", "test_acc", "train_loss"):
+        _assert_same_bits(getattr(h_joint, field), getattr(h_own, field), field)
+    for train_mode in (True, False):                   # one more step's gradients, in both modes
+        joint.train(train_mode), own.train(train_mode)
+        x, y = data[0][:batch], data[1][:batch]
+        (loss_j, g_j), (loss_o, g_o) = train.loss_and_grads(joint, x, y), train.loss_and_grads(own, x, y)
+        _assert_same_bits(loss_j, loss_o, "loss")
+        assert g_j.keys() == g_o.keys()
+        for name in g_j:
+            _assert_same_bits(g_j[name], g_o[name], name)
+        _assert_same_state(joint, own)
+
+
+def test_one_call_leaves_each_layer_ready_for_its_own_backward():
+    """After the joint forward, layer m's own backward(dz[m]) gives what it gives after its own forward(z[m])."""
+    rng = np.random.default_rng(0)
+    net = train.MLP([5, 8, 3], "relu", norm=BatchNorm, n_models=3, seed=1)
+    x = rng.normal(size=(10, 5)).astype(np.float32)
+    net.forward(x)
+    z = np.matmul(np.broadcast_to(x, (3, 10, 5)), net.weights[0])          # the first layer's input to its norms
+    dz = rng.normal(size=z.shape).astype(np.float32)
+    joint = [layer.backward(dz[m]) for m, layer in enumerate(net.norms[0])]
+    fresh = [copy.deepcopy(layer) for layer in net.norms[0]]
+    for m, layer in enumerate(fresh):                  # the same layers one step back: their own forward, backward
+        layer.running_mean[...], layer.running_var[...] = 0, 1
+        layer.num_batches_tracked = 0
+        layer.forward(z[m])
+        _assert_same_bits(layer.backward(dz[m]), joint[m], f"model {m} dx")
+        _assert_same_bits(layer.grad_weight, net.norms[0][m].grad_weight, f"model {m} grad_weight")
+        _assert_same_bits(layer.running_var, net.norms[0][m].running_var, f"model {m} running_var")
+
+
+def test_the_models_own_calls_where_one_call_would_not_be_the_same(monkeypatch):
+    """Each model's layer gets its own call when: the layers differ in a setting, a layer's forward is an instance
+    attribute (precise_bn records so), the batch has over 1,001 rows (the kernel could then re-centre), the backend
+    is not numba, or a layer ran a forward of its own between the network's forward and backward."""
+    from bnlib import cpu
+    calls = _joint_calls(monkeypatch)
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(12, 4)).astype(np.float32), rng.integers(0, 3, 12)
+    def net():
+        return train.MLP([4, 6, 3], "relu", norm=BatchNorm, n_models=3, seed=0)
+    different = net()
+    different.norms[0][1].momentum = 0.2
+    train.loss_and_grads(different, x, y)
+    replaced = net()
+    replaced.norms[0][2].forward = replaced.norms[0][2].forward
+    train.loss_and_grads(replaced, x, y)
+    train.loss_and_grads(net(), rng.normal(size=(1002, 4)).astype(np.float32), rng.integers(0, 3, 1002))
+    if "numpy" in cpu.available_backends():
+        previous = cpu.set_backend("numpy")
+        try:
+            train.loss_and_grads(net(), x, y)
+        finally:
+            cpu.set_backend(previous)
+    assert calls == []
+    precise = net()                                    # precise_bn's recording forwards: still the statistics of
+    reference = net()                                  # each model's own batches
+    reference.norms[0] = [OwnCalls(6) for _ in range(3)]
+    for m in (precise, reference):
+        train.precise_bn(m, x, batch_size=4, num_batches=3)
+    for a, b in zip(precise.norm_layers(), reference.norm_layers()):
+        _assert_same_bits(a.running_var, b.running_var, "precise_bn running_var")
+    assert calls == []
+    # a layer's own forward between the network's forward and backward: its backward reads what that forward cached
+    grads = {}
+    for cls in (BatchNorm, OwnCalls):
+        interrupted = train.MLP([4, 6, 3], "relu", norm=cls, n_models=3, seed=0)
+        logits = interrupted.forward(x)
+        z = np.matmul(np.broadcast_to(x, (3, 12, 4)), interrupted.weights[0])
+        interrupted.norms[0][0].forward(2 * z[0] + 1)
+        grads[cls] = interrupted.backward(np.ones_like(logits) / logits.size)
+    assert len(calls) == 1                             # the BatchNorm network's forward shared one call
+    for name in grads[BatchNorm]:
+        _assert_same_bits(grads[BatchNorm][name], grads[OwnCalls][name], name)
