@@ -74,50 +74,77 @@ def _norm_layer(norm, num_features):
 
 # One call for all models' layers. Model m's BatchNorm normalizes its own (N, C) activations, channel by channel;
 # the models' activations side by side, (N, models * C), are one batch of models * C channels, and one BatchNorm
-# call on them does the work of the models' calls for the fixed cost of one (about 0.1 ms, which on small
-# activations is most of a call). It is the same computation, bit for bit, under these conditions
-# (tests/test_train.py compares whole training runs):
-# - the layers are bnlib.layers.BatchNorm itself (a subclass, or an instance whose forward or backward was replaced,
-#   as precise_bn does, may compute something else) with the same settings and the same number of batches seen;
-# - the numba backend: its kernels sum each column down the rows alone, in an order that depends only on N (the
-#   NumPy backend's BLAS sums and its per-call choice to re-centre the data offer no such promise);
-# - with batch statistics, N <= 1001 rows: the kernel re-centres every channel of a call if one channel's first value
-#   K lies over 100 standard deviations from its mean, and (mean - K)^2 <= (N - 1) * var for any value K of the
-#   channel (Samuelson's inequality), so with N - 1 <= 1000 that is ten times out of reach and no call re-centres.
+# call on them does the work of the models' calls for the fixed cost of one (on the order of 0.1 ms, which on
+# small activations is most of a call). It is the same computation, bit for bit, under these conditions
+# (tests/test_train.py compares whole training runs, and adversarial batches):
+# - the layers are distinct bnlib.layers.BatchNorm objects, not a subclass, with BatchNorm's own forward and
+#   backward (an instance whose methods were replaced, as precise_bn does, or a patched class may compute
+#   something else), with the same settings (of the same types: a NumPy float64 momentum makes NumPy update a
+#   float32 buffer in float64) and the same number of batches seen, and parameters and buffers of shape (C,);
+# - the numba backend: its kernels sum each column down the rows alone, in an order that depends only on N and
+#   the number of threads (the NumPy backend's BLAS sums and its per-call choice to re-centre offer no such promise);
+# - with batch statistics, N <= 1001 rows, and in every column either equal values or two at least 1e-10 apart
+#   (1e-100 in float64). The kernel re-centres every channel of a call when one channel's first value K lies over
+#   100 standard deviations from the channel's mean. In exact arithmetic (mean - K)^2 <= (N - 1) * var for any
+#   value K of the channel (Samuelson's inequality), ten times out of reach with N - 1 <= 1000; in floating point
+#   the squares (x - K)^2 of differences below about 1e-19 (float32) underflow, the variance comes out 0, and the
+#   test fires. Columns spread wider than that keep their variance, and so does a constant one (it has none).
 # The joint call is made only below cpu.PARALLEL_MIN_SIZE values, where it runs the serial kernels as each model's
-# call would: the parallel kernels, right after a NumPy matrix product (as the trainer's normalizations come), can
-# wait milliseconds for the BLAS library's threads to let go of the cores. Larger activations gain little anyway.
+# call would: the parallel kernels, right after a NumPy matrix product (as the trainer's normalizations come),
+# can wait for the BLAS library's threads to let go of the cores (5.8 to 14 ms a call, measured on this book's
+# 2-core machine with NumPy's OpenBLAS threads and numba's OpenMP ones). Larger activations gain little anyway.
+# A joint call that raises changes nothing, and the models' own calls then run, to raise their own errors.
 _JOINT_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats", "training", "dtype",
                    "num_batches_tracked")
 _JOINT_MAX_ROWS = 1001
+_JOINT_MIN_SPREAD = {np.dtype(np.float32): 1e-10, np.dtype(np.float64): 1e-100}
+_BATCHNORM_METHODS = (BatchNorm.forward, BatchNorm.backward)       # as bnlib.layers defines them
 
 
 def _joint_call(layers, z):
-    """Whether the models' layers can normalize z (models, N, C) in one call (see the conditions above)."""
+    """Whether the models' layers can normalize z (models, N, C) in one call (see the conditions above); the
+    conditions on z's values are checked by _joint_forward."""
     if len(layers) < 2 or cpu.get_backend() != "numba" or not 0 < z.size < cpu.PARALLEL_MIN_SIZE:
         return False
-    if not all(type(layer) is BatchNorm and "forward" not in vars(layer) and "backward" not in vars(layer)
-               for layer in layers):
+    if (BatchNorm.forward, BatchNorm.backward) != _BATCHNORM_METHODS or not all(
+            type(layer) is BatchNorm and "forward" not in vars(layer) and "backward" not in vars(layer)
+            for layer in layers):
         return False
     first = layers[0]
-    if z.dtype != first.dtype or any(getattr(layer, name) != getattr(first, name)
+    if z.dtype != first.dtype or any(type(getattr(layer, name)) is not type(getattr(first, name))
+                                     or getattr(layer, name) != getattr(first, name)
                                      for layer in layers[1:] for name in _JOINT_SETTINGS):
         return False
-    if any((getattr(layer, name) is None) != (getattr(first, name) is None)
-           for layer in layers[1:] for name in ("weight", "bias")):
+    arrays = [getattr(layer, name) for layer in layers
+              for name in ("weight", "bias", "running_mean", "running_var")]
+    if len({id(layer) for layer in layers}) != len(layers) or len({id(a) for a in arrays if a is not None}) != len(
+            [a for a in arrays if a is not None]):
+        return False                                    # a layer, or an array, shared between models
+    if not all((a is None) == (getattr(first, name) is None) and (a is None or (
+               type(a) is np.ndarray and a.shape == (first.num_features,) and a.dtype == first.dtype))
+               for a, name in zip(arrays, ("weight", "bias", "running_mean", "running_var") * len(layers))):
         return False
     if first._uses_batch_stats():
         return first.eps > 0 and 2 <= z.shape[1] <= _JOINT_MAX_ROWS   # else each layer raises its own error
     return True
 
 
+def _spread_allows_joint_call(columns):
+    """Every column of (N, models * C) equal or spread over _JOINT_MIN_SPREAD (NaN, from a diverged network, is
+    harmless: the kernel's test is false for it)."""
+    spread = np.ptp(columns, axis=0)
+    return bool(np.all((spread == 0) | (spread >= _JOINT_MIN_SPREAD[columns.dtype]) | np.isnan(spread)))
+
+
 def _joint_forward(layers, z):
     """Every model's layers[m].forward(z[m]) in one call, leaving every layer's state (running statistics, batch
     count, the cache its own backward() reads) as that call leaves it. Returns y (models, N, C) and the joint
-    cache (None in evaluation mode)."""
+    cache (None in evaluation mode); None instead when z's values do not allow the joint call."""
     first = layers[0]
     m, n, c = z.shape
     columns = np.ascontiguousarray(z.transpose(1, 0, 2)).reshape(n, m * c)   # column k * C + j: model k's channel j
+    if first._uses_batch_stats() and not _spread_allows_joint_call(columns):
+        return None
     def joined(name):
         return None if getattr(first, name) is None else np.concatenate([getattr(layer, name) for layer in layers])
     gamma, beta = joined("weight"), joined("bias")
@@ -142,11 +169,14 @@ def _joint_forward(layers, z):
     return np.ascontiguousarray(y.reshape(n, m, c).transpose(1, 0, 2)), cache
 
 
-def _joint_backward(layers, cache, dz):
-    """Every model's layers[m].backward(dz[m]) in one call, after _joint_forward in training: dx (models, N, C),
-    and each layer's grad_weight and grad_bias filled as its own backward() fills them."""
+def _joint_backward(layers, cache, kept, dz):
+    """Every model's layers[m].backward(dz[m]) in one call, after _joint_forward in training (kept: the caches it
+    left the layers): dx (models, N, C), and each layer's grad_weight and grad_bias filled as its own backward()
+    fills them."""
     m, n, c = dz.shape
     columns = np.ascontiguousarray(dz.transpose(1, 0, 2)).reshape(n, m * c)
+    if cache.gamma is not None:                        # each layer's cache holds its weight array itself, as
+        cache = cache._replace(gamma=np.concatenate([saved.gamma for _, saved in kept]))   # its own forward keeps it
     dx, dgamma, dbeta = F.batch_norm_backward(columns, cache)
     for k, layer in enumerate(layers):
         part = slice(k * c, (k + 1) * c)
@@ -308,8 +338,14 @@ class MLP:
                 self._cache = (inputs, zs, outs)
                 self.activations, self.layer_inputs = zs, inputs
                 return z
+            joint = None
             if self.has_norm and _joint_call(self.norms[l], z):
-                z, cache = _joint_forward(self.norms[l], z)
+                try:
+                    joint = _joint_forward(self.norms[l], z)
+                except Exception:                   # it changed nothing: the layers' own calls raise their own errors
+                    joint = None
+            if joint is not None:
+                z, cache = joint
                 if cache is not None:
                     self._joint[l] = (cache, [layer._cache for layer in self.norms[l]])
             elif self.has_norm:
@@ -339,10 +375,14 @@ class MLP:
                 cache, kept = self._joint.get(l - 1, (None, ()))
                 # the joint cache while every layer still holds what _joint_forward left it (no forward of its own
                 # since); else each layer's own backward, which reads its own cache
+                joint = None
                 if cache is not None and all(layer._cache is k for layer, k in zip(layers, kept)):
-                    dz = _joint_backward(layers, cache, dz)
-                else:
-                    dz = np.stack([layer.backward(np.ascontiguousarray(dz[m])) for m, layer in enumerate(layers)])
+                    try:
+                        joint = _joint_backward(layers, cache, kept, dz)
+                    except Exception:               # it changed nothing: the layers' own calls raise their own errors
+                        joint = None
+                dz = joint if joint is not None else np.stack(
+                    [layer.backward(np.ascontiguousarray(dz[m])) for m, layer in enumerate(layers)])
                 for m, layer in enumerate(layers):
                     for attr in ("weight", "bias"):
                         g = getattr(layer, f"grad_{attr}", None)

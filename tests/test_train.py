@@ -717,13 +717,20 @@ class OwnCalls(BatchNorm):
 
 
 def _joint_calls(monkeypatch):
-    """Count the trainer's joint calls (so that a test of the joint path knows it ran)."""
+    """Count the trainer's joint calls (so that a test of the joint path knows it ran): (layers, z's shape) for each
+    joint forward that ran, ("backward", dz's shape) for each joint backward."""
     calls = []
-    original = train._joint_forward
-    def counting(layers, z):
-        calls.append((len(layers), z.shape))
-        return original(layers, z)
-    monkeypatch.setattr(train, "_joint_forward", counting)
+    forward, backward = train._joint_forward, train._joint_backward
+    def counting_forward(layers, z):
+        out = forward(layers, z)
+        if out is not None:
+            calls.append((len(layers), z.shape))
+        return out
+    def counting_backward(layers, cache, kept, dz):
+        calls.append(("backward", dz.shape))
+        return backward(layers, cache, kept, dz)
+    monkeypatch.setattr(train, "_joint_forward", counting_forward)
+    monkeypatch.setattr(train, "_joint_backward", counting_backward)
     return calls
 
 
@@ -775,8 +782,13 @@ def test_one_call_for_all_models_trains_bit_for_bit_as_each_models_own(case, dty
         nets[kind] = (net, train.fit(net, data, steps=6, lr=0.05, batch_size=batch, eval_every=2, seed=case,
                                      progress=False, **fit_kw))
         if kind == "joint":
-            training_calls = [shape for _, shape in calls if shape[1] == (fit_kw.get("norm_batch_size") or batch)]
+            training_calls = [shape for what, shape in calls
+                              if what != "backward" and shape[1] == (fit_kw.get("norm_batch_size") or batch)]
             assert (len(training_calls) > 0) == (models * hidden[0] * batch < 65_536), calls   # PARALLEL_MIN_SIZE
+            assert (("backward", training_calls[0]) in calls) if training_calls else True
+            joint_calls = len(calls)
+        else:
+            assert len(calls) == joint_calls                    # the subclass's network made none
     (joint, h_joint), (own, h_own) = nets["joint"], nets["own"]
     _assert_same_state(joint, own)
     for field in ("steps", "test_acc", "train_loss"):
@@ -854,3 +866,99 @@ def test_the_models_own_calls_where_one_call_would_not_be_the_same(monkeypatch):
     assert len(calls) == 1                             # the BatchNorm network's forward shared one call
     for name in grads[BatchNorm]:
         _assert_same_bits(grads[BatchNorm][name], grads[OwnCalls][name], name)
+
+
+def _forward_both(build, x, train_mode=True):
+    """Logits of the same network built with BatchNorm and with OwnCalls, and the two networks."""
+    nets = [build(cls) for cls in (BatchNorm, OwnCalls)]
+    for net in nets:
+        net.train(train_mode)
+    return [net.forward(x) for net in nets], nets
+
+
+def test_one_call_on_adversarial_batches_is_still_each_models_own(monkeypatch):
+    """The kernel re-centres all of a call's channels when one channel's first value seems over 100 standard
+    deviations from its mean. Differences below about 1e-19 square to 0 in float32 and make it fire; Samuelson's
+    extreme, one value K and 1,000 equal others, comes closest to firing it in exact arithmetic. Neither may let one
+    model's values change another model's output."""
+    calls = _joint_calls(monkeypatch)
+    rng = np.random.default_rng(3)
+    for trial in range(300):                        # model 0's activations ~1e-22 (underflow), model 1's ordinary
+        n = int(rng.integers(2, 100))
+        def build(cls):
+            net = train.MLP([4, 4, 3], "relu", norm=cls, n_models=2, seed=trial)
+            net.weights[0][0] *= 1e-22
+            return net
+        x = (rng.normal(size=(n, 4)) * rng.uniform(0.1, 3) + rng.normal() * 20).astype(np.float32)
+        (joint, own), nets = _forward_both(build, x)
+        _assert_same_bits(joint, own, f"trial {trial}")
+        _assert_same_state(*nets)
+    assert calls == []                              # the spread rule kept every one of them apart
+    x = np.zeros((1001, 4), np.float32)
+    x[0] = rng.normal(size=4)                       # each column of z: K = x[0] @ W, then 1,000 zeros
+    (joint, own), nets = _forward_both(lambda cls: train.MLP([4, 5, 3], "relu", norm=cls, n_models=3, seed=1), x)
+    assert calls[0] == (3, (3, 1001, 5))
+    _assert_same_bits(joint, own, "Samuelson's extreme")
+    _assert_same_state(*nets)
+
+
+def test_the_joint_call_follows_each_models_own_on_failure_and_mutation(monkeypatch):
+    """A call that fails raises the models' own error and leaves their state; weights changed in place between
+    forward and backward, shared layers, a NumPy momentum, a patched class, 1-row and empty batches: each as the
+    models' own calls do it."""
+    calls = _joint_calls(monkeypatch)
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(10, 5)).astype(np.float32), rng.integers(0, 3, 10)
+    def build(cls):
+        return train.MLP([5, 4, 3], "relu", norm=cls, n_models=3, seed=2)
+    nets = [build(cls) for cls in (BatchNorm, OwnCalls)]
+    errors = []
+    for net in nets:                                # evaluation with a negative variance in model 1's layer
+        net.eval()
+        net.norms[0][1].running_var[2] = -1.0
+        with pytest.raises(ValueError) as err:
+            net.forward(x)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "channel 2" in errors[0]
+    _assert_same_state(*nets)
+    grads = []
+    for net in (build(BatchNorm), build(OwnCalls)):     # gamma doubled in place after the forward
+        logits = net.forward(x)
+        for layer in net.norms[0]:
+            layer.weight *= 2
+        grads.append(net.backward(np.ones_like(logits) / logits.size))
+    for name in grads[0]:
+        _assert_same_bits(grads[0][name], grads[1][name], name)
+    assert ("backward", (3, 10, 4)) in calls
+    calls.clear()
+    results = []
+    for cls in (BatchNorm, OwnCalls):               # one layer object for every model: two updates per step
+        shared = cls(4)
+        net = train.MLP([5, 4, 3], "relu", norm=lambda c, shared=shared: shared, n_models=3, seed=2)
+        _, g = train.loss_and_grads(net, x, y)
+        results.append((shared.num_batches_tracked, shared.running_var.copy(), g["W0"]))
+    assert results[0][0] == results[1][0] == 3
+    _assert_same_bits(results[0][1], results[1][1], "shared running_var")
+    _assert_same_bits(results[0][2], results[1][2], "shared W0 gradient")
+    numpy_momentum = build(BatchNorm)
+    numpy_momentum.norms[0][1].momentum = np.float64(0.1)       # equal to 0.1, but float64 arithmetic on the buffer
+    reference = build(OwnCalls)
+    reference.norms[0][1].momentum = np.float64(0.1)
+    for net in (numpy_momentum, reference):
+        train.loss_and_grads(net, x, y)
+    _assert_same_state(numpy_momentum, reference)
+    original = BatchNorm.forward
+    monkeypatch.setattr(BatchNorm, "forward", lambda self, x: original(self, x))
+    train.loss_and_grads(build(BatchNorm), x, y)
+    monkeypatch.setattr(BatchNorm, "forward", original)
+    assert calls == []
+    one_row = []
+    for cls in (BatchNorm, OwnCalls):
+        with pytest.raises(ValueError) as err:
+            build(cls).forward(x[:1])
+        one_row.append(str(err.value))
+    assert one_row[0] == one_row[1]
+    (joint, own), nets = _forward_both(build, x[:0])
+    _assert_same_bits(joint, own, "empty batch")
+    _assert_same_state(*nets)
+    assert calls == []
