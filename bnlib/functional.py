@@ -199,8 +199,8 @@ def _check_momentum(momentum):
 def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1, num_batches_tracked=None):
     """New (running_mean, running_var) after one training batch, with PyTorch's conventions.
 
-    running = (1 - m) * running + m * batch, with the unbiased batch variance, where
-    m = momentum, or 1 / num_batches_tracked when momentum is None (a cumulative average;
+    running = (1 - alpha) * running + alpha * batch, with the unbiased batch variance, where
+    alpha = momentum, or 1 / num_batches_tracked when momentum is None (a cumulative average;
     num_batches_tracked, required then, counts the batches seen including this one). Nothing is
     changed in place.
     A zero-size batch has no statistics: both come back unchanged (as copies), as torch leaves its

@@ -11,7 +11,7 @@ import numpy as np
 
 
 def _as_float64_array(a, name: str):
-    if not (hasattr(a, "dtype") and hasattr(a, "shape")):
+    if not isinstance(a, np.ndarray):                  # a torch tensor too: its float64 is not NumPy's
         raise TypeError(f"{name} must be a NumPy array, got {type(a).__name__}")
     if a.dtype != np.float64:
         raise TypeError(f"{name} must be float64 for a meaningful finite-difference check, got {a.dtype}")
