@@ -83,12 +83,16 @@ def _norm_layer(norm, num_features):
 #   float32 buffer in float64) and the same number of batches seen, and parameters and buffers of shape (C,);
 # - the numba backend: its kernels sum each column down the rows alone, in an order that depends only on N and
 #   the number of threads (the NumPy backend's BLAS sums and its per-call choice to re-centre offer no such promise);
-# - with batch statistics, N <= 1001 rows, and in every column either equal values or two at least 1e-10 apart
-#   (1e-100 in float64). The kernel re-centres every channel of a call when one channel's first value K lies over
-#   100 standard deviations from the channel's mean. In exact arithmetic (mean - K)^2 <= (N - 1) * var for any
-#   value K of the channel (Samuelson's inequality), ten times out of reach with N - 1 <= 1000; in floating point
-#   the squares (x - K)^2 of differences below about 1e-19 (float32) underflow, the variance comes out 0, and the
-#   test fires. Columns spread wider than that keep their variance, and so does a constant one (it has none).
+# - with batch statistics, N <= 1001 rows, and every channel's variance, as the joint call returns it, at least
+#   1e-30 (1e-280 in float64) or NaN. The kernel re-centres every channel of a call when one channel's first value
+#   K lies over 100 standard deviations from the channel's mean (then the statistics are summed again around the
+#   mean). In exact arithmetic (mean - K)^2 <= (N - 1) * var for any value K of the channel (Samuelson's
+#   inequality), ten times out of reach with N - 1 <= 1000. In floating point only underflow can fire it: squares
+#   (x - K)^2 below about 1e-38 (float32) round to 0 or lose their digits, which matters only for a channel whose
+#   variance is itself that small, and such a channel comes out of either pass with a variance under 1e-30. So a
+#   joint call that returns no such variance did not re-centre, nor would any model's own call have; one that does
+#   (a constant channel included, whose variance is 0) is dropped before it changed anything, and each model gets
+#   its own call. NaN (a diverged network) never fires the test.
 # The joint call is made only below cpu.PARALLEL_MIN_SIZE values, where it runs the serial kernels as each model's
 # call would: the parallel kernels, right after a NumPy matrix product (as the trainer's normalizations come),
 # can wait for the BLAS library's threads to let go of the cores (5.8 to 14 ms a call, measured on this book's
@@ -97,7 +101,7 @@ def _norm_layer(norm, num_features):
 _JOINT_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats", "training", "dtype",
                    "num_batches_tracked")
 _JOINT_MAX_ROWS = 1001
-_JOINT_MIN_SPREAD = {np.dtype(np.float32): 1e-10, np.dtype(np.float64): 1e-100}
+_JOINT_MIN_VAR = {np.dtype(np.float32): 1e-30, np.dtype(np.float64): 1e-280}
 _BATCHNORM_METHODS = (BatchNorm.forward, BatchNorm.backward)       # as bnlib.layers defines them
 
 
@@ -129,13 +133,6 @@ def _joint_call(layers, z):
     return True
 
 
-def _spread_allows_joint_call(columns):
-    """Every column of (N, models * C) equal or spread over _JOINT_MIN_SPREAD (NaN, from a diverged network, is
-    harmless: the kernel's test is false for it)."""
-    spread = np.ptp(columns, axis=0)
-    return bool(np.all((spread == 0) | (spread >= _JOINT_MIN_SPREAD[columns.dtype]) | np.isnan(spread)))
-
-
 def _joint_forward(layers, z):
     """Every model's layers[m].forward(z[m]) in one call, leaving every layer's state (running statistics, batch
     count, the cache its own backward() reads) as that call leaves it. Returns y (models, N, C) and the joint
@@ -143,14 +140,14 @@ def _joint_forward(layers, z):
     first = layers[0]
     m, n, c = z.shape
     columns = np.ascontiguousarray(z.transpose(1, 0, 2)).reshape(n, m * c)   # column k * C + j: model k's channel j
-    if first._uses_batch_stats() and not _spread_allows_joint_call(columns):
-        return None
     def joined(name):
         return None if getattr(first, name) is None else np.concatenate([getattr(layer, name) for layer in layers])
     gamma, beta = joined("weight"), joined("bias")
     parts = [slice(k * c, (k + 1) * c) for k in range(m)]
     if first._uses_batch_stats():
         y, cache = F.batch_norm_forward(columns, gamma, beta, first.eps)
+        if not np.all((cache.var >= _JOINT_MIN_VAR[columns.dtype]) | np.isnan(cache.var)):
+            return None                                # it may have re-centred: nothing is changed yet
         if first.training and first.track_running_stats:
             steps = first.num_batches_tracked + 1
             mean, var = F.update_running_stats(joined("running_mean"), joined("running_var"), cache, first.momentum,

@@ -883,6 +883,10 @@ def test_one_call_on_adversarial_batches_is_still_each_models_own(monkeypatch):
     model's values change another model's output."""
     calls = _joint_calls(monkeypatch)
     rng = np.random.default_rng(3)
+    constant = train.MLP([4, 4, 3], "relu", norm=BatchNorm, n_models=2, seed=0)
+    constant.weights[0][1][:, 2] = 0                  # one channel of model 1 constant: variance 0, its own call
+    constant.forward(rng.normal(size=(8, 4)).astype(np.float32))
+    assert calls == []
     for trial in range(300):                        # model 0's activations ~1e-22 (underflow), model 1's ordinary
         n = int(rng.integers(2, 100))
         def build(cls):
@@ -893,7 +897,7 @@ def test_one_call_on_adversarial_batches_is_still_each_models_own(monkeypatch):
         (joint, own), nets = _forward_both(build, x)
         _assert_same_bits(joint, own, f"trial {trial}")
         _assert_same_state(*nets)
-    assert calls == []                              # the spread rule kept every one of them apart
+    assert calls == []                              # the variance rule kept every one of them apart
     x = np.zeros((1001, 4), np.float32)
     x[0] = rng.normal(size=4)                       # each column of z: K = x[0] @ W, then 1,000 zeros
     (joint, own), nets = _forward_both(lambda cls: train.MLP([4, 5, 3], "relu", norm=cls, n_models=3, seed=1), x)
