@@ -78,6 +78,24 @@ def test_every_chapter_opens_with_its_title_and_a_hidden_setup_cell():
             f"{nb.name}: the setup cell is not tagged hide-input"
 
 
+def test_cells_the_book_collapses_are_collapsed_in_jupyter_too():
+    """The book collapses cells by tag (hide-input: the code; hide-output: the output; hide-cell: both); Jupyter and
+    JupyterLab read cell.metadata.jupyter instead (source_hidden, outputs_hidden), so each tagged cell carries both,
+    and a solution collapsed in the book is collapsed in a notebook too."""
+    wanted = {"hide-input": {"source_hidden"}, "hide-output": {"outputs_hidden"},
+              "hide-cell": {"source_hidden", "outputs_hidden"}}
+    problems = []
+    for nb in CHAPTERS:
+        for i, cell in enumerate(json.loads(nb.read_text(encoding="utf-8"))["cells"]):
+            meta = cell.get("metadata", {})
+            want = set().union(*(wanted.get(tag, set()) for tag in meta.get("tags", [])))
+            have = {key for key, value in meta.get("jupyter", {}).items() if value is True}
+            if want != have:
+                problems.append(f"{nb.name}, cell {i}: tags {meta.get('tags', [])} want jupyter {sorted(want)}, "
+                                f"has {sorted(have)}")
+    assert not problems, "\n".join(problems)
+
+
 SMOKE_LINE = 'SMOKE = os.environ.get("BNLIB_SMOKE") == "1"'
 
 
