@@ -136,11 +136,11 @@ def alone_env() -> tuple:
                     shutil.copy2(ROOT / name, src / name)
                 shutil.copytree(ROOT / "bnlib", src / "bnlib", ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
                 run_checked([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                      "-w", str(base / "wheel"), str(src)], timeout=300, env=clean_env())
+                             "-w", str(base / "wheel"), str(src)], timeout=300, env=clean_env())
                 (wheel,) = (base / "wheel").glob("bnlib-*.whl")
                 run_checked([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)], timeout=300)
                 run_checked([str(env_dir / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index",
-                      "--force-reinstall", "-q", str(wheel)], timeout=300, env=clean_env())
+                             "--force-reinstall", "-q", str(wheel)], timeout=300, env=clean_env())
             except BaseException as error:
                 (base / "failed").write_text(f"{type(error).__name__}: {error}")
                 raise

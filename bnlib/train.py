@@ -119,15 +119,18 @@ def _joint_call(layers, z):
                                      or getattr(layer, name) != getattr(first, name)
                                      for layer in layers[1:] for name in _JOINT_SETTINGS):
         return False
-    arrays = [getattr(layer, name) for layer in layers
-              for name in ("weight", "bias", "running_mean", "running_var")]
-    if len({id(layer) for layer in layers}) != len(layers) or len({id(a) for a in arrays if a is not None}) != len(
-            [a for a in arrays if a is not None]):
+    arrays = []                                         # every layer's parameters and buffers that exist
+    for layer in layers:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            a = getattr(layer, name)
+            if (a is None) != (getattr(first, name) is None):
+                return False
+            if a is not None:
+                if not (type(a) is np.ndarray and a.shape == (first.num_features,) and a.dtype == first.dtype):
+                    return False
+                arrays.append(a)
+    if len({id(layer) for layer in layers}) != len(layers) or len({id(a) for a in arrays}) != len(arrays):
         return False                                    # a layer, or an array, shared between models
-    if not all((a is None) == (getattr(first, name) is None) and (a is None or (
-               type(a) is np.ndarray and a.shape == (first.num_features,) and a.dtype == first.dtype))
-               for a, name in zip(arrays, ("weight", "bias", "running_mean", "running_var") * len(layers))):
-        return False
     if first._uses_batch_stats():
         return first.eps > 0 and 2 <= z.shape[1] <= _JOINT_MAX_ROWS   # else each layer raises its own error
     return True
@@ -340,7 +343,7 @@ class MLP:
                 try:
                     joint = _joint_forward(self.norms[l], z)
                 except Exception:                   # it changed nothing: the layers' own calls raise their own errors
-                    joint = None
+                    pass
             if joint is not None:
                 z, cache = joint
                 if cache is not None:
@@ -377,7 +380,7 @@ class MLP:
                     try:
                         joint = _joint_backward(layers, cache, kept, dz)
                     except Exception:               # it changed nothing: the layers' own calls raise their own errors
-                        joint = None
+                        pass
                 dz = joint if joint is not None else np.stack(
                     [layer.backward(np.ascontiguousarray(dz[m])) for m, layer in enumerate(layers)])
                 for m, layer in enumerate(layers):

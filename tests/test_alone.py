@@ -106,5 +106,5 @@ def test_the_gpu_check_keeps_nbvals_own_kernel():
     code = "import conftest, nbval.plugin; print(nbval.plugin.RunningKernel is conftest.AloneKernel)"
     for value, patched in (("1", "False"), ("0", "True")):
         out = conftest.run_checked([sys.executable, "-c", code], cwd=ROOT, timeout=120,
-                            env=clean_env(BNLIB_NBVAL_IN_CHECKOUT=value, PYTHONPATH=str(ROOT)))
+                                   env=clean_env(BNLIB_NBVAL_IN_CHECKOUT=value, PYTHONPATH=str(ROOT)))
         assert out.strip() == patched, (value, out)
