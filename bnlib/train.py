@@ -753,6 +753,7 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
                                  f"got shape {np.shape(mask)}")
     masks = {name: (None if trainable is None else trainable.get(name, False)) for name in names}
     velocity = {name: np.zeros_like(p) for name, p in params}
+    update = {name: np.empty_like(p) for name, p in params}      # rate * velocity, written in place at every step
     rngs = [np.random.default_rng([seed, m, 1]) for m in range(model.n_models)]
     group = norm_batch_size or batch_size
     recorded_steps, accs, losses = [0], [accuracy(model, x_test, y_test)], [np.full(model.n_models, np.nan)]
@@ -794,7 +795,7 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
                 mask = masks[name]
                 if mask is False or name not in total:
                     continue
-                g = total[name] * scale
+                g = total[name] if scale == 1 else total[name] * scale          # (x * 1 is x, bit for bit)
                 if weight_decay:
                     g = g + weight_decay * p
                 if mask is not None and mask is not True:
@@ -802,7 +803,7 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
                 v = velocity[name]
                 v *= momentum
                 v += g
-                p -= (rate * v).astype(p.dtype, copy=False)
+                p -= np.multiply(rate, v, out=update[name])     # rounded to p's dtype, as (rate * v).astype would
             since += 1
             if step % eval_every == 0 or step == steps:
                 for name, f in hooks.items():

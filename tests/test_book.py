@@ -156,7 +156,8 @@ PROSE_NUMBERS_NOT_PRINTED = {
                        "72.2": "the paper's table", "0.0015": "the paper's table", "31.0": "the paper's table",
                        "13.3": "the paper's table", "72.7": "the paper's table", "0.0075": "the paper's table",
                        "2.1": "the paper's table", "73.0": "the paper's table", "74.8": "the paper's table",
-                       "69.8": "the paper's table", "4.9": "the paper's ensemble result"},
+                       "69.8": "the paper's table", "4.9": "the paper's ensemble result",
+                       "4.2": "a section of the paper (4.2.1)"},
     "08_variants": {"50,000": "the size of the CIFAR training sets, the smallest of the paper's large-batch data"},
     "09_faq": {"65,504": "float16's largest finite value", "74944": "a pytorch pull-request number"},
 }

@@ -201,6 +201,62 @@ def test_trainable_freezes_everything_else():
             assert not changed.any(), name
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("settings", [
+    dict(momentum=0.9),
+    dict(momentum=0.5, weight_decay=1e-2, norm_batch_size=5),
+    dict(momentum=0.0, lr_schedule=lambda step: np.float64(1.0) / step),       # a NumPy float64 rate
+    dict(momentum=0.9, weight_decay=1e-3, mask=True),
+])
+def test_fit_takes_the_sgd_steps_its_docstring_gives(dtype, settings):
+    """fit against its update rule written out (v = momentum * v + (g + weight_decay * p); p -= lr * v, the
+    gradients of a batch split into normalization groups averaged), on the batches fit drew: the same
+    parameters, bit for bit, after every step."""
+    settings = dict(settings)
+    use_mask, group = settings.pop("mask", False), settings.get("norm_batch_size")
+    data = toy_data()
+    def fresh():
+        return train.MLP([6, 8, 7, 3], norm=lambda c: BatchNorm(c, dtype=dtype), n_models=2, seed=4, dtype=dtype)
+    model, reference = fresh(), fresh()
+    trainable = None
+    if use_mask:
+        mask = (np.random.default_rng(0).random(model.weights[1].shape) < 0.5).astype(np.float64)   # float64 mask
+        trainable = {name: True for name, _ in model.parameters() if name != "W0"} | {"W1": mask}
+    drawn = []
+    def sampler(rng, y, batch_size):
+        drawn.append(train.iid_batches(rng, y, batch_size))
+        return drawn[-1]
+    steps, lr, batch = 4, 0.1, 20
+    train.fit(model, data, steps=steps, lr=lr, batch_size=batch, sampler=sampler, trainable=trainable,
+              progress=False, **settings)
+    momentum, decay = settings["momentum"], settings.get("weight_decay", 0.0)
+    schedule = settings.get("lr_schedule", lambda step: 1.0)
+    params = dict(reference.parameters())
+    velocity = {name: np.zeros_like(p) for name, p in params.items()}
+    x, y = data[0], data[1]
+    for step in range(1, steps + 1):
+        idx = np.stack(drawn[(step - 1) * 2:step * 2])                               # (models, batch)
+        parts = [idx] if group is None else [idx[:, s:s + group] for s in range(0, batch, group)]
+        total = {}
+        for part in parts:
+            _, grads = train.loss_and_grads(reference, x[part], y[part])
+            for name, g in grads.items():
+                total[name] = total[name] + g if name in total else g
+        for name, p in params.items():
+            keep = True if trainable is None else trainable.get(name, False)
+            if keep is False:
+                continue
+            g = total[name] * (len(parts[0][0]) / batch) if group is not None else total[name]
+            g = g + decay * p if decay else g
+            g = g * keep if keep is not True else g
+            velocity[name] = (momentum * velocity[name] + g).astype(p.dtype)     # the buffer keeps p's dtype
+            p[...] = p - (lr * schedule(step) * velocity[name]).astype(p.dtype)
+    for name, p in model.parameters():
+        np.testing.assert_array_equal(p, params[name], err_msg=name)
+    if use_mask:
+        assert np.array_equal(model.weights[0], fresh().weights[0])                  # W0 was left out: frozen
+
+
 def test_batch_stats_accuracy_restores_state_and_precise_bn_gives_population_stats():
     x_train, y_train, x_test, y_test = data = toy_data()
     model = train.MLP([6, 8, 3], norm=BatchNorm)
