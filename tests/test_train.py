@@ -227,8 +227,9 @@ def test_fit_takes_the_sgd_steps_its_docstring_gives(dtype, settings):
         drawn.append(train.iid_batches(rng, y, batch_size))
         return drawn[-1]
     steps, lr, batch = 4, 0.1, 20
-    train.fit(model, data, steps=steps, lr=lr, batch_size=batch, sampler=sampler, trainable=trainable,
-              progress=False, **settings)
+    snapshot = {"params": lambda m, step: {name: p.copy() for name, p in m.parameters()}}     # after each step
+    history = train.fit(model, data, steps=steps, lr=lr, batch_size=batch, sampler=sampler, trainable=trainable,
+                        eval_every=1, hooks=snapshot, progress=False, **settings)
     momentum, decay = settings["momentum"], settings.get("weight_decay", 0.0)
     schedule = settings.get("lr_schedule", lambda step: 1.0)
     params = dict(reference.parameters())
@@ -251,8 +252,8 @@ def test_fit_takes_the_sgd_steps_its_docstring_gives(dtype, settings):
             g = g * keep if keep is not True else g
             velocity[name] = (momentum * velocity[name] + g).astype(p.dtype)     # the buffer keeps p's dtype
             p[...] = p - (lr * schedule(step) * velocity[name]).astype(p.dtype)
-    for name, p in model.parameters():
-        np.testing.assert_array_equal(p, params[name], err_msg=name)
+        for name, p in history.hooks["params"][step - 1].items():
+            np.testing.assert_array_equal(p, params[name], err_msg=f"{name} after step {step}")
     if use_mask:
         assert np.array_equal(model.weights[0], fresh().weights[0])                  # W0 was left out: frozen
 
