@@ -72,20 +72,37 @@ def stratified_split(y, test_fraction: float = 0.3, seed: int = 0):
     return train, test
 
 
+_DIGITS_FILE = ("datasets", "data", "digits.csv.gz")     # where scikit-learn keeps them, inside its package
+
+
+def _bundled_digits():
+    """The digits scikit-learn ships: pixels (1797, 64) float64 and labels (1797,), read from its digits.csv.gz as
+    its load_digits reads them (one row per image, the label last), without importing scikit-learn, whose import
+    takes about 2 s (with SciPy); through its load_digits where the file is not where scikit-learn keeps it."""
+    import importlib.util
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise ImportError("bnlib.data.load_digits() reads the digits bundled with scikit-learn, which is not "
+                          "installed: pip install scikit-learn")
+    for folder in spec.submodule_search_locations or ():
+        path = Path(folder).joinpath(*_DIGITS_FILE)
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")                      # np.loadtxt reads .gz files itself
+            return table[:, :-1], table[:, -1].astype(int)
+    from sklearn.datasets import load_digits as _sklearn_digits
+    bunch = _sklearn_digits()
+    return bunch.data, bunch.target
+
+
 def load_digits(test_fraction: float = 0.3, seed: int = 0) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): works offline.
 
     Pixels (0..16) are scaled to [0, 1]; x is float32 (N, 64). The split is stratified and fixed
     by ``seed``: with the defaults, 1,258 training and 539 held-out test examples.
     """
-    try:
-        from sklearn.datasets import load_digits as _sklearn_digits
-    except ImportError as exc:
-        raise ImportError("bnlib.data.load_digits() reads the digits bundled with scikit-learn, which is not "
-                          "installed: pip install scikit-learn") from exc
-    bunch = _sklearn_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    y = bunch.target.astype(np.int64)
+    pixels, labels = _bundled_digits()
+    x = (pixels / 16.0).astype(np.float32)
+    y = labels.astype(np.int64)
     train, test = stratified_split(y, test_fraction, seed)
     return Dataset(x[train], y[train], x[test], y[test])
 

@@ -164,6 +164,26 @@ def test_default_cache_dir_honours_environment(tmp_path, monkeypatch):
     assert data.default_cache_dir() == tmp_path
 
 
+def test_load_digits_reads_scikit_learns_file_as_scikit_learn_does_without_importing_it(monkeypatch):
+    """The pixels and labels are scikit-learn's own load_digits() values, read from the file it ships without
+    importing it (a fresh process has no sklearn module afterwards); where the file is not found, scikit-learn's
+    loader gives the same split."""
+    import subprocess
+    import sys
+    from sklearn.datasets import load_digits as sklearn_digits
+    pixels, labels = data._bundled_digits()
+    bunch = sklearn_digits()
+    assert pixels.dtype == bunch.data.dtype and np.array_equal(pixels, bunch.data)
+    assert np.array_equal(labels, bunch.target)
+    code = "import sys, bnlib.data; bnlib.data.load_digits(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    direct = data.load_digits(seed=3)
+    monkeypatch.setattr(data, "_DIGITS_FILE", ("datasets", "data", "no-such-file.csv.gz"))
+    for u, v in zip(direct, data.load_digits(seed=3)):
+        np.testing.assert_array_equal(u, v)
+
+
 def test_load_digits_without_scikit_learn_says_how_to_install_it(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "sklearn", None)
