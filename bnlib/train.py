@@ -457,6 +457,7 @@ def loss_and_grads(model, x, y):
     return loss, model.backward(dlogits.astype(model.dtype, copy=False))
 
 
+import copy
 from dataclasses import dataclass, field
 
 from bnlib.stats import Moments, merge_moments, moments
@@ -521,6 +522,9 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
     with examples from the start of the order, which set its statistics but are not counted again, so that
     every example is counted once and normalized with the statistics of a full batch (with fewer than
     ``batch_size`` examples in all, they make one batch). Every layer is left in the mode it was in.
+    seed may also be a sequence of seeds (batch_stats=True only): one order of the batches per seed, accuracies
+    (len(seed), M), each row what seed=s alone gives, bit for bit, computed in fewer passes: copies of the networks
+    side by side, one per order (a layer that draws random numbers then draws from the same state for every order).
     """
     x = _check_inputs(model, x, "x")
     y = check_labels(y, x.shape[-2], model.sizes[-1], n_models=model.n_models)
@@ -535,6 +539,14 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
         raise ValueError(f"batch_stats=True needs at least 2 examples, got {n}")
     if fill_last and not batch_stats:
         raise ValueError("fill_last=True fills the last batch of batch_stats=True: pass batch_stats=True too")
+    if not _is_int(seed) and isinstance(seed, (list, tuple, range, np.ndarray)):
+        seeds = list(seed)
+        if not (batch_stats and seeds):
+            raise ValueError(f"a sequence of seeds (orders of the batches) needs batch_stats=True and at least one "
+                             f"seed, got seed={seed!r} with batch_stats={batch_stats}")
+        for s in seeds:
+            _check_seed(s)
+        return _accuracy_orders(model, x, y, batch_size, seeds, fill_last)
     _check_seed(seed)
     if batch_stats:
         order = np.random.default_rng(seed).permutation(n)
@@ -568,6 +580,46 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
         for layer, mode in zip(model.norm_layers(), modes):   # back to the mode the model was in
             layer.train(mode)
     return correct / counted
+
+
+def _repeated(model, k):
+    """A copy of model holding its networks k times over (network i * n_models + m is a copy of network m, with
+    copies of its normalization layers), for accuracy() to evaluate k orders of batches in one pass."""
+    rep = copy.copy(model)
+    rep.n_models = model.n_models * k
+    rep.weights = [np.concatenate([w] * k) for w in model.weights]
+    rep.biases = [None if b is None else np.concatenate([b] * k) for b in model.biases]
+    rep.norms = [[copy.deepcopy(layer) for _ in range(k) for layer in layers] for layers in model.norms]
+    rep.activations, rep.layer_inputs, rep.gradients, rep.grads = [], [], [], {}
+    rep._cache, rep._joint = None, {}
+    return rep
+
+
+def _accuracy_orders(model, x, y, batch_size, seeds, fill_last):
+    """accuracy(..., batch_stats=True) for each seed of seeds, (len(seeds), M), with several orders per pass: order j
+    runs on copies of the networks placed side by side (the matrix products of the networks are separate calls, and the
+    BatchNorm layers' joint call is bit for bit each layer's own), fed the examples so that accuracy()'s own shuffle
+    puts them in order j's order. As many orders go into a pass as keep a hidden layer's activations under
+    cpu.PARALLEL_MIN_SIZE values, the joint call's limit; one order per pass runs on the model itself."""
+    m, n = model.n_models, x.shape[-2]
+    x, y = np.broadcast_to(x, (m, n, x.shape[-1])), np.broadcast_to(y, (m, n))
+    widest = max(model.sizes[1:-1], default=1)
+    per_pass = max(1, (cpu.PARALLEL_MIN_SIZE - 1) // (m * widest * min(batch_size, n)))
+    shuffle = np.random.default_rng(seeds[0]).permutation(n)          # what accuracy() applies with seed=seeds[0]
+    rows = []
+    for start in range(0, len(seeds), per_pass):
+        part = seeds[start:start + per_pass]
+        fed = []
+        for s in part:                                                 # fed[shuffle] is order s
+            f = np.empty(n, dtype=np.intp)
+            f[shuffle] = np.random.default_rng(s).permutation(n)
+            fed.append(f)
+        xs = np.concatenate([x[:, f] for f in fed])
+        ys = np.concatenate([y[:, f] for f in fed])
+        net = model if len(part) == 1 else _repeated(model, len(part))
+        rows.append(accuracy(net, xs, ys, batch_size, batch_stats=True, seed=seeds[0],
+                             fill_last=fill_last).reshape(len(part), m))
+    return np.concatenate(rows)
 
 
 def _updates_running_stats(layer):

@@ -258,6 +258,46 @@ def test_fit_takes_the_sgd_steps_its_docstring_gives(dtype, settings):
         assert np.array_equal(model.weights[0], fresh().weights[0])                  # W0 was left out: frozen
 
 
+@pytest.mark.parametrize("norm", ["batchnorm", "batchnorm64", "groupnorm", None])
+@pytest.mark.parametrize("per_model_data", [False, True])
+@pytest.mark.parametrize("limit", [None, 200])
+def test_accuracy_over_several_orders_is_each_orders_own(norm, per_model_data, limit, monkeypatch):
+    """seed=[...] with batch_stats=True: each row is accuracy(..., seed=s) alone, bit for bit, whether the orders
+    share a pass (copies side by side) or not (a low cpu.PARALLEL_MIN_SIZE makes passes of 1 and 2 orders), with
+    and without fill_last, for shared and per-model data; the model's state is left as it was."""
+    from bnlib import cpu, variants
+    factories = {"batchnorm": BatchNorm, "batchnorm64": bn64, "groupnorm": lambda c: variants.GroupNorm(2, c), None: None}
+    data = toy_data(n_train=120, n_test=61)
+    model = train.MLP([6, 8, 6, 3], norm=factories[norm], n_models=3, seed=2,
+                      dtype=np.float64 if norm == "batchnorm64" else np.float32)
+    train.fit(model, data, steps=5, lr=0.1, batch_size=20, progress=False)
+    x, y = data[2], data[3]
+    if per_model_data:
+        x, y = np.stack([x, x[::-1], 2 * x]), np.stack([y, y[::-1], y])
+    if limit is not None:
+        monkeypatch.setattr(cpu, "PARALLEL_MIN_SIZE", limit)
+    before = model.state()
+    for batch, seeds in [(4, range(7)), (2, [3, 0, 3]), (61, [5, 1]), (200, (0, 2)), (5, np.arange(3))]:
+        for fill_last in (False, True):
+            want = np.stack([train.accuracy(model, x, y, batch, batch_stats=True, fill_last=fill_last, seed=s)
+                             for s in seeds])
+            got = train.accuracy(model, x, y, batch, batch_stats=True, fill_last=fill_last, seed=seeds)
+            assert got.shape == (len(seeds), 3) and np.array_equal(got, want), (batch, list(seeds), fill_last)
+    after = model.state()
+    assert all(np.array_equal(before[0][k], after[0][k]) for k in before[0])
+    for a, b in zip(before[1], after[1]):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_accuracy_refuses_a_sequence_of_seeds_it_cannot_use():
+    model, (x_train, y_train, x_test, y_test) = train.MLP([6, 8, 3], norm=BatchNorm), toy_data()
+    for kwargs, message in [(dict(batch_stats=False, seed=[0, 1]), "needs batch_stats=True"),
+                            (dict(batch_stats=True, batch_size=4, seed=[]), "at least one seed"),
+                            (dict(batch_stats=True, batch_size=4, seed=[0, -1]), "seed must be an integer >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            train.accuracy(model, x_test, y_test, **kwargs)
+
+
 def test_batch_stats_accuracy_restores_state_and_precise_bn_gives_population_stats():
     x_train, y_train, x_test, y_test = data = toy_data()
     model = train.MLP([6, 8, 3], norm=BatchNorm)
