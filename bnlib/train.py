@@ -524,7 +524,10 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
     ``batch_size`` examples in all, they make one batch). Every layer is left in the mode it was in.
     seed may also be a sequence of seeds (batch_stats=True only): one order of the batches per seed, accuracies
     (len(seed), M), each row what seed=s alone gives, bit for bit, computed in fewer passes: copies of the networks
-    side by side, one per order (a layer that draws random numbers then draws from the same state for every order).
+    side by side, one per order, made with copy.deepcopy, so the layers must keep in their state what their training
+    forward depends on (a layer that draws random numbers draws from the same state for every order of a pass). A
+    layer with a method set on the instance (a hook, a recorder) makes every order run on the model itself. After a
+    pass with copies, the model's activations and caches are not those of the last batch.
     """
     x = _check_inputs(model, x, "x")
     y = check_labels(y, x.shape[-2], model.sizes[-1], n_models=model.n_models)
@@ -539,13 +542,13 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
         raise ValueError(f"batch_stats=True needs at least 2 examples, got {n}")
     if fill_last and not batch_stats:
         raise ValueError("fill_last=True fills the last batch of batch_stats=True: pass batch_stats=True too")
-    if not _is_int(seed) and isinstance(seed, (list, tuple, range, np.ndarray)):
+    if isinstance(seed, (list, tuple, range)) or (isinstance(seed, np.ndarray) and seed.ndim == 1):
         seeds = list(seed)
         if not (batch_stats and seeds):
-            raise ValueError(f"a sequence of seeds (orders of the batches) needs batch_stats=True and at least one "
-                             f"seed, got seed={seed!r} with batch_stats={batch_stats}")
-        for s in seeds:
-            _check_seed(s)
+            raise ValueError(f"a sequence of seeds (one order of the batches each) needs batch_stats=True and at least "
+                             f"one seed, got {len(seeds)} seed(s) with batch_stats={batch_stats}")
+        for i, s in enumerate(seeds):
+            _check_seed(s, f"seed[{i}]")
         return _accuracy_orders(model, x, y, batch_size, seeds, fill_last)
     _check_seed(seed)
     if batch_stats:
@@ -582,6 +585,9 @@ def accuracy(model, x, y, batch_size=None, batch_stats=False, seed=0, chunk=2048
     return correct / counted
 
 
+_ORDERS_BYTES = 64 * 2 ** 20          # the examples copied for one pass of accuracy() over several orders, at most
+
+
 def _repeated(model, k):
     """A copy of model holding its networks k times over (network i * n_models + m is a copy of network m, with
     copies of its normalization layers), for accuracy() to evaluate k orders of batches in one pass."""
@@ -589,7 +595,8 @@ def _repeated(model, k):
     rep.n_models = model.n_models * k
     rep.weights = [np.concatenate([w] * k) for w in model.weights]
     rep.biases = [None if b is None else np.concatenate([b] * k) for b in model.biases]
-    rep.norms = [[copy.deepcopy(layer) for _ in range(k) for layer in layers] for layers in model.norms]
+    copies = [copy.deepcopy(model.norms) for _ in range(k)]           # one per order: what networks share, they
+    rep.norms = [[layer for c in copies for layer in c[l]] for l in range(len(model.norms))]   # share within it
     rep.activations, rep.layer_inputs, rep.gradients, rep.grads = [], [], [], {}
     rep._cache, rep._joint = None, {}
     return rep
@@ -600,11 +607,17 @@ def _accuracy_orders(model, x, y, batch_size, seeds, fill_last):
     runs on copies of the networks placed side by side (the matrix products of the networks are separate calls, and the
     BatchNorm layers' joint call is bit for bit each layer's own), fed the examples so that accuracy()'s own shuffle
     puts them in order j's order. As many orders go into a pass as keep a hidden layer's activations under
-    cpu.PARALLEL_MIN_SIZE values, the joint call's limit; one order per pass runs on the model itself."""
+    cpu.PARALLEL_MIN_SIZE values, the joint call's limit, and the copied examples under _ORDERS_BYTES; one order per
+    pass runs on the model itself, as does every order when a layer has a method of its own (set on the instance: it
+    may reach objects a copy does not copy)."""
     m, n = model.n_models, x.shape[-2]
     x, y = np.broadcast_to(x, (m, n, x.shape[-1])), np.broadcast_to(y, (m, n))
     widest = max(model.sizes[1:-1], default=1)
-    per_pass = max(1, (cpu.PARALLEL_MIN_SIZE - 1) // (m * widest * min(batch_size, n)))
+    order_bytes = m * n * x.shape[-1] * x.itemsize                    # one order's copy of the examples
+    per_pass = min((cpu.PARALLEL_MIN_SIZE - 1) // (m * widest * min(batch_size, n)), _ORDERS_BYTES // order_bytes)
+    if any(callable(v) for layer in model.norm_layers() for v in getattr(layer, "__dict__", {}).values()):
+        per_pass = 1
+    per_pass = max(1, per_pass)
     shuffle = np.random.default_rng(seeds[0]).permutation(n)          # what accuracy() applies with seed=seeds[0]
     rows = []
     for start in range(0, len(seeds), per_pass):

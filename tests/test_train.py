@@ -289,11 +289,67 @@ def test_accuracy_over_several_orders_is_each_orders_own(norm, per_model_data, l
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_copies_side_by_side_compute_each_networks_own_logits():
+    """_repeated(model, k): every copy's logits in training mode are its network's own, bit for bit, on batches of
+    more than 64 rows too, on each CPU backend, for BatchNorm and for BatchRenorm with relaxed limits (whose training
+    output depends on its running statistics)."""
+    from bnlib import cpu, variants
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(100, 6)).astype(np.float32)
+    for backend in ("numba", "numpy"):
+        previous = cpu.set_backend(backend)
+        try:
+            for factory in (BatchNorm, lambda c: variants.BatchRenorm(c, r_max=3.0, d_max=5.0)):
+                model = train.MLP([6, 8, 6, 3], norm=factory, n_models=2, seed=5)
+                train.fit(model, toy_data(), steps=5, lr=0.1, batch_size=20, progress=False)
+                got = train._repeated(model, 3).train().forward(x)
+                for j in range(3):
+                    want = copy.deepcopy(model).train().forward(x)
+                    assert np.array_equal(got[2 * j:2 * j + 2], want), (backend, j)
+        finally:
+            cpu.set_backend(previous)
+
+
+def test_accuracy_over_several_orders_with_shared_layers_hooks_and_odd_seeds():
+    """Rows equal to the one-order calls when two networks share a layer (shared within each copy too), and when a layer
+    has a forward of its own on the instance (then every order runs on the model itself, whose state is restored);
+    a NumPy integer seed, n_models=1 and a model in evaluation mode (left in it)."""
+    from bnlib import variants
+    data = toy_data(n_train=120, n_test=61)
+    x, y = data[2], data[3]
+    def rows(model, seeds, batch=4):
+        want = np.stack([train.accuracy(model, x, y, batch, batch_stats=True, fill_last=True, seed=s) for s in seeds])
+        got = train.accuracy(model, x, y, batch, batch_stats=True, fill_last=True, seed=seeds)
+        return got, want
+    shared = train.MLP([6, 8, 6, 3], norm=lambda c: variants.BatchRenorm(c, r_max=3.0, d_max=5.0), n_models=2, seed=1)
+    train.fit(shared, data, steps=5, lr=0.1, batch_size=20, progress=False)
+    shared.norms[0][1] = shared.norms[0][0]
+    got, want = rows(shared, range(4))
+    assert np.array_equal(got, want)
+    hooked = train.MLP([6, 8, 6, 3], norm=BatchNorm, n_models=2, seed=1)
+    train.fit(hooked, data, steps=5, lr=0.1, batch_size=20, progress=False)
+    calls = []
+    for layer in hooked.norm_layers():
+        layer.forward = lambda z, f=layer.forward: calls.append(1) or f(z)
+    before = hooked.state()
+    got, want = rows(hooked, [0, 1, 2])
+    assert np.array_equal(got, want) and calls
+    after = hooked.state()
+    for a, b in zip(before[1], after[1]):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    single = train.MLP([6, 8, 3], norm=BatchNorm, n_models=1, seed=2).eval()
+    got, want = rows(single, [np.int64(4), 0])
+    assert got.shape == (2, 1) and np.array_equal(got, want)
+    assert not any(layer.training for layer in single.norm_layers())
+    assert np.array_equal(train.accuracy(single, x, y, 4, batch_stats=True, fill_last=True, seed=np.int64(4)), want[0])
+
+
 def test_accuracy_refuses_a_sequence_of_seeds_it_cannot_use():
     model, (x_train, y_train, x_test, y_test) = train.MLP([6, 8, 3], norm=BatchNorm), toy_data()
     for kwargs, message in [(dict(batch_stats=False, seed=[0, 1]), "needs batch_stats=True"),
                             (dict(batch_stats=True, batch_size=4, seed=[]), "at least one seed"),
-                            (dict(batch_stats=True, batch_size=4, seed=[0, -1]), "seed must be an integer >= 0")]:
+                            (dict(batch_stats=True, batch_size=4, seed=[0, -1]), r"seed\[1\] must be an integer >= 0"),
+                            (dict(batch_stats=True, batch_size=4, seed=np.array(3)), "seed must be an integer >= 0")]:
         with pytest.raises(ValueError, match=message):
             train.accuracy(model, x_test, y_test, **kwargs)
 
