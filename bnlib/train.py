@@ -242,6 +242,10 @@ class MLP:
             self.biases.append(np.zeros((self.n_models, fan_out), self.dtype) if use_bias else None)
             if hidden and self.has_norm:
                 self.norms.append([_norm_layer(norm, fan_out) for _ in range(self.n_models)])
+        self._forget_pass()
+
+    def _forget_pass(self):
+        """No forward or backward pass yet: what the last one recorded (activations, caches, gradients) is cleared."""
         self.activations, self.layer_inputs, self.gradients, self.grads = [], [], [], {}
         self._cache, self._joint = None, {}
 
@@ -597,8 +601,7 @@ def _repeated(model, k):
     rep.biases = [None if b is None else np.concatenate([b] * k) for b in model.biases]
     copies = [copy.deepcopy(model.norms) for _ in range(k)]           # one per order: what networks share, they
     rep.norms = [[layer for c in copies for layer in c[l]] for l in range(len(model.norms))]   # share within it
-    rep.activations, rep.layer_inputs, rep.gradients, rep.grads = [], [], [], {}
-    rep._cache, rep._joint = None, {}
+    rep._forget_pass()                                                 # nothing of the model's last pass
     return rep
 
 
