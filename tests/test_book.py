@@ -138,7 +138,30 @@ def test_every_chapter_ends_with_exercises_and_solutions():
         tail = markdown[markdown.rfind("## Exercises"):]
         assert "## Exercises" in markdown, f"{nb.name} has no Exercises section"
         assert 2 <= tail.count("**") // 2 <= 5, f"{nb.name}: expected 2-5 exercises"    # 5: chapter 05, the longest
-        assert tail.count(":::{dropdown} Solution") == tail.count("**") // 2, f"{nb.name}: an exercise lacks a solution"
+        assert tail.count(SOLUTION_OPEN) == tail.count("**") // 2, f"{nb.name}: an exercise lacks a solution"
+
+
+# A solution is folded with HTML, which the book, Jupyter and Colab all render (a MyST dropdown is raw text
+# in Jupyter and Colab, the solution in plain view). The blank lines after <summary> and before </details>
+# end the HTML blocks, so that the solution between them is read as markdown (math, code) everywhere.
+SOLUTION_OPEN = '<details class="solution">\n<summary>Solution</summary>\n\n'
+
+
+def test_solutions_are_folded_html_blocks_with_markdown_inside():
+    for nb in CHAPTERS:
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        for i, cell in enumerate(cells):
+            if cell["cell_type"] != "markdown":
+                continue
+            text = "".join(cell["source"])
+            assert ":::{dropdown}" not in text, f"{nb.name} cell {i}: a MyST dropdown (raw text in Jupyter and Colab)"
+            opened = [m.start() for m in re.finditer("<details", text)]
+            assert len(opened) == text.count("</details>"), f"{nb.name} cell {i}: unclosed <details>"
+            for start in opened:
+                assert text.startswith(SOLUTION_OPEN, start), f"{nb.name} cell {i}: a <details> not in the solution form"
+                end = text.index("</details>", start)
+                assert text[end - 2:end] == "\n\n" and "<details" not in text[start + 1:end], \
+                    f"{nb.name} cell {i}: </details> needs a blank line before it (and no nested <details>)"
 
 
 
@@ -328,7 +351,19 @@ def test_page_in_browser(browser, server, page, built_book):
     errors = browser.execute_script("return document.querySelectorAll('mjx-merror').length")
     assert typeset > 0, f"{page}: no typeset math"
     assert errors == 0, f"{page}: {errors} MathJax errors"
-    # no raw TeX delimiters left in the prose (code cells may contain anything)
+    if page.startswith("chapters/"):
+        # every exercise's solution is folded, styled by _static/solutions.css, and holds more than its title
+        notebook = Path(__file__).resolve().parents[1] / (page[:-5] + ".ipynb")
+        expected = sum("".join(c["source"]).count(SOLUTION_OPEN)
+                       for c in json.loads(notebook.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "markdown")
+        folded = browser.execute_script("""
+            return Array.from(document.querySelectorAll('details.solution')).map(d => [
+                d.open, parseFloat(getComputedStyle(d).borderLeftWidth), d.children.length]);""")
+        assert len(folded) == expected > 0, f"{page}: {len(folded)} folded solutions, the notebook has {expected}"
+        for is_open, border, children in folded:
+            assert not is_open and border > 0 and children > 1, f"{page}: a solution is open, unstyled or empty"
+        browser.execute_script("document.querySelectorAll('details').forEach(d => { d.open = true; })")
+    # no raw TeX delimiters left in the prose, the opened solutions included (code cells may contain anything)
     prose = browser.execute_script("""
         const main = document.querySelector('main') || document.body;
         const copy = main.cloneNode(true);
