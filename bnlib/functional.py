@@ -80,7 +80,11 @@ def _check_channel_vector(v, name: str, num_channels: int, x_shape, required: bo
 
 def _check_eps(eps):
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}" + _BOOL_NOTE * isinstance(eps, bool))
+
+
+# A bool passes isinstance(x, numbers.Real) and 0 <= True <= 1, so a refusal of one says why
+_BOOL_NOTE = ", a bool (refused, though torch takes it as 1 or 0: was it meant for another argument?)"
 
 
 def _check_forward_args(x, gamma, beta, eps) -> int:
@@ -193,7 +197,8 @@ def _check_momentum(momentum):
     True as 1: BatchNorm2d(64, 1e-3, True) meant affine=True."""
     if momentum is not None and (isinstance(momentum, bool) or not (isinstance(momentum, numbers.Real)
                                                                   and 0.0 <= momentum <= 1.0)):
-        raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
+        raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}"
+                         + _BOOL_NOTE * isinstance(momentum, bool))
 
 
 def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1, num_batches_tracked=None):

@@ -252,7 +252,7 @@ X = np.ones((4, 3, 2, 2))
     (lambda: F.batch_norm_inference(np.ones(3), np.zeros(3), np.ones(3)), ValueError, ["x", "(3,)"]),
     (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=1.5), ValueError, ["momentum", "1.5"]),
     (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=True), ValueError,
-     ["momentum", "True"]),
+     ["momentum", "True", "a bool"]),
     (lambda: F.update_running_stats(np.zeros(3), np.ones(3), F.batch_norm_forward(X)[1], momentum=None,
                                     num_batches_tracked=0), ValueError, ["num_batches_tracked"]),
     # a cumulative average without the count used to be a silent copy of the batch (a default count of 1)
