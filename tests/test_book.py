@@ -141,6 +141,24 @@ def test_every_chapter_ends_with_exercises_and_solutions():
         assert tail.count(SOLUTION_OPEN) == tail.count("**") // 2, f"{nb.name}: an exercise lacks a solution"
 
 
+# Code after a chapter's Exercises heading that holds an answer (the book's solution or replay under a name of its own,
+# a checker's self-test run on the answer) is collapsed, as the written solutions are; the checkers stay in view.
+ANSWER_CODE = re.compile(r"^(def|class) (book_|solution|Solution)|^def \w*self_test|the answer in the solution", re.M)
+
+
+def test_exercise_answers_in_code_are_collapsed():
+    shown = []
+    for nb in CHAPTERS:
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        start = next(i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and "## Exercises" in "".join(c["source"]))
+        for i, cell in enumerate(cells[start:], start):
+            tags = cell.get("metadata", {}).get("tags", [])
+            if cell["cell_type"] == "code" and ANSWER_CODE.search("".join(cell["source"])) and not (
+                    {"hide-input", "hide-cell"} & set(tags)):
+                shown.append(f"{nb.name} cell {i}: {ANSWER_CODE.search(''.join(cell['source'])).group(0)!r} in view")
+    assert not shown, "\n".join(shown)
+
+
 # A solution is folded with HTML, which the book, Jupyter and Colab all render (a MyST dropdown is raw text
 # in Jupyter and Colab, the solution in plain view). The blank lines after <summary> and before </details>
 # end the HTML blocks, so that the solution between them is read as markdown (math, code) everywhere.
