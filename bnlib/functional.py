@@ -80,11 +80,16 @@ def _check_channel_vector(v, name: str, num_channels: int, x_shape, required: bo
 
 def _check_eps(eps):
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}" + _BOOL_NOTE * isinstance(eps, bool))
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}" + _bool_note(eps))
 
 
-# A bool passes isinstance(x, numbers.Real) and 0 <= True <= 1, so a refusal of one says why
-_BOOL_NOTE = ", a bool (refused, though torch takes it as 1 or 0: was it meant for another argument?)"
+def _bool_note(value):
+    """What a refusal adds for a bool: True and False pass isinstance(x, numbers.Real) and 0 <= True <= 1, and
+    torch's constructors read them as 1 and 0, so the message says why a bool is refused."""
+    if not isinstance(value, bool):
+        return ""
+    return (f" (a bool, which torch would read as {int(value)}: was it meant for another argument, such as "
+            "BatchNorm's affine?)")
 
 
 def _check_forward_args(x, gamma, beta, eps) -> int:
@@ -198,7 +203,7 @@ def _check_momentum(momentum):
     if momentum is not None and (isinstance(momentum, bool) or not (isinstance(momentum, numbers.Real)
                                                                   and 0.0 <= momentum <= 1.0)):
         raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}"
-                         + _BOOL_NOTE * isinstance(momentum, bool))
+                         + _bool_note(momentum))
 
 
 def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1, num_batches_tracked=None):

@@ -143,7 +143,8 @@ def test_every_chapter_ends_with_exercises_and_solutions():
 
 # Code after a chapter's Exercises heading that holds an answer (the book's solution or replay under a name of its own,
 # a checker's self-test run on the answer) is collapsed, as the written solutions are; the checkers stay in view.
-ANSWER_CODE = re.compile(r"^(def|class) (book_|solution|Solution)|^def \w*self_test|the answer in the solution", re.M)
+ANSWER_CODE = re.compile(r"^(def|class) (book_|solution|Solution)|^def \w*self_test|"
+                         r"#\s*(the|book's|exercise \d's) (answer|solution)\b", re.M | re.I)
 
 
 def test_exercise_answers_in_code_are_collapsed():
@@ -180,6 +181,9 @@ def test_solutions_are_folded_html_blocks_with_markdown_inside():
                 end = text.index("</details>", start)
                 assert text[end - 2:end] == "\n\n" and "<details" not in text[start + 1:end], \
                     f"{nb.name} cell {i}: </details> needs a blank line before it (and no nested <details>)"
+                after = text[end + len("</details>"):]
+                assert after == "" or after.startswith("\n\n") or after == "\n", \
+                    f"{nb.name} cell {i}: </details> needs a blank line after it (else what follows is raw HTML)"
 
 
 

@@ -648,6 +648,38 @@ def test_half_input_with_float32_parameters_matches_torch(dtype, dims):
             m.weight.grad = m.bias.grad = None
 
 
+@pytest.mark.parametrize("split", ["float32 parameters, half buffers", "half parameters, float32 buffers"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_takes_parameters_and_buffers_of_different_dtypes(dtype, split):
+    """Chapter 06's one leniency beyond torch: with half input, the parameters and the buffers may each be float32 or
+    the input's dtype (torch 2.13's CPU kernel refuses both mixes). The result is torch's on the layer with every
+    tensor float32, rounded as the dtypes ask; the buffers keep their dtypes."""
+    gen = torch.Generator().manual_seed(5)
+    reference = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5, generator=gen)
+        reference.bias.normal_(generator=gen)
+    ours = bnn.BatchNorm2d(3)
+    ours.load_state_dict(reference.state_dict())
+    half_params = split.startswith("half")
+    for name in ("weight", "bias") if half_params else ("running_mean", "running_var"):
+        getattr(ours, name).data = getattr(ours, name).data.to(dtype)
+    x = (torch.randn(6, 3, 4, 4, generator=gen) * 2 + 1).to(dtype)
+    if half_params:                      # the reference sees the parameters as rounded to the input's dtype
+        with torch.no_grad():
+            reference.weight.copy_(reference.weight.to(dtype).float())
+            reference.bias.copy_(reference.bias.to(dtype).float())
+    tol = 2 * HALF_TOL[dtype]
+    for training in (True, False):
+        reference.train(training), ours.train(training)
+        want, got = reference(x.float()), ours(x)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.to(dtype).float(), atol=tol, rtol=tol)
+        for name in ("running_mean", "running_var"):
+            assert getattr(ours, name).dtype == (torch.float32 if half_params else dtype), name
+            torch.testing.assert_close(getattr(ours, name).float(), getattr(reference, name), atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_input_with_half_parameters_matches_torch(dtype):
     gen = torch.Generator().manual_seed(3)
