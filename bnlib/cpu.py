@@ -126,9 +126,11 @@ def numpy_forward(x3, gamma, beta, eps, y3):
         var = np.maximum(_channel_dots(y3, y3).astype(np.float64) / count - mean_d * mean_d, 0.0)
         if not np.any(mean_d * mean_d > 16 * var):               # K within 4 sigma: float32 sums are fine
             break                                                # (beyond, they lose digits: chapter 04)
-        shift = mean_d.astype(x3.dtype)                          # else re-centre on the mean found so far
-        y_ -= col(shift)
-        k = k + shift                                            # (what was subtracted, not mean_d)
+        # else re-centre on the mean found so far, from x itself: fl(x - K) already lost what Sterbenz's lemma
+        # does not cover when K is far from the values, and subtracting from it would keep that loss
+        centre = (k + mean_d).astype(x3.dtype)
+        np.subtract(x_, col(centre), out=y_)
+        k = centre.astype(np.float64)                            # (what was subtracted, not k + mean_d)
     inv_std = 1.0 / np.sqrt(var + eps)
     scale = inv_std if gamma is None else gamma * inv_std
     offset = -mean_d * scale + (0.0 if beta is None else beta)
