@@ -306,7 +306,7 @@ class InstanceNorm(GroupNorm):
         if momentum is None or isinstance(momentum, bool) or not (isinstance(momentum, numbers.Real)
                                                                  and 0 <= momentum <= 1):
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r} "
-                             f"(torch's InstanceNorm has no cumulative average)")
+                             f"(torch's InstanceNorm has no cumulative average)" + F._bool_note(momentum))
         num_features = F._check_positive_int(num_features, "num_features")   # named as the caller named it
         super().__init__(num_features, num_features, eps=eps, affine=affine, dtype=dtype, bias=bias)
         self.num_features, self.momentum = self.num_channels, float(momentum)

@@ -131,6 +131,12 @@ def test_notebooks_are_valid_nbformat():
         nbformat.validate(nbformat.read(nb, as_version=4))
 
 
+# A solution is folded with HTML, which the book, Jupyter and Colab all render (a MyST dropdown is raw text
+# in Jupyter and Colab, the solution in plain view). The blank lines after <summary> and before </details>
+# end the HTML blocks, so that the solution between them is read as markdown (math, code) everywhere.
+SOLUTION_OPEN = '<details class="solution">\n<summary>Solution</summary>\n\n'
+
+
 def test_every_chapter_ends_with_exercises_and_solutions():
     for nb in CHAPTERS:
         cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
@@ -154,16 +160,12 @@ def test_exercise_answers_in_code_are_collapsed():
         start = next(i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and "## Exercises" in "".join(c["source"]))
         for i, cell in enumerate(cells[start:], start):
             tags = cell.get("metadata", {}).get("tags", [])
-            if cell["cell_type"] == "code" and ANSWER_CODE.search("".join(cell["source"])) and not (
-                    {"hide-input", "hide-cell"} & set(tags)):
-                shown.append(f"{nb.name} cell {i}: {ANSWER_CODE.search(''.join(cell['source'])).group(0)!r} in view")
+            found = cell["cell_type"] == "code" and ANSWER_CODE.search("".join(cell["source"]))
+            if found and not {"hide-input", "hide-cell"} & set(tags):
+                shown.append(f"{nb.name} cell {i}: {found.group(0)!r} in view")
     assert not shown, "\n".join(shown)
 
 
-# A solution is folded with HTML, which the book, Jupyter and Colab all render (a MyST dropdown is raw text
-# in Jupyter and Colab, the solution in plain view). The blank lines after <summary> and before </details>
-# end the HTML blocks, so that the solution between them is read as markdown (math, code) everywhere.
-SOLUTION_OPEN = '<details class="solution">\n<summary>Solution</summary>\n\n'
 
 
 def test_solutions_are_folded_html_blocks_with_markdown_inside():
@@ -375,7 +377,7 @@ def test_page_in_browser(browser, server, page, built_book):
     assert errors == 0, f"{page}: {errors} MathJax errors"
     if page.startswith("chapters/"):
         # every exercise's solution is folded, styled by _static/solutions.css, and holds more than its title
-        notebook = Path(__file__).resolve().parents[1] / (page[:-5] + ".ipynb")
+        notebook = ROOT / (page[:-5] + ".ipynb")
         expected = sum("".join(c["source"]).count(SOLUTION_OPEN)
                        for c in json.loads(notebook.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "markdown")
         folded = browser.execute_script("""

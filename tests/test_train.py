@@ -283,10 +283,7 @@ def test_accuracy_over_several_orders_is_each_orders_own(norm, per_model_data, l
                              for s in seeds])
             got = train.accuracy(model, x, y, batch, batch_stats=True, fill_last=fill_last, seed=seeds)
             assert got.shape == (len(seeds), 3) and np.array_equal(got, want), (batch, list(seeds), fill_last)
-    after = model.state()
-    assert all(np.array_equal(before[0][k], after[0][k]) for k in before[0])
-    for a, b in zip(before[1], after[1]):
-        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert _unchanged(before, model.state())
 
 
 def test_copies_side_by_side_compute_each_networks_own_logits():
@@ -303,8 +300,8 @@ def test_copies_side_by_side_compute_each_networks_own_logits():
                 model = train.MLP([6, 8, 6, 3], norm=factory, n_models=2, seed=5)
                 train.fit(model, toy_data(), steps=5, lr=0.1, batch_size=20, progress=False)
                 got = train._repeated(model, 3).train().forward(x)
+                want = copy.deepcopy(model).train().forward(x)
                 for j in range(3):
-                    want = copy.deepcopy(model).train().forward(x)
                     assert np.array_equal(got[2 * j:2 * j + 2], want), (backend, j)
         finally:
             cpu.set_backend(previous)
@@ -334,9 +331,7 @@ def test_accuracy_over_several_orders_with_shared_layers_hooks_and_odd_seeds():
     before = hooked.state()
     got, want = rows(hooked, [0, 1, 2])
     assert np.array_equal(got, want) and calls
-    after = hooked.state()
-    for a, b in zip(before[1], after[1]):
-        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert _unchanged(before, hooked.state())
     single = train.MLP([6, 8, 3], norm=BatchNorm, n_models=1, seed=2).eval()
     got, want = rows(single, [np.int64(4), 0])
     assert got.shape == (2, 1) and np.array_equal(got, want)

@@ -538,6 +538,7 @@ def test_frozen_batch_norm_loads_a_weight_only_checkpoint():
     (lambda: V.LayerNorm(3, dtype=torch.float32), TypeError, "dtype must be NumPy's float32 or float64, got torch"),
     (lambda: V.LayerNorm(2)(np.ma.masked_array(np.ones((3, 2)), mask=[[0, 1]] * 3)), TypeError, "x is a masked array"),
     (lambda: V.InstanceNorm(3, momentum=None), ValueError, "momentum"),
+    (lambda: V.InstanceNorm(3, momentum=True), ValueError, r"got True.*a bool, which torch would read as 1"),
     (lambda: V.BatchRenorm(3, r_max=0.5), ValueError, "r_max"),
     (lambda: V.BatchRenorm(3, d_max=-1), ValueError, "d_max"),
     (lambda: V.GhostBatchNorm(3, 0), ValueError, "virtual_batch_size"),
