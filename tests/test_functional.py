@@ -303,25 +303,6 @@ def test_inference_accepts_a_batch_of_one_and_zero_eps():
     np.testing.assert_allclose(y, [[0.5, 2.0]])
 
 
-def test_first_parallel_call_keeps_torchs_thread_count():
-    """numba's OpenMP thread pool, started by bnlib's first parallel CPU call, must not change the
-    thread count a user gave torch (it did: torch.set_num_threads(1) silently became 2). A fresh
-    process, since the pool starts once per process."""
-    import subprocess
-    import sys
-    from bnlib import cpu
-    if cpu.numba is None:
-        pytest.skip("numba not installed: no thread pool")
-    code = ("import torch; torch.set_num_threads(1)\n"
-            "import numpy as np\n"
-            "from bnlib import functional as F\n"
-            "x = np.random.default_rng(0).standard_normal((64, 64, 28, 28)).astype(np.float32)\n"
-            "y, cache = F.batch_norm_forward(x); F.batch_norm_backward(x, cache)\n"
-            "print(torch.get_num_threads())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "1"
-
-
 # --------------------------------------------------------------------------- empty batches, as torch
 
 EMPTY_SHAPES = {"(0, C)": ((0, 3), None), "(0, C, H, W)": ((0, 3, 4, 5), None),

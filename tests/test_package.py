@@ -1,8 +1,11 @@
-"""The package as a user imports it: `from bnlib import *` works and names only real modules."""
+"""The package as a user imports it: `from bnlib import *` works and names only real modules; its first parallel
+CPU call leaves torch's thread count alone."""
 import importlib
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import bnlib
 from conftest import ROOT
@@ -24,3 +27,21 @@ def test_every_name_in_all_is_a_module_of_the_package():
         assert getattr(bnlib, name) is module
     generated = {p.stem for p in package_dir.glob("*.py") if p.stem != "__init__"}
     assert generated == set(bnlib.__all__), f"modules missing from bnlib.__all__: {sorted(generated - set(bnlib.__all__))}"
+
+
+def test_first_parallel_call_keeps_torchs_thread_count():
+    """numba's OpenMP thread pool, started by bnlib's first parallel CPU call, must not change the
+    thread count a user gave torch (it did: torch.set_num_threads(1) silently became 2). A fresh
+    process, since the pool starts once per process; with bnlib's default CPU path, so once, not once per path as
+    the tests of test_functional.py run."""
+    from bnlib import cpu
+    if cpu.numba is None:
+        pytest.skip("numba not installed: no thread pool")
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "import numpy as np\n"
+            "from bnlib import functional as F\n"
+            "x = np.random.default_rng(0).standard_normal((64, 64, 28, 28)).astype(np.float32)\n"
+            "y, cache = F.batch_norm_forward(x); F.batch_norm_backward(x, cache)\n"
+            "print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
