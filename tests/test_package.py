@@ -34,6 +34,7 @@ def test_first_parallel_call_keeps_torchs_thread_count():
     thread count a user gave torch (it did: torch.set_num_threads(1) silently became 2). A fresh
     process, since the pool starts once per process; with bnlib's default CPU path, so once, not once per path as
     the tests of test_functional.py run."""
+    pytest.importorskip("torch")
     from bnlib import cpu
     if cpu.numba is None:
         pytest.skip("numba not installed: no thread pool")
@@ -43,5 +44,5 @@ def test_first_parallel_call_keeps_torchs_thread_count():
             "x = np.random.default_rng(0).standard_normal((64, 64, 28, 28)).astype(np.float32)\n"
             "y, cache = F.batch_norm_forward(x); F.batch_norm_backward(x, cache)\n"
             "print(torch.get_num_threads())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "1"
