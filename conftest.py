@@ -312,16 +312,16 @@ def pytest_generate_tests(metafunc):
 # finish together. xdist (--dist loadfile) would otherwise order the files by their number of tests (pyproject
 # turns that off: --no-loadscope-reorder), which put a long file with few tests last: in a clean-clone run on
 # 2026-11-30 one worker ran tests/test_alone.py (then 152 s in 11 tests) alone at the end, pytest 632.6 s for
-# 1146 s of test time. The order is by each file's summed durations in a clean-clone run of 2026-11-30 (07 192 s,
-# 08 162, test_cuda 121, 01 86, test_book 74, 06 64, 09 61, test_cuda_on_cpu 57, test_nn 51, 04 41,
-# test_functional 38, 05 29, test_train 21, test_cpu_bench 14), with one change: tests/test_cuda.py comes second,
+# 1146 s of test time. The order is by each file's summed durations in a clean-clone run of 2026-12-01 (.ci/run of
+# a39ec47: 07 207 s, 08 171, test_cuda 124, 01 101, test_book 89, 06 88, 09 72, test_nn 64, 04 47,
+# test_cuda_on_cpu 40, test_train 37, 05 33, test_cpu_bench 12), with one change: tests/test_cuda.py comes second,
 # so that the second worker starts on it while the first builds the environment every chapter's kernel needs
 # (14 s, alone_env; with two chapters first, both waited). The other files, each under 10 s, follow in
 # collection order. A test checks that every name here is a file.
 LONGEST_FIRST = ["chapters/07_experiments.ipynb", "tests/test_cuda.py", "chapters/08_variants.ipynb",
                  "chapters/01_background.ipynb", "tests/test_book.py", "chapters/06_pytorch.ipynb",
-                 "chapters/09_faq.ipynb", "tests/test_cuda_on_cpu.py", "tests/test_nn.py", "chapters/04_numpy.ipynb",
-                 "tests/test_functional.py", "chapters/05_cupy.ipynb", "tests/test_train.py", "tests/test_cpu_bench.py"]
+                 "chapters/09_faq.ipynb", "tests/test_nn.py", "chapters/04_numpy.ipynb", "tests/test_cuda_on_cpu.py",
+                 "tests/test_train.py", "chapters/05_cupy.ipynb", "tests/test_cpu_bench.py"]
 
 
 def pytest_collection_modifyitems(config, items):
