@@ -2,7 +2,7 @@
 # bnlib.cuda is generated from chapters/05_cupy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'nvcc_version', 'ptxas_usage', 'resource_usage', 'PTXAS_RECORDING', 'recorded_ptxas_usage', 'Plan', 'plan', 'flat_cursor', 'available', 'NVRTC_OPTIONS', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last', 'forward', 'backward']
+__all__ = ['KERNEL_DESIGN', 'KERNEL_COMMON', 'KERNEL_STATS', 'KERNEL_APPLY', 'KERNEL_BACKWARD_REDUCE', 'KERNEL_BACKWARD_DX', 'KERNEL_BACKWARD', 'KERNEL_SOURCE', 'kernel_names', 'instantiation_source', 'nvcc_version', 'ptxas_usage', 'resource_usage', 'PTXAS_RECORDING', 'recorded_ptxas_usage', 'Plan', 'plan', 'flat_cursor', 'available', 'NVRTC_OPTIONS', 'module', 'LAUNCHER', 'L2_CHUNK_BYTES', 'MIN_VECTORS_PER_THREAD', 'PLANES_MIN_BYTES', 'kernel_parameters', 'pack_arguments', 'cupy_stream', 'workspace_bytes', 'suggested_memory_format', 'forward_torch', 'backward_torch', 'inference_torch', 'supports', 'accumulation_dtype', 'is_channels_last']
 
 import contextlib
 import functools
@@ -1813,10 +1813,11 @@ def _cupy_vector(v, acc):
     return None if v is None else cupy.ascontiguousarray(cupy.asarray(v).reshape(-1).astype(acc, copy=False))
 
 
-def forward(x, gamma, beta, eps):
+def _forward(x, gamma, beta, eps):
     """Training forward of a CuPy array on CuPy's current stream of x's device (bnlib.functional's GPU
     route). Returns y (x's shape, dtype and memory layout), mean, var (biased), inv_std (accumulation
-    dtype), all on x's device.
+    dtype), all on x's device. Private: it checks nothing (a gamma of the wrong length would be read out of
+    bounds); bnlib.functional.batch_norm_forward checks the arguments, then calls it.
     """
     import cupy
     with cupy.cuda.Device(x.device.id):                 # every allocation and launch on x's device
@@ -1829,8 +1830,9 @@ def forward(x, gamma, beta, eps):
     return y, mean, var, inv_std
 
 
-def backward(dy, x, mean, inv_std, gamma):
-    """Training backward of CuPy arrays: dx (x's layout), dgamma, dbeta (accumulation dtype)."""
+def _backward(dy, x, mean, inv_std, gamma):
+    """Training backward of CuPy arrays: dx (x's layout), dgamma, dbeta (accumulation dtype). Private, as
+    _forward: bnlib.functional.batch_norm_backward checks dy against the forward's cache, then calls it."""
     import cupy
     with cupy.cuda.Device(x.device.id):                 # every allocation and launch on x's device
         x, dy, c, acc, dev, pl, ws = _cupy_setup(x, dy)

@@ -367,7 +367,7 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
     if not cuda.supports(x) or x.size == 0:
         return _cpu_or_portable_forward(x, gamma, beta, eps)
     _check_forward_args(x, gamma, beta, eps)
-    y, mean, var, inv_std = cuda.forward(x, gamma, beta, eps)
+    y, mean, var, inv_std = cuda._forward(x, gamma, beta, eps)
     return y, BNCache(x, mean, var, inv_std, gamma, float(eps))
 
 
@@ -380,6 +380,6 @@ def batch_norm_backward(dy, cache: BNCache):
     _check_backward_args(dy, cache)
     if not cuda.supports(cache.x) or cache.x.size == 0:
         return _cpu_or_portable_backward(dy, cache)
-    dx, dgamma, dbeta = cuda.backward(dy, cache.x, cache.mean, cache.inv_std, cache.gamma)
+    dx, dgamma, dbeta = cuda._backward(dy, cache.x, cache.mean, cache.inv_std, cache.gamma)
     param_dtype = dgamma.dtype if cache.gamma is None else cache.gamma.dtype
     return dx, dgamma.astype(param_dtype), dbeta.astype(param_dtype)

@@ -402,8 +402,8 @@ def test_cupy_route_returns_early_for_an_empty_batch(monkeypatch):
 
     def no_launch(*args, **kwargs):
         raise AssertionError("bnlib.cuda reached for an empty batch")
-    monkeypatch.setattr(cuda, "forward", no_launch)
-    monkeypatch.setattr(cuda, "backward", no_launch)
+    monkeypatch.setattr(cuda, "_forward", no_launch)
+    monkeypatch.setattr(cuda, "_backward", no_launch)
     for dtype in (np.float16, np.float32, np.float64):
         x = np.zeros((0, 4, 5, 3), dtype).transpose(0, 3, 1, 2).view(stand_in)
         assert cuda.supports(x)
