@@ -317,14 +317,15 @@ def pytest_generate_tests(metafunc):
 # 2026-11-30 one worker ran tests/test_alone.py (then 152 s in 11 tests) alone at the end, pytest 632.6 s for
 # 1146 s of test time. The order is by each file's summed durations in a clean-clone run of 2026-12-01 (.ci/run of
 # a39ec47: 07 207 s, 08 171, test_cuda 124, 01 101, test_book 89, 06 88, 09 72, test_nn 64, 04 47,
-# test_cuda_on_cpu 40, test_train 37, 05 33, test_cpu_bench 12), with one change: tests/test_cuda.py comes second,
-# so that the second worker starts on it while the first builds the environment every chapter's kernel needs
-# (14 s, alone_env; with two chapters first, both waited). The other files, each under 10 s, follow in
+# test_cuda_on_cpu 40, test_train 37, 05 33, test_package 14, test_cpu_bench 12), with one change: tests/test_cuda.py
+# comes second, so that the second worker starts on it while the first builds the environment every chapter's kernel
+# needs (alone_env: 12.1 s in the clean-clone run of 8affb6f; with two chapters first, both waited). The other files,
+# each under 10 s, follow in
 # collection order. A test checks that every name here is a file.
 LONGEST_FIRST = ["chapters/07_experiments.ipynb", "tests/test_cuda.py", "chapters/08_variants.ipynb",
                  "chapters/01_background.ipynb", "tests/test_book.py", "chapters/06_pytorch.ipynb",
                  "chapters/09_faq.ipynb", "tests/test_nn.py", "chapters/04_numpy.ipynb", "tests/test_cuda_on_cpu.py",
-                 "tests/test_train.py", "chapters/05_cupy.ipynb", "tests/test_cpu_bench.py"]
+                 "tests/test_train.py", "chapters/05_cupy.ipynb", "tests/test_package.py", "tests/test_cpu_bench.py"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -166,8 +166,6 @@ def test_exercise_answers_in_code_are_collapsed():
     assert not shown, "\n".join(shown)
 
 
-
-
 def test_solutions_are_folded_html_blocks_with_markdown_inside():
     for nb in CHAPTERS:
         cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
