@@ -48,11 +48,15 @@ def numerical_gradient(f, x, dy, h: float = 1e-5):
     for k in range(flat.size):
         original = flat[k]
         flat[k] = original + h
-        plus = loss()
+        plus, up = loss(), flat[k]               # up: original + h as float64 rounded it
         flat[k] = original - h
-        minus = loss()
+        minus, down = loss(), flat[k]
         flat[k] = original
-        grad[k] = (plus - minus) / (2 * h)
+        step = up - down                         # the step f saw, exactly (Sterbenz); 2h only where x[k] is 0
+        if step == 0.0:
+            raise ValueError(f"h = {h!r} is below the spacing of float64 numbers at x.flat[{k}] = {float(original)!r}: "
+                             f"x + h rounds to x; use a larger h")
+        grad[k] = (plus - minus) / step
     return grad.reshape(x.shape)
 
 

@@ -127,6 +127,15 @@ def test_numerical_gradient_for_every_memory_order(make):
     np.testing.assert_allclose(grad, 2 * x * dy, rtol=1e-7, atol=1e-9)
 
 
+def test_numerical_gradient_divides_by_the_step_taken():
+    """Far from zero, x + h rounds: at 1e8 (spacing 1.5e-8) dividing by the nominal 2h is off by ~1e-4
+    for a linear loss; dividing by the step actually taken is exact. A step that rounds away is refused."""
+    for value in [1e8, -3e7, 0.5]:                    # one value each: the loss's own sum would round too
+        assert numerical_gradient(lambda t: t, np.array([value]), np.ones(1))[0] == 1.0
+    with pytest.raises(ValueError, match=r"spacing of float64 numbers at x.flat\[1\] = 1e\+20"):
+        numerical_gradient(lambda t: t, np.array([0.0, 1e20]), np.ones(2))
+
+
 @pytest.mark.parametrize("h", [None, "1e-5", 0, -1e-3, float("nan"), True])
 def test_numerical_gradient_refuses_a_bad_step(h):
     with pytest.raises(ValueError, match="h must be"):
