@@ -22,7 +22,7 @@ _HALF = (torch.float16, torch.bfloat16)
 # layer's forward is passed through torch.compiler.disable and called from a small wrapper,
 # _outside_torch_graphs: Dynamo traces the wrapper, never the disabled forward, and where it meets the
 # call it ends the graph (a graph break), runs the layer eagerly and starts a new graph after it. Outside
-# a compilation the wrapper costs one more call and the switch of Dynamo's hook: about a microsecond per call.
+# a compilation the wrapper costs one more Python call and the switch of Dynamo's hook (not timed on its own here).
 # torch.export cannot leave anything out, so the wrapper refuses it by name.
 
 
@@ -157,8 +157,8 @@ def _needs_autograd(*tensors):
     or torch.inference_mode, a frozen layer on a frozen input), no torch.func transform is active (its
     wrapped tensors need the Function's vmap and jvp rules) and no forward-mode AD level is open
     (torch.autograd.forward_ad: tangents travel whether or not grad is enabled). The Function would record
-    nothing in that case, but its apply costs tens of microseconds per call (the per-call cost table below times
-    it in evaluation). One visible difference: torch.profiler then shows no event named after the Function.
+    nothing in that case, but its apply has a fixed cost per call of its own (not timed on its own here; the
+    per-call cost table below times whole evaluation calls). One visible difference: torch.profiler then shows no event named after the Function.
     A torch without these internals takes the Function."""
     level = getattr(torch.autograd.forward_ad, "_current_level", 0)        # -1 outside any dual level
     if _transforms_active is None or _transforms_active() or level >= 0:
@@ -787,8 +787,8 @@ import torch.distributed as dist
 def _sync_dtype(x):
     """The dtype SyncBatchNorm computes its per-element arithmetic in for input x. On the CPU, float64
     whatever x's dtype, for exactness (it matches BN on the concatenated batch to 1e-12), at a cost: a
-    float64 copy of x (twice float32's memory, four times a float16's) and 2-3 times float32's time in
-    the moments (timed once on a 2-core EPYC, one thread). On CUDA, float32 for float16/bfloat16/float32 input and float64 for float64, as
+    float64 copy of x (twice float32's memory, four times a float16's) and more time in the moments than
+    float32 would take (not measured here). On CUDA, float32 for float16/bfloat16/float32 input and float64 for float64, as
     torch.nn.SyncBatchNorm and bnlib's own CUDA batch norm do: float64 runs at a small fraction of
     float32's speed on most GPUs, and a float64 copy of a float16 activation is four times its size.
     The C-length moments are exchanged and merged in float64 on every device."""
