@@ -103,7 +103,12 @@ def roofline(nbytes, forward_s, step_s, copy_bw, copy_here_s):
 
 def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, progress=True,
               copy_nbytes=256 << 20):
-    """Time bnlib's CPU paths against torch.nn.functional.batch_norm, float32, training mode.
+    """Time bnlib's CPU paths against PyTorch's CPU batch-norm kernels, float32, training mode.
+
+    The reference ("torch") is the kernels themselves, called directly: aten's native_batch_norm, and in a
+    training step native_batch_norm_backward after it, which is what bnlib.functional's two calls compare
+    with. torch.nn.functional.batch_norm through autograd, as a training step calls it (its forward under
+    torch.no_grad), is timed beside them as "torch (autograd)": the same kernels plus autograd's costs.
 
     Same process, same thread count for torch, numba and NumPy's BLAS (which the numpy backend's
     reductions call; set through threadpoolctl where it is installed, as scikit-learn installs it,
@@ -163,6 +168,16 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
                 gt, bt = torch.from_numpy(gamma).requires_grad_(), torch.from_numpy(beta).requires_grad_()
                 dyt = torch.from_numpy(dy)
 
+                xk, gk, bk = torch.from_numpy(x), torch.from_numpy(gamma), torch.from_numpy(beta)   # no autograd
+
+                def kernel_forward():
+                    torch.ops.aten.native_batch_norm(xk, gk, bk, None, None, True, 0.1, 1e-5)
+
+                def kernel_step():
+                    _, mean, invstd = torch.ops.aten.native_batch_norm(xk, gk, bk, None, None, True, 0.1, 1e-5)
+                    torch.ops.aten.native_batch_norm_backward(dyt, xk, gk, None, None, mean, invstd, True, 1e-5,
+                                                              [True, True, True])
+
                 def torch_forward():
                     with torch.no_grad():
                         torch.nn.functional.batch_norm(xt, None, None, gt, bt, training=True)
@@ -182,7 +197,7 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
                         F.batch_norm_backward(dy, cache)
                     return forward, step
 
-                impls = {"torch": (torch_forward, torch_step)}
+                impls = {"torch": (kernel_forward, kernel_step), "torch (autograd)": (torch_forward, torch_step)}
                 impls.update({f"bnlib[{b}]": bnlib_pair(b) for b in backends})
                 times = {name: ([], []) for name in impls}
                 for fwd, step in impls.values():          # warm-up: compilation, caches, allocator
@@ -199,7 +214,7 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
                            "forward_ms": 1e3 * float(np.median(tf)), "step_ms": 1e3 * float(np.median(ts)),
                            "forward_ratio": float(np.median(tf)) / base_f, "step_ratio": float(np.median(ts)) / base_s}
                     row.update(roofline(x.nbytes, float(np.median(tf)), float(np.median(ts)), copy_bw, copy_here_s))
-                    if name != "torch":
+                    if name.startswith("bnlib["):
                         cpu.set_backend(name[6:-1])
                         row["extra_bytes"], row["extra_tensors"] = peak_extra_memory(x, dy, gamma, beta)
                     rows.append(row)

@@ -470,8 +470,8 @@ def channels_last(x) -> bool:
 
 def inference(x, mean, scale, shift):
     """Evaluation-mode batch norm of NumPy float32/float64 x with the numba kernels: y = (x - mean) * scale + shift
-    per channel, the training forward's second loop, in one pass (a read of x and a write of y) where chapter 02's
-    NumPy code makes three. mean, scale and shift (None: nothing to add) are (C,) arrays of x's dtype, as
+    per channel, the training forward's second loop, in one loop (a read of x and a write of y: 2 passes) where chapter
+    02's NumPy code makes three operations (6 passes). mean, scale and shift (None: nothing to add) are (C,) arrays of x's dtype, as
     bnlib.functional's _inference_map returns them. x must be C-contiguous, read as (N, C, L), or channels-last
     (channels_last(x)), read as (N * L, C) rows; y has x's layout. A missing shift is applied as -0.0, which leaves
     every value as it is (x + 0.0 would turn -0.0 into 0.0): every output that is not NaN is bit for bit

@@ -339,7 +339,7 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
     """Inference-mode batch norm (Algorithm 2): y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
 
     Inputs and checks as portable_batch_norm_inference (chapter 02). NumPy float32/float64 input on the numba
-    backend, C-contiguous or channels-last, runs bnlib.cpu.inference: the same map in one pass, every output that is
+    backend, C-contiguous or channels-last, runs bnlib.cpu.inference: the same map in one loop (2 passes), every output that is
     not NaN the same bit for bit (NaN where chapter 02 gives NaN), y in x's layout. Anything else (the numpy and
     portable backends, other layouts, float16, CuPy arrays, a zero-size batch) runs chapter 02's code.
     """
