@@ -121,11 +121,12 @@ def numpy_forward(x3, gamma, beta, eps, y3):
     x_, y_ = view(x3), view(y3)
     k = x3[0, :, 0].astype(np.float64)                           # K: (C,) one sample per channel
     np.subtract(x_, col(x3[0, :, 0]), out=y_)                    # d = x - K, in the output buffer
-    for _ in range(2):                                           # a second pass only if K was far away
+    for attempt in range(2):                                     # a second pass only if K was far away
         mean_d = _channel_sums(y3).astype(np.float64) / count
         var = np.maximum(_channel_dots(y3, y3).astype(np.float64) / count - mean_d * mean_d, 0.0)
-        if not np.any(mean_d * mean_d > 16 * var):               # K within 4 sigma: float32 sums are fine
-            break                                                # (beyond, they lose digits: chapter 04)
+        if attempt == 1 or not np.any(mean_d * mean_d > 16 * var):   # K within 4 sigma: float32 sums are fine
+            break                        # (beyond, they lose digits: chapter 04); after a re-centre, the statistics
+            #                              just taken are about the centre y holds, and are kept
         # else re-centre on the mean found so far, from x itself: fl(x - K) already lost what Sterbenz's lemma
         # does not cover when K is far from the values, and subtracting from it would keep that loss
         centre = (k + mean_d).astype(x3.dtype)

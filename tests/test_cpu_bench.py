@@ -45,12 +45,15 @@ def test_bench_runs_and_reports_ratios():
     assert impls == {"torch", "torch (autograd)"} | {f"bnlib[{b}]" for b in cpu.available_backends()}
     for r in rows:
         assert r["forward_ms"] > 0 and r["step_ms"] > 0
-        if r["impl"] == "torch":                      # the reference: torch's kernels, called directly
-            assert r["step_ratio"] == 1.0
+        if r["impl"].startswith("torch"):            # the reference: the faster of the two torch rows
+            assert r["step_ratio"] >= 1.0 and r["forward_ratio"] >= 1.0
         elif r["impl"].startswith("bnlib"):
             assert r["extra_tensors"] >= 0
         else:
             assert "extra_tensors" not in r
+    for shape in ([8, 4, 3, 3], [32, 8]):
+        torch_rows = [r for r in rows if r["shape"] == shape and r["impl"].startswith("torch")]
+        assert min(r["step_ratio"] for r in torch_rows) == 1.0 and min(r["forward_ratio"] for r in torch_rows) == 1.0
     table = bench.format_table(rows)
     assert "fwd/torch" in table and "(32, 8)" in table
 
