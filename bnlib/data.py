@@ -223,6 +223,10 @@ def load_mnist(root=None, download: bool = True) -> Dataset:
     from ``MNIST_MIRRORS`` and verified with SHA-256 (``MNIST_FILES``). The split is MNIST's own,
     fixed test set (the one the paper reports on), not re-drawn. x is float32 (N, 784) in [0, 1]; y is int64 (N,).
     """
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder path (str or path-like) or None, got {type(root).__name__}")
+    if not isinstance(download, bool):       # "no" would be true: a download the caller meant to forbid
+        raise TypeError(f"download must be True or False, got {download!r}")
     root = Path(root).expanduser() if root is not None else default_cache_dir() / "mnist"
     arrays = {}
     for name, (digest, _size) in MNIST_FILES.items():

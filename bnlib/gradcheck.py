@@ -27,6 +27,8 @@ def numerical_gradient(f, x, dy, h: float = 1e-5):
     h:  the step, > 0. Costs 2 * x.size calls of f: meant for small checks.
     Returns an array of x's shape.
     """
+    if not callable(f):
+        raise TypeError(f"f must be a function of one array (the forward pass to differentiate), got {type(f).__name__}")
     _as_float64_array(x, "x")
     _as_float64_array(dy, "dy")
     if isinstance(h, bool) or not isinstance(h, numbers.Real) or not (h > 0 and math.isfinite(h)):

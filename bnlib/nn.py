@@ -428,6 +428,26 @@ _TORCH_BN_HAS_BIAS = "bias" in inspect.signature(torch.nn.BatchNorm1d.__init__).
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _load_state_dict_atomically(module, load):
+    """Call load() (torch.nn.Module.load_state_dict on `module`) so that a load that raises changes nothing.
+    torch's copies every entry that fits before it reports those that do not, so a layer given a mismatched
+    checkpoint would be left half loaded; here its parameters and buffers (the tensors themselves, which
+    assign=True would replace, and their values) are put back before the error is raised, unchanged.
+    Only the layer's own tensors: a model that holds it loads through torch's own recursion, as torch's do."""
+    stores = (module._parameters, module._buffers)
+    kept = [(store, name, tensor, None if tensor is None else tensor.detach().clone())
+            for store in stores for name, tensor in store.items()]
+    try:
+        return load()
+    except BaseException:
+        with torch.no_grad():
+            for store, name, tensor, value in kept:
+                store[name] = tensor
+                if tensor is not None:
+                    tensor.copy_(value)
+        raise
+
+
 class _BatchNorm(torch.nn.Module):
     """Common code of the bnlib drop-ins for torch.nn.BatchNorm1d/2d/3d (same arguments,
     parameters, buffers and state-dict keys); the arithmetic is bnlib.functional's.
@@ -482,6 +502,12 @@ class _BatchNorm(torch.nn.Module):
             state_dict[key] = own if usable else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """torch.nn.Module.load_state_dict, the same arguments, result and errors, except that a load that
+        raises leaves the layer as it was (torch's keeps the entries it copied before the error)."""
+        return _load_state_dict_atomically(self, lambda: super(_BatchNorm, self).load_state_dict(state_dict, *args,
+                                                                                                   **kwargs))
 
     def reset_running_stats(self):
         if self.track_running_stats:
@@ -1233,6 +1259,11 @@ class FrozenBatchNorm2d(torch.nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """torch.nn.Module.load_state_dict, except that a load that raises leaves the layer as it was."""
+        return _load_state_dict_atomically(self, lambda: super(FrozenBatchNorm2d, self).load_state_dict(
+            state_dict, *args, **kwargs))
 
     @_outside_torch_graphs        # torch.compile: eagerly, outside the graph; torch.export: refused
     def forward(self, x):

@@ -78,6 +78,10 @@ def moments(x) -> Moments:
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
     """Chan, Golub & LeVeque's merge of the moments of two disjoint sets of values."""
+    for m, name in ((a, "a"), (b, "b")):
+        if not isinstance(m, Moments):
+            raise TypeError(f"merge_moments takes two Moments (from moments() or merge_moments()), got {name} of "
+                            f"type {type(m).__name__}")
     if a.mean is not None and b.mean is not None and np.shape(a.mean) != np.shape(b.mean):
         # broadcasting would merge 1 channel into 4 without a word (None: a start with no channels yet, as precise_bn's)
         raise ValueError(f"merge_moments needs the moments of the same channels, got means of shapes "

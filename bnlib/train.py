@@ -44,6 +44,11 @@ def init_weights(rng, fan_in, fan_out, init, dtype=np.float32):
           "he"      N(0, 2 / fan_in) (He et al. 2015, for ReLU);
           a number s > 0: N(0, s^2), the same scale in every layer.
     """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    for size, name in ((fan_in, "fan_in"), (fan_out, "fan_out")):
+        if not (_is_int(size) and size >= 1):
+            raise ValueError(f"{name} must be a positive integer, got {size!r}")
     if isinstance(init, numbers.Real) and not isinstance(init, bool):
         if not (init > 0 and np.isfinite(init)):
             raise ValueError(f"init scale must be a finite number > 0, got {init!r}")
@@ -469,6 +474,9 @@ from bnlib.stats import Moments, merge_moments, moments
 
 def iid_batches(rng, y_train, batch_size):
     """The usual sampler: batch_size distinct training indices, uniformly at random."""
+    if not (_is_int(batch_size) and 1 <= batch_size <= y_train.size):
+        raise ValueError(f"batch_size must be an integer in [1, {y_train.size}] (the training examples, drawn without "
+                         f"replacement), got {batch_size!r}")
     return rng.choice(y_train.size, size=batch_size, replace=False)
 
 

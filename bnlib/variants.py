@@ -62,8 +62,19 @@ def normalize_backward(dx_hat, x_hat, inv_std, axes):
 
     dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)), means over `axes`.
     dx_hat is the gradient with respect to x_hat (dy times the scale); all arrays of x's shape
-    except inv_std (size 1 on `axes`).
+    except inv_std (size 1 on `axes`), as `normalize` returns them; other shapes (which NumPy would
+    broadcast into a wrong gradient, silently) and non-float arrays are refused by name.
     """
+    for a, name in ((dx_hat, "dx_hat"), (x_hat, "x_hat"), (inv_std, "inv_std")):
+        if getattr(getattr(a, "dtype", None), "kind", None) != "f":
+            raise TypeError(f"normalize_backward needs floating-point NumPy arrays, got {name} of "
+                            f"{getattr(a, 'dtype', type(a).__name__)}")
+    axes = _axes_of(axes, x_hat.ndim)
+    if dx_hat.shape != x_hat.shape:
+        raise ValueError(f"dx_hat must have x_hat's shape {x_hat.shape}, got {dx_hat.shape}")
+    kept = tuple(1 if i in axes else n for i, n in enumerate(x_hat.shape))
+    if inv_std.shape != kept:
+        raise ValueError(f"inv_std must have shape {kept} (x_hat's, with size 1 on axes {axes}), got {inv_std.shape}")
     if dx_hat.size == 0:                                        # nothing to differentiate, no warnings
         return inv_std * dx_hat
     mean_g = dx_hat.mean(axis=axes, keepdims=True)

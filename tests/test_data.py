@@ -219,3 +219,15 @@ def test_split_and_fetch_arguments_are_checked():
         data.stratified_split(np.array([], dtype=int))
     with pytest.raises(TypeError, match="mirrors must be a sequence"):
         data.fetch("x.gz", "/nonexistent-bnlib-cache", "0" * 64, mirrors="file:///nonexistent/")
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(root=5), TypeError, ["root", "int"]),                       # was a TypeError from Path() naming no argument
+    (dict(download="no"), TypeError, ["download", "'no'"]),           # was read as true: a download was attempted
+    (dict(download=1), TypeError, ["download", "1"]),
+])
+def test_load_mnist_refuses_a_bad_root_or_download_flag_before_any_file_work(kwargs, error, words, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "fetch", lambda *a, **k: pytest.fail("fetch must not run"))
+    with pytest.raises(error) as info:
+        data.load_mnist(**{"root": tmp_path, **kwargs})
+    assert all(w in str(info.value) for w in words), str(info.value)

@@ -495,6 +495,10 @@ def test_merge_moments_refuses_moments_of_other_channels():
     with pytest.raises(ValueError, match="same channels"):              # an empty side has its channels too
         stats.merge_moments(stats.moments(np.zeros((0, 1))), stats.moments(rng.normal(size=(5, 4))))
     assert stats.merge_moments(stats.Moments(0, None, None), stats.moments(rng.normal(size=(5, 4)))).count == 5
+    full = stats.moments(rng.normal(size=(5, 4)))
+    for a, b, name in (((5, full.mean, full.m2), full, "a"), (full, None, "b")):   # was an AttributeError
+        with pytest.raises(TypeError, match=f"two Moments.*got {name} of type"):
+            stats.merge_moments(a, b)
 
 
 def test_non_finite_running_statistics_reach_the_output_as_in_torch():

@@ -431,6 +431,29 @@ def test_legacy_state_dict_without_num_batches_tracked_loads_strictly_like_torch
     assert int(theirs[1].num_batches_tracked) == int(ours[1].num_batches_tracked) == 7   # kept, not reset to 0
 
 
+@pytest.mark.parametrize("make", [lambda: bnn.BatchNorm2d(3), lambda: bnn.BatchNorm1d(3, affine=False),
+                                  lambda: bnn.SyncBatchNorm(3), lambda: bnn.FrozenBatchNorm2d(3)])
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_state_dict_load_that_raises_changes_nothing(make, assign):
+    """torch's load_state_dict copies the entries that fit before it reports the one that does not (a layer
+    would be left half loaded); bnlib's layers raise the same error and keep their tensors and values."""
+    layer = make()
+    tensors = dict([*layer.named_parameters(), *layer.named_buffers()])
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = {k: (torch.full_like(v, 7.0) if v.is_floating_point() else v + 5) for k, v in before.items()}
+    bad["running_var"] = torch.ones(4)                    # the wrong shape, among entries that fit
+    with pytest.raises(RuntimeError, match="size mismatch for running_var"):
+        layer.load_state_dict(bad, assign=assign)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    assert all(getattr(layer, name) is tensor for name, tensor in tensors.items())
+    missing = {k: v for k, v in bad.items() if k != "running_var"}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        layer.load_state_dict(missing, assign=assign)     # strict: running_var missing, the rest would load
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    layer.load_state_dict({**missing, "running_var": torch.full((3,), 2.0)}, assign=assign)
+    assert float(layer.running_var[0]) == 2.0 and float(layer.running_mean[0]) == 7.0
+
+
 def test_legacy_state_dict_on_a_meta_layer_gets_a_zero_count_like_torch():
     source = torch.nn.BatchNorm1d(3)
     source(torch.randn(4, 3))

@@ -1114,3 +1114,17 @@ def test_the_joint_call_follows_each_models_own_on_failure_and_mutation(monkeypa
     _assert_same_bits(joint, own, "empty batch")
     _assert_same_state(*nets)
     assert calls == []
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: train.iid_batches(np.random.default_rng(0), np.arange(5), 10), ValueError, ["batch_size", "[1, 5]", "10"]),
+    (lambda: train.iid_batches(np.random.default_rng(0), np.arange(5), 0), ValueError, ["batch_size", "0"]),
+    (lambda: train.init_weights(np.random.default_rng(0), 0, 3, "he"), ValueError, ["fan_in", "0"]),   # was ZeroDivisionError
+    (lambda: train.init_weights(np.random.default_rng(0), 3, 2.5, "he"), ValueError, ["fan_out", "2.5"]),
+    (lambda: train.init_weights(None, 3, 3, "he"), TypeError, ["rng", "NoneType"]),                   # was AttributeError
+    (lambda: gradcheck.numerical_gradient(3, np.ones(2), np.ones(2)), TypeError, ["f must be", "int"]),
+])
+def test_public_helpers_name_the_bad_argument(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    assert all(w in str(info.value) for w in words), str(info.value)

@@ -603,6 +603,34 @@ def test_output_and_gradient_keep_the_input_dtype(make, dtype):
     assert all(v.dtype in (np.float32, np.int64) for v in layer.state_dict().values())
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_instance_norm_output_and_gradient_keep_the_input_dtype(dtype, training):
+    layer = V.InstanceNorm(4, affine=True, track_running_stats=True)
+    x = np.random.default_rng(8).normal(size=(6, 4, 5)).astype(dtype)
+    layer(x)                                                          # running statistics to evaluate with
+    layer.train(training)
+    assert layer(x).dtype == dtype and layer.backward(np.ones_like(x)).dtype == dtype
+    assert all(v.dtype in (np.float32, np.int64) for v in layer.state_dict().values())
+
+
+def test_normalize_backward_refuses_what_would_broadcast_into_a_wrong_gradient():
+    x_hat, inv_std = V.normalize(np.random.default_rng(1).normal(size=(2, 3)), (1,))
+    dx = V.normalize_backward(np.ones((2, 3)), x_hat, inv_std, 1)
+    assert dx.shape == (2, 3) and np.abs(dx).max() < 1e-12            # a constant upstream gradient: zero
+    for call, error, words in [
+            (lambda: V.normalize_backward(np.ones((2, 3)), np.ones((1, 3)), np.ones((2, 1)), (1,)), ValueError,
+             ["dx_hat", "(1, 3)", "(2, 3)"]),                        # was broadcast into a (2, 3) result
+            (lambda: V.normalize_backward(np.ones((2, 3)), x_hat, np.ones((1, 3)), (1,)), ValueError,
+             ["inv_std", "(2, 1)", "(1, 3)"]),
+            (lambda: V.normalize_backward(np.ones((2, 3), int), x_hat, inv_std, (1,)), TypeError, ["dx_hat", "int"]),
+            (lambda: V.normalize_backward([[1.0] * 3] * 2, x_hat, inv_std, (1,)), TypeError, ["dx_hat", "list"]),
+            (lambda: V.normalize_backward(np.ones((2, 3)), x_hat, inv_std, (5,)), ValueError, ["axes must be"])]:
+        with pytest.raises(error) as info:
+            call()
+        assert all(w in str(info.value) for w in words), str(info.value)
+
+
 @pytest.mark.parametrize("make", [
     lambda: V.LayerNorm(5, elementwise_affine=False), lambda: V.LayerNorm(5), lambda: V.GroupNorm(2, 4, affine=False),
     lambda: V.GroupNorm(2, 4), lambda: V.InstanceNorm(4), lambda: V.InstanceNorm(4, affine=True)])
