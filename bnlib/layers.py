@@ -149,6 +149,8 @@ class BatchNorm:
 
     # ---------------------------------------------------------------- modes
     def train(self, mode: bool = True):
+        if not isinstance(mode, (bool, np.bool_)):        # as torch: "mode" would otherwise be truthy or not
+            raise ValueError(f"training mode is expected to be boolean (True or False), got {mode!r}")
         self.training = bool(mode)
         return self
 

@@ -119,6 +119,8 @@ class _Normalization:
         return self.forward(x)                         # so that a subclass's forward is what a call runs
 
     def train(self, mode: bool = True):
+        if not isinstance(mode, (bool, np.bool_)):        # as torch: "mode" would otherwise be truthy or not
+            raise ValueError(f"training mode is expected to be boolean (True or False), got {mode!r}")
         self.training = bool(mode)
         return self
 

@@ -717,3 +717,14 @@ def test_normalize_takes_an_axis_or_distinct_axes_and_names_axes_otherwise():
     for bad in ((2, 2), (), "a", (True,), 3, (0.5,), None):
         with pytest.raises(ValueError, match="axes must be"):
             normalize(x, bad)
+
+
+@pytest.mark.parametrize("make", [lambda: BatchNorm(3), lambda: V.LayerNorm(3), lambda: V.GroupNorm(1, 3),
+                                  lambda: V.InstanceNorm(3), lambda: V.BatchRenorm(3), lambda: V.GhostBatchNorm(3, 2)])
+def test_train_takes_a_boolean_mode_only_as_torch_does(make):
+    layer = make()
+    for bad in ("no", 0, 1, None):                     # "no" was truthy: training mode, silently
+        with pytest.raises(ValueError, match="training mode is expected to be boolean"):
+            layer.train(bad)
+        assert layer.training is True                  # unchanged by the call that raised
+    assert layer.train(np.bool_(False)).training is False and layer.eval().training is False
