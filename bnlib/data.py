@@ -178,6 +178,10 @@ def fetch(name: str, root, sha256: str, mirrors=None, download: bool = True) -> 
     if isinstance(mirrors, (str, bytes)):
         raise TypeError(f"mirrors must be a sequence of URL prefixes, e.g. [{mirrors!r}], got a single "
                         f"{type(mirrors).__name__}")
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder path (str or path-like), got {type(root).__name__}")
+    if not isinstance(download, (bool, np.bool_)):   # "no" would be true: a download the caller meant to forbid
+        raise TypeError(f"download must be True or False, got {download!r}")
     root, mirrors = Path(root).expanduser(), MNIST_MIRRORS if mirrors is None else tuple(mirrors)
     target = root / name
     if target.exists():
@@ -225,7 +229,7 @@ def load_mnist(root=None, download: bool = True) -> Dataset:
     """
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a folder path (str or path-like) or None, got {type(root).__name__}")
-    if not isinstance(download, bool):       # "no" would be true: a download the caller meant to forbid
+    if not isinstance(download, (bool, np.bool_)):   # "no" would be true: a download the caller meant to forbid
         raise TypeError(f"download must be True or False, got {download!r}")
     root = Path(root).expanduser() if root is not None else default_cache_dir() / "mnist"
     arrays = {}

@@ -435,17 +435,17 @@ def _load_state_dict_atomically(module, load):
     assign=True would replace, and their values) are put back before the error is raised, unchanged.
     Only the layer's own tensors: a model that holds it loads through torch's own recursion, as torch's do."""
     stores = (module._parameters, module._buffers)
-    kept = [(store, name, tensor, None if tensor is None else tensor.detach().clone())
+    kept = [(store, name, tensor, None if tensor is None else (tensor._version, tensor.detach().clone()))
             for store in stores for name, tensor in store.items()]
     try:
         return load()
     except BaseException:
         with torch.no_grad():
-            for store, name, tensor, value in kept:
-                store[name] = tensor
-                if tensor is not None:
-                    tensor.copy_(value)
-        raise
+            for store, name, tensor, saved in kept:
+                store[name] = tensor                       # the tensor itself, if assign=True replaced it
+                if saved is not None and tensor._version != saved[0]:
+                    tensor.copy_(saved[1])                 # only what the load wrote: a tensor it left alone
+        raise                                              # keeps its version, and a pending backward its inputs
 
 
 class _BatchNorm(torch.nn.Module):

@@ -278,6 +278,8 @@ class MLP:
         return [layer for layers in self.norms for layer in layers]
 
     def train(self, mode: bool = True):
+        if not isinstance(mode, (bool, np.bool_)):        # checked here too: a model without norm layers has none to ask
+            raise ValueError(f"training mode is expected to be boolean (True or False), got {mode!r}")
         for layer in self.norm_layers():
             layer.train(mode)
         return self

@@ -231,3 +231,10 @@ def test_load_mnist_refuses_a_bad_root_or_download_flag_before_any_file_work(kwa
     with pytest.raises(error) as info:
         data.load_mnist(**{"root": tmp_path, **kwargs})
     assert all(w in str(info.value) for w in words), str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, words", [(dict(root=5), ["root", "int"]), (dict(download="no"), ["download", "'no'"])])
+def test_fetch_refuses_a_bad_root_or_download_flag(kwargs, words, tmp_path):
+    with pytest.raises(TypeError) as info:
+        data.fetch("x.gz", **{"root": tmp_path, "sha256": "0" * 64, "mirrors": ["http://127.0.0.1:9/"], **kwargs})
+    assert all(w in str(info.value) for w in words), str(info.value)

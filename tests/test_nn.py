@@ -454,6 +454,17 @@ def test_a_state_dict_load_that_raises_changes_nothing(make, assign):
     assert float(layer.running_var[0]) == 2.0 and float(layer.running_mean[0]) == 7.0
 
 
+def test_a_failed_load_leaves_a_pending_backward_alone_like_torch():
+    """Only what the failed load wrote is put back: a tensor it never touched keeps its version counter, so a
+    backward through an earlier forward still runs (a copy into every tensor broke it)."""
+    layer, x = bnn.BatchNorm1d(4), torch.randn(8, 4, requires_grad=True)
+    y = layer(x)
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        layer.load_state_dict({"weight": torch.ones(5)})
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
 def test_legacy_state_dict_on_a_meta_layer_gets_a_zero_count_like_torch():
     source = torch.nn.BatchNorm1d(3)
     source(torch.randn(4, 3))

@@ -1128,3 +1128,10 @@ def test_public_helpers_name_the_bad_argument(call, error, words):
     with pytest.raises(error) as info:
         call()
     assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_mlp_train_takes_a_boolean_mode_even_without_norm_layers():
+    model = train.MLP([4, 3, 2])                        # no normalization layers to refuse it
+    with pytest.raises(ValueError, match="training mode is expected to be boolean"):
+        model.train("no")
+    assert model.train(np.bool_(False)) is model
