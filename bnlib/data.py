@@ -163,6 +163,15 @@ def read_idx(path, ndim: int) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
+def _check_root_and_download(root, download):
+    """fetch's and load_mnist's two arguments that would otherwise fail late or be misread: root a folder path,
+    download a bool ("no" would be true: a download the caller meant to forbid)."""
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder path (str or path-like), got {type(root).__name__}")
+    if not isinstance(download, (bool, np.bool_)):
+        raise TypeError(f"download must be True or False, got {download!r}")
+
+
 def fetch(name: str, root, sha256: str, mirrors=None, download: bool = True) -> Path:
     """Return root/name, verified against ``sha256``; download it from ``mirrors`` if needed.
 
@@ -178,10 +187,7 @@ def fetch(name: str, root, sha256: str, mirrors=None, download: bool = True) -> 
     if isinstance(mirrors, (str, bytes)):
         raise TypeError(f"mirrors must be a sequence of URL prefixes, e.g. [{mirrors!r}], got a single "
                         f"{type(mirrors).__name__}")
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"root must be a folder path (str or path-like), got {type(root).__name__}")
-    if not isinstance(download, (bool, np.bool_)):   # "no" would be true: a download the caller meant to forbid
-        raise TypeError(f"download must be True or False, got {download!r}")
+    _check_root_and_download(root, download)
     root, mirrors = Path(root).expanduser(), MNIST_MIRRORS if mirrors is None else tuple(mirrors)
     target = root / name
     if target.exists():
@@ -227,11 +233,9 @@ def load_mnist(root=None, download: bool = True) -> Dataset:
     from ``MNIST_MIRRORS`` and verified with SHA-256 (``MNIST_FILES``). The split is MNIST's own,
     fixed test set (the one the paper reports on), not re-drawn. x is float32 (N, 784) in [0, 1]; y is int64 (N,).
     """
-    if root is not None and not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"root must be a folder path (str or path-like) or None, got {type(root).__name__}")
-    if not isinstance(download, (bool, np.bool_)):   # "no" would be true: a download the caller meant to forbid
-        raise TypeError(f"download must be True or False, got {download!r}")
-    root = Path(root).expanduser() if root is not None else default_cache_dir() / "mnist"
+    root = default_cache_dir() / "mnist" if root is None else root
+    _check_root_and_download(root, download)                     # before any file work
+    root = Path(root).expanduser()
     arrays = {}
     for name, (digest, _size) in MNIST_FILES.items():
         path = fetch(name, root, digest, download=download)
