@@ -189,7 +189,7 @@ def _kernels(parallel: bool):
             ss = 0.0
             for i in range(n):
                 for t in range(l):
-                    d = x[i, j, t] - k               # shifted data, accumulated in float64
+                    d = np.float64(x[i, j, t] - k)   # shifted data, squared and summed in float64
                     s += d
                     ss += d * d
             md = s / (n * l)
@@ -204,10 +204,20 @@ def _kernels(parallel: bool):
         rows = (n + blocks - 1) // blocks
         for b in loop(blocks):
             sb, ssb = s[b], ss[b]
-            for i in range(b * rows, min(n, (b + 1) * rows)):
+            lo, hi = b * rows, min(n, (b + 1) * rows)
+            four = lo + (hi - lo) // 4 * 4
+            for i in range(lo, four, 4):            # four rows at a time: each partial sum is read and
+                x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]      # written once per four values
+                for j in range(c):
+                    k = shift[j]
+                    d0, d1 = np.float64(x0[j] - k), np.float64(x1[j] - k)
+                    d2, d3 = np.float64(x2[j] - k), np.float64(x3[j] - k)
+                    sb[j] += (d0 + d1) + (d2 + d3)
+                    ssb[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            for i in range(four, hi):               # the last 0-3 rows of the block
                 xi = x[i]
                 for j in range(c):
-                    d = xi[j] - shift[j]
+                    d = np.float64(xi[j] - shift[j])
                     sb[j] += d
                     ssb[j] += d * d
         for j in range(c):                          # merge the blocks (scalar loops: an array
@@ -247,8 +257,8 @@ def _kernels(parallel: bool):
             sc = 0.0
             for i in range(n):
                 for t in range(l):
-                    g = dy[i, j, t]
-                    xc = x[i, j, t] - mu
+                    g = np.float64(dy[i, j, t])
+                    xc = np.float64(x[i, j, t] - mu)
                     s += g
                     sx += g * xc
                     sc += xc                         # mean may be rounded: its error comes out later
@@ -265,11 +275,24 @@ def _kernels(parallel: bool):
         rows = (n + blocks - 1) // blocks
         for b in loop(blocks):
             sb, sxb, scb = s[b], sx[b], sc[b]
-            for i in range(b * rows, min(n, (b + 1) * rows)):
+            lo, hi = b * rows, min(n, (b + 1) * rows)
+            four = lo + (hi - lo) // 4 * 4
+            for i in range(lo, four, 4):            # four rows at a time, as in stats_nc
+                x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+                g0, g1, g2, g3 = dy[i], dy[i + 1], dy[i + 2], dy[i + 3]
+                for j in range(c):
+                    mu = mean[j]
+                    a0, a1, a2, a3 = np.float64(g0[j]), np.float64(g1[j]), np.float64(g2[j]), np.float64(g3[j])
+                    c0, c1 = np.float64(x0[j] - mu), np.float64(x1[j] - mu)
+                    c2, c3 = np.float64(x2[j] - mu), np.float64(x3[j] - mu)
+                    sb[j] += (a0 + a1) + (a2 + a3)
+                    sxb[j] += (a0 * c0 + a1 * c1) + (a2 * c2 + a3 * c3)
+                    scb[j] += (c0 + c1) + (c2 + c3)
+            for i in range(four, hi):
                 dyi, xi = dy[i], x[i]
                 for j in range(c):
-                    g = dyi[j]
-                    xc = xi[j] - mean[j]
+                    g = np.float64(dyi[j])
+                    xc = np.float64(xi[j] - mean[j])
                     sb[j] += g
                     sxb[j] += g * xc
                     scb[j] += xc
@@ -380,9 +403,11 @@ if numba is not None:
             c_x[j] = -a * sum_dy[j] / count - b * r
 
 
-def _row_blocks(n):
-    """Blocks of rows for the (N, C) kernels: a few per thread, never more than there are rows."""
-    return min(n, 4 * numba.get_num_threads())
+def _row_blocks(n, kernels):
+    """Blocks of rows for the (N, C) kernels: one per thread (prange hands each thread an equal share of
+    the blocks, so more blocks would only add partial sums to zero and merge), one for the serial kernels,
+    never more than there are rows."""
+    return 1 if kernels is SERIAL_KERNELS else min(n, numba.get_num_threads())
 
 
 def numba_forward(x3, gamma, beta, eps, y3):
@@ -399,7 +424,7 @@ def numba_forward(x3, gamma, beta, eps, y3):
     shift = x3[0, :, 0].astype(np.float64)          # K: the first value of each channel
     for _ in range(2):                               # a second pass only if K was far from the mean
         if l == 1:
-            k["stats_nc"](x3.reshape(n, c), shift.astype(x3.dtype), _row_blocks(n), mean, var)
+            k["stats_nc"](x3.reshape(n, c), shift.astype(x3.dtype), _row_blocks(n, k), mean, var)
         else:
             k["stats_ncl"](x3, shift.astype(x3.dtype), mean, var)
         far = _forward_coefficients(mean, var, shift, g, b, float(eps), mean_x, scale_x, beta_x, inv_std)
@@ -425,7 +450,7 @@ def numba_backward(dy3, x3, mean, inv_std, gamma, dx3):
     mean_x, a_x, b_x, c_x = (np.empty(c, x3.dtype) for _ in range(4))
     mean_x[:] = mean
     if l == 1:
-        k["backward_sums_nc"](dy3.reshape(n, c), x3.reshape(n, c), mean_x, _row_blocks(n), sum_dy, sum_dy_xc,
+        k["backward_sums_nc"](dy3.reshape(n, c), x3.reshape(n, c), mean_x, _row_blocks(n, k), sum_dy, sum_dy_xc,
                                 sum_xc)
     else:
         k["backward_sums_ncl"](dy3, x3, mean_x, sum_dy, sum_dy_xc, sum_xc)

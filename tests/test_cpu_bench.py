@@ -377,3 +377,56 @@ def test_bench_command_line_refuses_bad_arguments_before_running(argv, words, mo
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
     assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.skipif("numba" not in cpu.available_backends(), reason="numba is not installed")
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 6, 7, 9, 130, 131, 133, 2050])
+def test_numba_row_kernels_leave_no_row_out(rows, monkeypatch):
+    """The (N, C) kernels (statistics and backward sums) take four rows at a time and then the last 0 to 3 rows of
+    each block: every count of rows left over, on the serial kernels (one block) and on the threaded ones (one block
+    per thread, PARALLEL_MIN_SIZE lowered to 0), float32 and float64; the mean, variance, y, dx, dgamma and dbeta against
+    the float64 reference. A row summed twice or skipped would move the statistics by about 1/rows of a value."""
+    from bnlib import functional as F
+    from reference import bn_forward_ref
+    previous = cpu.set_backend("numba")
+    try:
+        for parallel in (False, True):
+            monkeypatch.setattr(cpu, "PARALLEL_MIN_SIZE", 0 if parallel else 1 << 62)
+            ran = []
+            monkeypatch.setattr(cpu, "_row_blocks", lambda n, k, real=cpu._row_blocks: ran.append(k) or real(n, k))
+            for dtype in (np.float32, np.float64):
+                rng = np.random.default_rng(10 * rows + parallel)
+                c = 37
+                x = (rng.normal(size=(rows, c)) * rng.uniform(0.5, 3, c) + rng.uniform(-40, 40, c)).astype(dtype)
+                dy = rng.normal(size=(rows, c)).astype(dtype)
+                gamma, beta = rng.uniform(0.5, 2, c).astype(dtype), rng.normal(size=c).astype(dtype)
+                y, cache = F.batch_norm_forward(x, gamma, beta)
+                dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
+                want_y, mu, var = bn_forward_ref(x, gamma, beta, 1e-5)
+                x64, dy64, g64 = x.astype(np.float64), dy.astype(np.float64), gamma.astype(np.float64)
+                x_hat = (x64 - mu) / np.sqrt(var + 1e-5)
+                want_dbeta, want_dgamma = dy64.sum(0), (dy64 * x_hat).sum(0)
+                want_dx = g64 / np.sqrt(var + 1e-5) * (dy64 - want_dbeta / rows - x_hat * want_dgamma / rows)
+                tol = 3e-5 if dtype == np.float32 else 1e-10
+                np.testing.assert_allclose(cache.mean, mu, rtol=tol / 30, atol=tol * np.sqrt(var).max())   # ~1e-6 of a mean of 40
+                np.testing.assert_allclose(cache.var, var, rtol=tol)
+                np.testing.assert_allclose(y, want_y, rtol=0, atol=tol * np.abs(want_y).max())
+                np.testing.assert_allclose(dbeta, want_dbeta, rtol=0, atol=tol * np.abs(dy64).sum(0).max())
+                np.testing.assert_allclose(dgamma, want_dgamma, rtol=0, atol=tol * np.abs(dy64 * x_hat).sum(0).max())
+                # dx is a difference of terms of size gamma / s * |dy| (with 2 rows it is 0 up to eps's share)
+                np.testing.assert_allclose(dx, want_dx, rtol=0, atol=tol * (g64 / np.sqrt(var + 1e-5) * np.abs(dy64)).max())
+            kernels = cpu.PARALLEL_KERNELS if parallel else cpu.SERIAL_KERNELS
+            assert ran and all(k is kernels for k in ran), (parallel, ran)          # the kernels meant ran
+    finally:
+        cpu.set_backend(previous)
+
+
+def test_row_blocks_one_per_thread_one_when_serial():
+    """The (N, C) kernels' blocks of rows: one for the serial kernels, one per thread for the threaded ones (numba
+    hands each thread an equal share of them, so more would only add partial sums), never more than there are rows."""
+    if "numba" not in cpu.available_backends():
+        pytest.skip("numba is not installed")
+    threads = cpu.numba.get_num_threads()
+    assert cpu._row_blocks(1000, cpu.SERIAL_KERNELS) == 1
+    assert cpu._row_blocks(1000, cpu.PARALLEL_KERNELS) == threads
+    assert cpu._row_blocks(1, cpu.PARALLEL_KERNELS) == 1
