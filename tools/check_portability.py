@@ -4,7 +4,7 @@ The stored outputs come from one machine. On another, the compiled routines behi
 other array operations differ: NumPy's OpenBLAS picks kernels for the CPU (SSE, AVX, AVX2 with FMA,
 AVX-512), PyTorch's MKL takes another code path on another CPU, and PyTorch's own CPU code is vectorized
 for another instruction set. They round differently, and after hundreds of SGD steps the networks of
-chapters 01, 06, 07, 08 and 09 end in different places: accuracies move by up to a few points, more where
+chapters 01, 03, 06, 07, 08 and 09 end in different places: accuracies move by up to a few points, more where
 the seeds already disagree. A claim whose assert fails there would stop a reader's notebook (on Colab,
 say) with an AssertionError.
 
@@ -21,12 +21,13 @@ checkers' self-tests feed them wrong answers and expect an AssertionError, which
 longer raises, so they report a wrong answer accepted), and the other configurations are judged on what
 fails beyond it. Exit status 1 if any configuration has such a failure or a chapter did not finish.
 
-    python tools/check_portability.py [--keep DIR] [chapters ...]   # "08" or "08_variants"; default: 01 06 07 08 09
+    python tools/check_portability.py [--keep DIR] [chapters ...]   # "08" or "08_variants"; default: 01 03 06 07 08 09
 
 --keep DIR saves each executed notebook as DIR/<configuration number>/<chapter>.ipynb, to read the values
 behind a failed assert.
 
-On a 2-core machine (2026-11-29), one configuration took 28-40 s for chapter 01, 16-21 s for 06, 74-118 s
+On a 2-core machine (2026-11-29), one configuration took 28-40 s for chapter 01, 19-22 s for 03 (2026-12-02, with
+its constant-statistics networks), 16-21 s for 06, 74-118 s
 for 07, 91-109 s for 08 and 50-99 s for 09 (2026-12-02, 08 with its fine-tuning experiments and recomputed statistics, 09
 with Q34; as the README says); there are four configurations. A TERM signal (`kill`, `timeout`)
 does not stop it while a kernel runs (the kernel is interrupted and the run goes on with the next
@@ -74,7 +75,7 @@ CONFIGS = {
         "OPENBLAS_CORETYPE": "Prescott", "ATEN_CPU_CAPABILITY": _WIDEST_TORCH, "MKL_CBWR": "COMPATIBLE",
         **_MACHINE_PICKS},
 }
-DEFAULT_CHAPTERS = ("01_background", "06_pytorch", "07_experiments", "08_variants", "09_faq")
+DEFAULT_CHAPTERS = ("01_background", "03_backward", "06_pytorch", "07_experiments", "08_variants", "09_faq")
 
 SOFT_ASSERTS = r'''
 import ast as _ast, os as _os
