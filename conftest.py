@@ -323,7 +323,7 @@ def pytest_generate_tests(metafunc):
 # each under 10 s, follow in
 # collection order. A test checks that every name here is a file.
 LONGEST_FIRST = ["chapters/07_experiments.ipynb", "tests/test_cuda.py", "chapters/08_variants.ipynb",
-                 "chapters/01_background.ipynb", "tests/test_book.py", "chapters/06_pytorch.ipynb",
+                 "chapters/01_background.ipynb", "tests/test_book.py", "chapters/03_backward.ipynb", "chapters/06_pytorch.ipynb",
                  "chapters/09_faq.ipynb", "tests/test_nn.py", "chapters/04_numpy.ipynb", "tests/test_cuda_on_cpu.py",
                  "tests/test_train.py", "chapters/05_cupy.ipynb", "tests/test_package.py", "tests/test_cpu_bench.py"]
 
