@@ -24,13 +24,30 @@ CHROMEDRIVER = shutil.which("chromedriver")
 def test_book_builds_without_warnings(built_book):
     html, log = built_book
     assert "WARNING" not in log, log
-    for page in ["intro.html", *(f"chapters/{nb.stem}.html" for nb in CHAPTERS)]:
+    for page in ["intro.html", "library.html", *(f"chapters/{nb.stem}.html" for nb in CHAPTERS)]:
         assert (html / page).is_file(), f"{page} was not built"
     # MathJax is served from the build itself, not from a CDN
     assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
     for nb in CHAPTERS:
         text = (html / "chapters" / f"{nb.stem}.html").read_text(encoding="utf-8")
         assert "cdn.jsdelivr.net/npm/mathjax" not in text
+
+
+def test_library_page_documents_every_public_name(built_book):
+    """library.md's reference (autodoc through _ext/bnlib_api.py): every name of every module's __all__ has its
+    entry, with the chapter that defines it, and no docstring was parsed as markup (docutils would have left
+    a system message, and the build a warning)."""
+    import importlib
+
+    import bnlib
+    html, _ = built_book
+    text = (html / "library.html").read_text(encoding="utf-8")
+    names = [f"bnlib.{m}.{n}" for m in bnlib._SUBMODULES for n in importlib.import_module(f"bnlib.{m}").__all__]
+    missing = [name for name in names if f'id="{name}"' not in text]
+    assert not missing, f"library.html has no entry for {missing}"
+    assert text.count("Defined in chapter") == len(names)
+    assert "system-message" not in text
+    assert text.count("bnlib-docstring") > len(names) // 2
 
 
 def test_every_chapter_is_in_the_toc():
@@ -362,6 +379,18 @@ def _open_typeset(browser, url):
 
 
 PAGES = ["intro.html"] + [f"chapters/{nb.stem}.html" for nb in CHAPTERS]
+
+
+@pytest.mark.browser
+def test_library_page_in_browser(browser, server, built_book):
+    """The docstrings of the library page wrap at the page's width (_static/library.css) instead of scrolling."""
+    browser.get(f"{server}/library.html")
+    blocks = browser.execute_script("""
+        return Array.from(document.querySelectorAll('div.bnlib-docstring pre')).map(p => [
+            getComputedStyle(p).whiteSpace, p.scrollWidth - p.clientWidth]);""")
+    assert len(blocks) > 100, f"{len(blocks)} docstring blocks"
+    scrolling = [overflow for space, overflow in blocks if space != "pre-wrap" or overflow > 1]
+    assert not scrolling, f"{len(scrolling)} docstring blocks scroll sideways"
 
 
 @pytest.mark.browser
