@@ -8,17 +8,22 @@
 - Every documented name says which chapter's cells define it (tools/export.py's reading of the notebooks),
   with a link; a name that a later chapter redefines names both chapters.
 - ``.. bnlib-module:: functional`` documents bnlib.functional: automodule, then the constants of its
-  ``__all__``, which automodule leaves out (it documents module data only with a doc-comment); a constant
-  is shown with its value when that is short, else with its type and size (chapter 05's kernel sources are
-  strings of several hundred lines).
-- A class's methods without a docstring are left out (the layer's forward(), torch's hooks); the class's
-  own docstring describes them.
+  ``__all__``, which automodule leaves out (it documents module data only with a doc-comment). A constant
+  is shown with the comments that explain it in the source and its assignment as written (an environment
+  variable it reads shows as such, not as the build machine's value), or, for a long one, its type and size
+  (chapter 05's kernel sources are strings of several hundred lines).
+- In a class, only methods and properties with a docstring of their own are listed (not a namedtuple's or a
+  dataclass's fields, nor undocumented methods); an autograd Function shows no class signature.
 """
+import ast
 import functools
 import importlib
+import importlib.util
 import inspect
+import io
 import re
 import sys
+import tokenize
 from pathlib import Path
 
 from docutils import nodes
@@ -29,23 +34,28 @@ from sphinx.util.nodes import nested_parse_with_titles
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ROOT / "chapters"
-VALUE_CHARS = 100        # constants whose repr is longer are described, not printed
 
 
 @functools.lru_cache(maxsize=None)
 def _definitions():
-    """{(module, name): [chapter stems that define it, in the order the book teaches them]}."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        export = importlib.import_module("export")
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    """{(module, name): [chapter stems that define it, in the order the book teaches them]}. A name bound to
+    another one (``portable_batch_norm_forward = batch_norm_forward``) gets the chapters that had defined
+    that one at that point: its code is theirs."""
+    spec = importlib.util.spec_from_file_location("bnlib_export", ROOT / "tools" / "export.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
     found = {}
     for module, parts in export.collect(CHAPTERS).items():
         for chapter, code in parts:
+            stem = Path(chapter).stem
+            aliases = {node.targets[0].id: node.value.id for node in ast.parse(code).body
+                       if isinstance(node, ast.Assign) and len(node.targets) == 1
+                       and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Name)}
             for name in export._public_names(code):
+                if name in aliases:
+                    found[(module, name)] = list(found.get((module, aliases[name]), [stem]))
+                    continue
                 stems = found.setdefault((module, name), [])
-                stem = Path(chapter).stem
                 if stem not in stems:
                     stems.append(stem)
     return found
@@ -56,33 +66,86 @@ def _where(stems):
     if len(stems) == 1:
         return f"Defined in {link(stems[0])}."
     earlier = ", ".join(link(s) for s in stems[:-1])
-    return f"Defined in {link(stems[-1])} (the definition in force); first written in {earlier}."
+    return f"Defined in {link(stems[-1])} (the definition in force); earlier versions in {earlier}."
 
 
-def _describe(value):
-    text = repr(value)
-    if len(text) <= VALUE_CHARS:
-        return [f"Value: ``{text}``"]
-    if isinstance(value, str):
-        return [f"A string of {len(value.splitlines())} lines ({len(value):,} characters)."]
-    size = f" of {len(value)} items" if hasattr(value, "__len__") else ""
-    return [f"A {type(value).__name__}{size}; ``{text[:VALUE_CHARS - 20]} ...``"]
+SOURCE_CHARS = 600       # an assignment whose source is longer is described, not shown (the kernel sources)
+
+
+@functools.lru_cache(maxsize=None)
+def _assignments(module_name):
+    """{name: (source of its last top-level assignment, the comments that explain it)} for a bnlib module.
+    The comments are the comment lines just above the assignment and the comment that ends its first line,
+    with the indented comment lines that continue it."""
+    source = Path(sys.modules[module_name].__file__).read_text(encoding="utf-8")
+    lines = source.splitlines()
+    trailing_comments = {token.start[0]: token.string     # line number -> the comment that ends a line of code
+                         for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                         if token.type == tokenize.COMMENT and lines[token.start[0] - 1].lstrip()[:1] != "#"}
+    found = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, (ast.Assign, ast.AnnAssign))):
+            continue
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        above = []
+        row = node.lineno - 2
+        while row >= 0 and lines[row].startswith("#"):
+            above.insert(0, lines[row])
+            row -= 1
+        trailing = []
+        comment = trailing_comments.get(node.lineno)
+        if comment is not None:
+            trailing.append(comment)
+            row = node.end_lineno
+            while row < len(lines) and lines[row].lstrip().startswith("#") and lines[row].startswith(" "):
+                trailing.append(lines[row].strip())
+                row += 1
+        text = [line.lstrip("#").strip() for line in above + trailing]
+        segment = ast.get_source_segment(source, node)
+        for target in targets:
+            if isinstance(target, ast.Name):
+                found[target.id] = (segment, text)
+    return found
+
+
+def _constant(module_name, name, value):
+    """The lines that document a module constant: its comments, then its assignment as written (or, when
+    that is long, the value's type and size)."""
+    segment, comments = _assignments(module_name).get(name, (None, []))
+    out = []
+    if comments:
+        out += [".. code-block:: text", "   :class: bnlib-docstring", ""] + [f"   {c}" for c in reflow(comments)] + [""]
+    if segment is not None and len(segment) <= SOURCE_CHARS:
+        out += [".. code-block:: python", ""] + [f"   {line}" for line in segment.splitlines()] + [""]
+    elif isinstance(value, str):
+        out += [f"A string of {len(value.splitlines())} lines ({len(value):,} characters).", ""]
+    else:
+        size = f" of {len(value)} items" if hasattr(value, "__len__") else ""
+        out += [f"A {type(value).__name__}{size}.", ""]
+    return out
 
 
 FULL = 80                # a docstring line at least this long was broken because it was long
-ITEM = re.compile(r"^\s*([A-Za-z_][\w.*,/ \[\]|=\"-]{0,39}:\s|[-*] |>>> )")   # "eps: ", "x_*: ", "- ", ">>> "
+NAME = r"[A-Za-z_][\w.*\[\]|=\"-]*"
+ITEM = re.compile(rf"^\s*({NAME}(?:(?:, ?| / ){NAME})*:\s|[-*] |>>> )")   # "eps: ", "x_*: ", "steps, lr: ", "- "
 
 
 def reflow(lines):
-    """Join each line that continues a long line: the line before it (as written) is at least FULL characters
-    long and does not end with ':' (it introduces a list), and this line is not blank, not indented less than
-    that line and does not start an item ("name: ...", "- ...", ">>> ..."). Every other line break stays.
+    """Join each line that continues a long line, so that the text wraps once, at the page's width. A line is
+    joined to the one before it when that line (as written) is at least FULL characters long and does not end
+    with ':' (it introduces a list), and this line is not blank, is not indented less, does not start an item
+    ("name: ...", "a, b: ...", "- ...", ">>> ...") and, if indented at all, is indented more than the line
+    before or continues a line that was itself a continuation (in an indented block, lines of the same
+    indentation are list items, rows or formulas, and stay as written). Every other line break stays.
     """
-    out, before = [], ""
+    out, before, continued = [], "", False
     for line in lines:
         indent = len(line) - len(line.lstrip())
-        if (out and line.strip() and before.strip() and len(before) >= FULL and not before.rstrip().endswith(":")
-                and indent >= len(before) - len(before.lstrip()) and not ITEM.match(line)):
+        indent_before = len(before) - len(before.lstrip())
+        continued = bool(out and line.strip() and before.strip() and len(before) >= FULL
+                         and not before.rstrip().endswith(":") and indent >= indent_before
+                         and not ITEM.match(line) and not (indent == indent_before > 0 and not continued))
+        if continued:
             out[-1] = out[-1].rstrip() + " " + line.strip()
         else:
             out.append(line)
@@ -108,8 +171,8 @@ def _process_docstring(app, what, name, obj, options, lines):
     new = []
     if where and len(parts) == 3:          # a module-level name; a method inherits its class's chapter
         new += [_where(where), ""]
-    if what == "data" and not text:
-        new += _describe(obj) + [""]
+    if what == "data" and not text and len(parts) == 3:
+        new += _constant(".".join(parts[:2]), parts[2], obj)
     if text:
         new += [".. code-block:: text", "   :class: bnlib-docstring", ""]
         new += [f"   {line}" if line else "" for line in reflow(text)] + [""]
@@ -146,8 +209,20 @@ class BnlibModule(SphinxDirective):
 
 
 def _skip_member(app, what, name, obj, skip, options):
-    if what == "class" and not getattr(obj, "__doc__", None):
+    """In a class, only methods and properties with a docstring of their own: a namedtuple's fields ("Alias for
+    field number 0"), a dataclass's fields and undocumented methods are described by the class's docstring."""
+    if what != "class":
+        return None
+    if not (inspect.isroutine(obj) or isinstance(obj, property)) or not getattr(obj, "__doc__", None):
         return True
+    return None
+
+
+def _signature(app, what, name, obj, options, signature, return_annotation):
+    """An autograd Function's class signature is torch's (*args, **kwargs): it is called through .apply(),
+    whose arguments its forward() documents; show none."""
+    if what == "class" and name.startswith("bnlib.") and signature == "(*args, **kwargs)":
+        return "", return_annotation
     return None
 
 
@@ -158,4 +233,5 @@ def setup(app):
     app.add_directive("bnlib-module", BnlibModule)
     app.connect("autodoc-process-docstring", _process_docstring)
     app.connect("autodoc-skip-member", _skip_member)
+    app.connect("autodoc-process-signature", _signature)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -2,6 +2,7 @@
 section, and every Python program they show runs as it stands, with the checkout's bnlib, in an empty folder.
 What the built page holds is checked in tests/test_book.py (it needs the book built)."""
 import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -36,7 +37,10 @@ def test_the_page_is_in_the_book_before_the_references():
 
 RUNNER = """
 import sys
-for i, source in enumerate(sys.argv[1:]):
+from pathlib import Path
+import bnlib
+assert Path(bnlib.__file__).resolve().parent == Path(sys.argv[1]).resolve() / "bnlib", bnlib.__file__
+for i, source in enumerate(sys.argv[2:]):
     try:
         exec(compile(source, f"<program {i + 1}>", "exec"), {"__name__": "__main__"})
     except BaseException:
@@ -45,23 +49,23 @@ for i, source in enumerate(sys.argv[1:]):
 """
 
 
-@pytest.mark.parametrize("path", [PAGE, README], ids=["library.md", "README.md"])
-def test_every_python_program_runs(path, tmp_path):
+@pytest.mark.parametrize("path, count", [(PAGE, 7), (README, 2)], ids=["library.md", "README.md"])
+def test_every_python_program_runs(path, count, tmp_path):
     """Each program in its own namespace, all in one fresh process (torch loads once) in an empty folder,
-    bnlib from the checkout."""
+    bnlib from the checkout (the runner checks it)."""
     programs = _programs(path)
-    assert len(programs) >= 2, f"{path.name}: no Python programs found"
+    assert len(programs) == count, f"{path.name}: {len(programs)} Python programs, expected {count}"
     env = {k: v for k, v in os.environ.items() if k != "BNLIB_SMOKE"}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-c", RUNNER, *programs], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(ROOT), *programs], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{path.name}:\n{proc.stderr[-3000:]}"
-    assert "bnlib" not in {p.name for p in tmp_path.iterdir()}
 
 
 def test_a_failing_program_fails_the_runner(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", RUNNER, "x = 1", "assert x == 2"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(ROOT), "x = 1", "assert x == 2"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "program 2 failed" in proc.stderr
 
 
@@ -90,8 +94,22 @@ def test_reflow_keeps_every_other_line_break():
     ]
     for lines in cases:
         assert bnlib_api.reflow(lines) == lines, lines
+    # in an indented block, a line of the same indentation is the next item, row or formula...
+    assert bnlib_api.reflow(["    " + long, "    the next item"]) == ["    " + long, "    the next item"]
+    # ...unless it continues a continuation line
+    assert bnlib_api.reflow(["    item: " + long, "        " + long, "        the end"]) == [
+        "    item: " + long + " " + long + " the end"]
     # '(...): ' inside a sentence does not start an item
     assert bnlib_api.reflow([long, "pass): change x"]) == [long + " pass): change x"]
+
+
+def test_reflow_keeps_the_rows_and_formulas_of_real_docstrings():
+    from bnlib import train, variants
+    rows = bnlib_api.reflow(inspect.getdoc(train.init_weights).splitlines())
+    assert [line.split()[0] for line in rows if line.lstrip().startswith('"')] == ['"glorot"', '"he"']
+    renorm = bnlib_api.reflow(inspect.getdoc(variants.BatchRenorm).splitlines())
+    assert any(line.strip().startswith("y = weight * (") for line in renorm)      # the second formula's own line
+    assert any(line.strip().startswith("r_max >= 1, d_max >= 0:") for line in renorm)
 
 
 def test_every_public_name_is_attributed_to_the_chapters_that_define_it():
@@ -112,6 +130,27 @@ def test_constants_are_the_public_names_that_are_neither_routines_nor_classes():
     assert bnlib_api.constants(functional) == ["SUPPORTED_DTYPES"]
     assert "KERNEL_SOURCE" in bnlib_api.constants(cuda) and "plan" not in bnlib_api.constants(cuda)
     assert bnlib_api.constants(gradcheck) == []
-    # a long value is described, a short one shown
-    assert bnlib_api._describe(functional.SUPPORTED_DTYPES) == ["Value: ``('float16', 'float32', 'float64')``"]
-    assert bnlib_api._describe(cuda.KERNEL_SOURCE)[0].startswith("A string of ")
+
+
+def test_a_constant_shows_its_comments_and_its_assignment_as_written():
+    from bnlib import cpu, cuda
+    # a comment at the end of the line, and the assignment
+    assert bnlib_api._constant("bnlib.cpu", "ROW_BLOCK", cpu.ROW_BLOCK) == [
+        ".. code-block:: text", "   :class: bnlib-docstring", "",
+        "   rows per float32 partial sum of an (N, C) reduction", "",
+        ".. code-block:: python", "", "   ROW_BLOCK = 64", ""]
+    # comment lines above it; a value read from the environment shows as the expression, not this machine's value
+    launcher = "\n".join(bnlib_api._constant("bnlib.cuda", "LAUNCHER", cuda.LAUNCHER))
+    assert "How kernels are launched." in launcher
+    assert 'LAUNCHER = os.environ.get("BNLIB_CUDA_LAUNCH", "driver")' in launcher
+    # an assignment too long to show: its type and size
+    kernel = bnlib_api._constant("bnlib.cuda", "KERNEL_COMMON", cuda.KERNEL_COMMON)
+    assert kernel[-2].startswith("A string of ") and "code-block:: python" not in kernel
+
+
+def test_an_alias_is_attributed_to_the_chapters_of_the_code_it_names():
+    definitions = bnlib_api._definitions()
+    # chapter 04 binds portable_batch_norm_forward = batch_norm_forward, chapter 02's function, before redefining
+    # batch_norm_forward; the backward is chapter 03's
+    assert definitions[("functional", "portable_batch_norm_forward")] == ["02_forward"]
+    assert definitions[("functional", "portable_batch_norm_backward")] == ["03_backward"]
