@@ -1767,6 +1767,9 @@ def supports(x) -> bool:
 
 
 def accumulation_dtype(dtype):
+    """The dtype of the statistics the kernels compute and return for data of `dtype` (their Acc<T>): float64
+    for float64 data, float32 for float32, float16 and bfloat16. bnlib.stats.accumulation_dtype, which the NumPy
+    paths use, agrees on float16, float32 and float64; it has no case for bfloat16."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 

@@ -126,6 +126,7 @@ def default_cache_dir() -> Path:
 
 
 def sha256_of(path) -> str:
+    """The SHA-256 of a file as a hex string, read 1 MiB at a time (fetch() checks every download with it)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -30,6 +30,12 @@ def test_every_module_has_one_reference_section_in_the_order_of_the_package():
     assert DIRECTIVE.findall(PAGE.read_text(encoding="utf-8")) == list(bnlib._SUBMODULES)
 
 
+def test_the_page_installs_from_the_configured_repository():
+    import yaml
+    url = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))["repository"]["url"]
+    assert f'pip install "git+{url}"' in PAGE.read_text(encoding="utf-8")
+
+
 def test_the_page_is_in_the_book_before_the_references():
     toc = (ROOT / "_toc.yml").read_text(encoding="utf-8")
     assert "- file: library\n      - file: references" in toc
