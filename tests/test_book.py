@@ -391,6 +391,11 @@ def test_library_page_in_browser(browser, server, built_book):
     assert len(blocks) > 100, f"{len(blocks)} docstring blocks"
     scrolling = [overflow for space, overflow in blocks if space != "pre-wrap" or overflow > 1]
     assert not scrolling, f"{len(scrolling)} docstring blocks scroll sideways"
+    # the programs of "Using it" fit their code boxes (tests/test_library_page.py keeps their lines short)
+    programs = browser.execute_script("""
+        return Array.from(document.querySelectorAll('section#using-it div.highlight-python pre')).map(
+            p => p.scrollWidth - p.clientWidth);""")
+    assert len(programs) == 7 and max(programs) <= 1, f"programs' overflow in pixels: {programs}"
 
 
 @pytest.mark.browser

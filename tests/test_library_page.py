@@ -68,6 +68,13 @@ def test_every_python_program_runs(path, count, tmp_path):
     assert proc.returncode == 0, f"{path.name}:\n{proc.stderr[-3000:]}"
 
 
+def test_the_programs_fit_the_page_s_code_boxes():
+    """76 characters: what a code box of the built page shows without scrolling in a window 1280 pixels wide
+    (tests/test_book.py's browser test checks the boxes)."""
+    long = [line for program in _programs(PAGE) for line in program.splitlines() if len(line) > 76]
+    assert not long, long
+
+
 def test_a_failing_program_fails_the_runner(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(ROOT), "x = 1", "assert x == 2"], cwd=tmp_path,
