@@ -19,10 +19,22 @@ _SUPPORTED_TYPES = tuple(np.dtype(name).type for name in SUPPORTED_DTYPES)
 
 def get_array_module(x):
     """The array library of x: CuPy for CuPy arrays (imported only when one is seen), else NumPy."""
-    if type(x).__module__.split(".")[0] == "cupy":
+    if _library(x) == "CuPy":
         import cupy
         return cupy
     return np
+
+
+def _library(a) -> str:
+    return "CuPy" if type(a).__module__.split(".")[0] == "cupy" else "NumPy"
+
+
+def _check_same_library(v, name: str, x, x_name: str = "x"):
+    """v lives where x lives: NumPy with NumPy, CuPy with CuPy, as CuPy and torch require (CuPy refuses to mix
+    the two in arithmetic, so a NumPy x with a CuPy gamma failed deep inside the computation)."""
+    if _library(v) != _library(x):
+        raise TypeError(f"{name} is a {_library(v)} array and {x_name} a {_library(x)} array: pass arrays of one "
+                        f"library (cupy.asarray(a) puts a NumPy array on the GPU, cupy.asnumpy(a) brings one back)")
 
 
 class BNCache(NamedTuple):
@@ -63,16 +75,18 @@ def _check_input(x, name: str = "x") -> int:
     return x.shape[1]
 
 
-def _check_channel_vector(v, name: str, num_channels: int, x_shape, required: bool = False):
-    """Validate a per-channel parameter or statistic: a float array of shape (C,), or None if not required."""
+def _check_channel_vector(v, name: str, num_channels: int, x, required: bool = False):
+    """Validate a per-channel parameter or statistic for input x: a float array of shape (C,) of x's library
+    (NumPy or CuPy), or None if not required."""
     if v is None and not required:
         return
     if not (hasattr(v, "shape") and isinstance(getattr(v, "dtype", None), np.dtype)):
         hint = " (for torch tensors, use bnlib.nn's layers)" if type(v).__name__ == "Tensor" else ""
         raise TypeError(f"{name} must be a NumPy or CuPy array of shape ({num_channels},)"
                         f"{'' if required else ' or None'}, got {type(v).__name__}{hint}")
+    _check_same_library(v, name, x)
     if tuple(v.shape) != (num_channels,):
-        raise ValueError(f"{name} must have shape (C,) = ({num_channels},) for x of shape {tuple(x_shape)}, "
+        raise ValueError(f"{name} must have shape (C,) = ({num_channels},) for x of shape {tuple(x.shape)}, "
                          f"got shape {tuple(v.shape)}")
     if v.dtype.kind != "f":
         raise TypeError(f"{name} must have a floating-point dtype, got {v.dtype}")
@@ -97,8 +111,8 @@ def _check_forward_args(x, gamma, beta, eps) -> int:
 
     One value per channel is an error (no variance); a zero-size batch is not (as in torch)."""
     num_channels = _check_input(x)
-    _check_channel_vector(gamma, "gamma", num_channels, x.shape)
-    _check_channel_vector(beta, "beta", num_channels, x.shape)
+    _check_channel_vector(gamma, "gamma", num_channels, x)
+    _check_channel_vector(beta, "beta", num_channels, x)
     _check_eps(eps)
     count = x.size // num_channels if num_channels else 0
     if count == 1:
@@ -172,10 +186,10 @@ def _inference_map(x, running_mean, running_var, gamma, beta, eps):
     shift (None when there is nothing to add), (C,) arrays in the working dtype. (Chapter 04's one-pass
     kernel applies the same map.)"""
     num_channels = _check_input(x)
-    _check_channel_vector(running_mean, "running_mean", num_channels, x.shape, required=True)
-    _check_channel_vector(running_var, "running_var", num_channels, x.shape, required=True)
-    _check_channel_vector(gamma, "gamma", num_channels, x.shape)
-    _check_channel_vector(beta, "beta", num_channels, x.shape)
+    _check_channel_vector(running_mean, "running_mean", num_channels, x, required=True)
+    _check_channel_vector(running_var, "running_var", num_channels, x, required=True)
+    _check_channel_vector(gamma, "gamma", num_channels, x)
+    _check_channel_vector(beta, "beta", num_channels, x)
     _check_eps(eps)
     xp = get_array_module(x)
     if bool((running_var < 0).any()):
@@ -221,7 +235,7 @@ def update_running_stats(running_mean, running_var, cache: BNCache, momentum=0.1
     if not isinstance(cache, BNCache):
         raise TypeError(f"cache must be the BNCache returned by batch_norm_forward, got {type(cache).__name__}")
     for stat, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-        _check_channel_vector(stat, name, len(cache.mean), cache.x.shape, required=True)
+        _check_channel_vector(stat, name, len(cache.mean), cache.x, required=True)
     _check_momentum(momentum)
     if momentum is None:
         momentum = 1.0 / _check_positive_int(num_batches_tracked, "num_batches_tracked (needed with momentum=None)")
@@ -254,6 +268,7 @@ def _check_backward_args(dy, cache):
     if not isinstance(cache, BNCache):
         raise TypeError(f"cache must be the BNCache returned by batch_norm_forward, got {type(cache).__name__}")
     _check_dy(dy, cache.x.shape, cache.x.dtype)
+    _check_same_library(dy, "dy", cache.x, "the forward input x")
 
 
 def batch_norm_backward(dy, cache: BNCache):

@@ -407,13 +407,50 @@ def test_cupy_route_returns_early_for_an_empty_batch(monkeypatch):
     for dtype in (np.float16, np.float32, np.float64):
         x = np.zeros((0, 4, 5, 3), dtype).transpose(0, 3, 1, 2).view(stand_in)
         assert cuda.supports(x)
-        gamma = np.ones(3, np.float32 if dtype == np.float16 else dtype)
+        gamma = np.ones(3, np.float32 if dtype == np.float16 else dtype).view(stand_in)
         y, cache = F.batch_norm_forward(x, gamma, None)
         dx, dgamma, dbeta = F.batch_norm_backward(np.zeros_like(x), cache)
         assert type(y) is type(dx) is stand_in and y.shape == dx.shape == x.shape and y.dtype == dx.dtype == dtype
         assert dgamma.dtype == dbeta.dtype == gamma.dtype and not dgamma.any() and not dbeta.any()
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             F.batch_norm_forward(np.ones((1, 3), dtype).view(stand_in), gamma, None)
+
+
+def test_numpy_and_cupy_arrays_are_not_mixed(monkeypatch):
+    """Every array of a call lives where x lives, as CuPy and torch require: a NumPy x with a CuPy gamma failed
+    deep inside the computation, a CuPy x with a NumPy gamma copied it to the GPU on every call. The refusal
+    names the argument and both libraries, and changes nothing. No GPU here: a stand-in for CuPy arrays
+    (NumPy under CuPy's module name), which the CuPy route's checks refuse before any kernel."""
+    import sys
+
+    from bnlib import cuda
+    stand_in = type("ndarray", (np.ndarray,), {"__module__": "cupy"})
+    monkeypatch.setitem(sys.modules, "cupy", np)
+    monkeypatch.setattr(cuda, "_forward", lambda *a: pytest.fail("a kernel ran"))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3, 2)).astype(np.float32)
+    g, b = rng.uniform(0.5, 1.5, 3).astype(np.float32), np.zeros(3, np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    _, cache = F.batch_norm_forward(x, g, b)
+    cupy_x, cupy_g = x.view(stand_in), g.view(stand_in)
+    message = r"{} is a {} array and {} a {} array: pass arrays of one library \(cupy.asarray"
+    cases = [
+        (lambda: F.batch_norm_forward(x, cupy_g, b), ("gamma", "CuPy", "x", "NumPy")),
+        (lambda: F.batch_norm_forward(x, g, b.view(stand_in)), ("beta", "CuPy", "x", "NumPy")),
+        (lambda: F.batch_norm_forward(cupy_x, g, None), ("gamma", "NumPy", "x", "CuPy")),
+        (lambda: F.batch_norm_inference(x, rm, rv.view(stand_in), g, b), ("running_var", "CuPy", "x", "NumPy")),
+        (lambda: F.batch_norm_inference(cupy_x, rm.view(stand_in), rv, None, None), ("running_var", "NumPy", "x", "CuPy")),
+        (lambda: F.update_running_stats(rm.view(stand_in), rv, cache), ("running_mean", "CuPy", "x", "NumPy")),
+        (lambda: F.batch_norm_backward(x.view(stand_in), cache), ("dy", "CuPy", "the forward input x", "NumPy")),
+    ]
+    before = [a.copy() for a in (x, g, b, rm, rv)]
+    for call, words in cases:
+        with pytest.raises(TypeError, match=message.format(*words)):
+            call()
+    assert all(np.array_equal(a, c) for a, c in zip((x, g, b, rm, rv), before))
+    # arrays of one library pass the check (the stand-in's forward would need the GPU: not reached here)
+    F.batch_norm_inference(x, rm, rv, g, b)
+    F.update_running_stats(rm, rv, cache)
 
 
 def test_torch_tensor_input_is_refused_by_name():
