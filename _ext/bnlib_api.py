@@ -114,7 +114,7 @@ def _constant(module_name, name, value):
     segment, comments = _assignments(module_name).get(name, (None, []))
     out = []
     if comments:
-        out += [".. code-block:: text", "   :class: bnlib-docstring", ""] + [f"   {c}" for c in reflow(comments)] + [""]
+        out += _text_block(comments)
     if segment is not None and len(segment) <= SOURCE_CHARS:
         out += [".. code-block:: python", ""] + [f"   {line}" for line in segment.splitlines()] + [""]
     elif isinstance(value, str):
@@ -153,6 +153,12 @@ def reflow(lines):
     return out
 
 
+def _text_block(lines):
+    """reST for plain-text lines shown as written but reflowed, in a block that wraps (_static/library.css)."""
+    return ([".. code-block:: text", "   :class: bnlib-docstring", ""]
+            + [f"   {line}" if line else "" for line in reflow(lines)] + [""])
+
+
 def _words(lines):
     return " ".join(" ".join(lines).split())
 
@@ -174,8 +180,7 @@ def _process_docstring(app, what, name, obj, options, lines):
     if what == "data" and not text and len(parts) == 3:
         new += _constant(".".join(parts[:2]), parts[2], obj)
     if text:
-        new += [".. code-block:: text", "   :class: bnlib-docstring", ""]
-        new += [f"   {line}" if line else "" for line in reflow(text)] + [""]
+        new += _text_block(text)
     lines[:] = new
 
 
