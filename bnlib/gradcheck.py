@@ -54,7 +54,7 @@ def numerical_gradient(f, x, dy, h: float = 1e-5):
         flat[k] = original - h
         minus, down = loss(), flat[k]
         flat[k] = original
-        step = up - down                         # the step f saw, exactly (Sterbenz); 2h only where x[k] is 0
+        step = up - down                         # the step f saw: exact for |x[k]| >= 3h (Sterbenz), else at most one rounding
         if step == 0.0:
             raise ValueError(f"h = {h!r} is below the spacing of float64 numbers at x.flat[{k}] = {float(original)!r}: "
                              f"x + h rounds to x; use a larger h")
