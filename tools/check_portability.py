@@ -27,9 +27,9 @@ fails beyond it. Exit status 1 if any configuration has such a failure or a chap
 behind a failed assert.
 
 On a 2-core machine (2026-11-29), one configuration took 47-73 s for chapter 01 (2026-12-02, five seeds), 30-37 s for 03
-(2026-12-02, with its constant-statistics networks), 16-21 s for 06, 74-118 s for 07, 91-109 s for 08 and 50-99 s for 09
-(2026-12-02, 08 with its fine-tuning experiments and recomputed statistics, 09 with Q34 and Q35; as the README
-says); there are four configurations. A TERM signal (`kill`, `timeout`)
+(2026-12-02, with its constant-statistics networks), 16-21 s for 06, 74-147 s for 07, 91-154 s for 08 and 50-99 s for 09
+(2026-12-02, 08 with its fine-tuning experiments and recomputed statistics, 09 with Q34 and Q35; 07 and 08 up to
+147 and 154 s on 2026-12-03; as the README says); there are four configurations. A TERM signal (`kill`, `timeout`)
 does not stop it while a kernel runs (the kernel is interrupted and the run goes on with the next
 chapter); stop it with ^C, or `kill -9` its process and its kernels (`pkill -9 -f ipykernel_launcher`). The chapters run in a scratch folder
 with the checkout first on PYTHONPATH, at full size (BNLIB_SMOKE unset). Passing here makes a failure on
