@@ -526,3 +526,107 @@ def test_channel_chunks_on_the_cpu_match_float64_torch(on_cpu, monkeypatch, shap
     assert len(fwd.chunks) == -(-c // 2) and {sp.channels for _, sp in fwd.chunks} == {1, 2}
     assert [sp.channels for _, sp in bwd.chunks] == [1] * c
     assert len(on_cpu) == 3 * len(fwd.chunks) + 3 * len(bwd.chunks) + 1
+
+
+# Chapter 05's exercises 3 and 5 answer with Python replays of the kernels' walks (book_reads_per_row,
+# book_loads_per_thread), and their checkers compare a reader's answer with those replays. Here the replays
+# are compared with the kernels' own code, run by the shim: the row walk of bn_stats_cols (its two index
+# lines, taken from KERNEL_SOURCE, in a probe launched with 16 and with 32 row groups, and the real kernel at
+# 16, whose partial counts per block the probe's walk must give) and the real PlaneCursor and FlatPlaneCursor.
+CHAPTER_05 = Path(__file__).resolve().parents[1] / "chapters" / "05_cupy.ipynb"
+
+
+def _chapter_function(name):
+    """A function defined in a code cell of chapter 05, executed with NumPy and bnlib.cuda's constants."""
+    import json
+    import numpy as np
+    cells = json.loads(CHAPTER_05.read_text(encoding="utf-8"))["cells"]
+    source = next("".join(c["source"]) for c in cells if c["cell_type"] == "code"
+                  and f"def {name}(" in "".join(c["source"]))
+    namespace = {"np": np, "PLANE_THREADS": cuda.PLANE_THREADS}
+    exec(source, namespace)
+    return namespace[name]
+
+
+def _row_walk_lines():
+    """The two lines of bn_stats_cols that say which rows a thread reads: its first row and its step."""
+    import re
+    body = cuda.KERNEL_SOURCE[cuda.KERNEL_SOURCE.index("bn_stats_cols(const T*"):]
+    body = body[:body.index("\n}\n")]
+    step = re.search(r"const long long step = [^;]*;", body)
+    first = re.search(r"const long long r0 = [^;]*;", body)
+    assert step and first, "bn_stats_cols's row walk changed: update this probe and chapter 05's exercise 3"
+    # and the loops step from r0 by `step` (four at a time, then one), below Rfull, the partial row last
+    assert "r + u * step" in body and "r += UNROLL * step" in body and "r += step" in body
+    return first.group(0), step.group(0)
+
+
+WALK_PROBES = r"""
+// bn_stats_cols's row walk (its own lines, substituted below), one vector column: seen[b * rows + r] += 1
+__global__ void probe_row_walk(long long rows, int* seen) {
+    FIRST_LINE
+    STEP_LINE
+    if (threadIdx.x == 0)
+        for (long long r = r0; r < rows; r += step) seen[blockIdx.y * rows + r] += 1;
+}
+// A planes block's cursor over `planes` planes of `len` positions: loads per thread, and reads per position
+__global__ void probe_plane_cursor(long long len, int planes, int flat, int* loads, int* seen) {
+    int count = 0;
+    if (flat) {
+        for (FlatPlaneCursor k = flat_plane_cursor(0, 1, planes, 1, 0, len, 0, len); k.valid(); k.next()) {
+            ++count; seen[k.index()] += 1;
+        }
+    } else {
+        for (PlaneCursor k = plane_cursor(0, 1, planes, 1, 0, len, 0, len); k.valid(); k.next()) {
+            ++count; seen[k.index()] += 1;
+        }
+    }
+    loads[threadIdx.x] = count;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def walk_probes(emulator, tmp_path_factory):
+    first, step = _row_walk_lines()
+    source = cuda.KERNEL_SOURCE + WALK_PROBES.replace("FIRST_LINE", first).replace("STEP_LINE", step)
+    return build(source, tmp_path_factory.mktemp("walks"), names=["probe_row_walk", "probe_plane_cursor",
+                                                                  "bn_stats_cols<double, 1>"])
+
+
+def _launch(lib, name, grid, block, *args):
+    """Launch `name` on the shim: tensors pass as their addresses, ints as (long long, int) per the signature."""
+    values = [ctypes.c_void_p(a.data_ptr()) if hasattr(a, "data_ptr") else a for a in args]
+    params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+    return lib.bn_emu_launch(name.encode(), *grid, *block, params)
+
+
+def test_chapter_05_exercise_3_replay_walks_rows_as_bn_stats_cols(walk_probes):
+    book = _chapter_function("book_reads_per_row")
+    for blocks, groups, rows in [(4, 16, 1000), (4, 32, 1000), (3, 32, 517), (5, 8, 999), (2, 16, 70)]:
+        seen = torch.zeros(blocks * rows, dtype=torch.int32)
+        assert _launch(walk_probes, "probe_row_walk", (1, blocks, 1), (cuda.TX, groups, 1),
+                       ctypes.c_longlong(rows), seen) == 0
+        per_block = seen.view(blocks, rows)
+        assert per_block.sum(0).tolist() == list(book(blocks, groups, rows)), (blocks, groups, rows)
+        if groups == cuda.TY:     # the real kernel, as launched: each block's partial count and mean of x = row index
+            x = torch.arange(rows, dtype=torch.float64)
+            part = torch.full((3 * blocks,), float("nan"), dtype=torch.float64)
+            assert _launch(walk_probes, "bn_stats_cols<double, 1>", (1, blocks, 1), (cuda.TX, cuda.TY, 1), x,
+                           ctypes.c_longlong(rows), ctypes.c_longlong(rows), ctypes.c_int(1), part,
+                           ctypes.c_longlong(blocks), ctypes.c_void_p(0)) == 0
+            n = per_block.sum(1).double()
+            assert torch.equal(part[:blocks], n)
+            torch.testing.assert_close(part[blocks:2 * blocks], (per_block.double() @ x) / n, rtol=1e-14, atol=0)
+
+
+def test_chapter_05_exercise_5_replay_steps_as_the_plane_cursors(walk_probes):
+    book = _chapter_function("book_loads_per_thread")
+    for length, planes in [(49, 24), (49, 1), (49, 3), (7, 20), (196, 10), (300, 3), (256, 2), (7, 100), (1, 5)]:
+        for flat in (0, 1):
+            loads = torch.zeros(cuda.PLANE_THREADS, dtype=torch.int32)
+            seen = torch.zeros(length * planes, dtype=torch.int32)
+            assert _launch(walk_probes, "probe_plane_cursor", (1, 1, 1), (cuda.PLANE_THREADS, 1, 1),
+                           ctypes.c_longlong(length), ctypes.c_int(planes), ctypes.c_int(flat), loads, seen) == 0
+            assert loads.tolist() == list(book(length, planes, bool(flat))), (length, planes, flat)
+            assert (seen == 1).all(), (length, planes, flat)          # every position read once, by either cursor

@@ -94,7 +94,7 @@ if [ "$rc" -ne 0 ]; then
         export BNLIB_CUDA_LAUNCH=cupy
     fi
 fi
-# Step timeouts add up to 1250 s without the preflight's retry (1310 s with it), more than the device
+# Step timeouts add up to 1350 s without the preflight's retry (1410 s with it), more than the device
 # tool's 600 s per command: the last run (design 3, H200) took 320 s in all, before steps 6 and 7 existed,
 # with chapter 06 under nbval (now in step 8) and the L2-chunk sweep (now step 9) inside it (the CUDA
 # tests 26 s, chapter 05 under nbval 57 s, the benchmark and profile most of the rest), so the limits are
@@ -115,12 +115,15 @@ timeout 40 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.
 #    memory: the merge trees, the block reductions) and memcheck (out of bounds, misaligned); torch's
 #    caching allocator off, so that every tensor is its own allocation and a read past its end is seen
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-if [ -n "$sanitizer" ]; then
-    for tool in racecheck memcheck; do
+sanitize() {   # compute-sanitizer's tools "$@", one after another, on tools/gpu_sanitize.py's cases, 50 s each
+    for tool in "$@"; do
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 50 "$sanitizer" --tool "$tool" --error-exitcode 9 \
             python3 tools/gpu_sanitize.py > "$OUT/sanitize_$tool.log" 2>&1 || status=1
         tail -15 "$OUT/sanitize_$tool.log"
     done
+}
+if [ -n "$sanitizer" ]; then
+    sanitize racecheck memcheck
 else
     echo "compute-sanitizer not found: no race or memory check" | tee "$OUT/sanitize_racecheck.log"
     status=1
@@ -191,4 +194,9 @@ fi
 chunks="$OUT/gpu_l2chunks_${card}_design${design}.json"
 timeout 40 python3 tools/gpu_l2_chunks.py --json "$chunks" 2>&1 | tee "$OUT/gpu_l2chunks.log" || status=1
 keep "$chunks"
+# 10. compute-sanitizer's other two tools on step 2's cases, last because a clean racecheck and memcheck matter
+#     more: initcheck (a kernel reading global memory nothing wrote: the partial buffers and scratch of the
+#     multi-block reductions, the merge trees' inputs) and synccheck (a __syncthreads or warp shuffle that not
+#     every thread of its block or warp reaches: the block reductions' early exits)
+[ -n "$sanitizer" ] && sanitize initcheck synccheck
 exit $status
