@@ -920,7 +920,10 @@ def recorded_ptxas_usage():
     saved = json.loads(importlib.resources.files("bnlib").joinpath("data", PTXAS_RECORDING).read_text())
     current = hashlib.sha256(instantiation_source().encode()).hexdigest()
     if saved["source_sha256"] != current:
-        raise RuntimeError(f"{PTXAS_RECORDING} was compiled from other kernels than these: rerun tools/record_ptxas.py")
+        raise RuntimeError(f"{PTXAS_RECORDING} was compiled from other kernels than these: rerun tools/record_ptxas.py "
+                           "(in a checkout of the course; elsewhere, as on Colab, the bnlib installed is not the one "
+                           "this notebook was written with: reinstall it with pip install --force-reinstall --no-deps "
+                           "git+https://github.com/batchnorm-book/batchnorm-book, then restart the kernel)")
     return {name: tuple(v) for name, v in saved["usage"].items()}, saved
 
 

@@ -609,15 +609,22 @@ def test_chapter_05_exercise_3_replay_walks_rows_as_bn_stats_cols(walk_probes):
                        ctypes.c_longlong(rows), seen) == 0
         per_block = seen.view(blocks, rows)
         assert per_block.sum(0).tolist() == list(book(blocks, groups, rows)), (blocks, groups, rows)
-        if groups == cuda.TY:     # the real kernel, as launched: each block's partial count and mean of x = row index
-            x = torch.arange(rows, dtype=torch.float64)
-            part = torch.full((3 * blocks,), float("nan"), dtype=torch.float64)
+        if groups == cuda.TY:
+            # the real kernel, as launched, on two columns whose values are the row index, the last row partial
+            # (its one value in column 0, read by the thread whose walk reaches row Rfull = rows - 1): each block's
+            # partial count and mean per column are those of the rows the probe's walk gave that block
+            full = rows - 1
+            x = torch.arange(rows, dtype=torch.float64).repeat_interleave(2)[:2 * full + 1]
+            part = torch.full((3 * 2 * blocks,), float("nan"), dtype=torch.float64)
             assert _launch(walk_probes, "bn_stats_cols<double, 1>", (1, blocks, 1), (cuda.TX, cuda.TY, 1), x,
-                           ctypes.c_longlong(rows), ctypes.c_longlong(rows), ctypes.c_int(1), part,
-                           ctypes.c_longlong(blocks), ctypes.c_void_p(0)) == 0
-            n = per_block.sum(1).double()
-            assert torch.equal(part[:blocks], n)
-            torch.testing.assert_close(part[blocks:2 * blocks], (per_block.double() @ x) / n, rtol=1e-14, atol=0)
+                           ctypes.c_longlong(x.numel()), ctypes.c_longlong(full), ctypes.c_int(2), part,
+                           ctypes.c_longlong(2 * blocks), ctypes.c_void_p(0)) == 0
+            index = torch.arange(rows, dtype=torch.float64)
+            for column, reads in ((0, per_block.double()), (1, per_block[:, :full].double())):
+                n = reads.sum(1)
+                assert torch.equal(part[column:2 * blocks:2], n), (column, blocks, rows)
+                torch.testing.assert_close(part[2 * blocks + column:4 * blocks:2], (reads @ index[:reads.shape[1]]) / n,
+                                           rtol=1e-14, atol=0)
 
 
 def test_chapter_05_exercise_5_replay_steps_as_the_plane_cursors(walk_probes):

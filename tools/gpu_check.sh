@@ -98,7 +98,8 @@ fi
 # tool's 600 s per command: the last run (design 3, H200) took 320 s in all, before steps 6 and 7 existed,
 # with chapter 06 under nbval (now in step 8) and the L2-chunk sweep (now step 9) inside it (the CUDA
 # tests 26 s, chapter 05 under nbval 57 s, the benchmark and profile most of the rest), so the limits are
-# there for a step that hangs, and the steps are ordered by what matters most; the last ones (Nsight
+# there for a step that hangs, and the steps are ordered by what matters most (step 5b, compute-sanitizer's
+# initcheck and synccheck, added since, up to 100 s); the last ones (Nsight
 # Compute's counters, chapters 06, 08 and 09 under nbval's lax mode, the L2-chunk sweep whose question
 # design 3's run answered) are what a slow run loses. The steps that record results write them into $OUT as they go, so a run cut short keeps
 # what it finished.
@@ -154,6 +155,15 @@ keep "$json"
 profile="$OUT/gpu_profile_${card}_design${design}.json"
 timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_profile.log" || status=1
 keep "$profile"
+# 5b. compute-sanitizer's other two tools on step 2's cases, after the benchmark and the profile (the recorded
+#     results) and before the sweeps: initcheck (a kernel reading device global memory that nothing wrote: the
+#     partial results and scratch of the multi-block reductions) and synccheck (invalid uses of the
+#     synchronization primitives, such as a __syncthreads or __syncwarp that not every thread it names reaches)
+if [ -n "$sanitizer" ]; then
+    sanitize initcheck synccheck
+else
+    echo "compute-sanitizer not found: no initcheck or synccheck" | tee "$OUT/sanitize_initcheck.log"
+fi
 # 6. fewer, busier blocks: the training step with MIN_VECTORS_PER_THREAD = 4, 8, 16 and 32 (a first-pass
 #    thread loads about that many vectors; chapter 05, "The next experiments", counts what design 3's
 #    grids give), and NCHW planes under 4 KB walked as planes (PLANES_MIN_BYTES = 0, alone and with each
@@ -194,9 +204,4 @@ fi
 chunks="$OUT/gpu_l2chunks_${card}_design${design}.json"
 timeout 40 python3 tools/gpu_l2_chunks.py --json "$chunks" 2>&1 | tee "$OUT/gpu_l2chunks.log" || status=1
 keep "$chunks"
-# 10. compute-sanitizer's other two tools on step 2's cases, last because a clean racecheck and memcheck matter
-#     more: initcheck (a kernel reading global memory nothing wrote: the partial buffers and scratch of the
-#     multi-block reductions, the merge trees' inputs) and synccheck (a __syncthreads or warp shuffle that not
-#     every thread of its block or warp reaches: the block reductions' early exits)
-[ -n "$sanitizer" ] && sanitize initcheck synccheck
 exit $status
