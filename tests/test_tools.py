@@ -1,5 +1,6 @@
 """The maintainers' scripts in tools/: each answers --help with its usage and refuses an unknown option, without
-running anything (record_ptxas.py, say, would overwrite package data, and the GPU scripts start CUDA work)."""
+running anything (record_ptxas.py, say, would overwrite package data, and the GPU scripts start CUDA work); and
+tools/gpu_check.sh's control flow, run with stubs in place of python3, nvidia-smi and compute-sanitizer."""
 import pathlib
 import subprocess
 import sys
@@ -23,3 +24,92 @@ def test_help_prints_usage_and_an_unknown_option_is_refused(script):
     bad = subprocess.run([sys.executable, str(TOOLS / script), "--no-such-option"], capture_output=True, text=True,
                          timeout=120, cwd=TOOLS.parent)
     assert bad.returncode == 2 and "error:" in bad.stderr, bad.stdout[-500:] + bad.stderr[-2000:]   # argparse's
+
+
+# tools/gpu_check.sh's control flow, on this machine: python3, nvidia-smi and compute-sanitizer replaced by stubs
+# that log their calls (and write each --json file), in a copy of the script in an empty folder (the script copies
+# recordings into bnlib/data/ of its own checkout). A GPU session gets one run of it: a shell error there would
+# cost the steps after it.
+STUB_PYTHON = r"""#!/usr/bin/env bash
+printf 'python3 %s\n' "$*" >> "$CALLS"
+case "$*" in
+    *"SMOKE WRONG"*) echo "preflight stub"; exit 0 ;;
+    *"print(torch.cuda.get_device_name())"*) echo "NVIDIA H200"; exit 0 ;;
+    *"print(cuda.KERNEL_DESIGN)"*) echo 3; exit 0 ;;
+    *"import nbval, ipykernel"*) exit 0 ;;
+esac
+if [ -n "${STUB_FAIL:-}" ] && [[ "$*" == *"$STUB_FAIL"* ]]; then echo "stub failure"; exit 1; fi
+args=("$@")
+for i in "${!args[@]}"; do
+    if [ "${args[$i]}" = "--json" ]; then echo '{"stub": true}' > "${args[$((i + 1))]}"; fi
+done
+echo "stub ok"
+"""
+STUB_SANITIZER = r"""#!/usr/bin/env bash
+printf 'sanitizer %s\n' "$*" >> "$CALLS"
+if [ -n "${STUB_SANITIZER_FAIL:-}" ] && [[ "$*" == *"$STUB_SANITIZER_FAIL"* ]]; then echo "stub hazard"; exit 9; fi
+echo '========= ERROR SUMMARY: 0 errors'
+"""
+STUB_SMI = "#!/usr/bin/env bash\necho name\necho NVIDIA H200\n"
+GPU_CHECK_ORDER = ["SMOKE WRONG", "tests/test_cuda.py", "tests/test_nn.py", "--tool racecheck", "--tool memcheck",
+                   "chapters/05_cupy.ipynb", "-m bnlib.bench", "tools/gpu_profile.py", "--tool initcheck",
+                   "--tool synccheck", "tools/gpu_grid_sweep.py", "tools/gpu_ncu.py", "chapters/06_pytorch.ipynb",
+                   "chapters/08_variants.ipynb", "chapters/09_faq.ipynb", "tools/gpu_l2_chunks.py"]
+RECORDINGS = [f"gpu_{kind}_NVIDIA_H200_design3.json" for kind in ("bench", "profile", "grid", "ncu", "l2chunks")]
+
+
+def _run_gpu_check(tmp_path, sanitizer=True, **env):
+    import os
+    import shutil
+    import tarfile
+    repo, stubs, out = tmp_path / "repo", tmp_path / "stubs", tmp_path / "out"
+    (repo / "tools").mkdir(parents=True)
+    shutil.copy(TOOLS / "gpu_check.sh", repo / "tools")
+    stubs.mkdir()
+    for name, text in (("python3", STUB_PYTHON), ("nvidia-smi", STUB_SMI)) + ((("compute-sanitizer", STUB_SANITIZER),)
+                                                                               if sanitizer else ()):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    path = ":".join([str(stubs)] + [p for p in os.environ["PATH"].split(":")        # no real compute-sanitizer
+                                     if not (pathlib.Path(p) / "compute-sanitizer").exists()])
+    calls = tmp_path / "calls"
+    proc = subprocess.run(["bash", str(repo / "tools" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": path, "OUT": str(out), "CALLS": str(calls), **env})
+    logs = sorted(m.name for m in tarfile.open(out / "logs.tgz").getmembers()) if (out / "logs.tgz").exists() else []
+    return proc, calls.read_text().splitlines(), repo, out, logs
+
+
+def _positions(calls, steps):
+    return [next((i for i, call in enumerate(calls) if step in call), None) for step in steps]
+
+
+def test_gpu_check_runs_every_step_in_order_and_keeps_the_recordings(tmp_path):
+    proc, calls, repo, out, logs = _run_gpu_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    where = _positions(calls, GPU_CHECK_ORDER)
+    assert None not in where and where == sorted(where), dict(zip(GPU_CHECK_ORDER, where))
+    assert sum("-m bnlib.bench" in c for c in calls) == 1                      # the benchmark runs once
+    for name in RECORDINGS:                                                    # in $OUT, and copied into the package
+        assert (out / name).read_text() == (repo / "bnlib" / "data" / name).read_text() == '{"stub": true}\n'
+    assert not list(out.glob("*.log")) and "./sanitize_initcheck.log" in logs and "./bench_gpu.log" in logs
+
+
+def test_gpu_check_goes_on_after_a_failed_step_and_never_overwrites_a_recording(tmp_path):
+    (tmp_path / "repo" / "bnlib" / "data").mkdir(parents=True)
+    kept = tmp_path / "repo" / "bnlib" / "data" / RECORDINGS[1]
+    kept.write_text("the earlier run")
+    proc, calls, repo, out, logs = _run_gpu_check(tmp_path, sanitizer=False, STUB_FAIL="-m bnlib.bench")
+    assert proc.returncode == 1                                                 # a failed step fails the run ...
+    steps = [s for s in GPU_CHECK_ORDER if "--tool" not in s]
+    assert None not in _positions(calls, steps)                                # ... and every later step still ran
+    assert not any(c.startswith("sanitizer") for c in calls)
+    assert "no race or memory check" in proc.stdout and "no initcheck or synccheck" in proc.stdout
+    assert not (out / RECORDINGS[0]).exists() and not (repo / "bnlib" / "data" / RECORDINGS[0]).exists()
+    assert kept.read_text() == "the earlier run" and (out / RECORDINGS[1]).exists()
+    assert f"bnlib/data/{RECORDINGS[1]} exists" in proc.stdout
+
+
+def test_gpu_check_fails_when_the_last_sanitizer_tool_finds_an_error(tmp_path):
+    proc, calls, repo, out, logs = _run_gpu_check(tmp_path, STUB_SANITIZER_FAIL="--tool synccheck")
+    assert proc.returncode == 1 and "stub hazard" in proc.stdout               # step 5b's status reaches the exit
+    assert None not in _positions(calls, GPU_CHECK_ORDER)
