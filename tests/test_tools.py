@@ -33,12 +33,14 @@ def test_help_prints_usage_and_an_unknown_option_is_refused(script):
 STUB_PYTHON = r"""#!/usr/bin/env bash
 printf 'python3 %s\n' "$*" >> "$CALLS"
 case "$*" in
-    *"SMOKE WRONG"*) echo "preflight stub"; exit 0 ;;
+    *"SMOKE WRONG"*) echo "preflight stub through $BNLIB_CUDA_LAUNCH"
+                     rc_name="STUB_PREFLIGHT_RC_$BNLIB_CUDA_LAUNCH"; exit "${!rc_name:-0}" ;;
     *"print(torch.cuda.get_device_name())"*) echo "NVIDIA H200"; exit 0 ;;
     *"print(cuda.KERNEL_DESIGN)"*) echo 3; exit 0 ;;
     *"import nbval, ipykernel"*) exit 0 ;;
 esac
 if [ -n "${STUB_FAIL:-}" ] && [[ "$*" == *"$STUB_FAIL"* ]]; then echo "stub failure"; exit 1; fi
+printf 'launcher %s\n' "${BNLIB_CUDA_LAUNCH:-default}" >> "$CALLS"
 args=("$@")
 for i in "${!args[@]}"; do
     if [ "${args[$i]}" = "--json" ]; then echo '{"stub": true}' > "${args[$((i + 1))]}"; fi
@@ -113,3 +115,22 @@ def test_gpu_check_fails_when_the_last_sanitizer_tool_finds_an_error(tmp_path):
     proc, calls, repo, out, logs = _run_gpu_check(tmp_path, STUB_SANITIZER_FAIL="--tool synccheck")
     assert proc.returncode == 1 and "stub hazard" in proc.stdout               # step 5b's status reaches the exit
     assert None not in _positions(calls, GPU_CHECK_ORDER)
+
+
+@pytest.mark.parametrize("driver_rc, cupy_rc, outcome", [
+    (1, 0, "cupy"),          # the driver launch path fails: CuPy's kernel call for the rest of the run, marked failed
+    (3, 0, "default"),       # wrong values through the driver path: the run goes on (to diagnose), marked failed
+    (1, 1, "stopped"),       # both launch paths fail: nothing else runs
+    (124, 0, "stopped"),     # the compile or the first launch hangs: the later steps would hang the same way
+])
+def test_gpu_check_preflight_retries_through_cupy_or_stops(tmp_path, driver_rc, cupy_rc, outcome):
+    proc, calls, repo, out, logs = _run_gpu_check(tmp_path, STUB_PREFLIGHT_RC_driver=str(driver_rc),
+                                                  STUB_PREFLIGHT_RC_cupy=str(cupy_rc))
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    preflights = [c for c in calls if "SMOKE WRONG" in c]
+    assert len(preflights) == (2 if driver_rc == 1 else 1)
+    launchers = {c.split()[1] for c in calls if c.startswith("launcher ")}
+    if outcome == "stopped":
+        assert not launchers and not any("tests/test_cuda.py" in c for c in calls)
+    else:
+        assert launchers == {outcome} and None not in _positions(calls, GPU_CHECK_ORDER)
