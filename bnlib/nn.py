@@ -19,7 +19,8 @@ from bnlib.stats import Moments, channel_shape, merge_moments, reduction_axes
 _HALF = (torch.float16, torch.bfloat16)
 
 # torch.compile cannot follow numba's compiled kernels or CuPy (it breaks its graph around them), and the layers'
-# fast path to these autograd Functions, _apply, stops it with an error (torch 2.13). So every layer's forward is passed through torch.compiler.disable and called from a small wrapper,
+# fast path to these autograd Functions, _apply, stops it with an error (torch 2.13). So every layer's forward
+# is passed through torch.compiler.disable and called from a small wrapper,
 # _outside_torch_graphs: Dynamo traces the wrapper, never the disabled forward, and where it meets the
 # call it ends the graph (a graph break), runs the layer eagerly and starts a new graph after it. Outside
 # a compilation the wrapper costs one more Python call and the switch of Dynamo's hook (not timed on its own here).

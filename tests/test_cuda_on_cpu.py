@@ -104,15 +104,18 @@ std::map<std::string, emu_kernel>& emu_table() {
 """
 
 
+def _launch(lib, name, grid, block, *args):
+    """Launch `name` on the shim: tensors pass as their addresses, scalars as the ctypes values given (c_longlong, c_int, ...) per the signature."""
+    values = [ctypes.c_void_p(a.data_ptr()) if hasattr(a, "data_ptr") else a for a in args]
+    params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+    return lib.bn_emu_launch(name.encode(), *grid, *block, params)
+
+
 def test_the_shim_runs_barriers_and_shuffles_as_a_gpu_and_refuses_undefined_ones(emulator, tmp_path):
     # The shim itself, on three small kernels: sums that need every barrier and shuffle to hold, lanes that
     # exit before a shuffle (code 3), and a warp split between __syncthreads and a shuffle (code 4).
     lib = _compile(SHIM.read_text() + SHIM_PROBES, tmp_path, "probes")
-
-    def launch(name, blocks, threads, *arrays):
-        pointers = [ctypes.c_void_p(a.data_ptr()) for a in arrays]
-        params = (ctypes.c_void_p * len(pointers))(*[ctypes.cast(ctypes.pointer(q), ctypes.c_void_p) for q in pointers])
-        return lib.bn_emu_launch(name.encode(), blocks, 1, 1, threads, 1, 1, params)
+    launch = lambda name, blocks, threads, *arrays: _launch(lib, name, (blocks, 1, 1), (threads, 1, 1), *arrays)
 
     x = torch.arange(3 * 256, dtype=torch.float32)
     out = torch.zeros(6)
@@ -592,13 +595,6 @@ def walk_probes(emulator, tmp_path_factory):
     source = cuda.KERNEL_SOURCE + WALK_PROBES.replace("FIRST_LINE", first).replace("STEP_LINE", step)
     return build(source, tmp_path_factory.mktemp("walks"), names=["probe_row_walk", "probe_plane_cursor",
                                                                   "bn_stats_cols<double, 1>"])
-
-
-def _launch(lib, name, grid, block, *args):
-    """Launch `name` on the shim: tensors pass as their addresses, ints as (long long, int) per the signature."""
-    values = [ctypes.c_void_p(a.data_ptr()) if hasattr(a, "data_ptr") else a for a in args]
-    params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-    return lib.bn_emu_launch(name.encode(), *grid, *block, params)
 
 
 def test_chapter_05_exercise_3_replay_walks_rows_as_bn_stats_cols(walk_probes):

@@ -1,9 +1,12 @@
 """The maintainers' scripts in tools/: each answers --help with its usage and refuses an unknown option, without
 running anything (record_ptxas.py, say, would overwrite package data, and the GPU scripts start CUDA work); and
 tools/gpu_check.sh's control flow, run with stubs in place of python3, nvidia-smi and compute-sanitizer."""
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -61,9 +64,6 @@ RECORDINGS = [f"gpu_{kind}_NVIDIA_H200_design3.json" for kind in ("bench", "prof
 
 
 def _run_gpu_check(tmp_path, sanitizer=True, **env):
-    import os
-    import shutil
-    import tarfile
     repo, stubs, out = tmp_path / "repo", tmp_path / "stubs", tmp_path / "out"
     (repo / "tools").mkdir(parents=True)
     shutil.copy(TOOLS / "gpu_check.sh", repo / "tools")
