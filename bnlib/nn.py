@@ -1035,7 +1035,8 @@ def _sync_check_worker(rank, splits, shape_tail, momentum, init_file, out_dir):
 
 
 def sync_batchnorm_check(splits, shape_tail=(), momentum=None, start_method=None, timeout=240):
-    """Check SyncBatchNorm against torch.nn.BatchNorm1d on the concatenated batch, over gloo.
+    """Check SyncBatchNorm against torch's batch norm on the concatenated batch, over gloo: BatchNorm1d for 2-D
+    and 3-D input, BatchNorm2d for 4-D, BatchNorm3d for 5-D.
 
     Starts len(splits[0]) CPU processes with torch.multiprocessing; process r holds splits[k][r]
     examples (0 allowed) of shape (C=3, *shape_tail) in split k, for 3 training steps per split.

@@ -1388,14 +1388,23 @@ def test_cuda_half_and_full_precision_train_and_eval_match_torch(dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_channels_last_keeps_layout_and_matches_torch(dtype):
     theirs, ours = _cuda_pair(torch.nn.BatchNorm2d, bnn.BatchNorm2d, 32)
     x = (torch.randn(8, 32, 9, 9, device="cuda") * 2).to(dtype).contiguous(memory_format=torch.channels_last)
     dy = torch.randn(8, 32, 9, 9, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
-    y, dx = _compare_step(theirs, ours, x, dy, HALF_TOL.get(dtype, 1e-4))
+    half = dtype in HALF_TOL
+    reference = copy.deepcopy(theirs).double() if half else None      # before the step: the same parameters
+    y, dx = _compare_step(theirs, ours, x, dy, HALF_TOL.get(dtype, 1e-4), param_tol=None if half else 1e-4,
+                          keep_grads=half)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert dx.is_contiguous(memory_format=torch.channels_last)
+    if half:   # 16-bit input: the float32 parameter gradients against float64 on the same rounded values, as
+        # test_cuda_half_and_full_precision_train_and_eval_match_torch does (torch's own are less accurate there)
+        want = torch.autograd.grad(reference(x.double()), (reference.weight, reference.bias), dy.double())
+        for name, w, got in zip(("weight", "bias"), want, (ours.weight.grad, ours.bias.grad)):
+            rel = ((got.double() - w).abs().max() / w.abs().max()).item()
+            assert rel < 1e-5, (name, rel)
 
 
 def test_suggested_memory_format_is_the_layout_torchs_layers_give():
