@@ -292,11 +292,11 @@ def batch_norm_backward(dy, cache: BNCache):
     count = x.size // num_channels
     axes, shape = reduction_axes(x.ndim), channel_shape(x.ndim, num_channels)
     x_hat = x - cache.mean.reshape(shape)                                    # (N, C, *spatial), in acc
-    # Below float64, cache.mean is the float64 mean rounded to acc, and every x_hat of a channel is off by
-    # the same delta = mean(x - cache.mean) / s, which the sums below take back out. For float64 data
-    # cache.mean is the computed mean itself (no rounded copy), so there is nothing to take out.
+    # cache.mean is rounded: below float64 it is the float64 mean rounded to acc, and in float64 the computed
+    # mean carries float64's own rounding. Either way every x_hat of a channel is off by the same
+    # delta = mean(x - cache.mean) / s, which the sums below take back out, for every dtype.
     # The per-channel sums run in float64, as chapter 02's: a float32 running sum drifts.
-    delta = 0.0 if acc == np.float64 else x_hat.mean(axis=axes, dtype=np.float64) * cache.inv_std   # (C,)
+    delta = x_hat.mean(axis=axes, dtype=np.float64) * cache.inv_std          # (C,)
     x_hat *= cache.inv_std.reshape(shape)                                    # recomputed in place
     dbeta = dy.sum(axis=axes, dtype=np.float64)                              # (C,)  sum of g
     dgamma = (dy * x_hat).sum(axis=axes, dtype=np.float64) - delta * dbeta   # (C,)  sum of g * (x_hat - delta)
