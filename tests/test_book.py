@@ -209,8 +209,7 @@ def test_solutions_are_folded_html_blocks_with_markdown_inside():
 # (or written) by one of its code cells, so that re-executing a chapter and forgetting to update a
 # sentence fails here. An entry no longer in the prose fails too: the list stays exact.
 PROSE_NUMBERS_NOT_PRINTED = {
-    "02_forward": {"55545": "a tensorflow issue number",
-                   "1.25": "a solution's hand arithmetic (the biased variance of 1, 2, 3, 4)"},
+    "02_forward": {"55545": "a tensorflow issue number"},
     "06_pytorch": {"74944": "a pytorch pull-request number"},
     "07_experiments": {"50,000": "the paper's MNIST step count", "20,000": "a step count the prose proposes",
                        "110": "the depth of a cited network",
