@@ -140,3 +140,21 @@ def test_numerical_gradient_divides_by_the_step_taken():
 def test_numerical_gradient_refuses_a_bad_step(h):
     with pytest.raises(ValueError, match="h must be"):
         numerical_gradient(lambda t: t, np.ones(2), np.ones(2), h=h)
+
+
+@pytest.mark.parametrize("seed", [11, 13, 15])
+def test_float64_backward_takes_the_means_rounding_out(seed):
+    """float64 data far from zero (mean 1e6, std 1e-3), on every CPU path: the computed float64 mean carries its own
+    rounding, and the backward pass takes it back out of x_hat (chapter 03). dgamma against an exact reference:
+    d = x - mean is exact (the two numbers are this close), and math.fsum adds without intermediate rounding."""
+    import math
+    x = 1e6 + 1e-3 * np.random.default_rng(seed).normal(size=(4096, 2))
+    dy = np.random.default_rng(seed + 1).normal(size=x.shape)
+    _, cache = F.batch_norm_forward(x)
+    _, dg, _ = F.batch_norm_backward(dy, cache)
+    d = x - cache.mean
+    want = np.empty(2)
+    for c in range(2):
+        centred = d[:, c] - math.fsum(d[:, c]) / len(d)
+        want[c] = math.fsum(dy[:, c] * centred) / math.sqrt(math.fsum(centred * centred) / len(d) + 1e-5)
+    assert relative_error(dg, want) < 1e-11
