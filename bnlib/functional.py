@@ -41,7 +41,9 @@ class BNCache(NamedTuple):
     """What batch_norm_forward keeps for batch_norm_backward (no copy of x_hat is kept).
 
     x:       (N, C, *spatial) the input itself, not a copy
-    mean:    (C,) batch mean                    var: (C,) biased batch variance
+    mean:    (C,) batch mean, in the accumulation dtype (float32 for float16 and float32 data: the float64 mean
+             rounded, which update_running_stats then feeds to the running mean)
+    var:     (C,) biased batch variance
     inv_std: (C,) 1 / sqrt(var + eps)           gamma: (C,) scale, or None for gamma = 1
     eps:     the epsilon used
     """
