@@ -1,4 +1,6 @@
 """bnlib.functional.batch_norm_backward and bnlib.gradcheck (chapter 03)."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -147,7 +149,6 @@ def test_float64_backward_takes_the_means_rounding_out(seed):
     """float64 data far from zero (mean 1e6, std 1e-3), on every CPU path: the computed float64 mean carries its own
     rounding, and the backward pass takes it back out of x_hat (chapter 03). dgamma against an exact reference:
     d = x - mean is exact (the two numbers are this close), and math.fsum adds without intermediate rounding."""
-    import math
     x = 1e6 + 1e-3 * np.random.default_rng(seed).normal(size=(4096, 2))
     dy = np.random.default_rng(seed + 1).normal(size=x.shape)
     _, cache = F.batch_norm_forward(x)
