@@ -443,6 +443,11 @@ def test_page_in_browser(browser, server, page, built_book):
         colab = f"https://colab.research.google.com/github/{owner_repo}/blob/main/{page[:-5]}.ipynb"
         links = browser.execute_script("return Array.from(document.links).map(a => a.href)")
         assert colab in links, f"{page}: no Colab link to {colab}"
+        # cell outputs at 3/4 of the prose's font size (_static/outputs.css; the theme's own is 7/8), so that more of their lines fit
+        sizes = browser.execute_script("""
+            const px = e => e ? parseFloat(getComputedStyle(e).fontSize) : null;
+            return [px(document.querySelector('div.cell_output pre')), px(document.querySelector('main p'))];""")
+        assert None not in sizes and sizes[0] <= 0.8 * sizes[1], f"{page}: output and prose font sizes {sizes}"
     shots = os.environ.get("BNBOOK_SCREENSHOTS")
     if shots:
         Path(shots).mkdir(parents=True, exist_ok=True)
