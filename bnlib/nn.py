@@ -722,21 +722,62 @@ def _check_module(module, what):
         raise TypeError(f"{what} takes a torch.nn.Module, got {type(module).__name__}")
 
 
+def _replace_layers(module, make, what):
+    """module with every submodule for which make(layer) returns a new layer replaced by it, in place (or the
+    new layer, when module itself is one). Every replacement is built before any is put in, so a layer
+    refused (re-raised with the layer's name) leaves the model as it was; a layer that appears twice gets one
+    replacement, and the inside of a replaced layer is neither searched nor changed."""
+    def built(layer, name):
+        try:
+            return make(layer)
+        except Exception as error:
+            where = f"{what}: layer {repr(name) if name else '(the module itself)'} ({type(layer).__name__})"
+            if type(error) in (ValueError, TypeError):
+                raise type(error)(f"{where}: {error}") from error
+            error.add_note(where)                          # another type may take other arguments: keep it
+            raise
+    top = built(module, "")
+    if top is not None:
+        return top
+    new, slots, seen = {}, [], {id(module)}
+    def walk(parent, prefix):                              # _modules itself: named_modules() skips a repeat
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) in new:                           # a layer met before, already replaced: this slot too
+                slots.append((parent, name))
+                continue
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            made = built(child, prefix + name)
+            if made is None:
+                walk(child, prefix + name + ".")
+            else:                                          # not searched inside: its children stay as they are
+                new[id(child)] = made
+                slots.append((parent, name))
+    walk(module, "")
+    for parent, name in slots:
+        setattr(parent, name, new[id(parent._modules[name])])
+    return module
+
+
 def convert_batchnorm(module):
     """Replace every torch.nn.BatchNorm1d/2d/3d inside `module` with bnlib's, state preserved.
 
     Returns the converted module (the same object, changed in place, unless `module` itself is a
     torch BatchNorm layer, in which case the new layer is returned). The new layers hold the same
-    parameter and buffer objects as the old ones. Only the exact classes are replaced: a subclass
-    of torch's BatchNorm may change its forward, and is left as it is.
+    parameter and buffer objects as the old ones (a layer used twice becomes one bnlib layer, used twice).
+    Only the exact classes are replaced: a subclass of torch's BatchNorm may change its forward, and is
+    left as it is, as is a lazy layer (LazyBatchNorm*d), which becomes a BatchNorm*d of torch's at its
+    first call. A layer that bnlib's would refuse (eps < 0, say) raises an error that names it, and the
+    model is left as it was: every new layer is built before any is put in.
     """
     _check_module(module, "convert_batchnorm")
-    cls = _TORCH_TO_BNLIB.get(type(module))
-    if cls is not None:
-        return _copy_bn(module, cls)
-    for name, child in module.named_children():
-        setattr(module, name, convert_batchnorm(child))
-    return module
+    def make(layer):
+        cls = _TORCH_TO_BNLIB.get(type(layer))
+        return None if cls is None else _copy_bn(layer, cls)
+    return _replace_layers(module, make, "convert_batchnorm")
 
 
 _RANKS = {torch.nn.Linear: 1, torch.nn.Conv1d: 1, torch.nn.Conv2d: 2, torch.nn.Conv3d: 3}   # the BatchNorm{k}d each feeds
@@ -769,6 +810,9 @@ def fold_batch_norm(module, bn):
         raise TypeError(f"bn must be a torch or bnlib BatchNorm1d/2d/3d, got {type(bn).__name__}")
     if _bn_rank(bn) not in (None, feeds):
         raise ValueError(f"{type(bn).__name__} cannot follow {type(module).__name__}, which feeds a BatchNorm{feeds}d")
+    if isinstance(bn, torch.nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+        raise ValueError(f"bn ({type(bn).__name__}) is a lazy layer not built yet (it has no channels until its "
+                         "first call): run the model on one batch first")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("bn has no running statistics (track_running_stats=False, or a buffer set to None): in "
                          "inference it uses batch statistics, which cannot be folded into fixed weights")
@@ -778,6 +822,10 @@ def fold_batch_norm(module, bn):
     if bn.training:                  # as torch.nn.utils.fuse_conv_bn_eval, which asserts it
         raise ValueError("bn is in training mode, where it normalizes with batch statistics, which cannot be "
                          "folded into fixed weights: call bn.eval() (or model.eval()) first")
+    negative = (bn.running_var < 0).nonzero()
+    if len(negative):                # a variance cannot be negative; folded, it would give NaN weights
+        k = int(negative[0, 0])
+        raise ValueError(f"bn's running_var must be >= 0 everywhere, got {bn.running_var[k].item()!r} at channel {k}")
     # a reparametrized tensor (parametrize, the older weight_norm/spectral_norm hooks, prune) is no longer a
     # Parameter of the module itself; looked up without computing it (which could update spectral norm's state)
     params = module._parameters
@@ -974,13 +1022,14 @@ class SyncBatchNorm(_BatchNorm):
         included, and SyncBatchNorm of either library, which then syncs over `process_group`) with
         bnlib's SyncBatchNorm holding the same parameter and buffer objects, as torch's
         convert_sync_batchnorm does. A lazy layer not yet built (its class is still Lazy*: it has no number
-        of features yet) is left as it is."""
+        of features yet) is left as it is. As convert_batchnorm, it builds every new layer before it puts any
+        in: a layer refused raises an error that names it, and the model is left as it was."""
         _check_module(module, "convert_sync_batchnorm")
-        if isinstance(module, BATCHNORM_TYPES) and not isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
-            return _copy_bn(module, cls, process_group=process_group)
-        for name, child in module.named_children():
-            setattr(module, name, cls.convert_sync_batchnorm(child, process_group))
-        return module
+        def make(layer):
+            if isinstance(layer, BATCHNORM_TYPES) and not isinstance(layer, torch.nn.modules.lazy.LazyModuleMixin):
+                return _copy_bn(layer, cls, process_group=process_group)
+            return None
+        return _replace_layers(module, make, "convert_sync_batchnorm")
 
 _TORCH_BN_FOR_NDIM = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 

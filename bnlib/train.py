@@ -777,7 +777,8 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
         values; the values are collected in History.hooks[name].
     trainable: None (train everything) or {parameter name: True or a 0/1 mask of its shape};
         parameters not named stay frozen.
-    lr_schedule: optional callable step -> multiplier of lr.
+    lr_schedule: optional callable step -> multiplier of lr (a finite number >= 0), for steps 1..steps; it is
+        called for every step before training starts, so that a bad value raises before anything changes.
     seed: seeds the batches (model m uses (seed, m, 1)).
     progress: a tqdm bar (on stderr) when tqdm is installed, none otherwise; None = only on a TTY.
     """
@@ -809,12 +810,47 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     if eval_every is not None and not (_is_int(eval_every) and eval_every >= 1):
         raise ValueError(f"eval_every must be None or a positive integer, got {eval_every!r}")
+    if hooks is not None and not isinstance(hooks, dict):
+        raise TypeError(f"hooks must be None or a dict {{name: f(model, step)}}, got {type(hooks).__name__}")
     for what, f in [("sampler", sampler), ("lr_schedule", lr_schedule), *((f"hooks[{k!r}]", v) for k, v in (hooks or {}).items())]:
         if f is not None and not callable(f):
             raise TypeError(f"{what} must be callable, got {type(f).__name__}")
     _check_seed(seed)
     if trainable is not None and not isinstance(trainable, dict):
         raise TypeError(f"trainable must be None or a dict {{parameter name: True or mask}}, got {type(trainable).__name__}")
+    multipliers = []                           # lr_schedule's values as it returns them (the same arithmetic as calling it
+    if lr_schedule is not None:                # at each step)
+        for step in range(1, steps + 1):
+            value = lr_schedule(step)
+            try:                                   # a number of any kind (a 0-d array, a Fraction), not a string
+                ok = not isinstance(value, (str, bytes, bool, np.bool_)) and np.ndim(value) == 0
+                number = float(value) if ok else None
+            except (TypeError, ValueError, OverflowError):
+                ok = False
+            if not (ok and np.isfinite(number) and number >= 0):
+                raise ValueError(f"lr_schedule must return a finite number >= 0 (a multiplier of lr) for every step "
+                                 f"1..{steps}, got {value!r} at step {step}")
+            multipliers.append(value)
+    group = norm_batch_size or batch_size
+    if group == 1 and steps:                   # a norm layer that needs more than one example fails at once, and says so
+        def refuses(layer, examples):          # on a copy of the layer, in training mode: the ValueError, or None
+            try:
+                probe = copy.deepcopy(layer)
+            except Exception:                  # a layer that cannot be copied is not probed
+                return None
+            probe.train(True)
+            try:
+                probe.forward(np.zeros((examples, layer_width), model.dtype))
+            except ValueError as error:
+                return error
+            return None
+        for l, layers in enumerate(model.norms):          # hidden layer l: one norm layer per model, all alike
+            layer_width = model.sizes[l + 1]
+            error = refuses(layers[0], 1)
+            if error is not None and refuses(layers[0], 2) is None:     # the size of the group, not the layer
+                which = "norm_batch_size" if norm_batch_size else "batch_size"
+                raise ValueError(f"{which}=1: the model's {type(layers[0]).__name__} layers normalize each group of "
+                                 f"examples with its own statistics, which need more than one example ({error})") from error
     sampler = sampler or iid_batches
     hooks = dict(hooks or {})
     eval_every = eval_every or max(1, steps // 20)
@@ -833,7 +869,6 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
     velocity = {name: np.zeros_like(p) for name, p in params}
     update = {name: np.empty_like(p) for name, p in params}      # rate * velocity, written in place at every step
     rngs = [np.random.default_rng([seed, m, 1]) for m in range(model.n_models)]
-    group = norm_batch_size or batch_size
     recorded_steps, accs, losses = [0], [accuracy(model, x_test, y_test)], [np.full(model.n_models, np.nan)]
     hook_values = {name: [] for name in hooks}
     running_loss, since = np.zeros(model.n_models), 0
@@ -867,7 +902,7 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
                 running_loss += loss * (group / batch_size)
                 for name, g in grads.items():
                     total[name] = total[name] + g if name in total else g
-            rate = lr * (lr_schedule(step) if lr_schedule else 1.0)
+            rate = lr * (multipliers[step - 1] if lr_schedule else 1.0)
             scale = group / batch_size
             for name, p in params:
                 mask = masks[name]

@@ -220,6 +220,13 @@ def test_fold_batch_norm_errors():
         bnn.fold_batch_norm(torch.nn.Linear(3, 4), no_var)
     with pytest.raises(ValueError, match="lazy layer not built yet"):
         bnn.fold_batch_norm(torch.nn.LazyConv2d(4, 3), torch.nn.BatchNorm2d(4).eval())
+    with pytest.raises(ValueError, match=r"bn \(LazyBatchNorm2d\) is a lazy layer not built yet"):
+        bnn.fold_batch_norm(torch.nn.Conv2d(3, 4, 3), torch.nn.LazyBatchNorm2d().eval())
+    negative = torch.nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        negative.running_var[2] = -0.5                     # folded, it would give NaN weights
+    with pytest.raises(ValueError, match="running_var must be >= 0 everywhere, got -0.5 at channel 2"):
+        bnn.fold_batch_norm(torch.nn.Conv2d(3, 4, 3), negative)
     for module, bn in [(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm1d(4)), (torch.nn.Linear(3, 4), bnn.BatchNorm3d(4)),
                        (torch.nn.Conv1d(3, 4, 3), torch.nn.BatchNorm2d(4))]:     # pairs that cannot run in sequence
         with pytest.raises(ValueError, match=f"cannot follow {type(module).__name__}"):
@@ -2004,6 +2011,53 @@ def test_conversions_refuse_what_is_not_a_module():
     for call in (lambda: bnn.convert_batchnorm(None), lambda: bnn.SyncBatchNorm.convert_sync_batchnorm("model")):
         with pytest.raises(TypeError, match="torch.nn.Module"):
             call()
+
+
+@pytest.mark.parametrize("convert", [bnn.convert_batchnorm, bnn.SyncBatchNorm.convert_sync_batchnorm])
+def test_a_refused_layer_names_itself_and_leaves_the_model_as_it_was(convert):
+    """Every new layer is built before any is put in: a refusal (here eps < 0, which torch accepts at
+    construction) converts nothing, and the error names the layer."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3),
+                                torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3, eps=-1.0)),
+                                torch.nn.BatchNorm2d(3))
+    before = [(name, type(m)) for name, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"layer '1\.1' \(BatchNorm2d\): eps must be"):
+        convert(model)
+    assert [(name, type(m)) for name, m in model.named_modules()] == before
+    with pytest.raises(ValueError, match=r"layer \(the module itself\) \(BatchNorm1d\): momentum"):
+        convert(torch.nn.BatchNorm1d(3, momentum=2.0))
+
+
+@pytest.mark.parametrize("convert", [bnn.convert_batchnorm, bnn.SyncBatchNorm.convert_sync_batchnorm])
+def test_a_layer_used_twice_becomes_one_layer_used_twice(convert):
+    shared = torch.nn.BatchNorm1d(4)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), shared, torch.nn.Linear(4, 4), shared)
+    convert(model)
+    assert type(model[1]) is not torch.nn.BatchNorm1d and model[1] is model[3] and model[1].weight is shared.weight
+
+
+def test_sync_conversion_does_not_search_inside_a_replaced_layer_but_meets_its_parts_elsewhere():
+    """A layer inside a replaced layer is left as it is there, and converted where it is used outside it."""
+    class WithChild(torch.nn.BatchNorm1d):
+        def __init__(self, n, inner):
+            super().__init__(n)
+            self.inner = inner
+    for order in ("inside first", "outside first"):
+        b = torch.nn.BatchNorm1d(3)
+        holder = WithChild(3, torch.nn.Sequential(b))
+        model = torch.nn.Sequential(holder, b) if order == "inside first" else torch.nn.Sequential(b, holder)
+        bnn.SyncBatchNorm.convert_sync_batchnorm(model)
+        outside, replaced = (model[1], model[0]) if order == "inside first" else (model[0], model[1])
+        assert type(outside) is bnn.SyncBatchNorm and type(replaced) is bnn.SyncBatchNorm, order
+        assert type(holder.inner[0]) is torch.nn.BatchNorm1d, order         # the discarded layer is not changed
+
+
+def test_conversion_reaches_a_layer_registered_under_a_dotted_name():
+    model = torch.nn.Sequential()
+    model.add_module("a", torch.nn.BatchNorm1d(3))
+    setattr(model, "a.b", torch.nn.BatchNorm1d(3))         # Module.__setattr__ takes the name add_module refuses
+    bnn.convert_batchnorm(model)
+    assert type(model._modules["a"]) is bnn.BatchNorm1d and type(model._modules["a.b"]) is bnn.BatchNorm1d
 
 
 def test_convert_batchnorm_leaves_subclasses_alone():

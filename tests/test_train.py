@@ -480,16 +480,43 @@ def _unchanged(before, after):
     (dict(trainable=["W0"]), TypeError, "trainable"), (dict(seed=-1), ValueError, "seed must be an integer"),
     (dict(sampler=lambda rng, y, b: rng.choice(y.size, 3, replace=False)), ValueError, r"sampler must return 20 .*\(3,\)"),
     (dict(sampler=lambda rng, y, b: np.arange(b) + 110), ValueError, r"sampler .* values from 110 to 129"),
-    (dict(sampler=lambda rng, y, b: np.zeros(b)), ValueError, "sampler .* dtype float64")])
+    (dict(sampler=lambda rng, y, b: np.zeros(b)), ValueError, "sampler .* dtype float64"),
+    (dict(hooks=[len]), TypeError, "hooks must be None or a dict"),
+    (dict(lr_schedule=lambda step: float("nan")), ValueError, "lr_schedule must return .* got nan at step 1"),
+    (dict(lr_schedule=lambda step: 1.0 if step < 3 else -1.0), ValueError, "lr_schedule .* got -1.0 at step 3"),
+    (dict(lr_schedule=lambda step: "x"), ValueError, "lr_schedule .* got 'x' at step 1"),
+    (dict(batch_size=1), ValueError, "batch_size=1: the model's BatchNorm layers .* more than one example"),
+    (dict(norm_batch_size=1), ValueError, "norm_batch_size=1: the model's BatchNorm layers")])
 def test_fit_rejects_bad_data_and_options_before_touching_the_model(change, error, match):
     data = toy_data()
     model = train.MLP([6, 8, 3], norm=BatchNorm)
     before = model.state()
     args = dict(steps=3, lr=0.1, batch_size=20, progress=False)
     args.update({k: v for k, v in change.items() if k != "data"})
+    model.eval()                                   # and fit, refusing, leaves the layers in the mode it found
     with pytest.raises(error, match=match):
         train.fit(model, change["data"](data) if "data" in change else data, **args)
-    assert _unchanged(before, model.state())
+    assert _unchanged(before, model.state()) and not any(layer.training for layer in model.norm_layers())
+
+
+def test_fit_takes_any_kind_of_number_from_lr_schedule_and_blames_batch_size_only_when_it_is_the_cause():
+    import fractions
+    for schedule in (lambda step: np.where(step < 2, 1.0, 0.1), lambda step: fractions.Fraction(1, 2),
+                     lambda step: np.float32(0.5), lambda step: 1):
+        train.fit(train.MLP([6, 8, 3], norm=BatchNorm), toy_data(), steps=2, lr=0.1, batch_size=20,
+                  lr_schedule=schedule, progress=False)
+    # eps = 0 with batch statistics is refused at every batch size: the error is the layer's, not batch_size's
+    with pytest.raises(ValueError, match="eps must be > 0") as info:
+        train.fit(train.MLP([6, 8, 3], norm=lambda c: BatchNorm(c, eps=0.0)), toy_data(), steps=2, lr=0.1,
+                  batch_size=1, progress=False)
+    assert "batch_size" not in str(info.value)
+
+
+def test_fit_trains_a_group_norm_network_on_batches_of_one():
+    """The batch-of-one refusal is for layers that need it: GroupNorm normalizes within each example."""
+    from bnlib.variants import GroupNorm
+    model = train.MLP([6, 8, 3], norm=lambda c: GroupNorm(2, c))
+    train.fit(model, toy_data(), steps=2, lr=0.1, batch_size=1, progress=False)
 
 
 def test_precise_bn_and_accuracy_check_inputs_before_changing_statistics():
