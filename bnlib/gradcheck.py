@@ -64,6 +64,9 @@ def numerical_gradient(f, x, dy, h: float = 1e-5):
 
 def relative_error(a, b) -> float:
     """max |a - b| / max(max |a|, max |b|): 0 for equal arrays, about 1 for unrelated ones."""
+    for name, v in (("a", a), ("b", b)):
+        if np.iscomplexobj(v):                # float64 would drop the imaginary part: 1j and 2j would be 'equal'
+            raise TypeError(f"relative_error compares real arrays, got complex {name} ({np.asarray(v).dtype})")
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"cannot compare arrays of shapes {a.shape} and {b.shape}")

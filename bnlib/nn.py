@@ -1298,6 +1298,9 @@ class FrozenBatchNorm2d(torch.nn.Module):
             raise TypeError(f"from_batch_norm takes a batch-norm layer (torch's or bnlib's), got {type(bn).__name__}")
         if not (bn.affine and bn.track_running_stats):
             raise ValueError("from_batch_norm needs a BatchNorm with affine=True and track_running_stats=True")
+        absent = [name for name in ("weight", "running_mean", "running_var") if getattr(bn, name, None) is None]
+        if absent:                            # flags still True, the tensors set to None by hand
+            raise ValueError(f"from_batch_norm needs bn's weight and running statistics, but bn.{absent[0]} is None")
         frozen = cls(bn.num_features, eps=bn.eps, device=bn.weight.device, dtype=bn.weight.dtype)
         state = bn.state_dict()
         if getattr(bn, "bias", None) is None:                 # torch >= 2.12's BatchNorm(..., bias=False)

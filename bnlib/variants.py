@@ -85,6 +85,13 @@ def normalize_backward(dx_hat, x_hat, inv_std, axes):
 _FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
+def _check_flag(value, name):
+    """A True/False argument, refused otherwise ('no' or 1 would be read as True), as a Python bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _check_eps_dtype(eps, dtype):
     F._check_eps(eps)
     return float(eps), _check_param_dtype(dtype)       # float32 or float64; None: float32, as layers.BatchNorm
@@ -131,7 +138,7 @@ class _Normalization:
         """weight = 1 and (with bias) bias = 0 of `shape`, with their gradients; None where absent: all four
         without affine, bias and grad_bias with bias=False (torch's weight-only layers)."""
         make = lambda fill, present: np.full(shape, fill, self.dtype) if present else None
-        with_bias = bool(affine and bias)
+        with_bias = bool(_check_flag(bias, "bias") and affine)
         self.weight, self.grad_weight = make(1, affine), make(0, affine)
         self.bias, self.grad_bias = make(0, with_bias), make(0, with_bias)
         self._param_shape = tuple(shape) if affine else None
@@ -190,7 +197,7 @@ class LayerNorm(_Normalization):
         if not shape:
             raise ValueError("normalized_shape must have at least one entry, got ()")
         self.eps, self.dtype = _check_eps_dtype(eps, dtype)
-        self.normalized_shape, self.elementwise_affine = shape, bool(elementwise_affine)
+        self.normalized_shape, self.elementwise_affine = shape, _check_flag(elementwise_affine, "elementwise_affine")
         self._init_parameters(shape, self.elementwise_affine, bias)
 
     def forward(self, x):
@@ -251,7 +258,7 @@ class GroupNorm(_Normalization):
         if self.num_channels % self.num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         self.eps, self.dtype = _check_eps_dtype(eps, dtype)
-        self.affine = bool(affine)
+        self.affine = _check_flag(affine, "affine")
         self._init_parameters((self.num_channels,), self.affine, bias)
 
     def _check_input(self, x):
@@ -323,7 +330,7 @@ class InstanceNorm(GroupNorm):
         num_features = F._check_positive_int(num_features, "num_features")   # named as the caller named it
         super().__init__(num_features, num_features, eps=eps, affine=affine, dtype=dtype, bias=bias)
         self.num_features, self.momentum = self.num_channels, float(momentum)
-        self.track_running_stats = bool(track_running_stats)
+        self.track_running_stats = _check_flag(track_running_stats, "track_running_stats")
         if self.track_running_stats:
             self.running_mean = np.zeros(num_features, self.dtype)
             self.running_var = np.ones(num_features, self.dtype)

@@ -159,3 +159,11 @@ def test_float64_backward_takes_the_means_rounding_out(seed):
         centred = d[:, c] - math.fsum(d[:, c]) / len(d)
         want[c] = math.fsum(dy[:, c] * centred) / math.sqrt(math.fsum(centred * centred) / len(d) + 1e-5)
     assert relative_error(dg, want) < 1e-11
+
+
+def test_relative_error_refuses_complex_arrays():
+    """Cast to float64, the imaginary parts would be dropped: 1j and 2j would compare as equal."""
+    with pytest.raises(TypeError, match=r"real arrays, got complex a \(complex128\)"):
+        relative_error(np.array([1j]), np.array([2j]))
+    with pytest.raises(TypeError, match="complex b"):
+        relative_error(np.ones(2), np.ones(2, np.complex64))

@@ -529,6 +529,12 @@ def test_frozen_batch_norm_loads_a_weight_only_checkpoint():
     assert list(frozen.state_dict()) == ["weight", "running_mean", "running_var"]
 
 
+def _without_running_var():
+    bn = torch.nn.BatchNorm2d(3)
+    bn.running_var = None
+    return bn
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda: V.LayerNorm(0), ValueError, "normalized_shape"),
     (lambda: V.LayerNorm("4"), TypeError, "normalized_shape"),
@@ -557,6 +563,13 @@ def test_frozen_batch_norm_loads_a_weight_only_checkpoint():
     (lambda: V.BatchRenorm(3)(torch.zeros(8, 3)), TypeError, "Tensor"),
     (lambda: FrozenBatchNorm2d.from_batch_norm(torch.nn.Linear(3, 3)), TypeError, "Linear"),
     (lambda: FrozenBatchNorm2d(3, eps=True), ValueError, "eps"),
+    # the flags are booleans: 'no' or 1 used to be read as True
+    (lambda: V.LayerNorm(4, elementwise_affine="no"), TypeError, "elementwise_affine must be True or False, got 'no'"),
+    (lambda: V.GroupNorm(2, 4, affine=1), TypeError, "affine must be True or False, got 1"),
+    (lambda: V.InstanceNorm(4, track_running_stats="yes"), TypeError, "track_running_stats must be True or False"),
+    (lambda: V.GroupNorm(2, 4, affine=False, bias=None), TypeError, "bias must be True or False, got None"),
+    # a BN whose statistics were set to None by hand, its flags still True (it had failed in load_state_dict)
+    (lambda: FrozenBatchNorm2d.from_batch_norm(_without_running_var()), ValueError, "bn.running_var is None"),
     (lambda: torch.jit.script(torch.nn.Sequential(FrozenBatchNorm2d(3))), TypeError, "FrozenBatchNorm2d cannot be compiled"),
     # a tensor dy used to be reported as a shape mismatch ("got torch.Size([8, 3])")
     (lambda: _ghost_after_forward().backward(torch.zeros(8, 3)), TypeError, "dy must be a NumPy array, got Tensor"),
