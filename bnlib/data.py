@@ -147,7 +147,7 @@ def read_idx(path, ndim: int) -> np.ndarray:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:    # truncated; bad header or CRC; corrupted data
             raise ValueError(f"{path}: not a complete gzip file ({exc})") from None
-    if ndim not in _IDX_MAGIC:
+    if isinstance(ndim, bool) or ndim not in _IDX_MAGIC:          # True == 1 would otherwise pass
         raise ValueError(f"ndim must be 1 (labels) or 3 (images), got {ndim!r}")
     expected_magic = _IDX_MAGIC[ndim]
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None

@@ -12,13 +12,21 @@ def reduction_axes(ndim: int) -> tuple[int, ...]:
 
     (N, C) -> (0,);  (N, C, L) -> (0, 2);  (N, C, H, W) -> (0, 2, 3);  (N, C, D, H, W) -> (0, 2, 3, 4)
     """
+    _check_ndim(ndim)
+    return (0,) + tuple(range(2, ndim))
+
+
+def _check_ndim(ndim):
+    """The rank of a batch-norm input: an integer >= 2 (a bool is refused: True would read as 1)."""
+    if isinstance(ndim, bool) or not isinstance(ndim, (int, np.integer)):
+        raise TypeError(f"ndim must be an integer (the input's number of dimensions), got {ndim!r}")
     if ndim < 2:
         raise ValueError(f"batch norm needs an input of shape (N, C) or (N, C, *spatial), got {ndim} dimension(s)")
-    return (0,) + tuple(range(2, ndim))
 
 
 def channel_shape(ndim: int, num_channels: int) -> tuple[int, ...]:
     """Shape that broadcasts a per-channel vector (C,) against an (N, C, *spatial) input."""
+    _check_ndim(ndim)                         # (num_channels may be -1, as in a reshape)
     return (1, num_channels) + (1,) * (ndim - 2)
 
 
@@ -86,6 +94,9 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
         # broadcasting would merge 1 channel into 4 without a word (None: a start with no channels yet, as precise_bn's)
         raise ValueError(f"merge_moments needs the moments of the same channels, got means of shapes "
                          f"{np.shape(a.mean)} and {np.shape(b.mean)}")
+    for m, name in ((a, "a"), (b, "b")):      # a count of values: a negative one would 'unmerge' silently
+        if isinstance(m.count, bool) or not isinstance(m.count, (int, np.integer)) or m.count < 0:
+            raise ValueError(f"merge_moments needs counts that are integers >= 0, got {name}.count = {m.count!r}")
     if a.count == 0:
         return b
     if b.count == 0:

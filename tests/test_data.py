@@ -79,6 +79,8 @@ def test_read_idx_rejects_wrong_magic(tmp_path):
     (tmp_path / "labels.idx").write_bytes(idx_bytes(np.zeros(5)))        # a label file read as images
     with pytest.raises(ValueError, match="magic number"):
         data.read_idx(tmp_path / "labels.idx", ndim=3)
+    with pytest.raises(ValueError, match="ndim must be 1 .* got True"):     # True == 1 passed for labels before
+        data.read_idx(tmp_path / "labels.idx", ndim=True)
 
 
 def test_read_idx_rejects_truncated_files(tmp_path):

@@ -598,3 +598,16 @@ def test_counts_accept_numpy_integers_and_store_python_ints():
                   V.GhostBatchNorm(two, two)):
         assert type(layer.num_features) is int and layer.num_features == 2
     assert type(V.GroupNorm(two, 4).num_groups) is int
+
+
+def test_stats_helpers_refuse_what_would_pass_for_a_number():
+    """A bool is an int to Python: ndim=True would read as 1, and a negative count would 'unmerge' moments."""
+    with pytest.raises(TypeError, match="ndim must be an integer .* got True"):
+        stats.reduction_axes(True)
+    with pytest.raises(ValueError, match="got 1 dimension"):
+        stats.channel_shape(1, 3)
+    assert stats.channel_shape(4, -1) == (1, -1, 1, 1)             # -1 stays allowed, as in a reshape
+    good = stats.Moments(2, np.zeros(3), np.zeros(3))
+    for bad in (stats.Moments(-3, np.zeros(3), np.zeros(3)), stats.Moments(2.5, np.zeros(3), np.zeros(3))):
+        with pytest.raises(ValueError, match="counts that are integers >= 0"):
+            stats.merge_moments(good, bad)
