@@ -1234,6 +1234,9 @@ def precise_bn(model, batches, variance="pooled", device=None):
         count = 0
         with torch.no_grad():
             for batch in batches:
+                if isinstance(batch, (tuple, list)) and not batch:
+                    raise ValueError(f"precise_bn: batch {count} is an empty {type(batch).__name__}; each batch must be "
+                                     "an input tensor, or a tuple or list whose first item is the input")
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 model(x if device is None else x.to(device))
                 count += 1

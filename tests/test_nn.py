@@ -2262,6 +2262,8 @@ def test_precise_bn_restores_modes_and_buffers_keeps_unreached_layers_and_checks
         bnn.precise_bn(model, batches, variance="population")
     with pytest.raises(ValueError, match="at least one batch"):
         bnn.precise_bn(model, [])
+    with pytest.raises(ValueError, match="batch 1 is an empty tuple; each batch must be an input tensor"):
+        bnn.precise_bn(model, [batches[0], ()])             # after a batch that ran: its statistics are undone too
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
 
