@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bnlib.stats import _is_int          # an integer, not a bool (bnlib.train takes it from here too)
+
 
 class Dataset(NamedTuple):
     """A fixed train/test split; unpacks as ``x_train, y_train, x_test, y_test``.
@@ -27,11 +29,6 @@ class Dataset(NamedTuple):
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-
-
-def _is_int(value):
-    """An integer argument: Python's or NumPy's, not a bool (True would pass for 1). bnlib.train uses it too."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_seed(seed, name="seed"):

@@ -4,7 +4,14 @@
 
 __all__ = ['reduction_axes', 'channel_shape', 'accumulation_dtype', 'Moments', 'moments', 'merge_moments', 'welford']
 
+import numbers
+
 import numpy as np
+
+
+def _is_int(value):
+    """An integer argument: Python's or NumPy's, not a bool (True would pass for 1). Later modules use it too."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def reduction_axes(ndim: int) -> tuple[int, ...]:
@@ -18,7 +25,7 @@ def reduction_axes(ndim: int) -> tuple[int, ...]:
 
 def _check_ndim(ndim):
     """The rank of a batch-norm input: an integer >= 2 (a bool is refused: True would read as 1)."""
-    if isinstance(ndim, bool) or not isinstance(ndim, (int, np.integer)):
+    if not _is_int(ndim):
         raise TypeError(f"ndim must be an integer (the input's number of dimensions), got {ndim!r}")
     if ndim < 2:
         raise ValueError(f"batch norm needs an input of shape (N, C) or (N, C, *spatial), got {ndim} dimension(s)")
@@ -37,7 +44,6 @@ def accumulation_dtype(dtype) -> np.dtype:
     return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
-import numbers
 from typing import NamedTuple
 
 
@@ -95,7 +101,7 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
         raise ValueError(f"merge_moments needs the moments of the same channels, got means of shapes "
                          f"{np.shape(a.mean)} and {np.shape(b.mean)}")
     for m, name in ((a, "a"), (b, "b")):      # a count of values: a negative one would 'unmerge' silently
-        if isinstance(m.count, bool) or not isinstance(m.count, (int, np.integer)) or m.count < 0:
+        if not (_is_int(m.count) and m.count >= 0):
             raise ValueError(f"merge_moments needs counts that are integers >= 0, got {name}.count = {m.count!r}")
     if a.count == 0:
         return b
@@ -111,7 +117,7 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
 def _check_positive_int(value, name: str) -> int:
     """A count (chunk_size here; num_features, num_groups, repeats, ... in later chapters) as an int: an
     integer >= 1, NumPy's integers included, and not a bool, which Python counts as one (True == 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not (_is_int(value) and value >= 1):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 

@@ -768,7 +768,8 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
     momentum, weight_decay: PyTorch's SGD: v = momentum * v + (g + weight_decay * p); p -= lr * v.
     sampler: callable (rng, y_train, batch_size) -> indices (batch_size,), one call per model and
         step; default iid_batches (see also class_batches for non-i.i.d. batches).
-    norm_batch_size: normalize over groups of this many examples (it must divide batch_size):
+    norm_batch_size: normalize over groups of this many examples (it must divide batch_size; a group of one is
+        refused up front when the model's norm layers need more than one example, as BatchNorm does):
         each group runs its own forward/backward (its own batch statistics) and the gradients of
         the groups are averaged before the step, as in data-parallel training.
     eval_every: evaluate (and call hooks) every this many steps and after the last (default steps // 20).
@@ -833,21 +834,20 @@ def fit(model, data, *, steps, lr, batch_size=60, momentum=0.9, weight_decay=0.0
             multipliers.append(value)
     group = norm_batch_size or batch_size
     if group == 1 and steps:                   # a norm layer that needs more than one example fails at once, and says so
-        def refuses(layer, examples):          # on a copy of the layer, in training mode: the ValueError, or None
+        def refuses(layer, examples, width):   # on a copy of the layer, in training mode: the ValueError, or None
             try:
                 probe = copy.deepcopy(layer)
             except Exception:                  # a layer that cannot be copied is not probed
                 return None
             probe.train(True)
             try:
-                probe.forward(np.zeros((examples, layer_width), model.dtype))
+                probe.forward(np.zeros((examples, width), model.dtype))
             except ValueError as error:
                 return error
             return None
         for l, layers in enumerate(model.norms):          # hidden layer l: one norm layer per model, all alike
-            layer_width = model.sizes[l + 1]
-            error = refuses(layers[0], 1)
-            if error is not None and refuses(layers[0], 2) is None:     # the size of the group, not the layer
+            error = refuses(layers[0], 1, model.sizes[l + 1])
+            if error is not None and refuses(layers[0], 2, model.sizes[l + 1]) is None:     # the size of the group, not the layer
                 which = "norm_batch_size" if norm_batch_size else "batch_size"
                 raise ValueError(f"{which}=1: the model's {type(layers[0]).__name__} layers normalize each group of "
                                  f"examples with its own statistics, which need more than one example ({error})") from error
