@@ -108,6 +108,14 @@ def _layout(a3):
     return (lambda a: a), (lambda v: v[:, None])
 
 
+def _finite_shift(x3):
+    """K of the shifted-data algorithm, (C,) in x3's dtype: each channel's first value, or 0 where that value is
+    infinite or NaN. An infinite K would make every x - K infinite or NaN (inf - inf), and the channel's mean NaN
+    where torch and chapter 02's code give inf; with K = 0 an infinite value gives an infinite mean, as theirs."""
+    k = x3[0, :, 0]
+    return np.where(np.isfinite(k), k, np.zeros((), x3.dtype))
+
+
 def numpy_forward(x3, gamma, beta, eps, y3):
     """Training forward on (N, C, L) in plain NumPy, writing y3; returns mean, var, inv_std (float64, (C,)).
 
@@ -119,8 +127,9 @@ def numpy_forward(x3, gamma, beta, eps, y3):
     count = n * l
     view, col = _layout(x3)
     x_, y_ = view(x3), view(y3)
-    k = x3[0, :, 0].astype(np.float64)                           # K: (C,) one sample per channel
-    np.subtract(x_, col(x3[0, :, 0]), out=y_)                    # d = x - K, in the output buffer
+    shift = _finite_shift(x3)                                    # K: (C,) one sample per channel
+    k = shift.astype(np.float64)
+    np.subtract(x_, col(shift), out=y_)                          # d = x - K, in the output buffer
     for attempt in range(2):                                     # a second pass only if K was far away
         mean_d = _channel_sums(y3).astype(np.float64) / count
         var = np.maximum(_channel_dots(y3, y3).astype(np.float64) / count - mean_d * mean_d, 0.0)
@@ -129,7 +138,8 @@ def numpy_forward(x3, gamma, beta, eps, y3):
             #                              just taken are about the centre y holds, and are kept
         # else re-centre on the mean found so far, from x itself: fl(x - K) already lost what Sterbenz's lemma
         # does not cover when K is far from the values, and subtracting from it would keep that loss
-        centre = (k + mean_d).astype(x3.dtype)
+        # (a channel whose mean is inf or NaN keeps its centre: x - inf would turn its inf mean into NaN)
+        centre = np.where(np.isfinite(k + mean_d), k + mean_d, k).astype(x3.dtype)
         np.subtract(x_, col(centre), out=y_)
         k = centre.astype(np.float64)                            # (what was subtracted, not k + mean_d)
     inv_std = 1.0 / np.sqrt(var + eps)
@@ -421,7 +431,7 @@ def numba_forward(x3, gamma, beta, eps, y3):
     mean_x, scale_x, beta_x = (np.empty(c, x3.dtype) for _ in range(3))
     g = np.ones(c) if gamma is None else gamma
     b = np.zeros(c) if beta is None else beta
-    shift = x3[0, :, 0].astype(np.float64)          # K: the first value of each channel
+    shift = _finite_shift(x3).astype(np.float64)    # K: each channel's first value (0 where it is not finite)
     for _ in range(2):                               # a second pass only if K was far from the mean
         if l == 1:
             k["stats_nc"](x3.reshape(n, c), shift.astype(x3.dtype), _row_blocks(n, k), mean, var)
@@ -430,7 +440,7 @@ def numba_forward(x3, gamma, beta, eps, y3):
         far = _forward_coefficients(mean, var, shift, g, b, float(eps), mean_x, scale_x, beta_x, inv_std)
         if not far:
             break
-        shift = mean.copy()
+        shift = np.where(np.isfinite(mean), mean, shift)   # an inf or NaN mean keeps its shift (x - inf: NaN)
     if l == 1:
         k["affine_nc"](x3.reshape(n, c), mean_x, scale_x, beta_x, y3.reshape(n, c))
     else:

@@ -52,15 +52,19 @@ def _load_state(layer, state, shapes, dtype, strict=True):
         except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:   # e.g. a meta tensor
             raise TypeError(f"{key} cannot be read as a NumPy array ({type(state[key]).__name__}): {err}") from None
         if shape is None:
-            if value.shape != () or value.dtype.kind not in "iu" or value < 0:
+            # int64 as the state dict gives it (and as torch stores it): a uint64 beyond its range is refused
+            if value.shape != () or value.dtype.kind not in "iu" or not 0 <= value <= np.iinfo(np.int64).max:
                 shown = f"{value.item()!r} of " if value.size == 1 else ""
-                raise ValueError(f"{key} must be a non-negative integer scalar, got {shown}shape {value.shape}, "
-                                 f"dtype {value.dtype}")
+                raise ValueError(f"{key} must be a non-negative integer scalar within int64, got {shown}shape "
+                                 f"{value.shape}, dtype {value.dtype}")
             staged[key] = int(value)
         elif value.shape != shape:
             raise ValueError(f"{key} must have shape {shape}, got {value.shape}")
         elif value.dtype.kind != "f":
             raise TypeError(f"{key} must be floating point, got {value.dtype}")
+        elif key == "running_var" and np.any(value < 0):     # no batch gives one (NaN, from a diverged run, loads)
+            raise ValueError(f"running_var must not be negative, got {int(np.sum(value < 0))} negative "
+                             f"value(s), the first {float(value[value < 0][0])!r} in channel {int(np.argmax(value < 0))}")
         else:
             staged[key] = value.astype(dtype)
     for key, value in staged.items():
@@ -69,6 +73,14 @@ def _load_state(layer, state, shapes, dtype, strict=True):
         else:
             getattr(layer, key)[...] = value
     return layer
+
+
+def _check_flag(value, name):
+    """A True/False argument (a NumPy bool too) as a Python bool; anything else is refused, since
+    'no', 1 or None would otherwise be read as True or False without a word."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _check_param_dtype(dtype):
@@ -126,12 +138,12 @@ class BatchNorm:
                  dtype=np.float32, *, bias=True):
         num_features = F._check_positive_int(num_features, "num_features")   # not a bool either
         F._check_eps(eps)                                 # a finite number >= 0, not a bool (0: with running statistics only)
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"bias must be True or False, got {bias!r}")
+        affine, bias = _check_flag(affine, "affine"), _check_flag(bias, "bias")
+        track_running_stats = _check_flag(track_running_stats, "track_running_stats")
         F._check_momentum(momentum)                       # in [0, 1] or None, not a bool
         dtype = _check_param_dtype(dtype)
         self.num_features, self.eps, self.momentum = num_features, float(eps), momentum
-        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        self.affine, self.track_running_stats = affine, track_running_stats
         self.dtype = dtype
         c = self.num_features
         self.weight = np.ones(c, self.dtype) if affine else None

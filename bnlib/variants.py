@@ -10,7 +10,7 @@ import operator
 import numpy as np
 
 from bnlib import functional as F
-from bnlib.layers import BatchNorm, _bias_repr, _check_param_dtype, _load_state, _state_copies
+from bnlib.layers import BatchNorm, _bias_repr, _check_flag, _check_param_dtype, _load_state, _state_copies
 from bnlib.stats import accumulation_dtype, channel_shape, reduction_axes
 
 
@@ -83,13 +83,6 @@ def normalize_backward(dx_hat, x_hat, inv_std, axes):
 
 
 _FLOAT_DTYPES = ("float16", "float32", "float64")
-
-
-def _check_flag(value, name):
-    """A True/False argument, refused otherwise ('no' or 1 would be read as True), as a Python bool."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
 
 
 def _check_eps_dtype(eps, dtype):

@@ -611,3 +611,29 @@ def test_stats_helpers_refuse_what_would_pass_for_a_number():
     for bad in (stats.Moments(-3, np.zeros(3), np.zeros(3)), stats.Moments(2.5, np.zeros(3), np.zeros(3))):
         with pytest.raises(ValueError, match="counts that are integers >= 0"):
             stats.merge_moments(good, bad)
+
+
+@pytest.mark.parametrize("where", ["first", "later"])
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("shape, far", [((8, 2), 0.0), ((8, 2, 3), 0.0), ((64, 2), 50.0), ((16384, 2), 1e3),
+                                        ((64, 2, 256), 1e3)])
+def test_a_non_finite_value_gives_torchs_batch_mean_wherever_it_lies(where, value, shape, far):
+    """An infinite value gives an infinite mean and a NaN variance, as in torch and chapter 02's code, also when it is
+    the channel's first value: the fast paths shift by that value (K), and an infinite K once gave a NaN mean. With
+    far > 0 the other channel's K lies far out, so that a path re-centres every channel, and the re-centring must not
+    bring the NaN back: about 8 standard deviations for (64, 2) (beyond 4: the NumPy path re-centres; an outlier among
+    64 values can lie at most sqrt(63) from their mean), about 127 for the two larger shapes (beyond 100: numba's
+    (N, C) and (N, C, L) kernels re-centre too)."""
+    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    x[(0 if where == "first" else 3, 0) + (0,) * (len(shape) - 2)] = value     # (0, 0, 0...) is the channel's K
+    x[(0, 1) + (0,) * (len(shape) - 2)] += far
+    with np.errstate(invalid="ignore"):
+        _, cache = F.batch_norm_forward(x, np.ones(2, np.float32), np.zeros(2, np.float32), 1e-5)
+    rm, rv = torch.zeros(2), torch.ones(2)
+    torch.nn.functional.batch_norm(torch.from_numpy(x), rm, rv, training=True, momentum=1.0)
+    assert np.isnan(cache.var[0]) and np.isnan(rv[0].item())
+    if np.isnan(value):
+        assert np.isnan(cache.mean[0]) and np.isnan(rm[0].item())
+    else:
+        assert cache.mean[0] == rm[0].item() == value
+    assert np.isfinite(cache.mean[1]) and np.isclose(cache.mean[1], rm[1].item(), rtol=1e-6, atol=1e-6)

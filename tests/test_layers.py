@@ -176,6 +176,11 @@ def _empty_backward(layer, dy):
     (lambda l: l.load_state_dict([1, 2]), TypeError, ["mapping"]),
     (lambda l: l.load_state_dict({**snapshot(l), "num_batches_tracked": np.int64(-1)}), ValueError,
      ["num_batches_tracked", "-1"]),
+    # a negative running variance (no batch gives one; torch loads it) and a count beyond int64 are refused
+    (lambda l: l.load_state_dict({**snapshot(l), "running_var": torch.tensor([1.0, -0.5, 2.0])}), ValueError,
+     ["running_var", "negative", "-0.5", "channel 1"]),
+    (lambda l: l.load_state_dict({**snapshot(l), "num_batches_tracked": np.uint64(2**63)}), ValueError,
+     ["num_batches_tracked", "int64", "9223372036854775808"]),
     # dy of the wrong kind after an evaluation or an empty batch (training's backward checked it already): a
     # tensor was reported as a dtype mismatch ("got torch.float32"), a list as a shape mismatch
     (lambda l: _eval_backward(l, torch.ones(8, 3)), TypeError, ["dy", "Tensor", "bnlib.nn"]),
@@ -213,6 +218,9 @@ def test_partial_load_with_bad_value_changes_nothing():
     # bools are refused (BatchNorm(3, 1e-3, True) meant affine=True), and a torch dtype is named
     (dict(num_features=3, eps=True), ["eps", "True"]), (dict(num_features=3, momentum=True), ["momentum", "True"]),
     (dict(num_features=3, dtype=torch.float32), ["dtype", "torch.float32"]),
+    # flags that are not True or False: torch reads affine="no" as true
+    (dict(num_features=3, affine="no"), ["affine", "'no'"]), (dict(num_features=3, track_running_stats=1), ["track_running_stats", "1"]),
+    (dict(num_features=3, bias=None), ["bias", "None"]),
 ])
 def test_constructor_checks(kwargs, words):
     with pytest.raises((ValueError, TypeError)) as info:
@@ -308,3 +316,13 @@ def test_eps_zero_constant_channel_is_nan_on_every_cpu_path():
             assert np.isfinite(np.delete(y, 1, axis=1)).all() and np.isfinite(np.delete(dx, 1, axis=1)).all()
             np.testing.assert_allclose(np.delete(y, 1, axis=1), np.delete(outputs["portable"][0], 1, axis=1),
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_nan_running_var_loads_and_numpy_bools_are_flags():
+    """Only a negative running variance is refused: NaN (a diverged run) loads, as in torch, and evaluation passes it
+    on; np.True_ is a flag like True."""
+    layer = BatchNorm(3, affine=np.True_, track_running_stats=np.bool_(True))
+    assert layer.affine is True and layer.track_running_stats is True
+    layer.load_state_dict({**layer.state_dict(), "running_var": np.array([1.0, np.nan, 0.0])})
+    y = layer.eval().forward(np.ones((4, 3), np.float32))
+    assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, [0, 2]]).all()
