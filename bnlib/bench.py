@@ -17,23 +17,38 @@ import tracemalloc
 
 import numpy as np
 
+try:
+    import resource                     # page-fault counts (Linux, macOS; absent on Windows)
+except ImportError:
+    resource = None
+
 from bnlib import cpu
 from bnlib import functional as F
 
 SETTLE_S = 0.003
 
 
-def _seconds(fn):
-    """Wall time of one call of fn, taken in steady state: fn first runs back to back for SETTLE_S,
-    so that its own thread pool is awake and the previous implementation's pool (torch's and
-    numba's OpenMP threads both spin for a while after their work) has gone idle, as it would be
-    in a training loop that calls the same layer over and over."""
+def _seconds_and_faults(fn):
+    """Wall time of one call of fn, taken in steady state, and the minor page faults of that call (None where the
+    system does not count them). Steady state: fn first runs back to back for SETTLE_S, so that its own thread pool
+    is awake and the previous implementation's pool (torch's and numba's OpenMP threads both spin for a while after
+    their work) has gone idle, as it would be in a training loop that calls the same layer over and over. The
+    faults are counted outside the timed interval."""
     start = time.perf_counter()
     while time.perf_counter() - start < SETTLE_S:
         fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else None
     start = time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if before is None:
+        return elapsed, None
+    return elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def _seconds(fn):
+    """Wall time of one call of fn, taken in steady state (_seconds_and_faults)."""
+    return _seconds_and_faults(fn)[0]
 
 
 def median_ms(fn, repeats=7):
@@ -117,7 +132,10 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
     else left at BLAS's own count: each row's blas_threads is None then), interleaved repeats
     (torch's kernels, torch through autograd, then each bnlib backend, in turn), medians; the three
     thread counts are restored on return. Returns one dict per (shape, implementation) with forward and forward+backward medians
-    in ms, their ratios to torch, the achieved bandwidth against this machine's copy bandwidth
+    in ms, their ratios to torch, every repeat's time in ms in the order taken (forward_repeats_ms, step_repeats_ms:
+    repeat i of every row ran in the same round, so rows can be compared repeat by repeat) and the minor page faults
+    of each timed call (forward_repeat_faults, step_repeat_faults; None where the system does not count them), the
+    achieved bandwidth against this machine's copy bandwidth
     (roofline(); the copy of copy_nbytes is measured once), and bnlib's peak extra memory for a
     training step. shapes: default CPU_SHAPES.
     """
@@ -202,12 +220,15 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
                 impls = {"torch": (kernel_forward, kernel_step), "torch (autograd)": (torch_forward, torch_step)}
                 impls.update({f"bnlib[{b}]": bnlib_pair(b) for b in backends})
                 times = {name: ([], []) for name in impls}
+                faults = {name: ([], []) for name in impls}     # page faults of each timed call
                 for fwd, step in impls.values():          # warm-up: compilation, caches, allocator
                     fwd(), step(), step()
                 for _ in range(repeats):                    # interleaved, so drift hits everyone alike
                     for name, (fwd, step) in impls.items():
-                        times[name][0].append(_seconds(fwd))
-                        times[name][1].append(_seconds(step))
+                        for k, fn in enumerate((fwd, step)):
+                            seconds, met = _seconds_and_faults(fn)
+                            times[name][k].append(seconds)
+                            faults[name][k].append(met)
                 out = np.empty_like(x)
                 copy_here_s = float(np.median([_seconds(lambda: np.copyto(out, x)) for _ in range(repeats)]))
                 base_f, base_s = (min(float(np.median(times[name][k])) for name in ("torch", "torch (autograd)"))
@@ -215,7 +236,9 @@ def bench_cpu(shapes=None, repeats=15, threads=None, backends=None, seed=0, prog
                 for name, (tf, ts) in times.items():
                     row = {"shape": list(shape), "impl": name, "threads": threads, "blas_threads": blas_threads,
                            "forward_ms": 1e3 * float(np.median(tf)), "step_ms": 1e3 * float(np.median(ts)),
-                           "forward_ratio": float(np.median(tf)) / base_f, "step_ratio": float(np.median(ts)) / base_s}
+                           "forward_ratio": float(np.median(tf)) / base_f, "step_ratio": float(np.median(ts)) / base_s,
+                           "forward_repeats_ms": [1e3 * t for t in tf], "step_repeats_ms": [1e3 * t for t in ts],
+                           "forward_repeat_faults": faults[name][0], "step_repeat_faults": faults[name][1]}
                     row.update(roofline(x.nbytes, float(np.median(tf)), float(np.median(ts)), copy_bw, copy_here_s))
                     if name.startswith("bnlib["):
                         cpu.set_backend(name[6:-1])

@@ -45,6 +45,12 @@ def test_bench_runs_and_reports_ratios():
     assert impls == {"torch", "torch (autograd)"} | {f"bnlib[{b}]" for b in cpu.available_backends()}
     for r in rows:
         assert r["forward_ms"] > 0 and r["step_ms"] > 0
+        # every repeat kept, in order, with the page faults of its timed call (counted on Linux)
+        assert len(r["forward_repeats_ms"]) == len(r["step_repeats_ms"]) == 2
+        assert np.median(r["step_repeats_ms"]) == pytest.approx(r["step_ms"])
+        assert np.median(r["forward_repeats_ms"]) == pytest.approx(r["forward_ms"])
+        assert len(r["forward_repeat_faults"]) == len(r["step_repeat_faults"]) == 2
+        assert all(isinstance(n, int) and n >= 0 for n in r["forward_repeat_faults"] + r["step_repeat_faults"])
         if r["impl"].startswith("torch"):            # the reference: the faster of the two torch rows
             assert r["step_ratio"] >= 1.0 and r["forward_ratio"] >= 1.0
         elif r["impl"].startswith("bnlib"):
@@ -430,3 +436,29 @@ def test_row_blocks_one_per_thread_one_when_serial():
     assert cpu._row_blocks(1000, cpu.SERIAL_KERNELS) == 1
     assert cpu._row_blocks(1000, cpu.PARALLEL_KERNELS) == threads
     assert cpu._row_blocks(1, cpu.PARALLEL_KERNELS) == 1
+
+
+def test_seconds_and_faults_counts_the_faults_of_the_timed_call():
+    """A call that touches 256 fresh pages meets at least 200 faults (the settling calls before it are not counted:
+    each maps its own pages); a call that touches no memory meets none, or nearly; no resource module: None."""
+    import mmap
+
+    def touch_fresh_pages(pages=256):
+        m = mmap.mmap(-1, pages * mmap.PAGESIZE)              # anonymous: fresh pages, mapped on first touch
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            m.madvise(mmap.MADV_NOHUGEPAGE)                    # one fault per small page, not per huge page
+        for i in range(0, pages * mmap.PAGESIZE, mmap.PAGESIZE):
+            m[i] = 1
+        m.close()
+
+    seconds, faults = bench._seconds_and_faults(touch_fresh_pages)
+    assert seconds > 0 and 200 <= faults < 1000
+    _, idle_faults = bench._seconds_and_faults(lambda: None)
+    assert idle_faults < 50
+    assert bench._seconds(lambda: None) >= 0
+
+
+def test_seconds_and_faults_without_a_fault_counter(monkeypatch):
+    monkeypatch.setattr(bench, "resource", None)             # as on Windows
+    seconds, faults = bench._seconds_and_faults(lambda: None)
+    assert seconds >= 0 and faults is None
