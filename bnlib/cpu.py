@@ -2,7 +2,9 @@
 # bnlib.cpu is generated from chapters/04_numpy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'ROW_BLOCK', 'L_BLOCK', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward', 'channels_last', 'inference']
+__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'dense_order', 'as_acb', 'ROW_BLOCK', 'L_BLOCK', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward', 'channels_last', 'inference']
+
+import math
 
 import numpy as np
 
@@ -44,6 +46,40 @@ def supports(x) -> bool:
 def as_ncl(a):
     """(N, C, *spatial) -> a C-contiguous (N, C, L) view (a copy only for non-contiguous input)."""
     return np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
+
+
+def dense_order(a):
+    """The order of a's axes in memory: a permutation p of its axes with a.transpose(p) C-contiguous (outermost
+    first), or None where a's values are not one dense block (a strided slice, say). (0, 1, ..., ndim - 1) for a
+    C-contiguous array, reversed for a Fortran-ordered one, (0, 2, ..., ndim - 1, 1) for channels-last."""
+    if a.flags.c_contiguous:
+        return tuple(range(a.ndim))
+    order = tuple(sorted(range(a.ndim), key=lambda i: (-abs(a.strides[i]), i)))   # largest stride outermost
+    return order if a.transpose(order).flags.c_contiguous else None
+
+
+def as_acb(a):
+    """(N, C, *spatial) -> (a3, order): a3 a C-contiguous (A, C, B) view of a's memory, order = dense_order(a),
+    A and B the products of the axes before and after the channel axis in that order. The per-channel statistics
+    are sums over A and B whatever the order, so the kernels written for (N, C, L) take any dense layout without
+    a copy: (N, C, L) for C order, (N * L, C, 1) for channels-last, (L, C, N) for Fortran order. A copy into C
+    order only where a is not one dense block."""
+    if not a.flags.c_contiguous:
+        order = dense_order(a)
+        if order is not None:
+            t, k = a.transpose(order), order.index(1)
+            return t.reshape(math.prod(t.shape[:k]), a.shape[1], -1), order
+        a = np.ascontiguousarray(a)
+    return a.reshape(a.shape[0], a.shape[1], -1), tuple(range(a.ndim))     # C order: (N, C, L)
+
+
+def _empty_in_order(shape, dtype, order, acb_shape):
+    """An empty array of `shape` laid out in memory in `order` (as as_acb reads it), and its (A, C, B) view."""
+    if order == tuple(range(len(shape))):                              # C order (the common case: no transposes)
+        t = np.empty(shape, dtype=dtype)
+        return t, t.reshape(acb_shape)
+    t = np.empty(tuple(shape[i] for i in order), dtype=dtype)
+    return t.transpose(np.argsort(order)), t.reshape(acb_shape)
 
 
 ROW_BLOCK = 64                         # rows per float32 partial sum of an (N, C) reduction
@@ -476,24 +512,30 @@ def numba_backward(dy3, x3, mean, inv_std, gamma, dx3):
 def forward(x, gamma, beta, eps):
     """Training forward for NumPy float32/float64 x (validated by the caller) on the chosen backend.
 
-    Returns y (x's shape and dtype), x3 (contiguous (N, C, L) view of x), mean, var, inv_std (float64).
+    Returns y (x's shape and dtype, laid out in memory as x is when x is one dense block, else C-contiguous), mean,
+    var, inv_std (float64). x is read through as_acb: no copy for C-contiguous, channels-last, Fortran-ordered or
+    any other dense layout.
     """
-    x3 = as_ncl(x)
-    y = np.empty(x.shape, dtype=x.dtype)
+    x3, order = as_acb(x)
+    y, y3 = _empty_in_order(x.shape, x.dtype, order, x3.shape)
     g = None if gamma is None else gamma.astype(np.float64)
     b = None if beta is None else beta.astype(np.float64)
     run = numba_forward if _backend == "numba" else numpy_forward
-    mean, var, inv_std = run(x3, g, b, float(eps), y.reshape(x3.shape))
-    return y, x3, mean, var, inv_std
+    mean, var, inv_std = run(x3, g, b, float(eps), y3)
+    return y, mean, var, inv_std
 
 
-def backward(dy, x3, mean, inv_std, gamma):
-    """Training backward for the output of forward(); returns dx (dy's shape), dgamma, dbeta (float64)."""
-    dy3 = as_ncl(dy)
-    dx = np.empty(dy.shape, dtype=dy.dtype)
+def backward(dy, x, mean, inv_std, gamma):
+    """Training backward: dy and forward's input x (the same shape), mean and inv_std from forward(); returns dx
+    (laid out as x), dgamma, dbeta (float64). dy is read in x's memory order: no copy when it is laid out as x,
+    one copy into x's order otherwise."""
+    x3, order = as_acb(x)
+    dy_t = dy if dy.flags.c_contiguous and order == tuple(range(dy.ndim)) else dy.transpose(order)
+    dy3 = (dy_t if dy_t.flags.c_contiguous else np.ascontiguousarray(dy_t)).reshape(x3.shape)
+    dx, dx3 = _empty_in_order(x.shape, dy.dtype, order, x3.shape)
     g = None if gamma is None else gamma.astype(np.float64)
     run = numba_backward if _backend == "numba" else numpy_backward
-    dgamma, dbeta = run(dy3, x3, mean, inv_std, g, dx.reshape(x3.shape))
+    dgamma, dbeta = run(dy3, x3, mean, inv_std, g, dx3)
     return dx, dgamma, dbeta
 
 
@@ -508,25 +550,21 @@ def inference(x, mean, scale, shift):
     """Evaluation-mode batch norm of NumPy float32/float64 x with the numba kernels: y = (x - mean) * scale + shift
     per channel, the training forward's second loop, in one loop (a read of x and a write of y: 2 passes) where chapter
     02's NumPy code makes three operations (6 passes). mean, scale and shift (None: nothing to add) are (C,) arrays of x's dtype, as
-    bnlib.functional's _inference_map returns them. x must be C-contiguous, read as (N, C, L), or channels-last
-    (channels_last(x)), read as (N * L, C) rows; y has x's layout. A missing shift is applied as -0.0, which leaves
+    bnlib.functional's _inference_map returns them. x must be one dense block in any axis order (dense_order(x) is
+    not None: C-contiguous, channels-last, Fortran-ordered, ...), read through as_acb without a copy; y has x's
+    layout. A missing shift is applied as -0.0, which leaves
     every value as it is (x + 0.0 would turn -0.0 into 0.0): every output that is not NaN is bit for bit
     chapter 02's (a NaN may carry the other sign bit)."""
-    n, c = x.shape[0], x.shape[1]
+    c = x.shape[1]
     b = np.full(c, -0.0, dtype=x.dtype) if shift is None else shift
     k = _pick(x)
-    if x.flags.c_contiguous:
-        y = np.empty(x.shape, dtype=x.dtype)
-        x3, y3 = x.reshape(n, c, -1), y.reshape(n, c, -1)             # views: no copy
-        if x3.shape[2] == 1:
-            k["affine_nc"](x3.reshape(n, c), mean, scale, b, y3.reshape(n, c))
-        else:
-            k["affine"](x3, mean, scale, b, y3)
-        return y
-    if not channels_last(x):
-        raise ValueError(f"inference needs C-contiguous or channels-last x, got strides {x.strides} for shape {x.shape}")
-    last = (0, *range(2, x.ndim), 1)                                  # (N, C, *spatial) -> (N, *spatial, C)
-    x_last = x.transpose(last)                                        # C-contiguous (channels_last(x))
-    y_rows = np.empty((x.size // c, c), dtype=x.dtype)
-    k["affine_nc"](x_last.reshape(-1, c), mean, scale, b, y_rows)     # rows of C values: views, no copy
-    return y_rows.reshape(x_last.shape).transpose(np.argsort(last))   # y in x's layout, a view of y_rows
+    if dense_order(x) is None:
+        raise ValueError(f"inference needs x in one dense block (any axis order), got strides {x.strides} for shape "
+                         f"{x.shape}")
+    x3, order = as_acb(x)                                             # a view: no copy
+    y, y3 = _empty_in_order(x.shape, x.dtype, order, x3.shape)
+    if x3.shape[2] == 1:                                              # rows of C values (channels-last, (N, C))
+        k["affine_nc"](x3.reshape(-1, c), mean, scale, b, y3.reshape(-1, c))
+    else:
+        k["affine"](x3, mean, scale, b, y3)
+    return y

@@ -331,7 +331,7 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
     if not cpu.supports(x) or x.size == 0:
         return portable_batch_norm_forward(x, gamma, beta, eps)
     _check_forward_args(x, gamma, beta, eps)
-    y, _, mean, var, inv_std = cpu.forward(x, gamma, beta, eps)
+    y, mean, var, inv_std = cpu.forward(x, gamma, beta, eps)
     stats = (a.astype(x.dtype) for a in (mean, var, inv_std))
     return y, BNCache(x, *stats, gamma, float(eps))
 
@@ -346,7 +346,7 @@ def batch_norm_backward(dy, cache: BNCache):
     _check_backward_args(dy, cache)
     if not cpu.supports(cache.x) or cache.x.size == 0:
         return portable_batch_norm_backward(dy, cache)
-    dx, dgamma, dbeta = cpu.backward(dy, cpu.as_ncl(cache.x), cache.mean.astype(np.float64),
+    dx, dgamma, dbeta = cpu.backward(dy, cache.x, cache.mean.astype(np.float64),
                                      cache.inv_std.astype(np.float64), cache.gamma)
     param_dtype = cache.x.dtype if cache.gamma is None else cache.gamma.dtype
     return dx, dgamma.astype(param_dtype), dbeta.astype(param_dtype)
@@ -356,12 +356,12 @@ def batch_norm_inference(x, running_mean, running_var, gamma=None, beta=None, ep
     """Inference-mode batch norm (Algorithm 2): y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
 
     Inputs and checks as portable_batch_norm_inference (chapter 02). NumPy float32/float64 input on the numba
-    backend, C-contiguous or channels-last, runs bnlib.cpu.inference: the same map in one loop (2 passes), every output that is
+    backend, in one dense block (C-contiguous, channels-last, Fortran-ordered, ...), runs bnlib.cpu.inference: the same map in one loop (2 passes), every output that is
     not NaN the same bit for bit (NaN where chapter 02 gives NaN), y in x's layout. Anything else (the numpy and
     portable backends, other layouts, float16, CuPy arrays, a zero-size batch) runs chapter 02's code.
     """
     if (not cpu.supports(x) or cpu.get_backend() != "numba" or x.size == 0
-            or not (x.flags.c_contiguous or cpu.channels_last(x))):
+            or cpu.dense_order(x) is None):
         return portable_batch_norm_inference(x, running_mean, running_var, gamma, beta, eps)
     return cpu.inference(x, *_inference_map(x, running_mean, running_var, gamma, beta, eps))
 

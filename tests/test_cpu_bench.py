@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bnlib import bench, cpu
+from bnlib import functional as F
 from conftest import ROOT
 
 
@@ -462,3 +463,63 @@ def test_seconds_and_faults_without_a_fault_counter(monkeypatch):
     monkeypatch.setattr(bench, "resource", None)             # as on Windows
     seconds, faults = bench._seconds_and_faults(lambda: None)
     assert seconds >= 0 and faults is None
+
+
+_LAYOUTS = {                      # the same values, stored five ways
+    "C": np.ascontiguousarray,
+    "Fortran": np.asfortranarray,
+    "channels-last": lambda a: np.ascontiguousarray(np.moveaxis(a, 1, -1)).transpose(0, a.ndim - 1, *range(1, a.ndim - 1)),
+    "channels-first": lambda a: np.ascontiguousarray(np.moveaxis(a, 1, 0)).transpose(1, 0, *range(2, a.ndim)),
+    "strided": lambda a: np.repeat(a, 2, axis=0)[::2],
+}
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 5, 4), (16, 5), (3, 1, 2, 2, 3), (2, 6, 1, 1), (9, 4, 3)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_paths_take_any_dense_layout(shape, dtype, cpu_backend):
+    """Training forward and backward agree with the float64 reference for x and dy in any of five layouts (each
+    pair), and y and dx are laid out as x (one dense block) or C-contiguous (x strided)."""
+    rng = np.random.default_rng(len(shape) * 10 + shape[1])
+    x0 = rng.normal(2, 3, size=shape).astype(dtype)
+    dy0 = rng.normal(size=shape).astype(dtype)
+    g, b = rng.normal(size=shape[1]).astype(dtype), rng.normal(size=shape[1]).astype(dtype)
+    y64, c64 = F.portable_batch_norm_forward(x0.astype(np.float64), g.astype(np.float64), b.astype(np.float64))
+    want = (y64, *F.portable_batch_norm_backward(dy0.astype(np.float64), c64))
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for x_layout, to_x in _LAYOUTS.items():
+        for dy_layout, to_dy in _LAYOUTS.items():
+            x, dy = to_x(x0), to_dy(dy0)
+            assert np.array_equal(x, x0) and np.array_equal(dy, dy0)
+            y, cache = F.batch_norm_forward(x, g, b)
+            dx, dg, db = F.batch_norm_backward(dy, cache)
+            for name, got, ref in zip(("y", "dx", "dgamma", "dbeta"), (y, dx, dg, db), want):
+                err = np.abs(got - ref).max() / max(1.0, np.abs(ref).max())
+                assert err < tol, (x_layout, dy_layout, name, err)
+            if cpu_backend != "portable":
+                same = cpu.dense_order(x) if cpu.dense_order(x) is not None else tuple(range(x.ndim))
+                for out in (y, dx):                  # laid out as x: its axes in x's memory order are C-contiguous
+                    assert out.transpose(same).flags.c_contiguous, (x_layout, dy_layout, out.strides, x.strides)
+
+
+def test_fast_paths_copy_nothing_for_any_dense_layout():
+    """The peak extra memory of a training step, in tensors: none tensor-sized (under 0.2: arrays of partial sums)
+    for x and dy both C-contiguous, Fortran-ordered, channels-last or channels-first; one (dy put into x's order)
+    when dy is laid out otherwise; two (x and dy copied to C order in the backward pass) when both are strided."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((32, 16, 14, 14), dtype=np.float32)
+    dy = rng.standard_normal(x.shape, dtype=np.float32)
+    g, b = np.ones(16, np.float32), np.zeros(16, np.float32)
+    previous = cpu.get_backend()
+    try:
+        for backend in cpu.available_backends():
+            if backend == "portable":
+                continue
+            cpu.set_backend(backend)
+            for name in ("C", "Fortran", "channels-last", "channels-first"):
+                tensors = bench.peak_extra_memory(_LAYOUTS[name](x), _LAYOUTS[name](dy), g, b)[1]
+                assert tensors < 0.2, (backend, name, tensors)          # partial sums, not a tensor
+            assert 0.95 < bench.peak_extra_memory(np.asfortranarray(x), dy, g, b)[1] < 1.2
+            strided = _LAYOUTS["strided"]
+            assert 1.95 < bench.peak_extra_memory(strided(x), strided(dy), g, b)[1] < 2.2
+    finally:
+        cpu.set_backend(previous)
