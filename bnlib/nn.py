@@ -254,10 +254,11 @@ class BatchNormFunction(torch.autograd.Function):
             dx, dgamma, dbeta = cuda.backward_torch(dy, x, mean, inv_std, weight)
         else:
             # the forward's cache, rebuilt from the saved tensors without copying (a float16/bfloat16 x on
-            # the CPU is converted again); CuPy kernels take dy in any layout, the CPU path wants contiguous
+            # the CPU is converted again); both paths take dy in any layout (the CPU path reads it in x's memory
+            # order: no copy when dy is laid out as x, one otherwise)
             cache = F.BNCache(_for_arrays(x, acc), *(_as_array(t) for t in (mean, var, inv_std)),
                               _for_arrays(weight, acc), ctx.eps)
-            dya = _for_arrays(dy if dy.is_cuda else dy.contiguous(), acc)
+            dya = _for_arrays(dy, acc)
             with _on_tensor_stream(dy):
                 dx, dgamma, dbeta = (_as_tensor(a) for a in F.batch_norm_backward(dya, cache))
         need_w, need_b = ctx.param_grads
