@@ -389,7 +389,8 @@ def batch_norm_forward(x, gamma=None, beta=None, eps: float = 1e-5):
 
 
 def batch_norm_backward(dy, cache: BNCache):
-    """Gradients of training-mode batch norm: dx (x's dtype; C-contiguous from the NumPy paths), dgamma, dbeta (C,).
+    """Gradients of training-mode batch norm: dx (x's dtype), dgamma, dbeta (C,); dx laid
+    out as x from the NumPy fast paths when x is one dense block, else C-contiguous.
 
     dx = gamma / s * (dy - mean(dy) - x_hat * mean(dy * x_hat)), s = sqrt(var + eps), means over all axes but 1.
     A zero-size batch launches no kernel: an empty dx and zero dgamma, dbeta (chapter 03).

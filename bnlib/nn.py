@@ -254,8 +254,9 @@ class BatchNormFunction(torch.autograd.Function):
             dx, dgamma, dbeta = cuda.backward_torch(dy, x, mean, inv_std, weight)
         else:
             # the forward's cache, rebuilt from the saved tensors without copying (a float16/bfloat16 x on
-            # the CPU is converted again); both paths take dy in any layout (the CPU path reads it in x's memory
-            # order: no copy when dy is laid out as x, one otherwise)
+            # the CPU is converted again); the CuPy and CPU paths both take dy in any layout (CuPy copies it into
+            # x's strides when they differ; the CPU path reads it in x's memory order: no copy when a
+            # float32/float64 dy is laid out as x, one otherwise)
             cache = F.BNCache(_for_arrays(x, acc), *(_as_array(t) for t in (mean, var, inv_std)),
                               _for_arrays(weight, acc), ctx.eps)
             dya = _for_arrays(dy, acc)
