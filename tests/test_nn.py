@@ -2455,3 +2455,37 @@ def test_precise_bn_uncounts_an_empty_call_after_a_nan_batch():
     model = torch.nn.Sequential(bnn.BatchNorm1d(3))
     bnn.precise_bn(model, [torch.full((4, 3), float("nan")), torch.randn(0, 3), torch.randn(4, 3)], variance="batch")
     assert int(model[0].num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("dy_format", ["channels-last", "contiguous"])
+def test_cpu_training_step_copies_no_channels_last_tensor(dy_format, monkeypatch):
+    """On the CPU fast paths a channels-last x is read in place (chapter 04's as_acb), and so is a channels-last dy
+    in the backward pass (bnlib.nn hands dy over in its own layout); a C-contiguous dy with a channels-last x is
+    copied once, into x's memory order. Counted: the tensor-sized arrays np.ascontiguousarray is asked to copy.
+    The gradients match torch's layer."""
+    from bnlib import cpu
+    if cpu.get_backend() == "portable":
+        pytest.skip("the portable path has no fast layout handling")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 5, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(4, 6, 5, 7, generator=gen)
+    dy = dy.contiguous(memory_format=torch.channels_last) if dy_format == "channels-last" else dy.contiguous()
+    theirs = torch.nn.BatchNorm2d(6)
+    ours = bnn.convert_batchnorm(copy.deepcopy(theirs))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    copies, real = [], np.ascontiguousarray
+
+    def counting(a, *args, **kwargs):
+        if getattr(a, "size", 0) == x.numel():
+            copies.append(np.asarray(a).strides)
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(np, "ascontiguousarray", counting)
+    y = ours(xa)
+    y.backward(dy)
+    monkeypatch.setattr(np, "ascontiguousarray", real)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert len(copies) == (0 if dy_format == "channels-last" else 1), copies
+    theirs(xb).backward(dy)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-5, atol=1e-4)
