@@ -2,7 +2,7 @@
 # bnlib.cpu is generated from chapters/04_numpy.ipynb by tools/export.py.
 # Edit the notebook, then run `python tools/export.py`.
 
-__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'as_ncl', 'dense_order', 'as_acb', 'ROW_BLOCK', 'L_BLOCK', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward', 'channels_last', 'inference']
+__all__ = ['FAST_DTYPES', 'PARALLEL_MIN_SIZE', 'available_backends', 'get_backend', 'set_backend', 'supports', 'dense_order', 'as_acb', 'ROW_BLOCK', 'L_BLOCK', 'numpy_forward', 'numpy_backward', 'numba_forward', 'numba_backward', 'forward', 'backward', 'channels_last', 'inference']
 
 import math
 
@@ -41,11 +41,6 @@ def set_backend(name: str) -> str:
 def supports(x) -> bool:
     """True for the inputs the fast CPU paths handle: NumPy float32/float64 arrays of 2+ dimensions."""
     return _backend != "portable" and isinstance(x, np.ndarray) and x.dtype in FAST_DTYPES and x.ndim >= 2
-
-
-def as_ncl(a):
-    """(N, C, *spatial) -> a C-contiguous (N, C, L) view (a copy only for non-contiguous input)."""
-    return np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
 
 
 def dense_order(a):

@@ -129,12 +129,12 @@ def test_inference_with_wider_statistics_passes_non_finite_values_through_quietl
 @pytest.mark.parametrize("seed", range(6))
 def test_inference_fast_path_equals_the_portable_code_bit_for_bit(seed, monkeypatch):
     """On the numba backend, NumPy float32/float64 input in one dense block (C-contiguous, channels-last, Fortran
-    order, ...) takes bnlib.cpu.inference (one pass). Every output that is not NaN must be chapter 02's bit for bit, zeros' signs included, NaN must
-    stand where chapter 02 has NaN (its sign bit may differ: of two NaN factors, the CPU returns one, by operand
-    order), and y must have chapter 02's layout. Random shapes; C-contiguous, channels-last and Fortran-ordered
-    input; statistics of x's dtype or another; NaN and inf in the statistics and in x; gamma or beta absent;
-    eps 0; and sizes on both sides of PARALLEL_MIN_SIZE (the serial and the threaded kernels, both dtypes,
-    with and without a shift)."""
+    order, ...) takes bnlib.cpu.inference (one pass). Every output that is not NaN must be chapter 02's bit for bit,
+    zeros' signs included, NaN must stand where chapter 02 has NaN (its sign bit may differ: of two NaN factors, the
+    CPU returns one, by operand order), and y must have chapter 02's layout. Random shapes; C-contiguous,
+    channels-last and Fortran-ordered input; statistics of x's dtype or another; NaN and inf in the statistics and
+    in x; gamma or beta absent; eps 0; and sizes on both sides of PARALLEL_MIN_SIZE (the serial and the threaded
+    kernels, both dtypes, with and without a shift)."""
     from bnlib import cpu
     fast_calls = []
     if cpu.get_backend() == "numba":
