@@ -977,8 +977,8 @@ def _dtype_of(t):
 class SyncBatchNorm(_BatchNorm):
     r"""Batch normalization with statistics over all processes of a torch.distributed group:
     torch.nn.SyncBatchNorm's drop-in, for CPU tensors (gloo backend) and CUDA tensors (NCCL backend;
-    that path passed its one-GPU test, a one-process group, on an H200 on 2026-11-28, by our reading of the
-    record, which keeps counts; across two GPUs it has not run).
+    not verified: the H200 run of 2026-11-28 recorded counts of passed tests, not names, and a one-process
+    group exchanges nothing; across two GPUs it has not run).
 
     Args: as BatchNorm1d, plus process_group (default: the whole world).
     Shape: input (N, C, *spatial); output the same. Processes may hold different batch sizes, an
