@@ -445,6 +445,16 @@ def _with_setting(cuda, name, value, fn):
     return call
 
 
+def _ratio_quartiles(times, base_times):
+    """The 25th, 50th and 75th percentiles of times[r] / base_times[r], repeat by repeat (bench_gpu times every
+    implementation once per round, so repeat r of two rows ran in the same round); None unless both hold the same
+    number of positive times. The spread of one run: it says how far a single median ratio can be trusted."""
+    a, b = np.asarray(times, dtype=float), np.asarray(base_times, dtype=float)
+    if a.size == 0 or a.shape != b.shape or not (a > 0).all() or not (b > 0).all():
+        return None
+    return [float(q) for q in np.percentile(a / b, [25, 50, 75])]
+
+
 def _other_plans(plan_with, default, min_vectors=(), planes_min_bytes=()):
     """The rows of bench_gpu's grid sweep for one case: [(row name, min_vectors k, planes_min_bytes b, plan,
     [other values of k that give the same plan])], one per distinct plan (walk and grid) that differs from
@@ -499,7 +509,10 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
     and 5-pass DRAM floors of a training step (passes x tensor bytes / copy bandwidth), the fraction
     of the 8-pass floor reached, kernel launches per step (bnlib) and the peak extra memory of a step
     (torch's allocator and CuPy's pool, beyond the inputs; bnlib's adds the scratch its own step requests, per
-    thread and stream, not the buffers that earlier cases left cached).
+    thread and stream, not the buffers that earlier cases left cached). Every row also keeps each repeat's times
+    (forward_repeats_ms, step_repeats_ms; step_device_repeats_ms for the GPU-alone steps kept) and the quartiles
+    of its step time over torch's, repeat by repeat (step_ratio_quartiles; step_device_ratio_quartiles where no
+    GPU-alone sample was dropped): the spread within the run, which one median hides.
     Compiling stops after `compile_budget_s` seconds; later cases then have no compiled row.
     `launchers` (e.g. ("cupy",)) adds rows "bnlib [cupy]" (and "bnlib.nn [cupy]"): the same calls
     launched through another path of bnlib.cuda (LAUNCHER); every bnlib row records its launcher.
@@ -781,13 +794,19 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                          "step_ratio": s / base[1], "floor_ms": 1e3 * floor8, "floor5_ms": 1e3 * floor5,
                          "floor_fraction": floor8 / s, "tensor_mb": nbytes / 1e6,
                          "copy_bandwidth_gbs": bandwidth / 1e9, "peak_extra_mb": extra,
-                         "launches_per_step": launch_counts.get(name), "repeats": repeats, "rotate": rotate})
+                         "launches_per_step": launch_counts.get(name), "repeats": repeats, "rotate": rotate,
+                         "forward_repeats_ms": [1e3 * t for t in tf], "step_repeats_ms": [1e3 * t for t in ts],
+                         "step_ratio_quartiles": _ratio_quartiles(ts, times["torch"][1])})
             if holds and all(device_times[name]) and base_d:
                 fd, sd = (float(np.median(t)) for t in device_times[name])
                 rows[-1].update(forward_device_ms=1e3 * fd, step_device_ms=1e3 * sd,
                                 step_device_ratio=sd / base_d[1], floor_fraction_device=floor8 / sd,
                                 host_forward_ms=1e3 * hosts[name][0], host_step_ms=1e3 * hosts[name][1],
-                                device_samples_dropped=dropped[name])
+                                device_samples_dropped=dropped[name],
+                                step_device_repeats_ms=[1e3 * t for t in device_times[name][1]])
+                if not dropped[name] and not dropped["torch"]:       # every round kept: repeats still paired
+                    rows[-1]["step_device_ratio_quartiles"] = _ratio_quartiles(device_times[name][1],
+                                                                               device_times["torch"][1])
             if name.startswith("bnlib"):
                 tag = name.split("[")[1].rstrip("]") if "[" in name else ""
                 rows[-1]["launcher"] = tag if tag in ("driver", "cupy") else cuda.LAUNCHER

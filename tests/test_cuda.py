@@ -1762,6 +1762,18 @@ def test_forward_torch_running_statistics_match_torch_on_the_gpu():
         assert int(nbt) == 4 and _close(rm, rm64, tol) and _close(rv, rv64, tol)
 
 
+def test_ratio_quartiles_pair_repeats_round_by_round():
+    """bench_gpu's step_ratio_quartiles: the quartiles of times[r] / base[r], repeat by repeat (not a ratio of
+    medians), and None where the repeats cannot be paired."""
+    from bnlib import bench
+    # ratios 2, 4, 3, 4, 5: quartiles 3, 4, 4 (the ratio of the medians, 6 / 2, would say 3)
+    assert bench._ratio_quartiles([2.0, 4.0, 6.0, 8.0, 10.0], [1.0, 1.0, 2.0, 2.0, 2.0]) == [3.0, 4.0, 4.0]
+    # paired, a round that is slow for both rows cancels out
+    assert bench._ratio_quartiles([1.0, 1.0, 9.0], [1.0, 1.0, 9.0]) == [1.0, 1.0, 1.0]
+    assert bench._ratio_quartiles([1.0, 2.0], [1.0]) is None                      # a dropped repeat: unpaired
+    assert bench._ratio_quartiles([], []) is None and bench._ratio_quartiles([1.0], [0.0]) is None
+
+
 @needs_torch_gpu
 def test_bench_gpu_smoke():
     from bnlib import bench
@@ -1769,10 +1781,16 @@ def test_bench_gpu_smoke():
     assert {r["impl"] for r in rows} == {"torch", "bnlib"}
     assert all(r["step_ms"] > 0 and 0 < r["floor_fraction"] for r in rows)
     assert all(r["launches_per_step"] == 6 for r in rows if r["impl"] == "bnlib")
+    # every repeat kept, and the per-repeat ratio's quartiles in order (torch's own: 1)
+    assert all(len(r["step_repeats_ms"]) == len(r["forward_repeats_ms"]) == 2 for r in rows)
+    assert all(r["step_ratio_quartiles"][0] <= r["step_ratio_quartiles"][1] <= r["step_ratio_quartiles"][2]
+               for r in rows)
+    assert all(r["step_ratio_quartiles"] == [1.0, 1.0, 1.0] for r in rows if r["impl"] == "torch")
     import torch
     if hasattr(torch.cuda, "_sleep"):           # GPU time alone: no host time, so at most the queued time
         assert all(0 < r["step_device_ms"] and 0 < r["host_step_ms"] and r["repeats"] == 2 for r in rows)
         assert all(r["step_device_ms"] <= 1.5 * r["step_ms"] + 0.05 for r in rows)
+        assert all(2 - r["device_samples_dropped"] <= len(r["step_device_repeats_ms"]) <= 2 for r in rows)
 
 
 @needs_torch_gpu
