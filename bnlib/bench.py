@@ -711,11 +711,12 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             def plan_with(k, b):
                 return cuda.plan(kr, kc, kl, dtype, True, sms, cuda._chunk_bytes(2), min_vectors=k, planes_min_bytes=b)
             blocks_default = int(np.prod(plan_with(*default).grid))
-            for name, k, b, other, same in _other_plans(plan_with, default, min_vectors, planes_min_bytes):
-                impls[name] = tuple(_with_setting(cuda, "PLANES_MIN_BYTES", b,
-                                                  _with_setting(cuda, "MIN_VECTORS_PER_THREAD", k, fn))
+            # (not k, b: b is the bias that torch's closures above read when they run, after this loop)
+            for name, vectors, min_bytes, other, same in _other_plans(plan_with, default, min_vectors, planes_min_bytes):
+                impls[name] = tuple(_with_setting(cuda, "PLANES_MIN_BYTES", min_bytes,
+                                                  _with_setting(cuda, "MIN_VECTORS_PER_THREAD", vectors, fn))
                                     for fn in impls["bnlib"])
-                grids[name] = (k, b, other.walk, int(np.prod(other.grid)), blocks_default, same)
+                grids[name] = (vectors, min_bytes, other.walk, int(np.prod(other.grid)), blocks_default, same)
         except Exception as exc:
             print(f"no grid rows for {shape} {dtype} {layout}: {type(exc).__name__}: {exc}")
         if compiled is not None and compile_spent < compile_budget_s:
@@ -814,8 +815,8 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
                 mb, nf, nb_ = chunking[name]
                 rows[-1].update(l2_chunk_mb=mb, chunks_forward=nf, chunks_backward=nb_)
             if name in grids:
-                k, b, walk, blocks, blocks_default, same = grids[name]
-                rows[-1].update(min_vectors=k, min_vectors_same=same, planes_min_bytes=b, walk=walk, blocks=blocks,
+                vectors, min_bytes, walk, blocks, blocks_default, same = grids[name]
+                rows[-1].update(min_vectors=vectors, min_vectors_same=same, planes_min_bytes=min_bytes, walk=walk, blocks=blocks,
                                 blocks_default=blocks_default, kernels=launched.get(name))
             if name in chunking or name in grids:
                 rows[-1]["step_ratio_vs_bnlib"] = s / float(np.median(times["bnlib"][1]))
