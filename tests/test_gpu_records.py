@@ -421,3 +421,29 @@ def test_the_ncu_tool_kills_a_case_whole_on_its_timeout():
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+def test_the_second_design_3_run_is_recorded_with_its_versions_and_spread():
+    """The H200 run of 2026-12-04 (chapter 05, "Design 3 again"): every recording names card, date, design and
+    versions; the benchmark keeps every round's times for all 27 cases, and its GPU-alone ratios match the first
+    run's to 3% while the recorded ones do not; the check record keeps the summary lines the chapter prints."""
+    data = importlib.resources.files("bnlib").joinpath("data")
+    run1, run2 = (json.loads(data.joinpath(f"gpu_bench_NVIDIA_H200_design3{s}.json").read_text()) for s in ("", "_run2"))
+    env = run2["environment"]
+    assert (env["card"], env["date"], env["design"], env["torch"], env["cupy"]) == \
+        ("NVIDIA H200", "2026-12-04", 3, "2.11.0+cu130", "14.2.0") and not run2["partial"]
+    key = lambda r: (tuple(r["shape"]), r["dtype"], r["layout"], r["impl"])
+    rows1, rows2 = ({key(r): r for r in run["results"]} for run in (run1, run2))
+    bare = [k for k in rows2 if k[3] == "bnlib"]
+    assert len(bare) == 27 and all(len(rows2[k]["step_repeats_ms"]) == 20 and len(rows2[k]["step_ratio_quartiles"]) == 3
+                                   and 4 <= len(rows2[k]["step_device_repeats_ms"]) <= 20 for k in bare)   # minus drops
+    ratio = lambda rows, k, t: rows[k][t] / rows[k[:3] + ("torch",)][t]
+    moves = [ratio(rows2, k, "step_device_ms") / ratio(rows1, k, "step_device_ms") for k in bare]
+    assert 0.97 < min(moves) and max(moves) < 1.03
+    queued = [ratio(rows2, k, "step_ms") / ratio(rows1, k, "step_ms") for k in bare]
+    assert min(queued) < 0.7 and max(queued) > 2
+    for name in ("gpu_profile_NVIDIA_H200_design3_run2.json", "gpu_ncu_NVIDIA_H200_design3.json"):
+        e = json.loads(data.joinpath(name).read_text())["environment"]
+        assert (e["card"], e["date"], e["design"], e["torch"]) == ("NVIDIA H200", "2026-12-04", 3, "2.11.0+cu130"), name
+    check = json.loads(data.joinpath("gpu_check_NVIDIA_H200_design3_run2.json").read_text())
+    assert check["environment"]["commit"] == "68fd3ba" and check["rerun"]["nbval_05.log"] == ["55 passed in 29.10s"]
