@@ -134,3 +134,40 @@ def test_gpu_check_preflight_retries_through_cupy_or_stops(tmp_path, driver_rc, 
         assert not launchers and not any("tests/test_cuda.py" in c for c in calls)
     else:
         assert launchers == {outcome} and None not in _positions(calls, GPU_CHECK_ORDER)
+
+
+def test_gpu_check_killed_mid_run_keeps_its_logs_in_out(tmp_path):
+    """The device tool kills a run at its time limit (SIGKILL: no exit trap runs) and brings back at most 8 files of
+    $OUT: the logs written so far must already be in $OUT/logs.tgz, and $OUT must hold no loose log. Here step 3
+    (chapter 05 under nbval) hangs, and the whole process group is killed once the earlier steps' logs are in."""
+    import signal
+    import time
+    repo, stubs, out = tmp_path / "repo", tmp_path / "stubs", tmp_path / "out"
+    (repo / "tools").mkdir(parents=True)
+    shutil.copy(TOOLS / "gpu_check.sh", repo / "tools")
+    stubs.mkdir()
+    hang = STUB_PYTHON.replace('args=("$@")', 'if [[ "$*" == *"05_cupy"* ]]; then sleep 60; fi\nargs=("$@")')
+    for name, text in (("python3", hang), ("nvidia-smi", STUB_SMI), ("compute-sanitizer", STUB_SANITIZER)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    path = ":".join([str(stubs)] + [p for p in os.environ["PATH"].split(":")
+                                     if not (pathlib.Path(p) / "compute-sanitizer").exists()])
+    proc = subprocess.Popen(["bash", str(repo / "tools" / "gpu_check.sh")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "PATH": path, "OUT": str(out), "CALLS": str(tmp_path / "calls"),
+                                 "GPU_CHECK_SNAPSHOT_S": "0.2", "GPU_CHECK_LOGS": str(tmp_path / "logs")})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (tmp_path / "calls").exists() and "05_cupy" in (tmp_path / "calls").read_text():
+                time.sleep(1.0)                      # a few snapshot periods after the hanging step began
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the stubbed run never reached step 3")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    names = sorted(m.name for m in tarfile.open(out / "logs.tgz").getmembers())
+    assert {"./gpu.txt", "./preflight.log", "./test_cuda.log", "./sanitize_memcheck.log"} <= set(names), names
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz"]

@@ -4,7 +4,7 @@
 # CUDA GPU, CuPy and PyTorch
 # (e.g. the device tool: `run` this with `carry: [".whl"]` holding the nbval/ipykernel wheels that
 # tools/gpu_wheels.sh downloads). Every step has a timeout, so one slow step cannot eat the lease.
-# Writes logs and the recordings gpu_bench_<card>_design<N>.json, gpu_profile_<card>_design<N>.json,
+# Writes its logs (into $OUT/logs.tgz, refreshed as it goes) and the recordings gpu_bench_<card>_design<N>.json, gpu_profile_<card>_design<N>.json,
 # gpu_grid_<card>_design<N>.json, gpu_ncu_<card>_design<N>.json and gpu_l2chunks_<card>_design<N>.json
 # (results with card, date and
 # versions; N = bnlib.cuda.KERNEL_DESIGN: a run of the same design replaces that design's recordings in
@@ -30,14 +30,19 @@ keep() {   # copy a recording into bnlib/data/, never over an existing one (see 
         cp "$1" bnlib/data/
     fi
 }
-# The device tool brings back at most 8 files from $OUT, and this script writes more logs than that: on
-# exit (a TERM from an outer timeout included, once the step then running has ended) the logs are
-# bundled into $OUT/logs.tgz, with Nsight Compute's raw reports (step 7), which leaves it and the five recordings.
-bundle_logs() {
-    (cd "$OUT" && shopt -s nullglob && files=(./*.log ./gpu*.txt ./*.ncu-rep) && [ ${#files[@]} -gt 0 ] \
-        && tar czf logs.tgz --remove-files "${files[@]}") || true
+# The device tool brings back at most 8 files from $OUT (a run of 2026-12-04 got the first 8 by name, and lost its
+# logs when the tool's time limit killed the run before an exit trap could bundle them). So the logs, and Nsight
+# Compute's raw reports (step 7), are written to $LOGS, outside $OUT, and $OUT/logs.tgz holds a copy of all of them,
+# refreshed every $GPU_CHECK_SNAPSHOT_S seconds by a background loop and at exit: a killed run keeps the logs of all
+# but its last seconds, and $OUT holds logs.tgz and the five recordings only.
+LOGS="${GPU_CHECK_LOGS:-$(mktemp -d /tmp/gpu_check_logs.XXXXXX)}"
+mkdir -p "$LOGS"
+snapshot_logs() {   # written whole beside $LOGS, then moved: a kill mid-write leaves the previous logs.tgz
+    tar czf "$LOGS.part.tgz" -C "$LOGS" . 2>/dev/null && mv -f "$LOGS.part.tgz" "$OUT/logs.tgz" || true
 }
-trap bundle_logs EXIT
+( while sleep "${GPU_CHECK_SNAPSHOT_S:-10}"; do snapshot_logs; done ) </dev/null >/dev/null 2>&1 &   # holds no pipe
+snapshot_pid=$!
+trap 'kill "$snapshot_pid" 2>/dev/null; snapshot_logs' EXIT
 trap 'exit 143' TERM
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -46,7 +51,7 @@ fi
 # BNLIB_NBVAL_IN_CHECKOUT=1: nbval's kernels on this python, in the checkout (conftest.py's alone environment, a
 # venv built per pytest run without PYTHONPATH, would lack the carried ipykernel and cost time; CI tests that)
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 BNLIB_REQUIRE_GPU=1 BNLIB_NBVAL_IN_CHECKOUT=1
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$LOGS/gpu.txt"
 # 0. preflight: CuPy and torch see the GPU, NVRTC really compiles the kernels (CuPy 14's RawModule
 #    is lazy: .compile() forces it), and one forward with the running statistics is right. Through
 #    bnlib.cuda's driver launch path first; if that fails, through CuPy's kernel call (the rest of the
@@ -81,14 +86,14 @@ status=0
 # exit status 3: the kernels ran but gave wrong values (carry on: the tests and profile say more);
 # 124: timed out (stop: the later steps would hang the same way); anything else: the launch path
 # itself failed (retry through CuPy's kernel call)
-preflight driver 2>&1 | tee "$OUT/preflight.log"
+preflight driver 2>&1 | tee "$LOGS/preflight.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 124 ] && { echo "preflight timed out (compile or first launch): see preflight.log"; exit 1; }
 if [ "$rc" -ne 0 ]; then
     status=1
     if [ "$rc" -ne 3 ]; then
-        echo "preflight through the driver launch path failed: retrying through CuPy's kernel call" | tee -a "$OUT/preflight.log"
-        preflight cupy 2>&1 | tee -a "$OUT/preflight.log"
+        echo "preflight through the driver launch path failed: retrying through CuPy's kernel call" | tee -a "$LOGS/preflight.log"
+        preflight cupy 2>&1 | tee -a "$LOGS/preflight.log"
         rc=${PIPESTATUS[0]}
         [ "$rc" -eq 0 ] || [ "$rc" -eq 3 ] || { echo "preflight failed: see preflight.log"; exit 1; }
         export BNLIB_CUDA_LAUNCH=cupy
@@ -108,9 +113,9 @@ fi
 #    the CPU-only tests of test_cuda.py (replays, emulated device, nvcc) ran where the code was written
 timeout 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
     -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles and not driver_launch and not min_vectors and not planes_min_bytes and not recorded_register_counts" \
-    2>&1 | tee "$OUT/test_cuda.log" || status=1
+    2>&1 | tee "$LOGS/test_cuda.log" || status=1
 timeout 40 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
-    2>&1 | tee "$OUT/test_nn_cuda.log" || status=1
+    2>&1 | tee "$LOGS/test_nn_cuda.log" || status=1
 # 2. compute-sanitizer on small cases of both walks, every dtype, unaligned data, channel chunks and small
 #    planes walked as planes (PLANES_MIN_BYTES = 0: the planes kernels' FLAT instantiations): racecheck (shared
 #    memory: the merge trees, the block reductions) and memcheck (out of bounds, misaligned); torch's
@@ -119,25 +124,25 @@ sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sani
 sanitize() {   # compute-sanitizer's tools "$@", one after another, on tools/gpu_sanitize.py's cases, 50 s each
     for tool in "$@"; do
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 50 "$sanitizer" --tool "$tool" --error-exitcode 9 \
-            python3 tools/gpu_sanitize.py > "$OUT/sanitize_$tool.log" 2>&1 || status=1
-        tail -15 "$OUT/sanitize_$tool.log"
+            python3 tools/gpu_sanitize.py > "$LOGS/sanitize_$tool.log" 2>&1 || status=1
+        tail -15 "$LOGS/sanitize_$tool.log"
     done
 }
 if [ -n "$sanitizer" ]; then
     sanitize racecheck memcheck
 else
-    echo "compute-sanitizer not found: no race or memory check" | tee "$OUT/sanitize_racecheck.log"
+    echo "compute-sanitizer not found: no race or memory check" | tee "$LOGS/sanitize_racecheck.log"
     status=1
 fi
 # 3. chapter 05 under nbval, as the course's tests run it (needs nbval and ipykernel: carried wheels); 90 s:
 #    design 3's run took 57 s, when the nvcc cell built 68 instantiations for three architectures; it now builds
 #    100 for sm_90 only on an H200 (the GPU's own arch is sm_90), with the register counts read from that build
-if python3 -c "import nbval, ipykernel" 2>"$OUT/nbval_05.log"; then
+if python3 -c "import nbval, ipykernel" 2>"$LOGS/nbval_05.log"; then
     timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval --nbval-current-env \
         --nbval-cell-timeout=60 --nbval-sanitize-with tests/nbval_sanitize.cfg chapters/05_cupy.ipynb \
-        2>&1 | tee -a "$OUT/nbval_05.log" || status=1
+        2>&1 | tee -a "$LOGS/nbval_05.log" || status=1
 else
-    echo "nbval or ipykernel missing (carry the wheels of tools/gpu_wheels.sh): chapter 05 not run" | tee -a "$OUT/nbval_05.log"
+    echo "nbval or ipykernel missing (carry the wheels of tools/gpu_wheels.sh): chapter 05 not run" | tee -a "$LOGS/nbval_05.log"
     status=1
 fi
 # 4. the benchmark, once: torch eager and torch.compile (its compile time is capped inside bench_gpu),
@@ -149,11 +154,11 @@ card=$(python3 -c "import torch; print(torch.cuda.get_device_name())" | tr ' ' '
 design=$(python3 -c "from bnlib import cuda; print(cuda.KERNEL_DESIGN)")
 json="$OUT/gpu_bench_${card}_design${design}.json"
 timeout 140 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --portable --repeats 20 --no-progress \
-    --json "$json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
+    --json "$json" 2>&1 | tee "$LOGS/bench_gpu.log" || status=1
 keep "$json"
 # 5. where a step's time goes: host time against kernel time, per implementation and launch path
 profile="$OUT/gpu_profile_${card}_design${design}.json"
-timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$OUT/gpu_profile.log" || status=1
+timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$LOGS/gpu_profile.log" || status=1
 keep "$profile"
 # 5b. compute-sanitizer's other two tools on step 2's cases, after the benchmark and the profile (the recorded
 #     results) and before the sweeps: initcheck (a kernel reading device global memory that nothing wrote: the
@@ -162,7 +167,7 @@ keep "$profile"
 if [ -n "$sanitizer" ]; then
     sanitize initcheck synccheck
 else
-    echo "compute-sanitizer not found: no initcheck or synccheck" | tee "$OUT/sanitize_initcheck.log"
+    echo "compute-sanitizer not found: no initcheck or synccheck" | tee "$LOGS/sanitize_initcheck.log"
 fi
 # 6. fewer, busier blocks: the training step with MIN_VECTORS_PER_THREAD = 4, 8, 16 and 32 (a first-pass
 #    thread loads about that many vectors; chapter 05, "The next experiments", counts what design 3's
@@ -173,15 +178,15 @@ fi
 #    measured: 102 extra rows on a 132-SM card where the busier grids alone gave 80, hence 120 s (a run cut
 #    short keeps the cases it finished)
 grid="$OUT/gpu_grid_${card}_design${design}.json"
-timeout 120 python3 tools/gpu_grid_sweep.py --json "$grid" 2>&1 | tee "$OUT/gpu_grid.log" || status=1
+timeout 120 python3 tools/gpu_grid_sweep.py --json "$grid" 2>&1 | tee "$LOGS/gpu_grid.log" || status=1
 keep "$grid"
 # 7. Nsight Compute's counters for the kernels of one training step, bnlib's and torch's, on the profile's
 #    cases (DRAM bytes, DRAM throughput, L2 hit rate, occupancy, cycles per issued instruction): why the
 #    columns kernels are slow on the small tensors. One ncu process per case, (64, 128, 28, 28) in float32
 #    NCHW and bfloat16 NHWC, 100 s each; their full reports go into the log bundle.
 ncu_json="$OUT/gpu_ncu_${card}_design${design}.json"
-timeout 230 python3 tools/gpu_ncu.py --json "$ncu_json" --timeout 100 --report-dir "$OUT" 2>&1 \
-    | tee "$OUT/gpu_ncu.log" || status=1
+timeout 230 python3 tools/gpu_ncu.py --json "$ncu_json" --timeout 100 --report-dir "$LOGS" 2>&1 \
+    | tee "$LOGS/gpu_ncu.log" || status=1
 keep "$ncu_json"
 # 8. chapters 06, 08 and 09 as a reader on this machine runs them: under nbval's lax mode, which fails a
 #    cell that raises (a failed assert included) and compares no printed output. Their stored outputs
@@ -194,14 +199,14 @@ keep "$ncu_json"
 if python3 -c "import nbval, ipykernel" 2>/dev/null; then
     for chapter in 06_pytorch 08_variants 09_faq; do
         timeout 100 python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval-lax --nbval-current-env \
-            --nbval-cell-timeout=60 "chapters/$chapter.ipynb" > "$OUT/nbval_${chapter%%_*}.log" 2>&1 || status=1
-        tail -3 "$OUT/nbval_${chapter%%_*}.log"
+            --nbval-cell-timeout=60 "chapters/$chapter.ipynb" > "$LOGS/nbval_${chapter%%_*}.log" 2>&1 || status=1
+        tail -3 "$LOGS/nbval_${chapter%%_*}.log"
     done
 fi
 # 9. channel chunks for the L2 cache, off by default (design 3's run: slower on the GPU alone at every
 #    working set), timed again at working sets of 24, 32, 48 and 64 MiB on the NCHW planes-walk cases (the
 #    chunked path's results are checked against float64 torch in step 1 and under the sanitizer in step 2)
 chunks="$OUT/gpu_l2chunks_${card}_design${design}.json"
-timeout 40 python3 tools/gpu_l2_chunks.py --json "$chunks" 2>&1 | tee "$OUT/gpu_l2chunks.log" || status=1
+timeout 40 python3 tools/gpu_l2_chunks.py --json "$chunks" 2>&1 | tee "$LOGS/gpu_l2chunks.log" || status=1
 keep "$chunks"
 exit $status
