@@ -171,3 +171,21 @@ def test_gpu_check_killed_mid_run_keeps_its_logs_in_out(tmp_path):
     names = sorted(m.name for m in tarfile.open(out / "logs.tgz").getmembers())
     assert {"./gpu.txt", "./preflight.log", "./test_cuda.log", "./sanitize_memcheck.log"} <= set(names), names
     assert sorted(p.name for p in out.iterdir()) == ["logs.tgz"]
+
+
+def test_gpu_check_runs_only_the_steps_asked_for(tmp_path):
+    """GPU_CHECK_STEPS="6 7 8 9": the preflight, then only the grid sweep, Nsight Compute, the three chapters under
+    nbval's lax mode and the L2-chunk sweep, in order, each recording kept; an unknown step is refused before any
+    GPU work."""
+    proc, calls, repo, out, logs = _run_gpu_check(tmp_path, GPU_CHECK_STEPS="6 7 8 9")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    later = GPU_CHECK_ORDER[GPU_CHECK_ORDER.index("tools/gpu_grid_sweep.py"):]
+    where = _positions(calls, ["SMOKE WRONG"] + later)
+    assert None not in where and where == sorted(where)
+    assert _positions(calls, ["tests/test_cuda.py", "tests/test_nn.py", "05_cupy", "-m bnlib.bench",
+                              "tools/gpu_profile.py"]) == [None] * 5 and not any(c.startswith("sanitizer") for c in calls)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["logs.tgz"] + [RECORDINGS[i] for i in (2, 3, 4)])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "calls").write_text("")                    # the refusal comes before any stubbed call
+    proc, calls, *_ = _run_gpu_check(tmp_path / "bad", GPU_CHECK_STEPS="6 10")
+    assert proc.returncode == 2 and "no step '10'" in proc.stdout and not any("SMOKE WRONG" in c for c in calls)

@@ -83,6 +83,14 @@ if not (err < 1e-4 and stats < 1e-6 and int(nbt) == 1):
 "
 }
 status=0
+# GPU_CHECK_STEPS (default: all) runs a subset of the steps below, e.g. "6 7 8 9" as a second command when the
+# device tool's time limit per command cut the first; the preflight always runs (it picks the launch path)
+ALL_STEPS="1 2 3 4 5 5b 6 7 8 9"
+steps="${GPU_CHECK_STEPS:-$ALL_STEPS}"
+for s in $steps; do
+    [[ " $ALL_STEPS " == *" $s "* ]] || { echo "GPU_CHECK_STEPS: no step '$s' (steps: $ALL_STEPS)"; exit 2; }
+done
+want() { [[ " $steps " == *" $1 "* ]]; }
 # exit status 3: the kernels ran but gave wrong values (carry on: the tests and profile say more);
 # 124: timed out (stop: the later steps would hang the same way); anything else: the launch path
 # itself failed (retry through CuPy's kernel call)
@@ -111,11 +119,13 @@ fi
 # 1. kernels against the float64 reference (CuPy arrays and torch tensors, every dtype and layout,
 #    a million-value channel, eval, a side stream, launches per step), and bnlib.nn on CUDA tensors;
 #    the CPU-only tests of test_cuda.py (replays, emulated device, nvcc) ran where the code was written
+if want 1; then
 timeout 70 python3 -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=10 --durations=5 tests/test_cuda.py \
     -k "not planned_walks and not emulated and not launch_arguments and not instantiation_compiles and not driver_launch and not min_vectors and not planes_min_bytes and not recorded_register_counts" \
     2>&1 | tee "$LOGS/test_cuda.log" || status=1
 timeout 40 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_nn.py -k cuda \
     2>&1 | tee "$LOGS/test_nn_cuda.log" || status=1
+fi
 # 2. compute-sanitizer on small cases of both walks, every dtype, unaligned data, channel chunks and small
 #    planes walked as planes (PLANES_MIN_BYTES = 0: the planes kernels' FLAT instantiations): racecheck (shared
 #    memory: the merge trees, the block reductions) and memcheck (out of bounds, misaligned); torch's
@@ -128,15 +138,18 @@ sanitize() {   # compute-sanitizer's tools "$@", one after another, on tools/gpu
         tail -15 "$LOGS/sanitize_$tool.log"
     done
 }
+if want 2; then
 if [ -n "$sanitizer" ]; then
     sanitize racecheck memcheck
 else
     echo "compute-sanitizer not found: no race or memory check" | tee "$LOGS/sanitize_racecheck.log"
     status=1
 fi
+fi
 # 3. chapter 05 under nbval, as the course's tests run it (needs nbval and ipykernel: carried wheels); 90 s:
 #    design 3's run took 57 s, when the nvcc cell built 68 instantiations for three architectures; it now builds
 #    100 for sm_90 only on an H200 (the GPU's own arch is sm_90), with the register counts read from that build
+if want 3; then
 if python3 -c "import nbval, ipykernel" 2>"$LOGS/nbval_05.log"; then
     timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval --nbval-current-env \
         --nbval-cell-timeout=60 --nbval-sanitize-with tests/nbval_sanitize.cfg chapters/05_cupy.ipynb \
@@ -145,6 +158,7 @@ else
     echo "nbval or ipykernel missing (carry the wheels of tools/gpu_wheels.sh): chapter 05 not run" | tee -a "$LOGS/nbval_05.log"
     status=1
 fi
+fi
 # 4. the benchmark, once: torch eager and torch.compile (its compile time is capped inside bench_gpu),
 #    bnlib's bare kernels, and the like-for-like module pair (torch.nn vs bnlib.nn, both through
 #    autograd), bnlib through both launch paths of bnlib.cuda, and chapters 02-03's portable code on
@@ -152,22 +166,28 @@ fi
 #    kernel design and launcher (the JSON is rewritten after every case)
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name())" | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 design=$(python3 -c "from bnlib import cuda; print(cuda.KERNEL_DESIGN)")
+if want 4; then
 json="$OUT/gpu_bench_${card}_design${design}.json"
 timeout 140 python3 -m bnlib.bench --gpu --compile --compile-budget 40 --modules --launchers cupy --portable --repeats 20 --no-progress \
     --json "$json" 2>&1 | tee "$LOGS/bench_gpu.log" || status=1
 keep "$json"
+fi
 # 5. where a step's time goes: host time against kernel time, per implementation and launch path
+if want 5; then
 profile="$OUT/gpu_profile_${card}_design${design}.json"
 timeout 60 python3 tools/gpu_profile.py --json "$profile" 2>&1 | tee "$LOGS/gpu_profile.log" || status=1
 keep "$profile"
+fi
 # 5b. compute-sanitizer's other two tools on step 2's cases, after the benchmark and the profile (the recorded
 #     results) and before the sweeps: initcheck (a kernel reading device global memory that nothing wrote: the
 #     partial results and scratch of the multi-block reductions) and synccheck (invalid uses of the
 #     synchronization primitives, such as a __syncthreads or __syncwarp that not every thread it names reaches)
+if want 5b; then
 if [ -n "$sanitizer" ]; then
     sanitize initcheck synccheck
 else
     echo "compute-sanitizer not found: no initcheck or synccheck" | tee "$LOGS/sanitize_initcheck.log"
+fi
 fi
 # 6. fewer, busier blocks: the training step with MIN_VECTORS_PER_THREAD = 4, 8, 16 and 32 (a first-pass
 #    thread loads about that many vectors; chapter 05, "The next experiments", counts what design 3's
@@ -177,17 +197,21 @@ fi
 #    results (both settings' results are checked against float64 torch in step 1). Its time has not been
 #    measured: 102 extra rows on a 132-SM card where the busier grids alone gave 80, hence 120 s (a run cut
 #    short keeps the cases it finished)
+if want 6; then
 grid="$OUT/gpu_grid_${card}_design${design}.json"
 timeout 120 python3 tools/gpu_grid_sweep.py --json "$grid" 2>&1 | tee "$LOGS/gpu_grid.log" || status=1
 keep "$grid"
+fi
 # 7. Nsight Compute's counters for the kernels of one training step, bnlib's and torch's, on the profile's
 #    cases (DRAM bytes, DRAM throughput, L2 hit rate, occupancy, cycles per issued instruction): why the
 #    columns kernels are slow on the small tensors. One ncu process per case, (64, 128, 28, 28) in float32
 #    NCHW and bfloat16 NHWC, 100 s each; their full reports go into the log bundle.
+if want 7; then
 ncu_json="$OUT/gpu_ncu_${card}_design${design}.json"
 timeout 230 python3 tools/gpu_ncu.py --json "$ncu_json" --timeout 100 --report-dir "$LOGS" 2>&1 \
     | tee "$LOGS/gpu_ncu.log" || status=1
 keep "$ncu_json"
+fi
 # 8. chapters 06, 08 and 09 as a reader on this machine runs them: under nbval's lax mode, which fails a
 #    cell that raises (a failed assert included) and compares no printed output. Their stored outputs
 #    come from the CPU torch 2.13 that made them, so under the strict mode another torch's round-off can
@@ -196,6 +220,7 @@ keep "$ncu_json"
 #    whether a chapter's claims (its asserts) and code hold with this torch and a GPU present (06's
 #    SyncBatchNorm check then spawns processes). tools/check_portability.py checks the same on a CPU under
 #    other arithmetic. In the design-3 run chapter 06 took over 40 s there.
+if want 8; then
 if python3 -c "import nbval, ipykernel" 2>/dev/null; then
     for chapter in 06_pytorch 08_variants 09_faq; do
         timeout 100 python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval-lax --nbval-current-env \
@@ -203,10 +228,13 @@ if python3 -c "import nbval, ipykernel" 2>/dev/null; then
         tail -3 "$LOGS/nbval_${chapter%%_*}.log"
     done
 fi
+fi
 # 9. channel chunks for the L2 cache, off by default (design 3's run: slower on the GPU alone at every
 #    working set), timed again at working sets of 24, 32, 48 and 64 MiB on the NCHW planes-walk cases (the
 #    chunked path's results are checked against float64 torch in step 1 and under the sanitizer in step 2)
+if want 9; then
 chunks="$OUT/gpu_l2chunks_${card}_design${design}.json"
 timeout 40 python3 tools/gpu_l2_chunks.py --json "$chunks" 2>&1 | tee "$LOGS/gpu_l2chunks.log" || status=1
 keep "$chunks"
+fi
 exit $status
