@@ -711,7 +711,7 @@ def bench_gpu(shapes=GPU_SHAPES, configs=GPU_CONFIGS, repeats=20, rotate=4, prog
             def plan_with(k, b):
                 return cuda.plan(kr, kc, kl, dtype, True, sms, cuda._chunk_bytes(2), min_vectors=k, planes_min_bytes=b)
             blocks_default = int(np.prod(plan_with(*default).grid))
-            # (not k, b: b is the bias that torch's closures above read when they run, after this loop)
+            # (no loop name b: b is the bias tensor that torch's closures above read when they run, after this loop)
             for name, vectors, min_bytes, other, same in _other_plans(plan_with, default, min_vectors, planes_min_bytes):
                 impls[name] = tuple(_with_setting(cuda, "PLANES_MIN_BYTES", min_bytes,
                                                   _with_setting(cuda, "MIN_VECTORS_PER_THREAD", vectors, fn))
