@@ -21,6 +21,12 @@ def random_input(rng, dtype=np.float64, max_ndim=5):
     return x.astype(dtype)
 
 
+def numpy_channels_last(a):
+    """NumPy array a's values, stored channels-last: an (N, *spatial, C) C-contiguous array seen as (N, C, *spatial).
+    (Equal to a; C-contiguous too where the spatial dimensions are all 1.)"""
+    return np.ascontiguousarray(np.moveaxis(a, 1, -1)).transpose(0, a.ndim - 1, *range(1, a.ndim - 1))
+
+
 def strides_that_matter(t):
     """A torch tensor's strides, leaving out dimensions of size 1 (whose stride means nothing)."""
     return [stride for stride, size in zip(t.stride(), t.shape) if size > 1]

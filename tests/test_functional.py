@@ -9,7 +9,7 @@ pytestmark = pytest.mark.usefixtures("cpu_backend")   # every test runs on each 
 
 from bnlib import functional as F
 from bnlib import stats
-from reference import bn_forward_ref, random_input
+from reference import bn_forward_ref, numpy_channels_last, random_input
 
 SEEDS = range(30)
 
@@ -156,7 +156,7 @@ def test_inference_fast_path_equals_the_portable_code_bit_for_bit(seed, monkeypa
             x.flat[5::13], x.flat[6::17] = np.inf, -np.inf
         layout = ("C", "channels-last", "F")[case % 3] if x.ndim >= 3 else "C"
         if layout == "channels-last":                                    # the values of an (N, *spatial, C) array
-            x = np.ascontiguousarray(np.moveaxis(x, 1, -1)).transpose(0, x.ndim - 1, *range(1, x.ndim - 1))
+            x = numpy_channels_last(x)
             assert cpu.channels_last(x) or x.flags.c_contiguous            # (C-contiguous too if dims are 1)
         elif layout == "F":
             x = np.asfortranarray(x)
